@@ -8,7 +8,8 @@ and `drpo schema` stay fast. Every DrpoError becomes one line on stderr and its 
 from __future__ import annotations
 
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import typer
 
@@ -61,7 +62,7 @@ def run_guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (typer.Exit, typer.Abort, SystemExit):
         raise
-    except Exception as err:  # noqa: BLE001 - last line of defence: one line, exit 1
+    except Exception as err:  # last line of defence: one line, exit 1
         if _state["debug"]:
             raise
         typer.echo(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)", err=True)
@@ -71,6 +72,221 @@ def run_guarded(fn: Callable[[], T]) -> T:
 # ---- commands -------------------------------------------------------------------------------
 # Each command parses options, builds its config (validated before any heavy import) and calls
 # into the library inside run_guarded().
+
+
+# ---- drpo schema / drpo validate --------------------------------------------------------------
+
+
+@app.command("schema")
+def schema_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the machine-readable schema (schemas/rollout-v1.json)."),
+) -> None:
+    """Show the rollout schema v1: columns, canonical types, what is required."""
+
+    def body() -> None:
+        from drpo_cli import schema
+
+        if as_json:
+            typer.echo(schema.schema_json(), nl=False)
+            return
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=f"drpo rollout schema v{schema.SCHEMA_VERSION}: one row per sampled response")
+        table.add_column("column", no_wrap=True)
+        table.add_column("type", no_wrap=True)
+        table.add_column("required")
+        table.add_column("meaning")
+        for c in schema.COLUMNS:
+            table.add_row(c.name, schema.type_name(c.arrow_type), c.required, Text(c.description))
+        console = Console(markup=False, highlight=False)
+        console.print(table)
+        console.print("Also accepted, cast once on read: list or large_list, any integer width for ids and "
+                      "versions, float16/float64 for floats, integer loss_mask (non-zero = 1), integer "
+                      "group_id / sample_id. Rename logged columns with --column LOGGED=DRPO.")
+        console.print("Formats: Arrow IPC file or stream, Parquet; files or directories of "
+                      + ", ".join(f"*{s}" for s in schema.ROLLOUT_SUFFIXES) + ".")
+        console.print("Metadata: " + "; ".join(f"{k}: {v}" for k, v in schema.METADATA_KEYS.items()))
+
+    run_guarded(body)
+
+
+@app.command("validate")
+def validate_command(
+    files: list[str] = typer.Argument(..., help="Rollout files or directories."),
+    column: list[str] = typer.Option([], "--column", help="Rename a rollout column: LOGGED=DRPO (repeatable)."),
+    max_problems: int = typer.Option(20, "--max-problems", min=1, help="Problems to list (the rest are counted)."),
+) -> None:
+    """Check rollout files against schema v1 and list every problem (exit 0 valid, 2 invalid)."""
+
+    def body() -> None:
+        from drpo_cli.errors import InputError
+        from drpo_cli.schema import open_rollouts, parse_column_map, validate_rollouts
+
+        source = open_rollouts(files, parse_column_map(column), strict=False)
+        problems = validate_rollouts(source, limit=max_problems)
+        if problems.total:
+            more = problems.total - len(problems)
+            raise InputError(f"invalid rollouts: {problems.summary()}",
+                             details=[str(p) for p in problems] + ([f"... and {more} more"] if more else []))
+        typer.echo(f"ok: {problems.files} file(s), {problems.rows:,} rows, {problems.tokens:,} response tokens "
+                   f"(schema v1)")
+
+    run_guarded(body)
+
+
+# ---- drpo inspect -------------------------------------------------------------------------------
+
+
+@app.command("inspect")
+def inspect_command(
+    rollouts: list[str] = typer.Argument(..., help="Rollout files or directories (Arrow IPC or Parquet)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint for per-token diagnostics (else data-only)."),
+    current_version: int | None = typer.Option(
+        None, help="Policy version of the current model (default: the checkpoint's, else the data's max)."
+    ),
+    delta: list[str] = typer.Option([], "--delta", help="DRPO δ values for a what-if table, e.g. 0.1,0.2,12.5."),
+    tr_delta: float = typer.Option(0.2, help="Trust-region yardstick: a token is outside when |π − μ| > tr_delta."),
+    temperature: float | None = typer.Option(None, help="Sampling temperature when the rollouts give none."),
+    column: list[str] = typer.Option([], "--column", help="Rename a rollout column: LOGGED=DRPO (repeatable)."),
+    top: int = typer.Option(10, help="Worst sequences to list by sample_id."),
+    json_out: str | None = typer.Option(None, "--json", help="Write the JSON report to PATH ('-': stdout only)."),
+    per_token: str | None = typer.Option(None, "--per-token", help="Write per-token diagnostics (Arrow IPC) to PATH."),
+    fail_above: list[str] = typer.Option(
+        [], "--fail-above", help="Gate METRIC=VALUE: exit 3 when the metric exceeds VALUE (repeatable)."
+    ),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."),
+    micro_batch_tokens: int = typer.Option(4096, help="Token budget per forward pass."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no tables."),
+    allow_unsafe_weights: bool = typer.Option(False, "--allow-unsafe-weights", help="Allow pickle weights."),
+) -> None:
+    """Audit rollouts for staleness and trust-region violations (data-only, or per token with --model)."""
+
+    def body() -> None:
+        from drpo_cli.config import InspectConfig
+        from drpo_cli.errors import ConfigError, GateError
+
+        try:
+            deltas = tuple(float(d) for spec in delta for d in spec.split(",") if d.strip())
+        except ValueError:
+            raise ConfigError(f"--delta {','.join(delta)!r}: expected numbers separated by commas, "
+                              "e.g. 0.1,0.2,12.5") from None
+        cfg = InspectConfig(
+            rollouts=tuple(rollouts), model=model, current_version=current_version, deltas=deltas,
+            tr_delta=tr_delta, temperature=temperature, columns=tuple(column), top=top, json_out=json_out,
+            per_token=per_token, fail_above=tuple(fail_above), device=device, dtype=dtype,
+            micro_batch_tokens=micro_batch_tokens, quiet=quiet, allow_unsafe_weights=allow_unsafe_weights,
+        ).check()
+        from rich.console import Console
+
+        from drpo_cli.audit import inspect_and_write
+        from drpo_cli.report import render_inspect
+
+        err = Console(stderr=True)
+        with _progress(err, enabled=not quiet and err.is_terminal) as progress:
+            report = inspect_and_write(cfg, progress)
+        if not quiet and json_out != "-":
+            render_inspect(report, Console())
+        failed = [g for g in report["gates"] if not g["passed"]]
+        if failed:
+            raise GateError("gate failed: " + "; ".join(
+                f"{g['metric']} = {g['value']} > {g['threshold']}" for g in failed))
+
+    run_guarded(body)
+
+
+class _progress:
+    """A rich progress bar on stderr as a callback `(phase, advance, total)`; a no-op when disabled."""
+
+    def __init__(self, console, *, enabled: bool):
+        self.enabled, self.console, self.bar, self.tasks = enabled, console, None, {}
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("tokens"), TimeElapsedColumn(), console=self.console, transient=True)
+        self.bar.__enter__()
+        return self
+
+    def __call__(self, phase: str, advance: int, total: int | None = None) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.bar.add_task(phase, total=total)
+        self.bar.update(self.tasks[phase], advance=advance, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+# ---- drpo train ---------------------------------------------------------------------------------
+
+
+@app.command("train")
+def train_command(
+    rollouts: list[str] = typer.Option([], "--rollouts", "-r", help="Rollout file or directory (repeatable)."),
+    model: str = typer.Option("", "--model", "-m", help="Input Hugging Face checkpoint directory."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Output directory (default: a sibling MODEL-v<N+1>)."),
+    loss: str = typer.Option("drpo", help="pg-is | ppo-clip | spo | dppo-tv | dppo-kl | drpo."),
+    delta: float | None = typer.Option(None, help="δ of drpo (12.5), dppo-tv (0.15), dppo-kl (0.05)."),
+    eps: float | None = typer.Option(None, help="ε of spo (0.2)."),
+    eps_low: float | None = typer.Option(None, help="ε_low of ppo-clip (0.2)."),
+    eps_high: float | None = typer.Option(None, help="ε_high of ppo-clip (0.28)."),
+    dual_clip: float | None = typer.Option(None, help="Dual-clip c > 1 of ppo-clip (off)."),
+    ratio_cap: float | None = typer.Option(None, help="Ratio cap C of dppo-tv / dppo-kl (20)."),
+    anchor: str = typer.Option("behavior", help="Anchor log-probs: behavior | proximal."),
+    is_correction: str = typer.Option("none", help="Behavior correction with --anchor proximal: none | tis | mis."),
+    is_cap: float | None = typer.Option(None, help="Cap of tis (2.0)."),
+    is_band: tuple[float, float] | None = typer.Option(None, help="Kept band LO HI of mis (0.5 2.0)."),
+    agg: str = typer.Option(
+        "token-mean", help="token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."
+    ),
+    horizon: int = typer.Option(8192, help="Horizon of seq-mean-token-sum-norm."),
+    adv_norm: str = typer.Option("none", help="Group advantages from reward: none | std."),
+    epochs: int = typer.Option(1, help="Passes over the rollouts."),
+    minibatches: int = typer.Option(1, help="Optimizer steps per pass."),
+    micro_batch_tokens: int = typer.Option(4096, help="Token budget per forward/backward."),
+    lr: float = typer.Option(1e-6, help="AdamW learning rate."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient-norm clip."),
+    warmup_steps: int = typer.Option(0, help="Linear warmup steps."),
+    seed: int = typer.Option(0, help="Shuffle seed."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    dtype: str = typer.Option("auto", help="auto | bf16 (CUDA autocast, fp32 master weights) | fp32."),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations."),
+    tr_delta: float = typer.Option(0.2, help="Trust-region yardstick of the diagnostics: |π − μ| > tr_delta."),
+    temperature: float | None = typer.Option(None, help="Sampling temperature when the rollouts give none."),
+    column: list[str] = typer.Option([], "--column", help="Rename a rollout column: LOGGED=DRPO (repeatable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (OUT.partial-state/)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary tables."),
+    allow_unsafe_weights: bool = typer.Option(False, "--allow-unsafe-weights", help="Allow pickle weights."),
+) -> None:
+    """Run off-policy update passes on rollouts and write an updated checkpoint with a trust-region report."""
+
+    def body() -> None:
+        from drpo_cli.config import TrainConfig
+
+        cfg = TrainConfig(
+            rollouts=tuple(rollouts), model=model, out=out, loss=loss, delta=delta, eps=eps,
+            eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ratio_cap=ratio_cap, anchor=anchor,
+            is_correction=is_correction, is_cap=is_cap, is_band=is_band, agg=agg, horizon=horizon,
+            adv_norm=adv_norm, epochs=epochs, minibatches=minibatches, micro_batch_tokens=micro_batch_tokens,
+            lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, warmup_steps=warmup_steps,
+            seed=seed, device=device, dtype=dtype, grad_checkpointing=grad_checkpointing, tr_delta=tr_delta,
+            temperature=temperature, columns=tuple(column), overwrite=overwrite, resume=resume, quiet=quiet,
+            allow_unsafe_weights=allow_unsafe_weights,
+        ).check()
+        from drpo_cli.train import train
+
+        result = train(cfg)
+        typer.echo(f"wrote {result.out_dir} (policy version {result.policy_version})")
+
+    run_guarded(body)
 
 
 def main() -> None:

@@ -6,9 +6,16 @@ per-token array (behavior_logprobs, advantages, loss_mask, proximal_logprobs) sh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from drpo_cli.errors import ConfigError, InputError
+from drpo_cli.schema import RolloutSource, open_rollouts, validate_rollouts
 
 
 @dataclass(frozen=True)
@@ -86,3 +93,183 @@ def _gather_ranges(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np
     np.cumsum(lengths, out=new_offsets[1:])
     take = np.arange(new_offsets[-1], dtype=np.int64) - np.repeat(new_offsets[:-1] - starts, lengths)
     return new_offsets, take
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+ADV_NORMS = ("none", "std")
+GROUP_STD_EPS = 1e-6  # SPEC.md §1: `--adv-norm std` divides by the group std + 1e-6
+
+
+def load_rows(source: RolloutSource | str | Path | list, *, adv_norm: str = "none", temperature: float | None = None) -> RolloutRows:
+    """Validate `source` (a RolloutSource, or paths to open) and load every row as flat CSR arrays.
+
+    Advantages per row, in this order: per-token `advantages`; per-sequence `advantage` broadcast
+    to the row's tokens; else group-relative from `reward` + `group_id` (SPEC.md §1):
+    A = R − mean_group(R), divided by the group's population std + 1e-6 when adv_norm="std".
+    Temperature per row: `temperature` column, else file metadata `drpo.temperature`, else the
+    `temperature` argument, else 1.0. Raises InputError listing every problem.
+    """
+    if adv_norm not in ADV_NORMS:
+        raise ConfigError(f"--adv-norm {adv_norm!r}: expected one of {', '.join(ADV_NORMS)}")
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"--temperature {temperature}: expected a finite number > 0")
+    if not isinstance(source, RolloutSource):
+        source = open_rollouts(source)
+    problems = validate_rollouts(source, limit=50)
+    if problems.total:
+        raise InputError(f"invalid rollouts: {problems.summary()}; first: {problems[0]}",
+                         details=[str(p) for p in problems[1:]]
+                         + ([f"... and {problems.total - len(problems)} more"] if problems.total > len(problems) else []))
+    with_proximal = [("proximal_logprobs" in f.fields) for f in source.files]
+    if any(with_proximal) and not all(with_proximal):
+        missing = next(f.path for f, has in zip(source.files, with_proximal) if not has)
+        raise InputError(f"{missing}: column 'proximal_logprobs' is missing but other files have it; "
+                         "give it in every file or in none")
+    default_temp = {f.path: _file_temperature(f.metadata, temperature) for f in source.files}
+
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in (
+        "prompt_ids", "prompt_len", "response_ids", "response_len", "behavior_logprobs", "advantages",
+        "loss_mask", "proximal_logprobs", "policy_version", "temperature", "source_row",
+        "from_reward", "reward")}
+    sample_ids: list[str] = []
+    source_file: list[str] = []
+    group_ids: list[pa.Array] = []
+    for sb in source.iter_batches():
+        b, n = sb.batch, sb.batch.num_rows
+        has = set(b.schema.names)
+        prompt, p_len = _flat(b.column("prompt_ids"))
+        response, r_len = _flat(b.column("response_ids"))
+        cols["prompt_ids"].append(prompt)
+        cols["prompt_len"].append(p_len)
+        cols["response_ids"].append(response)
+        cols["response_len"].append(r_len)
+        cols["behavior_logprobs"].append(_flat(b.column("behavior_logprobs"))[0])
+        cols["loss_mask"].append(_flat(b.column("loss_mask"))[0] if "loss_mask" in has
+                                 else np.ones(len(response), dtype=bool))
+        if "proximal_logprobs" in has:
+            cols["proximal_logprobs"].append(_flat(b.column("proximal_logprobs"))[0])
+        # Advantage source, per file (validation guaranteed one exists).
+        from_reward = "advantages" not in has and "advantage" not in has
+        if "advantages" in has:
+            adv = _flat(b.column("advantages"))[0]
+        elif "advantage" in has:
+            adv = np.repeat(_np(b.column("advantage")).astype(np.float32), r_len)
+        else:
+            adv = np.zeros(len(response), dtype=np.float32)  # filled in once group means are known
+        cols["advantages"].append(adv)
+        cols["from_reward"].append(np.full(n, from_reward))
+        cols["reward"].append(_np(b.column("reward")).astype(np.float64) if from_reward else np.zeros(n))
+        group_ids.append(b.column("group_id") if from_reward else pa.nulls(n, pa.string()))
+        cols["policy_version"].append(_np(b.column("policy_version")) if "policy_version" in has
+                                      else np.full(n, -1, dtype=np.int64))
+        cols["temperature"].append(_np(b.column("temperature")).astype(np.float32) if "temperature" in has
+                                   else np.full(n, default_temp[sb.path], dtype=np.float32))
+        cols["source_row"].append(np.arange(sb.row_offset, sb.row_offset + n, dtype=np.int64))
+        sample_ids.extend(b.column("sample_id").to_pylist() if "sample_id" in has
+                          else [str(sb.global_offset + i) for i in range(n)])
+        source_file.extend([sb.path] * n)
+
+    cat = {k: _cat(v, k) for k, v in cols.items()}
+    r_off = _offsets(cat["response_len"])
+    advantages = cat["advantages"]
+    if cat["from_reward"].any():
+        row_adv = group_relative_advantages(cat["reward"], pa.chunked_array(group_ids, pa.string()),
+                                            cat["from_reward"], adv_norm)
+        token_row = np.repeat(np.arange(len(r_off) - 1), cat["response_len"])  # (T,)
+        advantages = np.where(cat["from_reward"][token_row], row_adv[token_row], advantages).astype(np.float32)
+    return RolloutRows(
+        prompt_ids=cat["prompt_ids"],
+        prompt_offsets=_offsets(cat["prompt_len"]),
+        response_ids=cat["response_ids"],
+        response_offsets=r_off,
+        behavior_logprobs=cat["behavior_logprobs"],
+        advantages=advantages,
+        loss_mask=cat["loss_mask"],
+        proximal_logprobs=cat["proximal_logprobs"] if any(with_proximal) else None,
+        sample_ids=sample_ids,
+        policy_version=cat["policy_version"],
+        temperature=cat["temperature"],
+        source_file=source_file,
+        source_row=cat["source_row"],
+    )
+
+
+def group_relative_advantages(reward: np.ndarray, group_id: pa.ChunkedArray, use: np.ndarray,
+                              adv_norm: str = "none") -> np.ndarray:
+    """(N,) A = R − mean_group(R) over the rows where `use` is set (0 elsewhere); SPEC.md §1.
+
+    adv_norm="std" divides by the group's population std + 1e-6 (GRPO, arXiv 2402.03300 §4.1.2).
+    A group whose rewards are all equal gets A = 0 and so no gradient.
+    """
+    idx = np.flatnonzero(use)
+    codes = _np(group_id.take(pa.array(idx)).combine_chunks().dictionary_encode().indices).astype(np.int64)
+    r = reward[idx]  # (M,)
+    count = np.bincount(codes)  # (G,)
+    mean = np.bincount(codes, weights=r) / count  # (G,)
+    centred = r - mean[codes]
+    out = np.zeros(len(reward), dtype=np.float64)
+    if adv_norm == "std":
+        std = np.sqrt(np.bincount(codes, weights=centred**2) / count)  # (G,) population std
+        centred = centred / (std[codes] + GROUP_STD_EPS)
+    out[idx] = centred
+    return out
+
+
+def group_advantage_table(source: RolloutSource | str | Path | list) -> pa.Table:
+    """Per-group reward statistics in one streaming pass over only `reward` and `group_id`.
+
+    Returns a table (group_id, count, reward_mean, reward_std) with the population std, one row
+    per group, in order of first appearance. Memory is O(number of groups).
+    """
+    if not isinstance(source, RolloutSource):
+        source = open_rollouts(source)
+    partials = []
+    for sb in source.iter_batches(columns=("reward", "group_id")):
+        b = sb.batch
+        if "reward" not in b.schema.names or "group_id" not in b.schema.names:
+            continue
+        r = pc.cast(b.column("reward"), pa.float64())
+        t = pa.table({"group_id": b.column("group_id"), "r": r, "r2": pc.multiply(r, r)})
+        partials.append(t.group_by("group_id", use_threads=False).aggregate(
+            [("r", "count"), ("r", "sum"), ("r2", "sum")]))
+    if not partials:
+        return pa.table({"group_id": pa.array([], pa.string()), "count": pa.array([], pa.int64()),
+                         "reward_mean": pa.array([], pa.float64()), "reward_std": pa.array([], pa.float64())})
+    total = pa.concat_tables(partials).group_by("group_id", use_threads=False).aggregate(
+        [("r_count", "sum"), ("r_sum", "sum"), ("r2_sum", "sum")])
+    n = _np(total.column("r_count_sum")).astype(np.float64)
+    mean = _np(total.column("r_sum_sum")) / n
+    var = np.maximum(_np(total.column("r2_sum_sum")) / n - mean**2, 0.0)  # E[R^2] - E[R]^2, clipped
+    return pa.table({"group_id": total.column("group_id"), "count": n.astype(np.int64),
+                     "reward_mean": mean, "reward_std": np.sqrt(var)})
+
+
+def _file_temperature(metadata: dict[str, str], fallback: float | None) -> float:
+    if "drpo.temperature" in metadata:
+        return float(metadata["drpo.temperature"])  # validated as finite > 0
+    return 1.0 if fallback is None else float(fallback)
+
+
+def _np(arr) -> np.ndarray:
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _flat(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values, lengths) of a list column."""
+    return _np(arr.flatten()), _np(arr.value_lengths()).astype(np.int64)
+
+
+def _cat(parts: list[np.ndarray], name: str) -> np.ndarray:
+    if parts:
+        return np.concatenate(parts)
+    dtype = {"prompt_ids": np.int64, "response_ids": np.int64, "loss_mask": bool, "from_reward": bool,
+             "policy_version": np.int64, "source_row": np.int64, "prompt_len": np.int64,
+             "response_len": np.int64, "reward": np.float64}.get(name, np.float32)
+    return np.zeros(0, dtype=dtype)
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)  # (N+1,)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets

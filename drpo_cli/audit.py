@@ -1,0 +1,609 @@
+"""`drpo inspect`: the staleness and trust-region audit of logged rollouts (SPEC.md §2).
+
+Data-only mode streams canonical record batches and reduces each one with numpy over the flat list
+values and offsets (no per-row Python), so memory is bounded by one batch and any file size works.
+`DataAudit` holds only sums, extrema, histograms and the per-row values some statistics need at
+the end (sample ids; reward and group for group-relative advantages); `merge_` and `all_reduce_`
+combine shards exactly. Model mode (audit_model.py) adds the per-token diagnostics.
+
+The module is not called `inspect` so that no script run from this directory can shadow the
+standard library's `inspect`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from drpo_cli import __version__
+from drpo_cli.config import InspectConfig
+from drpo_cli.errors import InputError
+from drpo_cli.report import (
+    INSPECT_REPORT_SCHEMA,
+    clean_number,
+    evaluate_gates,
+    publish,
+    validate_report,
+    write_json_atomic,
+)
+from drpo_cli.schema import REQUIRED, Problem, RolloutSource, SourceBatch, open_rollouts
+
+RARE_MU = 0.01  # "rare sampled token": μ ≤ 0.01 (SPEC.md §2)
+LOG_RARE_MU = math.log(RARE_MU)
+ADV_SOURCES = ("advantages", "advantage", "reward+group_id")
+DATA_COLUMNS = ("prompt_ids", "response_ids", "behavior_logprobs", "advantages", "advantage", "reward",
+                "group_id", "loss_mask", "sample_id", "policy_version", "temperature")
+Progress = Callable[..., None]  # (phase, advance, total | None), e.g. the CLI's progress bar
+
+
+def _list_parts(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(offsets (n+1,) from 0, flat values of exactly these rows) of a possibly sliced list array.
+
+    `ListArray.values` ignores a slice's offset (schema.py slices large batches zero-copy), so the
+    values are cut to the offsets' range here; nothing is copied.
+    """
+    off = arr.offsets.to_numpy().astype(np.int64)  # (n+1,)
+    return off - off[0], arr.values.slice(int(off[0]), int(off[-1] - off[0]))
+
+
+def _row_sums(per_token: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(n,) sum of a per-token array over each row's range; exact for empty rows (unlike reduceat)."""
+    cs = np.zeros(len(per_token) + 1, dtype=np.float64 if per_token.dtype.kind == "f" else np.int64)
+    np.cumsum(per_token, out=cs[1:])
+    return cs[offsets[1:]] - cs[offsets[:-1]]
+
+
+def _grow_add(hist: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """hist + bincount(values), growing hist as needed."""
+    counts = np.bincount(values)
+    if len(counts) > len(hist):
+        hist = np.concatenate([hist, np.zeros(len(counts) - len(hist), dtype=np.int64)])
+    hist[: len(counts)] += counts
+    return hist
+
+
+@dataclass
+class Moments:
+    """Weighted count, sum, sum of squares, |sum|, min and max: mergeable, exact in float64."""
+
+    n: float = 0.0
+    s: float = 0.0
+    s2: float = 0.0
+    sabs: float = 0.0
+    lo: float = math.inf
+    hi: float = -math.inf
+
+    def add(self, x: np.ndarray, w: np.ndarray | None = None) -> None:
+        if x.size == 0:
+            return
+        x64 = x.astype(np.float64, copy=False)
+        if w is None:
+            self.n += x.size
+            self.s += float(x64.sum())
+            self.s2 += float(np.dot(x64, x64))
+            self.sabs += float(np.abs(x64).sum())
+            self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+        else:
+            keep = w > 0
+            if not keep.any():
+                return
+            self.n += float(w.sum())
+            self.s += float(np.dot(w, x64))
+            self.s2 += float(np.dot(w, x64 * x64))
+            self.sabs += float(np.dot(w, np.abs(x64)))
+            self.lo, self.hi = min(self.lo, float(x[keep].min())), max(self.hi, float(x[keep].max()))
+
+    def merge_(self, o: Moments) -> None:
+        self.n, self.s, self.s2, self.sabs = self.n + o.n, self.s + o.s, self.s2 + o.s2, self.sabs + o.sabs
+        self.lo, self.hi = min(self.lo, o.lo), max(self.hi, o.hi)
+
+    def stats(self) -> dict:
+        if self.n == 0:
+            return {"count": 0, "mean": None, "std": None, "min": None, "max": None, "abs_mean": None}
+        mean = self.s / self.n
+        var = max(self.s2 / self.n - mean * mean, 0.0)
+        return {"count": int(self.n), "mean": mean, "std": math.sqrt(var), "min": self.lo, "max": self.hi,
+                "abs_mean": self.sabs / self.n}
+
+
+def length_stats(hist: np.ndarray) -> dict:
+    """count, mean, min, max and exact p50/p90/p99 of integer lengths from their histogram."""
+    n = int(hist.sum())
+    if n == 0:
+        return {"count": 0, "mean": None, "min": None, "max": None, "p50": None, "p90": None, "p99": None}
+    values = np.arange(len(hist))
+    cdf = np.cumsum(hist)
+    nz = np.flatnonzero(hist)
+
+    def q(p: float) -> int:  # smallest length whose CDF reaches p·n ("lower" quantile)
+        return int(np.searchsorted(cdf, max(math.ceil(p * n), 1)))
+
+    return {"count": n, "mean": float(np.dot(values, hist)) / n, "min": int(nz[0]), "max": int(nz[-1]),
+            "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
+
+
+@dataclass
+class DataAudit:
+    """Streaming data-only audit (SPEC.md §2): exact, mergeable statistics over masked tokens."""
+
+    rows: int = 0
+    response_tokens: int = 0
+    masked_tokens: int = 0
+    prompt_tokens: int = 0
+    rare_tokens: int = 0
+    neg_logmu_sum: float = 0.0
+    zero_adv_tokens: int = 0
+    zero_adv_rows: int = 0
+    token_id_max: int = -1
+    adv: Moments = field(default_factory=Moments)
+    reward: Moments = field(default_factory=Moments)
+    response_len_hist: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    prompt_len_hist: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    version_rows: Counter = field(default_factory=Counter)  # policy_version (-1 unknown) -> rows
+    version_tokens: Counter = field(default_factory=Counter)  # policy_version -> masked tokens
+    temperature_rows: Counter = field(default_factory=Counter)
+    sample_ids: list[pa.Array] = field(default_factory=list)  # chunks, only for the duplicate check
+    # reward + group_id: per-row values kept until the group means are known.
+    group_ids: list[pa.Array] = field(default_factory=list)
+    group_rewards: list[np.ndarray] = field(default_factory=list)
+    group_tokens: list[np.ndarray] = field(default_factory=list)
+    adv_sources: set = field(default_factory=set)  # advantage source of each file, SPEC.md §3
+
+    def update(self, sb: SourceBatch, default_temperature: float) -> tuple[int, int]:
+        """Add one canonical record batch; returns (rows, masked tokens) for progress."""
+        b = sb.batch
+        cols = set(b.schema.names)
+        n = b.num_rows
+        off, ids = _list_parts(b.column("response_ids"))  # (n+1,), (T,)
+        lengths = np.diff(off)  # (n,)
+        _check_batch(sb, off, lengths)
+        lp_off, lp_vals = _list_parts(b.column("behavior_logprobs"))
+        _check_same_lengths(sb, "behavior_logprobs", lp_off, lengths)
+        logmu = lp_vals.fill_null(math.nan).to_numpy(zero_copy_only=False)  # (T,) float32
+        mask = None
+        if "loss_mask" in cols:
+            m_off, m_vals = _list_parts(b.column("loss_mask"))
+            _check_same_lengths(sb, "loss_mask", m_off, lengths)
+            mask = m_vals.fill_null(False).to_numpy(zero_copy_only=False)  # (T,) bool
+        row_masked = lengths if mask is None else _row_sums(mask, off)  # (n,) masked tokens per row
+        lm = logmu if mask is None else logmu[mask]  # (M,) masked behavior log-probs
+        bad = ~(np.isfinite(lm) & (lm <= 0))
+        if bad.any():
+            _raise_token(sb, "behavior_logprobs", off, mask, int(np.flatnonzero(bad)[0]),
+                         "finite log-probs <= 0 where loss_mask is 1", lm[bad][0])
+        ids_np = ids.to_numpy(zero_copy_only=False)  # (T,) int64
+        if ids_np.size and ids_np.min() < 0:
+            _raise_token(sb, "response_ids", off, None, int(np.argmin(ids_np)), "token ids >= 0", ids_np.min())
+        p_off, p_vals = _list_parts(b.column("prompt_ids"))
+        p_min = pc.min(p_vals).as_py()
+        if p_min is not None and p_min < 0:
+            _raise_row(sb, "prompt_ids", int(np.searchsorted(p_off, int(np.argmin(p_vals.to_numpy())), "right") - 1),
+                       "token ids >= 0", p_min)
+
+        self.rows += n
+        self.response_tokens += int(off[-1])
+        m_total = int(row_masked.sum())
+        self.masked_tokens += m_total
+        self.prompt_tokens += int(p_off[-1])
+        self.rare_tokens += int(np.count_nonzero(lm <= LOG_RARE_MU))
+        self.neg_logmu_sum -= float(lm.sum(dtype=np.float64))
+        if ids_np.size:
+            self.token_id_max = max(self.token_id_max, int(ids_np.max()))
+        self.response_len_hist = _grow_add(self.response_len_hist, lengths)
+        self.prompt_len_hist = _grow_add(self.prompt_len_hist, np.diff(p_off))
+
+        self._update_advantage(sb, cols, off, lengths, mask, row_masked)
+        versions = (b.column("policy_version").fill_null(-1).to_numpy() if "policy_version" in cols
+                    else np.full(n, -1, dtype=np.int64))  # (n,)
+        if versions.min(initial=0) < -1:
+            r = int(np.argmin(versions))
+            _raise_row(sb, "policy_version", r, "policy versions >= 0 (or null/-1 for unknown)", versions[r])
+        uniq, inverse = np.unique(versions, return_inverse=True)
+        self.version_rows.update(dict(zip(uniq.tolist(), np.bincount(inverse).tolist())))
+        self.version_tokens.update(dict(zip(uniq.tolist(), np.bincount(inverse, weights=row_masked).astype(np.int64).tolist())))
+        temps = (b.column("temperature").fill_null(default_temperature).to_numpy(zero_copy_only=False)
+                 if "temperature" in cols else np.full(n, default_temperature, dtype=np.float32))
+        if not (np.isfinite(temps) & (temps > 0)).all():
+            r = int(np.flatnonzero(~(np.isfinite(temps) & (temps > 0)))[0])
+            _raise_row(sb, "temperature", r, "a finite temperature > 0", temps[r])
+        t_uniq, t_counts = np.unique(temps, return_counts=True)
+        self.temperature_rows.update(dict(zip(t_uniq.tolist(), t_counts.tolist())))
+        if "sample_id" in cols:
+            self.sample_ids.append(pa.concat_arrays([b.column("sample_id").drop_null()]))  # own copy
+        return n, m_total
+
+    def _update_advantage(self, sb, cols, off, lengths, mask, row_masked) -> None:
+        b = sb.batch
+        source = advantage_source(cols)
+        self.adv_sources.add(source)
+        if source == "advantages":
+            a_off, a_vals = _list_parts(b.column("advantages"))
+            _check_same_lengths(sb, "advantages", a_off, lengths)
+            adv = a_vals.fill_null(math.nan).to_numpy(zero_copy_only=False)  # (T,)
+            am = adv if mask is None else adv[mask]  # (M,)
+            if not np.isfinite(am).all():
+                _raise_token(sb, "advantages", off, mask, int(np.flatnonzero(~np.isfinite(am))[0]),
+                             "finite advantages where loss_mask is 1", am[~np.isfinite(am)][0])
+            self.adv.add(am)
+            zero = am == 0  # (M,)
+            self.zero_adv_tokens += int(np.count_nonzero(zero))
+            m_off = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(row_masked, out=m_off[1:])
+            self.zero_adv_rows += int(np.count_nonzero(_row_sums(~zero, m_off) == 0))
+            return
+        if source == "advantage":
+            values = _scalar(sb, "advantage", "a finite advantage")  # (n,)
+            self._add_row_advantages(values, row_masked)
+            return
+        reward = _scalar(sb, "reward", "a finite reward")  # (n,)
+        group = b.column("group_id")
+        if group.null_count:
+            _raise_row(sb, "group_id", int(np.flatnonzero(group.is_null().to_numpy(zero_copy_only=False))[0]),
+                       "a group id with every reward", "null")
+        self.reward.add(reward)
+        self.group_ids.append(pa.concat_arrays([group]))
+        self.group_rewards.append(reward)
+        self.group_tokens.append(np.asarray(row_masked, dtype=np.int64))
+
+    def _add_row_advantages(self, values: np.ndarray, row_masked: np.ndarray) -> None:
+        """Per-sequence advantages (n,), broadcast over each row's masked tokens (n,)."""
+        w = row_masked.astype(np.float64)
+        self.adv.add(values, w)
+        zero = values == 0
+        self.zero_adv_tokens += int(row_masked[zero].sum())
+        self.zero_adv_rows += int(np.count_nonzero(zero | (row_masked == 0)))
+
+    def finish_groups(self) -> None:
+        """reward + group_id: A = R − mean of R over the group (SPEC.md §1), then the token statistics."""
+        if not self.group_ids:
+            return
+        table = pa.table({"g": pa.chunked_array(self.group_ids), "r": np.concatenate(self.group_rewards)})
+        means = table.group_by("g").aggregate([("r", "mean")])  # columns r_mean, g
+        at = pc.index_in(table.column("g"), value_set=means.column("g")).to_numpy()  # (N,)
+        mean_of_row = means.column("r_mean").to_numpy()[at]  # (N,)
+        rewards = table.column("r").to_numpy()
+        self._add_row_advantages((rewards - mean_of_row).astype(np.float32), np.concatenate(self.group_tokens))
+        self.group_ids, self.group_rewards, self.group_tokens = [], [], []
+
+    def merge_(self, o: DataAudit) -> None:
+        """Add another shard's audit (exact)."""
+        for name in ("rows", "response_tokens", "masked_tokens", "prompt_tokens", "rare_tokens", "neg_logmu_sum",
+                     "zero_adv_tokens", "zero_adv_rows"):
+            setattr(self, name, getattr(self, name) + getattr(o, name))
+        self.token_id_max = max(self.token_id_max, o.token_id_max)
+        self.adv.merge_(o.adv)
+        self.reward.merge_(o.reward)
+        self.response_len_hist = _grow_add(self.response_len_hist, np.repeat(np.arange(len(o.response_len_hist)),
+                                                                             o.response_len_hist))
+        self.prompt_len_hist = _grow_add(self.prompt_len_hist, np.repeat(np.arange(len(o.prompt_len_hist)),
+                                                                         o.prompt_len_hist))
+        for name in ("version_rows", "version_tokens", "temperature_rows"):
+            getattr(self, name).update(getattr(o, name))
+        self.adv_sources |= o.adv_sources
+        for name in ("sample_ids", "group_ids", "group_rewards", "group_tokens"):
+            getattr(self, name).extend(getattr(o, name))
+
+    def all_reduce_(self) -> None:
+        """Sum this rank's audit with every other rank's in place (one call; no-op in one process).
+
+        Sample ids and groups are rank-local: shard rollouts by group so group means stay exact;
+        duplicate ids are then checked within each rank's shard only.
+        """
+        from drpo_cli.distributed import is_distributed
+
+        if not is_distributed():
+            return
+        import torch
+
+        from drpo_cli.distributed import all_reduce_max, all_reduce_sum
+
+        self.finish_groups()
+        sums = torch.tensor([self.rows, self.response_tokens, self.masked_tokens, self.prompt_tokens,
+                             self.rare_tokens, self.neg_logmu_sum, self.zero_adv_tokens, self.zero_adv_rows,
+                             self.adv.n, self.adv.s, self.adv.s2, self.adv.sabs,
+                             self.reward.n, self.reward.s, self.reward.s2, self.reward.sabs], dtype=torch.float64)
+        all_reduce_sum(sums)
+        maxes = torch.tensor([self.token_id_max, -self.adv.lo, self.adv.hi, -self.reward.lo, self.reward.hi,
+                              len(self.response_len_hist), len(self.prompt_len_hist)], dtype=torch.float64)
+        all_reduce_max(maxes)
+        v = sums.tolist()
+        (self.rows, self.response_tokens, self.masked_tokens, self.prompt_tokens, self.rare_tokens) = map(int, v[:5])
+        self.neg_logmu_sum = v[5]
+        self.zero_adv_tokens, self.zero_adv_rows = int(v[6]), int(v[7])
+        self.adv.n, self.adv.s, self.adv.s2, self.adv.sabs = v[8:12]
+        self.reward.n, self.reward.s, self.reward.s2, self.reward.sabs = v[12:16]
+        m = maxes.tolist()
+        self.token_id_max = int(m[0])
+        self.adv.lo, self.adv.hi, self.reward.lo, self.reward.hi = -m[1], m[2], -m[3], m[4]
+        for name, size in (("response_len_hist", int(m[5])), ("prompt_len_hist", int(m[6]))):
+            h = torch.zeros(size, dtype=torch.int64)
+            own = getattr(self, name)
+            h[: len(own)] = torch.from_numpy(own)
+            setattr(self, name, all_reduce_sum(h).numpy())
+        for name in ("version_rows", "version_tokens", "temperature_rows"):
+            setattr(self, name, Counter(_all_reduce_counter(dict(getattr(self, name)))))
+
+    def duplicates(self, examples: int = 5) -> dict:
+        """Rows whose sample_id repeats an earlier row's, distinct repeated ids, a few examples."""
+        if not self.sample_ids:
+            return {"rows": 0, "ids": 0, "examples": []}
+        counts = pc.value_counts(pa.chunked_array(self.sample_ids, type=pa.string()))
+        c = counts.field("counts").to_numpy()
+        repeated = np.flatnonzero(c > 1)
+        values = counts.field("values")
+        return {"rows": int((c[repeated] - 1).sum()), "ids": int(repeated.size),
+                "examples": [values[int(i)].as_py() for i in repeated[:examples]]}
+
+    def lag_section(self, current_version: int | None, source: str) -> dict:
+        known = sorted(v for v in self.version_rows if v >= 0)
+        if current_version is None and known:
+            current_version, source = known[-1], "data-max"
+        hist = [{"lag": current_version - v, "rows": int(self.version_rows[v]), "tokens": int(self.version_tokens[v])}
+                for v in reversed(known)] if current_version is not None else []
+        return {"current_version": current_version, "version_source": source if current_version is not None
+                else "unknown", "rows_without_version": int(self.version_rows.get(-1, 0)), "histogram": hist}
+
+    def section(self, current_version: int | None, version_source: str) -> dict:
+        """The report's `data` section."""
+        self.finish_groups()
+        m = self.masked_tokens
+        adv = {k: clean_number(v) for k, v in self.adv.stats().items()}
+        reward = None
+        if self.reward.n:
+            reward = {k: clean_number(v) for k, v in self.reward.stats().items()}
+        return {
+            "rows": self.rows, "response_tokens": self.response_tokens, "masked_tokens": m,
+            "prompt_tokens": self.prompt_tokens,
+            "response_length": length_stats(self.response_len_hist),
+            "prompt_length": length_stats(self.prompt_len_hist),
+            "behavior": {"neg_logmu_mean": self.neg_logmu_sum / m if m else None,
+                         "rare_frac": self.rare_tokens / m if m else None, "rare_threshold": RARE_MU},
+            "advantage": {"source": self.adv_sources.pop() if len(self.adv_sources) == 1 else "mixed", "stats": adv, "zero_frac": self.zero_adv_tokens / m if m else None,
+                          "zero_rows": self.zero_adv_rows},
+            "reward": reward,
+            "lag": self.lag_section(current_version, version_source),
+            "duplicate_sample_ids": self.duplicates(),
+            "token_id_max": self.token_id_max if self.token_id_max >= 0 else None,
+            "temperatures": [{"temperature": float(str(np.float32(t))), "rows": int(c)}
+                             for t, c in sorted(self.temperature_rows.items())],
+        }
+
+
+def data_metrics(section: dict) -> dict:
+    """The data/* metrics of the report (SPEC.md §2 data-only audit), from the data section."""
+    m = section["masked_tokens"]
+    lag = section["lag"]
+    stale = sum(h["tokens"] for h in lag["histogram"] if h["lag"] > 0)
+    return {
+        "data/rows": section["rows"],
+        "data/tokens": m,
+        "data/response_tokens": section["response_tokens"],
+        "data/zero_adv_frac": section["advantage"]["zero_frac"] or 0.0,
+        "data/rare_token_frac": section["behavior"]["rare_frac"] or 0.0,
+        "data/neg_logmu_mean": section["behavior"]["neg_logmu_mean"] or 0.0,
+        "data/adv_abs_mean": section["advantage"]["stats"]["abs_mean"] or 0.0,
+        "data/response_len_mean": section["response_length"]["mean"] or 0.0,
+        "data/response_len_max": section["response_length"]["max"] or 0,
+        "data/duplicate_ids": section["duplicate_sample_ids"]["rows"],
+        "data/stale_frac": stale / m if m else 0.0,
+        "data/lag_max": max((h["lag"] for h in lag["histogram"]), default=0),
+    }
+
+
+# ---- input checks (vectorised; the first problem becomes one InputError line) --------------------
+
+
+def _sample_id(sb: SourceBatch, r: int) -> str | None:
+    b = sb.batch
+    if "sample_id" in b.schema.names:
+        return b.column("sample_id")[r].as_py()
+    return str(sb.global_offset + r)
+
+
+def _raise_row(sb: SourceBatch, column: str, r: int, expected: str, found) -> None:
+    raise InputError(str(Problem("value", sb.path, column, sb.row_offset + r, expected, str(found),
+                                 _sample_id(sb, r))))
+
+
+def _raise_token(sb, column, off, mask, k: int, expected: str, found) -> None:
+    """Raise for the k-th (masked, when mask is given) token of the batch."""
+    flat = int(np.flatnonzero(mask)[k]) if mask is not None else k
+    r = int(np.searchsorted(off, flat, "right") - 1)
+    _raise_row(sb, column, r, f"{expected} (token {flat - int(off[r])})", found)
+
+
+def _check_batch(sb: SourceBatch, off: np.ndarray, lengths: np.ndarray) -> None:
+    b = sb.batch
+    for name in REQUIRED:
+        col = b.column(name)
+        if col.null_count:
+            _raise_row(sb, name, int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]),
+                       "a list", "null")
+    if lengths.size and lengths.min() < 1:
+        _raise_row(sb, "response_ids", int(np.argmin(lengths)), "at least 1 response token", "0")
+    if b.column("response_ids").values.null_count:
+        ids = _list_parts(b.column("response_ids"))[1]
+        flat = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+        _raise_row(sb, "response_ids", int(np.searchsorted(off, flat, "right") - 1), "token ids", "null")
+
+
+def _check_same_lengths(sb: SourceBatch, column: str, other_off: np.ndarray, lengths: np.ndarray) -> None:
+    other = np.diff(other_off)
+    if not np.array_equal(other, lengths):
+        r = int(np.flatnonzero(other != lengths)[0])
+        _raise_row(sb, column, r, f"{lengths[r]} entries (one per response token)", f"{other[r]}")
+
+
+def _scalar(sb: SourceBatch, column: str, expected: str) -> np.ndarray:
+    values = sb.batch.column(column).fill_null(math.nan).to_numpy(zero_copy_only=False)  # (n,)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        _raise_row(sb, column, r, expected, "null" if sb.batch.column(column)[r].as_py() is None else values[r])
+    return values
+
+
+def _all_reduce_counter(counts: dict) -> dict:
+    """Sum {key: count} dicts over ranks (keys gathered first)."""
+    import torch.distributed as dist
+
+    from drpo_cli.distributed import world_size
+
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, counts)
+    total: Counter = Counter()
+    for c in gathered:
+        total.update(c)
+    return dict(total)
+
+
+# ---- orchestration ---------------------------------------------------------------------------------
+
+
+def advantage_source(columns) -> str | None:
+    """Which advantage source a file's canonical columns give, in load_rows' order (SPEC.md §3)."""
+    if "advantages" in columns:
+        return "advantages"
+    if "advantage" in columns:
+        return "advantage"
+    if "reward" in columns and "group_id" in columns:
+        return "reward+group_id"
+    return None
+
+
+def check_source(source: RolloutSource) -> None:
+    """Schema-level checks before streaming: readable types, required columns, an advantage source."""
+    for rf in source.files:
+        if rf.problems:
+            raise InputError(str(rf.problems[0]), details=[str(p) for p in rf.problems[1:]])
+        missing = [c for c in REQUIRED if c not in rf.fields]
+        if missing:
+            raise InputError(str(Problem("missing-column", rf.path, missing[0], None,
+                                         f"a column '{missing[0]}' (see `drpo schema`)",
+                                         f"no such column (file has: {', '.join(rf.schema.names[:12])})")))
+        if advantage_source(rf.fields) is None:
+            found = "reward without group_id" if "reward" in rf.fields else "none of them"
+            raise InputError(str(Problem("advantage-source", rf.path, "advantages", None,
+                                         "one advantage source: advantages, advantage, or reward + group_id",
+                                         found)))
+
+
+def default_temperature(source: RolloutSource, cfg: InspectConfig, path: str) -> float:
+    """Per-file fallback: drpo.temperature metadata, else --temperature, else 1.0 (SPEC.md §1)."""
+    for rf in source.files:
+        if rf.path == path and "drpo.temperature" in rf.metadata:
+            try:
+                return float(rf.metadata["drpo.temperature"])
+            except ValueError:
+                raise InputError(f"{path}: metadata drpo.temperature: expected a number, found "
+                                 f"{rf.metadata['drpo.temperature']!r}") from None
+    return cfg.temperature if cfg.temperature is not None else 1.0
+
+
+def audit_data(source: RolloutSource, cfg: InspectConfig, progress: Progress | None = None) -> DataAudit:
+    """Stream every record batch through a DataAudit (bounded memory)."""
+    check_source(source)
+    audit = DataAudit()
+    temps: dict[str, float] = {}
+    for sb in source.iter_batches(DATA_COLUMNS):
+        if sb.path not in temps:
+            temps[sb.path] = default_temperature(source, cfg, sb.path)
+        _, tokens = audit.update(sb, temps[sb.path])
+        if progress is not None:
+            progress("reading rollouts", tokens, None)
+    audit.finish_groups()
+    return audit
+
+
+def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_path: str | None = None) -> dict:
+    """The whole audit; returns the report dict (validated against its JSON Schema).
+
+    Writes nothing but `per_token_path` (the caller's temporary file) in model mode.
+    """
+    start = time.perf_counter()
+    source = open_rollouts(list(cfg.rollouts), cfg.column_map())
+    audit = audit_data(source, cfg, progress)
+    notes: list[str] = []
+    model_section, model_metrics = None, {}
+    current, version_source = cfg.current_version, "--current-version"
+    if cfg.model is not None:
+        from drpo_cli.audit_model import audit_model
+
+        model_section, model_metrics, current, version_source, model_notes = audit_model(
+            cfg, source, progress, per_token_path)
+        notes += model_notes
+    data = audit.section(current, version_source)
+    notes = data_notes(data, source.metadata) + notes
+    metrics = {k: clean_number(v) for k, v in {**data_metrics(data), **model_metrics}.items()}
+    report = {
+        "report": "drpo-inspect",
+        "report_version": 1,
+        "drpo_version": __version__,
+        "mode": "model" if cfg.model is not None else "data",
+        "inputs": {"rollouts": list(cfg.rollouts), "model": cfg.model, "columns": cfg.column_map()},
+        "settings": {"tr_delta": cfg.tr_delta, "deltas": list(cfg.deltas), "chosen_delta": cfg.chosen_delta(),
+                     "temperature": cfg.temperature, "current_version": cfg.current_version, "top": cfg.top,
+                     "device": cfg.device, "dtype": cfg.dtype, "micro_batch_tokens": cfg.micro_batch_tokens,
+                     "seconds": round(time.perf_counter() - start, 3)},
+        "metrics": metrics,
+        "data": data,
+        "model": model_section,
+        "notes": notes,
+        "gates": evaluate_gates(metrics, cfg.gates()),
+    }
+    validate_report(report, INSPECT_REPORT_SCHEMA)
+    return report
+
+
+def inspect_and_write(cfg: InspectConfig, progress: Progress | None = None) -> dict:
+    """Run the audit, then write --per-token and --json atomically (temp file + rename), nothing on error.
+
+    Gates are evaluated in the report; raising on a failed gate is the caller's job, after this
+    returns, so the report is always written first.
+    """
+    tmp = None
+    if cfg.per_token is not None:
+        fd, tmp = tempfile.mkstemp(prefix=".drpo-", suffix=".arrow.tmp",
+                                   dir=os.path.dirname(os.path.abspath(cfg.per_token)))
+        os.close(fd)
+    try:
+        report = run_inspect(cfg, progress, tmp)
+        if tmp is not None:
+            publish(tmp, cfg.per_token)
+            tmp = None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    if cfg.json_out is not None:
+        write_json_atomic(report, cfg.json_out)
+    return report
+
+
+def data_notes(data: dict, metadata: dict[str, str]) -> list[str]:
+    """Plain-language observations about the data alone."""
+    notes = []
+    dup = data["duplicate_sample_ids"]
+    if dup["rows"]:
+        notes.append(f"{dup['ids']} sample_id(s) repeat on {dup['rows']} row(s), e.g. {', '.join(dup['examples'][:3])}")
+    lag = data["lag"]
+    if lag["rows_without_version"]:
+        notes.append(f"{lag['rows_without_version']} row(s) have no policy_version; their staleness is unknown")
+    if any(h["lag"] < 0 for h in lag["histogram"]):
+        notes.append(f"some rows come from a policy newer than the current version {lag['current_version']} "
+                     "(negative lag): check --current-version")
+    if data["advantage"]["zero_frac"] and data["advantage"]["zero_frac"] > 0.5:
+        notes.append(f"{data['advantage']['zero_frac']:.0%} of the tokens have zero advantage and carry no gradient")
+    truncation = {k: v for k, v in metadata.items() if k in ("drpo.top_p", "drpo.top_k")}
+    if truncation:
+        notes.append("the sampler truncated its distribution (" + ", ".join(f"{k}={v}" for k, v in truncation.items())
+                     + "); logged log-probs may be renormalised over the kept tokens")
+    return notes

@@ -1,0 +1,306 @@
+"""`drpo inspect --model`: per-token diagnostics of the current model against the logged sampler (SPEC.md §2).
+
+Rows are loaded (and validated) once, grouped into token-budget micro-batches, and their log-probs
+computed by the log-prob engine under inference_mode; each micro-batch feeds the mergeable
+Diagnostics accumulator, the per-sequence scores and (optionally) the per-token Arrow writer, so
+memory holds the rows plus one micro-batch. The logging-bug checks recompute log-probs of fresh
+(lag 0) rows at a few temperatures and compare them with the logged ones.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from drpo_cli.config import LOSS_HPARAMS, InspectConfig
+from drpo_cli.data import padding_fraction, plan_micro_batches
+from drpo_cli.divergence import Diagnostics, token_diagnostics
+from drpo_cli.errors import InputError
+from drpo_cli.rollouts import RolloutRows
+from drpo_cli.schema import Problem
+
+WHAT_IF_DELTAS = (0.1, 0.2, 0.5, 12.5)  # DRPO δ sweep shown when --delta is not given (SPEC.md §1)
+CHECK_MAX_TOKENS = 4096  # masked tokens recomputed per temperature by the logging checks
+TEMPERATURE_FACTORS = (0.8, 0.9, 1.1, 1.25)  # around the logged temperature; T = 1 is always tried
+OFFSET_NATS = 0.02  # |mean log r| on fresh tokens above this (and > 4 standard errors) is flagged
+PER_TOKEN_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("position", pa.int32()), ("token_id", pa.int64()), ("loss_mask", pa.bool_()),
+    ("logp", pa.float32()), ("behavior_logp", pa.float32()), ("advantage", pa.float32()),
+    ("ratio", pa.float32()), ("delta", pa.float32()), ("logr", pa.float32()), ("k3", pa.float32()),
+    ("entropy", pa.float32()), ("outside", pa.bool_()), ("harmful", pa.bool_()), ("lag", pa.int64()),
+])
+_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
+_SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "k3")
+
+
+def check_vocabulary(rows: RolloutRows, vocab_size: int, model_dir: str) -> None:
+    """InputError naming the first row whose prompt or response holds an id outside [0, V)."""
+    for column, ids, offsets in (("prompt_ids", rows.prompt_ids, rows.prompt_offsets),
+                                 ("response_ids", rows.response_ids, rows.response_offsets)):
+        bad = np.flatnonzero((ids >= vocab_size) | (ids < 0))
+        if bad.size:
+            r = int(np.searchsorted(offsets, bad[0], "right") - 1)
+            raise InputError(str(Problem(
+                "vocabulary", rows.source_file[r], column, int(rows.source_row[r]),
+                f"token ids in [0, {vocab_size}) (the vocabulary of {model_dir})",
+                f"{int(ids[bad[0]])} at token {int(bad[0] - offsets[r])}", rows.sample_ids[r])))
+
+
+def resolve_current_version(cfg: InspectConfig, checkpoint_version: int | None,
+                            policy_version: np.ndarray) -> tuple[int | None, str]:
+    """--current-version, else the checkpoint's recorded version, else the newest version in the data."""
+    if cfg.current_version is not None:
+        return cfg.current_version, "--current-version"
+    if checkpoint_version is not None:
+        return checkpoint_version, "checkpoint"
+    known = policy_version[policy_version >= 0]
+    return (int(known.max()), "data-max") if known.size else (None, "unknown")
+
+
+def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None):
+    """Per-token diagnostics; returns (model section, metrics, current version, version source, notes)."""
+    from drpo_cli.checkpoint import load_model
+    from drpo_cli.logprobs import pick_device
+    from drpo_cli.rollouts import load_rows
+
+    start = time.perf_counter()
+    rows = load_rows(source, temperature=cfg.temperature)
+    device = pick_device(cfg.device)
+    if cfg.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    model, info = load_model(cfg.model, device=str(device), dtype=_DTYPES[cfg.dtype],
+                             allow_unsafe=cfg.allow_unsafe_weights)
+    check_vocabulary(rows, info.vocab_size, cfg.model)
+    current, version_source = resolve_current_version(cfg, info.policy_version, rows.policy_version)
+    known = rows.policy_version >= 0
+    row_lag = np.where(known, (current if current is not None else 0) - rows.policy_version, -1)  # (N,)
+    notes = []
+    if current is not None and (row_lag[known] < 0).any():
+        notes.append(f"{int((row_lag[known] < 0).sum())} row(s) have a policy_version above the current version "
+                     f"{current}; their lag is counted as unknown")
+    losses = {name: dict(hp) for name, hp in LOSS_HPARAMS.items()}
+    losses["drpo"] = {"delta": cfg.chosen_delta()}
+    deltas = cfg.deltas or WHAT_IF_DELTAS
+    diag = Diagnostics(cfg.tr_delta, losses, drpo_deltas=deltas)
+    seq = np.zeros((rows.num_rows, len(_SEQ_FEATURES)), dtype=np.float64)  # (N, F) per-sequence sums / max
+    token_lag = row_lag[rows.token_row()]  # (T,)
+    position = rows.token_position()  # (T,)
+    micro_batches = plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens)
+    writer = _PerTokenWriter(per_token_path, rows) if per_token_path else None
+    try:
+        with torch.inference_mode():
+            for mb in micro_batches:
+                logp, entropy = _logprobs(model, mb, device, cfg)  # (M,), (M,)
+                idx = mb.token_index.numpy()  # (M,) flat token indices
+                mu = torch.from_numpy(rows.behavior_logprobs[idx])  # (M,)
+                adv = torch.from_numpy(rows.advantages[idx])  # (M,)
+                mask = torch.from_numpy(rows.loss_mask[idx])  # (M,)
+                lag = torch.from_numpy(token_lag[idx])  # (M,)
+                diag.update(logp, mu, adv, mask, lag=lag, position=torch.from_numpy(position[idx]), entropy=entropy)
+                t = token_diagnostics(logp.double(), mu.double(), adv.double(), tr_delta=cfg.tr_delta)
+                _add_sequences(seq, mb.rows.numpy()[mb.seq_index.numpy()], mask.numpy(), t)
+                if writer is not None:
+                    writer.write(idx, logp, entropy, t, token_lag[idx], position[idx])
+                if progress is not None:
+                    progress("per-token log-probs", mb.num_tokens, rows.num_tokens)
+            checks = logging_checks(model, rows, row_lag, device, cfg, progress)
+    finally:
+        if writer is not None:
+            writer.close()
+    summary = diag.all_reduce_().summary()
+    notes += summary["notes"]
+    metrics = {k: v for k, v in summary.items()
+               if not isinstance(v, (dict, list)) and not k.startswith("data/")}
+    section = {
+        "checkpoint": {"path": str(cfg.model), "policy_version": info.policy_version, "vocab_size": info.vocab_size},
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "tokens": int(summary["data/tokens"]),
+        "micro_batches": len(micro_batches),
+        "padding_frac": padding_fraction(micro_batches),
+        "seconds": round(time.perf_counter() - start, 3),
+        "distributions": _distributions(summary),
+        "by_lag": _records(summary["breakdowns"]["lag"]),
+        "by_mu_bucket": _records(summary["breakdowns"]["mu"], "μ "),
+        "by_position": _records(summary["breakdowns"]["position"]),
+        "losses": _loss_effects(summary, losses),
+        "drpo_what_if": [{"delta": w["delta"], "reachable": w["boundary_reachable"],
+                          **{k: v for k, v in w.items() if k not in ("delta", "boundary_reachable")}}
+                         for w in summary["what_if"]["drpo"]],
+        "worst_sequences": worst_sequences(seq, rows, row_lag, cfg.top),
+        "logging_checks": checks,
+    }
+    if checks is not None:
+        notes += checks["findings"] if (checks["offset_suspected"] or checks["temperature_suspected"]) else []
+    return section, metrics, current, version_source, notes
+
+
+def _logprobs(model, mb, device, cfg: InspectConfig):
+    from drpo_cli.logprobs import token_logprobs
+
+    logp, entropy = token_logprobs(model, mb.to(device), chunk_tokens=cfg.chunk_tokens, with_entropy=True)
+    return logp.float().cpu(), entropy.float().cpu()  # (M,), (M,)
+
+
+def _add_sequences(seq: np.ndarray, token_rows: np.ndarray, mask: np.ndarray, t: dict) -> None:
+    """Per-row sums (tokens, harmful, outside, |Δ|, k3) and max |Δ| over masked tokens, in place."""
+    r = token_rows[mask]  # (m,)
+    abs_d = t["delta"].abs().numpy()[mask]
+    for j, values in ((0, np.ones(r.size)), (1, t["harmful"].numpy()[mask]), (2, t["outside"].numpy()[mask]),
+                      (3, abs_d), (5, t["k3"].numpy()[mask])):
+        np.add.at(seq[:, j], r, values)
+    np.maximum.at(seq[:, 4], r, abs_d)
+
+
+def worst_sequences(seq: np.ndarray, rows: RolloutRows, row_lag: np.ndarray, top: int) -> list[dict]:
+    """The `top` rows by harmful share, then max |Δ| (rows without masked tokens are left out)."""
+    n = seq[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        harmful = np.where(n > 0, seq[:, 1] / n, 0.0)
+    candidates = np.flatnonzero(n > 0)
+    order = candidates[np.lexsort((-seq[candidates, 4], -harmful[candidates]))][:top]
+    return [{"sample_id": rows.sample_ids[i], "tokens": int(n[i]), "harmful_frac": float(harmful[i]),
+             "outside_frac": float(seq[i, 2] / n[i]), "delta_abs_mean": float(seq[i, 3] / n[i]),
+             "delta_abs_max": float(seq[i, 4]), "k3_mean": float(seq[i, 5] / n[i]),
+             "lag": int(row_lag[i]) if row_lag[i] >= 0 else None} for i in order]
+
+
+def _records(breakdown: dict, prefix: str = "") -> list[dict]:
+    return [{"key": prefix + label, **values} for label, values in breakdown.items()]
+
+
+def _distributions(summary: dict) -> dict:
+    def pick(prefix: str, keys: dict) -> dict:
+        return {label: summary.get(prefix + key) for label, key in keys.items()}
+
+    q = {"mean": "mean", "p50": "p50", "p90": "p90", "p99": "p99", "p99.9": "p999", "max": "max"}
+    return {
+        "|Δ| = |π − μ|": pick("delta/abs_", q),
+        "r = π/μ": pick("ratio/", q),
+        "DRPO weight w": pick("weight/drpo_", {"mean": "mean", "p50": "p50", "p90": "p90", "p99": "p99",
+                                               "max": "max"}),
+    }
+
+
+def _loss_effects(summary: dict, losses: dict) -> list[dict]:
+    """What each loss would do to these tokens at the hyper-parameters used (SPEC.md §2)."""
+    effects = {
+        "pg-is": {},
+        "ppo-clip": {"clipped": summary.get("ppo_clip/clip_frac")},
+        "spo": {"corrective (w<0)": summary.get("weight/spo_corrective_frac"),
+                "attenuated (w<0.5)": summary.get("weight/spo_attenuated_frac")},
+        "dppo-tv": {"masked": summary.get("dppo_tv/mask_frac")},
+        "dppo-kl": {"masked": summary.get("dppo_kl/mask_frac")},
+        "drpo": {"corrective (w<0)": summary.get("weight/drpo_corrective_frac"),
+                 "attenuated (w<0.5)": summary.get("weight/drpo_attenuated_frac")},
+    }
+    return [{"loss": name, "hparams": dict(hp), "fractions": effects[name]} for name, hp in losses.items()]
+
+
+class _PerTokenWriter:
+    """Streams per-token rows to an Arrow IPC file, one record batch per micro-batch."""
+
+    def __init__(self, path: str, rows: RolloutRows):
+        self.rows = rows
+        self.sample_ids = pa.array(rows.sample_ids, pa.string())
+        self.token_row = rows.token_row()
+        self.sink = pa.OSFile(path, "wb")
+        self.writer = pa.ipc.new_file(self.sink, PER_TOKEN_SCHEMA)
+
+    def write(self, idx, logp, entropy, t, lag, position) -> None:
+        r = self.rows
+        columns = [
+            self.sample_ids.take(pa.array(self.token_row[idx])), position.astype(np.int32), r.response_ids[idx],
+            r.loss_mask[idx], logp.numpy(), r.behavior_logprobs[idx], r.advantages[idx],
+            t["ratio"].float().numpy(), t["delta"].float().numpy(), t["logr"].float().numpy(),
+            t["k3"].float().numpy(), entropy.numpy(), t["outside"].numpy(), t["harmful"].numpy(), lag,
+        ]
+        arrays = [c if isinstance(c, pa.Array) else pa.array(c, type=f.type) for c, f in zip(columns, PER_TOKEN_SCHEMA)]
+        self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=PER_TOKEN_SCHEMA))
+
+    def close(self) -> None:
+        self.writer.close()
+        self.sink.close()
+
+
+# ---- logging-bug checks (SPEC.md §2) ------------------------------------------------------------------
+
+
+def logging_checks(model, rows: RolloutRows, row_lag: np.ndarray, device, cfg: InspectConfig, progress=None):
+    """Evidence of a sampler that logged log-probs before temperature or after top-p/top-k truncation.
+
+    On fresh rows (lag 0: the current model is the sampler, so log r should be ≈ 0 up to numerics),
+    measures the mean log r with its standard error, and recomputes log π at a few temperatures
+    around the logged one (and at T = 1) to see which fits the logged log-probs best (smallest mean
+    |log r|). Returns None when no row is known to be fresh. The findings say "suggests", never "is".
+    """
+    fresh = np.flatnonzero(row_lag == 0)
+    scope = "lag-0 rows"
+    if fresh.size == 0 and (row_lag >= 0).any():
+        return None
+    if fresh.size == 0:  # staleness unknown everywhere: the check still says something, with a caveat
+        fresh, scope = np.arange(rows.num_rows), "all rows (staleness unknown: valid only if the model sampled them)"
+    temps = rows.temperature[fresh]
+    values, counts = np.unique(temps, return_counts=True)
+    logged_t = float(values[np.argmax(counts)])
+    fresh = fresh[temps == logged_t]
+    masked = np.diff(np.concatenate([[0], np.cumsum(rows.loss_mask)])[rows.response_offsets])[fresh]  # (n,)
+    fresh = fresh[: max(int(np.searchsorted(np.cumsum(masked), CHECK_MAX_TOKENS)) + 1, 1)]
+    subset = rows.select(fresh)
+    mbs = plan_micro_batches(subset, np.arange(subset.num_rows), cfg.micro_batch_tokens)
+    candidates = sorted({round(logged_t * f, 4) for f in (1.0, *TEMPERATURE_FACTORS)} | {1.0})
+    fit, logr_at_logged = [], None
+    for temp in candidates:
+        logr = []
+        for mb in mbs:
+            scaled = replace(mb, temperature=torch.full_like(mb.temperature, temp))
+            logp = _logprobs(model, scaled, device, cfg)[0].double()  # (M,)
+            idx = mb.token_index.numpy()
+            keep = subset.loss_mask[idx]
+            logr.append((logp.numpy() - subset.behavior_logprobs[idx].astype(np.float64))[keep])
+        logr = np.concatenate(logr)
+        if temp == round(logged_t, 4):
+            logr_at_logged = logr
+        fit.append({"temperature": temp, "abs_logr_mean": float(np.abs(logr).mean()) if logr.size else None,
+                    "logr_mean": float(logr.mean()) if logr.size else None})
+        if progress is not None:
+            progress("logging checks", 1, len(candidates))
+    n = int(logr_at_logged.size)
+    mean = float(logr_at_logged.mean()) if n else None
+    sem = float(logr_at_logged.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+    scored = [f for f in fit if f["abs_logr_mean"] is not None]
+    best = min(scored, key=lambda f: f["abs_logr_mean"]) if scored else None
+    at_logged = next((f for f in fit if f["temperature"] == round(logged_t, 4)), None)
+    offset = mean is not None and sem is not None and abs(mean) > OFFSET_NATS and abs(mean) > 4 * sem
+    temp_better = (best is not None and at_logged is not None and best["temperature"] != at_logged["temperature"]
+                   and best["abs_logr_mean"] < 0.5 * at_logged["abs_logr_mean"]
+                   and at_logged["abs_logr_mean"] - best["abs_logr_mean"] > 0.01)
+    findings = []
+    if offset:
+        direction = ("higher than the model's, as when a sampler logs log-probs renormalised after top-p/top-k "
+                     "truncation" if mean < 0 else "lower than the model's")
+        findings.append(f"on {scope} the mean log r is {mean:+.4f} ± {sem:.4f} nats over {n} tokens (expected ≈ 0 "
+                        f"when the current model sampled them): the logged log-probs are systematically {direction}; "
+                        "this suggests a logging mismatch, or that these rows were not sampled by this checkpoint")
+    if temp_better:
+        findings.append(f"recomputing at T={best['temperature']:g} fits the logged log-probs better than the logged "
+                        f"T={logged_t:g} (mean |log r| {best['abs_logr_mean']:.4f} vs {at_logged['abs_logr_mean']:.4f})"
+                        + (": this suggests the sampler logged log-probs before applying temperature"
+                           if best["temperature"] == 1.0 else ": this suggests a temperature mismatch in logging"))
+    if not findings:
+        findings.append(f"no sign of a logging bug on {scope}: mean log r {mean:+.4f} over {n} tokens, and the logged "
+                        f"temperature T={logged_t:g} fits best among {', '.join(f'{c:g}' for c in candidates)}"
+                        if mean is not None and not temp_better and best is not None
+                        and best["temperature"] == round(logged_t, 4)
+                        else f"no clear evidence of a logging bug on {scope} ({n} tokens)")
+    return {"scope": scope, "rows": int(subset.num_rows), "tokens": n, "logr_mean": mean, "logr_sem": sem,
+            "offset_suspected": bool(offset), "logged_temperature": logged_t, "temperature_fit": fit,
+            "best_temperature": best["temperature"] if best else None, "temperature_suspected": bool(temp_better),
+            "findings": findings}

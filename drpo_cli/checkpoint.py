@@ -1,0 +1,432 @@
+"""Hugging Face model directories: safe loading, policy-version metadata, atomic saving.
+
+Loading uses `trust_remote_code=False`, local files only and safetensors weights unless the user
+opts in (SPEC.md §4). Saving writes a complete model directory into a hidden temporary sibling
+and renames it into place, so a crash at any moment leaves either no output directory or a
+complete one; the source checkpoint is only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drpo_cli import __version__
+from drpo_cli.errors import CheckpointError, ConfigError
+
+DRPO_META = "drpo_checkpoint.json"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Files copied from the source directory: generation settings and everything a tokenizer needs.
+COPIED = (
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.tiktoken",
+    "chat_template*",
+    "preprocessor_config.json",
+)
+_UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+_VERSION_SUFFIX = re.compile(r"^(.*)-v\d+$")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    policy_version: int | None  # from drpo_checkpoint.json; None when the directory has none
+    vocab_size: int  # rows of the input embedding: token ids must be below this
+    config: Any  # transformers PreTrainedConfig
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """`float32` | `bfloat16` | `float16` | `auto` (bf16 on a CUDA device that supports it, else fp32)."""
+    if dtype == "auto":
+        cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}: expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_policy_version(path: str | os.PathLike) -> int | None:
+    """The policy version recorded in `path/drpo_checkpoint.json`, or None when there is no such file."""
+    meta = Path(path) / DRPO_META
+    if not meta.is_file():
+        return None
+    try:
+        version = json.loads(meta.read_text(encoding="utf-8"))["policy_version"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f'{meta}: unreadable ({type(err).__name__}: {err}); expected {{"policy_version": int}}'
+        )
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise CheckpointError(f"{meta}: policy_version must be an integer >= 0, found {version!r}")
+    return version
+
+
+def _check_directory(path: Path, allow_unsafe: bool) -> dict:
+    """Every reason a directory cannot be loaded, found before transformers is asked (one line each)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: model directory not found")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; --model expects a Hugging Face model directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json; not a Hugging Face model directory")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{config_file}: unreadable JSON ({err})")
+    names = [p.name for p in path.iterdir() if p.is_file()]
+    has_safe = any(n.endswith(".safetensors") for n in names)
+    unsafe = sorted(n for n in names if any(fnmatch(n, pat) for pat in _UNSAFE_WEIGHTS))
+    if not has_safe and not (allow_unsafe and unsafe):
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: no safetensors weights, only {unsafe[0]} (pickle) found: pass --allow-unsafe-weights"
+            )
+        raise CheckpointError(f"{path}: no weights found (expected {WEIGHTS} or {WEIGHTS_INDEX})")
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        if "auto_map" in config:
+            raise CheckpointError(
+                f"{config_file}: model type {model_type!r} needs remote code; drpo loads only architectures "
+                "built into transformers (trust_remote_code=False)"
+            )
+        raise CheckpointError(
+            f"{config_file}: unknown model type {model_type!r} for this transformers version"
+        )
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CheckpointError(
+            f"{config_file}: model type {model_type!r} has no causal-LM head in transformers"
+        )
+    return config
+
+
+def load_model(
+    path: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32", allow_unsafe: bool = False
+) -> tuple[torch.nn.Module, CheckpointInfo]:
+    """Load a causal LM from a local directory (never the Hub) in eval mode, with its CheckpointInfo."""
+    path = Path(path)
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        target = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"invalid device {device!r}: {err}")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    _check_directory(path, allow_unsafe)
+    policy_version = read_policy_version(path)
+
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype,
+            trust_remote_code=False,
+            local_files_only=True,
+            use_safetensors=None if allow_unsafe else True,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot load model: {first}") from err
+    # transformers fills missing weights with random values and only warns; training on them would be silent garbage.
+    problems = sorted(info.get("missing_keys", ())) + sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if problems:
+        raise CheckpointError(
+            f"{path}: weights missing or of the wrong shape: {', '.join(problems[:3])}"
+            + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+        )
+    model = model.to(target).eval()
+    vocab_size = int(model.get_input_embeddings().weight.shape[0])
+    return model, CheckpointInfo(
+        path=path, policy_version=policy_version, vocab_size=vocab_size, config=model.config
+    )
+
+
+def default_out_dir(model_dir: str | os.PathLike, policy_version: int | None) -> Path:
+    """The sibling directory a new checkpoint goes to: `ckpt/` at version 7 -> `ckpt-v8/`.
+
+    An existing `-vN` suffix is replaced (`ckpt-v8/` at 8 -> `ckpt-v9/`); an unknown version counts as 0.
+    """
+    src = Path(os.path.abspath(model_dir))  # abspath also drops a trailing slash
+    match = _VERSION_SUFFIX.match(src.name)
+    base = match.group(1) if match else src.name
+    return src.with_name(f"{base}-v{(policy_version or 0) + 1}")
+
+
+# ---- saving ---------------------------------------------------------------------------------------
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like `2GB`, `500MB`, `10KB`, `1GiB` (decimal and binary units)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, flags=re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"invalid shard size {size!r}: expected e.g. 2GB, 500MB or a number of bytes")
+    unit = (match.group(2) or "B").upper()
+    power = "BKMGT".index(unit[0]) if unit != "B" else 0
+    base = 1024 if "I" in unit else 1000
+    return int(float(match.group(1)) * base**power)
+
+
+class CheckpointWriter:
+    """Streams tensors into safetensors shards inside a temporary sibling of `out_dir`; `commit()` renames it in.
+
+    Shards are flushed as soon as they reach `max_shard_size`, so at most one shard of tensors is
+    held (and serialised) at a time: a caller that gathers a sharded model parameter by parameter
+    (FSDP on rank 0) never needs the full model in memory. Use as a context manager: leaving the
+    block with an exception removes the temporary directory and leaves `out_dir` untouched.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        source_dir: str | os.PathLike,
+        policy_version: int,
+        training_config: dict,
+        config: Any = None,
+        overwrite: bool = False,
+        max_shard_size: int | str = "2GB",
+        dtype: str | None = None,
+    ):
+        self.out_dir = Path(os.path.abspath(out_dir))
+        self.source_dir = Path(os.path.abspath(source_dir))
+        if self.out_dir == self.source_dir or self.source_dir in self.out_dir.parents:
+            raise CheckpointError(f"{self.out_dir}: output must not be the input checkpoint or inside it")
+        if self.out_dir.exists() and not overwrite:
+            raise CheckpointError(f"{self.out_dir}: already exists; pass --overwrite or choose another --out")
+        if dtype is not None and dtype not in DTYPES:
+            raise CheckpointError(f"unsupported save dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        if isinstance(policy_version, bool) or not isinstance(policy_version, int) or policy_version < 0:
+            raise CheckpointError(f"policy_version must be an integer >= 0, found {policy_version!r}")
+        self.policy_version = policy_version
+        self.training_config = training_config
+        self.config = config
+        self.overwrite = overwrite
+        self.max_shard_bytes = parse_size(max_shard_size)
+        self.dtype = dtype
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        # Same parent directory = same filesystem, so the final rename is atomic.
+        self.tmp_dir = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.tmp_dir.mkdir()
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []  # tensor names per written shard, in order
+        self._total_bytes = 0
+        self._names: set[str] = set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; the current shard is written first when this one would overflow it."""
+        if name in self._names:
+            raise CheckpointError(f"tensor {name!r} written twice")
+        self._names.add(name)
+        tensor = tensor.detach()
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(DTYPES[self.dtype])
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor
+        self._pending_bytes += nbytes
+        self._total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        # Moved to CPU here, one shard at a time; views are cloned because safetensors refuses
+        # tensors that share storage with anything else.
+        shard = {}
+        for name, t in self._pending.items():
+            t = t.to("cpu").contiguous()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()
+            shard[name] = t
+        path = self.tmp_dir / f"part-{len(self._shards):05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        _fsync(path)
+        self._shards.append(list(shard))
+        self._pending, self._pending_bytes = {}, 0
+
+    def commit(self) -> Path:
+        """Write the remaining shard, index, config, copied files and metadata; rename into `out_dir`."""
+        try:
+            if self._pending or not self._shards:
+                self._flush()
+            self._finish_files()
+            if self.out_dir.exists() and not self.overwrite:  # appeared while we were writing
+                raise CheckpointError(
+                    f"{self.out_dir}: already exists; pass --overwrite or choose another --out"
+                )
+            _fsync_dir(self.tmp_dir)
+            if self.out_dir.exists():
+                # Old aside, new in, old deleted: at every instant out_dir is absent or complete.
+                old = self.out_dir.with_name(f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+                os.rename(self.out_dir, old)
+                os.rename(self.tmp_dir, self.out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(self.tmp_dir, self.out_dir)
+            _fsync_dir(self.out_dir.parent)
+        except BaseException:
+            self.abort()
+            raise
+        return self.out_dir
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def _finish_files(self) -> None:
+        n = len(self._shards)
+        if n == 1:
+            os.rename(self.tmp_dir / "part-00000.safetensors", self.tmp_dir / WEIGHTS)
+        else:
+            weight_map = {}
+            for i, names in enumerate(self._shards):
+                final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                os.rename(self.tmp_dir / f"part-{i:05d}.safetensors", self.tmp_dir / final)
+                weight_map.update({name: final for name in names})
+            index = {
+                "metadata": {"total_size": self._total_bytes},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            _write_json(self.tmp_dir / WEIGHTS_INDEX, index)
+
+        if self.config is not None:
+            # to_json_string turns torch dtypes and nested configs into plain JSON.
+            config = json.loads(self.config.to_json_string(use_diff=False))
+        else:
+            config = json.loads((self.source_dir / "config.json").read_text(encoding="utf-8"))
+        if self.dtype is not None:
+            config["dtype"] = self.dtype
+            config.pop("torch_dtype", None)
+        _write_json(self.tmp_dir / "config.json", config)
+
+        for src in sorted(self.source_dir.iterdir()):
+            if src.is_file() and any(fnmatch(src.name, pat) for pat in COPIED):
+                shutil.copyfile(src, self.tmp_dir / src.name)
+                _fsync(self.tmp_dir / src.name)
+
+        meta = {
+            "policy_version": self.policy_version,
+            "training": self.training_config,
+            "drpo_version": __version__,
+            "source": {"path": str(self.source_dir), "policy_version": read_policy_version(self.source_dir)},
+        }
+        _write_json(self.tmp_dir / DRPO_META, meta)
+
+
+def save_checkpoint(
+    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    *,
+    source_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    policy_version: int,
+    training_config: dict,
+    config: Any = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "2GB",
+    dtype: str | None = None,
+) -> Path:
+    """Write a Hugging Face model directory atomically; returns `out_dir`.
+
+    `model_or_state_dict` is a transformers model, or a plain state dict (e.g. full tensors
+    gathered from FSDP shards) described by `config` (default: the source's config.json). Tied
+    weights (a tied `lm_head.weight`) are written once, as transformers expects, and tie again on
+    load. Tensors are written as they are (no copy) unless `dtype` casts them, shard by shard.
+    """
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        model = model_or_state_dict
+        state_dict = model.state_dict()
+        config = model.config if config is None else config
+    else:
+        model, state_dict = None, dict(model_or_state_dict)
+    with CheckpointWriter(
+        out_dir,
+        source_dir=source_dir,
+        policy_version=policy_version,
+        training_config=training_config,
+        config=config,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
+        dtype=dtype,
+    ) as writer:
+        ref = model if model is not None else _meta_model(writer.config, writer.source_dir)
+        state_dict = _to_saved_format(ref, state_dict)
+        for name in list(state_dict):
+            writer.add(name, state_dict.pop(name))  # pop: the writer holds the only extra reference
+        return writer.commit()
+
+
+def _meta_model(config: Any, source_dir: Path) -> torch.nn.Module:
+    """The architecture without weights (meta device): knows its tied keys and on-disk key format."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config is None:
+        config = AutoConfig.from_pretrained(source_dir, trust_remote_code=False, local_files_only=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+
+
+def _to_saved_format(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop tied copies (kept once, under the name transformers reloads) and undo load-time key conversions."""
+    for target in model.get_expanded_tied_weights_keys(all_submodels=True):
+        state_dict.pop(target, None)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # older transformers: no load-time conversions to undo
+        return state_dict
+    # A no-op for dense models; MoE models whose experts transformers fuses on load are split back.
+    return dict(revert_weight_conversion(model, state_dict))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:  # some filesystems do not support fsync on directories
+        pass

@@ -1,0 +1,368 @@
+"""Frozen configuration dataclasses, one per command, validated before any heavy work.
+
+`validate()` returns every problem at once (one line each); `check()` raises a ConfigError that
+lists them. Nothing here imports torch: a bad option must fail in milliseconds, before a model
+or a rollout file is opened.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+from drpo_cli.errors import ConfigError
+
+# Hyper-parameters each loss accepts and their defaults (SPEC.md §1). A test keeps this table equal to
+# losses.DEFAULTS, which cannot be imported here because losses imports torch.
+LOSS_HPARAMS: dict[str, dict[str, float | None]] = {
+    "pg-is": {},
+    "ppo-clip": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": None},
+    "spo": {"eps": 0.2},
+    "dppo-tv": {"delta": 0.15, "ratio_cap": 20.0},
+    "dppo-kl": {"delta": 0.05, "ratio_cap": 20.0},
+    "drpo": {"delta": 12.5},
+}
+HPARAM_NAMES = ("delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+ANCHORS = ("behavior", "proximal")
+IS_CORRECTIONS = ("none", "tis", "mis")
+ADV_NORMS = ("none", "std")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "bf16", "fp32")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_columns(specs: tuple[str, ...] | list[str]) -> tuple[dict[str, str], list[str]]:
+    """`("logged=drpo_name", ...)` -> ({logged: drpo_name}, problems)."""
+    from drpo_cli.schema import COLUMN_BY_NAME  # pyarrow, no torch
+
+    mapping: dict[str, str] = {}
+    problems = []
+    for spec in specs:
+        logged, sep, canonical = (s.strip() for s in spec.partition("="))
+        if not sep or not logged or not canonical:
+            problems.append(f"--column {spec!r}: expected LOGGED=DRPO_NAME, e.g. logprobs=behavior_logprobs")
+        elif canonical not in COLUMN_BY_NAME:
+            problems.append(f"--column {spec!r}: {canonical!r} is not a schema v1 column ({', '.join(COLUMN_BY_NAME)})")
+        elif logged in mapping:
+            problems.append(f"--column {spec!r}: {logged!r} is mapped twice")
+        else:
+            mapping[logged] = canonical
+    return mapping, problems
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `drpo train` does is decided by these fields (SPEC.md §1, §4)."""
+
+    rollouts: tuple[str, ...]
+    """Rollout files or directories (Arrow IPC file/stream or Parquet); one or more."""
+    model: str
+    """Input Hugging Face checkpoint directory (safetensors); never modified."""
+    out: str | None = None
+    """Output checkpoint directory; default: a sibling named after the input and the new policy version."""
+    loss: str = "drpo"
+    """Surrogate loss, one of SPEC.md §1: pg-is, ppo-clip, spo, dppo-tv, dppo-kl, drpo."""
+    delta: float | None = None
+    """Trust-region size δ of drpo / dppo-tv / dppo-kl (None: the loss's default)."""
+    eps: float | None = None
+    """SPO's ε (None: 0.2)."""
+    eps_low: float | None = None
+    """PPO-clip lower clip ε_low (None: 0.2)."""
+    eps_high: float | None = None
+    """PPO-clip upper clip ε_high (None: 0.28, DAPO clip-higher)."""
+    dual_clip: float | None = None
+    """PPO dual-clip constant c > 1 for A < 0 (None: off)."""
+    ratio_cap: float | None = None
+    """DPPO's cap C on the detached ratio in the gradient (None: 20)."""
+    anchor: str = "behavior"
+    """Anchor log-probs μ: the sampler's (behavior) or π_old (proximal: column or recomputed once)."""
+    is_correction: str = "none"
+    """Behavior correction ρ = π_old/μ with the proximal anchor: none, tis (truncate), mis (mask)."""
+    is_cap: float | None = None
+    """Cap C_is of tis (None: 2.0)."""
+    is_band: tuple[float, float] | None = None
+    """Kept band [lo, hi] of mis (None: [0.5, 2.0])."""
+    agg: str = "token-mean"
+    """Token aggregation, independent of the loss (SPEC.md §1); denominators global over the step."""
+    horizon: int = 8192
+    """Horizon H of seq-mean-token-sum-norm."""
+    adv_norm: str = "none"
+    """Group-relative advantages from reward: none (R − mean) or std (also divide by group std + 1e-6)."""
+    epochs: int = 1
+    """Passes over the rollouts."""
+    minibatches: int = 1
+    """Optimizer steps per pass: the shuffled rows are split into this many mini-batches."""
+    micro_batch_tokens: int = 4096
+    """Token budget per forward/backward (prompt + response, padded); gradients are accumulated."""
+    lr: float = 1e-6
+    """AdamW learning rate (after warmup)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    warmup_steps: int = 0
+    """Linear learning-rate warmup over this many optimizer steps."""
+    seed: int = 0
+    """Seeds the per-pass shuffle (and torch); same seed and inputs give identical weights on CPU."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    dtype: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), bf16 (autocast, fp32 master weights; CUDA only) or fp32."""
+    grad_checkpointing: bool = False
+    """Recompute transformer activations in backward to save memory."""
+    tr_delta: float = 0.2
+    """Trust-region yardstick for diagnostics: a token is outside when |π − μ| > tr_delta."""
+    temperature: float | None = None
+    """Sampling temperature when rows and file metadata give none (None: 1.0)."""
+    columns: tuple[str, ...] = ()
+    """Column renames LOGGED=DRPO for rollout files with other names."""
+    overwrite: bool = False
+    """Replace an existing output directory (atomically)."""
+    resume: bool = False
+    """Continue an interrupted run from OUT.partial-state/ (same options required)."""
+    quiet: bool = False
+    """No progress bar and no summary tables."""
+    allow_unsafe_weights: bool = False
+    """Allow pickle (.bin) weights; safetensors only otherwise."""
+    chunk_tokens: int = field(default=1024, repr=False)
+    """Tokens per output-head chunk (memory O(chunk × V)); not a command-line option."""
+
+    def loss_hparams(self) -> dict[str, float | None]:
+        """The chosen loss's hyper-parameters: given values over SPEC.md defaults."""
+        given = {name: getattr(self, name) for name in HPARAM_NAMES}
+        return {k: (given[k] if given[k] is not None else v) for k, v in LOSS_HPARAMS[self.loss].items()}
+
+    def column_map(self) -> dict[str, str]:
+        return parse_columns(self.columns)[0]
+
+    def resolved_is_cap(self) -> float:
+        return 2.0 if self.is_cap is None else self.is_cap
+
+    def resolved_is_band(self) -> tuple[float, float]:
+        return (0.5, 2.0) if self.is_band is None else self.is_band
+
+    def to_dict(self) -> dict:
+        """JSON-ready record of the run (stored with the checkpoint and in the report)."""
+        d = asdict(self)
+        d["rollouts"] = list(self.rollouts)
+        d["columns"] = list(self.columns)
+        d["is_band"] = None if self.is_band is None else list(self.is_band)
+        d["loss_hparams"] = self.loss_hparams() if self.loss in LOSS_HPARAMS else {}
+        return d
+
+    def validate(self) -> list[str]:
+        """Every problem with these options, one line each, without touching a model or data."""
+        p: list[str] = []
+        if not self.rollouts:
+            p.append("--rollouts: at least one rollout file or directory is required")
+        for path in self.rollouts:
+            if not os.path.exists(path):
+                p.append(f"--rollouts {path}: no such file or directory")
+        if not self.model:
+            p.append("--model: required (a Hugging Face checkpoint directory)")
+        elif not os.path.isdir(self.model):
+            p.append(f"--model {self.model}: not a directory (expected a Hugging Face checkpoint directory)")
+        if self.out is not None:
+            out = os.path.abspath(self.out)
+            if out == os.path.abspath(self.model):
+                p.append(f"--out {self.out}: is the input checkpoint, which is never modified")
+            elif os.path.exists(out) and not (self.overwrite or self.resume):
+                p.append(f"--out {self.out}: already exists (pass --overwrite to replace it)")
+        _choice(p, "loss", self.loss, tuple(LOSS_HPARAMS))
+        if self.loss in LOSS_HPARAMS:
+            valid = LOSS_HPARAMS[self.loss]
+            for name in HPARAM_NAMES:
+                if getattr(self, name) is not None and name not in valid:
+                    hint = ", ".join(_flag(v) for v in valid) or "none"
+                    p.append(f"{_flag(name)} does not apply to --loss {self.loss} (its options: {hint})")
+        _positive(p, "delta", self.delta)
+        _positive(p, "eps", self.eps)
+        if self.eps_low is not None and not 0 < self.eps_low < 1:
+            p.append(f"--eps-low must be in (0, 1), got {self.eps_low}")
+        _positive(p, "eps_high", self.eps_high)
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            p.append(f"--dual-clip must be > 1 (e.g. 3), got {self.dual_clip}")
+        if self.ratio_cap is not None and not self.ratio_cap >= 1:
+            p.append(f"--ratio-cap must be >= 1, got {self.ratio_cap}")
+        _choice(p, "anchor", self.anchor, ANCHORS)
+        _choice(p, "is_correction", self.is_correction, IS_CORRECTIONS)
+        if self.is_correction in ("tis", "mis") and self.anchor != "proximal":
+            p.append(f"--is-correction {self.is_correction} needs --anchor proximal (with the behavior anchor ρ = 1)")
+        if self.is_cap is not None:
+            if self.is_correction != "tis":
+                p.append("--is-cap applies only to --is-correction tis")
+            elif not self.is_cap > 0:
+                p.append(f"--is-cap must be > 0, got {self.is_cap}")
+        if self.is_band is not None:
+            lo, hi = self.is_band
+            if self.is_correction != "mis":
+                p.append("--is-band applies only to --is-correction mis")
+            elif not 0 <= lo < hi:
+                p.append(f"--is-band must satisfy 0 <= lo < hi, got {lo} {hi}")
+        _choice(p, "agg", self.agg, AGG_MODES)
+        _positive(p, "horizon", self.horizon)
+        _choice(p, "adv_norm", self.adv_norm, ADV_NORMS)
+        for name in ("epochs", "minibatches", "micro_batch_tokens", "chunk_tokens"):
+            if getattr(self, name) < 1:
+                p.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        _positive(p, "lr", self.lr)
+        _positive(p, "max_grad_norm", self.max_grad_norm)
+        for name in ("weight_decay", "warmup_steps", "seed"):
+            if getattr(self, name) < 0:
+                p.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        _choice(p, "device", self.device, DEVICES)
+        _choice(p, "dtype", self.dtype, DTYPES)
+        if self.dtype == "bf16" and self.device == "cpu":
+            p.append("--dtype bf16 needs --device cuda (CPU training runs in fp32)")
+        if not 0 < self.tr_delta <= 1:
+            p.append(f"--tr-delta must be in (0, 1], got {self.tr_delta}")
+        _positive(p, "temperature", self.temperature)
+        p.extend(parse_columns(self.columns)[1])
+        return p
+
+    def check(self) -> TrainConfig:
+        """Raise ConfigError listing every problem; return self when there is none."""
+        problems = self.validate()
+        if problems:
+            summary = problems[0] if len(problems) == 1 else f"{len(problems)} problems with the options"
+            raise ConfigError(summary, details=problems if len(problems) > 1 else [])
+        return self
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """Everything `drpo inspect` does is decided by these fields (SPEC.md §2, §4)."""
+
+    rollouts: tuple[str, ...]
+    """Rollout files or directories (Arrow IPC file/stream or Parquet); one or more."""
+    model: str | None = None
+    """Checkpoint directory for per-token diagnostics; None: the data-only audit."""
+    current_version: int | None = None
+    """Policy version of the current model for staleness lags (None: checkpoint's, else the data's max)."""
+    deltas: tuple[float, ...] = ()
+    """DRPO δ values for the what-if table; the first is the chosen δ of weight/drpo_corrective_frac."""
+    tr_delta: float = 0.2
+    """Trust-region yardstick: a token is outside when |π − μ| > tr_delta."""
+    temperature: float | None = None
+    """Sampling temperature when rows and file metadata give none (None: 1.0)."""
+    columns: tuple[str, ...] = ()
+    """Column renames LOGGED=DRPO for rollout files with other names."""
+    top: int = 10
+    """Worst sequences listed by sample_id."""
+    json_out: str | None = None
+    """Write the JSON report here ("-" for stdout, then nothing else goes to stdout)."""
+    per_token: str | None = None
+    """Write per-token diagnostics here as an Arrow IPC file (needs a model)."""
+    fail_above: tuple[str, ...] = ()
+    """Gates METRIC=VALUE: exit 3 when a metric exceeds its value (after writing the report)."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    dtype: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32 model weights; log-softmax is always float32."""
+    micro_batch_tokens: int = 4096
+    """Token budget per forward pass (prompt + response, padded)."""
+    quiet: bool = False
+    """No progress bar and no tables (the JSON report and gates still work)."""
+    allow_unsafe_weights: bool = False
+    """Allow pickle (.bin) weights; safetensors only otherwise."""
+    chunk_tokens: int = field(default=1024, repr=False)
+    """Tokens per output-head chunk (memory O(chunk × V)); not a command-line option."""
+
+    def column_map(self) -> dict[str, str]:
+        return parse_columns(self.columns)[0]
+
+    def chosen_delta(self) -> float:
+        return self.deltas[0] if self.deltas else float(LOSS_HPARAMS["drpo"]["delta"])
+
+    def gates(self) -> list[tuple[str, float]]:
+        """`--fail-above` specs as (stable metric name, threshold); call after check()."""
+        return self._parse_gates()[0]
+
+    def _parse_gates(self) -> tuple[list[tuple[str, float]], list[str]]:
+        from drpo_cli.report import resolve_metric  # no torch there; keeps this module's imports minimal
+
+        gates, problems = [], []
+        for spec in self.fail_above:
+            name, sep, raw = spec.partition("=")
+            try:
+                value = float(raw)
+            except ValueError:
+                value = math.nan
+            if not sep or not name.strip() or math.isnan(value):
+                problems.append(f"--fail-above {spec!r}: expected METRIC=NUMBER, e.g. tr/harmful_frac=0.01")
+                continue
+            try:
+                gates.append((resolve_metric(name.strip(), self.model is not None), value))
+            except ConfigError as err:
+                problems.append(err.message)
+        return gates, problems
+
+    def validate(self) -> list[str]:
+        """Every problem with these options, one line each, without touching a model or data."""
+        p: list[str] = []
+        if not self.rollouts:
+            p.append("ROLLOUTS: at least one rollout file or directory is required")
+        for path in self.rollouts:
+            if not os.path.exists(path):
+                p.append(f"{path}: no such file or directory")
+        if self.model is not None and not os.path.isdir(self.model):
+            p.append(f"--model {self.model}: not a directory (expected a Hugging Face checkpoint directory)")
+        if self.current_version is not None and self.current_version < 0:
+            p.append(f"--current-version must be >= 0, got {self.current_version}")
+        for d in self.deltas:
+            if not d > 0:
+                p.append(f"--delta values must be > 0, got {d}")
+        if not 0 < self.tr_delta <= 1:
+            p.append(f"--tr-delta must be in (0, 1], got {self.tr_delta}")
+        _positive(p, "temperature", self.temperature)
+        p.extend(parse_columns(self.columns)[1])
+        if self.top < 0:
+            p.append(f"--top must be >= 0, got {self.top}")
+        if self.per_token is not None and self.model is None:
+            p.append("--per-token needs --model (per-token diagnostics compare the model with the sampler)")
+        inputs = {os.path.abspath(r) for r in self.rollouts}
+        for flag, out in (("--json", self.json_out), ("--per-token", self.per_token)):
+            if out is None or out == "-" and flag == "--json":
+                continue
+            if os.path.abspath(out) in inputs:
+                p.append(f"{flag} {out}: is an input rollout file, which is never modified")
+            elif os.path.isdir(out):
+                p.append(f"{flag} {out}: is a directory (expected a file path)")
+            elif not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+                p.append(f"{flag} {out}: parent directory does not exist")
+        if self.per_token is not None and self.json_out is not None and (
+            os.path.abspath(self.per_token) == os.path.abspath(self.json_out)
+        ):
+            p.append("--json and --per-token name the same file")
+        p.extend(self._parse_gates()[1])
+        _choice(p, "device", self.device, DEVICES)
+        _choice(p, "dtype", self.dtype, DTYPES)
+        if self.dtype == "bf16" and self.device == "cpu":
+            p.append("--dtype bf16 needs --device cuda (CPU runs in fp32)")
+        for name in ("micro_batch_tokens", "chunk_tokens"):
+            if getattr(self, name) < 1:
+                p.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        return p
+
+    def check(self) -> InspectConfig:
+        """Raise ConfigError listing every problem; return self when there is none."""
+        problems = self.validate()
+        if problems:
+            summary = problems[0] if len(problems) == 1 else f"{len(problems)} problems with the options"
+            raise ConfigError(summary, details=problems if len(problems) > 1 else [])
+        return self
+
+
+def _choice(problems: list[str], name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        problems.append(f"{_flag(name)} {value!r}: expected one of {', '.join(choices)}")
+
+
+def _positive(problems: list[str], name: str, value: float | None) -> None:
+    if value is not None and not value > 0:  # `not >` also rejects NaN
+        problems.append(f"{_flag(name)} must be > 0, got {value}")

@@ -1,0 +1,570 @@
+"""Per-token divergence between the trained policy π and the anchor μ (SPEC.md §2), and a mergeable
+accumulator of their statistics.
+
+Elementwise functions take log-probabilities of the sampled tokens (any shape, values in (−∞, 0])
+and return tensors of the same shape. They never produce NaN or ±inf for finite inputs:
+the log-ratio is clamped to ±LOGR_CLAMP, Δ and Binary-KL are computed from log-space forms that
+stay exact when π or μ approach 0 or 1.
+
+`Diagnostics` accumulates only sums, counts, maxima and fixed-bin histograms, so any number of
+tokens can be audited in constant memory, and two accumulators merge exactly (micro-batches,
+ranks, resumed runs). Metric names are documented in docs/losses.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from drpo_cli.errors import ConfigError
+
+LOGR_CLAMP = 20.0  # |log r| cap: r stays in [e^-20, e^20] ≈ [2e-9, 4.9e8], finite in float32
+
+
+# ---- elementwise ---------------------------------------------------------------------------------
+
+
+def log_ratio(logp: Tensor, anchor_logp: Tensor, clamp: float = LOGR_CLAMP) -> Tensor:
+    """log r = clamp(logπ − logμ, −clamp, clamp). The clamp keeps r finite; beyond it d r/d logπ = 0."""
+    return (logp - anchor_logp).clamp(-clamp, clamp)
+
+
+def ratio(logp: Tensor, anchor_logp: Tensor) -> Tensor:
+    """r = exp(clamped log r), the importance ratio π/μ of SPEC.md §1."""
+    return torch.exp(log_ratio(logp, anchor_logp))
+
+
+def prob_delta(logp: Tensor, anchor_logp: Tensor) -> Tensor:
+    """Δ = π − μ, the absolute probability shift of the sampled token (differentiable in logp).
+
+    Written as μ·expm1(d) for d = logπ − logμ ≤ 0 and −π·expm1(−d) for d > 0: each branch only
+    exponentiates a non-positive number, so it is exact for tiny probabilities (where exp(logπ)
+    − exp(logμ) would be fine too) and for probabilities near 1 (where it would cancel), and it
+    never overflows, whatever the gap.
+    """
+    d = logp - anchor_logp
+    down = torch.exp(anchor_logp) * torch.expm1(d.clamp(max=0.0))  # π < μ: μ·(π/μ − 1)
+    up = -torch.exp(logp) * torch.expm1(-d.clamp(min=0.0))  # π > μ: π·(1 − μ/π)
+    return torch.where(d > 0, up, down)
+
+
+def binary_tv(logp: Tensor, anchor_logp: Tensor) -> Tensor:
+    """Binary total variation |Δ| = |π − μ| between Bernoulli(π) and Bernoulli(μ) (DPPO)."""
+    return prob_delta(logp, anchor_logp).abs()
+
+
+def _log1m_exp(logx: Tensor) -> Tensor:
+    """log(1 − e^logx) for logx ≤ 0, floored at log(tiny) of the dtype so it is never −inf.
+
+    Two forms by the usual rule (Mächler 2012): log(−expm1(x)) near 0, log1p(−exp(x)) below −ln 2.
+    """
+    logx = logx.clamp(max=0.0)
+    near_one = torch.log(-torch.expm1(logx))
+    far = torch.log1p(-torch.exp(logx))
+    floor = math.log(torch.finfo(logx.dtype).tiny)
+    return torch.where(logx > -math.log(2.0), near_one, far).clamp(min=floor)
+
+
+def binary_kl(logp: Tensor, anchor_logp: Tensor) -> Tensor:
+    """Binary KL D = μ·log(μ/π) + (1−μ)·log((1−μ)/(1−π)) = KL(Bernoulli(μ) ‖ Bernoulli(π)) (DPPO).
+
+    Finite for every π, μ in [0, 1]: 1 − p comes from −expm1(log p) (exact near 1), its log is
+    floored at the dtype's smallest normal, and log-probs are floored at −1e4 so 0·log 0 terms
+    vanish. Rounding below zero is clamped to 0. Not meant to be differentiated.
+    """
+    logp = logp.clamp(min=-1e4, max=0.0)
+    anchor_logp = anchor_logp.clamp(min=-1e4, max=0.0)
+    mu = torch.exp(anchor_logp)
+    one_minus_mu = -torch.expm1(anchor_logp)
+    hit = mu * (anchor_logp - logp)  # (…,) μ·log(μ/π)
+    miss = one_minus_mu * (_log1m_exp(anchor_logp) - _log1m_exp(logp))  # (…,) (1−μ)·log((1−μ)/(1−π))
+    return (hit + miss).clamp(min=0.0)
+
+
+def k1(logp: Tensor, anchor_logp: Tensor) -> Tensor:
+    """k1 = −log r, unbiased estimator of KL(μ‖π) from samples of μ (Schulman, "Approximating KL")."""
+    return -log_ratio(logp, anchor_logp)
+
+
+def k2(logp: Tensor, anchor_logp: Tensor) -> Tensor:
+    """k2 = ½·(log r)², low-variance biased estimator of KL(μ‖π)."""
+    return 0.5 * log_ratio(logp, anchor_logp).square()
+
+
+def k3(logp: Tensor, anchor_logp: Tensor) -> Tensor:
+    """k3 = (r − 1) − log r ≥ 0, unbiased and non-negative; expm1 keeps it exact near r = 1."""
+    logr = log_ratio(logp, anchor_logp)
+    return torch.expm1(logr) - logr
+
+
+def token_diagnostics(
+    logp: Tensor, behavior_logp: Tensor, advantages: Tensor, *, tr_delta: float = 0.2
+) -> dict[str, Tensor]:
+    """Detached per-token diagnostics of SPEC.md §2 (same shape as `logp`), e.g. for --per-token.
+
+    Keys: logr, ratio, delta (Δ), binary_kl, k1, k2, k3, outside (|Δ| > tr_delta), harmful
+    (outside in the advantage's direction: A>0 ∧ Δ>δ or A<0 ∧ Δ<−δ).
+    """
+    with torch.no_grad():
+        logp, mu_logp, adv = logp.detach(), behavior_logp.detach(), advantages.detach()
+        logr = log_ratio(logp, mu_logp)
+        delta = prob_delta(logp, mu_logp)
+        return {
+            "logr": logr,
+            "ratio": torch.exp(logr),
+            "delta": delta,
+            "binary_kl": binary_kl(logp, mu_logp),
+            "k1": -logr,
+            "k2": 0.5 * logr.square(),
+            "k3": torch.expm1(logr) - logr,
+            "outside": delta.abs() > tr_delta,
+            "harmful": ((adv > 0) & (delta > tr_delta)) | ((adv < 0) & (delta < -tr_delta)),
+        }
+
+
+def sequence_scores(
+    values: Tensor, seq_index: Tensor, num_seqs: int, *, mask: Tensor | None = None, reduce: str = "sum"
+) -> Tensor:
+    """Per-sequence reduction of per-token `values` → (num_seqs,), for "worst sequences" tables.
+
+    `seq_index` maps each token to its sequence in [0, num_seqs). reduce = "sum" (e.g. harmful
+    count), "amax" (e.g. max |Δ|) or "mean". Masked tokens are left out; a sequence without
+    tokens scores 0. Combine across micro-batches by adding ("sum") or taking the max ("amax").
+    """
+    if reduce not in ("sum", "amax", "mean"):
+        raise ValueError(f"reduce must be 'sum', 'amax' or 'mean', got {reduce!r}")
+    with torch.no_grad():
+        values, seq_index = values.detach().reshape(-1).double(), seq_index.reshape(-1).long()
+        if mask is not None:
+            keep = mask.reshape(-1).bool()
+            values, seq_index = values[keep], seq_index[keep]
+        counts = torch.zeros(num_seqs, dtype=torch.float64, device=values.device)
+        counts.index_add_(0, seq_index, torch.ones_like(values))
+        if reduce == "amax":
+            out = torch.full((num_seqs,), -math.inf, dtype=torch.float64, device=values.device)
+            out.scatter_reduce_(0, seq_index, values, reduce="amax")
+            return torch.where(counts > 0, out, torch.zeros_like(out))
+        out = torch.zeros(num_seqs, dtype=torch.float64, device=values.device).index_add_(
+            0, seq_index, values
+        )
+        return out / counts.clamp(min=1.0) if reduce == "mean" else out
+
+
+# ---- fixed-bin histograms ------------------------------------------------------------------------
+
+
+def _log_edges(lo_exp: int, hi_exp: float, per_decade: int = 100) -> Tensor:
+    """Edges 10^(k/per_decade) from 10^lo_exp to 10^hi_exp: bins of constant ratio 10^(1/per_decade)."""
+    k = torch.arange(lo_exp * per_decade, round(hi_exp * per_decade) + 1, dtype=torch.float64)
+    return torch.pow(10.0, k / per_decade)
+
+
+def _signed_log_edges(lo_exp: int, hi_exp: float, per_decade: int = 100) -> Tensor:
+    mags = _log_edges(lo_exp, hi_exp, per_decade)
+    return torch.cat([-mags.flip(0), mags])
+
+
+# Bins are (−inf, e0), [e0, e1), ..., [e_last, +inf). 100 bins per decade: a bin spans a factor
+# 1.023, so a quantile (bin midpoint, clamped to the observed min/max) is within ±1.2% relative.
+ABS_DELTA_EDGES = _log_edges(-8, 0)  # |Δ| in [1e-8, 1]; below 1e-8 one bin (±1e-8 absolute)
+LOGR_EDGES = _signed_log_edges(-6, 1.31)  # log r in ±[1e-6, 20.4]; |log r| < 1e-6 one bin
+WEIGHT_DEV_EDGES = _signed_log_edges(-6, 6)  # w − 1 in ±[1e-6, 1e6]: resolves w close to 1 too
+WEIGHT_COARSE_EDGES = (0.0, 0.5, 1.0, 1.5, 2.0)  # reported bins: <0, [0,0.5), ..., >=2
+
+QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999}
+LOW_QUANTILES = {"p1": 0.01, "p10": 0.1, "p50": 0.5, "p90": 0.9, "p99": 0.99}
+
+
+def _bin_counts(x: Tensor, edges: Tensor) -> Tensor:
+    idx = torch.bucketize(x, edges.to(x.device, x.dtype), right=True)  # (N,) in [0, E]
+    return torch.bincount(idx, minlength=edges.numel() + 1).to(torch.float64)
+
+
+def histogram_quantile(counts: Tensor, edges: Tensor, q: float, vmin: float, vmax: float) -> float | None:
+    """The q-quantile (k-th smallest value, k = ceil(q·n)) read from fixed-bin counts.
+
+    Returns the bin's midpoint (the observed min / max for the two open-ended bins), clamped to
+    [vmin, vmax]; exact up to the bin width. None when there are no values.
+    """
+    total = float(counts.sum())
+    if total <= 0:
+        return None
+    k = max(1.0, math.ceil(q * total))
+    b = int(torch.searchsorted(counts.cumsum(0), torch.tensor(k, dtype=counts.dtype)))
+    if b == 0:
+        value = vmin
+    elif b == edges.numel():
+        value = vmax
+    else:
+        value = 0.5 * float(edges[b - 1] + edges[b])
+    return min(max(value, vmin), vmax)
+
+
+# ---- the mergeable accumulator ---------------------------------------------------------------------
+
+MU_EDGES = (0.01, 0.1, 0.5)
+MU_LABELS = ("<=0.01", "<=0.1", "<=0.5", ">0.5")
+POSITION_EDGES = (16, 64, 256, 1024)
+POSITION_LABELS = ("[0,16)", "[16,64)", "[64,256)", "[256,1024)", "[1024,inf)", "unknown")
+_BREAKDOWN_FEATURES = ("tokens", "outside", "harmful", "delta_abs", "k3", "logr")
+# Losses whose would-be effect is a zeroed gradient (w = 0) and the metric that counts it.
+_ZEROING_METRICS = {
+    "ppo-clip": "ppo_clip/clip_frac",
+    "dppo-tv": "dppo_tv/mask_frac",
+    "dppo-kl": "dppo_kl/mask_frac",
+}
+_WEIGHTED_LOSSES = ("drpo", "spo")  # losses whose weight distribution is reported
+
+
+class Diagnostics:
+    """Mergeable statistics of SPEC.md §2 over masked response tokens; constant memory.
+
+    `losses` maps loss name → hyper-parameters (missing ones take DEFAULTS; None = every loss at
+    its defaults); each gets its would-be metrics (`ppo_clip/clip_frac`, `weight/drpo_*`, ...).
+    `drpo_deltas` adds what-if DRPO settings, reported in summary()["what_if"]["drpo"]. Lags
+    0..lag_buckets−1 get their own breakdown bucket, larger lags share "{lag_buckets}+".
+
+    State is only sums, counts, maxima and fixed-bin histograms (float64, on the CPU), so
+    merge_ / all_reduce_ of several accumulators equal one accumulator fed every token: exactly
+    for counts, histograms, maxima and quantiles, up to float rounding for sums of values.
+    """
+
+    def __init__(
+        self,
+        tr_delta: float = 0.2,
+        losses: dict[str, dict] | None = None,
+        *,
+        drpo_deltas: Sequence[float] = (),
+        lag_buckets: int = 8,
+    ):
+        from drpo_cli.losses import LOSS_NAMES, resolve_hparams  # losses builds on this module
+
+        if not (isinstance(tr_delta, (int, float)) and tr_delta > 0):
+            raise ConfigError(f"tr_delta must be a number > 0, got {tr_delta!r}")
+        if not (isinstance(lag_buckets, int) and lag_buckets >= 1):
+            raise ConfigError(f"lag_buckets must be an integer >= 1, got {lag_buckets!r}")
+        self.tr_delta = float(tr_delta)
+        chosen = losses if losses is not None else {name: {} for name in LOSS_NAMES}
+        self.losses = {name: resolve_hparams(name, hp) for name, hp in chosen.items()}
+        self.drpo_deltas = tuple(float(resolve_hparams("drpo", {"delta": d})["delta"]) for d in drpo_deltas)
+        self.lag_buckets = lag_buckets
+        # (state key prefix, loss name, hyper-parameters) of every weight distribution tracked.
+        self._weighted = [(name, name, hp) for name, hp in self.losses.items() if name in _WEIGHTED_LOSSES]
+        self._weighted += [(f"drpo@{d:g}", "drpo", {"delta": d}) for d in self.drpo_deltas]
+        self._state: dict[str, Tensor] = {}
+        self._ops: dict[str, str] = {}
+        for key in ("n", "n_zero_adv", "n_rare", "n_outside", "n_harmful", "n_up", "n_down", "n_entropy"):
+            self._register(key, (), "sum")
+        for key in ("abs_delta", "ratio", "logr", "logr_sq", "k1", "k2", "k3", "bkl", "nll", "entropy"):
+            self._register(f"sum_{key}", (), "sum")
+        for key in ("abs_delta", "neg_abs_delta", "ratio", "neg_ratio", "logr", "neg_logr", "bkl"):
+            self._register(f"max_{key}", (), "max")
+        self._register("hist_abs_delta", (ABS_DELTA_EDGES.numel() + 1,), "sum")
+        self._register("hist_logr", (LOGR_EDGES.numel() + 1,), "sum")
+        for name in self.losses:
+            if name in _ZEROING_METRICS:
+                self._register(f"{name}/n_zero", (), "sum")
+        for prefix, _, _ in self._weighted:
+            for key in ("n_corrective", "n_attenuated", "sum_w"):
+                self._register(f"{prefix}/{key}", (), "sum")
+            self._register(f"{prefix}/max_w", (), "max")
+            self._register(f"{prefix}/max_neg_w", (), "max")
+            self._register(f"{prefix}/hist_dev", (WEIGHT_DEV_EDGES.numel() + 1,), "sum")
+            self._register(f"{prefix}/coarse", (len(WEIGHT_COARSE_EDGES) + 1,), "sum")
+        features = len(_BREAKDOWN_FEATURES)
+        self._register("by_lag", (lag_buckets + 2, features), "sum")  # + "K+" and "unknown"
+        self._register("by_mu", (len(MU_LABELS), features), "sum")
+        self._register("by_position", (len(POSITION_LABELS), features), "sum")
+
+    def _register(self, key: str, shape: tuple[int, ...], op: str) -> None:
+        init = 0.0 if op == "sum" else -math.inf
+        self._state[key] = torch.full(shape, init, dtype=torch.float64)
+        self._ops[key] = op
+
+    def config(self) -> dict:
+        """The settings this accumulator was built with (recorded in state_dict, checked on merge)."""
+        return {
+            "tr_delta": self.tr_delta,
+            "losses": {name: dict(hp) for name, hp in self.losses.items()},
+            "drpo_deltas": list(self.drpo_deltas),
+            "lag_buckets": self.lag_buckets,
+        }
+
+    # ---- accumulate -------------------------------------------------------------------------------
+
+    def update(
+        self,
+        logp: Tensor,
+        behavior_logp: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        *,
+        lag: Tensor | None = None,
+        position: Tensor | None = None,
+        entropy: Tensor | None = None,
+    ) -> None:
+        """Add the tokens where `mask` is True. All inputs flat (N,) (any equal shapes work).
+
+        `lag` = staleness per token (current − policy version; < 0 = unknown), `position` = index
+        in the response, `entropy` = entropy of π. Masked positions are selected out before any
+        math, so NaN there never reaches a statistic.
+        """
+        from drpo_cli.losses import gradient_weight
+
+        with torch.no_grad():
+            keep = mask.detach().reshape(-1).bool()
+
+            def pick(x: Tensor) -> Tensor:
+                return x.detach().reshape(-1)[keep]
+
+            lp, mu_lp, adv = pick(logp).double(), pick(behavior_logp).double(), pick(advantages).double()
+            if lp.numel() == 0:
+                return
+            t = token_diagnostics(lp, mu_lp, adv, tr_delta=self.tr_delta)
+            abs_d, logr, r, mu = t["delta"].abs(), t["logr"], t["ratio"], torch.exp(mu_lp)
+            part = {
+                "n": torch.tensor(float(lp.numel())),
+                "n_zero_adv": (adv == 0).sum(),
+                "n_rare": (mu <= MU_EDGES[0]).sum(),
+                "n_outside": t["outside"].sum(),
+                "n_harmful": t["harmful"].sum(),
+                "n_up": (t["delta"] > self.tr_delta).sum(),
+                "n_down": (t["delta"] < -self.tr_delta).sum(),
+                "sum_abs_delta": abs_d.sum(),
+                "sum_ratio": r.sum(),
+                "sum_logr": logr.sum(),
+                "sum_logr_sq": logr.square().sum(),
+                "sum_k1": t["k1"].sum(),
+                "sum_k2": t["k2"].sum(),
+                "sum_k3": t["k3"].sum(),
+                "sum_bkl": t["binary_kl"].sum(),
+                "sum_nll": (-mu_lp).sum(),
+                "max_abs_delta": abs_d.max(),
+                "max_neg_abs_delta": (-abs_d).max(),
+                "max_ratio": r.max(),
+                "max_neg_ratio": (-r).max(),
+                "max_logr": logr.max(),
+                "max_neg_logr": (-logr).max(),
+                "max_bkl": t["binary_kl"].max(),
+                "hist_abs_delta": _bin_counts(abs_d, ABS_DELTA_EDGES),
+                "hist_logr": _bin_counts(logr, LOGR_EDGES),
+            }
+            if entropy is not None:
+                ent = pick(entropy).double()
+                part["n_entropy"], part["sum_entropy"] = torch.tensor(float(ent.numel())), ent.sum()
+            for name, hp in self.losses.items():
+                if name in _ZEROING_METRICS:
+                    part[f"{name}/n_zero"] = (gradient_weight(name, lp, mu_lp, adv, **hp) == 0).sum()
+            for prefix, name, hp in self._weighted:
+                w = gradient_weight(name, lp, mu_lp, adv, **hp)
+                part[f"{prefix}/n_corrective"] = (w < 0).sum()
+                part[f"{prefix}/n_attenuated"] = (w < 0.5).sum()
+                part[f"{prefix}/sum_w"] = w.sum()
+                part[f"{prefix}/max_w"] = w.max()
+                part[f"{prefix}/max_neg_w"] = (-w).max()
+                part[f"{prefix}/hist_dev"] = _bin_counts(w - 1.0, WEIGHT_DEV_EDGES)
+                part[f"{prefix}/coarse"] = _bin_counts(w, torch.tensor(WEIGHT_COARSE_EDGES))
+            features = torch.stack(
+                [torch.ones_like(lp), t["outside"].double(), t["harmful"].double(), abs_d, t["k3"], logr],
+                dim=1,
+            )  # (n, F)
+            part["by_lag"] = self._by(features, self._lag_bucket(lag, pick, lp), self.lag_buckets + 2)
+            mu_bucket = torch.bucketize(mu, torch.tensor(MU_EDGES, dtype=torch.float64, device=lp.device))
+            part["by_mu"] = self._by(features, mu_bucket, len(MU_LABELS))
+            part["by_position"] = self._by(
+                features, self._position_bucket(position, pick, lp), len(POSITION_LABELS)
+            )
+            self._fold(part)
+
+    def _lag_bucket(self, lag, pick, like: Tensor) -> Tensor:
+        unknown = self.lag_buckets + 1
+        if lag is None:
+            return torch.full(like.shape, unknown, dtype=torch.long, device=like.device)
+        lag = pick(lag).long()
+        return torch.where(lag < 0, torch.full_like(lag, unknown), lag.clamp(max=self.lag_buckets))
+
+    @staticmethod
+    def _position_bucket(position, pick, like: Tensor) -> Tensor:
+        if position is None:
+            return torch.full(like.shape, len(POSITION_LABELS) - 1, dtype=torch.long, device=like.device)
+        edges = torch.tensor(POSITION_EDGES, dtype=torch.long, device=like.device)
+        return torch.bucketize(pick(position).long(), edges, right=True)
+
+    @staticmethod
+    def _by(features: Tensor, bucket: Tensor, num_buckets: int) -> Tensor:
+        out = torch.zeros(num_buckets, features.shape[1], dtype=torch.float64, device=features.device)
+        return out.index_add_(0, bucket, features)  # (buckets, F)
+
+    def _fold(self, part: dict[str, Tensor]) -> None:
+        """Combine partial statistics into the state with each key's op (one device→host copy)."""
+        keys = list(part)
+        flat = torch.cat([part[k].reshape(-1).to(torch.float64) for k in keys]).cpu()
+        for key, chunk in zip(keys, flat.split([part[k].numel() for k in keys])):
+            state = self._state[key]
+            chunk = chunk.reshape(state.shape)
+            if self._ops[key] == "sum":
+                state += chunk
+            else:
+                torch.maximum(state, chunk, out=state)
+
+    # ---- merge, distributed, resume -----------------------------------------------------------------
+
+    def merge_(self, other: Diagnostics) -> Diagnostics:
+        """Fold another accumulator (same config) into this one, in place."""
+        if other.config() != self.config():
+            raise ConfigError(f"cannot merge diagnostics with config {other.config()} into {self.config()}")
+        self._fold(other._state)
+        return self
+
+    def all_reduce_(self) -> Diagnostics:
+        """Combine the accumulators of every rank in place (SUM / MAX); a no-op without torch.distributed.
+
+        Call it once, on per-rank state, right before summary(): a second call would count twice.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        on_gpu = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        for op, reduce_op in (("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX)):
+            keys = [k for k in self._state if self._ops[k] == op]
+            flat = torch.cat([self._state[k].reshape(-1) for k in keys]).to(device)
+            dist.all_reduce(flat, op=reduce_op)
+            for key, chunk in zip(keys, flat.cpu().split([self._state[k].numel() for k in keys])):
+                self._state[key] = chunk.reshape(self._state[key].shape).clone()
+        return self
+
+    def state_dict(self) -> dict:
+        return {"config": self.config(), "state": {k: v.clone() for k, v in self._state.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("config") != self.config():
+            raise ConfigError(
+                f"saved diagnostics were recorded with {state.get('config')}, not {self.config()}; "
+                "resume with the same settings"
+            )
+        self._state = {k: v.clone().to(torch.float64) for k, v in state["state"].items()}
+
+    # ---- report -----------------------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        """Flat namespaced metrics (docs/losses.md) plus nested "breakdowns", "what_if",
+        "weight_histograms", "notes" and "config". Fractions and means are None without tokens."""
+        s = {k: v for k, v in self._state.items()}
+        n = float(s["n"])
+
+        def ratio_of(num: float, den: float) -> float | None:
+            return float(num) / den if den > 0 else None
+
+        def extreme(key: str, sign: float = 1.0) -> float | None:
+            return sign * float(s[key]) if n > 0 else None
+
+        out: dict = {"data/tokens": int(n), "data/behavior_nll_mean": ratio_of(s["sum_nll"], n)}
+        for key, count in (
+            ("data/zero_adv_frac", "n_zero_adv"),
+            ("data/rare_token_frac", "n_rare"),
+            ("tr/outside_frac", "n_outside"),
+            ("tr/harmful_frac", "n_harmful"),
+            ("tr/outside_up_frac", "n_up"),
+            ("tr/outside_down_frac", "n_down"),
+        ):
+            out[key] = ratio_of(s[count], n)
+        out["delta/abs_mean"] = ratio_of(s["sum_abs_delta"], n)
+        out["delta/abs_max"] = extreme("max_abs_delta")
+        lo, hi = extreme("max_neg_abs_delta", -1.0), extreme("max_abs_delta")
+        for name, q in QUANTILES.items():
+            out[f"delta/abs_{name}"] = histogram_quantile(s["hist_abs_delta"], ABS_DELTA_EDGES, q, lo, hi)
+        out["ratio/mean"] = ratio_of(s["sum_ratio"], n)
+        out["ratio/min"] = extreme("max_neg_ratio", -1.0)
+        out["ratio/max"] = extreme("max_ratio")
+        lo, hi = extreme("max_neg_logr", -1.0), extreme("max_logr")
+        for name, q in {"p1": 0.01, **QUANTILES}.items():
+            # r = exp(log r) is monotone, so its quantiles are those of the log r histogram.
+            logr_q = histogram_quantile(s["hist_logr"], LOGR_EDGES, q, lo, hi)
+            out[f"ratio/{name}"] = None if logr_q is None else math.exp(logr_q)
+        out["logr/mean"] = ratio_of(s["sum_logr"], n)
+        out["logr/std"] = (
+            math.sqrt(max(float(s["sum_logr_sq"]) / n - out["logr/mean"] ** 2, 0.0)) if n else None
+        )
+        out["logr/abs_max"] = max(abs(lo), abs(hi)) if n > 0 else None
+        for k in ("k1", "k2", "k3"):
+            out[f"kl/{k}_mean"] = ratio_of(s[f"sum_{k}"], n)
+        out["kl/binary_mean"] = ratio_of(s["sum_bkl"], n)
+        out["kl/binary_max"] = extreme("max_bkl")
+        out["tv/binary_mean"] = out["delta/abs_mean"]
+        if float(s["n_entropy"]) > 0:
+            out["entropy/mean"] = ratio_of(s["sum_entropy"], float(s["n_entropy"]))
+        for name in self.losses:
+            if name in _ZEROING_METRICS:
+                out[_ZEROING_METRICS[name]] = ratio_of(s[f"{name}/n_zero"], n)
+        histograms, what_if, notes = {}, [], []
+        for prefix, name, hp in self._weighted:
+            stats = self._weight_stats(prefix, n)
+            if prefix == name:
+                out.update({f"weight/{name}_{k}": v for k, v in stats.items()})
+                histograms[f"weight/{name}"] = self._coarse(prefix, n)
+            else:
+                what_if.append({"delta": hp["delta"], **stats, "boundary_reachable": hp["delta"] < 1})
+            if name == "drpo" and hp["delta"] >= 1:
+                notes.append(
+                    f"drpo delta={hp['delta']:g} >= 1: the trust-region boundary |Δ| = δ is unreachable "
+                    f"(|Δ| <= 1), so w stays in [{1 - 1 / hp['delta']:.3g}, {1 + 1 / hp['delta']:.3g}] "
+                    "and no token is corrected"
+                )
+        out["breakdowns"] = {
+            "lag": self._breakdown(
+                s["by_lag"], [str(i) for i in range(self.lag_buckets)] + [f"{self.lag_buckets}+", "unknown"]
+            ),
+            "mu": self._breakdown(s["by_mu"], MU_LABELS),
+            "position": self._breakdown(s["by_position"], POSITION_LABELS),
+        }
+        out["what_if"] = {"drpo": what_if}
+        out["weight_histograms"] = histograms
+        out["notes"] = notes
+        out["config"] = self.config()
+        return out
+
+    def _weight_stats(self, prefix: str, n: float) -> dict[str, float | None]:
+        s = self._state
+        lo = -float(s[f"{prefix}/max_neg_w"]) if n > 0 else None
+        hi = float(s[f"{prefix}/max_w"]) if n > 0 else None
+        stats = {
+            "corrective_frac": float(s[f"{prefix}/n_corrective"]) / n if n else None,
+            "attenuated_frac": float(s[f"{prefix}/n_attenuated"]) / n if n else None,
+            "mean": float(s[f"{prefix}/sum_w"]) / n if n else None,
+            "min": lo,
+            "max": hi,
+        }
+        for name, q in LOW_QUANTILES.items():
+            # Binned as w − 1 (a shift is monotone), so weights near 1 keep their resolution.
+            dev = (
+                histogram_quantile(s[f"{prefix}/hist_dev"], WEIGHT_DEV_EDGES, q, lo - 1, hi - 1)
+                if n
+                else None
+            )
+            stats[name] = None if dev is None else 1.0 + dev
+        return stats
+
+    def _coarse(self, prefix: str, n: float) -> dict:
+        counts = self._state[f"{prefix}/coarse"]
+        return {"edges": list(WEIGHT_COARSE_EDGES), "fracs": [float(c) / n if n else None for c in counts]}
+
+    @staticmethod
+    def _breakdown(table: Tensor, labels: Sequence[str]) -> dict[str, dict]:
+        out = {}
+        for label, row in zip(labels, table):
+            tokens, outside, harmful, delta_abs, k3_sum, logr_sum = (float(v) for v in row)
+            if tokens > 0:
+                out[label] = {
+                    "tokens": int(tokens),
+                    "outside_frac": outside / tokens,
+                    "harmful_frac": harmful / tokens,
+                    "delta_abs_mean": delta_abs / tokens,
+                    "k3_mean": k3_sum / tokens,
+                    "logr_mean": logr_sum / tokens,
+                }
+        return out

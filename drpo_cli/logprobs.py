@@ -1,0 +1,367 @@
+"""The one place that runs the model: per-token log-probs (+ entropy), memory-lean (SPEC.md §1, §5).
+
+log π_t = z_t[y_t] − logsumexp(z_t),  z_t = head(h_t) / τ_row  (float32), for response tokens only.
+
+Three steps, none of which holds full-vocabulary logits for every position:
+1. the decoder body gives final hidden states (B, L, H); keep the M response positions (M, H);
+2. the output head runs over chunks of tokens with a float32 log-sum-exp, so memory is O(chunk × V);
+3. backward either recomputes each chunk's logits (`token_logprobs`: 4 head GEMMs) or, in the fused
+   training path (`fused_token_loss`), forms every chunk's gradients right after its forward from the
+   per-token upstream gradient of an elementwise loss (3 head GEMMs, no recompute).
+
+Logit transforms declared by a config (scaling, soft-capping) are applied before the temperature,
+as the model's own forward does before the sampler divides by τ; unknown ones are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from drpo_cli.data import MicroBatch
+from drpo_cli.errors import CheckpointError, ConfigError
+
+LossFn = Callable[[torch.Tensor, slice], torch.Tensor]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto" -> cuda when available, else cpu; "cuda" without a GPU is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but no CUDA device is available; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"device: expected one of 'auto', 'cpu', 'cuda', found {name!r}")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The output head
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Head:
+    """logits = softcap(multiplier · (h Wᵀ + b)); softcap(x) = c·tanh(x / c) when c is set."""
+
+    weight: torch.Tensor  # (V, H), the lm_head parameter (the embedding when tied)
+    bias: torch.Tensor | None  # (V,)
+    multiplier: float = 1.0
+    softcap: float | None = None
+
+
+# model_type prefixes whose `logits_scaling` divides (Granite, MiniCPM3) or multiplies (HyperCLOVA X).
+_DIVIDING = ("granite", "minicpm3")
+_MULTIPLYING = ("hyperclovax",)
+_UNSUPPORTED_KEYS = ("lm_head_multiplier", "output_multiplier_scale", "mup_width_scaling_factor")
+
+
+def output_head(model: torch.nn.Module) -> Head:
+    """The model's output projection and config-declared logit transforms, or CheckpointError."""
+    lm_head = model.get_output_embeddings()
+    if not isinstance(lm_head, torch.nn.Linear):
+        raise CheckpointError(
+            f"{type(model).__name__}: expected a torch.nn.Linear output head, found {type(lm_head).__name__}"
+        )
+    cfg = model.config.get_text_config()
+    model_type = str(getattr(cfg, "model_type", ""))
+    multiplier, softcap = 1.0, None
+    for key in ("final_logit_softcapping", "logits_soft_cap"):
+        if getattr(cfg, key, None) is not None:
+            softcap = float(getattr(cfg, key))
+    if getattr(cfg, "logit_scale", None) is not None:
+        if not model_type.startswith("cohere"):
+            raise _unsupported(model_type, "logit_scale", cfg.logit_scale)
+        multiplier *= float(cfg.logit_scale)
+    scaling = getattr(cfg, "logits_scaling", None)
+    if scaling is not None and float(scaling) != 1.0:
+        if model_type.startswith(_DIVIDING):
+            multiplier /= float(scaling)
+        elif model_type.startswith(_MULTIPLYING):
+            multiplier *= float(scaling)
+        else:
+            raise _unsupported(model_type, "logits_scaling", scaling)
+    for key in _UNSUPPORTED_KEYS:
+        value = getattr(cfg, key, None)
+        if value is not None and float(value) != 1.0:
+            raise _unsupported(model_type, key, value)
+    return Head(lm_head.weight, lm_head.bias, multiplier, softcap)
+
+
+def _unsupported(model_type: str, key: str, value: object) -> CheckpointError:
+    return CheckpointError(
+        f"config.json: key {key}={value} (model_type {model_type!r}) rescales the output logits in a way "
+        "drpo does not reproduce; expected it absent or 1"
+    )
+
+
+class _Workspace:
+    """Two reusable (chunk, V) float32 buffers.
+
+    A fresh multi-hundred-megabyte tensor per chunk costs a page fault per 4 KiB on CPU (about as
+    long as the chunk's log-sum-exp itself), so every chunk writes its logits into the same memory.
+    """
+
+    def __init__(self, chunk: int, m: int, head: Head, device: torch.device):
+        rows, vocab = min(chunk, max(m, 1)), head.weight.shape[0]
+        self.logits = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        self.spare = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+
+
+def _chunk_logits(h: torch.Tensor, head: Head, inv_temp: torch.Tensor, ws: _Workspace):
+    """Temperature-scaled float32 logits z (m, V) of one chunk, and tanh(x / c) when soft-capped."""
+    m = h.shape[0]
+    if head.weight.dtype == torch.float32:
+        z = torch.mm(h.float(), head.weight.t(), out=ws.logits[:m])  # (m, V)
+        if head.bias is not None:
+            z.add_(head.bias)
+    else:  # low-precision weights: GEMM in their dtype, everything after it in float32
+        z = F.linear(h.to(head.weight.dtype), head.weight, head.bias).float()  # (m, V)
+    if head.multiplier != 1.0:
+        z.mul_(head.multiplier)
+    t = None
+    if head.softcap is not None:
+        t = torch.tanh(z / head.softcap)  # (m, V), kept for d softcap / dx = 1 − t²
+        z = torch.mul(t, head.softcap, out=z)
+    return z.mul_(inv_temp[:, None]), t
+
+
+def _softmax_stats(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, ws: _Workspace):
+    """log p(y), entropy, e = exp(z − max) and its row sums S, so that p = e / S.
+
+    Overwrites z: afterwards z holds z − max when with_entropy, else e itself. Shifting by the row
+    max keeps H = log S − E_p[z − max] a sum of two non-negative terms (no cancellation for peaked
+    distributions, unlike lse − E_p[z] with lse ≈ 30).
+    Returns (logp (m,), entropy (m,) | None, e (m, V), S (m,)).
+    """
+    m = z.shape[0]
+    target_logit = z.gather(1, targets[:, None]).squeeze(1)  # (m,)
+    mx = z.amax(dim=-1, keepdim=True)  # (m, 1)
+    shifted = z.sub_(mx)  # (m, V), z − max
+    e = torch.exp(shifted, out=ws.spare[:m]) if with_entropy else shifted.exp_()  # (m, V)
+    s = e.sum(dim=-1)  # (m,)
+    log_s = s.log()
+    lse = log_s + mx.squeeze(1)
+    entropy = log_s - torch.linalg.vecdot(e, shifted) / s if with_entropy else None
+    return target_logit - lse, entropy, e, s
+
+
+def _backprop_logits(gz: torch.Tensor, t, inv_temp: torch.Tensor, head: Head) -> torch.Tensor:
+    """Chain dLoss/dz (m, V) back through temperature, soft-cap and multiplier to the raw head output."""
+    gz.mul_(inv_temp[:, None])
+    if t is not None:
+        gz.mul_(1.0 - t * t)
+    if head.multiplier != 1.0:
+        gz.mul_(head.multiplier)
+    return gz
+
+
+def _grad_from_probs(p: torch.Tensor, targets: torch.Tensor, g_logp: torch.Tensor) -> torch.Tensor:
+    """d(Σ g·log p(y)) / dz = g ⊙ (onehot(y) − p), in place over p (m, V)."""
+    gz = p.mul_(-g_logp[:, None])
+    return gz.scatter_add_(1, targets[:, None], g_logp[:, None])
+
+
+def _accumulate_head_grads(gz, h, head: Head, grad_w, grad_b):
+    """Gradient GEMMs of one chunk: returns dL/dh (m, H); adds into grad_w (V, H) and grad_b (V,).
+
+    grad_w/grad_b are float32 accumulators (None when not needed); the GEMMs run in the weight's dtype.
+    """
+    gz_w = gz.to(head.weight.dtype)  # (m, V)
+    if grad_w is not None:
+        h_w = h.to(head.weight.dtype)
+        if grad_w.dtype == gz_w.dtype:
+            grad_w.addmm_(gz_w.t(), h_w)  # (V, H)
+        else:
+            grad_w.add_(gz_w.t() @ h_w)
+    if grad_b is not None:
+        grad_b.add_(gz.sum(0))
+    return (gz_w @ head.weight).to(h.dtype)  # (m, H)
+
+
+def _f32_zeros(like: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+    return torch.zeros(like.shape, dtype=torch.float32, device=like.device) if like is not None and needed else None
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """Chunked head + float32 log-softmax gather; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, inv_temp, head, chunk, with_entropy):
+        m = h.shape[0]
+        ws = _Workspace(chunk, m, head, h.device)
+        logp = torch.empty(m, dtype=torch.float32, device=h.device)
+        ent = torch.empty(m if with_entropy else 0, dtype=torch.float32, device=h.device)
+        for s in range(0, m, chunk):
+            sl = slice(s, min(s + chunk, m))
+            z, _ = _chunk_logits(h[sl], head, inv_temp[sl], ws)
+            logp[sl], ent_c, _, _ = _softmax_stats(z, targets[sl], with_entropy, ws)
+            if with_entropy:
+                ent[sl] = ent_c
+        ctx.save_for_backward(h, targets, inv_temp)
+        ctx.head, ctx.chunk, ctx.with_entropy = head, chunk, with_entropy
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, targets, inv_temp = ctx.saved_tensors
+        head, chunk, m = ctx.head, ctx.chunk, h.shape[0]
+        ws = _Workspace(chunk, m, head, h.device)
+        grad_w = _f32_zeros(head.weight, ctx.needs_input_grad[1])
+        grad_b = _f32_zeros(head.bias, ctx.needs_input_grad[2])
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        g_logp = torch.zeros_like(inv_temp) if g_logp is None else g_logp.float()
+        use_ent = ctx.with_entropy and g_ent is not None
+        for s in range(0, m, chunk):
+            sl = slice(s, min(s + chunk, m))
+            z, t = _chunk_logits(h[sl], head, inv_temp[sl], ws)  # the recompute: a 4th head GEMM
+            _, ent, e, sums = _softmax_stats(z, targets[sl], use_ent, ws)
+            p = e.div_(sums[:, None])  # (m, V)
+            g_ent_z = None
+            if use_ent:  # dH/dz = −p ⊙ (log p + H), with log p = (z − max) − log S held in z
+                g_ent_z = z.sub_(sums.log()[:, None]).add_(ent[:, None]).mul_(p).mul_(-g_ent[sl].float()[:, None])
+            gz = _grad_from_probs(p, targets[sl], g_logp[sl])
+            if g_ent_z is not None:
+                gz.add_(g_ent_z)
+            gz = _backprop_logits(gz, t, inv_temp[sl], head)
+            dh = _accumulate_head_grads(gz, h[sl], head, grad_w, grad_b)
+            if grad_h is not None:
+                grad_h[sl] = dh
+        return (grad_h, _cast(grad_w, head.weight), _cast(grad_b, head.bias), None, None, None, None, None)
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Chunked head whose forward also forms all head gradients from the loss's per-token gradient.
+
+    Valid because loss = Σ_chunks loss_fn(logp_chunk): each chunk's dLoss/dlogp is known as soon as
+    its log-probs are (SPEC.md §5), so the chunk's logits are used for the gradient GEMMs right away
+    (3 head GEMMs, no recompute). Backward only scales the stored gradients by the upstream scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, inv_temp, head, chunk, loss_fn, with_entropy):
+        m = h.shape[0]
+        ws = _Workspace(chunk, m, head, h.device)
+        grad_w = _f32_zeros(weight, weight.requires_grad)
+        grad_b = _f32_zeros(bias, bias is not None and bias.requires_grad)
+        grad_h = torch.empty_like(h)
+        logp_all = torch.empty(m, dtype=torch.float32, device=h.device)
+        ent_all = torch.empty(m if with_entropy else 0, dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, m, chunk):
+            sl = slice(s, min(s + chunk, m))
+            z, t = _chunk_logits(h[sl], head, inv_temp[sl], ws)
+            logp, ent, e, sums = _softmax_stats(z, targets[sl], with_entropy, ws)
+            leaf = logp.detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss_c = loss_fn(leaf, sl)
+                g_logp = None
+                if loss_c.requires_grad:
+                    (g_logp,) = torch.autograd.grad(loss_c, leaf, allow_unused=True)
+            g_logp = torch.zeros_like(logp) if g_logp is None else g_logp.float()
+            gz = _grad_from_probs(e.div_(sums[:, None]), targets[sl], g_logp)
+            gz = _backprop_logits(gz, t, inv_temp[sl], head)
+            grad_h[sl] = _accumulate_head_grads(gz, h[sl], head, grad_w, grad_b)
+            total += loss_c.detach().float()
+            logp_all[sl] = logp
+            if with_entropy:
+                ent_all[sl] = ent
+        ctx.grads = (grad_h, grad_w, grad_b)  # plain attributes: none of these is an input or output
+        ctx.weight_dtype = head.weight.dtype
+        ctx.mark_non_differentiable(logp_all, ent_all)
+        return total, logp_all, ent_all
+
+    @staticmethod
+    def backward(ctx, g_total, _g_logp, _g_ent):
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+
+        def scaled(g):
+            return None if g is None else (g * g_total).to(ctx.weight_dtype)
+
+        return (grad_h * g_total.to(grad_h.dtype), scaled(grad_w), scaled(grad_b),
+                None, None, None, None, None, None)
+
+
+def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return None if grad is None or like is None else grad.to(like.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def response_hidden_states(model: torch.nn.Module, mb: MicroBatch, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(M, H) final hidden states of the positions predicting each response token.
+
+    Runs the decoder body only (no head); `dtype` (e.g. torch.bfloat16) runs it under autocast.
+    Explicit position_ids keep left-padded rows exact (positions count from each row's first token).
+    """
+    device = mb.input_ids.device
+    body = model.get_decoder()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with autocast:
+        out = body(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                   position_ids=mb.position_ids, use_cache=False)
+    hidden = out.last_hidden_state  # (B, L, H)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, mb.src_index)  # (M, H)
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    mb: MicroBatch,
+    *,
+    chunk_tokens: int = 1024,
+    with_entropy: bool = False,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logp (M,), entropy (M,) | None), float32, in the order of `mb.token_index`.
+
+    Differentiable w.r.t. the model's parameters when grad is enabled (entropy too); works under
+    torch.inference_mode for audits. Entropy is that of the temperature-scaled distribution over the
+    full vocabulary.
+    """
+    _check_chunk(chunk_tokens)
+    head = output_head(model)
+    h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
+    inv_temp = 1.0 / mb.temperature.float()  # (M,)
+    logp, ent = _ChunkedLogprobs.apply(h, head.weight, head.bias, mb.target_ids, inv_temp, head,
+                                       chunk_tokens, with_entropy)
+    return logp, (ent if with_entropy else None)
+
+
+def fused_token_loss(
+    model: torch.nn.Module,
+    mb: MicroBatch,
+    loss_fn: LossFn,
+    *,
+    chunk_tokens: int = 1024,
+    with_entropy: bool = False,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss, logp (M,) detached, entropy (M,) detached | None) with the head's gradients formed in forward.
+
+    `loss_fn(logp_chunk, sl)` gets the log-probs of tokens `sl` (a slice of the M tokens) with grad
+    enabled and returns that chunk's scalar contribution; the total loss must be the sum over chunks
+    (true of every per-token loss with global denominators, SPEC.md §1). `loss.backward()` then puts
+    on every parameter the same gradients as `loss_fn(token_logprobs(model, mb)[0], slice(None))`.
+    """
+    _check_chunk(chunk_tokens)
+    head = output_head(model)
+    h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
+    inv_temp = 1.0 / mb.temperature.float()  # (M,)
+    loss, logp, ent = _FusedHeadLoss.apply(h, head.weight, head.bias, mb.target_ids, inv_temp, head,
+                                           chunk_tokens, loss_fn, with_entropy)
+    return loss, logp.detach(), (ent.detach() if with_entropy else None)
+
+
+def _check_chunk(chunk_tokens: int) -> None:
+    if chunk_tokens < 1:
+        raise ConfigError(f"chunk_tokens: expected an integer ≥ 1, found {chunk_tokens}")

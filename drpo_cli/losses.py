@@ -1,0 +1,428 @@
+"""Trust-region policy-gradient losses (SPEC.md §1) as pure per-token tensor functions.
+
+Notation, per response token: `logp` = logπ (the only differentiable input), `anchor_logp` = logμ
+(behavior log-prob by default), `advantages` = A; r = exp(clamp(logπ − logμ, ±20)), Δ = π − μ.
+Every loss has the per-token gradient  d loss/d logπ = −A·r·w  with the gradient weight w of
+SPEC.md's table; `gradient_weight` returns that w analytically (detached), for diagnostics and
+tests. Where |logπ − logμ| > 20 the clamp stops the gradient (w is still reported).
+
+Which loss is separate from how tokens are averaged: `token_loss` returns unreduced per-token
+losses, `aggregate` / `token_coefficients` turn them into the step loss with global denominators.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from drpo_cli.divergence import binary_kl, log_ratio, prob_delta
+from drpo_cli.errors import ConfigError
+
+HP_NAMES = ("delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap")
+DUAL_CLIP_C = 3.0  # the dual-clip constant c to use when dual-clip is switched on (Ye et al. 2020)
+
+
+# ---- the losses: (logp, anchor, adv, **hp) -> per-token loss; anchor and adv already detached ----
+
+
+def pg_is(logp: Tensor, anchor: Tensor, adv: Tensor) -> Tensor:
+    """Plain importance-sampled policy gradient: loss = −A·r, w = 1.
+
+    The unclipped surrogate of PPO (arXiv 1707.06347, Eq. 6, L^CPI). Relative to PPO-clip: no
+    clipping at all, so every token keeps its full gradient however far π has drifted.
+    """
+    return -adv * torch.exp(log_ratio(logp, anchor))
+
+
+def ppo_clip(
+    logp: Tensor, anchor: Tensor, adv: Tensor, *, eps_low: float, eps_high: float, dual_clip: float | None
+) -> Tensor:
+    """PPO-clip: loss = max(−A·r, −A·clip(r, 1−ε_low, 1+ε_high)); dual-clip: min(that, −A·c) for A<0.
+
+    PPO (arXiv 1707.06347, Eq. 7, L^CLIP) with DAPO's asymmetric "clip-higher" bounds (arXiv
+    2503.14476) and the optional dual clip of Ye et al. (arXiv 1912.09729), which caps the loss of
+    negative-advantage tokens whose ratio exploded. w = 0 where clipped in the harmful direction
+    (A>0 ∧ r>1+ε_high, A<0 ∧ r<1−ε_low, or A<0 ∧ r>c), else 1. This is the reference loss.
+    """
+    r = torch.exp(log_ratio(logp, anchor))
+    loss = torch.maximum(-adv * r, -adv * r.clamp(1.0 - eps_low, 1.0 + eps_high))
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
+    return loss
+
+
+def spo(logp: Tensor, anchor: Tensor, adv: Tensor, *, eps: float) -> Tensor:
+    """SPO: loss = −A·r + |A|·(r−1)²/(2ε), w = 1 − sign(A·(r−1))·|r−1|/ε.
+
+    Simple Policy Optimization (arXiv 2401.16025, its objective with penalty |A|/(2ε)·(r−1)²).
+    Relative to PPO-clip: the hard clip becomes a quadratic penalty in the ratio, so the gradient
+    fades to 0 at r = 1 ± ε in the advantage's direction and turns corrective beyond. Because the
+    penalty is in r, not in probability, rare tokens (small μ) are pushed back hardest.
+    """
+    r = torch.exp(log_ratio(logp, anchor))
+    return -adv * r + adv.abs() * (r - 1.0).square() / (2.0 * eps)
+
+
+def _tv_keep(logp: Tensor, anchor: Tensor, adv: Tensor, delta: float) -> Tensor:
+    """DPPO Binary-TV mask M: 0 where Δ left the region [−δ, δ] in the advantage's direction."""
+    d = prob_delta(logp, anchor)
+    return ~(((adv > 0) & (d > delta)) | ((adv < 0) & (d < -delta)))
+
+
+def _kl_keep(logp: Tensor, anchor: Tensor, adv: Tensor, delta: float) -> Tensor:
+    """DPPO Binary-KL mask M: 0 where D > δ and r moved in the advantage's direction."""
+    logr = log_ratio(logp, anchor)
+    toward = ((adv > 0) & (logr > 0)) | ((adv < 0) & (logr < 0))
+    return ~(toward & (binary_kl(logp, anchor) > delta))
+
+
+def _dppo(logp: Tensor, anchor: Tensor, adv: Tensor, keep: Tensor, ratio_cap: float) -> Tensor:
+    """Value −M·A·r; gradient −M·A·min(r, C)·∇logπ (the truncated ratio is a detached coefficient)."""
+    r = torch.exp(log_ratio(logp, anchor)).detach()
+    # Straight-through: the value is r, the gradient is min(r, C)·∇logπ.
+    surrogate = r + r.clamp(max=ratio_cap) * (logp - logp.detach())
+    return -torch.where(keep, adv, torch.zeros_like(adv)) * surrogate
+
+
+def dppo_tv(logp: Tensor, anchor: Tensor, adv: Tensor, *, delta: float, ratio_cap: float) -> Tensor:
+    """DPPO Binary-TV: loss = −M·A·r, M = 0 where (A>0 ∧ Δ>δ) or (A<0 ∧ Δ<−δ); w = M·min(r, C)/r.
+
+    DPPO (arXiv 2602.04879), trust region in probability space. Relative to PPO-clip: the test is
+    on Δ = π − μ instead of on the ratio, so rare tokens may move far in ratio while frequent
+    tokens stay near μ; outside the region the token is masked (w = 0) rather than clipped, and
+    the ratio in the gradient is truncated at C (w = C/r when r > C).
+    """
+    keep = _tv_keep(logp.detach(), anchor, adv, delta)
+    return _dppo(logp, anchor, adv, keep, ratio_cap)
+
+
+def dppo_kl(logp: Tensor, anchor: Tensor, adv: Tensor, *, delta: float, ratio_cap: float) -> Tensor:
+    """DPPO Binary-KL: as dppo-tv with M = 0 where (A>0 ∧ r>1 ∧ D>δ) or (A<0 ∧ r<1 ∧ D>δ).
+
+    DPPO (arXiv 2602.04879) with D = μ·log(μ/π) + (1−μ)·log((1−μ)/(1−π)), the KL between the
+    Bernoulli distributions "sample this token or not". Relative to PPO-clip: the same changes as
+    dppo-tv, with this KL instead of the TV distance as the region.
+    """
+    keep = _kl_keep(logp.detach(), anchor, adv, delta)
+    return _dppo(logp, anchor, adv, keep, ratio_cap)
+
+
+def drpo(logp: Tensor, anchor: Tensor, adv: Tensor, *, delta: float) -> Tensor:
+    """DRPO: loss = −A·r + |A|·μ·(r−1)²/(2δ) = −A·r + |A|·Δ²/(2δμ); w = 1 − sign(A)·Δ/δ.
+
+    DRPO (arXiv 2606.09821, Eq. 8). Relative to PPO-clip: a smooth penalty in probability space
+    replaces the clip. The per-token optimum is π* = μ + sign(A)·δ (DPPO's Binary-TV boundary):
+    w is 0 there and negative beyond (a corrective pull back toward μ), and since |Δ| ≤ 1 it stays
+    in [1 − 1/δ, 1 + 1/δ] (so for δ ≥ 1 the boundary is unreachable). r is neither truncated nor
+    detached; only log r is clamped to ±20. μ·(r−1) is computed as μ·expm1(log r), exact near r = 1,
+    and never overflows (μ·r ≤ 1).
+    """
+    logr = log_ratio(logp, anchor)
+    shift = torch.exp(anchor) * torch.expm1(logr)  # (…,) μ·(r−1) = Δ inside the clamp
+    return -adv * torch.exp(logr) + adv.abs() * shift * torch.expm1(logr) / (2.0 * delta)
+
+
+# ---- analytic gradient weights w (SPEC.md §1 table): d loss/d logπ = −A·r·w -----------------------
+
+
+def _w_pg_is(logp: Tensor, anchor: Tensor, adv: Tensor) -> Tensor:
+    return torch.ones_like(logp)
+
+
+def _w_ppo_clip(logp, anchor, adv, *, eps_low, eps_high, dual_clip):
+    r = torch.exp(log_ratio(logp, anchor))
+    clipped = ((adv > 0) & (r > 1.0 + eps_high)) | ((adv < 0) & (r < 1.0 - eps_low))
+    if dual_clip is not None:
+        clipped = clipped | ((adv < 0) & (r > dual_clip))
+    return (~clipped).to(logp.dtype)
+
+
+def _w_spo(logp, anchor, adv, *, eps):
+    r = torch.exp(log_ratio(logp, anchor))
+    return 1.0 - torch.sign(adv) * (r - 1.0) / eps  # sign(A·(r−1))·|r−1| = sign(A)·(r−1)
+
+
+def _w_dppo(keep: Tensor, logp: Tensor, anchor: Tensor, ratio_cap: float) -> Tensor:
+    r = torch.exp(log_ratio(logp, anchor))  # > 0 always, thanks to the clamp
+    return keep.to(logp.dtype) * r.clamp(max=ratio_cap) / r
+
+
+def _w_dppo_tv(logp, anchor, adv, *, delta, ratio_cap):
+    return _w_dppo(_tv_keep(logp, anchor, adv, delta), logp, anchor, ratio_cap)
+
+
+def _w_dppo_kl(logp, anchor, adv, *, delta, ratio_cap):
+    return _w_dppo(_kl_keep(logp, anchor, adv, delta), logp, anchor, ratio_cap)
+
+
+def _w_drpo(logp, anchor, adv, *, delta):
+    return 1.0 - torch.sign(adv) * prob_delta(logp, anchor) / delta
+
+
+# ---- registry ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One registered loss: the per-token loss, its analytic gradient weight, its default hyper-parameters."""
+
+    loss: Callable[..., Tensor]
+    weight: Callable[..., Tensor]
+    defaults: Mapping[str, float | None]
+
+
+LOSSES: dict[str, LossSpec] = {
+    "pg-is": LossSpec(pg_is, _w_pg_is, {}),
+    "ppo-clip": LossSpec(ppo_clip, _w_ppo_clip, {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": None}),
+    "spo": LossSpec(spo, _w_spo, {"eps": 0.2}),
+    "dppo-tv": LossSpec(dppo_tv, _w_dppo_tv, {"delta": 0.15, "ratio_cap": 20.0}),
+    "dppo-kl": LossSpec(dppo_kl, _w_dppo_kl, {"delta": 0.05, "ratio_cap": 20.0}),
+    "drpo": LossSpec(drpo, _w_drpo, {"delta": 12.5}),
+}
+LOSS_NAMES = tuple(LOSSES)
+DEFAULTS: dict[str, dict[str, float | None]] = {name: dict(spec.defaults) for name, spec in LOSSES.items()}
+
+# Allowed range of each hyper-parameter: (predicate, what the message says it must be).
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "delta": (lambda v: v > 0, "> 0"),
+    "eps": (lambda v: v > 0, "> 0"),
+    "eps_low": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "eps_high": (lambda v: v > 0, "> 0"),
+    "dual_clip": (lambda v: v > 1, "> 1 (or None for off)"),
+    "ratio_cap": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_hparams(name: str, hp: Mapping[str, object]) -> list[str]:
+    """Every problem with loss `name` and hyper-parameters `hp` (empty list = valid), one line each."""
+    if name not in LOSSES:
+        return [f"unknown loss {name!r} (choose one of: {', '.join(LOSS_NAMES)})"]
+    accepted = LOSSES[name].defaults
+    problems = []
+    for key, value in hp.items():
+        if key not in accepted:
+            allowed = ", ".join(accepted) if accepted else "none"
+            problems.append(f"{name}: unknown hyper-parameter {key!r} (accepted: {allowed})")
+        elif key == "dual_clip" and value is None:
+            continue
+        elif not _is_number(value):
+            problems.append(f"{name}: {key} must be a finite number, got {value!r}")
+        elif not _RANGES[key][0](value):
+            problems.append(f"{name}: {key} must be {_RANGES[key][1]}, got {value!r}")
+    return problems
+
+
+def resolve_hparams(name: str, hp: Mapping[str, object] | None = None) -> dict[str, float | None]:
+    """Defaults of loss `name` updated with `hp`; raises ConfigError listing every problem."""
+    hp = dict(hp or {})
+    problems = validate_hparams(name, hp)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems with the {name} hyper-parameters", details=problems)
+    resolved = dict(LOSSES[name].defaults)
+    resolved.update({k: (None if v is None else float(v)) for k, v in hp.items()})
+    return resolved
+
+
+def _prepare(logp: Tensor, anchor_logp: Tensor, advantages: Tensor, mask: Tensor | None):
+    """Detach the constants and neutralise masked positions before any math (NaN there stays out)."""
+    if not (logp.shape == anchor_logp.shape == advantages.shape):
+        raise ValueError(
+            f"shape mismatch: logp {tuple(logp.shape)}, anchor_logp {tuple(anchor_logp.shape)}, "
+            f"advantages {tuple(advantages.shape)}"
+        )
+    anchor, adv = anchor_logp.detach(), advantages.detach()
+    if mask is not None:
+        # logπ = logμ = 0 and A = 0 make every loss exactly 0 with a finite (zero) gradient.
+        logp = torch.where(mask, logp, torch.zeros_like(logp))
+        anchor = torch.where(mask, anchor, torch.zeros_like(anchor))
+        adv = torch.where(mask, adv, torch.zeros_like(adv))
+    return logp, anchor, adv
+
+
+def token_loss(
+    name: str, logp: Tensor, anchor_logp: Tensor, advantages: Tensor, *, mask: Tensor | None = None, **hp
+) -> Tensor:
+    """Unreduced per-token loss of loss `name` (same shape as `logp`, any shape); minimise it.
+
+    `anchor_logp` (logμ) and `advantages` (A) are detached. Hyper-parameters by keyword (`delta`,
+    `eps`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`), defaults from DEFAULTS[name]; unknown
+    names or out-of-range values raise ConfigError. With `mask`, positions where it is False are
+    replaced before any math and give exactly 0 loss and 0 gradient, even if they hold NaN.
+    """
+    resolved = resolve_hparams(name, hp)
+    logp, anchor, adv = _prepare(logp, anchor_logp, advantages, mask)
+    loss = LOSSES[name].loss(logp, anchor, adv, **resolved)
+    if mask is not None:
+        loss = torch.where(mask, loss, torch.zeros_like(loss))
+    return loss
+
+
+def gradient_weight(
+    name: str, logp: Tensor, anchor_logp: Tensor, advantages: Tensor, *, mask: Tensor | None = None, **hp
+) -> Tensor:
+    """The analytic gradient weight w of SPEC.md §1 (detached): d loss/d logπ = −A·r·w.
+
+    Exact wherever |logπ − logμ| < 20 (beyond, the clamp stops the gradient but w is still
+    reported, so diagnostics classify far-out tokens correctly). Masked positions get w = 0.
+    """
+    resolved = resolve_hparams(name, hp)
+    with torch.no_grad():
+        logp, anchor, adv = _prepare(logp.detach(), anchor_logp, advantages, mask)
+        w = LOSSES[name].weight(logp, anchor, adv, **resolved)
+        if mask is not None:
+            w = torch.where(mask, w, torch.zeros_like(w))
+    return w
+
+
+# ---- token aggregation (global denominators) --------------------------------------------------------
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+DEFAULT_HORIZON = 8192
+
+
+def validate_aggregation(mode: str, horizon: float = DEFAULT_HORIZON) -> list[str]:
+    """Every problem with an aggregation mode and horizon (empty list = valid)."""
+    problems = []
+    if mode not in AGG_MODES:
+        problems.append(f"unknown aggregation {mode!r} (choose one of: {', '.join(AGG_MODES)})")
+    if not _is_number(horizon) or horizon <= 0:
+        problems.append(f"aggregation horizon must be a number > 0, got {horizon!r}")
+    return problems
+
+
+def _check_aggregation(mode: str, horizon: float) -> None:
+    problems = validate_aggregation(mode, horizon)
+    if problems:
+        raise ConfigError(problems[0], details=problems[1:])
+
+
+def aggregation_denominator(mode: str, mask: Tensor, seq_index: Tensor) -> Tensor:
+    """This micro-batch's additive share of the step's denominator (0-d int64 tensor).
+
+    token-mean counts trained tokens; the seq-mean modes count sequences with at least one
+    trained token. Sum the shares of every micro-batch and rank of the optimizer step (e.g.
+    all_reduce SUM) and pass the total as `denom` to `token_coefficients` / `aggregate`.
+    Assumption: a sequence is never split across micro-batches or ranks (its tokens all sit in
+    one micro-batch), so sequence counts add up and per-sequence token counts are local.
+    """
+    _check_aggregation(mode, DEFAULT_HORIZON)
+    mask = mask.bool()
+    if mode == "token-mean":
+        return mask.sum()
+    return torch.tensor(torch.unique(seq_index[mask]).numel(), device=mask.device)
+
+
+def token_coefficients(
+    mode: str,
+    mask: Tensor,
+    seq_index: Tensor,
+    denom: Tensor | int,
+    horizon: float = DEFAULT_HORIZON,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Per-token coefficients c (same shape as `mask`, 0 where masked): step loss = Σ_t c_t·loss_t.
+
+    With S sequences and N tokens trained in the whole step (`denom`), n_s trained tokens in
+    sequence s and horizon H:
+      token-mean               c = 1/N
+      seq-mean-token-mean      c = 1/(S·n_s)
+      seq-mean-token-sum       c = 1/S
+      seq-mean-token-sum-norm  c = 1/(S·H)
+    Because `denom` is global, c of a token does not depend on how the step is split, so the
+    sum over micro-batches equals the full-batch value for any split (and so do the gradients).
+    A step with no trained token (denom = 0) gets c = 0.
+    """
+    _check_aggregation(mode, horizon)
+    mask = mask.bool()
+    denom = torch.as_tensor(denom, dtype=torch.float64, device=mask.device)
+    scale = torch.ones(mask.shape, dtype=torch.float64, device=mask.device)  # (…,)
+    if mode == "seq-mean-token-mean":
+        # n_s of each token's sequence; the whole sequence is in this micro-batch (see above).
+        _, inverse = torch.unique(seq_index.reshape(-1), return_inverse=True)  # (N,)
+        n_s = torch.bincount(inverse, weights=mask.reshape(-1).double())  # (S_local,)
+        scale = n_s[inverse].reshape(mask.shape).clamp(min=1.0)
+    elif mode == "seq-mean-token-sum-norm":
+        scale = scale * float(horizon)
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    coef = torch.where(mask & (denom > 0), 1.0 / (safe * scale), torch.zeros_like(scale))
+    return coef.to(dtype)
+
+
+def aggregate(
+    token_losses: Tensor,
+    mask: Tensor,
+    seq_index: Tensor,
+    mode: str,
+    denom: Tensor | int,
+    horizon: float = DEFAULT_HORIZON,
+) -> Tensor:
+    """This micro-batch's share of the step loss: Σ_t c_t·loss_t over trained tokens (0-d tensor).
+
+    Masked positions are selected out with torch.where, so their values never reach the sum.
+    If they may hold NaN, also pass `mask` to `token_loss`, which keeps them out of the gradient.
+    """
+    coef = token_coefficients(mode, mask, seq_index, denom, horizon, dtype=token_losses.dtype)
+    kept = torch.where(mask.bool(), token_losses, torch.zeros_like(token_losses))
+    return (coef * kept).sum()
+
+
+# ---- behavior correction for the decoupled (proximal-anchor) mode --------------------------------------
+
+BEHAVIOR_KINDS = ("none", "tis", "mis")
+
+
+def validate_behavior(kind: str, cap: float = 2.0, band: tuple[float, float] = (0.5, 2.0)) -> list[str]:
+    """Every problem with a behavior-correction setting (empty list = valid)."""
+    problems = []
+    if kind not in BEHAVIOR_KINDS:
+        problems.append(f"unknown behavior correction {kind!r} (choose one of: {', '.join(BEHAVIOR_KINDS)})")
+    if not _is_number(cap) or cap <= 0:
+        problems.append(f"behavior correction cap must be a number > 0, got {cap!r}")
+    lo, hi = band
+    if not (_is_number(lo) and _is_number(hi) and 0 <= lo < hi):
+        problems.append(f"behavior correction band must satisfy 0 <= lo < hi, got {band!r}")
+    return problems
+
+
+def behavior_weight(
+    kind: str,
+    proximal_logp: Tensor,
+    behavior_logp: Tensor,
+    cap: float = 2.0,
+    band: tuple[float, float] = (0.5, 2.0),
+    *,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Detached per-token weight ρ-correction multiplying each token's loss, ρ = π_old/μ (SPEC.md §1).
+
+    `none`: 1. `tis` (truncated IS): min(ρ, cap). `mis` (masked IS): ρ where lo ≤ ρ ≤ hi, else 0
+    (the token is dropped). log ρ is clamped to ±20 like log r. Masked positions get 0.
+    """
+    problems = validate_behavior(kind, cap, band)
+    if problems:
+        raise ConfigError(problems[0], details=problems[1:])
+    with torch.no_grad():
+        prox, beh = proximal_logp.detach(), behavior_logp.detach()
+        if mask is not None:
+            prox = torch.where(mask, prox, torch.zeros_like(prox))
+            beh = torch.where(mask, beh, torch.zeros_like(beh))
+        rho = torch.exp(log_ratio(prox, beh))
+        if kind == "none":
+            weight = torch.ones_like(rho)
+        elif kind == "tis":
+            weight = rho.clamp(max=cap)
+        else:
+            weight = torch.where((rho >= band[0]) & (rho <= band[1]), rho, torch.zeros_like(rho))
+        if mask is not None:
+            weight = torch.where(mask, weight, torch.zeros_like(weight))
+    return weight

@@ -1,0 +1,417 @@
+"""`drpo train`: off-policy update passes over logged rollouts (SPEC.md §1, §4).
+
+Read top to bottom: resolve the output, load rows and model, fix the anchor log-probs, then for
+each pass a seeded shuffle into `--minibatches` mini-batches, one optimizer step each. A step
+plans token-budget micro-batches, computes the aggregation denominators over the WHOLE mini-batch
+(all micro-batches, all ranks) before the first forward, and accumulates gradients, so the
+gradient does not depend on the micro-batch size. A closing audit measures the final weights
+against μ; the checkpoint and OUT/drpo_report.json are written in one atomic rename.
+
+Interrupts. SIGINT/SIGTERM set a flag; the current optimizer step finishes, then the resumable
+state goes to `OUT.partial-state/` (model + optimizer + step counter + report so far + RNG) and
+the run exits 130. `--resume` reloads it and reaches the same final weights as an uninterrupted
+run: the shuffle of pass e is a pure function of (seed, e) and the learning rate of step s is a
+pure function of s, so the step counter is all the "scheduler" there is. A second signal aborts
+at once. Test hook: with the environment variable DRPO_INTERRUPT_AFTER_STEP=k the process sends
+itself SIGTERM right after step k (0-based), exercising the real handler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from drpo_cli import __version__, distributed
+from drpo_cli.checkpoint import default_out_dir, load_model, read_policy_version, save_checkpoint
+from drpo_cli.config import TrainConfig
+from drpo_cli.data import plan_micro_batches
+from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
+from drpo_cli.errors import CheckpointError, ConfigError, InputError, Interrupted
+from drpo_cli.logprobs import fused_token_loss, pick_device, token_logprobs
+from drpo_cli.losses import aggregation_denominator, behavior_weight, token_coefficients, token_loss
+from drpo_cli.report import TRAIN_REPORT_VERSION, finite_or_none, print_train_summary, train_report_json
+from drpo_cli.rollouts import RolloutRows, load_rows
+from drpo_cli.schema import open_rollouts
+
+REPORT_NAME = "drpo_report.json"
+STATE_SUFFIX = ".partial-state"
+INTERRUPT_HOOK = "DRPO_INTERRUPT_AFTER_STEP"
+WORST_SAMPLES = 10
+# Options that may differ between an interrupted run and its --resume.
+_RESUME_FREE = ("resume", "overwrite", "quiet")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    policy_version: int
+    report: dict
+
+
+def train(cfg: TrainConfig, *, console: Console | None = None) -> TrainResult:
+    """Run `drpo train` for a validated config; returns where the checkpoint went and the report."""
+    t0 = time.perf_counter()
+    console = console or Console()
+    hp = cfg.loss_hparams()
+
+    # ---- output location: refused before anything is loaded ----
+    in_version = read_policy_version(cfg.model)
+    out_version = (in_version or 0) + 1
+    out_dir = Path(os.path.abspath(cfg.out)) if cfg.out else default_out_dir(cfg.model, in_version)
+    state_dir = out_dir.with_name(out_dir.name + STATE_SUFFIX)
+    if out_dir.exists() and not cfg.overwrite:
+        raise ConfigError(f"--out {out_dir}: already exists (pass --overwrite to replace it)")
+    if cfg.resume and not state_dir.is_dir():
+        raise ConfigError(f"--resume: no interrupted run at {state_dir}")
+    if not cfg.resume and state_dir.exists():
+        raise ConfigError(f"{state_dir}: an interrupted run's state; pass --resume to continue it or delete it")
+
+    device = pick_device(cfg.device)
+    autocast = torch.bfloat16 if device.type == "cuda" and cfg.dtype != "fp32" else None
+    torch.manual_seed(cfg.seed)
+
+    # ---- rows and model ----
+    rows = load_rows(open_rollouts(cfg.rollouts, cfg.column_map()), adv_norm=cfg.adv_norm,
+                     temperature=cfg.temperature)
+    if rows.num_rows < cfg.minibatches:
+        raise ConfigError(f"--minibatches {cfg.minibatches}: more than the {rows.num_rows} rollout rows")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the loop has its own bar; stderr stays one line per error
+    # fp32 master weights; bf16 only inside autocast.
+    model, info = load_model(cfg.model, device=str(device), dtype="float32", allow_unsafe=cfg.allow_unsafe_weights)
+    _check_vocab(rows, info.vocab_size, cfg.model)
+    mask = torch.from_numpy(rows.loss_mask)  # (T,) bool
+    # Values where loss_mask is 0 are unspecified (SPEC.md §3): zero them so 0-weighted tokens stay finite.
+    behavior = torch.from_numpy(np.where(rows.loss_mask, rows.behavior_logprobs, 0.0).astype(np.float32))  # (T,)
+    advantages = torch.from_numpy(np.where(rows.loss_mask, rows.advantages, 0.0).astype(np.float32))  # (T,)
+
+    # ---- anchor μ: behavior log-probs, or π_old with a behavior-correction weight ρ = π_old/μ ----
+    anchor, rho = behavior, torch.ones_like(behavior)  # (T,), (T,)
+    if cfg.anchor == "proximal":
+        if rows.proximal_logprobs is not None:
+            anchor = torch.from_numpy(np.where(rows.loss_mask, rows.proximal_logprobs, 0.0).astype(np.float32))
+        else:  # recomputed once from the starting checkpoint, before the first update
+            anchor = _logprobs_of(model, rows, cfg, autocast, with_entropy=False)[0]
+        rho = behavior_weight(cfg.is_correction, anchor, behavior, cap=cfg.resolved_is_cap(),
+                              band=cfg.resolved_is_band())
+
+    # ---- optimizer, resumable state ----
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # needed by gradient checkpointing; dropout stays off: π must be the policy μ approximated
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps: list[dict] = []
+    start = 0
+    if cfg.resume:
+        start, steps = _load_state(state_dir, cfg, model, optimizer)
+
+    total_steps = cfg.epochs * cfg.minibatches
+    stop = _StopFlag()
+    progress = _progress(cfg, total_steps, start)
+    with stop.installed(), progress:
+        task = progress.add_task("train", total=total_steps, completed=start, loss="–", tps="–", outside="–")
+        for step in range(start, total_steps):
+            epoch, k = divmod(step, cfg.minibatches)
+            perm = np.random.default_rng([cfg.seed, epoch]).permutation(rows.num_rows)
+            mini = np.array_split(perm, cfg.minibatches)[k]
+            local = mini[distributed.rank() :: distributed.world_size()]  # rows of this rank
+            lr = cfg.lr * _warmup(step, cfg.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t_step = time.perf_counter()
+
+            loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=rho,
+                                                      behavior=behavior, advantages=advantages, mask=mask,
+                                                      autocast=autocast)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
+            if not skipped:  # a non-finite step is counted, never applied
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            seconds = time.perf_counter() - t_step
+            metrics = _flat_metrics(diag.summary())
+            steps.append({"step": step, "epoch": epoch, "minibatch": k, "loss": finite_or_none(loss.item()),
+                          "grad_norm": finite_or_none(grad_norm.item()), "lr": lr, "tokens": tokens,
+                          "skipped": skipped, "seconds": seconds, "metrics": metrics})
+            progress.update(task, advance=1, loss=_fmt(loss.item()), tps=f"{tokens / max(seconds, 1e-9):,.0f}",
+                            outside=_fmt(metrics.get("tr/outside_frac")))
+            if os.environ.get(INTERRUPT_HOOK) == str(step):
+                signal.raise_signal(signal.SIGTERM)
+            if stop.requested and step + 1 < total_steps:
+                _save_state(state_dir, cfg, model, optimizer, step + 1, steps)
+                raise Interrupted(f"interrupted after step {step + 1} of {total_steps}; state saved to {state_dir}; "
+                                  "rerun the same command with --resume to continue")
+
+    # ---- closing audit: the final weights against μ on the trained rollouts ----
+    model.eval()
+    final, notes = _closing_audit(model, rows, cfg, autocast, behavior, advantages, mask)
+    first = steps[0]["metrics"] if steps else {}
+    final["change_from_first_step"] = {
+        k: (None if v is None or first.get(k) is None else v - first[k])
+        for k, v in final["metrics"].items() if not k.startswith("data/")  # data/* describe the rows, not π
+    }
+
+    report = {
+        "report": "drpo-train", "report_version": TRAIN_REPORT_VERSION, "drpo_version": __version__,
+        "config": cfg.to_dict(),
+        "input": {"model": os.path.abspath(cfg.model), "policy_version": in_version,
+                  "rollouts": [os.path.abspath(p) for p in cfg.rollouts], "rows": rows.num_rows,
+                  "tokens": rows.num_tokens, "trained_tokens": int(rows.loss_mask.sum()),
+                  "vocab_size": info.vocab_size},
+        "output": {"dir": str(out_dir), "policy_version": out_version},
+        "loss": {"name": cfg.loss, "hparams": hp, "anchor": cfg.anchor, "is_correction": cfg.is_correction,
+                 "agg": cfg.agg},
+        "notes": notes,
+        "steps": steps,
+        "skipped_steps": sum(s["skipped"] for s in steps),
+        "final": final,
+        "seconds": time.perf_counter() - t0,
+    }
+    text = train_report_json(report)
+    _save_output(model, cfg, out_dir, out_version, text)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    if not cfg.quiet:
+        print_train_summary(report, console)
+    return TrainResult(out_dir=out_dir, policy_version=out_version, report=report)
+
+
+def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: TrainConfig, *, anchor, rho, behavior,
+                         advantages, mask, autocast=None) -> tuple[torch.Tensor, Diagnostics, int]:
+    """Backward of one optimizer step's loss over rows `row_idx`, micro-batch by micro-batch.
+
+    The aggregation denominator is summed over every micro-batch (and rank) first, so the
+    accumulated gradient equals that of the whole mini-batch in one piece, for any
+    micro_batch_tokens. Returns (global loss, global diagnostics, global trained tokens).
+    """
+    device = next(model.parameters()).device
+    hp = cfg.loss_hparams()
+    micro = plan_micro_batches(rows, row_idx, cfg.micro_batch_tokens)
+    denom = torch.zeros((), dtype=torch.float64)
+    for mb in micro:
+        denom += aggregation_denominator(cfg.agg, mask[mb.token_index], mb.seq_index)
+    denom = distributed.all_reduce_sum(denom.to(device))
+
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    diag = Diagnostics(cfg.tr_delta, {cfg.loss: hp})
+    tokens = torch.zeros((), dtype=torch.int64, device=device)
+    for mb in micro:
+        mb = mb.to(device)
+        idx = mb.token_index
+        m, a, mu = mask[idx].to(device), advantages[idx].to(device), anchor[idx].to(device)  # (M,)
+        # Per-token weight of the step loss: mask × global 1/denominator (aggregation) × ρ (correction).
+        coef = token_coefficients(cfg.agg, m, mb.seq_index, denom, horizon=cfg.horizon) * rho[idx].to(device)
+
+        def loss_fn(logp, sl, coef=coef, mu=mu, a=a, m=m):  # a scalar sum over the chunk's tokens
+            return (coef[sl] * token_loss(cfg.loss, logp, mu[sl], a[sl], mask=m[sl], **hp)).sum()
+
+        loss, logp, _ = fused_token_loss(model, mb, loss_fn, chunk_tokens=cfg.chunk_tokens, dtype=autocast)
+        loss.backward()
+        total += loss.detach()
+        tokens += m.sum()
+        diag.update(logp, behavior[idx].to(device), a, m)
+    distributed.all_reduce_sum(total)
+    distributed.all_reduce_sum(tokens)
+    diag.all_reduce_()
+    return total, diag, int(tokens.item())
+
+
+def _warmup(step: int, warmup_steps: int) -> float:
+    """Linear warmup: step s (0-based) runs at (s + 1) / W of the learning rate for s < W."""
+    return 1.0 if step >= warmup_steps else (step + 1) / warmup_steps
+
+
+def _check_vocab(rows: RolloutRows, vocab_size: int, model_dir: str) -> None:
+    """Every token id must index the model's embedding; name the first offending row."""
+    for column, ids, row_of in (("prompt_ids", rows.prompt_ids, _row_of(rows.prompt_offsets)),
+                                ("response_ids", rows.response_ids, _row_of(rows.response_offsets))):
+        if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
+            i = int(row_of(int(np.argmax((ids >= vocab_size) | (ids < 0)))))
+            bad = int(ids[(ids >= vocab_size) | (ids < 0)][0])
+            raise CheckpointError(
+                f"{rows.source_file[i]}: column {column}, row {int(rows.source_row[i])} (sample_id "
+                f"{rows.sample_ids[i]}): token id {bad} outside the vocabulary [0, {vocab_size}) of {model_dir}"
+            )
+
+
+def _row_of(offsets: np.ndarray):
+    return lambda flat: np.searchsorted(offsets, flat, side="right") - 1
+
+
+def _logprobs_of(model, rows: RolloutRows, cfg: TrainConfig, autocast, *, with_entropy: bool):
+    """(logp (T,), entropy (T,) | None) of every response token under `model`, inference mode."""
+    device = next(model.parameters()).device
+    logp = torch.zeros(rows.num_tokens, dtype=torch.float32)
+    ent = torch.zeros(rows.num_tokens, dtype=torch.float32) if with_entropy else None
+    with torch.inference_mode():
+        for mb in plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens):
+            lp, en = token_logprobs(model.eval(), mb.to(device), chunk_tokens=cfg.chunk_tokens,
+                                    with_entropy=with_entropy, dtype=autocast)
+            logp[mb.token_index] = lp.float().cpu()
+            if ent is not None:
+                ent[mb.token_index] = en.float().cpu()
+    return logp, ent
+
+
+def _closing_audit(model, rows: RolloutRows, cfg: TrainConfig, autocast, behavior, advantages, mask):
+    """(SPEC.md §2 metrics of the final weights against μ and the worst samples by harmful fraction, notes)."""
+    logp, ent = _logprobs_of(model, rows, cfg, autocast, with_entropy=True)  # (T,), (T,)
+    diag = Diagnostics(cfg.tr_delta, {cfg.loss: cfg.loss_hparams()})
+    diag.update(logp, behavior, advantages, mask, entropy=ent)
+    diag.all_reduce_()
+    summary = diag.summary()
+
+    # Per-sample fractions with the --tr-delta yardstick (SPEC.md §2 "outside" / "harmful").
+    d = token_diagnostics(logp, behavior, advantages, tr_delta=cfg.tr_delta)  # each (T,)
+    row, n = torch.from_numpy(rows.token_row()), rows.num_rows  # (T,)
+    harm_frac = sequence_scores(d["harmful"], row, n, mask=mask, reduce="mean")  # (N,)
+    out_frac = sequence_scores(d["outside"], row, n, mask=mask, reduce="mean")  # (N,)
+    dmax = sequence_scores(d["delta"].abs(), row, n, mask=mask, reduce="amax")  # (N,)
+    count = sequence_scores(torch.ones_like(logp), row, n, mask=mask)  # (N,)
+    # Worst first: harmful fraction, then outside fraction, then max |Δ|, then row order.
+    order = np.lexsort((np.arange(n), -dmax.numpy(), -out_frac.numpy(), -harm_frac.numpy()))
+    worst = [
+        {"sample_id": rows.sample_ids[i], "harmful_frac": float(harm_frac[i]), "outside_frac": float(out_frac[i]),
+         "delta_abs_max": float(dmax[i]), "tokens": int(count[i])}
+        for i in order[:WORST_SAMPLES] if out_frac[i] > 0
+    ]
+    return {"metrics": _flat_metrics(summary), "worst_samples": worst}, summary["notes"]
+
+
+def _flat_metrics(summary: dict) -> dict[str, float | None]:
+    """The namespaced scalar metrics of a Diagnostics summary (breakdowns and histograms left out)."""
+    return {k: finite_or_none(v) for k, v in summary.items() if "/" in k and (v is None or isinstance(v, (int, float)))}
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+
+def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, report_text: str) -> None:
+    """Checkpoint + report appear together: both are written into a hidden sibling, renamed in last."""
+    stage = out_dir.with_name(f".{out_dir.name}.stage-{uuid.uuid4().hex[:8]}")
+    try:
+        save_checkpoint(model, source_dir=cfg.model, out_dir=stage, policy_version=version,
+                        training_config=cfg.to_dict(), dtype=_source_dtype(cfg.model))
+        with open(stage / REPORT_NAME, "w", encoding="utf-8") as f:
+            f.write(report_text)
+            f.flush()
+            os.fsync(f.fileno())
+        if out_dir.exists():  # --overwrite: old aside, new in, old deleted
+            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(out_dir, old)
+            os.rename(stage, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _source_dtype(model_dir: str) -> str | None:
+    """The input checkpoint's weight dtype, so the output keeps it (training ran in fp32)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+
+
+# ---- interrupts and resumable state ----------------------------------------------------------
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM request a stop at the next step boundary; a second signal aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def installed(self):
+        flag = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.saved = {}
+                if threading.current_thread() is threading.main_thread():
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        self.saved[sig] = signal.signal(sig, flag._handle)
+
+            def __exit__(self, *exc):
+                for sig, handler in self.saved.items():
+                    signal.signal(sig, handler)
+
+        return _Ctx()
+
+
+def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: int, steps: list[dict]) -> None:
+    """Everything --resume needs, written to a temporary sibling and renamed into place."""
+    tmp = state_dir.with_name(f".{state_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    meta = {"next_step": next_step, "config": _resume_key(cfg), "steps": steps}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    if state_dir.exists():
+        shutil.rmtree(state_dir)
+    os.rename(tmp, state_dir)
+
+
+def _load_state(state_dir: Path, cfg: TrainConfig, model, optimizer) -> tuple[int, list[dict]]:
+    try:
+        meta = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+        saved = torch.load(state_dir / "trainer.pt", map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise InputError(f"{state_dir}: unreadable resume state ({type(err).__name__}: {err})") from err
+    current = _resume_key(cfg)
+    changed = sorted(k for k in current if meta["config"].get(k) != current[k])
+    if changed:
+        raise ConfigError(f"--resume: options differ from the interrupted run: {', '.join('--' + k.replace('_', '-') for k in changed)}")
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["torch_rng"])
+    return int(meta["next_step"]), list(meta["steps"])
+
+
+def _resume_key(cfg: TrainConfig) -> dict:
+    d = cfg.to_dict()
+    for k in _RESUME_FREE:
+        d.pop(k)
+    return json.loads(json.dumps(d))  # tuples -> lists, as read back from JSON
+
+
+# ---- progress ---------------------------------------------------------------------------------
+
+
+def _progress(cfg: TrainConfig, total: int, start: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  tok/s {task.fields[tps]}  outside {task.fields[outside]}"),
+        TimeRemainingColumn(), console=Console(stderr=True),
+        disable=cfg.quiet or not sys.stderr.isatty() or distributed.rank() != 0, transient=False,
+    )
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4g}"

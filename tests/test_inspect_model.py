@@ -1,0 +1,186 @@
+"""`drpo inspect --model` on the example data against a naive full-logits recompute done here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from drpo_cli.audit import inspect_and_write
+from drpo_cli.cli import app
+from drpo_cli.config import InspectConfig
+from drpo_cli.report import INSPECT_MODEL_METRICS, INSPECT_REPORT_SCHEMA, validate_report
+
+TOY = Path(__file__).resolve().parent.parent / "examples" / "toy"
+MODEL, ROLLOUTS = TOY / "model", TOY / "rollouts.arrow"
+CURRENT_VERSION = 8  # examples/toy/model/drpo_checkpoint.json
+pytestmark = pytest.mark.skipif(not MODEL.is_dir() or not ROLLOUTS.is_file(), reason="examples/toy not built")
+
+
+@pytest.fixture(scope="module")
+def table() -> pa.Table:
+    return pa.ipc.open_file(str(ROLLOUTS)).read_all()
+
+
+@pytest.fixture(scope="module")
+def naive(table) -> dict:
+    """Per-token log π from full logits of prompt + response[:-1], /T, float32 log-softmax, one row at a time."""
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    logp, rows = [], []
+    with torch.no_grad():
+        for i, row in enumerate(table.to_pylist()):
+            ids = torch.tensor(row["prompt_ids"] + row["response_ids"][:-1])[None]  # (1, L)
+            logits = model(input_ids=ids).logits[0, len(row["prompt_ids"]) - 1:].float()  # (R, V)
+            lp = torch.log_softmax(logits / row["temperature"], dim=-1)
+            logp.append(lp.gather(1, torch.tensor(row["response_ids"])[:, None])[:, 0].double().numpy())
+            rows.append(np.full(len(row["response_ids"]), i))
+    # Group-relative advantages A = R − mean over the group (SPEC.md §1), broadcast over the row's tokens.
+    reward = np.array(table.column("reward").to_pylist(), dtype=np.float64)
+    group = np.array(table.column("group_id").to_pylist())
+    row_adv = reward - np.array([reward[group == g].mean() for g in group])
+    row = np.concatenate(rows)
+    return {"logp": np.concatenate(logp), "row": row, "adv": row_adv[row],
+            "mu": np.concatenate([np.array(x, dtype=np.float64) for x in table.column("behavior_logprobs").to_pylist()]),
+            "lag": CURRENT_VERSION - np.array(table.column("policy_version").to_pylist())[row],
+            "sample_id": np.array(table.column("sample_id").to_pylist())[row]}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[dict, pa.Table]:
+    d = tmp_path_factory.mktemp("inspect")
+    cfg = InspectConfig(rollouts=(str(ROLLOUTS),), model=str(MODEL), deltas=(0.1, 0.2, 12.5), top=5, device="cpu",
+                        json_out=str(d / "report.json"), per_token=str(d / "tokens.arrow"), quiet=True,
+                        micro_batch_tokens=64).check()
+    report = inspect_and_write(cfg)
+    assert json.loads((d / "report.json").read_text()) == json.loads(json.dumps(report))
+    return report, pa.ipc.open_file(str(d / "tokens.arrow")).read_all()
+
+
+def test_per_token_output_round_trips_the_naive_recompute(run, naive):
+    _, tokens = run
+    order = np.lexsort((tokens.column("position").to_numpy(), tokens.column("sample_id").to_numpy(zero_copy_only=False)))
+    t = tokens.take(pa.array(order))
+    ref = np.lexsort((np.arange(len(naive["row"])) - np.searchsorted(naive["row"], naive["row"]), naive["sample_id"]))
+    assert t.num_rows == len(naive["logp"])
+    assert t.column("sample_id").to_pylist() == naive["sample_id"][ref].tolist()
+    np.testing.assert_allclose(t.column("logp").to_numpy(), naive["logp"][ref], atol=2e-5)
+    np.testing.assert_allclose(t.column("behavior_logp").to_numpy(), naive["mu"][ref], atol=1e-7)
+    np.testing.assert_allclose(t.column("advantage").to_numpy(), naive["adv"][ref], atol=1e-6)
+    np.testing.assert_array_equal(t.column("lag").to_numpy(), naive["lag"][ref])
+    pi, mu = np.exp(naive["logp"][ref]), np.exp(naive["mu"][ref])
+    np.testing.assert_allclose(t.column("delta").to_numpy(), pi - mu, atol=2e-5)
+    np.testing.assert_allclose(t.column("ratio").to_numpy(), pi / mu, rtol=1e-4)
+
+
+def test_report_metrics_equal_the_naive_recompute(run, naive):
+    report, _ = run
+    validate_report(report, INSPECT_REPORT_SCHEMA)
+    m = report["metrics"]
+    assert set(INSPECT_MODEL_METRICS) <= set(m)
+    lp, mu, adv = naive["logp"], naive["mu"], naive["adv"]
+    logr = np.clip(lp - mu, -20, 20)
+    delta = np.exp(lp) - np.exp(mu)
+    tr = 0.2
+    harmful = ((adv > 0) & (delta > tr)) | ((adv < 0) & (delta < -tr))
+    w = 1 - np.sign(adv) * delta / 0.1  # DRPO weight at the chosen δ = first --delta
+    expected = {
+        "tr/outside_frac": np.mean(np.abs(delta) > tr),
+        "tr/harmful_frac": np.mean(harmful),
+        "delta/abs_mean": np.mean(np.abs(delta)),
+        "delta/abs_max": np.max(np.abs(delta)),
+        "ratio/max": np.exp(logr).max(),
+        "kl/k1_mean": np.mean(-logr),
+        "kl/k3_mean": np.mean(np.expm1(logr) - logr),
+        "weight/drpo_corrective_frac": np.mean(w < 0),
+        "data/tokens": len(lp),
+    }
+    for name, value in expected.items():
+        assert m[name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
+    # Breakdown by lag: tokens and harmful share per lag.
+    by_lag = {b["key"]: b for b in report["model"]["by_lag"]}
+    for lag in np.unique(naive["lag"]):
+        key = str(lag) if lag < 8 else "8+"
+        sel = naive["lag"] == lag
+        assert by_lag[key]["tokens"] == sel.sum()
+        assert by_lag[key]["harmful_frac"] == pytest.approx(harmful[sel].mean(), abs=1e-9)
+    # Worst sequences: the largest harmful shares, in order.
+    per_row = np.array([harmful[naive["row"] == i].mean() for i in range(naive["row"].max() + 1)])
+    worst = report["model"]["worst_sequences"]
+    assert [s["harmful_frac"] for s in worst] == pytest.approx(sorted(per_row, reverse=True)[:5])
+    # What-if: δ = 12.5 cannot reach its boundary, and the report says so.
+    what_if = {w_["delta"]: w_ for w_ in report["model"]["drpo_what_if"]}
+    assert not what_if[12.5]["reachable"] and what_if[12.5]["corrective_frac"] == 0
+    assert what_if[0.2]["corrective_frac"] == pytest.approx(np.mean(1 - np.sign(adv) * delta / 0.2 < 0))
+    assert any("12.5" in n and "unreachable" in n for n in report["notes"])
+    assert report["data"]["lag"]["version_source"] == "checkpoint"
+    checks = report["model"]["logging_checks"]
+    assert checks["scope"] == "lag-0 rows" and not checks["offset_suspected"] and not checks["temperature_suspected"]
+    assert checks["best_temperature"] == pytest.approx(0.9)
+
+
+def _lag0_file(tmp_path, table, naive, mu) -> Path:
+    """Lag-0 rows only, with behavior_logprobs replaced by `mu` (flat, in table order)."""
+    keep = np.flatnonzero(np.array(table.column("policy_version").to_pylist()) == CURRENT_VERSION)
+    lengths = [len(x) for x in table.column("response_ids").to_pylist()]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    rows = [mu[offsets[i]:offsets[i + 1]].astype(np.float32).tolist() for i in range(table.num_rows)]
+    t = table.set_column(table.schema.get_field_index("behavior_logprobs"), "behavior_logprobs",
+                         pa.array(rows, pa.list_(pa.float32()))).take(pa.array(keep))
+    path = tmp_path / "lag0.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, t.schema) as writer:
+        writer.write_table(t)
+    return path
+
+
+def test_logging_check_finds_logprobs_logged_before_temperature(tmp_path, table, naive):
+    # μ recomputed at T = 1 while the rows say T = 0.9: what a sampler logging before temperature writes.
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    mu = []
+    with torch.no_grad():
+        for row in table.to_pylist():
+            ids = torch.tensor(row["prompt_ids"] + row["response_ids"][:-1])[None]
+            logits = model(input_ids=ids).logits[0, len(row["prompt_ids"]) - 1:].float()
+            mu.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(row["response_ids"])[:, None])[:, 0].numpy())
+    path = _lag0_file(tmp_path, table, naive, np.concatenate(mu))
+    report = inspect_and_write(InspectConfig(rollouts=(str(path),), model=str(MODEL), quiet=True).check())
+    checks = report["model"]["logging_checks"]
+    assert checks["temperature_suspected"] and checks["best_temperature"] == 1.0
+    assert any("before applying temperature" in f and "suggests" in f for f in checks["findings"])
+
+
+def test_logging_check_finds_a_systematic_offset(tmp_path, table, naive):
+    # Logged log-probs 0.1 nats above the model's, as after top-p renormalisation: log r ≈ −0.1.
+    path = _lag0_file(tmp_path, table, naive, np.minimum(naive["logp"] + 0.1, 0.0))
+    report = inspect_and_write(InspectConfig(rollouts=(str(path),), model=str(MODEL), quiet=True).check())
+    checks = report["model"]["logging_checks"]
+    assert checks["offset_suspected"] and checks["logr_mean"] == pytest.approx(-0.1, abs=0.01)
+    assert any("top-p" in n for n in report["notes"])
+
+
+def test_cli_model_gates_and_vocabulary(tmp_path, table):
+    runner = CliRunner()
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["inspect", str(ROLLOUTS), "--model", str(MODEL), "--json", str(out), "-q",
+                              "--fail-above", "harmful=0.0"])
+    assert res.exit_code == 3 and "tr/harmful_frac" in res.stderr
+    assert json.loads(out.read_text())["gates"][0]["passed"] is False
+    # A token id outside the vocabulary: exit 2, one line, nothing written.
+    ids = table.column("response_ids").to_pylist()
+    ids[3][1] = 10_000
+    bad = table.set_column(1, "response_ids", pa.array(ids, pa.list_(pa.int32())))
+    path = tmp_path / "oov.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, bad.schema) as writer:
+        writer.write_table(bad)
+    out2, tok = tmp_path / "r2.json", tmp_path / "t.arrow"
+    res = runner.invoke(app, ["inspect", str(path), "--model", str(MODEL), "--json", str(out2), "--per-token",
+                              str(tok), "-q"])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "row 3" in lines[0] and "10000" in lines[0] and "vocabulary" in lines[0]
+    assert not out2.exists() and not tok.exists() and not list(tmp_path.glob(".drpo-*"))

@@ -1,0 +1,210 @@
+"""Chunked-head log-probs, entropy and the fused loss path against the naive full-logits path (fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import Gemma2Config, GraniteConfig, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM
+
+from drpo_cli.data import plan_micro_batches
+from drpo_cli.errors import CheckpointError, ConfigError
+from drpo_cli.logprobs import fused_token_loss, output_head, pick_device, token_logprobs
+from test_data import make_rows  # tests/ is on sys.path under pytest
+
+TOL = 1e-5
+VOCAB = 97
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 128}
+
+
+def build(config_cls=Qwen2Config, *, tied=True, bias=False, seed=0, attn="sdpa", **extra) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = config_cls(**SMALL, tie_word_embeddings=tied, **extra)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).float().eval()
+    with torch.no_grad():  # larger logits than the default init, so the distributions are far from uniform
+        model.get_output_embeddings().weight.mul_(4.0)
+        if bias:
+            head = torch.nn.Linear(SMALL["hidden_size"], VOCAB, bias=True)
+            head.weight.copy_(0.5 * torch.randn(VOCAB, SMALL["hidden_size"]))
+            head.bias.copy_(torch.randn(VOCAB))
+            model.lm_head = head
+    return model
+
+
+def random_rows(seed=0, n=5):
+    g = np.random.default_rng(seed)
+    prompts = [g.integers(0, VOCAB, g.integers(1, 6)).tolist() for _ in range(n)]
+    responses = [g.integers(0, VOCAB, g.integers(1, 9)).tolist() for _ in range(n)]
+    temps = [0.7, 1.0, 1.3, 1.0, 0.7, 1.3][:n]
+    return make_rows(prompts, responses, temps)
+
+
+def naive(model, rows):
+    """Row by row, unpadded: full logits → / temperature → float32 log_softmax → gather; flat token order."""
+    logps, ents = [], []
+    for i in range(rows.num_rows):
+        p, r = rows.prompt(i), rows.response(i)
+        ids = torch.from_numpy(np.concatenate([p, r]))[None]  # (1, P+R)
+        logits = model(input_ids=ids).logits[0, len(p) - 1 : len(p) + len(r) - 1]  # (R, V)
+        logp_all = torch.log_softmax(logits.float() / float(rows.temperature[i]), dim=-1)  # (R, V)
+        logps.append(logp_all.gather(1, torch.from_numpy(r)[:, None]).squeeze(1))
+        ents.append(-(logp_all.exp() * logp_all).sum(-1))
+    return torch.cat(logps), torch.cat(ents)
+
+
+def ours(model, rows, *, budget, side, chunk, with_entropy=True):
+    """Micro-batched engine, scattered back into the flat token order of RolloutRows."""
+    logp = torch.zeros(rows.num_tokens)
+    ent = torch.zeros(rows.num_tokens)
+    for mb in plan_micro_batches(rows, np.arange(rows.num_rows), budget, padding_side=side):
+        lp, en = token_logprobs(model, mb, chunk_tokens=chunk, with_entropy=with_entropy)
+        logp = logp.index_put((mb.token_index,), lp)
+        if with_entropy:
+            ent = ent.index_put((mb.token_index,), en)
+    return logp, ent
+
+
+def objective(logp, ent, seed=1):
+    """A fixed random linear functional (token-mean scale), so every log-prob and entropy carries gradient."""
+    g = torch.Generator().manual_seed(seed)
+    total = (torch.randn(logp.shape, generator=g) * logp).sum() + (torch.randn(ent.shape, generator=g) * ent).sum()
+    return total / logp.numel()
+
+
+def grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    fn().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(a, b):
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=TOL, rtol=TOL, msg=name)
+
+
+MODELS = {
+    "qwen2-tied": lambda: build(Qwen2Config, tied=True),
+    "llama-untied": lambda: build(LlamaConfig, tied=False),
+    "qwen2-bias-head": lambda: build(Qwen2Config, tied=False, bias=True),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def case(request):
+    model, rows = MODELS[request.param](), random_rows()
+    ref_logp, ref_ent = naive(model, rows)
+    ref_grads = grads(model, lambda: objective(*naive(model, rows)))
+    return model, rows, ref_logp, ref_ent, ref_grads
+
+
+@pytest.mark.parametrize(
+    ("side", "chunk", "budget"),
+    [("right", 1, 1000), ("left", 7, 1000), ("right", 1000, 12), ("left", 1, 12), ("left", 4096, 1)],
+)
+def test_logprobs_entropy_and_grads_match_naive(case, side, chunk, budget):
+    model, rows, ref_logp, ref_ent, ref_grads = case
+    logp, ent = ours(model, rows, budget=budget, side=side, chunk=chunk)
+    torch.testing.assert_close(logp.detach(), ref_logp.detach(), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(ent.detach(), ref_ent.detach(), atol=TOL, rtol=TOL)
+    got = grads(model, lambda: objective(*ours(model, rows, budget=budget, side=side, chunk=chunk)))
+    assert_grads_close(got, ref_grads)
+
+
+def test_logprob_only_grads_match_naive():
+    model, rows = build(LlamaConfig, tied=False), random_rows(seed=3)
+    ref = grads(model, lambda: objective(naive(model, rows)[0], torch.zeros(0)))
+    got = grads(model, lambda: objective(
+        ours(model, rows, budget=20, side="right", chunk=3, with_entropy=False)[0], torch.zeros(0)))
+    assert_grads_close(got, ref)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_fused_loss_matches_unfused_values_and_every_gradient(tied, side):
+    model, rows = build(Qwen2Config, tied=tied, seed=4), random_rows(seed=5, n=6)
+    (mb,) = plan_micro_batches(rows, np.arange(rows.num_rows), 10_000, padding_side=side)
+    g = torch.Generator().manual_seed(7)
+    adv = torch.randn(mb.num_tokens, generator=g)  # (M,)
+    mu = -torch.rand(mb.num_tokens, generator=g) * 3  # (M,)
+
+    def loss_fn(logp, sl):  # an elementwise, non-linear per-token loss summed over tokens
+        r = torch.exp((logp - mu[sl]).clamp(-20, 20))
+        return (-adv[sl] * r + adv[sl].abs() * (r - 1) ** 2 / 0.4).sum() / 17.0
+
+    def unfused():
+        logp, _ = token_logprobs(model, mb, chunk_tokens=5)
+        return loss_fn(logp, slice(None))
+
+    ref_loss = unfused()
+    ref_logp, ref_ent = token_logprobs(model, mb, chunk_tokens=1000, with_entropy=True)
+    ref = grads(model, unfused)
+    loss, logp, ent = fused_token_loss(model, mb, loss_fn, chunk_tokens=3, with_entropy=True)
+    torch.testing.assert_close(loss, ref_loss.detach(), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(logp, ref_logp.detach(), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(ent, ref_ent.detach(), atol=TOL, rtol=TOL)
+    assert not logp.requires_grad and loss.requires_grad
+    got = grads(model, lambda: fused_token_loss(model, mb, loss_fn, chunk_tokens=3)[0])
+    assert_grads_close(got, ref)
+
+
+def test_padding_invariance_alone_vs_packed():
+    model, rows = build(Qwen2Config, seed=2), random_rows(seed=6, n=6)
+    packed, _ = ours(model, rows, budget=10_000, side="left", chunk=4, with_entropy=False)
+    for i in range(rows.num_rows):
+        (mb,) = plan_micro_batches(rows, [i], 10_000)
+        alone, _ = token_logprobs(model, mb)
+        lo, hi = rows.response_offsets[i], rows.response_offsets[i + 1]
+        torch.testing.assert_close(alone.detach(), packed[lo:hi].detach(), atol=TOL, rtol=TOL)
+
+
+def test_inference_mode_audit_path():
+    model, rows = build(Qwen2Config, seed=8), random_rows(seed=9)
+    ref_logp, ref_ent = naive(model, rows)
+    with torch.inference_mode():
+        logp, ent = ours(model, rows, budget=16, side="right", chunk=2)
+    assert not logp.requires_grad
+    torch.testing.assert_close(logp, ref_logp.detach(), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(ent, ref_ent.detach(), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "extra"),
+    [
+        (Gemma2Config, {"final_logit_softcapping": 3.0, "head_dim": 8, "attn": "eager"}),  # Gemma2: no SDPA
+        (GraniteConfig, {"logits_scaling": 4.0}),
+    ],
+)
+def test_config_logit_transforms_match_the_models_own_forward(config_cls, extra):
+    model, rows = build(config_cls, tied=True, seed=10, **extra), random_rows(seed=11)
+    head = output_head(model)
+    assert (head.softcap, head.multiplier) == ((3.0, 1.0) if "final_logit_softcapping" in extra else (None, 0.25))
+    ref_logp, ref_ent = naive(model, rows)  # the model's forward applies its own transform
+    ref = grads(model, lambda: objective(*naive(model, rows)))
+    logp, ent = ours(model, rows, budget=20, side="left", chunk=3)
+    torch.testing.assert_close(logp.detach(), ref_logp.detach(), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(ent.detach(), ref_ent.detach(), atol=TOL, rtol=TOL)
+    assert_grads_close(grads(model, lambda: objective(*ours(model, rows, budget=20, side="left", chunk=3))), ref)
+
+
+def test_unknown_logit_scaling_is_refused_naming_the_key():
+    model = build(Qwen2Config)
+    model.config.logits_scaling = 2.0
+    with pytest.raises(CheckpointError, match="logits_scaling=2.0"):
+        output_head(model)
+
+
+def test_pick_device_and_bad_arguments():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="device"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            pick_device("cuda")
+    model, rows = build(Qwen2Config), random_rows()
+    (mb,) = plan_micro_batches(rows, [0], 100)
+    with pytest.raises(ConfigError, match="chunk_tokens"):
+        token_logprobs(model, mb, chunk_tokens=0)

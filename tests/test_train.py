@@ -1,0 +1,224 @@
+"""`drpo train` end to end on the bundled example (examples/toy: a 2-layer Qwen2, 192 rollouts)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from drpo_cli.checkpoint import load_model
+from drpo_cli.cli import app
+from drpo_cli.config import AGG_MODES, TrainConfig
+from drpo_cli.data import plan_micro_batches
+from drpo_cli.losses import aggregate, aggregation_denominator, token_loss
+from drpo_cli.report import TRAIN_REPORT_SCHEMA
+from drpo_cli.rollouts import load_rows
+from drpo_cli.train import INTERRUPT_HOOK, accumulate_gradients
+
+TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
+FAST = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    """A private copy of the bundled example: model/ (policy version 8) and rollouts.arrow."""
+    if not (TOY / "model").is_dir():
+        pytest.skip("examples/toy not built (python examples/make_example.py)")
+    root = tmp_path_factory.mktemp("toy")
+    shutil.copytree(TOY, root, dirs_exist_ok=True)
+    return root
+
+
+def train(toy: Path, out: Path, *args: str, env: dict | None = None):
+    argv = ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), "--out", str(out), *args]
+    return CliRunner().invoke(app, argv, env=env)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("loss", ["pg-is", "ppo-clip", "spo", "dppo-tv", "dppo-kl", "drpo"])
+def test_every_loss_trains(toy, tmp_path, loss):
+    from transformers import AutoModelForCausalLM
+
+    before = digest(toy)
+    out = tmp_path / "out"
+    result = train(toy, out, "--loss", loss, "--minibatches", "2", *FAST)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"wrote {out} (policy version 9)"
+    assert digest(toy) == before  # input checkpoint and rollouts untouched, byte for byte
+
+    new, old = weights(out), weights(toy / "model")
+    assert new.keys() == old.keys()
+    assert any(not torch.equal(new[k], old[k]) for k in new)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == 21
+
+    meta = json.loads((out / "drpo_checkpoint.json").read_text())
+    assert meta["policy_version"] == 9 and meta["training"]["loss"] == loss
+    report = json.loads((out / "drpo_report.json").read_text())
+    jsonschema.validate(report, TRAIN_REPORT_SCHEMA)
+    assert [s["step"] for s in report["steps"]] == [0, 1]
+    assert sum(s["tokens"] for s in report["steps"]) == report["input"]["trained_tokens"]  # one pass
+    assert report["output"] == {"dir": str(out), "policy_version": 9}
+    assert report["skipped_steps"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or state directory left
+
+
+@pytest.mark.parametrize("loss", ["pg-is", "drpo"])
+def test_surrogate_loss_goes_down_over_passes(toy, tmp_path, loss):
+    result = train(toy, tmp_path / "out", "--loss", loss, "--epochs", "4", "--quiet", "--lr", "3e-3")
+    assert result.exit_code == 0, result.output
+    losses = [s["loss"] for s in json.loads((tmp_path / "out" / "drpo_report.json").read_text())["steps"]]
+    assert len(losses) == 4
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+# ---- gradient: independent of the micro-batch size, equal to the naive full-logits computation ------
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _naive_grads(model, rows, idx, cfg) -> dict[str, torch.Tensor]:
+    """Pad-to-longest HF forward with full logits, log_softmax / temperature, the same loss and aggregation."""
+    mb = plan_micro_batches(rows, idx, 10**9)[0]  # one micro-batch holding every row
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids).logits
+    logits = logits.reshape(-1, logits.shape[-1])[mb.src_index].float() / mb.temperature[:, None]  # (M, V)
+    logp = torch.log_softmax(logits, -1).gather(1, mb.target_ids[:, None]).squeeze(1)  # (M,)
+    t = mb.token_index
+    mask = torch.from_numpy(rows.loss_mask)[t]
+    mu = torch.from_numpy(rows.behavior_logprobs)[t]
+    adv = torch.from_numpy(rows.advantages)[t]
+    loss_t = token_loss(cfg.loss, logp, mu, adv, mask=mask, **cfg.loss_hparams())
+    denom = aggregation_denominator(cfg.agg, mask, mb.seq_index)
+    aggregate(loss_t, mask, mb.seq_index, cfg.agg, denom, cfg.horizon).backward()
+    return _grads(model)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_gradient_does_not_depend_on_micro_batch_tokens(toy, agg):
+    rows = load_rows(str(toy / "rollouts.arrow"))
+    idx = np.arange(0, rows.num_rows, 3)  # 64 rows of 8..14 input positions
+    model, _ = load_model(toy / "model")
+    # Move π away from μ so that the loss's non-linear parts (clip/penalty) are exercised.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    t = torch.from_numpy
+    inputs = dict(anchor=t(rows.behavior_logprobs), rho=torch.ones(rows.num_tokens),
+                  behavior=t(rows.behavior_logprobs), advantages=t(rows.advantages), mask=t(rows.loss_mask))
+    grads, losses = [], []
+    for budget in (16, 100, 10**6):  # 1 row per micro-batch ... all rows in one
+        cfg = TrainConfig(rollouts=("x",), model="m", agg=agg, micro_batch_tokens=budget, horizon=64)
+        model.zero_grad(set_to_none=True)
+        loss, diag, tokens = accumulate_gradients(model, rows, idx, cfg, **inputs)
+        assert tokens == int(rows.loss_mask[np.concatenate([np.arange(rows.response_offsets[i],
+                                                                       rows.response_offsets[i + 1]) for i in idx])].sum())
+        grads.append(_grads(model))
+        losses.append(loss.item())
+    model.zero_grad(set_to_none=True)
+    reference = _naive_grads(model, rows, idx, cfg)
+    for g in grads:
+        assert g.keys() == reference.keys()
+        for k in g:
+            torch.testing.assert_close(g[k], reference[k], rtol=1e-4, atol=1e-7)
+    assert max(losses) - min(losses) < 1e-6 * max(1.0, abs(losses[0]))
+
+
+# ---- determinism, resume, output location --------------------------------------------------------
+
+
+def test_same_seed_same_weights(toy, tmp_path):
+    args = ["--minibatches", "3", *FAST]
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert train(toy, tmp_path / name, "--seed", seed, *args).exit_code == 0
+    a, b, c = (weights(tmp_path / n) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # another seed shuffles into other mini-batches
+
+
+def test_interrupt_then_resume_reaches_the_same_weights(toy, tmp_path):
+    args = ["--epochs", "2", "--minibatches", "2", "--warmup-steps", "3", *FAST]
+    assert train(toy, tmp_path / "straight", *args).exit_code == 0
+
+    out = tmp_path / "out"
+    state = tmp_path / "out.partial-state"
+    first = train(toy, out, *args, env={INTERRUPT_HOOK: "1"})  # SIGTERM right after step 1
+    assert first.exit_code == 130, first.output
+    assert first.stderr.splitlines() == [
+        f"error: interrupted after step 2 of 4; state saved to {state}; rerun the same command with --resume to "
+        "continue"
+    ]
+    assert not out.exists() and state.is_dir()
+
+    changed = train(toy, out, *args, "--resume", "--lr", "2e-3")
+    assert changed.exit_code == 2 and "--lr" in changed.stderr
+
+    second = train(toy, out, *args, "--resume")
+    assert second.exit_code == 0, second.output
+    assert not state.exists()
+    a, b = weights(tmp_path / "straight"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((out / "drpo_report.json").read_text())
+    straight = json.loads((tmp_path / "straight" / "drpo_report.json").read_text())
+    assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
+    assert [s["loss"] for s in report["steps"]] == [s["loss"] for s in straight["steps"]]
+
+
+def test_default_out_is_a_versioned_sibling(toy, tmp_path):
+    shutil.copytree(toy / "model", tmp_path / "ckpt")
+    argv = ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(tmp_path / "ckpt"), *FAST]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"wrote {tmp_path / 'ckpt-v9'} (policy version 9)"
+    assert (tmp_path / "ckpt-v9" / "drpo_report.json").is_file()
+    again = CliRunner().invoke(app, argv)  # the sibling now exists: refused, nothing written
+    assert again.exit_code == 2
+    assert again.stderr.splitlines() == [
+        f"error: --out {tmp_path / 'ckpt-v9'}: already exists (pass --overwrite to replace it)"
+    ]
+    assert CliRunner().invoke(app, [*argv, "--overwrite", "--loss", "pg-is"]).exit_code == 0
+    meta = json.loads((tmp_path / "ckpt-v9" / "drpo_checkpoint.json").read_text())
+    assert meta["training"]["loss"] == "pg-is"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt-v9"]
+
+
+def test_vocabulary_mismatch_is_refused(toy, tmp_path):
+    table = pa.ipc.open_file(toy / "rollouts.arrow").read_all()
+    rows = table.to_pylist()
+    rows[5]["response_ids"] = [*rows[5]["response_ids"][:-1], 21]  # vocab is 21: ids 0..20
+    pa.ipc.new_file(tmp_path / "bad.arrow", table.schema).write_table(pa.Table.from_pylist(rows, table.schema))
+    argv = ["train", "-r", str(tmp_path / "bad.arrow"), "-m", str(toy / "model"), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: {tmp_path / 'bad.arrow'}: column response_ids, row 5 (sample_id {rows[5]['sample_id']}): token id 21 "
+        f"outside the vocabulary [0, 21) of {toy / 'model'}"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.arrow"]
+
+
+def test_proximal_anchor_recomputed_with_truncated_correction(toy, tmp_path):
+    out = tmp_path / "out"
+    result = train(toy, out, "--anchor", "proximal", "--is-correction", "tis", "--is-cap", "1.5", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "drpo_report.json").read_text())
+    assert report["loss"]["anchor"] == "proximal" and report["loss"]["is_correction"] == "tis"
+    assert report["config"]["is_cap"] == 1.5

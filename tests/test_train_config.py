@@ -1,0 +1,167 @@
+"""`drpo train` options: validated before any model or data is loaded, every problem listed at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from drpo_cli.cli import app
+from drpo_cli.config import AGG_MODES, LOSS_HPARAMS, TrainConfig
+from drpo_cli.report import TRAIN_REPORT_SCHEMA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def paths(tmp_path):
+    """An existing rollout file and model directory (contents irrelevant: nothing is loaded)."""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "r.arrow").write_bytes(b"")
+    return tmp_path
+
+
+def cfg(paths: Path, **kw) -> TrainConfig:
+    return TrainConfig(rollouts=(str(paths / "r.arrow"),), model=str(paths / "ckpt"), **kw)
+
+
+def test_defaults_are_valid(paths):
+    c = cfg(paths)
+    assert c.validate() == []
+    assert c.check() is c
+    assert c.loss_hparams() == {"delta": 12.5}  # SPEC.md §1: drpo δ = 12.5
+
+
+def test_every_problem_is_listed_at_once(paths):
+    c = cfg(paths, loss="spo", delta=0.1, eps=-1.0, epochs=0, minibatches=0, lr=0.0, agg="mean",
+            device="tpu", tr_delta=1.5, columns=("nonsense",))
+    problems = c.validate()
+    # 9 problems: --delta not an spo option, eps <= 0, epochs 0, minibatches 0, lr 0, agg, device,
+    # tr_delta > 1, --column without '='.
+    assert len(problems) == 9, problems
+    assert any("--delta does not apply to --loss spo" in p for p in problems)
+    with pytest.raises(Exception) as err:
+        c.check()
+    assert err.value.exit_code == 2
+    assert err.value.message == "9 problems with the options"
+    assert err.value.details == problems
+
+
+@pytest.mark.parametrize("loss", sorted(LOSS_HPARAMS))
+def test_only_the_chosen_losses_hyperparameters_are_accepted(paths, loss):
+    valid = {"delta": 0.1, "eps": 0.1, "eps_low": 0.1, "eps_high": 0.1, "dual_clip": 3.0, "ratio_cap": 5.0}
+    c = cfg(paths, loss=loss, **valid)
+    wrong = [p for p in c.validate() if "does not apply" in p]
+    assert len(wrong) == len(valid) - len(LOSS_HPARAMS[loss])
+    ok = cfg(paths, loss=loss, **{k: valid[k] for k in LOSS_HPARAMS[loss]})
+    assert ok.validate() == []
+    assert ok.loss_hparams() == {k: valid[k] for k in LOSS_HPARAMS[loss]}
+
+
+def test_loss_table_matches_the_loss_registry():
+    from drpo_cli import losses
+
+    assert LOSS_HPARAMS == losses.DEFAULTS
+    assert AGG_MODES == losses.AGG_MODES
+
+
+def test_combination_rules(paths):
+    assert cfg(paths, is_correction="tis").validate() == [
+        "--is-correction tis needs --anchor proximal (with the behavior anchor ρ = 1)"
+    ]
+    assert cfg(paths, anchor="proximal", is_correction="tis", is_band=(0.5, 2.0)).validate() == [
+        "--is-band applies only to --is-correction mis"
+    ]
+    assert cfg(paths, anchor="proximal", is_correction="mis", is_band=(2.0, 0.5)).validate() == [
+        "--is-band must satisfy 0 <= lo < hi, got 2.0 0.5"
+    ]
+    assert cfg(paths, dtype="bf16", device="cpu").validate() == [
+        "--dtype bf16 needs --device cuda (CPU training runs in fp32)"
+    ]
+    assert cfg(paths, out=str(paths / "ckpt")).validate() == [
+        f"--out {paths / 'ckpt'}: is the input checkpoint, which is never modified"
+    ]
+    (paths / "taken").mkdir()
+    assert cfg(paths, out=str(paths / "taken")).validate() == [
+        f"--out {paths / 'taken'}: already exists (pass --overwrite to replace it)"
+    ]
+    assert cfg(paths, out=str(paths / "taken"), overwrite=True).validate() == []
+
+
+def test_nan_is_rejected(paths):
+    assert cfg(paths, lr=float("nan")).validate() == ["--lr must be > 0, got nan"]
+
+
+def test_column_map(paths):
+    c = cfg(paths, columns=("logprobs=behavior_logprobs", "adv = advantage"))
+    assert c.validate() == []
+    assert c.column_map() == {"logprobs": "behavior_logprobs", "adv": "advantage"}
+    assert len(cfg(paths, columns=("a=b",)).validate()) == 1  # b is not a schema v1 column
+
+
+def test_config_is_json_ready(paths):
+    d = cfg(paths, anchor="proximal", is_correction="mis", is_band=(0.25, 4.0)).to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert d["is_band"] == [0.25, 4.0] and d["loss_hparams"] == {"delta": 12.5}
+
+
+def test_config_does_not_import_torch():
+    code = "import sys, drpo_cli.config, drpo_cli.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_report_schema_file_equals_the_code():
+    on_disk = json.loads((ROOT / "schemas" / "train-report.schema.json").read_text())
+    assert on_disk == TRAIN_REPORT_SCHEMA
+
+
+# ---- command line: one line, exit 2, nothing written --------------------------------------------
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--loss", "ppo"], "error: --loss 'ppo': expected one of pg-is, ppo-clip, spo, dppo-tv, dppo-kl, drpo"),
+        (["--epochs", "0"], "error: --epochs must be >= 1, got 0"),
+        (["--loss", "pg-is", "--delta", "0.2"], "error: --delta does not apply to --loss pg-is (its options: none)"),
+        (["--micro-batch-tokens", "-5"], "error: --micro-batch-tokens must be >= 1, got -5"),
+        (["--anchor", "old"], "error: --anchor 'old': expected one of behavior, proximal"),
+    ],
+)
+def test_cli_bad_values(paths, args, message):
+    before = _listing(paths)
+    result = CliRunner().invoke(app, ["train", "-r", str(paths / "r.arrow"), "-m", str(paths / "ckpt"), *args])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [message]
+    assert _listing(paths) == before
+
+
+def test_cli_missing_files(tmp_path):
+    result = CliRunner().invoke(app, ["train", "-r", str(tmp_path / "nope.arrow"), "-m", str(tmp_path / "nockpt")])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "error: 2 problems with the options",
+        f"  --rollouts {tmp_path / 'nope.arrow'}: no such file or directory",
+        f"  --model {tmp_path / 'nockpt'}: not a directory (expected a Hugging Face checkpoint directory)",
+    ]
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_out_exists(paths):
+    (paths / "out").mkdir()
+    before = _listing(paths)
+    result = CliRunner().invoke(
+        app, ["train", "-r", str(paths / "r.arrow"), "-m", str(paths / "ckpt"), "--out", str(paths / "out")]
+    )
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [f"error: --out {paths / 'out'}: already exists (pass --overwrite to replace it)"]
+    assert _listing(paths) == before
