@@ -333,7 +333,7 @@ class DataAudit:
             setattr(self, name, Counter(_all_reduce_counter(dict(getattr(self, name)))))
 
     def duplicates(self, examples: int = 5) -> dict:
-        """Rows whose sample_id repeats an earlier row's, distinct repeated ids, a few examples."""
+        """Rows whose sample_id repeats an earlier row's, distinct repeated ids, the first few ids in sort order."""
         if not self.sample_ids:
             return {"rows": 0, "ids": 0, "examples": []}
         counts = pc.value_counts(pa.chunked_array(self.sample_ids, type=pa.string()))
@@ -341,7 +341,7 @@ class DataAudit:
         repeated = np.flatnonzero(c > 1)
         values = counts.field("values")
         return {"rows": int((c[repeated] - 1).sum()), "ids": int(repeated.size),
-                "examples": [values[int(i)].as_py() for i in repeated[:examples]]}
+                "examples": sorted(values.take(pa.array(repeated)).to_pylist())[:examples]}
 
     def lag_section(self, current_version: int | None, source: str) -> dict:
         known = sorted(v for v in self.version_rows if v >= 0)
@@ -519,7 +519,7 @@ def audit_data(source: RolloutSource, cfg: InspectConfig, progress: Progress | N
             temps[sb.path] = default_temperature(source, cfg, sb.path)
         _, tokens = audit.update(sb, temps[sb.path])
         if progress is not None:
-            progress("reading rollouts", tokens, None)
+            progress("reading rollouts (tokens)", tokens, None)
     audit.finish_groups()
     return audit
 

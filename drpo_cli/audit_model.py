@@ -109,7 +109,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 if writer is not None:
                     writer.write(idx, logp, entropy, t, token_lag[idx], position[idx])
                 if progress is not None:
-                    progress("per-token log-probs", mb.num_tokens, rows.num_tokens)
+                    progress("per-token log-probs (tokens)", mb.num_tokens, rows.num_tokens)
             checks = logging_checks(model, rows, row_lag, device, cfg, progress)
     finally:
         if writer is not None:
@@ -271,7 +271,7 @@ def logging_checks(model, rows: RolloutRows, row_lag: np.ndarray, device, cfg: I
         fit.append({"temperature": temp, "abs_logr_mean": float(np.abs(logr).mean()) if logr.size else None,
                     "logr_mean": float(logr.mean()) if logr.size else None})
         if progress is not None:
-            progress("logging checks", 1, len(candidates))
+            progress("logging checks (temperatures)", 1, len(candidates))
     n = int(logr_at_logged.size)
     mean = float(logr_at_logged.mean()) if n else None
     sem = float(logr_at_logged.std(ddof=1) / math.sqrt(n)) if n > 1 else None

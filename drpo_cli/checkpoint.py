@@ -214,6 +214,7 @@ class CheckpointWriter:
         overwrite: bool = False,
         max_shard_size: int | str = "2GB",
         dtype: str | None = None,
+        extra_files: Mapping[str, str | bytes] | None = None,
     ):
         self.out_dir = Path(os.path.abspath(out_dir))
         self.source_dir = Path(os.path.abspath(source_dir))
@@ -231,6 +232,12 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self.max_shard_bytes = parse_size(max_shard_size)
         self.dtype = dtype
+        self.extra_files = dict(extra_files or {})
+        for name in self.extra_files:
+            if Path(name).name != name or name in (WEIGHTS, WEIGHTS_INDEX, "config.json", DRPO_META):
+                raise CheckpointError(
+                    f"extra file {name!r}: expected a plain file name not used by the checkpoint"
+                )
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         # Same parent directory = same filesystem, so the final rename is atomic.
         self.tmp_dir = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -346,6 +353,13 @@ class CheckpointWriter:
             "source": {"path": str(self.source_dir), "policy_version": read_policy_version(self.source_dir)},
         }
         _write_json(self.tmp_dir / DRPO_META, meta)
+        for (
+            name,
+            content,
+        ) in self.extra_files.items():  # e.g. the training report, renamed in with the weights
+            path = self.tmp_dir / name
+            path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+            _fsync(path)
 
 
 def save_checkpoint(
@@ -359,6 +373,7 @@ def save_checkpoint(
     overwrite: bool = False,
     max_shard_size: int | str = "2GB",
     dtype: str | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
 ) -> Path:
     """Write a Hugging Face model directory atomically; returns `out_dir`.
 
@@ -366,6 +381,7 @@ def save_checkpoint(
     gathered from FSDP shards) described by `config` (default: the source's config.json). Tied
     weights (a tied `lm_head.weight`) are written once, as transformers expects, and tie again on
     load. Tensors are written as they are (no copy) unless `dtype` casts them, shard by shard.
+    `extra_files` (name -> content) appear in `out_dir` in the same rename, e.g. a report.
     """
     if isinstance(model_or_state_dict, torch.nn.Module):
         model = model_or_state_dict
@@ -382,6 +398,7 @@ def save_checkpoint(
         overwrite=overwrite,
         max_shard_size=max_shard_size,
         dtype=dtype,
+        extra_files=extra_files,
     ) as writer:
         ref = model if model is not None else _meta_model(writer.config, writer.source_dir)
         state_dict = _to_saved_format(ref, state_dict)

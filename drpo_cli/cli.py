@@ -185,7 +185,7 @@ def inspect_command(
         from drpo_cli.report import render_inspect
 
         err = Console(stderr=True)
-        with _progress(err, enabled=not quiet and err.is_terminal) as progress:
+        with _ProgressBar(err, enabled=not quiet and err.is_terminal) as progress:
             report = inspect_and_write(cfg, progress)
         if not quiet and json_out != "-":
             render_inspect(report, Console())
@@ -197,7 +197,7 @@ def inspect_command(
     run_guarded(body)
 
 
-class _progress:
+class _ProgressBar:
     """A rich progress bar on stderr as a callback `(phase, advance, total)`; a no-op when disabled."""
 
     def __init__(self, console, *, enabled: bool):
@@ -209,7 +209,7 @@ class _progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("tokens"), TimeElapsedColumn(), console=self.console, transient=True)
+                            TimeElapsedColumn(), console=self.console, transient=True)
         self.bar.__enter__()
         return self
 

@@ -249,11 +249,12 @@ class Diagnostics:
         self.tr_delta = float(tr_delta)
         chosen = losses if losses is not None else {name: {} for name in LOSS_NAMES}
         self.losses = {name: resolve_hparams(name, hp) for name, hp in chosen.items()}
-        self.drpo_deltas = tuple(float(resolve_hparams("drpo", {"delta": d})["delta"]) for d in drpo_deltas)
+        deltas = (float(resolve_hparams("drpo", {"delta": d})["delta"]) for d in drpo_deltas)
+        self.drpo_deltas = tuple(dict.fromkeys(deltas))  # duplicates dropped, order kept
         self.lag_buckets = lag_buckets
         # (state key prefix, loss name, hyper-parameters) of every weight distribution tracked.
         self._weighted = [(name, name, hp) for name, hp in self.losses.items() if name in _WEIGHTED_LOSSES]
-        self._weighted += [(f"drpo@{d:g}", "drpo", {"delta": d}) for d in self.drpo_deltas]
+        self._weighted += [(f"drpo@{d!r}", "drpo", {"delta": d}) for d in self.drpo_deltas]
         self._state: dict[str, Tensor] = {}
         self._ops: dict[str, str] = {}
         for key in ("n", "n_zero_adv", "n_rare", "n_outside", "n_harmful", "n_up", "n_down", "n_entropy"):

@@ -100,16 +100,16 @@ def _unsupported(model_type: str, key: str, value: object) -> CheckpointError:
 
 
 class _Workspace:
-    """Two reusable (chunk, V) float32 buffers.
+    """Reusable (chunk, V) float32 buffers: logits, and a spare one only where entropy needs it.
 
     A fresh multi-hundred-megabyte tensor per chunk costs a page fault per 4 KiB on CPU (about as
     long as the chunk's log-sum-exp itself), so every chunk writes its logits into the same memory.
     """
 
-    def __init__(self, chunk: int, m: int, head: Head, device: torch.device):
+    def __init__(self, chunk: int, m: int, head: Head, device: torch.device, *, spare: bool):
         rows, vocab = min(chunk, max(m, 1)), head.weight.shape[0]
         self.logits = torch.empty(rows, vocab, dtype=torch.float32, device=device)
-        self.spare = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        self.spare = torch.empty(rows, vocab, dtype=torch.float32, device=device) if spare else None
 
 
 def _chunk_logits(h: torch.Tensor, head: Head, inv_temp: torch.Tensor, ws: _Workspace):
@@ -193,7 +193,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, inv_temp, head, chunk, with_entropy):
         m = h.shape[0]
-        ws = _Workspace(chunk, m, head, h.device)
+        ws = _Workspace(chunk, m, head, h.device, spare=with_entropy)
         logp = torch.empty(m, dtype=torch.float32, device=h.device)
         ent = torch.empty(m if with_entropy else 0, dtype=torch.float32, device=h.device)
         for s in range(0, m, chunk):
@@ -212,12 +212,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         h, targets, inv_temp = ctx.saved_tensors
         head, chunk, m = ctx.head, ctx.chunk, h.shape[0]
-        ws = _Workspace(chunk, m, head, h.device)
+        use_ent = ctx.with_entropy and g_ent is not None
+        ws = _Workspace(chunk, m, head, h.device, spare=use_ent)
         grad_w = _f32_zeros(head.weight, ctx.needs_input_grad[1])
         grad_b = _f32_zeros(head.bias, ctx.needs_input_grad[2])
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         g_logp = torch.zeros_like(inv_temp) if g_logp is None else g_logp.float()
-        use_ent = ctx.with_entropy and g_ent is not None
         for s in range(0, m, chunk):
             sl = slice(s, min(s + chunk, m))
             z, t = _chunk_logits(h[sl], head, inv_temp[sl], ws)  # the recompute: a 4th head GEMM
@@ -247,7 +247,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, inv_temp, head, chunk, loss_fn, with_entropy):
         m = h.shape[0]
-        ws = _Workspace(chunk, m, head, h.device)
+        ws = _Workspace(chunk, m, head, h.device, spare=with_entropy)
         grad_w = _f32_zeros(weight, weight.requires_grad)
         grad_b = _f32_zeros(bias, bias is not None and bias.requires_grad)
         grad_h = torch.empty_like(h)

@@ -23,7 +23,6 @@ from drpo_cli.divergence import binary_kl, log_ratio, prob_delta
 from drpo_cli.errors import ConfigError
 
 HP_NAMES = ("delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap")
-DUAL_CLIP_C = 3.0  # the dual-clip constant c to use when dual-clip is switched on (Ye et al. 2020)
 
 
 # ---- the losses: (logp, anchor, adv, **hp) -> per-token loss; anchor and adv already detached ----

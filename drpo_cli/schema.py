@@ -61,13 +61,13 @@ COLUMNS: tuple[ColumnSpec, ...] = (
                "any float or integer type"),
     ColumnSpec("group_id", pa.string(), _ADV,
                "group of samples drawn for the same prompt (required with reward)",
-               "string, large_string, dictionary<string> or any integer type"),
+               "string, large_string, string_view, dictionary<string> or any integer type"),
     ColumnSpec("loss_mask", pa.list_(pa.bool_()), "no",
                "1 = train on this token (default all 1); same length as response_ids",
                "list or large_list of bool or any integer type (non-zero = 1)"),
     ColumnSpec("sample_id", pa.string(), "no",
                "stable id shown in reports, unique across all files (default: row number)",
-               "string, large_string, dictionary<string> or any integer type"),
+               "string, large_string, string_view, dictionary<string> or any integer type"),
     ColumnSpec("policy_version", pa.int64(), "no",
                "trainer step of the sampling policy, for staleness (default: unknown, -1)", "any integer type"),
     ColumnSpec("proximal_logprobs", pa.list_(pa.float32()), "no",
@@ -149,7 +149,7 @@ def _is_list(t: pa.DataType) -> bool:
 
 
 def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def accepts(canonical: pa.DataType, found: pa.DataType) -> bool:
@@ -432,7 +432,8 @@ def _canonical(path: str, names: list[str], raw: pa.RecordBatch, offset: int
             arrays.append(column if column.type == target else column.cast(target))
             fields.append(pa.field(name, target))
         except pa.ArrowException as err:
-            problems.append(Problem("type", path, name, None, f"values that fit {type_name(target)} (rows from {offset})",
+            problems.append(Problem("type", path, name, None,
+                                    f"values that fit {type_name(target)} (batch from row {offset})",
                                     _one_line(err)))
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields)), problems
 

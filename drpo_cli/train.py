@@ -18,6 +18,7 @@ itself SIGTERM right after step k (0-based), exercising the real handler.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -62,8 +64,13 @@ class TrainResult:
 
 def train(cfg: TrainConfig, *, console: Console | None = None) -> TrainResult:
     """Run `drpo train` for a validated config; returns where the checkpoint went and the report."""
+    # Caught up to the final rename: a signal after the last step lets the run finish.
+    with _signals_request_stop() as stop:
+        return _train(cfg, stop, console or Console())
+
+
+def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     t0 = time.perf_counter()
-    console = console or Console()
     hp = cfg.loss_hparams()
 
     # ---- output location: refused before anything is loaded ----
@@ -79,6 +86,8 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> TrainResult:
         raise ConfigError(f"{state_dir}: an interrupted run's state; pass --resume to continue it or delete it")
 
     device = pick_device(cfg.device)
+    if cfg.dtype == "bf16" and device.type != "cuda":
+        raise ConfigError(f"--dtype bf16 needs a CUDA device, found {device.type} (CPU training runs in fp32)")
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.dtype != "fp32" else None
     torch.manual_seed(cfg.seed)
 
@@ -123,9 +132,9 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> TrainResult:
         start, steps = _load_state(state_dir, cfg, model, optimizer)
 
     total_steps = cfg.epochs * cfg.minibatches
-    stop = _StopFlag()
     progress = _progress(cfg, total_steps, start)
-    with stop.installed(), progress:
+    stop.defer = True  # from here on a signal finishes the current step and saves a resumable state
+    with progress:
         task = progress.add_task("train", total=total_steps, completed=start, loss="–", tps="–", outside="–")
         for step in range(start, total_steps):
             epoch, k = divmod(step, cfg.minibatches)
@@ -335,32 +344,28 @@ def _source_dtype(model_dir: str) -> str | None:
 # ---- interrupts and resumable state ----------------------------------------------------------
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM request a stop at the next step boundary; a second signal aborts at once."""
+@contextlib.contextmanager
+def _signals_request_stop():
+    """Yields a flag that SIGINT/SIGTERM set once `stop.defer` is on (checked at step boundaries).
 
-    def __init__(self):
-        self.requested = False
+    Before that (loading: nothing to save) and on a second signal, the signal aborts at once.
+    """
+    stop = SimpleNamespace(requested=False, defer=False)
 
-    def _handle(self, signum, frame):
-        if self.requested:
+    def handle(signum, frame):
+        if stop.requested or not stop.defer:
             raise KeyboardInterrupt
-        self.requested = True
+        stop.requested = True
 
-    def installed(self):
-        flag = self
-
-        class _Ctx:
-            def __enter__(self):
-                self.saved = {}
-                if threading.current_thread() is threading.main_thread():
-                    for sig in (signal.SIGINT, signal.SIGTERM):
-                        self.saved[sig] = signal.signal(sig, flag._handle)
-
-            def __exit__(self, *exc):
-                for sig, handler in self.saved.items():
-                    signal.signal(sig, handler)
-
-        return _Ctx()
+    saved = {}
+    if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            saved[sig] = signal.signal(sig, handle)
+    try:
+        yield stop
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
 
 
 def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: int, steps: list[dict]) -> None:

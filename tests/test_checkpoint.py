@@ -86,9 +86,15 @@ def test_save_roundtrip_ties_and_copies(source, tmp_path):
     before = tree_digest(source)
     model = trained(source)
     out = save_checkpoint(
-        model, source_dir=source, out_dir=tmp_path / "out", policy_version=8, training_config={"lr": 1e-3}
+        model,
+        source_dir=source,
+        out_dir=tmp_path / "out",
+        policy_version=8,
+        training_config={"lr": 1e-3},
+        extra_files={"drpo_report.json": "{}\n"},
     )
     assert out == tmp_path / "out"
+    assert (out / "drpo_report.json").read_text() == "{}\n"
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert_same_weights(model, loaded)
     # The tied head is stored once (under the embedding's name) and ties again on load.
@@ -220,7 +226,8 @@ def test_killed_writer_leaves_no_out_dir(source, tmp_path):
         save_checkpoint(model, source_dir={str(source)!r}, out_dir={str(tmp_path / "out")!r},
                         policy_version=8, training_config={{}}, max_shard_size="50KB")
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: more threads only contend
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "flushed"
         proc.send_signal(signal.SIGKILL)

@@ -344,6 +344,24 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 
+def test_all_reduce_single_rank_round_trips_state(tmp_path):
+    # World size 1 exercises the packing / unpacking around the collectives in-process.
+    import torch.distributed as dist
+
+    logp, mu_lp, adv, mask, lag, position, entropy = audit_data(500)
+    diag = D.Diagnostics(drpo_deltas=[0.1])
+    diag.update(logp, mu_lp, adv, mask, lag=lag, position=position, entropy=entropy)
+    before = diag.state_dict()["state"]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        diag.all_reduce_()
+    finally:
+        dist.destroy_process_group()
+    after = diag.state_dict()["state"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow  # two Python processes with torch: ~10 s
 def test_all_reduce_across_two_ranks_equals_merge(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)

@@ -165,24 +165,24 @@ def test_unknown_gate_metric_lists_valid_names(valid_rollout_path, tmp_path):
 
 
 BAD_TABLES = {
-    "missing response_ids": (dict(response_ids=None), "response_ids"),
-    "no advantage source": (dict(reward=None, group_id=None), "advantage source"),
-    "reward without group_id": (dict(group_id=None), "reward without group_id"),
-    "positive log-prob": (dict(behavior_logprobs=([[-0.5, 0.5, -0.25], [-2.0], [-0.125, -0.75], [-3.0, -0.5]],
-                                                  pa.list_(pa.float32()))), "row 0"),
-    "NaN log-prob": (dict(behavior_logprobs=([[-0.5, -1.0, -0.25], [-2.0], [-0.125, float("nan")], [-3.0, -0.5]],
-                                             pa.list_(pa.float32()))), "row 2"),
-    "length mismatch": (dict(behavior_logprobs=([[-0.5, -1.0], [-2.0], [-0.125, -0.75], [-3.0, -0.5]],
-                                                pa.list_(pa.float32()))), "behavior_logprobs"),
-    "empty response": (dict(response_ids=([[5, 6, 7], [], [9, 10], [11, 12]], pa.list_(pa.int64())),
-                            behavior_logprobs=([[-0.5, -1.0, -0.25], [], [-0.125, -0.75], [-3.0, -0.5]],
+    "missing response_ids": ({"response_ids": None}, "response_ids"),
+    "no advantage source": ({"reward": None, "group_id": None}, "advantage source"),
+    "reward without group_id": ({"group_id": None}, "reward without group_id"),
+    "positive log-prob": ({"behavior_logprobs": ([[-0.5, 0.5, -0.25], [-2.0], [-0.125, -0.75], [-3.0, -0.5]],
+                                                  pa.list_(pa.float32()))}, "row 0"),
+    "NaN log-prob": ({"behavior_logprobs": ([[-0.5, -1.0, -0.25], [-2.0], [-0.125, float("nan")], [-3.0, -0.5]],
+                                             pa.list_(pa.float32()))}, "row 2"),
+    "length mismatch": ({"behavior_logprobs": ([[-0.5, -1.0], [-2.0], [-0.125, -0.75], [-3.0, -0.5]],
+                                                pa.list_(pa.float32()))}, "behavior_logprobs"),
+    "empty response": ({"response_ids": ([[5, 6, 7], [], [9, 10], [11, 12]], pa.list_(pa.int64())),
+                            "behavior_logprobs": ([[-0.5, -1.0, -0.25], [], [-0.125, -0.75], [-3.0, -0.5]],
                                                pa.list_(pa.float32())),
-                            loss_mask=([[True, True, False], [], [True, True], [True, True]], pa.list_(pa.bool_()))),
+                            "loss_mask": ([[True, True, False], [], [True, True], [True, True]], pa.list_(pa.bool_()))},
                        "row 1"),
-    "wrong type": (dict(behavior_logprobs=([["a"], ["b"], ["c"], ["d"]], pa.list_(pa.string()))), "behavior_logprobs"),
-    "negative token id": (dict(response_ids=([[5, 6, 7], [8], [-9, 10], [11, 12]], pa.list_(pa.int64()))), "row 2"),
-    "non-finite reward": (dict(reward=([1.0, float("inf"), 2.0, 4.0], pa.float32())), "reward"),
-    "zero temperature": (dict(temperature=([0.9, 0.0, 0.9, 0.9], pa.float32())), "temperature"),
+    "wrong type": ({"behavior_logprobs": ([["a"], ["b"], ["c"], ["d"]], pa.list_(pa.string()))}, "behavior_logprobs"),
+    "negative token id": ({"response_ids": ([[5, 6, 7], [8], [-9, 10], [11, 12]], pa.list_(pa.int64()))}, "row 2"),
+    "non-finite reward": ({"reward": ([1.0, float("inf"), 2.0, 4.0], pa.float32())}, "reward"),
+    "zero temperature": ({"temperature": ([0.9, 0.0, 0.9, 0.9], pa.float32())}, "temperature"),
 }
 
 
@@ -230,3 +230,19 @@ def test_column_rename(tmp_path):
     assert r["metrics"]["data/tokens"] == 7 and r["inputs"]["columns"] == {"logprobs": "behavior_logprobs"}
     assert math.isclose(r["metrics"]["data/neg_logmu_mean"], 1.125)
     assert np.isfinite(r["settings"]["seconds"])
+
+
+def test_data_audit_merge_equals_one_pass(tmp_path):
+    from drpo_cli.audit import DataAudit
+    from drpo_cli.schema import open_rollouts
+
+    big = pa.concat_tables([valid_rollout_table()] * 5)
+    path = write_rollout_table(big, tmp_path / "r.arrow", fmt="stream", max_chunksize=3)  # 7 batches
+    batches = list(open_rollouts(str(path)).iter_batches())
+    whole, first, second = DataAudit(), DataAudit(), DataAudit()
+    for i, sb in enumerate(batches):
+        whole.update(sb, 1.0)
+        (first if i % 2 else second).update(sb, 1.0)
+    first.merge_(second)
+    first.all_reduce_()  # one process: a no-op
+    assert first.section(None, "unknown") == whole.section(None, "unknown")

@@ -15,7 +15,12 @@ from typer.testing import CliRunner
 from drpo_cli.audit import inspect_and_write
 from drpo_cli.cli import app
 from drpo_cli.config import InspectConfig
-from drpo_cli.report import INSPECT_MODEL_METRICS, INSPECT_REPORT_SCHEMA, validate_report
+from drpo_cli.report import (
+    INSPECT_DATA_METRICS,
+    INSPECT_MODEL_METRICS,
+    INSPECT_REPORT_SCHEMA,
+    validate_report,
+)
 
 TOY = Path(__file__).resolve().parent.parent / "examples" / "toy"
 MODEL, ROLLOUTS = TOY / "model", TOY / "rollouts.arrow"
@@ -30,22 +35,26 @@ def table() -> pa.Table:
 
 @pytest.fixture(scope="module")
 def naive(table) -> dict:
-    """Per-token log π from full logits of prompt + response[:-1], /T, float32 log-softmax, one row at a time."""
+    """Per-token log π from full logits of prompt + response[:-1], /T, float32 log-softmax, one row at a time.
+
+    `logp_t1` is the same at T = 1, what a sampler that logs before applying temperature records.
+    """
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    logp, rows = [], []
+    logp, logp_t1, rows = [], [], []
     with torch.no_grad():
         for i, row in enumerate(table.to_pylist()):
             ids = torch.tensor(row["prompt_ids"] + row["response_ids"][:-1])[None]  # (1, L)
             logits = model(input_ids=ids).logits[0, len(row["prompt_ids"]) - 1:].float()  # (R, V)
-            lp = torch.log_softmax(logits / row["temperature"], dim=-1)
-            logp.append(lp.gather(1, torch.tensor(row["response_ids"])[:, None])[:, 0].double().numpy())
+            target = torch.tensor(row["response_ids"])[:, None]  # (R, 1)
+            for out, temp in ((logp, row["temperature"]), (logp_t1, 1.0)):
+                out.append(torch.log_softmax(logits / temp, dim=-1).gather(1, target)[:, 0].double().numpy())
             rows.append(np.full(len(row["response_ids"]), i))
     # Group-relative advantages A = R − mean over the group (SPEC.md §1), broadcast over the row's tokens.
     reward = np.array(table.column("reward").to_pylist(), dtype=np.float64)
     group = np.array(table.column("group_id").to_pylist())
     row_adv = reward - np.array([reward[group == g].mean() for g in group])
     row = np.concatenate(rows)
-    return {"logp": np.concatenate(logp), "row": row, "adv": row_adv[row],
+    return {"logp": np.concatenate(logp), "logp_t1": np.concatenate(logp_t1), "row": row, "adv": row_adv[row],
             "mu": np.concatenate([np.array(x, dtype=np.float64) for x in table.column("behavior_logprobs").to_pylist()]),
             "lag": CURRENT_VERSION - np.array(table.column("policy_version").to_pylist())[row],
             "sample_id": np.array(table.column("sample_id").to_pylist())[row]}
@@ -82,7 +91,8 @@ def test_report_metrics_equal_the_naive_recompute(run, naive):
     report, _ = run
     validate_report(report, INSPECT_REPORT_SCHEMA)
     m = report["metrics"]
-    assert set(INSPECT_MODEL_METRICS) <= set(m)
+    # Every metric of the report is a documented, gateable name.
+    assert set(m) == set(INSPECT_DATA_METRICS) | set(INSPECT_MODEL_METRICS)
     lp, mu, adv = naive["logp"], naive["mu"], naive["adv"]
     logr = np.clip(lp - mu, -20, 20)
     delta = np.exp(lp) - np.exp(mu)
@@ -140,14 +150,7 @@ def _lag0_file(tmp_path, table, naive, mu) -> Path:
 
 def test_logging_check_finds_logprobs_logged_before_temperature(tmp_path, table, naive):
     # μ recomputed at T = 1 while the rows say T = 0.9: what a sampler logging before temperature writes.
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    mu = []
-    with torch.no_grad():
-        for row in table.to_pylist():
-            ids = torch.tensor(row["prompt_ids"] + row["response_ids"][:-1])[None]
-            logits = model(input_ids=ids).logits[0, len(row["prompt_ids"]) - 1:].float()
-            mu.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(row["response_ids"])[:, None])[:, 0].numpy())
-    path = _lag0_file(tmp_path, table, naive, np.concatenate(mu))
+    path = _lag0_file(tmp_path, table, naive, naive["logp_t1"])
     report = inspect_and_write(InspectConfig(rollouts=(str(path),), model=str(MODEL), quiet=True).check())
     checks = report["model"]["logging_checks"]
     assert checks["temperature_suspected"] and checks["best_temperature"] == 1.0
