@@ -61,37 +61,65 @@ def _reset_hwm() -> bool:
         return False
 
 
-def measure(fn: Callable[[], object], repeats: int, setup: Callable[[], object] = lambda: None):
-    """(best wall seconds, max peak extra resident bytes) over `repeats` calls of fn.
+def _one(fn: Callable[[], object]) -> tuple[float, float, float]:
+    """(wall seconds, process CPU seconds, peak extra resident bytes) of one call of fn."""
+    gc.collect()
+    if _reset_hwm():
+        base = _status_kb("VmRSS")
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return wall, cpu, (_status_kb("VmHWM") - base) * 1024
+    import psutil
 
+    proc, stop, top = psutil.Process(), threading.Event(), [0]
+    base = proc.memory_info().rss
+    th = threading.Thread(target=_sample_rss, args=(proc, stop, top))
+    th.start()
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    stop.set()
+    th.join()
+    return wall, cpu, top[0] - base
+
+
+def compare(
+    arms: list[tuple[str, Callable[[], object]]],
+    tokens: int,
+    repeats: int,
+    setup: Callable[[], object] = lambda: None,
+) -> None:
+    """Run the arms interleaved `repeats` times; print best wall/CPU time and max peak, ratios vs arm 0.
+
+    Interleaving and best-of-N keep the comparison fair on a machine shared with other jobs; the CPU
+    time (all threads of this process) is the steadier figure when the cores are oversubscribed.
     `setup` runs untimed before each call (e.g. dropping the previous step's gradients, which would
     otherwise be freed inside the measured window and hide that much of the peak).
     """
-    best, peak = math.inf, 0.0
+    best = {name: [math.inf, math.inf, 0.0] for name, _ in arms}
     for _ in range(repeats):
-        setup()
-        gc.collect()
-        if _reset_hwm():
-            base = _status_kb("VmRSS")
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            extra = (_status_kb("VmHWM") - base) * 1024
-        else:
-            import psutil
-
-            proc, stop, top = psutil.Process(), threading.Event(), [0]
-            base = proc.memory_info().rss
-            th = threading.Thread(target=_sample_rss, args=(proc, stop, top))
-            th.start()
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            stop.set()
-            th.join()
-            extra = top[0] - base
-        best, peak = min(best, dt), max(peak, extra)
-    return best, peak
+        for name, fn in arms:
+            setup()
+            wall, cpu, peak = _one(fn)
+            b = best[name]
+            b[0], b[1], b[2] = min(b[0], wall), min(b[1], cpu), max(b[2], peak)
+    w0, c0, p0 = best[arms[0][0]]
+    for i, (name, _) in enumerate(arms):
+        wall, cpu, peak = best[name]
+        ratios = (
+            ""
+            if i == 0
+            else (
+                f"  speed ×{w0 / wall:4.2f} wall, ×{c0 / cpu:4.2f} cpu;"
+                f"  memory {100 * peak / max(p0, 1):5.1f}%"
+            )
+        )
+        print(
+            f"  {name:<44} {tokens / wall:7.0f} tok/s wall {tokens / cpu:7.0f} tok/cpu-s  "
+            f"peak +{peak / GB:5.2f} GB{ratios}"
+        )
+    return best
 
 
 def _sample_rss(proc, stop: threading.Event, top: list[int]) -> None:
@@ -118,9 +146,16 @@ def gemm_flops(h: int, vocab: int, threads: int) -> float:
 
 def build_model(vocab: int, hidden: int, layers: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=8192, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
 
 
@@ -146,8 +181,9 @@ def make_rows(prompt_len: int, response_lens: list[int], vocab: int, seed: int =
 
 def naive_logprobs(model, mb) -> torch.Tensor:
     """Full logits for every position → / temperature → float32 log_softmax → gather."""
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                   position_ids=mb.position_ids).logits  # (B, L, V)
+    logits = model(
+        input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids
+    ).logits  # (B, L, V)
     temp = mb.temperature.new_ones(mb.num_rows).index_put((mb.seq_index,), mb.temperature)  # (B,)
     logp_all = torch.log_softmax(logits.float() / temp[:, None, None], dim=-1)  # (B, L, V)
     return logp_all.reshape(-1, logp_all.shape[-1])[mb.src_index].gather(1, mb.target_ids[:, None]).squeeze(1)
@@ -170,20 +206,15 @@ def pg_is_loss(rows: RolloutRows, mb):
 # ---------------------------------------------------------------------------------------------
 
 
-def row(name, tokens, secs, peak, base=None):
-    rate = tokens / secs
-    ratios = "" if base is None else f"  speed ×{rate / (base[0]):5.2f}  memory {100 * peak / base[1]:5.1f}%"
-    print(f"  {name:<34} {tokens:>6} tok  {secs:7.2f} s  {rate:8.0f} tok/s  peak +{peak / GB:6.2f} GB{ratios}")
-    return rate, peak
-
-
 def section_a(model, args):
     rows = make_rows(args.prompt, [args.response] * args.rows, args.vocab)
     (mb,) = plan_micro_batches(rows, np.arange(rows.num_rows), 10**9)
     loss_fn = pg_is_loss(rows, mb)
     m = mb.num_tokens
-    print(f"\n(a) training step, forward + backward: {args.rows} rows × (prompt {args.prompt} + response "
-          f"{args.response}) = {m} response tokens, chunk {args.chunk}")
+    print(
+        f"\n(a) training step, forward + backward: {args.rows} rows × (prompt {args.prompt} + response "
+        f"{args.response}) = {m} response tokens, chunk {args.chunk}"
+    )
 
     def naive():
         loss_fn(naive_logprobs(model, mb), slice(None)).backward()
@@ -197,19 +228,30 @@ def section_a(model, args):
     def drop_grads():
         model.zero_grad(set_to_none=True)
 
-    base = row("naive (full logits)", m, *measure(naive, args.repeats, drop_grads))
-    secs_f, peak_f = measure(fused, args.repeats, drop_grads)
-    row("ours fused (3 head GEMMs)", m, secs_f, peak_f, base)
-    row("ours chunked + recompute (4 GEMMs)", m, *measure(recompute, args.repeats, drop_grads), base)
+    best = compare(
+        [
+            ("naive (full logits)", naive),
+            ("ours fused (3 head GEMMs)", fused),
+            ("ours chunked + recompute (4 head GEMMs)", recompute),
+        ],
+        m,
+        args.repeats,
+        drop_grads,
+    )
+    secs_f = best["ours fused (3 head GEMMs)"][0]
     model.zero_grad(set_to_none=True)
     head_flops = 3 * 2 * m * args.hidden * args.vocab
-    print(f"  fused head GEMM FLOP/s (lower bound, whole step timed): {head_flops / secs_f / 1e9:6.1f} G = "
-          f"{100 * head_flops / secs_f / args.peak_flops:4.1f}% of this machine's measured large-matmul rate")
+    print(
+        f"  fused: head GEMMs at {head_flops / secs_f / 1e9:5.1f} GFLOP/s over the whole step's wall time = "
+        f"{100 * head_flops / secs_f / args.peak_flops:4.1f}% of this machine's measured large-matmul rate"
+    )
 
 
 def section_b(model, args):
-    print(f"\n(b) inference mode (audit path), response {args.response} per row, prompt {args.prompt}, "
-          f"chunk {args.chunk}")
+    print(
+        f"\n(b) inference mode (audit path), response {args.response} per row, prompt {args.prompt}, "
+        f"chunk {args.chunk}"
+    )
     for t in args.infer_tokens:
         rows = make_rows(args.prompt, [args.response] * max(1, t // args.response), args.vocab, seed=t)
         (mb,) = plan_micro_batches(rows, np.arange(rows.num_rows), 10**9)
@@ -222,8 +264,11 @@ def section_b(model, args):
             with torch.inference_mode():
                 token_logprobs(model, mb, chunk_tokens=args.chunk)
 
-        base = row(f"naive (full logits), T={mb.num_tokens}", mb.num_tokens, *measure(naive, args.repeats))
-        row(f"ours chunked, T={mb.num_tokens}", mb.num_tokens, *measure(ours, args.repeats), base)
+        compare(
+            [(f"naive (full logits), T={mb.num_tokens}", naive), (f"ours chunked, T={mb.num_tokens}", ours)],
+            mb.num_tokens,
+            args.repeats,
+        )
 
 
 def section_c(args):
@@ -234,20 +279,20 @@ def section_c(args):
     padded = plan_micro_batches(rows, idx, 10**9)
     budgeted = plan_micro_batches(rows, idx, args.budget)
     t = rows.num_tokens
-    print(f"\n(c) skewed batch, inference mode: response lengths {lens[0]} … {lens[-1]} ({t} tokens), prompt "
-          f"{args.prompt}, body {args.skew_layers} layer(s); both arms use the chunked head")
+    print(
+        f"\n(c) skewed batch, inference mode: response lengths {lens[0]} … {lens[-1]} ({t} tokens), prompt "
+        f"{args.prompt}, body {args.skew_layers} layer(s); both arms use the chunked head"
+    )
 
     def run(batches):
         with torch.inference_mode():
             for mb in batches:
                 token_logprobs(model, mb, chunk_tokens=args.chunk)
 
-    pos = sum(mb.positions for mb in padded)
-    base = row(f"pad to longest: 1 batch, {pos} positions, pad {100 * padding_fraction(padded):.0f}%", t,
-               *measure(lambda: run(padded), args.repeats))
-    pos = sum(mb.positions for mb in budgeted)
-    row(f"budget {args.budget}: {len(budgeted)} batches, {pos} positions, "
-        f"pad {100 * padding_fraction(budgeted):.0f}%", t, *measure(lambda: run(budgeted), args.repeats), base)
+    pos_p, pos_b = sum(mb.positions for mb in padded), sum(mb.positions for mb in budgeted)
+    name_p = f"pad to longest: 1 batch, {pos_p} positions, pad {100 * padding_fraction(padded):.0f}%"
+    name_b = f"budget {args.budget}: {len(budgeted)} batches, {pos_b} pos., pad {100 * padding_fraction(budgeted):.0f}%"
+    compare([(name_p, lambda: run(padded)), (name_b, lambda: run(budgeted))], t, args.repeats)
 
 
 def main():
@@ -256,22 +301,28 @@ def main():
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=1, help="body layers for (a) and (b)")
-    p.add_argument("--skew-layers", type=int, default=1, help="body layers for (c)")
+    p.add_argument("--skew-layers", type=int, default=8, help="body layers for (c)")
     p.add_argument("--rows", type=int, default=4)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--response", type=int, default=1024)
     p.add_argument("--chunk", type=int, default=256, help="chunk_tokens of the chunked head")
     p.add_argument("--budget", type=int, default=8192, help="micro_batch_tokens for (c)")
     p.add_argument("--infer-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 4096])
-    p.add_argument("--repeats", type=int, default=2, help="timed calls per arm (best time, max memory)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="interleaved timed calls per arm (best time, max memory)"
+    )
     p.add_argument("--sections", default="abc")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.peak_flops = gemm_flops(args.hidden, args.vocab, args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU; model: Qwen2 body of {args.layers} layer(s), "
-          f"hidden {args.hidden}, untied head V={args.vocab} (tiny body to isolate the head)")
-    print(f"large-matmul rate on this machine (1024×{args.hidden} · {args.hidden}×{args.vocab}): "
-          f"{args.peak_flops / 1e9:.1f} GFLOP/s;  memory = extra peak RSS (VmHWM) over the step's start")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, CPU; model: Qwen2 body of {args.layers} layer(s), "
+        f"hidden {args.hidden}, untied head V={args.vocab} (tiny body to isolate the head)"
+    )
+    print(
+        f"large-matmul rate on this machine (1024×{args.hidden} · {args.hidden}×{args.vocab}): "
+        f"{args.peak_flops / 1e9:.1f} GFLOP/s;  memory = extra peak RSS (VmHWM) over the step's start"
+    )
     model = build_model(args.vocab, args.hidden, args.layers)
     if "a" in args.sections:
         section_a(model, args)

@@ -16,29 +16,91 @@ tokens (forward and two gradient GEMMs; attention's quadratic term is left out).
 fraction of this machine's large-matmul FLOP/s, measured in the same run (a square fp32 matmul).
 The model is a random-weight Qwen2 with a small body and the real 151,936-token head, so the head,
 where the time and memory go, dominates. Peak memory: extra resident memory at the step's peak
-(CPU, see benchmarks/logprobs.py) or torch.cuda.max_memory_allocated above the start (CUDA).
+(CPU: the resident high-water mark, reset before each call) or torch.cuda.max_memory_allocated above
+the start (CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from logprobs import build_model, make_rows, measure, naive_logprobs  # noqa: E402
-
-from drpo_cli.config import TrainConfig  # noqa: E402
-from drpo_cli.data import plan_micro_batches  # noqa: E402
-from drpo_cli.losses import aggregate, aggregation_denominator, token_loss  # noqa: E402
-from drpo_cli.train import accumulate_gradients  # noqa: E402
+from drpo_cli.config import TrainConfig
+from drpo_cli.data import plan_micro_batches
+from drpo_cli.losses import aggregate, aggregation_denominator, token_loss
+from drpo_cli.rollouts import RolloutRows
+from drpo_cli.train import accumulate_gradients
 
 GB = 1e9
+
+
+def build_model(vocab: int, hidden: int, layers: int) -> torch.nn.Module:
+    """A random-weight Qwen2 with a small body and an untied head of `vocab` rows."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=8192, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+
+
+def make_rows(prompt_len: int, response_len: int, n: int, vocab: int, seed: int = 0) -> RolloutRows:
+    """n random rows; behavior log-probs near a random model's −log V, temperatures 0.7 / 1.0 / 1.3."""
+    g = np.random.default_rng(seed)
+    t = n * response_len
+    return RolloutRows(
+        prompt_ids=g.integers(0, vocab, n * prompt_len), prompt_offsets=np.arange(n + 1) * prompt_len,
+        response_ids=g.integers(0, vocab, t), response_offsets=np.arange(n + 1) * response_len,
+        behavior_logprobs=(-g.exponential(2.0, t) - 10.0).astype(np.float32),
+        advantages=g.standard_normal(t).astype(np.float32), loss_mask=np.ones(t, dtype=bool),
+        proximal_logprobs=None, sample_ids=[str(i) for i in range(n)], policy_version=np.zeros(n, dtype=np.int64),
+        temperature=np.array([(0.7, 1.0, 1.3)[i % 3] for i in range(n)], dtype=np.float32),
+        source_file=["bench"] * n, source_row=np.arange(n),
+    )
+
+
+def naive_logprobs(model, mb) -> torch.Tensor:
+    """Full logits for every position → / temperature → float32 log_softmax → gather."""
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                   position_ids=mb.position_ids).logits  # (B, L, V)
+    temp = mb.temperature.new_ones(mb.num_rows).index_put((mb.seq_index,), mb.temperature)  # (B,)
+    logp_all = torch.log_softmax(logits.float() / temp[:, None, None], dim=-1)  # (B, L, V)
+    return logp_all.reshape(-1, logp_all.shape[-1])[mb.src_index].gather(1, mb.target_ids[:, None]).squeeze(1)
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def measure(fn, repeats: int, device: torch.device) -> tuple[float, float]:
+    """(best seconds, peak extra memory in bytes) over `repeats` calls.
+
+    CPU: writing 5 to /proc/self/clear_refs resets the resident high-water mark (Linux), so VmHWM − VmRSS
+    is the extra memory the call needed at its peak. CUDA: max_memory_allocated above the start.
+    """
+    best, peak = math.inf, 0.0
+    for _ in range(repeats):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            base = _status_kb("VmRSS") * 1024
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        top = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kb("VmHWM") * 1024
+        peak = max(peak, top - base)
+    return best, peak
 
 
 def matmul_flops(device: torch.device, n: int) -> float:
@@ -91,7 +153,7 @@ def main() -> None:
 
     model = build_model(args.vocab, args.hidden, args.layers).to(device)
     model.train()  # the dropout-free Qwen2 config: train mode changes nothing numerically
-    rows = make_rows(args.prompt, [args.response] * args.rows, args.vocab)
+    rows = make_rows(args.prompt, args.response, args.rows, args.vocab)
     idx = np.arange(rows.num_rows)
     cfg = TrainConfig(rollouts=("bench",), model="bench", loss=args.loss, micro_batch_tokens=args.micro_batch_tokens)
     hp = cfg.loss_hparams()
@@ -141,13 +203,7 @@ def main() -> None:
     results = {}
     for name, fn in (("naive", naive), ("ours", ours)):
         step(fn)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            secs, _ = measure(lambda fn=fn: step(fn), args.repeats)
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            secs, peak = measure(lambda fn=fn: step(fn), args.repeats)
+        secs, peak = measure(lambda fn=fn: step(fn), args.repeats, device)
         results[name] = (secs, peak)
         print(f"  {name:<7} {secs:8.3f} {tokens / secs:10.0f} {work / secs / 1e9:9.1f} "
               f"{100 * work / secs / peak_flops:7.1f}% {peak / GB:8.2f} GB")

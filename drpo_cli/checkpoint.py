@@ -140,7 +140,10 @@ def load_model(
     policy_version = read_policy_version(path)
 
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    # drpo draws its own progress; the per-tensor "Loading weights" bar would clutter stderr.
+    hf_logging.disable_progress_bar()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path,

@@ -110,7 +110,9 @@ def plan_micro_batches(
 
 def _check_rows(rows: RolloutRows, idx: np.ndarray) -> None:
     if idx.size and (idx.min() < 0 or idx.max() >= rows.num_rows):
-        raise InputError(f"row_indices: expected values in [0, {rows.num_rows}), found {idx.min()}..{idx.max()}")
+        raise InputError(
+            f"row_indices: expected values in [0, {rows.num_rows}), found {idx.min()}..{idx.max()}"
+        )
     # Without a prompt token nothing predicts the first response token.
     empty = idx[rows.prompt_lengths()[idx] == 0]
     if empty.size:

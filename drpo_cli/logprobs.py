@@ -29,7 +29,7 @@ LossFn = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; "cuda" without a GPU is a ConfigError."""
+    """ "auto" -> cuda when available, else cpu; "cuda" without a GPU is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -115,12 +115,14 @@ class _Workspace:
 def _chunk_logits(h: torch.Tensor, head: Head, inv_temp: torch.Tensor, ws: _Workspace):
     """Temperature-scaled float32 logits z (m, V) of one chunk, and tanh(x / c) when soft-capped."""
     m = h.shape[0]
-    if head.weight.dtype == torch.float32:
-        z = torch.mm(h.float(), head.weight.t(), out=ws.logits[:m])  # (m, V)
-        if head.bias is not None:
-            z.add_(head.bias)
-    else:  # low-precision weights: GEMM in their dtype, everything after it in float32
-        z = F.linear(h.to(head.weight.dtype), head.weight, head.bias).float()  # (m, V)
+    # The head runs in the weight's own dtype even when the caller holds an autocast context.
+    with torch.autocast(h.device.type, enabled=False):
+        if head.weight.dtype == torch.float32:
+            z = torch.mm(h.float(), head.weight.t(), out=ws.logits[:m])  # (m, V)
+            if head.bias is not None:
+                z.add_(head.bias)
+        else:  # low-precision weights: GEMM in their dtype, everything after it in float32
+            z = F.linear(h.to(head.weight.dtype), head.weight, head.bias).float()  # (m, V)
     if head.multiplier != 1.0:
         z.mul_(head.multiplier)
     t = None
@@ -184,7 +186,11 @@ def _accumulate_head_grads(gz, h, head: Head, grad_w, grad_b):
 
 
 def _f32_zeros(like: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
-    return torch.zeros(like.shape, dtype=torch.float32, device=like.device) if like is not None and needed else None
+    return (
+        torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        if like is not None and needed
+        else None
+    )
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -225,7 +231,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
             p = e.div_(sums[:, None])  # (m, V)
             g_ent_z = None
             if use_ent:  # dH/dz = −p ⊙ (log p + H), with log p = (z − max) − log S held in z
-                g_ent_z = z.sub_(sums.log()[:, None]).add_(ent[:, None]).mul_(p).mul_(-g_ent[sl].float()[:, None])
+                g_ent_z = (
+                    z.sub_(sums.log()[:, None]).add_(ent[:, None]).mul_(p).mul_(-g_ent[sl].float()[:, None])
+                )
             gz = _grad_from_probs(p, targets[sl], g_logp[sl])
             if g_ent_z is not None:
                 gz.add_(g_ent_z)
@@ -285,8 +293,17 @@ class _FusedHeadLoss(torch.autograd.Function):
         def scaled(g):
             return None if g is None else (g * g_total).to(ctx.weight_dtype)
 
-        return (grad_h * g_total.to(grad_h.dtype), scaled(grad_w), scaled(grad_b),
-                None, None, None, None, None, None)
+        return (
+            grad_h * g_total.to(grad_h.dtype),
+            scaled(grad_w),
+            scaled(grad_b),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
@@ -298,7 +315,9 @@ def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor 
 # ---------------------------------------------------------------------------------------------
 
 
-def response_hidden_states(model: torch.nn.Module, mb: MicroBatch, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+def response_hidden_states(
+    model: torch.nn.Module, mb: MicroBatch, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """(M, H) final hidden states of the positions predicting each response token.
 
     Runs the decoder body only (no head); `dtype` (e.g. torch.bfloat16) runs it under autocast.
@@ -308,8 +327,12 @@ def response_hidden_states(model: torch.nn.Module, mb: MicroBatch, *, dtype: tor
     body = model.get_decoder()
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
-        out = body(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                   position_ids=mb.position_ids, use_cache=False)
+        out = body(
+            input_ids=mb.input_ids,
+            attention_mask=mb.attention_mask,
+            position_ids=mb.position_ids,
+            use_cache=False,
+        )
     hidden = out.last_hidden_state  # (B, L, H)
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, mb.src_index)  # (M, H)
 
@@ -332,8 +355,9 @@ def token_logprobs(
     head = output_head(model)
     h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
     inv_temp = 1.0 / mb.temperature.float()  # (M,)
-    logp, ent = _ChunkedLogprobs.apply(h, head.weight, head.bias, mb.target_ids, inv_temp, head,
-                                       chunk_tokens, with_entropy)
+    logp, ent = _ChunkedLogprobs.apply(
+        h, head.weight, head.bias, mb.target_ids, inv_temp, head, chunk_tokens, with_entropy
+    )
     return logp, (ent if with_entropy else None)
 
 
@@ -357,8 +381,9 @@ def fused_token_loss(
     head = output_head(model)
     h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
     inv_temp = 1.0 / mb.temperature.float()  # (M,)
-    loss, logp, ent = _FusedHeadLoss.apply(h, head.weight, head.bias, mb.target_ids, inv_temp, head,
-                                           chunk_tokens, loss_fn, with_entropy)
+    loss, logp, ent = _FusedHeadLoss.apply(
+        h, head.weight, head.bias, mb.target_ids, inv_temp, head, chunk_tokens, loss_fn, with_entropy
+    )
     return loss, logp.detach(), (ent.detach() if with_entropy else None)
 
 

@@ -115,11 +115,11 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         else:  # recomputed once from the starting checkpoint, before the first update
             anchor = _logprobs_of(model, rows, cfg, autocast, with_entropy=False)[0]
         rho = behavior_weight(cfg.is_correction, anchor, behavior, cap=cfg.resolved_is_cap(),
-                              band=cfg.resolved_is_band())
+                              band=cfg.resolved_is_band(), mask=mask)
 
     # ---- optimizer, resumable state ----
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # needed by gradient checkpointing; dropout stays off: π must be the policy μ approximated
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -222,8 +222,8 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
     diag = Diagnostics(cfg.tr_delta, {cfg.loss: hp})
     tokens = torch.zeros((), dtype=torch.int64, device=device)
     for mb in micro:
+        idx = mb.token_index  # (M,) on the CPU, like the per-token arrays it indexes
         mb = mb.to(device)
-        idx = mb.token_index
         m, a, mu = mask[idx].to(device), advantages[idx].to(device), anchor[idx].to(device)  # (M,)
         # Per-token weight of the step loss: mask × global 1/denominator (aggregation) × ρ (correction).
         coef = token_coefficients(cfg.agg, m, mb.seq_index, denom, horizon=cfg.horizon) * rho[idx].to(device)
@@ -313,25 +313,10 @@ def _flat_metrics(summary: dict) -> dict[str, float | None]:
 
 
 def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, report_text: str) -> None:
-    """Checkpoint + report appear together: both are written into a hidden sibling, renamed in last."""
-    stage = out_dir.with_name(f".{out_dir.name}.stage-{uuid.uuid4().hex[:8]}")
-    try:
-        save_checkpoint(model, source_dir=cfg.model, out_dir=stage, policy_version=version,
-                        training_config=cfg.to_dict(), dtype=_source_dtype(cfg.model))
-        with open(stage / REPORT_NAME, "w", encoding="utf-8") as f:
-            f.write(report_text)
-            f.flush()
-            os.fsync(f.fileno())
-        if out_dir.exists():  # --overwrite: old aside, new in, old deleted
-            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out_dir, old)
-            os.rename(stage, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    """Checkpoint and report appear together, in one atomic rename (--overwrite: old aside, new in)."""
+    save_checkpoint(model, source_dir=cfg.model, out_dir=out_dir, policy_version=version,
+                    training_config=cfg.to_dict(), overwrite=cfg.overwrite, dtype=_source_dtype(cfg.model),
+                    extra_files={REPORT_NAME: report_text})
 
 
 def _source_dtype(model_dir: str) -> str | None:

@@ -5,18 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import Gemma2Config, GraniteConfig, LlamaConfig, Qwen2Config
-from transformers import AutoModelForCausalLM
+from test_data import make_rows  # tests/ is on sys.path under pytest
+from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig, LlamaConfig, Qwen2Config
 
 from drpo_cli.data import plan_micro_batches
 from drpo_cli.errors import CheckpointError, ConfigError
 from drpo_cli.logprobs import fused_token_loss, output_head, pick_device, token_logprobs
-from test_data import make_rows  # tests/ is on sys.path under pytest
 
 TOL = 1e-5
 VOCAB = 97
-SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 128}
+SMALL = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 128,
+}
 
 
 def build(config_cls=Qwen2Config, *, tied=True, bias=False, seed=0, attn="sdpa", **extra) -> torch.nn.Module:
@@ -69,7 +75,9 @@ def ours(model, rows, *, budget, side, chunk, with_entropy=True):
 def objective(logp, ent, seed=1):
     """A fixed random linear functional (token-mean scale), so every log-prob and entropy carries gradient."""
     g = torch.Generator().manual_seed(seed)
-    total = (torch.randn(logp.shape, generator=g) * logp).sum() + (torch.randn(ent.shape, generator=g) * ent).sum()
+    total = (torch.randn(logp.shape, generator=g) * logp).sum() + (
+        torch.randn(ent.shape, generator=g) * ent
+    ).sum()
     return total / logp.numel()
 
 
@@ -116,8 +124,12 @@ def test_logprobs_entropy_and_grads_match_naive(case, side, chunk, budget):
 def test_logprob_only_grads_match_naive():
     model, rows = build(LlamaConfig, tied=False), random_rows(seed=3)
     ref = grads(model, lambda: objective(naive(model, rows)[0], torch.zeros(0)))
-    got = grads(model, lambda: objective(
-        ours(model, rows, budget=20, side="right", chunk=3, with_entropy=False)[0], torch.zeros(0)))
+    got = grads(
+        model,
+        lambda: objective(
+            ours(model, rows, budget=20, side="right", chunk=3, with_entropy=False)[0], torch.zeros(0)
+        ),
+    )
     assert_grads_close(got, ref)
 
 
@@ -180,13 +192,17 @@ def test_inference_mode_audit_path():
 def test_config_logit_transforms_match_the_models_own_forward(config_cls, extra):
     model, rows = build(config_cls, tied=True, seed=10, **extra), random_rows(seed=11)
     head = output_head(model)
-    assert (head.softcap, head.multiplier) == ((3.0, 1.0) if "final_logit_softcapping" in extra else (None, 0.25))
+    assert (head.softcap, head.multiplier) == (
+        (3.0, 1.0) if "final_logit_softcapping" in extra else (None, 0.25)
+    )
     ref_logp, ref_ent = naive(model, rows)  # the model's forward applies its own transform
     ref = grads(model, lambda: objective(*naive(model, rows)))
     logp, ent = ours(model, rows, budget=20, side="left", chunk=3)
     torch.testing.assert_close(logp.detach(), ref_logp.detach(), atol=TOL, rtol=TOL)
     torch.testing.assert_close(ent.detach(), ref_ent.detach(), atol=TOL, rtol=TOL)
-    assert_grads_close(grads(model, lambda: objective(*ours(model, rows, budget=20, side="left", chunk=3))), ref)
+    assert_grads_close(
+        grads(model, lambda: objective(*ours(model, rows, budget=20, side="left", chunk=3))), ref
+    )
 
 
 def test_unknown_logit_scaling_is_refused_naming_the_key():
@@ -208,3 +224,16 @@ def test_pick_device_and_bad_arguments():
     (mb,) = plan_micro_batches(rows, [0], 100)
     with pytest.raises(ConfigError, match="chunk_tokens"):
         token_logprobs(model, mb, chunk_tokens=0)
+
+
+def test_bf16_autocast_body_runs_on_cpu_and_keeps_float32_outputs():
+    model, rows = build(Qwen2Config, seed=12), random_rows(seed=13)
+    (mb,) = plan_micro_batches(rows, np.arange(rows.num_rows), 1000)
+    ref, _ = token_logprobs(model, mb)
+    low, _ = token_logprobs(model, mb, dtype=torch.bfloat16)
+    assert low.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits: hidden states round at ~0.4%, the log-probs move by far less than 0.05.
+    assert (low - ref).abs().max().item() < 0.05
+    loss, _, _ = fused_token_loss(model, mb, lambda lp, sl: lp.sum(), dtype=torch.bfloat16)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())

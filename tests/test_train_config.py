@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,15 +144,19 @@ def test_cli_bad_values(paths, args, message):
     assert _listing(paths) == before
 
 
-def test_cli_missing_files(tmp_path):
-    result = CliRunner().invoke(app, ["train", "-r", str(tmp_path / "nope.arrow"), "-m", str(tmp_path / "nockpt")])
-    assert result.exit_code == 2
-    assert result.stderr.splitlines() == [
-        "error: 2 problems with the options",
-        f"  --rollouts {tmp_path / 'nope.arrow'}: no such file or directory",
-        f"  --model {tmp_path / 'nockpt'}: not a directory (expected a Hugging Face checkpoint directory)",
+def test_cli_missing_files(paths):
+    before = _listing(paths)
+    runner = CliRunner()
+    missing_rollouts = runner.invoke(app, ["train", "-r", str(paths / "nope.arrow"), "-m", str(paths / "ckpt")])
+    missing_model = runner.invoke(app, ["train", "-r", str(paths / "r.arrow"), "-m", str(paths / "nockpt")])
+    assert missing_rollouts.exit_code == missing_model.exit_code == 2
+    assert missing_rollouts.stderr.splitlines() == [f"error: --rollouts {paths / 'nope.arrow'}: no such file or directory"]
+    assert missing_model.stderr.splitlines() == [
+        f"error: --model {paths / 'nockpt'}: not a directory (expected a Hugging Face checkpoint directory)"
     ]
-    assert os.listdir(tmp_path) == []
+    both = runner.invoke(app, ["train", "-r", str(paths / "nope.arrow"), "-m", str(paths / "nockpt")])
+    assert both.stderr.splitlines()[0] == "error: 2 problems with the options"  # then one line per problem
+    assert _listing(paths) == before
 
 
 def test_cli_out_exists(paths):

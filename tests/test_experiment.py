@@ -1,0 +1,132 @@
+"""The staleness experiment (examples/staleness_experiment.py): bookkeeping, summary arithmetic, outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import staleness_experiment as se  # noqa: E402
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+START_VERSION = 8  # examples/toy/model/drpo_checkpoint.json
+# Smaller than --quick so the smoke run stays within seconds: every arm, a fresh and a stale
+# setting, 3 rounds (at K = 2 the third round is the first to sample from a trained checkpoint).
+SMOKE = ["--staleness", "0", "2", "--seeds", "1", "--rounds", "3", "--prompts", "8", "--samples", "4",
+         "--eval-prompts", "8", "--eval-samples", "2", "--epochs", "1", "--minibatches", "2", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("staleness")
+    doc = se.main([*SMOKE, "--out", str(out)])
+    return out, doc
+
+
+def test_smoke_writes_every_output(smoke):
+    out, doc = smoke
+    names = {"results.json", "results.md", "command.txt"} | ({"reward.png", "harmful.png"} if HAS_MATPLOTLIB else set())
+    assert names <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(doc))
+    command = (out / "command.txt").read_text().strip()
+    assert command == shlex.join(["python", "examples/staleness_experiment.py", *SMOKE, "--out", str(out)])
+    table = (out / "results.md").read_text()
+    assert f"Command: `{command}`" in table
+    for arm in se.ARMS:
+        for k in (0, 2):
+            assert f"| {arm} | {k} |" in table
+    # 6 arms x 2 staleness x 1 seed, each with 3 rounds of 1 epoch x 2 mini-batches = 2 optimizer steps.
+    assert len(doc["runs"]) == 12
+    assert all(len(run["rounds"]) == 3 for run in doc["runs"])
+    assert all(len(rd["grad_norms"]) == 2 for run in doc["runs"] for rd in run["rounds"])
+
+
+def test_smoke_samples_from_the_checkpoint_k_rounds_back(smoke):
+    _, doc = smoke
+    for run in doc["runs"]:
+        k = run["staleness"]
+        for i, rd in enumerate(run["rounds"]):  # round i (0-based) trains checkpoint i on samples of max(0, i - K)
+            assert rd["trained_version"] == START_VERSION + i
+            assert rd["sampler_version"] == START_VERSION + max(0, i - k)
+            assert rd["lag"] == min(i, k)
+
+
+def test_smoke_rounds_share_data_where_the_sampler_is_the_same(smoke):
+    _, doc = smoke
+    # Round 1 samples the start checkpoint with seed 0 in every run; at K = 2 so does round 2.
+    first = {run["rounds"][0]["rollout_reward"] for run in doc["runs"]}
+    assert len(first) == 1
+    second = {run["rounds"][1]["rollout_reward"] for run in doc["runs"] if run["staleness"] == 2}
+    assert len(second) == 1
+    starts = {run["start_reward"] for run in doc["runs"]}
+    assert len(starts) == 1 and 0.0 <= starts.pop() <= 1.0
+
+
+def test_smoke_records_the_report_metrics(smoke):
+    _, doc = smoke
+    for run in doc["runs"]:
+        for rd in run["rounds"]:
+            assert 0.0 <= rd["reward"] <= 1.0
+            assert all(v is not None and v >= 0 for v in rd["final"].values()), rd["final"]
+            frac = rd["loss_fraction"]
+            if run["arm"] == "pg-is":
+                assert frac is None
+            else:
+                assert frac["name"] == se.LOSS_FRACTION[se.ARMS[run["arm"]]["loss"]]
+                assert 0.0 <= frac["mean"] <= 1.0
+    # The summary row is the mean over seeds of the runs' last rewards (one seed here: equal).
+    for row in doc["summary"]:
+        (run,) = [r for r in doc["runs"] if r["arm"] == row["arm"] and r["staleness"] == row["staleness"]]
+        assert row["final_reward"] == run["rounds"][-1]["reward"]
+
+
+def _round(reward, grad_norms, entropy=1.0, frac=None):
+    final = {k: 0.0 for k in se.TR_METRICS} | {"entropy/mean": entropy}
+    return {"reward": reward, "grad_norms": grad_norms, "final": final, "skipped_steps": 0,
+            "loss_fraction": None if frac is None else {"name": "x", "mean": frac}}
+
+
+def test_summarize_hand_computed():
+    runs = [
+        {"arm": "a", "staleness": 2, "seed": 0, "start_reward": 0.5,
+         "rounds": [_round(0.6, [1.0, 2.0, 3.0], frac=0.2), _round(0.44, [1.0, 9.0, 1.0], entropy=0.05, frac=0.4)]},
+        {"arm": "a", "staleness": 2, "seed": 1, "start_reward": 0.5,
+         "rounds": [_round(0.7, [2.0, 2.0]), _round(0.8, [4.0, 2.0])]},
+    ]
+    (row,) = se.summarize(runs)
+    assert row["seeds"] == 2
+    assert row["final_reward"] == pytest.approx((0.44 + 0.8) / 2)  # 0.62
+    assert row["final_reward_std"] == pytest.approx(0.18)  # population std of {0.44, 0.8}: |0.8 - 0.44| / 2
+    assert row["mean_reward"] == pytest.approx(((0.6 + 0.44) / 2 + (0.7 + 0.8) / 2) / 2)  # (0.52 + 0.75) / 2
+    assert row["min_reward"] == 0.44
+    assert row["reward_collapses"] == 1  # seed 0 ends at 0.44 < 0.5 - 0.05; seed 1 at 0.8 does not
+    assert row["entropy_collapses"] == 1  # seed 0: entropy 0.05 < 0.1 with reward 0.44 < 0.9
+    # Per run: max / median of the round's step norms, the largest over rounds.
+    # Seed 0: round 1 3/2 = 1.5, round 2 9/1 = 9 -> 9. Seed 1: 2/2 = 1, 4/3 -> 4/3. Mean: (9 + 4/3) / 2.
+    assert row["grad_spike"] == pytest.approx((9 + 4 / 3) / 2)
+    assert row["grad_norm_max"] == 9.0
+    assert row["loss_fraction"] == pytest.approx(0.3)  # mean of the rounds that have one: (0.2 + 0.4) / 2
+
+
+def test_arguments_pick_a_preset_and_override_it(tmp_path):
+    s, out = se.parse_args(["--quick", "--seeds", "2", "--arms", "drpo", "pg-is", "--out", str(tmp_path)])
+    assert s == se.Settings(seeds=2, rounds=se.PRESETS["quick"].rounds, eval_prompts=se.PRESETS["quick"].eval_prompts,
+                            arms=("drpo", "pg-is"))
+    assert out == tmp_path
+    assert se.parse_args([])[0] == se.PRESETS["default"]
+    with pytest.raises(SystemExit) as err:
+        se.parse_args(["--arms", "grpo"])
+    assert err.value.code == 2
+
+
+@pytest.mark.slow
+def test_quick_run_finishes_in_two_minutes(tmp_path):
+    doc = se.main(["--quick", "--out", str(tmp_path)])
+    assert doc["seconds"] < 120
+    assert len(doc["summary"]) == len(se.ARMS) * 3
