@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from drpo_cli.config import LOSS_HPARAMS, InspectConfig
-from drpo_cli.data import padding_fraction, plan_micro_batches
+from drpo_cli.data import plan_micro_batches
 from drpo_cli.divergence import Diagnostics, token_diagnostics
 from drpo_cli.errors import InputError
 from drpo_cli.rollouts import RolloutRows
@@ -64,20 +64,25 @@ def resolve_current_version(cfg: InspectConfig, checkpoint_version: int | None,
 
 def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None):
     """Per-token diagnostics; returns (model section, metrics, current version, version source, notes)."""
+    from drpo_cli import distributed
     from drpo_cli.checkpoint import load_model
     from drpo_cli.logprobs import pick_device
     from drpo_cli.rollouts import load_rows
 
     start = time.perf_counter()
     rows = load_rows(source, temperature=cfg.temperature)
-    device = pick_device(cfg.device)
+    # Under torchrun: FSDP2 shards the model and each rank audits its share of the rows.
+    device = distributed.init(pick_device(cfg.device))
+    sharded = distributed.launched()
     if cfg.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, info = load_model(cfg.model, device=str(device), dtype=_DTYPES[cfg.dtype],
+    model, info = load_model(cfg.model, device="cpu" if sharded else str(device), dtype=_DTYPES[cfg.dtype],
                              allow_unsafe=cfg.allow_unsafe_weights)
     check_vocabulary(rows, info.vocab_size, cfg.model)
+    if sharded:  # shards move to `device`; the weights keep the dtype they were loaded in
+        distributed.shard_model(model, device)
     current, version_source = resolve_current_version(cfg, info.policy_version, rows.policy_version)
     known = rows.policy_version >= 0
     row_lag = np.where(known, (current if current is not None else 0) - rows.policy_version, -1)  # (N,)
@@ -92,10 +97,20 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     seq = np.zeros((rows.num_rows, len(_SEQ_FEATURES)), dtype=np.float64)  # (N, F) per-sequence sums / max
     token_lag = row_lag[rows.token_row()]  # (T,)
     position = rows.token_position()  # (T,)
-    micro_batches = plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens)
-    writer = _PerTokenWriter(per_token_path, rows) if per_token_path else None
+    micro_batches = plan_micro_batches(rows, distributed.shard_rows(np.arange(rows.num_rows)), cfg.micro_batch_tokens)
+    # FSDP ranks gather parameters together in every pass: ranks with fewer micro-batches run
+    # filler passes (results dropped) so that every rank runs the same number.
+    filler = plan_micro_batches(rows, np.arange(1), cfg.micro_batch_tokens)[:1]
+    idle = distributed.max_count(len(micro_batches)) - len(micro_batches)
+    # Per-token rows: every rank builds its record batches, rank 0 gathers and writes them.
+    writer = _PerTokenWriter(per_token_path, rows) if per_token_path or cfg.per_token is not None else None
+    local_tokens = sum(mb.num_tokens for mb in micro_batches)
     try:
         with torch.inference_mode():
+            for _ in range(idle):
+                _logprobs(model, filler[0], device, cfg)
+                if writer is not None:
+                    writer.gather(None)
             for mb in micro_batches:
                 logp, entropy = _logprobs(model, mb, device, cfg)  # (M,), (M,)
                 idx = mb.token_index.numpy()  # (M,) flat token indices
@@ -107,14 +122,18 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 t = token_diagnostics(logp.double(), mu.double(), adv.double(), tr_delta=cfg.tr_delta)
                 _add_sequences(seq, mb.rows.numpy()[mb.seq_index.numpy()], mask.numpy(), t)
                 if writer is not None:
-                    writer.write(idx, logp, entropy, t, token_lag[idx], position[idx])
+                    writer.gather(writer.batch(idx, logp, entropy, t, token_lag[idx], position[idx]))
                 if progress is not None:
-                    progress("per-token log-probs (tokens)", mb.num_tokens, rows.num_tokens)
+                    progress("per-token log-probs (tokens)", mb.num_tokens, local_tokens)
             checks = logging_checks(model, rows, row_lag, device, cfg, progress)
     finally:
         if writer is not None:
             writer.close()
     summary = diag.all_reduce_().summary()
+    _all_reduce_sequences(seq)
+    positions = distributed.all_reduce_sum(torch.tensor(
+        [len(micro_batches), sum(mb.positions for mb in micro_batches),
+         sum(mb.real_positions for mb in micro_batches)], dtype=torch.int64)).tolist()  # over all ranks
     notes += summary["notes"]
     metrics = {k: v for k, v in summary.items()
                if not isinstance(v, (dict, list)) and not k.startswith("data/")}
@@ -123,8 +142,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "tokens": int(summary["data/tokens"]),
-        "micro_batches": len(micro_batches),
-        "padding_frac": padding_fraction(micro_batches),
+        "micro_batches": positions[0],
+        "padding_frac": 1.0 - positions[2] / max(positions[1], 1),
         "seconds": round(time.perf_counter() - start, 3),
         "distributions": _distributions(summary),
         "by_lag": _records(summary["breakdowns"]["lag"]),
@@ -147,6 +166,17 @@ def _logprobs(model, mb, device, cfg: InspectConfig):
 
     logp, entropy = token_logprobs(model, mb.to(device), chunk_tokens=cfg.chunk_tokens, with_entropy=True)
     return logp.float().cpu(), entropy.float().cpu()  # (M,), (M,)
+
+
+def _all_reduce_sequences(seq: np.ndarray) -> None:
+    """Combine the ranks' per-row sums (and the max |Δ| column) in place; ranks hold disjoint rows."""
+    from drpo_cli import distributed
+
+    if distributed.is_distributed():
+        t = torch.from_numpy(seq)  # (N, F), shares memory with seq
+        t[:, 4] = distributed.all_reduce_max(t[:, 4].contiguous())
+        sums = [j for j in range(seq.shape[1]) if j != 4]
+        t[:, sums] = distributed.all_reduce_sum(t[:, sums].contiguous())
 
 
 def _add_sequences(seq: np.ndarray, token_rows: np.ndarray, mask: np.ndarray, t: dict) -> None:
@@ -205,16 +235,28 @@ def _loss_effects(summary: dict, losses: dict) -> list[dict]:
 
 
 class _PerTokenWriter:
-    """Streams per-token rows to an Arrow IPC file, one record batch per micro-batch."""
+    """Streams per-token rows to an Arrow IPC file, one record batch per micro-batch.
 
-    def __init__(self, path: str, rows: RolloutRows):
+    Without a path (torchrun ranks other than 0) it only builds the batches that `gather` sends to
+    rank 0, which writes every rank's batch of a pass, in rank order.
+    """
+
+    def __init__(self, path: str | None, rows: RolloutRows):
         self.rows = rows
         self.sample_ids = pa.array(rows.sample_ids, pa.string())
         self.token_row = rows.token_row()
-        self.sink = pa.OSFile(path, "wb")
-        self.writer = pa.ipc.new_file(self.sink, PER_TOKEN_SCHEMA)
+        self.sink = pa.OSFile(path, "wb") if path else None
+        self.writer = pa.ipc.new_file(self.sink, PER_TOKEN_SCHEMA) if path else None
 
-    def write(self, idx, logp, entropy, t, lag, position) -> None:
+    def gather(self, batch: pa.RecordBatch | None) -> None:
+        """Collective under torchrun (every rank, every pass, None for a filler pass)."""
+        from drpo_cli.distributed import gather_to_rank0
+
+        for b in gather_to_rank0(batch) or ():
+            if b is not None and self.writer is not None:
+                self.writer.write_batch(b)
+
+    def batch(self, idx, logp, entropy, t, lag, position) -> pa.RecordBatch:
         r = self.rows
         columns = [
             self.sample_ids.take(pa.array(self.token_row[idx])), position.astype(np.int32), r.response_ids[idx],
@@ -223,11 +265,12 @@ class _PerTokenWriter:
             t["k3"].float().numpy(), entropy.numpy(), t["outside"].numpy(), t["harmful"].numpy(), lag,
         ]
         arrays = [c if isinstance(c, pa.Array) else pa.array(c, type=f.type) for c, f in zip(columns, PER_TOKEN_SCHEMA)]
-        self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=PER_TOKEN_SCHEMA))
+        return pa.RecordBatch.from_arrays(arrays, schema=PER_TOKEN_SCHEMA)
 
     def close(self) -> None:
-        self.writer.close()
-        self.sink.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.sink.close()
 
 
 # ---- logging-bug checks (SPEC.md §2) ------------------------------------------------------------------

@@ -432,6 +432,20 @@ def _to_saved_format(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     return dict(revert_weight_conversion(model, state_dict))
 
 
+def saved_format(model: torch.nn.Module):
+    """`convert(name, tensor) -> [(saved name, tensor), ...]`: `_to_saved_format` one tensor at a time.
+
+    For a writer fed tensor by tensor (an FSDP model gathered per parameter): tied copies give
+    `[]`; a fused tensor that transformers split on load is split back from that tensor alone.
+    """
+    tied = set(model.get_expanded_tied_weights_keys(all_submodels=True))
+
+    def convert(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        return [] if name in tied else list(_to_saved_format(model, {name: tensor}).items())
+
+    return convert
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _fsync(path)

@@ -7,6 +7,7 @@ and `drpo schema` stay fast. Every DrpoError becomes one line on stderr and its 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -47,11 +48,13 @@ def _root(
 def run_guarded(fn: Callable[[], T]) -> T:
     """Run a command body, turning domain errors into one line on stderr and an exit code."""
     try:
-        return fn()
+        result = fn()
+        _leave_process_group()
+        return result
     except DrpoError as err:
         if _state["debug"]:
             raise
-        typer.echo(f"error: {err.message}", err=True)
+        typer.echo(f"error: {_rank_tag()}{err.message}", err=True)
         for line in err.details:
             typer.echo(f"  {line}", err=True)
         raise typer.Exit(err.exit_code) from None
@@ -65,8 +68,28 @@ def run_guarded(fn: Callable[[], T]) -> T:
     except Exception as err:  # last line of defence: one line, exit 1
         if _state["debug"]:
             raise
-        typer.echo(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)", err=True)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        typer.echo(f"error: {_rank_tag()}{type(err).__name__}: {first} (run with --debug for the traceback)", err=True)
         raise typer.Exit(EXIT_RUNTIME) from None
+
+
+def _launched_rank() -> int | None:
+    """This process's rank under torchrun with several processes (from the environment), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return None
+
+
+def _rank_tag() -> str:
+    r = _launched_rank()
+    return "" if r is None else f"[rank {r}] "
+
+
+def _leave_process_group() -> None:
+    """After a successful command under torchrun: leave the process group (a failed one just exits)."""
+    distributed = sys.modules.get("drpo_cli.distributed")
+    if distributed is not None:
+        distributed.shutdown()
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -181,13 +204,14 @@ def inspect_command(
         ).check()
         from rich.console import Console
 
-        from drpo_cli.audit import inspect_and_write
+        from drpo_cli.audit import inspect_and_write, run_inspect
         from drpo_cli.report import render_inspect
 
+        lead = _launched_rank() in (None, 0)  # under torchrun every rank audits, rank 0 alone writes
         err = Console(stderr=True)
-        with _ProgressBar(err, enabled=not quiet and err.is_terminal) as progress:
-            report = inspect_and_write(cfg, progress)
-        if not quiet and json_out != "-":
+        with _ProgressBar(err, enabled=not quiet and err.is_terminal and lead) as progress:
+            report = inspect_and_write(cfg, progress) if lead else run_inspect(cfg)
+        if not quiet and json_out != "-" and lead:
             render_inspect(report, Console())
         failed = [g for g in report["gates"] if not g["passed"]]
         if failed:
@@ -258,6 +282,12 @@ def train_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     dtype: str = typer.Option("auto", help="auto | bf16 (CUDA autocast, fp32 master weights) | fp32."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations."),
+    cpu_offload: bool = typer.Option(
+        False, "--cpu-offload", help="Under torchrun on CUDA: keep sharded weights, grads and optimizer state in CPU memory."
+    ),
+    nproc: int | None = typer.Option(
+        None, "--nproc", min=1, help="Run under torchrun with N processes on this machine (FSDP2; one per GPU)."
+    ),
     tr_delta: float = typer.Option(0.2, help="Trust-region yardstick of the diagnostics: |π − μ| > tr_delta."),
     temperature: float | None = typer.Option(None, help="Sampling temperature when the rollouts give none."),
     column: list[str] = typer.Option([], "--column", help="Rename a rollout column: LOGGED=DRPO (repeatable)."),
@@ -277,16 +307,37 @@ def train_command(
             is_correction=is_correction, is_cap=is_cap, is_band=is_band, agg=agg, horizon=horizon,
             adv_norm=adv_norm, epochs=epochs, minibatches=minibatches, micro_batch_tokens=micro_batch_tokens,
             lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, warmup_steps=warmup_steps,
-            seed=seed, device=device, dtype=dtype, grad_checkpointing=grad_checkpointing, tr_delta=tr_delta,
-            temperature=temperature, columns=tuple(column), overwrite=overwrite, resume=resume, quiet=quiet,
-            allow_unsafe_weights=allow_unsafe_weights,
+            seed=seed, device=device, dtype=dtype, grad_checkpointing=grad_checkpointing, cpu_offload=cpu_offload,
+            tr_delta=tr_delta, temperature=temperature, columns=tuple(column), overwrite=overwrite, resume=resume,
+            quiet=quiet, allow_unsafe_weights=allow_unsafe_weights,
         ).check()
+        if nproc is not None and "WORLD_SIZE" not in os.environ:  # not yet under a launcher: start one
+            import subprocess
+
+            from drpo_cli.distributed import torchrun_argv
+
+            command = torchrun_argv(nproc, without_nproc(sys.argv[1:]))
+            raise typer.Exit(subprocess.run(command, check=False).returncode)
         from drpo_cli.train import train
 
         result = train(cfg)
-        typer.echo(f"wrote {result.out_dir} (policy version {result.policy_version})")
+        if _launched_rank() in (None, 0):
+            typer.echo(f"wrote {result.out_dir} (policy version {result.policy_version})")
 
     run_guarded(body)
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command-line arguments minus `--nproc N` / `--nproc=N` (what torchrun's ranks run)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def main() -> None:

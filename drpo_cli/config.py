@@ -115,6 +115,8 @@ class TrainConfig:
     """auto (bf16 on CUDA, fp32 on CPU), bf16 (autocast, fp32 master weights; CUDA only) or fp32."""
     grad_checkpointing: bool = False
     """Recompute transformer activations in backward to save memory."""
+    cpu_offload: bool = False
+    """Under torchrun (FSDP2) on CUDA: keep sharded parameters, gradients and optimizer state in CPU memory."""
     tr_delta: float = 0.2
     """Trust-region yardstick for diagnostics: a token is outside when |π − μ| > tr_delta."""
     temperature: float | None = None

@@ -1,15 +1,50 @@
-"""Process-group queries and the global reductions of a training step.
+"""Scale-out: torchrun process groups, FSDP2 sharding, global reductions, the rank-0 streamed save.
 
 Every quantity that must be global over an optimizer step (aggregation denominators, token counts,
 diagnostics sums and maxima) goes through `all_reduce_sum` / `all_reduce_max`, so a multi-process
 run (torchrun) reduces exactly where a single process already "reduces" over itself. In one
 process these are no-ops and torch.distributed is never initialised.
+
+Under torchrun (`WORLD_SIZE`, `RANK`, `LOCAL_RANK` in the environment) `init` joins the process
+group (nccl on CUDA, gloo on CPU) with a finite timeout, so a rank whose peer died fails instead
+of waiting forever, and `shard_model` applies FSDP2 (`fully_shard` per decoder layer, then the
+root). Gradients are SUMMED over ranks, not averaged: every loss is divided by its global
+denominator already (SPEC.md §1), so the sum of the ranks' gradients is the single-process one.
+
+Saving: `save_full_checkpoint` gathers one parameter at a time (`DTensor.full_tensor`, the
+all-gather underneath the torch.distributed.checkpoint full-state-dict helpers, which would hold
+the whole model on rank 0 at once) and rank 0 streams it into a `CheckpointWriter`; the rename
+into place happens only after every rank has reported success.
+
+Test hook: with DRPO_TEST_FAIL_RANK=r, rank r raises right before the save's success vote.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import types
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
+
+from drpo_cli.errors import ConfigError, DrpoError
+
+FAIL_HOOK = "DRPO_TEST_FAIL_RANK"
+TIMEOUT_ENV = "DRPO_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 900  # one collective may wait this long for a slow peer (e.g. rank 0 writing a shard)
+ENGINE_METHOD = "drpo_engine"  # the log-prob engine's entry point on a sharded model (logprobs.run_engine)
+
+
+# ---- process group ---------------------------------------------------------------------------
+
+
+def launched() -> bool:
+    """True when started by torchrun (or any launcher that sets WORLD_SIZE and RANK)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def is_distributed() -> bool:
@@ -25,15 +60,260 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def init(device: torch.device) -> torch.device:
+    """Join torchrun's process group (once) and return this rank's device; identity outside torchrun.
+
+    nccl for CUDA (one GPU per local rank), gloo for CPU. The timeout bounds every collective, so a
+    rank whose peer died ends with an error instead of hanging (torchrun also stops the others).
+    """
+    if not launched():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def shutdown() -> None:
+    """Leave the process group (end of a torchrun command); a no-op when none was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum `t` over ranks in place and return it (identity in one process)."""
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    return _all_reduce(t, dist.ReduceOp.SUM) if is_distributed() else t
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """Element-wise max of `t` over ranks in place and return it (identity in one process)."""
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return _all_reduce(t, dist.ReduceOp.MAX) if is_distributed() else t
+
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    device = _comm_device()
+    if t.device == device:
+        dist.all_reduce(t, op=op)
+    else:  # nccl reduces GPU memory only: round-trip CPU tensors through the current GPU
+        buf = t.to(device)
+        dist.all_reduce(buf, op=op)
+        t.copy_(buf)
     return t
+
+
+def max_count(n: int) -> int:
+    """The largest `n` over ranks: FSDP ranks must run the same number of forward passes."""
+    if not is_distributed():
+        return n
+    return int(all_reduce_max(torch.tensor([n], dtype=torch.int64)).item())
+
+
+def shard_rows(indices):
+    """This rank's share of `indices` (`indices[rank::world]`): deterministic and disjoint."""
+    return indices[rank() :: world_size()]
+
+
+def gather_to_rank0(obj):
+    """A list of every rank's `obj` on rank 0 (None elsewhere); `[obj]` in one process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def agree(error: BaseException | None, what: str) -> None:
+    """Every rank reports whether `what` succeeded; if any failed, every rank raises.
+
+    The failing rank re-raises its own error; the others raise a one-line DrpoError naming the
+    first failing rank and its message, so every rank's exit says why the run stopped.
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    message = None if error is None else _one_line(error)
+    messages: list = [None] * world_size()
+    dist.all_gather_object(messages, message)
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if not failed:
+        return
+    if error is not None:
+        raise error
+    r, m = failed[0]
+    raise DrpoError(f"{what} stopped: rank {r} of {world_size()} failed: {m}")
+
+
+def _one_line(error: BaseException) -> str:
+    message = error.message if isinstance(error, DrpoError) else f"{type(error).__name__}: {error}"
+    return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+
+
+def _comm_device() -> torch.device:
+    """Where collective buffers live: the current GPU under nccl, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_test_failure(phase: str = "save") -> None:
+    """The documented test hook: DRPO_TEST_FAIL_RANK=r makes rank r fail here."""
+    target = os.environ.get(FAIL_HOOK)
+    if target is not None and launched() and target == os.environ.get("RANK"):
+        raise RuntimeError(f"failure injected by {FAIL_HOOK}={target} during {phase}")
+
+
+# ---- FSDP2 -----------------------------------------------------------------------------------
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool = False,
+                cpu_offload: bool = False) -> torch.nn.Module:
+    """FSDP2: `fully_shard` each decoder layer, then the root; returns the model (sharded in place).
+
+    bf16: parameters gathered in bfloat16 for compute, gradients reduced in float32 (CUDA).
+    cpu_offload: sharded parameters, gradients and optimizer state stay in CPU memory between uses.
+    The log-prob engine runs the decoder body and the output head itself rather than
+    `model.forward`, so it enters through a method registered with FSDP (ENGINE_METHOD): that is
+    what gathers the root's own parameters (embeddings, final norm, head, tied or not) and hooks
+    their gradient reduce-scatter.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    if cpu_offload and device.type != "cuda":
+        raise ConfigError(f"--cpu-offload: needs CUDA devices, found {device.type} (parameters already live in CPU memory)")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    kwargs = {"mesh": mesh, "mp_policy": mp, "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            # Sum, not mean: each rank's loss already carries the global 1/denominator. Plain SUM
+            # collectives (gloo has no PREMUL_SUM); the post-division by 1.0 is exact.
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    setattr(model, ENGINE_METHOD, types.MethodType(_engine_entry, model))
+    register_fsdp_forward_method(model, ENGINE_METHOD)
+    return model
+
+
+def _engine_entry(self, fn, *args, **kwargs):
+    return fn(self, *args, **kwargs)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks: the classes a transformers model declares unsplittable."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    if not layers:
+        layers = list(getattr(model.get_decoder(), "layers", ()))
+    if not layers:
+        raise ConfigError(f"{type(model).__name__}: no decoder layers found to shard with FSDP")
+    return layers
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model computes: a sharded model's mesh device, even when its shards sit in CPU memory."""
+    from torch.distributed.tensor import DTensor
+
+    p = next(model.parameters())
+    if isinstance(p, DTensor):
+        kind = p.device_mesh.device_type
+        return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
+    return p.device
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a DTensor (e.g. clip_grad_norm_'s global norm); other tensors unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(name, full CPU tensor on rank 0 / None elsewhere), one state-dict entry at a time.
+
+    Collective: every rank must iterate to the end, in the same order. Peak memory on rank 0 is
+    one full tensor beyond what the caller keeps.
+    """
+    from torch.distributed.tensor import DTensor
+
+    for name, value in model.state_dict().items():
+        if isinstance(value, DTensor):
+            if value.device.type != value.device_mesh.device_type:  # CPU-offloaded shard under nccl
+                value = value.to(value.device_mesh.device_type)
+            value = value.full_tensor()
+        yield name, (value.detach().cpu() if rank() == 0 else None)
+
+
+def save_full_checkpoint(model: torch.nn.Module, *, out_dir: Path, **writer_kwargs) -> Path:
+    """One Hugging Face checkpoint from a sharded model: gathered per tensor, written by rank 0 only.
+
+    Atomic across ranks: the writer's temporary directory is renamed into `out_dir` only after
+    every rank has reported success, and removed otherwise; other ranks write nothing.
+    """
+    from drpo_cli.checkpoint import CheckpointWriter, saved_format
+
+    writer, error = None, None
+    if rank() == 0:
+        try:
+            writer = CheckpointWriter(out_dir, config=model.config, **writer_kwargs)
+        except Exception as err:  # noqa: BLE001 - reported to every rank by agree()
+            error = err
+    try:
+        convert = saved_format(model)
+        for name, tensor in full_tensors(model):  # every rank gathers, even after a local error
+            if writer is not None and error is None:
+                try:
+                    for key, value in convert(name, tensor):
+                        writer.add(key, value)
+                except Exception as err:  # noqa: BLE001
+                    error = err
+        if error is None:
+            try:
+                check_test_failure("save")
+            except RuntimeError as err:
+                error = err
+        agree(error, "saving the checkpoint")
+        commit_error = None
+        if writer is not None:
+            try:
+                writer.commit()
+            except Exception as err:  # noqa: BLE001
+                commit_error = err
+        agree(commit_error, "renaming the checkpoint into place")
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return Path(os.path.abspath(out_dir))
+
+
+# ---- launching -------------------------------------------------------------------------------
+
+
+def torchrun_argv(nproc: int, args: list[str]) -> list[str]:
+    """The command that runs `drpo <args>` under torchrun on this machine with `nproc` processes."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc: expected an integer ≥ 1, found {nproc}")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "drpo_cli", *args]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from drpo_cli.data import MicroBatch
+from drpo_cli.distributed import ENGINE_METHOD
 from drpo_cli.errors import CheckpointError, ConfigError
 
 LossFn = Callable[[torch.Tensor, slice], torch.Tensor]
@@ -352,6 +353,10 @@ def token_logprobs(
     full vocabulary.
     """
     _check_chunk(chunk_tokens)
+    return run_engine(model, _token_logprobs, mb, chunk_tokens, with_entropy, dtype)
+
+
+def _token_logprobs(model, mb: MicroBatch, chunk_tokens: int, with_entropy: bool, dtype):
     head = output_head(model)
     h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
     inv_temp = 1.0 / mb.temperature.float()  # (M,)
@@ -378,6 +383,10 @@ def fused_token_loss(
     on every parameter the same gradients as `loss_fn(token_logprobs(model, mb)[0], slice(None))`.
     """
     _check_chunk(chunk_tokens)
+    return run_engine(model, _fused_token_loss, mb, loss_fn, chunk_tokens, with_entropy, dtype)
+
+
+def _fused_token_loss(model, mb: MicroBatch, loss_fn: LossFn, chunk_tokens: int, with_entropy: bool, dtype):
     head = output_head(model)
     h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
     inv_temp = 1.0 / mb.temperature.float()  # (M,)
@@ -385,6 +394,24 @@ def fused_token_loss(
         h, head.weight, head.bias, mb.target_ids, inv_temp, head, chunk_tokens, loss_fn, with_entropy
     )
     return loss, logp.detach(), (ent.detach() if with_entropy else None)
+
+
+def run_engine(model: torch.nn.Module, fn: Callable, *args):
+    """`fn(model, *args)`, entered through a sharded model's FSDP-registered method when it has one.
+
+    The engine calls the decoder body and the output head itself, not `model.forward`, so FSDP2's
+    root hooks would not gather the root's own parameters (embeddings, final norm, head) nor reduce
+    their gradients; `distributed.shard_model` registers an entry point that does both.
+    """
+    entry = model.__dict__.get(ENGINE_METHOD)  # set on the instance by distributed.shard_model
+    if entry is None:
+        return fn(model, *args)
+    if torch.is_inference_mode_enabled():
+        # FSDP2 reuses its gathered-parameter buffers from pass to pass: allocated as inference
+        # tensors, they could never serve a training pass again. no_grad is as lean here.
+        with torch.inference_mode(False), torch.no_grad():
+            return entry(fn, *args)
+    return entry(fn, *args)
 
 
 def _check_chunk(chunk_tokens: int) -> None:

@@ -85,7 +85,13 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     if not cfg.resume and state_dir.exists():
         raise ConfigError(f"{state_dir}: an interrupted run's state; pass --resume to continue it or delete it")
 
-    device = pick_device(cfg.device)
+    # Under torchrun: join the process group; FSDP2 shards the model, rows are split by rank.
+    device = distributed.init(pick_device(cfg.device))
+    sharded = distributed.launched()
+    if sharded and cfg.resume:
+        raise ConfigError("--resume: not available under torchrun (a multi-process run keeps no interrupted state)")
+    if cfg.cpu_offload and not sharded:
+        raise ConfigError("--cpu-offload: needs FSDP; run under torchrun or with --nproc N (N ≥ 1)")
     if cfg.dtype == "bf16" and device.type != "cuda":
         raise ConfigError(f"--dtype bf16 needs a CUDA device, found {device.type} (CPU training runs in fp32)")
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.dtype != "fp32" else None
@@ -100,8 +106,12 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
 
     hf_logging.disable_progress_bar()  # the loop has its own bar; stderr stays one line per error
     # fp32 master weights; bf16 only inside autocast.
-    model, info = load_model(cfg.model, device=str(device), dtype="float32", allow_unsafe=cfg.allow_unsafe_weights)
+    # Sharded runs load on the CPU: fully_shard moves each rank's shards (only) to `device`.
+    model, info = load_model(cfg.model, device="cpu" if sharded else str(device), dtype="float32",
+                             allow_unsafe=cfg.allow_unsafe_weights)
     _check_vocab(rows, info.vocab_size, cfg.model)
+    if sharded:  # bf16 compute / fp32 reduce on CUDA, as autocast does in one process
+        distributed.shard_model(model, device, bf16=autocast is not None, cpu_offload=cfg.cpu_offload)
     mask = torch.from_numpy(rows.loss_mask)  # (T,) bool
     # Values where loss_mask is 0 are unspecified (SPEC.md §3): zero them so 0-weighted tokens stay finite.
     behavior = torch.from_numpy(np.where(rows.loss_mask, rows.behavior_logprobs, 0.0).astype(np.float32))  # (T,)
@@ -133,7 +143,9 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
 
     total_steps = cfg.epochs * cfg.minibatches
     progress = _progress(cfg, total_steps, start)
-    stop.defer = True  # from here on a signal finishes the current step and saves a resumable state
+    # From here on a signal finishes the current step and saves a resumable state; under torchrun a
+    # signal aborts at once (ranks could not agree on the step to stop after).
+    stop.defer = not sharded
     with progress:
         task = progress.add_task("train", total=total_steps, completed=start, loss="–", tps="–", outside="–")
         for step in range(start, total_steps):
@@ -149,7 +161,8 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
             loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=rho,
                                                       behavior=behavior, advantages=advantages, mask=mask,
                                                       autocast=autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            # The global norm: FSDP2 gradients are DTensors, whose norm is reduced over ranks.
+            grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
             if not skipped:  # a non-finite step is counted, never applied
                 optimizer.step()
@@ -197,7 +210,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     text = train_report_json(report)
     _save_output(model, cfg, out_dir, out_version, text)
     shutil.rmtree(state_dir, ignore_errors=True)
-    if not cfg.quiet:
+    if not cfg.quiet and distributed.rank() == 0:
         print_train_summary(report, console)
     return TrainResult(out_dir=out_dir, policy_version=out_version, report=report)
 
@@ -210,7 +223,7 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
     accumulated gradient equals that of the whole mini-batch in one piece, for any
     micro_batch_tokens. Returns (global loss, global diagnostics, global trained tokens).
     """
-    device = next(model.parameters()).device
+    device = distributed.model_device(model)
     hp = cfg.loss_hparams()
     micro = plan_micro_batches(rows, row_idx, cfg.micro_batch_tokens)
     denom = torch.zeros((), dtype=torch.float64)
@@ -236,6 +249,13 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
         total += loss.detach()
         tokens += m.sum()
         diag.update(logp, behavior[idx].to(device), a, m)
+    # FSDP ranks gather parameters together in every pass: a rank with fewer micro-batches runs
+    # zero-weight passes over row 0 (exact zero gradients) until every rank has run the same number.
+    for _ in range(distributed.max_count(len(micro)) - len(micro)):
+        filler = plan_micro_batches(rows, np.arange(1), cfg.micro_batch_tokens)[0].to(device)
+        zero, _, _ = fused_token_loss(model, filler, lambda logp, sl: logp.sum() * 0.0,
+                                      chunk_tokens=cfg.chunk_tokens, dtype=autocast)
+        zero.backward()
     distributed.all_reduce_sum(total)
     distributed.all_reduce_sum(tokens)
     diag.all_reduce_()
@@ -265,17 +285,30 @@ def _row_of(offsets: np.ndarray):
 
 
 def _logprobs_of(model, rows: RolloutRows, cfg: TrainConfig, autocast, *, with_entropy: bool):
-    """(logp (T,), entropy (T,) | None) of every response token under `model`, inference mode."""
-    device = next(model.parameters()).device
+    """(logp (T,), entropy (T,) | None) of every response token under `model`, inference mode.
+
+    Under torchrun each rank computes its share of the rows (padded to the same number of passes,
+    as FSDP needs) and the shares are summed: each token is written by one rank, zeros elsewhere,
+    so every rank ends with the same, exact (T,) vectors.
+    """
+    device = distributed.model_device(model)
     logp = torch.zeros(rows.num_tokens, dtype=torch.float32)
     ent = torch.zeros(rows.num_tokens, dtype=torch.float32) if with_entropy else None
+    micro = plan_micro_batches(rows, distributed.shard_rows(np.arange(rows.num_rows)), cfg.micro_batch_tokens)
+    filler = plan_micro_batches(rows, np.arange(1), cfg.micro_batch_tokens)[:1]
+    passes = micro + filler * (distributed.max_count(len(micro)) - len(micro))
     with torch.inference_mode():
-        for mb in plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens):
+        for i, mb in enumerate(passes):
             lp, en = token_logprobs(model.eval(), mb.to(device), chunk_tokens=cfg.chunk_tokens,
                                     with_entropy=with_entropy, dtype=autocast)
+            if i >= len(micro):  # a filler pass: results dropped
+                continue
             logp[mb.token_index] = lp.float().cpu()
             if ent is not None:
                 ent[mb.token_index] = en.float().cpu()
+    distributed.all_reduce_sum(logp)
+    if ent is not None:
+        distributed.all_reduce_sum(ent)
     return logp, ent
 
 
@@ -283,8 +316,7 @@ def _closing_audit(model, rows: RolloutRows, cfg: TrainConfig, autocast, behavio
     """(SPEC.md §2 metrics of the final weights against μ and the worst samples by harmful fraction, notes)."""
     logp, ent = _logprobs_of(model, rows, cfg, autocast, with_entropy=True)  # (T,), (T,)
     diag = Diagnostics(cfg.tr_delta, {cfg.loss: cfg.loss_hparams()})
-    diag.update(logp, behavior, advantages, mask, entropy=ent)
-    diag.all_reduce_()
+    diag.update(logp, behavior, advantages, mask, entropy=ent)  # every rank holds every token: no reduction
     summary = diag.summary()
 
     # Per-sample fractions with the --tr-delta yardstick (SPEC.md §2 "outside" / "harmful").
@@ -314,6 +346,11 @@ def _flat_metrics(summary: dict) -> dict[str, float | None]:
 
 def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, report_text: str) -> None:
     """Checkpoint and report appear together, in one atomic rename (--overwrite: old aside, new in)."""
+    if distributed.is_sharded(model):  # gathered tensor by tensor, written by rank 0 once every rank succeeded
+        distributed.save_full_checkpoint(model, out_dir=out_dir, source_dir=cfg.model, policy_version=version,
+                                         training_config=cfg.to_dict(), overwrite=cfg.overwrite,
+                                         dtype=_source_dtype(cfg.model), extra_files={REPORT_NAME: report_text})
+        return
     save_checkpoint(model, source_dir=cfg.model, out_dir=out_dir, policy_version=version,
                     training_config=cfg.to_dict(), overwrite=cfg.overwrite, dtype=_source_dtype(cfg.model),
                     extra_files={REPORT_NAME: report_text})

@@ -68,6 +68,7 @@ LOSS_FRACTION = {
 TR_METRICS = ("tr/outside_frac", "tr/harmful_frac", "delta/abs_mean", "kl/k3_mean", "entropy/mean")
 EVAL_SEED = 12345  # one set of evaluation prompts and random draws for every round, arm and seed
 REWARD_COLLAPSE = 0.05  # a run has collapsed when its last reward is this far below the start's
+MAX_GRAD_NORM = TrainConfig.max_grad_norm  # the gradient clip every run uses
 ENTROPY_COLLAPSE = 0.1  # nats: entropy collapse = final entropy below this while the reward is < 0.9
 
 
@@ -86,7 +87,7 @@ class Settings:
     """Responses per prompt (group size of the group-relative advantage)."""
     response_len: int = 10
     temperature: float = 1.0
-    lr: float = 2e-3
+    lr: float = 5e-4
     epochs: int = 2
     minibatches: int = 4
     eval_prompts: int = 64
@@ -115,8 +116,8 @@ def run_one(arm: str, staleness: int, seed: int, s: Settings) -> dict:
     start_model, _ = load_model(START)
     start_version = read_policy_version(START)
     history = [(START, start_model)]  # history[r] = (dir, model) of the checkpoint entering round r
-    eval_kw = dict(num_prompts=s.eval_prompts, samples_per_prompt=s.eval_samples,
-                   temperature=s.temperature, response_len=s.response_len, seed=EVAL_SEED)
+    eval_kw = {"num_prompts": s.eval_prompts, "samples_per_prompt": s.eval_samples,
+               "temperature": s.temperature, "response_len": s.response_len, "seed": EVAL_SEED}
     rounds = []
     with tempfile.TemporaryDirectory(prefix=f"staleness-{arm}-k{staleness}-s{seed}-") as tmp:
         for r in range(s.rounds):
@@ -188,6 +189,8 @@ def summarize(runs: list[dict]) -> list[dict]:
             if not group:
                 continue
             final = [g["rounds"][-1]["reward"] for g in group]
+            # Pre-clip gradient norms of every step of each run (None: a non-finite norm).
+            norms = [[x for rd in g["rounds"] for x in rd["grad_norms"] if x is not None] for g in group]
             last = [g["rounds"][-1] for g in group]
             rows.append({
                 "arm": arm, "staleness": k, "seeds": len(group),
@@ -203,44 +206,43 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "final_entropy": _mean([rd["final"]["entropy/mean"] for rd in last]),
                 "loss_fraction": _mean([(rd["loss_fraction"] or {}).get("mean") for g in group
                                         for rd in g["rounds"]]),
-                "grad_spike": _mean([max(_spike(rd["grad_norms"]) for rd in g["rounds"]) for g in group]),
-                "grad_norm_max": max(n for g in group for rd in g["rounds"] for n in rd["grad_norms"] if n is not None),
+                "grad_norm_max": max(max(n, default=0.0) for n in norms),
+                "grad_spike": _mean([_spike(n) for n in norms]),
+                "clipped_frac": _mean([sum(x > MAX_GRAD_NORM for x in n) / len(n) for n in norms if n]),
                 "skipped_steps": sum(rd["skipped_steps"] for g in group for rd in g["rounds"]),
             })
     return rows
 
 
-def _spike(norms: list[float | None]) -> float:
-    """max / median of one round's pre-clip gradient norms: a step far above its round's typical size.
-
-    Within a round, not over the run: gradients shrink as the policy converges, so a run-wide
-    max / median would flag the early steps of every learning run.
-    """
-    xs = [n for n in norms if n is not None]
-    median = statistics.median(xs) if xs else 0.0
-    return max(xs) / median if median > 0 else 1.0
+def _spike(norms: list[float]) -> float | None:
+    """max / median of a run's pre-clip gradient norms (None without a nonzero median)."""
+    median = statistics.median(norms) if norms else 0.0
+    return max(norms) / median if median > 0 else None
 
 
 def _fmt(x, spec=".3f") -> str:
     return "–" if x is None else format(x, spec)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The results table: reward columns first, then trust-region and instability columns."""
-    head = ("| loss | K | final reward | mean reward | min reward | collapses (reward / entropy) | "
-            "outside | harmful | \\|Δ\\| mean | k3 | clip/mask/corr. | grad spike | max grad norm | final entropy |")
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+def markdown_tables(rows: list[dict]) -> str:
+    """Two results tables: reward and collapse per (loss, K); trust-region and gradient metrics."""
+    reward = [("| loss | K | final reward | mean reward over rounds | min reward | reward collapses | "
+               "entropy collapses | final entropy |"), "|---|---|---|---|---|---|---|---|"]
+    tr = [("| loss | K | outside | harmful | \\|Δ\\| mean | k3 | clip / mask / corrective | max grad norm | "
+           "grad spike | clipped steps |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(
-            f"| {r['arm']} | {r['staleness']} | {_fmt(r['final_reward'])} ± {_fmt(r['final_reward_std'], '.3f')} "
-            f"| {_fmt(r['mean_reward'])} | {_fmt(r['min_reward'])} "
-            f"| {r['reward_collapses']} / {r['entropy_collapses']} of {r['seeds']} "
-            f"| {_fmt(r['tr/outside_frac'])} | {_fmt(r['tr/harmful_frac'])} | {_fmt(r['delta/abs_mean'])} "
-            f"| {_fmt(r['kl/k3_mean'])} | {_fmt(r['loss_fraction'])} | {_fmt(r['grad_spike'], '.1f')} "
-            f"| {_fmt(r['grad_norm_max'], '.2f')} "
-            f"| {_fmt(r['final_entropy'], '.2f')} |"
+        n = r["seeds"]
+        reward.append(
+            f"| {r['arm']} | {r['staleness']} | {_fmt(r['final_reward'])} ± {_fmt(r['final_reward_std'])} "
+            f"| {_fmt(r['mean_reward'])} | {_fmt(r['min_reward'])} | {r['reward_collapses']} of {n} "
+            f"| {r['entropy_collapses']} of {n} | {_fmt(r['final_entropy'], '.2f')} |"
         )
-    return "\n".join(lines)
+        tr.append(
+            f"| {r['arm']} | {r['staleness']} | {_fmt(r['tr/outside_frac'])} | {_fmt(r['tr/harmful_frac'])} "
+            f"| {_fmt(r['delta/abs_mean'])} | {_fmt(r['kl/k3_mean'])} | {_fmt(r['loss_fraction'])} "
+            f"| {_fmt(r['grad_norm_max'], '.2f')} | {_fmt(r['grad_spike'], '.1f')} | {_fmt(r['clipped_frac'])} |"
+        )
+    return "\n".join(reward) + "\n\n" + "\n".join(tr)
 
 
 def plot(runs: list[dict], out: Path, metric: str, ylabel: str, filename: str) -> Path | None:
@@ -266,6 +268,7 @@ def plot(runs: list[dict], out: Path, metric: str, ylabel: str, filename: str) -
             if len(group) > 1:
                 ax.fill_between(xs, [min(c, default=math.nan) for c in cols], [max(c, default=math.nan) for c in cols],
                                 color=line.get_color(), alpha=0.12, linewidth=0)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(f"staleness K = {k}")
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
@@ -325,8 +328,9 @@ def write_outputs(out: Path, s: Settings, runs: list[dict], command: str, second
            "definitions": {
                "reward_collapse": f"last-round reward < start reward - {REWARD_COLLAPSE}",
                "entropy_collapse": f"last-round entropy/mean < {ENTROPY_COLLAPSE} nats with reward < 0.9",
-               "grad_spike": "max over rounds of (max / median of the round's pre-clip gradient norms), "
-                             "mean over seeds; grad_norm_max: the largest pre-clip norm of any step",
+               "grad_spike": "max / median of a run's pre-clip gradient norms over all its steps, mean over "
+                             "seeds; grad_norm_max: the largest pre-clip norm of any step; clipped steps: "
+                             f"share of steps with a pre-clip norm above the clip {MAX_GRAD_NORM}",
                "outside/harmful/|Δ| mean/k3": "drpo_report.json final.metrics (trained weights vs the sampler "
                                               "on the round's rollouts), mean over rounds and seeds",
                "clip/mask/corr.": "the loss's ppo_clip/clip_frac, dppo_tv/mask_frac or "
@@ -337,11 +341,11 @@ def write_outputs(out: Path, s: Settings, runs: list[dict], command: str, second
     text = [
         "# Staleness experiment results", "",
         f"Command: `{command}`", "",
-        f"{len(runs)} runs ({len(s.arms)} arms × K ∈ {{{', '.join(map(str, s.staleness))}}} × {s.seeds} seeds), "
-        f"{s.rounds} rounds each; {s.prompts} prompts × {s.samples} samples per round, lr {s.lr:g}, "
-        f"{s.epochs} epochs × {s.minibatches} mini-batches; wall time {seconds / 60:.1f} min on "
-        f"{s.workers} worker(s) × {s.threads} thread(s).", "",
-        markdown_table(rows), "",
+        (f"{len(runs)} runs ({len(s.arms)} arms × K ∈ {{{', '.join(map(str, s.staleness))}}} × {s.seeds} seeds), "
+         f"{s.rounds} rounds each; {s.prompts} prompts × {s.samples} samples per round, lr {s.lr:g}, "
+         f"{s.epochs} epochs × {s.minibatches} mini-batches; wall time {seconds / 60:.1f} min on "
+         f"{s.workers} worker(s) × {s.threads} thread(s)."), "",
+        markdown_tables(rows), "",
         *[f"![{p.stem}]({p.name})" for p in plots],
     ]
     (out / "results.md").write_text("\n".join(text) + "\n", encoding="utf-8")
@@ -379,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     runs = run_all(s)
     doc = write_outputs(out, s, runs, command, time.perf_counter() - t0)
-    print(markdown_table(doc["summary"]))
+    print(markdown_tables(doc["summary"]))
     print(f"wrote {out}/results.md, results.json and plots in {doc['seconds'] / 60:.1f} min")
     return doc
 

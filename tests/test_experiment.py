@@ -12,7 +12,7 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
-import staleness_experiment as se  # noqa: E402
+import staleness_experiment as se
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 START_VERSION = 8  # examples/toy/model/drpo_checkpoint.json
@@ -107,10 +107,12 @@ def test_summarize_hand_computed():
     assert row["min_reward"] == 0.44
     assert row["reward_collapses"] == 1  # seed 0 ends at 0.44 < 0.5 - 0.05; seed 1 at 0.8 does not
     assert row["entropy_collapses"] == 1  # seed 0: entropy 0.05 < 0.1 with reward 0.44 < 0.9
-    # Per run: max / median of the round's step norms, the largest over rounds.
-    # Seed 0: round 1 3/2 = 1.5, round 2 9/1 = 9 -> 9. Seed 1: 2/2 = 1, 4/3 -> 4/3. Mean: (9 + 4/3) / 2.
-    assert row["grad_spike"] == pytest.approx((9 + 4 / 3) / 2)
+    # Per run, over all its steps: seed 0 norms 1, 2, 3, 1, 9, 1 (sorted 1, 1, 1, 2, 3, 9: median 1.5) -> 9 / 1.5 = 6;
+    # seed 1 norms 2, 2, 4, 2 (median 2) -> 4 / 2 = 2. Mean over seeds: 4.
+    assert row["grad_spike"] == pytest.approx(4.0)
     assert row["grad_norm_max"] == 9.0
+    # Steps above the clip 1.0: seed 0 has 2, 3, 9 of 6 -> 0.5; seed 1 all 4 of 4 -> 1. Mean 0.75.
+    assert row["clipped_frac"] == pytest.approx(0.75)
     assert row["loss_fraction"] == pytest.approx(0.3)  # mean of the rounds that have one: (0.2 + 0.4) / 2
 
 

@@ -1,0 +1,259 @@
+"""Scale-out (torchrun + FSDP2): N ranks give the single-process result; a failing rank stops every rank.
+
+The multi-process tests launch `python -m torch.distributed.run --nproc-per-node 2` on CPU (gloo)
+against the bundled example (examples/toy: a 2-layer Llama with tied embeddings) and compare with
+a one-process run of the same command and the same global batch. The in-process tests join a
+one-rank gloo group to check the FSDP entry point and the streamed save without a launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from drpo_cli import distributed
+from drpo_cli.cli import app, without_nproc
+
+TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
+ROWS = 64  # a slice of the example keeps the runs short; process start-up dominates anyway
+TRAIN_ARGS = ["--quiet", "--device", "cpu", "--lr", "1e-3", "--minibatches", "2", "--micro-batch-tokens", "256",
+              # clipping active (global norm ≈ 0.1): the weights then depend on the gradient's scale,
+              # so a mean instead of a sum over ranks would show in the weights, not only in grad_norm
+              "--max-grad-norm", "0.05"]
+INSPECT_ARGS = ["--quiet", "--device", "cpu", "--micro-batch-tokens", "256"]
+# Execution details that legitimately depend on how rows were grouped into passes.
+RUN_DETAILS = {"seconds", "micro_batches", "padding_frac", "device"}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    """model/ and the first ROWS rows of rollouts.arrow (metadata kept), in a private directory."""
+    if not (TOY / "model").is_dir():
+        pytest.skip("examples/toy not built (python examples/make_example.py)")
+    root = tmp_path_factory.mktemp("toy")
+    shutil.copytree(TOY / "model", root / "model")
+    table = pa.ipc.open_file(str(TOY / "rollouts.arrow")).read_all().slice(0, ROWS)
+    with pa.OSFile(str(root / "rollouts.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", "-m", "drpo_cli", *args]
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def one_process(*args: str):
+    """The same command in this process (no process group): the reference."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(app, list(args))
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def assert_same_json(a, b, path: str = "") -> None:
+    """Equal structure; floats equal to summation-order noise; RUN_DETAILS keys skipped."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            if k not in RUN_DETAILS:
+                assert_same_json(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_json(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), f"{path}: {a} vs {b}"
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+# ---- the command line, without processes --------------------------------------------------------
+
+
+def test_without_nproc_drops_only_the_nproc_option():
+    argv = ["--debug", "train", "-r", "x.arrow", "--nproc", "2", "--lr", "1e-3", "--nproc=4", "--quiet"]
+    assert without_nproc(argv) == ["--debug", "train", "-r", "x.arrow", "--lr", "1e-3", "--quiet"]
+
+
+def test_torchrun_command_line():
+    argv = distributed.torchrun_argv(3, ["train", "--quiet"])
+    assert argv == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+                    "-m", "drpo_cli", "train", "--quiet"]
+
+
+def test_cpu_offload_needs_fsdp(toy, tmp_path):
+    result = CliRunner().invoke(app, ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"),
+                                      "--out", str(tmp_path / "out"), "--cpu-offload", *TRAIN_ARGS])
+    assert result.exit_code == 2
+    assert "--cpu-offload: needs FSDP" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_reductions_are_identities_in_one_process():
+    t = torch.tensor([1.5, -2.0])
+    assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.5, -2.0]
+    assert distributed.all_reduce_max(t).tolist() == [1.5, -2.0]
+    assert distributed.max_count(3) == 3
+    assert distributed.shard_rows(np.arange(5)).tolist() == [0, 1, 2, 3, 4]
+    assert distributed.gather_to_rank0("x") == ["x"]
+
+
+# ---- FSDP2 in this process (one gloo rank) -------------------------------------------------------
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A one-rank gloo process group, as torchrun --nproc-per-node 1 would set it up."""
+    for key, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.init(torch.device("cpu")) == torch.device("cpu")
+    yield
+    distributed.shutdown()
+    assert not dist.is_initialized()
+
+
+def test_sharded_engine_gives_the_plain_models_loss_and_gradients(toy, one_rank_group):
+    from drpo_cli.checkpoint import load_model
+    from drpo_cli.data import plan_micro_batches
+    from drpo_cli.logprobs import fused_token_loss, token_logprobs
+    from drpo_cli.rollouts import load_rows
+
+    rows = load_rows([str(toy / "rollouts.arrow")])
+    mb = plan_micro_batches(rows, np.arange(8), 4096)[0]
+    plain, _ = load_model(toy / "model")
+    sharded, _ = load_model(toy / "model")
+    distributed.shard_model(sharded, torch.device("cpu"))
+    assert distributed.is_sharded(sharded) and not distributed.is_sharded(plain)
+    assert len(distributed.decoder_layers(plain)) == 2
+
+    def loss_fn(logp, sl):  # any elementwise loss: here Σ_t (t+1)·logp_t
+        return (logp * torch.arange(1, mb.num_tokens + 1, dtype=torch.float32)[sl]).sum()
+
+    results = []
+    for model in (plain, sharded):
+        with torch.inference_mode():
+            lp_inf = token_logprobs(model, mb)[0]
+        loss, logp, _ = fused_token_loss(model, mb, loss_fn)
+        loss.backward()
+        grads = {n: distributed.full_value(p.grad) for n, p in model.named_parameters()}
+        results.append((lp_inf, loss.detach(), logp, grads))
+    (lp_a, loss_a, logp_a, g_a), (lp_b, loss_b, logp_b, g_b) = results
+    torch.testing.assert_close(lp_b, lp_a, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logp_b, logp_a, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    assert g_a.keys() == g_b.keys()
+    # The tied embedding / head receives both its head and its embedding gradient through the entry point.
+    assert g_b["model.embed_tokens.weight"].abs().sum() > 0
+    for name in g_a:
+        torch.testing.assert_close(g_b[name], g_a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_streamed_save_of_a_sharded_model_equals_the_plain_save(toy, one_rank_group, tmp_path):
+    from drpo_cli.checkpoint import load_model, save_checkpoint
+
+    plain, _ = load_model(toy / "model")
+    sharded, _ = load_model(toy / "model")
+    distributed.shard_model(sharded, torch.device("cpu"))
+    kw = {"source_dir": toy / "model", "policy_version": 9, "training_config": {}, "extra_files": {"r.json": "{}"}}
+    save_checkpoint(plain, out_dir=tmp_path / "plain", **kw)
+    distributed.save_full_checkpoint(sharded, out_dir=tmp_path / "sharded", **kw)
+    a, b = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(tmp_path / "sharded" / "model.safetensors"))
+    assert a.keys() == b.keys() and "lm_head.weight" not in b  # tied head written once
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "sharded"]  # no temporary directory left
+
+
+# ---- two processes -------------------------------------------------------------------------------
+
+
+def test_two_ranks_train_the_same_weights_and_report_as_one(toy, tmp_path):
+    common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS]
+    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote ") == 1  # rank 0 alone reports
+    one_process("train", *common, "--out", str(tmp_path / "one"))
+
+    source = load_file(str(toy / "model" / "model.safetensors"))
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert one.keys() == two.keys() == source.keys()
+    assert max((one[k] - source[k]).abs().max().item() for k in one) > 1e-4  # the weights did move
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+
+    r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
+    assert [s["tokens"] for s in r1["steps"]] == [s["tokens"] for s in r2["steps"]]
+    for s1, s2 in zip(r1["steps"], r2["steps"]):
+        assert not s1["skipped"] and not s2["skipped"]
+        assert s2["grad_norm"] == pytest.approx(s1["grad_norm"], rel=1e-5)  # a sum over ranks, not a mean
+    for section in ("steps", "final", "input", "loss", "notes"):
+        assert_same_json(r1[section], r2[section], section)
+    r1["config"].pop("out"), r2["config"].pop("out")
+    assert r1["config"] == r2["config"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # other ranks wrote nothing
+
+
+def test_two_ranks_inspect_like_one(toy, tmp_path):
+    common = [str(toy / "rollouts.arrow"), "--model", str(toy / "model"), *INSPECT_ARGS]
+    run = torchrun("inspect", *common, "--json", str(tmp_path / "two.json"), "--per-token", str(tmp_path / "two.arrow"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process("inspect", *common, "--json", str(tmp_path / "one.json"), "--per-token", str(tmp_path / "one.arrow"))
+
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["model"]["tokens"] == two["model"]["tokens"] > 0
+    assert_same_json(one, two)
+
+    order = [("sample_id", "ascending"), ("position", "ascending")]
+    t1, t2 = (pa.ipc.open_file(str(tmp_path / f"{n}.arrow")).read_all().sort_by(order) for n in ("one", "two"))
+    assert t1.num_rows == t2.num_rows > 0  # every response token once, whichever rank computed it
+    for name in t1.schema.names:
+        x, y = t1[name].to_numpy(), t2[name].to_numpy()
+        if x.dtype.kind == "f":
+            np.testing.assert_allclose(y, x, rtol=0, atol=1e-5, err_msg=name)
+        else:
+            assert (x == y).all(), name
+
+
+def test_a_failing_rank_stops_every_rank_and_writes_nothing(toy, tmp_path):
+    # Through `drpo train --nproc 2`, which relaunches the same command under torchrun.
+    command = [sys.executable, "-m", "drpo_cli", "train", "--nproc", "2", "-r", str(toy / "rollouts.arrow"),
+               "-m", str(toy / "model"), "--out", str(tmp_path / "out"), *TRAIN_ARGS]
+    run = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", distributed.FAIL_HOOK: "1"})
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    injected = "RuntimeError: failure injected by DRPO_TEST_FAIL_RANK=1 during save"
+    assert sorted(errors) == [
+        f"error: [rank 0] saving the checkpoint stopped: rank 1 of 2 failed: {injected}",
+        f"error: [rank 1] {injected} (run with --debug for the traceback)",
+    ], run.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []  # no output directory, no temporary sibling
