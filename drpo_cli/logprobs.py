@@ -406,12 +406,17 @@ def run_engine(model: torch.nn.Module, fn: Callable, *args):
     entry = model.__dict__.get(ENGINE_METHOD)  # set on the instance by distributed.shard_model
     if entry is None:
         return fn(model, *args)
-    if torch.is_inference_mode_enabled():
-        # FSDP2 reuses its gathered-parameter buffers from pass to pass: allocated as inference
-        # tensors, they could never serve a training pass again. no_grad is as lean here.
-        with torch.inference_mode(False), torch.no_grad():
+    if torch.is_grad_enabled():
+        return entry(fn, *args)  # the root's gathered parameters are freed after its backward
+    # FSDP2 reuses its gathered-parameter buffers from pass to pass: allocated as inference
+    # tensors, they could never serve a training pass again (no_grad is as lean). Without a
+    # backward nothing reshards the root, whose gathered parameters would stay registered on the
+    # model (an optimizer built afterwards would hold them instead of the shards): reshard here.
+    with torch.inference_mode(False), torch.no_grad():
+        try:
             return entry(fn, *args)
-    return entry(fn, *args)
+        finally:
+            model.reshard()
 
 
 def _check_chunk(chunk_tokens: int) -> None:

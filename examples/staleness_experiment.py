@@ -1,7 +1,7 @@
 """Staleness experiment: how each loss copes as the rollouts it trains on go stale.
 
-    python examples/staleness_experiment.py            # default size (about 10 min on 2 CPU cores)
-    python examples/staleness_experiment.py --quick    # smoke size (under 2 min)
+    python examples/staleness_experiment.py            # default size: 54 runs, about 7 min on 2 CPU cores
+    python examples/staleness_experiment.py --quick    # smoke size: 18 runs, about 1 min
     python examples/staleness_experiment.py --out DIR --seeds 5 --rounds 20 --workers 2
 
 Each run starts from the bundled toy checkpoint (examples/toy/model, policy version 8) and repeats
@@ -114,7 +114,6 @@ def run_one(arm: str, staleness: int, seed: int, s: Settings) -> dict:
     torch.set_num_threads(s.threads)
     t0 = time.perf_counter()
     start_model, _ = load_model(START)
-    start_version = read_policy_version(START)
     history = [(START, start_model)]  # history[r] = (dir, model) of the checkpoint entering round r
     eval_kw = {"num_prompts": s.eval_prompts, "samples_per_prompt": s.eval_samples,
                "temperature": s.temperature, "response_len": s.response_len, "seed": EVAL_SEED}
@@ -123,7 +122,7 @@ def run_one(arm: str, staleness: int, seed: int, s: Settings) -> dict:
         for r in range(s.rounds):
             sampler_dir, sampler = history[max(0, r - staleness)]
             sampler_version = read_policy_version(sampler_dir)
-            round_seed = seed * 1000 + r  # same data for every arm at round 0: paired comparisons
+            round_seed = seed * 1000 + r  # same sampler -> same data in every arm and K: paired comparisons
             table = toytask.sample_rollouts(
                 sampler, toytask.make_prompts(s.prompts, round_seed), s.samples, s.temperature,
                 sampler_version, round_seed, response_len=s.response_len,
@@ -138,16 +137,15 @@ def run_one(arm: str, staleness: int, seed: int, s: Settings) -> dict:
             result = train(cfg)
             model, _ = load_model(result.out_dir)
             history.append((result.out_dir, model))
-            rounds.append(round_record(result.report, r, sampler_version, start_version,
+            rounds.append(round_record(result.report, r, sampler_version,
                                        float(table.column("reward").to_numpy().mean()),
-                                       toytask.evaluate(model, **eval_kw), arm))
+                                       toytask.evaluate(model, **eval_kw)))
         start_reward = toytask.evaluate(start_model, **eval_kw)
     return {"arm": arm, "staleness": staleness, "seed": seed, "start_reward": start_reward, "rounds": rounds,
             "seconds": time.perf_counter() - t0}
 
 
-def round_record(report: dict, r: int, sampler_version: int, start_version: int, rollout_reward: float,
-                 reward: float, arm: str) -> dict:
+def round_record(report: dict, r: int, sampler_version: int, rollout_reward: float, reward: float) -> dict:
     """The numbers kept per round from one drpo_report.json plus the evaluation."""
     steps = report["steps"]
     final = report["final"]["metrics"]
@@ -333,10 +331,11 @@ def write_outputs(out: Path, s: Settings, runs: list[dict], command: str, second
                              f"share of steps with a pre-clip norm above the clip {MAX_GRAD_NORM}",
                "outside/harmful/|Δ| mean/k3": "drpo_report.json final.metrics (trained weights vs the sampler "
                                               "on the round's rollouts), mean over rounds and seeds",
-               "clip/mask/corr.": "the loss's ppo_clip/clip_frac, dppo_tv/mask_frac or "
+               "clip / mask / corrective": "the loss's ppo_clip/clip_frac, dppo_tv/mask_frac or "
                                   "weight/{drpo,spo}_corrective_frac, mean over steps, rounds and seeds"}}
+    doc = _round_floats(doc)
     tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(doc, separators=(",", ":")) + "\n", encoding="utf-8")
     os.replace(tmp, out / "results.json")
     text = [
         "# Staleness experiment results", "",
@@ -351,6 +350,17 @@ def write_outputs(out: Path, s: Settings, runs: list[dict], command: str, second
     (out / "results.md").write_text("\n".join(text) + "\n", encoding="utf-8")
     (out / "command.txt").write_text(command + "\n", encoding="utf-8")
     return doc
+
+
+def _round_floats(x):
+    """Floats to 5 significant digits (far below the evaluation noise), keeping results.json small."""
+    if isinstance(x, float):
+        return float(f"{x:.5g}")
+    if isinstance(x, dict):
+        return {k: _round_floats(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_round_floats(v) for v in x]
+    return x
 
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
