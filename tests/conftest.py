@@ -1,4 +1,4 @@
-"""Shared test fixtures: small schema-v1 rollout tables written with pyarrow directly."""
+"""Shared test fixtures: one torch thread, small schema-v1 rollout tables written with pyarrow directly."""
 
 from __future__ import annotations
 
@@ -7,6 +7,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests run tiny models: one thread is several times faster than two on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 # A valid rollout table: 4 rows in 2 groups, every column in its canonical type.
 # Row 0's last token is masked out (loss_mask 0), as tool-output tokens would be.

@@ -32,15 +32,6 @@ sys.path.insert(0, str(ROOT / "examples"))
 import toytask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine thread contention costs 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     """A model directory like a user's: weights, config, tokenizer, generation config, version 7."""

@@ -20,15 +20,6 @@ import make_example
 import toytask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine thread contention costs 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def table() -> pa.Table:
     with pa.OSFile(str(TOY / "rollouts.arrow")) as f:  # Arrow IPC *file* format

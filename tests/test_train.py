@@ -29,14 +29,6 @@ TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
 FAST = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model: one thread is several times faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
