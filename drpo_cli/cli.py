@@ -7,6 +7,7 @@ and `drpo schema` stay fast. Every DrpoError becomes one line on stderr and its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -47,9 +48,10 @@ def _root(
 
 def run_guarded(fn: Callable[[], T]) -> T:
     """Run a command body, turning domain errors into one line on stderr and an exit code."""
+    ok = False
     try:
         result = fn()
-        _leave_process_group()
+        ok = True
         return result
     except DrpoError as err:
         if _state["debug"]:
@@ -71,6 +73,8 @@ def run_guarded(fn: Callable[[], T]) -> T:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         typer.echo(f"error: {_rank_tag()}{type(err).__name__}: {first} (run with --debug for the traceback)", err=True)
         raise typer.Exit(EXIT_RUNTIME) from None
+    finally:
+        _leave_process_group(ok)
 
 
 def _launched_rank() -> int | None:
@@ -85,11 +89,12 @@ def _rank_tag() -> str:
     return "" if r is None else f"[rank {r}] "
 
 
-def _leave_process_group() -> None:
-    """After a successful command under torchrun: leave the process group (a failed one just exits)."""
+def _leave_process_group(ok: bool) -> None:
+    """Under torchrun: leave the process group before exiting (best effort; see distributed.shutdown)."""
     distributed = sys.modules.get("drpo_cli.distributed")
     if distributed is not None:
-        distributed.shutdown()
+        with contextlib.suppress(Exception):  # the command's own outcome is what gets reported
+            distributed.shutdown(ok=ok)
 
 
 # ---- commands -------------------------------------------------------------------------------

@@ -78,10 +78,21 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
-def shutdown() -> None:
-    """Leave the process group (end of a torchrun command); a no-op when none was joined."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(*, ok: bool = True) -> None:
+    """Leave the process group at the end of a torchrun command; a no-op when none was joined.
+
+    A process that exits without leaving can abort in gloo's teardown (SIGABRT at exit). After
+    success a barrier first makes sure no peer still has a collective in flight; after a failure
+    gloo still tears down locally, while nccl, which could block on a dead peer, is left to the
+    process exit.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ok:
+        dist.barrier()
+    elif dist.get_backend() == "nccl":
+        return
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
