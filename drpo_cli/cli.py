@@ -346,7 +346,19 @@ def without_nproc(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    app(prog_name="drpo")
+    if _launched_rank() is None:
+        app(prog_name="drpo")
+        return
+    # Under torchrun the process group has been left by now, but gloo's and autograd's C++ threads
+    # can still abort the interpreter's teardown (SIGABRT after a successful run): skip it.
+    try:
+        app(prog_name="drpo")
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
