@@ -356,10 +356,7 @@ class CheckpointWriter:
             "source": {"path": str(self.source_dir), "policy_version": read_policy_version(self.source_dir)},
         }
         _write_json(self.tmp_dir / DRPO_META, meta)
-        for (
-            name,
-            content,
-        ) in self.extra_files.items():  # e.g. the training report, renamed in with the weights
+        for name, content in self.extra_files.items():  # e.g. the training report, renamed in with the weights
             path = self.tmp_dir / name
             path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
             _fsync(path)
@@ -368,15 +365,9 @@ class CheckpointWriter:
 def save_checkpoint(
     model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
     *,
-    source_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    policy_version: int,
-    training_config: dict,
     config: Any = None,
-    overwrite: bool = False,
-    max_shard_size: int | str = "2GB",
-    dtype: str | None = None,
-    extra_files: Mapping[str, str | bytes] | None = None,
+    **writer_kwargs: Any,
 ) -> Path:
     """Write a Hugging Face model directory atomically; returns `out_dir`.
 
@@ -384,7 +375,9 @@ def save_checkpoint(
     gathered from FSDP shards) described by `config` (default: the source's config.json). Tied
     weights (a tied `lm_head.weight`) are written once, as transformers expects, and tie again on
     load. Tensors are written as they are (no copy) unless `dtype` casts them, shard by shard.
-    `extra_files` (name -> content) appear in `out_dir` in the same rename, e.g. a report.
+    `writer_kwargs` are CheckpointWriter's: `source_dir`, `policy_version`, `training_config`
+    (required), `overwrite`, `max_shard_size`, `dtype`, and `extra_files` (name -> content, in
+    `out_dir` in the same rename, e.g. a report).
     """
     if isinstance(model_or_state_dict, torch.nn.Module):
         model = model_or_state_dict
@@ -392,17 +385,7 @@ def save_checkpoint(
         config = model.config if config is None else config
     else:
         model, state_dict = None, dict(model_or_state_dict)
-    with CheckpointWriter(
-        out_dir,
-        source_dir=source_dir,
-        policy_version=policy_version,
-        training_config=training_config,
-        config=config,
-        overwrite=overwrite,
-        max_shard_size=max_shard_size,
-        dtype=dtype,
-        extra_files=extra_files,
-    ) as writer:
+    with CheckpointWriter(out_dir, config=config, **writer_kwargs) as writer:
         ref = model if model is not None else _meta_model(writer.config, writer.source_dir)
         state_dict = _to_saved_format(ref, state_dict)
         for name in list(state_dict):

@@ -229,10 +229,7 @@ class TrainConfig:
 
     def check(self) -> TrainConfig:
         """Raise ConfigError listing every problem; return self when there is none."""
-        problems = self.validate()
-        if problems:
-            summary = problems[0] if len(problems) == 1 else f"{len(problems)} problems with the options"
-            raise ConfigError(summary, details=problems if len(problems) > 1 else [])
+        _raise_problems(self.validate())
         return self
 
 
@@ -353,11 +350,15 @@ class InspectConfig:
 
     def check(self) -> InspectConfig:
         """Raise ConfigError listing every problem; return self when there is none."""
-        problems = self.validate()
-        if problems:
-            summary = problems[0] if len(problems) == 1 else f"{len(problems)} problems with the options"
-            raise ConfigError(summary, details=problems if len(problems) > 1 else [])
+        _raise_problems(self.validate())
         return self
+
+
+def _raise_problems(problems: list[str]) -> None:
+    """One ConfigError for all problems: the only one as its message, or a count with each as a detail line."""
+    if problems:
+        summary = problems[0] if len(problems) == 1 else f"{len(problems)} problems with the options"
+        raise ConfigError(summary, details=problems if len(problems) > 1 else [])
 
 
 def _choice(problems: list[str], name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,7 +1,8 @@
 """Report dicts -> JSON (validated against the schemas in schemas/) and rich tables.
 
-Metric names are the SPEC.md §2 names (`tr/outside_frac`, `kl/k3_mean`, ...), the same in the
-console tables, the JSON reports and the docs.
+Two reports: `OUT/drpo_report.json` of `drpo train` and `drpo inspect --json`. Metric names are the
+SPEC.md §2 names (`tr/outside_frac`, `kl/k3_mean`, ...), the same in the console tables, the JSON
+reports and the docs.
 """
 
 from __future__ import annotations
@@ -10,7 +11,101 @@ import json
 import math
 from typing import Any
 
-# ==== drpo train report ==========================================================================
+# ---- shared: JSON numbers, validation, atomic writes, console formatting ----------------------
+
+
+def clean_number(x: Any) -> float | int | None:
+    """A JSON-safe number: numpy scalars become Python numbers, NaN/inf become None."""
+    if x is None:
+        return None
+    if isinstance(x, (bool, int)) or (hasattr(x, "dtype") and x.dtype.kind in "iub"):
+        return int(x)
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def validate_report(report: dict, schema: dict) -> None:
+    """Raise RuntimeError naming the first path where `report` breaks `schema` (a bug: exit 1)."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(report), key=lambda e: list(e.path))
+    if errors:
+        where = "/".join(str(p) for p in errors[0].absolute_path) or "/"
+        raise RuntimeError(f"{schema['title']} does not match its JSON Schema at {where}: {errors[0].message}")
+
+
+def report_json(report: dict) -> str:
+    """The report as written to disk: indented, and strict (JSON has no NaN/inf; see clean_number)."""
+    return json.dumps(report, indent=2, allow_nan=False) + "\n"
+
+
+def write_json_atomic(report: dict, path: str) -> None:
+    """Write `report` to `path` atomically (temp file in the same directory + rename); "-" is stdout."""
+    import os
+    import sys
+    import tempfile
+
+    text = report_json(report)
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".drpo-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def publish(tmp: str, path: str) -> None:
+    """Give a finished temp file the usual permissions (mkstemp makes it 0600) and rename it to `path`."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def fmt(x: Any) -> str:
+    """Compact human formatting of report values."""
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        return f"{x:.4g}" if x == 0 or 1e-3 <= abs(x) < 1e6 else f"{x:.3e}"
+    return str(x)
+
+
+def histogram_lines(labels: list[str], counts: list[float], *, width: int = 40, unit: str = "") -> list[str]:
+    """Horizontal terminal histogram, one line per bin: `label │█████▍ count (share)`."""
+    total = sum(counts) or 1
+    peak = max(counts, default=0) or 1
+    pad = max((len(s) for s in labels), default=0)
+    eighths = " ▏▎▍▌▋▊▉"
+    lines = []
+    for label, c in zip(labels, counts):
+        cells = c / peak * width
+        bar = "█" * int(cells) + eighths[int((cells % 1) * 8)].strip()
+        share = f" ({c / total:.1%})" if not unit else f" {unit}"
+        lines.append(f"{label:>{pad}} │{bar:<{width + 1}} {fmt(c)}{share}")
+    return lines
+
+
+# JSON Schema building blocks shared by both reports.
+_NUM: dict = {"type": ["number", "null"]}
+_INT: dict = {"type": "integer", "minimum": 0}
+_STR: dict = {"type": "string"}
+
+
+# ---- drpo train report --------------------------------------------------------------------------
 # `OUT/drpo_report.json` of `drpo train`; schemas/train-report.schema.json is this dict, kept equal
 # by a test.
 
@@ -19,8 +114,7 @@ TRAIN_REPORT_VERSION = 1
 # (clip/mask/weight) come on top under their own namespaced names.
 TRAIN_METRICS = ("tr/outside_frac", "tr/harmful_frac", "delta/abs_mean", "delta/abs_max", "ratio/max", "kl/k3_mean")
 
-_NUM = {"type": ["number", "null"]}
-_METRICS = {
+_TRAIN_METRICS = {
     "type": "object",
     "required": list(TRAIN_METRICS),
     "additionalProperties": _NUM,
@@ -38,17 +132,17 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
     "properties": {
         "report": {"const": "drpo-train"},
         "report_version": {"const": TRAIN_REPORT_VERSION},
-        "drpo_version": {"type": "string"},
+        "drpo_version": _STR,
         "config": {"type": "object", "description": "Every TrainConfig field, as run."},
         "input": {
             "type": "object",
             "required": ["model", "policy_version", "rollouts", "rows", "tokens", "trained_tokens", "vocab_size"],
             "additionalProperties": False,
             "properties": {
-                "model": {"type": "string"},
+                "model": _STR,
                 "policy_version": {"type": ["integer", "null"], "minimum": 0},
-                "rollouts": {"type": "array", "items": {"type": "string"}},
-                "rows": {"type": "integer", "minimum": 0},
+                "rollouts": {"type": "array", "items": _STR},
+                "rows": _INT,
                 "tokens": {"type": "integer", "minimum": 0, "description": "response tokens"},
                 "trained_tokens": {"type": "integer", "minimum": 0, "description": "response tokens with loss_mask 1"},
                 "vocab_size": {"type": "integer", "minimum": 1},
@@ -58,21 +152,21 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
             "type": "object",
             "required": ["dir", "policy_version"],
             "additionalProperties": False,
-            "properties": {"dir": {"type": "string"}, "policy_version": {"type": "integer", "minimum": 0}},
+            "properties": {"dir": _STR, "policy_version": _INT},
         },
         "loss": {
             "type": "object",
             "required": ["name", "hparams", "anchor", "is_correction", "agg"],
             "additionalProperties": False,
             "properties": {
-                "name": {"type": "string"},
+                "name": _STR,
                 "hparams": {"type": "object", "additionalProperties": _NUM},
                 "anchor": {"enum": ["behavior", "proximal"]},
                 "is_correction": {"enum": ["none", "tis", "mis"]},
-                "agg": {"type": "string"},
+                "agg": _STR,
             },
         },
-        "notes": {"type": "array", "items": {"type": "string"}, "description": "Warnings worth reading."},
+        "notes": {"type": "array", "items": _STR, "description": "Warnings worth reading."},
         "steps": {
             "type": "array",
             "description": "One entry per optimizer step; metrics are measured at the step's forward pass.",
@@ -82,27 +176,27 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
                              "seconds", "metrics"],
                 "additionalProperties": False,
                 "properties": {
-                    "step": {"type": "integer", "minimum": 0},
-                    "epoch": {"type": "integer", "minimum": 0},
-                    "minibatch": {"type": "integer", "minimum": 0},
+                    "step": _INT,
+                    "epoch": _INT,
+                    "minibatch": _INT,
                     "loss": _NUM,
                     "grad_norm": _NUM,
                     "lr": {"type": "number", "minimum": 0},
-                    "tokens": {"type": "integer", "minimum": 0},
+                    "tokens": _INT,
                     "skipped": {"type": "boolean", "description": "non-finite loss or gradient norm: not applied"},
                     "seconds": {"type": "number", "minimum": 0},
-                    "metrics": _METRICS,
+                    "metrics": _TRAIN_METRICS,
                 },
             },
         },
-        "skipped_steps": {"type": "integer", "minimum": 0},
+        "skipped_steps": _INT,
         "final": {
             "type": "object",
             "description": "Closing audit: the final weights against μ on the trained rollouts (inference mode).",
             "required": ["metrics", "change_from_first_step", "worst_samples"],
             "additionalProperties": False,
             "properties": {
-                "metrics": _METRICS,
+                "metrics": _TRAIN_METRICS,
                 "change_from_first_step": {"type": "object", "additionalProperties": _NUM},
                 "worst_samples": {
                     "type": "array",
@@ -110,11 +204,11 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
                         "type": "object",
                         "required": ["sample_id", "harmful_frac", "outside_frac", "delta_abs_max", "tokens"],
                         "properties": {
-                            "sample_id": {"type": "string"},
+                            "sample_id": _STR,
                             "harmful_frac": _NUM,
                             "outside_frac": _NUM,
                             "delta_abs_max": _NUM,
-                            "tokens": {"type": "integer", "minimum": 0},
+                            "tokens": _INT,
                         },
                     },
                 },
@@ -125,21 +219,10 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
 }
 
 
-def finite_or_none(x: float | None) -> float | None:
-    """JSON has no NaN/inf: non-finite numbers are reported as null."""
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
 def train_report_json(report: dict) -> str:
-    """Validate against TRAIN_REPORT_SCHEMA and serialise; a mismatch is a bug, raised as ValueError."""
-    import jsonschema
-
-    try:
-        jsonschema.validate(report, TRAIN_REPORT_SCHEMA)
-    except jsonschema.ValidationError as err:
-        where = "/".join(str(p) for p in err.absolute_path)
-        raise ValueError(f"train report does not match its schema at {where or '/'}: {err.message}") from None
-    return json.dumps(report, indent=2, allow_nan=False) + "\n"
+    """Validate against TRAIN_REPORT_SCHEMA (a mismatch is a bug: RuntimeError) and serialise."""
+    validate_report(report, TRAIN_REPORT_SCHEMA)
+    return report_json(report)
 
 
 def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
@@ -163,10 +246,10 @@ def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
         return values[: max_steps // 2] + gap + values[max_steps // 2 :] if gap else values
 
     for name in ("loss", "grad_norm", "lr", "tokens"):
-        table.add_row(name, *cells([_fmt(s[name]) for s in shown]), "", "")
+        table.add_row(name, *cells([fmt(s[name]) for s in shown]), "", "")
     for k in keys:
-        table.add_row(k, *cells([_fmt(s["metrics"].get(k)) for s in shown]), _fmt(final["metrics"].get(k)),
-                      _fmt(final["change_from_first_step"].get(k)))
+        table.add_row(k, *cells([fmt(s["metrics"].get(k)) for s in shown]), fmt(final["metrics"].get(k)),
+                      fmt(final["change_from_first_step"].get(k)))
     console.print(table)
 
     if final["worst_samples"]:
@@ -174,8 +257,8 @@ def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
         for col in ("sample_id", "harmful_frac", "outside_frac", "delta_abs_max", "tokens"):
             worst.add_column(col, justify="right" if col != "sample_id" else "left")
         for w in final["worst_samples"]:
-            worst.add_row(w["sample_id"], _fmt(w["harmful_frac"]), _fmt(w["outside_frac"]),
-                          _fmt(w["delta_abs_max"]), str(w["tokens"]))
+            worst.add_row(w["sample_id"], fmt(w["harmful_frac"]), fmt(w["outside_frac"]),
+                          fmt(w["delta_abs_max"]), str(w["tokens"]))
         console.print(worst)
     for note in report["notes"]:
         console.print(f"note: {note}")
@@ -189,14 +272,13 @@ def _is_loss_metric(key: str, loss: str) -> bool:
     return key.startswith(f"{ns}/") or (key.startswith(f"weight/{ns}_") and key.endswith("_frac"))
 
 
-def _fmt(x: float | None) -> str:
-    return "–" if x is None else f"{x:.4g}"
+def _is_loss_metric(key: str, loss: str) -> bool:
+    """What the loss in use does to the tokens: `ppo_clip/clip_frac`, `weight/drpo_corrective_frac`, ..."""
+    ns = loss.replace("-", "_")
+    return key.startswith(f"{ns}/") or (key.startswith(f"weight/{ns}_") and key.endswith("_frac"))
 
 
-# ==== end of drpo train report ===================================================================
-
-
-# ==== drpo inspect report ========================================================================
+# ---- drpo inspect report ------------------------------------------------------------------------
 # `drpo inspect --json`; schemas/inspect-report.schema.json is INSPECT_REPORT_SCHEMA, kept equal by a
 # test. Stable metric names (all over response tokens with loss_mask 1) are documented in the
 # README's "Auditing rollouts" section; gates (`--fail-above`) accept exactly these names.
@@ -294,170 +376,87 @@ def evaluate_gates(metrics: dict, gates: list[tuple[str, float]]) -> list[dict]:
     return out
 
 
-def clean_number(x: Any) -> float | int | None:
-    """A JSON-safe number: numpy scalars become Python numbers, NaN/inf become None."""
-    if x is None:
-        return None
-    if isinstance(x, (bool, int)) or (hasattr(x, "dtype") and x.dtype.kind in "iub"):
-        return int(x)
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def validate_report(report: dict, schema: dict) -> None:
-    """Raise RuntimeError naming the first path where `report` breaks `schema` (a bug: exit 1)."""
-    import jsonschema
-
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(report), key=lambda e: list(e.path))
-    if errors:
-        where = "/".join(str(p) for p in errors[0].absolute_path) or "/"
-        raise RuntimeError(f"report does not match its JSON Schema at {where}: {errors[0].message}")
-
-
-def write_json_atomic(report: dict, path: str) -> None:
-    """Write `report` to `path` atomically (temp file in the same directory + rename); "-" is stdout."""
-    import os
-    import sys
-    import tempfile
-
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    if path == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    fd, tmp = tempfile.mkstemp(prefix=".drpo-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def publish(tmp: str, path: str) -> None:
-    """Give a finished temp file the usual permissions (mkstemp makes it 0600) and rename it to `path`."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def histogram_lines(labels: list[str], counts: list[float], *, width: int = 40, unit: str = "") -> list[str]:
-    """Horizontal terminal histogram, one line per bin: `label │█████▍ count (share)`."""
-    total = sum(counts) or 1
-    peak = max(counts, default=0) or 1
-    pad = max((len(s) for s in labels), default=0)
-    eighths = " ▏▎▍▌▋▊▉"
-    lines = []
-    for label, c in zip(labels, counts):
-        cells = c / peak * width
-        bar = "█" * int(cells) + eighths[int((cells % 1) * 8)].strip()
-        share = f" ({c / total:.1%})" if not unit else f" {unit}"
-        lines.append(f"{label:>{pad}} │{bar:<{width + 1}} {fmt(c)}{share}")
-    return lines
-
-
-def fmt(x: Any) -> str:
-    """Compact human formatting of report values."""
-    if x is None:
-        return "–"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        return f"{x:.4g}" if x == 0 or 1e-3 <= abs(x) < 1e6 else f"{x:.3e}"
-    return str(x)
-
-
-_I_NUM: dict = {"type": ["number", "null"]}
-_I_INT: dict = {"type": "integer", "minimum": 0}
-_I_STR: dict = {"type": "string"}
-_I_STATS: dict = {
+_STATS: dict = {  # count / mean / min / max (+ quantiles) of a column
     "type": "object",
     "required": ["count", "mean", "min", "max"],
-    "properties": {"count": _I_INT},
-    "additionalProperties": _I_NUM,
+    "properties": {"count": _INT},
+    "additionalProperties": _NUM,
 }
 
 
-def _i_records(key: dict, required: list[str], **props: dict) -> dict:
+def _records_schema(key: dict, required: list[str], **props: dict) -> dict:
     """Array of flat objects of numbers (a breakdown table) with some typed, required fields."""
     return {"type": "array", "items": {"type": "object", "required": required, "properties": {"key": key, **props},
-                                       "additionalProperties": _I_NUM}}
+                                       "additionalProperties": _NUM}}
 
 
-def _i_object(props: dict, extra: dict | bool = False) -> dict:
+def _object_schema(props: dict, extra: dict | bool = False) -> dict:
     return {"type": "object", "required": list(props), "properties": props, "additionalProperties": extra}
 
 
-_I_DATA_SECTION = _i_object({
-    "rows": _I_INT,
-    "response_tokens": _I_INT,
-    "masked_tokens": _I_INT,
-    "prompt_tokens": _I_INT,
-    "response_length": _I_STATS,
-    "prompt_length": _I_STATS,
-    "behavior": _i_object({"neg_logmu_mean": _I_NUM, "rare_frac": _I_NUM, "rare_threshold": {"type": "number"}}),
-    "advantage": _i_object({
+_DATA_SECTION = _object_schema({
+    "rows": _INT,
+    "response_tokens": _INT,
+    "masked_tokens": _INT,
+    "prompt_tokens": _INT,
+    "response_length": _STATS,
+    "prompt_length": _STATS,
+    "behavior": _object_schema({"neg_logmu_mean": _NUM, "rare_frac": _NUM, "rare_threshold": {"type": "number"}}),
+    "advantage": _object_schema({
         "source": {"enum": ["advantages", "advantage", "reward+group_id", "mixed"]},
-        "stats": _I_STATS,
-        "zero_frac": _I_NUM,
-        "zero_rows": _I_INT,
+        "stats": _STATS,
+        "zero_frac": _NUM,
+        "zero_rows": _INT,
     }),
-    "reward": {"oneOf": [{"type": "null"}, _I_STATS]},
-    "lag": _i_object({
+    "reward": {"oneOf": [{"type": "null"}, _STATS]},
+    "lag": _object_schema({
         "current_version": {"type": ["integer", "null"]},
         "version_source": {"enum": ["--current-version", "checkpoint", "data-max", "unknown"]},
-        "rows_without_version": _I_INT,
-        "histogram": {"type": "array", "items": _i_object({"lag": {"type": "integer"}, "rows": _I_INT,
-                                                            "tokens": _I_INT})},
+        "rows_without_version": _INT,
+        "histogram": {"type": "array", "items": _object_schema({"lag": {"type": "integer"}, "rows": _INT,
+                                                            "tokens": _INT})},
     }),
-    "duplicate_sample_ids": _i_object({"rows": _I_INT, "ids": _I_INT, "examples": {"type": "array", "items": _I_STR}}),
+    "duplicate_sample_ids": _object_schema({"rows": _INT, "ids": _INT, "examples": {"type": "array", "items": _STR}}),
     "token_id_max": {"type": ["integer", "null"]},
-    "temperatures": {"type": "array", "items": _i_object({"temperature": _I_NUM, "rows": _I_INT})},
+    "temperatures": {"type": "array", "items": _object_schema({"temperature": _NUM, "rows": _INT})},
 })
-_I_LOGGING_CHECKS = _i_object({
-    "scope": _I_STR,
-    "rows": _I_INT,
-    "tokens": _I_INT,
-    "logr_mean": _I_NUM,
-    "logr_sem": _I_NUM,
+_LOGGING_CHECKS = _object_schema({
+    "scope": _STR,
+    "rows": _INT,
+    "tokens": _INT,
+    "logr_mean": _NUM,
+    "logr_sem": _NUM,
     "offset_suspected": {"type": "boolean"},
-    "logged_temperature": _I_NUM,
-    "temperature_fit": {"type": "array", "items": _i_object({"temperature": {"type": "number"},
-                                                             "abs_logr_mean": _I_NUM, "logr_mean": _I_NUM})},
-    "best_temperature": _I_NUM,
+    "logged_temperature": _NUM,
+    "temperature_fit": {"type": "array", "items": _object_schema({"temperature": {"type": "number"},
+                                                             "abs_logr_mean": _NUM, "logr_mean": _NUM})},
+    "best_temperature": _NUM,
     "temperature_suspected": {"type": "boolean"},
-    "findings": {"type": "array", "items": _I_STR},
+    "findings": {"type": "array", "items": _STR},
 })
-_I_MODEL_SECTION = _i_object({
-    "checkpoint": _i_object({"path": _I_STR, "policy_version": {"type": ["integer", "null"]},
-                             "vocab_size": _I_INT}),
-    "device": _I_STR,
-    "dtype": _I_STR,
-    "tokens": _I_INT,
-    "micro_batches": _I_INT,
-    "padding_frac": _I_NUM,
-    "seconds": _I_NUM,
-    "distributions": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": _I_NUM}},
-    "by_lag": _i_records(_I_STR, ["key", "tokens"], tokens=_I_INT),
-    "by_mu_bucket": _i_records(_I_STR, ["key", "tokens"], tokens=_I_INT),
-    "by_position": _i_records(_I_STR, ["key", "tokens"], tokens=_I_INT),
-    "losses": {"type": "array", "items": _i_object({
-        "loss": _I_STR,
-        "hparams": {"type": "object", "additionalProperties": _I_NUM},
-        "fractions": {"type": "object", "additionalProperties": _I_NUM},
+_MODEL_SECTION = _object_schema({
+    "checkpoint": _object_schema({"path": _STR, "policy_version": {"type": ["integer", "null"]},
+                             "vocab_size": _INT}),
+    "device": _STR,
+    "dtype": _STR,
+    "tokens": _INT,
+    "micro_batches": _INT,
+    "padding_frac": _NUM,
+    "seconds": _NUM,
+    "distributions": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": _NUM}},
+    "by_lag": _records_schema(_STR, ["key", "tokens"], tokens=_INT),
+    "by_mu_bucket": _records_schema(_STR, ["key", "tokens"], tokens=_INT),
+    "by_position": _records_schema(_STR, ["key", "tokens"], tokens=_INT),
+    "losses": {"type": "array", "items": _object_schema({
+        "loss": _STR,
+        "hparams": {"type": "object", "additionalProperties": _NUM},
+        "fractions": {"type": "object", "additionalProperties": _NUM},
     })},
-    "drpo_what_if": _i_records({"type": "number", "exclusiveMinimum": 0},
+    "drpo_what_if": _records_schema({"type": "number", "exclusiveMinimum": 0},
                                ["delta", "reachable", "corrective_frac", "attenuated_frac"],
                                delta={"type": "number", "exclusiveMinimum": 0}, reachable={"type": "boolean"}),
-    "worst_sequences": _i_records(_I_STR, ["sample_id", "tokens"], sample_id=_I_STR, tokens=_I_INT),
-    "logging_checks": {"oneOf": [{"type": "null"}, _I_LOGGING_CHECKS]},
+    "worst_sequences": _records_schema(_STR, ["sample_id", "tokens"], sample_id=_STR, tokens=_INT),
+    "logging_checks": {"oneOf": [{"type": "null"}, _LOGGING_CHECKS]},
 })
 INSPECT_REPORT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -472,19 +471,19 @@ INSPECT_REPORT_SCHEMA: dict[str, Any] = {
     "properties": {
         "report": {"const": "drpo-inspect"},
         "report_version": {"const": 1},
-        "drpo_version": _I_STR,
+        "drpo_version": _STR,
         "mode": {"enum": ["data", "model"]},
-        "inputs": _i_object({"rollouts": {"type": "array", "items": _I_STR, "minItems": 1},
+        "inputs": _object_schema({"rollouts": {"type": "array", "items": _STR, "minItems": 1},
                              "model": {"type": ["string", "null"]},
-                             "columns": {"type": "object", "additionalProperties": _I_STR}}),
+                             "columns": {"type": "object", "additionalProperties": _STR}}),
         "settings": {"type": "object", "description": "Every InspectConfig field that shaped the report."},
-        "metrics": {"type": "object", "required": list(INSPECT_DATA_METRICS), "additionalProperties": _I_NUM,
+        "metrics": {"type": "object", "required": list(INSPECT_DATA_METRICS), "additionalProperties": _NUM,
                     "propertyNames": {"pattern": "^[a-z0-9_]+/[a-z0-9_.@]+$"}},
-        "data": _I_DATA_SECTION,
-        "model": {"oneOf": [{"type": "null"}, _I_MODEL_SECTION]},
-        "notes": {"type": "array", "items": _I_STR, "description": "Plain-language observations worth reading."},
-        "gates": {"type": "array", "items": _i_object({"metric": _I_STR, "threshold": {"type": "number"},
-                                                        "value": _I_NUM, "passed": {"type": "boolean"}})},
+        "data": _DATA_SECTION,
+        "model": {"oneOf": [{"type": "null"}, _MODEL_SECTION]},
+        "notes": {"type": "array", "items": _STR, "description": "Plain-language observations worth reading."},
+        "gates": {"type": "array", "items": _object_schema({"metric": _STR, "threshold": {"type": "number"},
+                                                        "value": _NUM, "passed": {"type": "boolean"}})},
     },
     "if": {"properties": {"mode": {"const": "model"}}},
     "then": {"properties": {"model": {"type": "object"},
@@ -595,6 +594,3 @@ def _records_table(title: str, records: list[dict], first: str) -> Any:
     for r in records:
         table.add_row(*(fmt(r.get(c)) for c in columns))
     return table
-
-
-# ==== end of drpo inspect report =================================================================

@@ -43,7 +43,7 @@ from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
 from drpo_cli.errors import CheckpointError, ConfigError, InputError, Interrupted
 from drpo_cli.logprobs import fused_token_loss, pick_device, token_logprobs
 from drpo_cli.losses import aggregation_denominator, behavior_weight, token_coefficients, token_loss
-from drpo_cli.report import TRAIN_REPORT_VERSION, finite_or_none, print_train_summary, train_report_json
+from drpo_cli.report import TRAIN_REPORT_VERSION, clean_number, fmt, print_train_summary, train_report_json
 from drpo_cli.rollouts import RolloutRows, load_rows
 from drpo_cli.schema import open_rollouts
 
@@ -170,11 +170,11 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
 
             seconds = time.perf_counter() - t_step
             metrics = _flat_metrics(diag.summary())
-            steps.append({"step": step, "epoch": epoch, "minibatch": k, "loss": finite_or_none(loss.item()),
-                          "grad_norm": finite_or_none(grad_norm.item()), "lr": lr, "tokens": tokens,
+            steps.append({"step": step, "epoch": epoch, "minibatch": k, "loss": clean_number(loss.item()),
+                          "grad_norm": clean_number(grad_norm.item()), "lr": lr, "tokens": tokens,
                           "skipped": skipped, "seconds": seconds, "metrics": metrics})
-            progress.update(task, advance=1, loss=_fmt(loss.item()), tps=f"{tokens / max(seconds, 1e-9):,.0f}",
-                            outside=_fmt(metrics.get("tr/outside_frac")))
+            progress.update(task, advance=1, loss=fmt(loss.item()), tps=f"{tokens / max(seconds, 1e-9):,.0f}",
+                            outside=fmt(metrics.get("tr/outside_frac")))
             if os.environ.get(INTERRUPT_HOOK) == str(step):
                 signal.raise_signal(signal.SIGTERM)
             if stop.requested and step + 1 < total_steps:
@@ -336,9 +336,9 @@ def _closing_audit(model, rows: RolloutRows, cfg: TrainConfig, autocast, behavio
     return {"metrics": _flat_metrics(summary), "worst_samples": worst}, summary["notes"]
 
 
-def _flat_metrics(summary: dict) -> dict[str, float | None]:
+def _flat_metrics(summary: dict) -> dict[str, float | int | None]:
     """The namespaced scalar metrics of a Diagnostics summary (breakdowns and histograms left out)."""
-    return {k: finite_or_none(v) for k, v in summary.items() if "/" in k and (v is None or isinstance(v, (int, float)))}
+    return {k: clean_number(v) for k, v in summary.items() if "/" in k and (v is None or isinstance(v, (int, float)))}
 
 
 # ---- output -----------------------------------------------------------------------------------
@@ -438,7 +438,3 @@ def _progress(cfg: TrainConfig, total: int, start: int):
         TimeRemainingColumn(), console=Console(stderr=True),
         disable=cfg.quiet or not sys.stderr.isatty() or distributed.rank() != 0, transient=False,
     )
-
-
-def _fmt(x: float | None) -> str:
-    return "–" if x is None else f"{x:.4g}"
