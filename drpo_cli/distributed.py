@@ -11,10 +11,10 @@ of waiting forever, and `shard_model` applies FSDP2 (`fully_shard` per decoder l
 root). Gradients are SUMMED over ranks, not averaged: every loss is divided by its global
 denominator already (SPEC.md §1), so the sum of the ranks' gradients is the single-process one.
 
-Saving: `save_full_checkpoint` gathers one parameter at a time (`DTensor.full_tensor`, the
-all-gather underneath the torch.distributed.checkpoint full-state-dict helpers, which would hold
-the whole model on rank 0 at once) and rank 0 streams it into a `CheckpointWriter`; the rename
-into place happens only after every rank has reported success.
+Saving: `save_full_checkpoint` takes the sharded state dict from torch.distributed.checkpoint's
+`get_model_state_dict`, gathers one entry at a time (`DTensor.full_tensor`; the helper's own
+`full_state_dict=True` would hold the whole model on rank 0 at once) and rank 0 streams it into a
+`CheckpointWriter`; the rename into place happens only after every rank has reported success.
 
 Test hook: with DRPO_TEST_FAIL_RANK=r, rank r raises right before the save's success vote.
 """
@@ -264,11 +264,15 @@ def full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor | N
     """(name, full CPU tensor on rank 0 / None elsewhere), one state-dict entry at a time.
 
     Collective: every rank must iterate to the end, in the same order. Peak memory on rank 0 is
-    one full tensor beyond what the caller keeps.
+    one full tensor beyond what the caller keeps. The names and the sharded values come from
+    torch.distributed.checkpoint's state-dict helper (canonical FQNs, nothing gathered yet); each
+    entry is then gathered alone, since `full_state_dict=True` would gather the whole model at once.
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.tensor import DTensor
 
-    for name, value in model.state_dict().items():
+    sharded = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
+    for name, value in sharded.items():
         if isinstance(value, DTensor):
             if value.device.type != value.device_mesh.device_type:  # CPU-offloaded shard under nccl
                 value = value.to(value.device_mesh.device_type)
