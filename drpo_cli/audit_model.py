@@ -74,10 +74,6 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     # Under torchrun: FSDP2 shards the model and each rank audits its share of the rows.
     device = distributed.init(pick_device(cfg.device))
     sharded = distributed.launched()
-    if cfg.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     model, info = load_model(cfg.model, device="cpu" if sharded else str(device), dtype=_DTYPES[cfg.dtype],
                              allow_unsafe=cfg.allow_unsafe_weights)
     check_vocabulary(rows, info.vocab_size, cfg.model)

@@ -38,21 +38,9 @@ def _flag(name: str) -> str:
 
 def parse_columns(specs: tuple[str, ...] | list[str]) -> tuple[dict[str, str], list[str]]:
     """`("logged=drpo_name", ...)` -> ({logged: drpo_name}, problems)."""
-    from drpo_cli.schema import COLUMN_BY_NAME  # pyarrow, no torch
+    from drpo_cli.schema import column_map_problems  # pyarrow, no torch
 
-    mapping: dict[str, str] = {}
-    problems = []
-    for spec in specs:
-        logged, sep, canonical = (s.strip() for s in spec.partition("="))
-        if not sep or not logged or not canonical:
-            problems.append(f"--column {spec!r}: expected LOGGED=DRPO_NAME, e.g. logprobs=behavior_logprobs")
-        elif canonical not in COLUMN_BY_NAME:
-            problems.append(f"--column {spec!r}: {canonical!r} is not a schema v1 column ({', '.join(COLUMN_BY_NAME)})")
-        elif logged in mapping:
-            problems.append(f"--column {spec!r}: {logged!r} is mapped twice")
-        else:
-            mapping[logged] = canonical
-    return mapping, problems
+    return column_map_problems(specs)
 
 
 @dataclass(frozen=True)

@@ -112,19 +112,30 @@ def schema_json() -> str:
     return json.dumps(schema_document(), indent=2) + "\n"
 
 
-def parse_column_map(items: Iterable[str]) -> dict[str, str]:
-    """`["logged=canonical", ...]` from `--column` options -> {logged: canonical}."""
+def column_map_problems(items: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """`["logged=canonical", ...]` from `--column` options -> ({logged: canonical}, every problem)."""
     mapping: dict[str, str] = {}
+    problems: list[str] = []
     for item in items:
-        logged, sep, canonical = item.partition("=")
-        logged, canonical = logged.strip(), canonical.strip()
+        logged, sep, canonical = (part.strip() for part in item.partition("="))
         if not sep or not logged or not canonical:
-            raise ConfigError(f"--column {item!r}: expected LOGGED=CANONICAL, e.g. --column logprobs=behavior_logprobs")
-        if canonical not in COLUMN_BY_NAME:
-            raise ConfigError(
+            problems.append(f"--column {item!r}: expected LOGGED=CANONICAL, e.g. --column logprobs=behavior_logprobs")
+        elif canonical not in COLUMN_BY_NAME:
+            problems.append(
                 f"--column {item!r}: {canonical!r} is not a schema v1 column (one of {', '.join(COLUMN_BY_NAME)})"
             )
-        mapping[logged] = canonical
+        elif logged in mapping:
+            problems.append(f"--column {item!r}: {logged!r} is mapped twice")
+        else:
+            mapping[logged] = canonical
+    return mapping, problems
+
+
+def parse_column_map(items: Iterable[str]) -> dict[str, str]:
+    """{logged: canonical} from `--column` options; ConfigError on the first problem."""
+    mapping, problems = column_map_problems(items)
+    if problems:
+        raise ConfigError(problems[0])
     return mapping
 
 

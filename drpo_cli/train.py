@@ -102,9 +102,6 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                      temperature=cfg.temperature)
     if rows.num_rows < cfg.minibatches:
         raise ConfigError(f"--minibatches {cfg.minibatches}: more than the {rows.num_rows} rollout rows")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the loop has its own bar; stderr stays one line per error
     # fp32 master weights; bf16 only inside autocast.
     # Sharded runs load on the CPU: fully_shard moves each rank's shards (only) to `device`.
     model, info = load_model(cfg.model, device="cpu" if sharded else str(device), dtype="float32",
