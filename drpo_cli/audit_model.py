@@ -20,9 +20,7 @@ import torch
 from drpo_cli.config import LOSS_HPARAMS, InspectConfig
 from drpo_cli.data import plan_micro_batches
 from drpo_cli.divergence import Diagnostics, token_diagnostics
-from drpo_cli.errors import InputError
-from drpo_cli.rollouts import RolloutRows
-from drpo_cli.schema import Problem
+from drpo_cli.rollouts import RolloutRows, check_vocabulary
 
 WHAT_IF_DELTAS = (0.1, 0.2, 0.5, 12.5)  # DRPO δ sweep shown when --delta is not given (SPEC.md §1)
 CHECK_MAX_TOKENS = 4096  # masked tokens recomputed per temperature by the logging checks
@@ -36,19 +34,6 @@ PER_TOKEN_SCHEMA = pa.schema([
 ])
 _DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
 _SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "k3")
-
-
-def check_vocabulary(rows: RolloutRows, vocab_size: int, model_dir: str) -> None:
-    """InputError naming the first row whose prompt or response holds an id outside [0, V)."""
-    for column, ids, offsets in (("prompt_ids", rows.prompt_ids, rows.prompt_offsets),
-                                 ("response_ids", rows.response_ids, rows.response_offsets)):
-        bad = np.flatnonzero((ids >= vocab_size) | (ids < 0))
-        if bad.size:
-            r = int(np.searchsorted(offsets, bad[0], "right") - 1)
-            raise InputError(str(Problem(
-                "vocabulary", rows.source_file[r], column, int(rows.source_row[r]),
-                f"token ids in [0, {vocab_size}) (the vocabulary of {model_dir})",
-                f"{int(ids[bad[0]])} at token {int(bad[0] - offsets[r])}", rows.sample_ids[r])))
 
 
 def resolve_current_version(cfg: InspectConfig, checkpoint_version: int | None,

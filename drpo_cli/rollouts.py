@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drpo_cli.errors import ConfigError, InputError
-from drpo_cli.schema import RolloutSource, open_rollouts, validate_rollouts
+from drpo_cli.schema import Problem, RolloutSource, open_rollouts, validate_rollouts
 
 
 @dataclass(frozen=True)
@@ -273,3 +273,16 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)  # (N+1,)
     np.cumsum(lengths, out=offsets[1:])
     return offsets
+
+
+def check_vocabulary(rows: RolloutRows, vocab_size: int, model_dir: str) -> None:
+    """InputError naming the first row whose prompt or response holds an id outside [0, V)."""
+    for column, ids, offsets in (("prompt_ids", rows.prompt_ids, rows.prompt_offsets),
+                                 ("response_ids", rows.response_ids, rows.response_offsets)):
+        bad = np.flatnonzero((ids >= vocab_size) | (ids < 0))
+        if bad.size:
+            r = int(np.searchsorted(offsets, bad[0], "right") - 1)
+            raise InputError(str(Problem(
+                "vocabulary", rows.source_file[r], column, int(rows.source_row[r]),
+                f"token ids in [0, {vocab_size}) (the vocabulary of {model_dir})",
+                f"{int(ids[bad[0]])} at token {int(bad[0] - offsets[r])}", rows.sample_ids[r])))

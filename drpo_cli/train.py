@@ -40,11 +40,11 @@ from drpo_cli.checkpoint import default_out_dir, load_model, read_policy_version
 from drpo_cli.config import TrainConfig
 from drpo_cli.data import plan_micro_batches
 from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
-from drpo_cli.errors import CheckpointError, ConfigError, InputError, Interrupted
+from drpo_cli.errors import ConfigError, InputError, Interrupted
 from drpo_cli.logprobs import fused_token_loss, pick_device, token_logprobs
 from drpo_cli.losses import aggregation_denominator, behavior_weight, token_coefficients, token_loss
 from drpo_cli.report import TRAIN_REPORT_VERSION, clean_number, fmt, print_train_summary, train_report_json
-from drpo_cli.rollouts import RolloutRows, load_rows
+from drpo_cli.rollouts import RolloutRows, check_vocabulary, load_rows
 from drpo_cli.schema import open_rollouts
 
 REPORT_NAME = "drpo_report.json"
@@ -106,7 +106,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     # Sharded runs load on the CPU: fully_shard moves each rank's shards (only) to `device`.
     model, info = load_model(cfg.model, device="cpu" if sharded else str(device), dtype="float32",
                              allow_unsafe=cfg.allow_unsafe_weights)
-    _check_vocab(rows, info.vocab_size, cfg.model)
+    check_vocabulary(rows, info.vocab_size, cfg.model)
     if sharded:  # bf16 compute / fp32 reduce on CUDA, as autocast does in one process
         distributed.shard_model(model, device, bf16=autocast is not None, cpu_offload=cfg.cpu_offload)
     mask = torch.from_numpy(rows.loss_mask)  # (T,) bool
@@ -262,23 +262,6 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
 def _warmup(step: int, warmup_steps: int) -> float:
     """Linear warmup: step s (0-based) runs at (s + 1) / W of the learning rate for s < W."""
     return 1.0 if step >= warmup_steps else (step + 1) / warmup_steps
-
-
-def _check_vocab(rows: RolloutRows, vocab_size: int, model_dir: str) -> None:
-    """Every token id must index the model's embedding; name the first offending row."""
-    for column, ids, row_of in (("prompt_ids", rows.prompt_ids, _row_of(rows.prompt_offsets)),
-                                ("response_ids", rows.response_ids, _row_of(rows.response_offsets))):
-        if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
-            i = int(row_of(int(np.argmax((ids >= vocab_size) | (ids < 0)))))
-            bad = int(ids[(ids >= vocab_size) | (ids < 0)][0])
-            raise CheckpointError(
-                f"{rows.source_file[i]}: column {column}, row {int(rows.source_row[i])} (sample_id "
-                f"{rows.sample_ids[i]}): token id {bad} outside the vocabulary [0, {vocab_size}) of {model_dir}"
-            )
-
-
-def _row_of(offsets: np.ndarray):
-    return lambda flat: np.searchsorted(offsets, flat, side="right") - 1
 
 
 def _logprobs_of(model, rows: RolloutRows, cfg: TrainConfig, autocast, *, with_entropy: bool):

@@ -212,8 +212,9 @@ def test_vocabulary_mismatch_is_refused(toy, tmp_path):
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [
-        (f"error: {tmp_path / 'bad.arrow'}: column response_ids, row 5 (sample_id {rows[5]['sample_id']}): "
-         f"token id 21 outside the vocabulary [0, 21) of {toy / 'model'}")
+        (f"error: {tmp_path / 'bad.arrow'}, column 'response_ids', row 5 (sample_id '{rows[5]['sample_id']}'): "
+         f"expected token ids in [0, 21) (the vocabulary of {toy / 'model'}), "
+         f"found 21 at token {len(rows[5]['response_ids']) - 1}")
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.arrow"]
 
