@@ -35,7 +35,7 @@ from drpo_cli.report import (
     validate_report,
     write_json_atomic,
 )
-from drpo_cli.schema import REQUIRED, Problem, RolloutSource, SourceBatch, open_rollouts
+from drpo_cli.schema import REQUIRED, Problem, RolloutSource, SourceBatch, file_problems, open_rollouts
 
 RARE_MU = 0.01  # "rare sampled token": μ ≤ 0.01 (SPEC.md §2)
 LOG_RARE_MU = math.log(RARE_MU)
@@ -481,20 +481,10 @@ def advantage_source(columns) -> str | None:
 
 
 def check_source(source: RolloutSource) -> None:
-    """Schema-level checks before streaming: readable types, required columns, an advantage source."""
-    for rf in source.files:
-        if rf.problems:
-            raise InputError(str(rf.problems[0]), details=[str(p) for p in rf.problems[1:]])
-        missing = [c for c in REQUIRED if c not in rf.fields]
-        if missing:
-            raise InputError(str(Problem("missing-column", rf.path, missing[0], None,
-                                         f"a column '{missing[0]}' (see `drpo schema`)",
-                                         f"no such column (file has: {', '.join(rf.schema.names[:12])})")))
-        if advantage_source(rf.fields) is None:
-            found = "reward without group_id" if "reward" in rf.fields else "none of them"
-            raise InputError(str(Problem("advantage-source", rf.path, "advantages", None,
-                                         "one advantage source: advantages, advantage, or reward + group_id",
-                                         found)))
+    """Schema-level checks before streaming (schema.file_problems): InputError listing them all."""
+    problems = file_problems(source)
+    if problems:
+        raise InputError(str(problems[0]), details=[str(p) for p in problems[1:]])
 
 
 def default_temperature(source: RolloutSource, cfg: InspectConfig, path: str) -> float:

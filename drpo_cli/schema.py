@@ -515,6 +515,19 @@ def validate_rollouts(source: RolloutSource, limit: int | None = None) -> Proble
     return out
 
 
+def file_problems(source: RolloutSource) -> Problems:
+    """The checks that read no rows: unopenable files and columns, required columns, an advantage
+    source, drpo.* metadata (what validate_rollouts reports before its row pass)."""
+    out = Problems()
+    for problem in source.problems:
+        out.add(problem)
+    for rf in source.files:
+        for problem in rf.problems:
+            out.add(problem)
+        _check_file(rf, source.column_map, out)
+    return out
+
+
 def _check_file(rf: RolloutFile, column_map: dict[str, str], out: Problems) -> None:
     """Schema-level checks: required columns, an advantage source, drpo.* metadata."""
     present = rf.present

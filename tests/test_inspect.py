@@ -167,7 +167,7 @@ def test_unknown_gate_metric_lists_valid_names(valid_rollout_path, tmp_path):
 BAD_TABLES = {
     "missing response_ids": ({"response_ids": None}, "response_ids"),
     "no advantage source": ({"reward": None, "group_id": None}, "advantage source"),
-    "reward without group_id": ({"group_id": None}, "reward without group_id"),
+    "reward without group_id": ({"group_id": None}, "column 'group_id': expected a group_id column next to reward"),
     "positive log-prob": ({"behavior_logprobs": ([[-0.5, 0.5, -0.25], [-2.0], [-0.125, -0.75], [-3.0, -0.5]],
                                                   pa.list_(pa.float32()))}, "row 0"),
     "NaN log-prob": ({"behavior_logprobs": ([[-0.5, -1.0, -0.25], [-2.0], [-0.125, float("nan")], [-3.0, -0.5]],
