@@ -35,6 +35,7 @@ from drpo_cli.report import (
     validate_report,
     write_json_atomic,
 )
+from drpo_cli.rollouts import file_temperature
 from drpo_cli.schema import REQUIRED, Problem, RolloutSource, SourceBatch, file_problems, open_rollouts
 
 RARE_MU = 0.01  # "rare sampled token": μ ≤ 0.01 (SPEC.md §2)
@@ -487,26 +488,12 @@ def check_source(source: RolloutSource) -> None:
         raise InputError(str(problems[0]), details=[str(p) for p in problems[1:]])
 
 
-def default_temperature(source: RolloutSource, cfg: InspectConfig, path: str) -> float:
-    """Per-file fallback: drpo.temperature metadata, else --temperature, else 1.0 (SPEC.md §1)."""
-    for rf in source.files:
-        if rf.path == path and "drpo.temperature" in rf.metadata:
-            try:
-                return float(rf.metadata["drpo.temperature"])
-            except ValueError:
-                raise InputError(f"{path}: metadata drpo.temperature: expected a number, found "
-                                 f"{rf.metadata['drpo.temperature']!r}") from None
-    return cfg.temperature if cfg.temperature is not None else 1.0
-
-
 def audit_data(source: RolloutSource, cfg: InspectConfig, progress: Progress | None = None) -> DataAudit:
     """Stream every record batch through a DataAudit (bounded memory)."""
     check_source(source)
     audit = DataAudit()
-    temps: dict[str, float] = {}
+    temps = {rf.path: file_temperature(rf.metadata, cfg.temperature) for rf in source.files}
     for sb in source.iter_batches(DATA_COLUMNS):
-        if sb.path not in temps:
-            temps[sb.path] = default_temperature(source, cfg, sb.path)
         _, tokens = audit.update(sb, temps[sb.path])
         if progress is not None:
             progress("reading rollouts (tokens)", tokens, None)

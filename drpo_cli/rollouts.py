@@ -126,7 +126,7 @@ def load_rows(source: RolloutSource | str | Path | list, *, adv_norm: str = "non
         missing = next(f.path for f, has in zip(source.files, with_proximal) if not has)
         raise InputError(f"{missing}: column 'proximal_logprobs' is missing but other files have it; "
                          "give it in every file or in none")
-    default_temp = {f.path: _file_temperature(f.metadata, temperature) for f in source.files}
+    default_temp = {f.path: file_temperature(f.metadata, temperature) for f in source.files}
 
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
         "prompt_ids", "prompt_len", "response_ids", "response_len", "behavior_logprobs", "advantages",
@@ -245,7 +245,8 @@ def group_advantage_table(source: RolloutSource | str | Path | list) -> pa.Table
                      "reward_mean": mean, "reward_std": np.sqrt(var)})
 
 
-def _file_temperature(metadata: dict[str, str], fallback: float | None) -> float:
+def file_temperature(metadata: dict[str, str], fallback: float | None) -> float:
+    """A file's default sampling temperature: drpo.temperature metadata, else `fallback`, else 1.0."""
     if "drpo.temperature" in metadata:
         return float(metadata["drpo.temperature"])  # validated as finite > 0
     return 1.0 if fallback is None else float(fallback)
