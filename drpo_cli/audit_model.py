@@ -79,17 +79,15 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     token_lag = row_lag[rows.token_row()]  # (T,)
     position = rows.token_position()  # (T,)
     micro_batches = plan_micro_batches(rows, distributed.shard_rows(np.arange(rows.num_rows)), cfg.micro_batch_tokens)
-    # FSDP ranks gather parameters together in every pass: ranks with fewer micro-batches run
-    # filler passes (results dropped) so that every rank runs the same number.
-    filler = plan_micro_batches(rows, np.arange(1), cfg.micro_batch_tokens)[:1]
-    idle = distributed.max_count(len(micro_batches)) - len(micro_batches)
+    # Ranks with fewer micro-batches run filler passes (results dropped): FSDP needs equal counts.
+    fillers = distributed.filler_passes(rows, len(micro_batches), cfg.micro_batch_tokens)
     # Per-token rows: every rank builds its record batches, rank 0 gathers and writes them.
     writer = _PerTokenWriter(per_token_path, rows) if per_token_path or cfg.per_token is not None else None
     local_tokens = sum(mb.num_tokens for mb in micro_batches)
     try:
         with torch.inference_mode():
-            for _ in range(idle):
-                _logprobs(model, filler[0], device, cfg)
+            for filler in fillers:
+                _logprobs(model, filler, device, cfg)
                 if writer is not None:
                     writer.gather(None)
             for mb in micro_batches:

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -121,6 +122,18 @@ def max_count(n: int) -> int:
     if not is_distributed():
         return n
     return int(all_reduce_max(torch.tensor([n], dtype=torch.int64)).item())
+
+
+def filler_passes(rows, local_passes: int, micro_batch_tokens: int) -> list:
+    """Micro-batches (row 0, results to be dropped) a rank runs after its own `local_passes`.
+
+    FSDP ranks gather parameters together in every pass, so every rank must run the same number:
+    the largest count over ranks. Empty in one process.
+    """
+    from drpo_cli.data import plan_micro_batches
+
+    missing = max_count(local_passes) - local_passes
+    return plan_micro_batches(rows, np.arange(1), micro_batch_tokens)[:1] * missing
 
 
 def shard_rows(indices):

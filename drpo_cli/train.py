@@ -246,11 +246,10 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
         total += loss.detach()
         tokens += m.sum()
         diag.update(logp, behavior[idx].to(device), a, m)
-    # FSDP ranks gather parameters together in every pass: a rank with fewer micro-batches runs
-    # zero-weight passes over row 0 (exact zero gradients) until every rank has run the same number.
-    for _ in range(distributed.max_count(len(micro)) - len(micro)):
-        filler = plan_micro_batches(rows, np.arange(1), cfg.micro_batch_tokens)[0].to(device)
-        zero, _, _ = fused_token_loss(model, filler, lambda logp, sl: logp.sum() * 0.0,
+    # A rank with fewer micro-batches runs zero-weight passes (exact zero gradients) so that every
+    # FSDP rank runs the same number.
+    for filler in distributed.filler_passes(rows, len(micro), cfg.micro_batch_tokens):
+        zero, _, _ = fused_token_loss(model, filler.to(device), lambda logp, sl: logp.sum() * 0.0,
                                       chunk_tokens=cfg.chunk_tokens, dtype=autocast)
         zero.backward()
     distributed.all_reduce_sum(total)
@@ -275,8 +274,7 @@ def _logprobs_of(model, rows: RolloutRows, cfg: TrainConfig, autocast, *, with_e
     logp = torch.zeros(rows.num_tokens, dtype=torch.float32)
     ent = torch.zeros(rows.num_tokens, dtype=torch.float32) if with_entropy else None
     micro = plan_micro_batches(rows, distributed.shard_rows(np.arange(rows.num_rows)), cfg.micro_batch_tokens)
-    filler = plan_micro_batches(rows, np.arange(1), cfg.micro_batch_tokens)[:1]
-    passes = micro + filler * (distributed.max_count(len(micro)) - len(micro))
+    passes = micro + distributed.filler_passes(rows, len(micro), cfg.micro_batch_tokens)
     with torch.inference_mode():
         for i, mb in enumerate(passes):
             lp, en = token_logprobs(model.eval(), mb.to(device), chunk_tokens=cfg.chunk_tokens,
