@@ -59,11 +59,13 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     # Under torchrun: FSDP2 shards the model and each rank audits its share of the rows.
     device = distributed.init(pick_device(cfg.device))
     sharded = distributed.launched()
-    model, info = load_model(cfg.model, device="cpu" if sharded else str(device), dtype=_DTYPES[cfg.dtype],
-                             allow_unsafe=cfg.allow_unsafe_weights)
+    if sharded:  # built on the meta device, each rank reads its shards only; the weights keep the loaded dtype
+        model, info = distributed.load_sharded_model(cfg.model, device, dtype=_DTYPES[cfg.dtype],
+                                                     allow_unsafe=cfg.allow_unsafe_weights)
+    else:
+        model, info = load_model(cfg.model, device=str(device), dtype=_DTYPES[cfg.dtype],
+                                 allow_unsafe=cfg.allow_unsafe_weights)
     check_vocabulary(rows, info.vocab_size, cfg.model)
-    if sharded:  # shards move to `device`; the weights keep the dtype they were loaded in
-        distributed.shard_model(model, device)
     current, version_source = resolve_current_version(cfg, info.policy_version, rows.policy_version)
     known = rows.policy_version >= 0
     row_lag = np.where(known, (current if current is not None else 0) - rows.policy_version, -1)  # (N,)

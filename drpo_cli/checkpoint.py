@@ -8,7 +8,10 @@ complete one; the source checkpoint is only ever read.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 
 from drpo_cli import __version__
-from drpo_cli.errors import CheckpointError, ConfigError
+from drpo_cli.errors import CheckpointError, ConfigError, DrpoError
 
 DRPO_META = "drpo_checkpoint.json"
 WEIGHTS = "model.safetensors"
@@ -127,32 +130,31 @@ def _check_directory(path: Path, allow_unsafe: bool) -> dict:
 def load_model(
     path: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32", allow_unsafe: bool = False
 ) -> tuple[torch.nn.Module, CheckpointInfo]:
-    """Load a causal LM from a local directory (never the Hub) in eval mode, with its CheckpointInfo."""
+    """Load a causal LM from a local directory (never the Hub) in eval mode, with its CheckpointInfo.
+
+    Every file is checked first (truncated safetensors, tensor shapes against config.json), so a
+    bad checkpoint ends with one line naming the file and tensor, never transformers' own report.
+    """
     path = Path(path)
     torch_dtype = resolve_dtype(dtype, device)
-    try:
-        target = torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"invalid device {device!r}: {err}")
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    _check_directory(path, allow_unsafe)
+    target = _target_device(device)
+    config = read_config(path, allow_unsafe)
     policy_version = read_policy_version(path)
+    check_shapes(path, empty_model(config, torch_dtype))
 
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    # drpo draws its own progress; the per-tensor "Loading weights" bar would clutter stderr.
-    hf_logging.disable_progress_bar()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=torch_dtype,
-            trust_remote_code=False,
-            local_files_only=True,
-            use_safetensors=None if allow_unsafe else True,
-            output_loading_info=True,
-        )
+        with quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path,
+                config=config,
+                dtype=torch_dtype,
+                trust_remote_code=False,
+                local_files_only=True,
+                use_safetensors=None if allow_unsafe else True,
+                output_loading_info=True,
+            )
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: cannot load model: {first}") from err
@@ -164,10 +166,184 @@ def load_model(
             + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
         )
     model = model.to(target).eval()
-    vocab_size = int(model.get_input_embeddings().weight.shape[0])
-    return model, CheckpointInfo(
-        path=path, policy_version=policy_version, vocab_size=vocab_size, config=model.config
-    )
+    return model, checkpoint_info(path, policy_version, model)
+
+
+def checkpoint_info(path: Path, policy_version: int | None, model: torch.nn.Module) -> CheckpointInfo:
+    vocab_size = int(model.get_input_embeddings().weight.shape[0])  # a DTensor's global shape when sharded
+    return CheckpointInfo(path=path, policy_version=policy_version, vocab_size=vocab_size, config=model.config)
+
+
+def _target_device(device: str) -> torch.device:
+    try:
+        target = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"invalid device {device!r}: {err}")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return target
+
+
+def read_config(path: Path, allow_unsafe: bool = False):
+    """The checked directory's transformers config (every safetensors file's header checked too)."""
+    _check_directory(path, allow_unsafe)
+    from transformers import AutoConfig
+
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path / 'config.json'}: cannot read the model config: {first}") from err
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' own warnings, load report and progress bars stay off stderr; drpo reports instead."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device; buffers stay real.
+
+    Non-persistent buffers (rotary `inv_freq`) are computed by the constructors and are not in the
+    checkpoint, so they must exist for real; parameters are filled from the files later. A parameter
+    already on meta is kept as it is, so weight tying (the same object registered twice) survives.
+    """
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The architecture without weights: parameters on the meta device, real (computed) buffers."""
+    from transformers import AutoModelForCausalLM
+
+    with _parameters_on_meta(), quiet_transformers():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    return model.eval()
+
+
+# ---- safetensors files ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: str  # safetensors dtype name, e.g. F32, BF16
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_SAFETENSORS_HEADER_MAX = 100 * 1024 * 1024  # the format's own limit on the JSON header
+
+
+def safetensors_header(file: Path) -> dict[str, TensorEntry]:
+    """Tensor name -> entry from a safetensors file's header, or CheckpointError if it is truncated or corrupt.
+
+    Reads the 8-byte length and the JSON header only, and checks that the file holds every byte
+    the header promises (a copy cut short by a full disk or an interrupted download does not).
+    """
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
+            n = int.from_bytes(head, "little")
+            if n > _SAFETENSORS_HEADER_MAX or 8 + n > size:
+                raise CheckpointError(
+                    f"{file}: truncated or corrupt safetensors file: header of {n} bytes, file has {size} bytes"
+                )
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: unreadable safetensors header ({type(err).__name__}: {err})") from err
+    entries, end = {}, 0
+    try:
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            lo, hi = (int(x) for x in t["data_offsets"])
+            entries[name] = TensorEntry(file, str(t["dtype"]), tuple(int(d) for d in t["shape"]), hi - lo)
+            end = max(end, hi)
+    except (TypeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{file}: corrupt safetensors header ({type(err).__name__}: {err})") from err
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{file}: truncated safetensors file: its header promises {8 + n + end} bytes, the file has {size}"
+        )
+    return entries
+
+
+def weight_entries(path: Path) -> dict[str, TensorEntry]:
+    """Every tensor of a checkpoint directory's safetensors weights (sharded or not), headers checked."""
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index}: unreadable ({type(err).__name__}: {err}); expected a weight_map")
+        missing = [name for name in files if not (path / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists {missing[0]}, which is not in {path}")
+    else:
+        files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
+    entries: dict[str, TensorEntry] = {}
+    for name in files:
+        entries.update(safetensors_header(path / name))
+    return entries
+
+
+def weights_nbytes(path: str | os.PathLike, dtype: str | None = None) -> int:
+    """Bytes of a checkpoint directory's safetensors weights, with floating tensors in `dtype` if given."""
+    total = 0
+    for e in weight_entries(Path(path)).values():
+        if dtype is not None and e.dtype in _FLOAT_DTYPES:
+            total += math.prod(e.shape) * DTYPES[dtype].itemsize
+        else:
+            total += e.nbytes
+    return total
+
+
+def output_nbytes(source: str | os.PathLike, dtype: str | None) -> int:
+    """What a checkpoint written from `source` (weights in `dtype`, default float32) takes on disk, about."""
+    source = Path(source)
+    copied = sum(p.stat().st_size for p in source.iterdir() if p.is_file() and any(fnmatch(p.name, pat) for pat in COPIED))
+    return weights_nbytes(source, dtype or "float32") + copied + 64 * 1024  # + config, index, metadata, report
+
+
+def check_shapes(path: Path, model: torch.nn.Module) -> None:
+    """Every weight in the files has the shape the config gives it, or one line naming tensor, file and config."""
+    entries = weight_entries(path)
+    if not entries:
+        return  # pickle weights (--allow-unsafe-weights): transformers checks them
+    for name, p in model.state_dict(keep_vars=True).items():
+        entry = entries.get(name)
+        if entry is not None and tuple(entry.shape) != tuple(p.shape):
+            raise CheckpointError(
+                f"{entry.file}: tensor {name} has shape {list(entry.shape)}, but {path / 'config.json'} "
+                f"implies {list(p.shape)} (e.g. vocab_size / hidden_size disagree with the weights)"
+            )
 
 
 def default_out_dir(model_dir: str | os.PathLike, policy_version: int | None) -> Path:
@@ -179,6 +355,46 @@ def default_out_dir(model_dir: str | os.PathLike, policy_version: int | None) ->
     match = _VERSION_SUFFIX.match(src.name)
     base = match.group(1) if match else src.name
     return src.with_name(f"{base}-v{(policy_version or 0) + 1}")
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def check_free_space(out_dir: str | os.PathLike, needed: int) -> None:
+    """CheckpointError (exit 2) when `out_dir`'s filesystem has less than `needed` bytes free.
+
+    Checked before anything is loaded, so a full disk is found in a second, not after the run.
+    The nearest existing parent stands for `out_dir`, which usually does not exist yet.
+    """
+    where = Path(os.path.abspath(out_dir))
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise CheckpointError(
+            f"--out {out_dir}: {human_bytes(free)} ({free:,} bytes) free on the filesystem of {where}, "
+            f"the output needs about {human_bytes(needed)} ({needed:,} bytes)"
+        )
+
+
+def write_error(err: Exception, path: Path, needed: int) -> DrpoError:
+    """One line for a failed write: the path, the reason and, for a full disk, the bytes needed.
+
+    `err` is an OSError, or safetensors' own error, which carries the OS error only in its text.
+    """
+    code = getattr(err, "errno", None)
+    if code is None:
+        match = re.search(r"os error (\d+)", str(err))
+        code = int(match.group(1)) if match else None
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DrpoError(f"{path}: cannot write ({os.strerror(code)}); the output needs about "
+                         f"{human_bytes(needed)} ({needed:,} bytes) on its filesystem; nothing was left behind")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return DrpoError(f"{path}: cannot write ({type(err).__name__}: {first}); nothing was left behind")
 
 
 # ---- saving ---------------------------------------------------------------------------------------
@@ -218,6 +434,7 @@ class CheckpointWriter:
         max_shard_size: int | str = "2GB",
         dtype: str | None = None,
         extra_files: Mapping[str, str | bytes] | None = None,
+        expected_bytes: int | None = None,
     ):
         self.out_dir = Path(os.path.abspath(out_dir))
         self.source_dir = Path(os.path.abspath(source_dir))
@@ -236,6 +453,7 @@ class CheckpointWriter:
         self.max_shard_bytes = parse_size(max_shard_size)
         self.dtype = dtype
         self.extra_files = dict(extra_files or {})
+        self.expected_bytes = expected_bytes  # named in a write error (default: the bytes queued so far)
         for name in self.extra_files:
             if Path(name).name != name or name in (WEIGHTS, WEIGHTS_INDEX, "config.json", DRPO_META):
                 raise CheckpointError(
@@ -274,6 +492,7 @@ class CheckpointWriter:
         self._total_bytes += nbytes
 
     def _flush(self) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         # Moved to CPU here, one shard at a time; views are cloned because safetensors refuses
@@ -285,8 +504,11 @@ class CheckpointWriter:
                 t = t.clone()
             shard[name] = t
         path = self.tmp_dir / f"part-{len(self._shards):05d}.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
-        _fsync(path)
+        try:
+            save_file(shard, str(path), metadata={"format": "pt"})
+            _fsync(path)
+        except (OSError, SafetensorError) as err:
+            raise write_error(err, self.out_dir, self.expected_bytes or self._total_bytes) from err
         self._shards.append(list(shard))
         self._pending, self._pending_bytes = {}, 0
 
@@ -295,7 +517,10 @@ class CheckpointWriter:
         try:
             if self._pending or not self._shards:
                 self._flush()
-            self._finish_files()
+            try:
+                self._finish_files()
+            except OSError as err:
+                raise write_error(err, self.out_dir, self.expected_bytes or self._total_bytes) from err
             if self.out_dir.exists() and not self.overwrite:  # appeared while we were writing
                 raise CheckpointError(
                     f"{self.out_dir}: already exists; pass --overwrite or choose another --out"
@@ -394,13 +619,8 @@ def save_checkpoint(
 
 
 def _meta_model(config: Any, source_dir: Path) -> torch.nn.Module:
-    """The architecture without weights (meta device): knows its tied keys and on-disk key format."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if config is None:
-        config = AutoConfig.from_pretrained(source_dir, trust_remote_code=False, local_files_only=True)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    """The architecture without weights: knows its tied keys and on-disk key format."""
+    return empty_model(config if config is not None else read_config(source_dir, allow_unsafe=True))
 
 
 def _to_saved_format(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

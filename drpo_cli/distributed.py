@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from drpo_cli.errors import ConfigError, DrpoError
+from drpo_cli.errors import CheckpointError, ConfigError, DrpoError
 
 FAIL_HOOK = "DRPO_TEST_FAIL_RANK"
 TIMEOUT_ENV = "DRPO_DIST_TIMEOUT_S"
@@ -232,6 +232,106 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool = Fa
     setattr(model, ENGINE_METHOD, types.MethodType(_engine_entry, model))
     register_fsdp_forward_method(model, ENGINE_METHOD)
     return model
+
+
+def load_sharded_model(path: str | os.PathLike, device: torch.device, *, dtype: str = "float32",
+                       allow_unsafe: bool = False, bf16: bool = False, cpu_offload: bool = False,
+                       prepare=None, extra_values=None):
+    """One weight copy per node: the model built on the meta device, sharded, then each rank reads its rows.
+
+    Every rank builds the architecture with its parameters on the meta device (no memory), applies
+    FSDP2 (`shard_model`), allocates only its own shards (`to_empty`) and fills them from the
+    safetensors files with `get_slice`, reading only the rows of each tensor it holds: the ranks of
+    a node together read each weight once, so CPU memory for weights stays one model copy whatever
+    the number of local ranks. Non-persistent buffers (rotary `inv_freq`) are computed by the
+    constructors on the CPU, kept aside across `to_empty` (which leaves them uninitialised), and
+    put back. Tied weights stay one parameter through sharding and are read once.
+
+    prepare(model): called on the meta model before sharding (e.g. to add LoRA layers).
+    extra_values(name) -> full CPU tensor | None: values of parameters the checkpoint does not hold
+    (e.g. adapter weights); every other parameter missing from the files is an error.
+    Returns (model, CheckpointInfo).
+    """
+    from drpo_cli.checkpoint import (
+        check_shapes,
+        checkpoint_info,
+        empty_model,
+        read_config,
+        read_policy_version,
+        resolve_dtype,
+        weight_entries,
+    )
+
+    path = Path(path)
+    torch_dtype = resolve_dtype(dtype, device.type)
+    config = read_config(path, allow_unsafe)
+    entries = weight_entries(path)
+    if not entries:
+        raise CheckpointError(f"{path}: sharded loading (torchrun) reads safetensors weights only; convert the "
+                              "pickle weights to safetensors first")
+    policy_version = read_policy_version(path)
+    model = empty_model(config, torch_dtype)
+    check_shapes(path, model)
+    if prepare is not None:
+        prepare(model)
+    computed = {(mod_name, name): buf.detach().clone() for mod_name, mod in model.named_modules()
+                for name, buf in mod._buffers.items() if buf is not None and name in mod._non_persistent_buffers_set}
+    shard_model(model, device, bf16=bf16, cpu_offload=cpu_offload)
+    model.to_empty(device="cpu" if cpu_offload else device)
+    _fill_shards(model, path, entries, extra_values)
+    with torch.no_grad():
+        for (mod_name, name), value in computed.items():
+            model.get_submodule(mod_name)._buffers[name].copy_(value)
+    return model.eval(), checkpoint_info(path, policy_version, model)
+
+
+def _fill_shards(model: torch.nn.Module, path: Path, entries: dict, extra_values) -> None:
+    """Copy each rank's rows of every parameter (and persistent buffer) from the files, in place."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    handles: dict = {}
+
+    def read(entry, name: str, rows: slice | None) -> torch.Tensor:
+        if entry.file not in handles:
+            handles[entry.file] = safe_open(str(entry.file), framework="pt")
+        view = handles[entry.file].get_slice(name)
+        return view[rows] if rows is not None else view[:]
+
+    aliases: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        aliases.setdefault(id(t), []).append(name)
+        tensors[id(t)] = t
+    persistent = set(model.state_dict(keep_vars=True))
+    missing = []
+    with torch.no_grad():
+        for key, names in aliases.items():
+            t = tensors[key]
+            names = [n for n in names if n in persistent]
+            if not names:
+                continue  # a non-persistent buffer: restored by the caller
+            found = next((n for n in names if n in entries), None)
+            local = t.to_local() if isinstance(t, DTensor) else t
+            rows = None
+            if isinstance(t, DTensor) and local.dim() > 0 and local.shape[0] != t.shape[0]:
+                # FSDP2 shards dim 0 like torch.chunk: ceil(n / world) rows per rank, the last ones shorter.
+                per_rank = -(-t.shape[0] // world_size())
+                start = min(rank() * per_rank, t.shape[0])
+                rows = slice(start, start + local.shape[0])
+            if found is not None:
+                value = read(entries[found], found, rows)
+            else:
+                full = extra_values(names[0]) if extra_values is not None else None
+                if full is None:
+                    missing.append(names[0])
+                    continue
+                value = full[rows] if rows is not None else full
+            if local.numel():
+                local.copy_(value.reshape(local.shape))
+    if missing:
+        raise CheckpointError(f"{path}: weights missing from the checkpoint: {', '.join(sorted(missing)[:3])}"
+                              + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
 
 
 def _engine_entry(self, fn, *args, **kwargs):

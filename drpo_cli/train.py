@@ -36,7 +36,14 @@ import torch
 from rich.console import Console
 
 from drpo_cli import __version__, distributed
-from drpo_cli.checkpoint import default_out_dir, load_model, read_policy_version, save_checkpoint
+from drpo_cli.checkpoint import (
+    check_free_space,
+    default_out_dir,
+    load_model,
+    output_nbytes,
+    read_policy_version,
+    save_checkpoint,
+)
 from drpo_cli.config import TrainConfig
 from drpo_cli.data import plan_micro_batches
 from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
@@ -84,6 +91,9 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         raise ConfigError(f"--resume: no interrupted run at {state_dir}")
     if not cfg.resume and state_dir.exists():
         raise ConfigError(f"{state_dir}: an interrupted run's state; pass --resume to continue it or delete it")
+    # A full disk is found now, not after the last step (the output keeps the source's dtype).
+    out_bytes = output_nbytes(cfg.model, _source_dtype(cfg.model))
+    check_free_space(out_dir, out_bytes)
 
     # Under torchrun: join the process group; FSDP2 shards the model, rows are split by rank.
     device = distributed.init(pick_device(cfg.device))
@@ -103,12 +113,12 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     if rows.num_rows < cfg.minibatches:
         raise ConfigError(f"--minibatches {cfg.minibatches}: more than the {rows.num_rows} rollout rows")
     # fp32 master weights; bf16 only inside autocast.
-    # Sharded runs load on the CPU: fully_shard moves each rank's shards (only) to `device`.
-    model, info = load_model(cfg.model, device="cpu" if sharded else str(device), dtype="float32",
-                             allow_unsafe=cfg.allow_unsafe_weights)
+    if sharded:  # built on the meta device, each rank reads its shards only; bf16 compute / fp32 reduce on CUDA
+        model, info = distributed.load_sharded_model(cfg.model, device, allow_unsafe=cfg.allow_unsafe_weights,
+                                                     bf16=autocast is not None, cpu_offload=cfg.cpu_offload)
+    else:
+        model, info = load_model(cfg.model, device=str(device), dtype="float32", allow_unsafe=cfg.allow_unsafe_weights)
     check_vocabulary(rows, info.vocab_size, cfg.model)
-    if sharded:  # bf16 compute / fp32 reduce on CUDA, as autocast does in one process
-        distributed.shard_model(model, device, bf16=autocast is not None, cpu_offload=cfg.cpu_offload)
     mask = torch.from_numpy(rows.loss_mask)  # (T,) bool
     # Values where loss_mask is 0 are unspecified (SPEC.md §3): zero them so 0-weighted tokens stay finite.
     behavior = torch.from_numpy(np.where(rows.loss_mask, rows.behavior_logprobs, 0.0).astype(np.float32))  # (T,)
@@ -205,7 +215,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         "seconds": time.perf_counter() - t0,
     }
     text = train_report_json(report)
-    _save_output(model, cfg, out_dir, out_version, text)
+    _save_output(model, cfg, out_dir, out_version, text, out_bytes)
     shutil.rmtree(state_dir, ignore_errors=True)
     if not cfg.quiet and distributed.rank() == 0:
         print_train_summary(report, console)
@@ -322,16 +332,18 @@ def _flat_metrics(summary: dict) -> dict[str, float | int | None]:
 # ---- output -----------------------------------------------------------------------------------
 
 
-def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, report_text: str) -> None:
+def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, report_text: str,
+                 expected_bytes: int) -> None:
     """Checkpoint and report appear together, in one atomic rename (--overwrite: old aside, new in)."""
     if distributed.is_sharded(model):  # gathered tensor by tensor, written by rank 0 once every rank succeeded
         distributed.save_full_checkpoint(model, out_dir=out_dir, source_dir=cfg.model, policy_version=version,
                                          training_config=cfg.to_dict(), overwrite=cfg.overwrite,
-                                         dtype=_source_dtype(cfg.model), extra_files={REPORT_NAME: report_text})
+                                         dtype=_source_dtype(cfg.model), extra_files={REPORT_NAME: report_text},
+                                         expected_bytes=expected_bytes)
         return
     save_checkpoint(model, source_dir=cfg.model, out_dir=out_dir, policy_version=version,
                     training_config=cfg.to_dict(), overwrite=cfg.overwrite, dtype=_source_dtype(cfg.model),
-                    extra_files={REPORT_NAME: report_text})
+                    extra_files={REPORT_NAME: report_text}, expected_bytes=expected_bytes)
 
 
 def _source_dtype(model_dir: str) -> str | None:

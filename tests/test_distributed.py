@@ -180,6 +180,38 @@ def test_sharded_engine_gives_the_plain_models_loss_and_gradients(toy, one_rank_
         torch.testing.assert_close(g_b[name], g_a[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_meta_device_sharded_load_equals_the_plain_load(toy, one_rank_group):
+    from drpo_cli.checkpoint import load_model
+
+    plain, plain_info = load_model(toy / "model")
+    sharded, info = distributed.load_sharded_model(toy / "model", torch.device("cpu"))
+    assert distributed.is_sharded(sharded) and info.vocab_size == plain_info.vocab_size
+    assert sharded.lm_head.weight is sharded.model.embed_tokens.weight  # still tied, read once
+    full = {n: distributed.full_value(p) for n, p in sharded.state_dict().items()}
+    reference = plain.state_dict()
+    assert full.keys() == reference.keys()
+    for name, value in reference.items():
+        assert torch.equal(full[name], value), name
+    # Rotary frequencies are not in the checkpoint: computed, kept across to_empty, put back.
+    buffers, plain_buffers = dict(sharded.named_buffers()), dict(plain.named_buffers())
+    assert buffers.keys() == plain_buffers.keys() and "model.rotary_emb.inv_freq" in buffers
+    for name, value in plain_buffers.items():
+        assert torch.equal(buffers[name], value), name
+
+
+def test_sharded_load_names_a_missing_weight(toy, one_rank_group, tmp_path):
+    from safetensors.torch import save_file
+
+    from drpo_cli.errors import CheckpointError
+
+    shutil.copytree(toy / "model", tmp_path / "m")
+    tensors = load_file(str(toy / "model" / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="weights missing from the checkpoint: model.norm.weight"):
+        distributed.load_sharded_model(tmp_path / "m", torch.device("cpu"))
+
+
 def test_streamed_save_of_a_sharded_model_equals_the_plain_save(toy, one_rank_group, tmp_path):
     from drpo_cli.checkpoint import load_model, save_checkpoint
 

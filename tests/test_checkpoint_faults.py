@@ -1,0 +1,106 @@
+"""Checkpoint faults found before the work: truncated weights, config/weight disagreement, a disk too small.
+
+Each is a bad input (exit 2, one line naming the file and what is wrong) found before any row is
+trained; a write that still fails names the path and the bytes needed and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from drpo_cli import checkpoint, train
+from drpo_cli.cli import app
+from drpo_cli.errors import CheckpointError
+
+TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
+FAST = ["--quiet", "--device", "cpu", "--lr", "1e-3", "--micro-batch-tokens", "512"]
+
+
+@pytest.fixture
+def toy(tmp_path) -> Path:
+    if not (TOY / "model").is_dir():
+        pytest.skip("examples/toy not built (python examples/make_example.py)")
+    shutil.copytree(TOY, tmp_path / "toy")
+    return tmp_path / "toy"
+
+
+def drpo(*args: str) -> subprocess.CompletedProcess:
+    """The real command line, so stderr holds whatever any library prints, not only what CliRunner sees."""
+    return subprocess.run([sys.executable, "-m", "drpo_cli", *args], check=False, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def truncate(file: Path, keep: int) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[:keep])
+
+
+def test_truncated_safetensors_is_a_bad_input_naming_the_file(toy):
+    weights = toy / "model" / "model.safetensors"
+    size = weights.stat().st_size
+    truncate(weights, size - 1000)
+    run = drpo("inspect", str(toy / "rollouts.arrow"), "--model", str(toy / "model"), "--quiet")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"error: {weights}: truncated safetensors file: its header promises {size} bytes, the file has {size - 1000}"
+    ]
+    truncate(weights, 20)  # cut inside the header
+    with pytest.raises(CheckpointError, match=r"model.safetensors: truncated or corrupt safetensors file: header of"):
+        checkpoint.load_model(toy / "model")
+    truncate(weights, 3)
+    with pytest.raises(CheckpointError, match=r"truncated safetensors file \(3 bytes, no header\)"):
+        checkpoint.load_model(toy / "model")
+
+
+def test_config_disagreeing_with_the_weights_gives_drpos_line_alone(toy):
+    config = toy / "model" / "config.json"
+    config.write_text(config.read_text().replace('"vocab_size": 21', '"vocab_size": 26'))
+    run = drpo("inspect", str(toy / "rollouts.arrow"), "--model", str(toy / "model"), "--quiet")
+    assert run.returncode == 2
+    assert "LOAD REPORT" not in run.stderr
+    expected = (f"error: {toy / 'model' / 'model.safetensors'}: tensor model.embed_tokens.weight has shape [21, 64], "
+                f"but {config} implies [26, 64] (e.g. vocab_size / hidden_size disagree with the weights)")
+    assert run.stderr.strip().splitlines() == [expected]
+
+
+def test_too_little_free_space_is_refused_before_loading(toy, tmp_path, monkeypatch):
+    needed = checkpoint.output_nbytes(toy / "model", "float32")
+    weights = sum(p.stat().st_size for p in (toy / "model").glob("*.safetensors"))
+    assert weights < needed < weights + 128 * 1024  # weights + tokenizer files + the small JSON files
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the free-space check")
+
+    monkeypatch.setattr(train, "load_model", no_load)
+    out = tmp_path / "sub" / "out"
+    result = CliRunner().invoke(app, ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"),
+                                      "--out", str(out), *FAST])
+    assert result.exit_code == 2, result.output
+    assert f"--out {out}: 1.0 KB (1,000 bytes) free on the filesystem of {tmp_path}, the output needs about" in result.output
+    assert f"({needed:,} bytes)" in result.output
+    assert not (tmp_path / "sub").exists()
+
+
+def test_a_full_disk_while_writing_names_the_path_and_the_bytes_and_leaves_nothing(toy, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*a, **k):  # what safetensors raises when the disk fills
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "x"')
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"),
+                                      "--out", str(out), *FAST])
+    needed = checkpoint.output_nbytes(toy / "model", "float32")
+    assert result.exit_code == 1, result.output
+    assert (f"{out}: cannot write (No space left on device); the output needs about "
+            f"{checkpoint.human_bytes(needed)} ({needed:,} bytes) on its filesystem; nothing was left behind") in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]  # no output, no temporary sibling
