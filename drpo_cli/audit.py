@@ -13,8 +13,6 @@ standard library's `inspect`.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,13 +25,13 @@ import pyarrow.compute as pc
 from drpo_cli import __version__
 from drpo_cli.config import InspectConfig
 from drpo_cli.errors import InputError
+from drpo_cli.outputs import atomic_file
 from drpo_cli.report import (
     INSPECT_REPORT_SCHEMA,
     clean_number,
     evaluate_gates,
-    publish,
     validate_report,
-    write_json_atomic,
+    write_report,
 )
 from drpo_cli.rollouts import file_temperature
 from drpo_cli.schema import REQUIRED, Problem, RolloutSource, SourceBatch, file_problems, open_rollouts
@@ -542,26 +540,18 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
 
 
 def inspect_and_write(cfg: InspectConfig, progress: Progress | None = None) -> dict:
-    """Run the audit, then write --per-token and --json atomically (temp file + rename), nothing on error.
+    """Run the audit, then write --per-token and --json atomically (outputs.atomic_file), nothing on error.
 
     Gates are evaluated in the report; raising on a failed gate is the caller's job, after this
     returns, so the report is always written first.
     """
-    tmp = None
-    if cfg.per_token is not None:
-        fd, tmp = tempfile.mkstemp(prefix=".drpo-", suffix=".arrow.tmp",
-                                   dir=os.path.dirname(os.path.abspath(cfg.per_token)))
-        os.close(fd)
-    try:
-        report = run_inspect(cfg, progress, tmp)
-        if tmp is not None:
-            publish(tmp, cfg.per_token)
-            tmp = None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    if cfg.per_token is None:
+        report = run_inspect(cfg, progress)
+    else:
+        with atomic_file(cfg.per_token, "arrow", overwrite=cfg.overwrite) as tmp:
+            report = run_inspect(cfg, progress, str(tmp))
     if cfg.json_out is not None:
-        write_json_atomic(report, cfg.json_out)
+        write_report(report, cfg.json_out, overwrite=cfg.overwrite)
     return report
 
 

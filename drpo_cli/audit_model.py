@@ -20,6 +20,7 @@ import torch
 from drpo_cli.config import LOSS_HPARAMS, InspectConfig
 from drpo_cli.data import plan_micro_batches
 from drpo_cli.divergence import Diagnostics, token_diagnostics
+from drpo_cli.outputs import ARROW_MARKER_KEY
 from drpo_cli.rollouts import RolloutRows, check_vocabulary
 
 WHAT_IF_DELTAS = (0.1, 0.2, 0.5, 12.5)  # DRPO δ sweep shown when --delta is not given (SPEC.md §1)
@@ -31,7 +32,7 @@ PER_TOKEN_SCHEMA = pa.schema([
     ("logp", pa.float32()), ("behavior_logp", pa.float32()), ("advantage", pa.float32()),
     ("ratio", pa.float32()), ("delta", pa.float32()), ("logr", pa.float32()), ("k3", pa.float32()),
     ("entropy", pa.float32()), ("outside", pa.bool_()), ("harmful", pa.bool_()), ("lag", pa.int64()),
-])
+], metadata={ARROW_MARKER_KEY: b"per-token"})  # marks the file as drpo's (outputs.py: --overwrite may replace it)
 _DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
 _SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "k3")
 

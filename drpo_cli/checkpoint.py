@@ -2,7 +2,8 @@
 
 Loading uses `trust_remote_code=False`, local files only and safetensors weights unless the user
 opts in (SPEC.md §4). Saving writes a complete model directory into a hidden temporary sibling
-and renames it into place, so a crash at any moment leaves either no output directory or a
+and renames it into place (outputs.py: the one output rule, umask modes, --overwrite only of
+drpo's own checkpoints), so a crash at any moment leaves either no output directory or a
 complete one; the source checkpoint is only ever read.
 """
 
@@ -15,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from drpo_cli import __version__
+from drpo_cli import __version__, outputs
 from drpo_cli.errors import CheckpointError, ConfigError, DrpoError
 
-DRPO_META = "drpo_checkpoint.json"
+DRPO_META = outputs.DIR_MARKERS["checkpoint"]  # policy version, training record, the files drpo wrote
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -436,12 +436,11 @@ class CheckpointWriter:
         extra_files: Mapping[str, str | bytes] | None = None,
         expected_bytes: int | None = None,
     ):
-        self.out_dir = Path(os.path.abspath(out_dir))
+        self.out_dir = outputs.real(out_dir)
         self.source_dir = Path(os.path.abspath(source_dir))
-        if self.out_dir == self.source_dir or self.source_dir in self.out_dir.parents:
-            raise CheckpointError(f"{self.out_dir}: output must not be the input checkpoint or inside it")
-        if self.out_dir.exists() and not overwrite:
-            raise CheckpointError(f"{self.out_dir}: already exists; pass --overwrite or choose another --out")
+        # The one output rule (outputs.py): not the source, not around or inside it, replace only drpo's own.
+        outputs.check_paths([("source", source_dir)], [outputs.Output("out_dir", out_dir, "checkpoint")],
+                            overwrite=overwrite)
         if dtype is not None and dtype not in DTYPES:
             raise CheckpointError(f"unsupported save dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         if isinstance(policy_version, bool) or not isinstance(policy_version, int) or policy_version < 0:
@@ -459,10 +458,8 @@ class CheckpointWriter:
                 raise CheckpointError(
                     f"extra file {name!r}: expected a plain file name not used by the checkpoint"
                 )
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        # Same parent directory = same filesystem, so the final rename is atomic.
-        self.tmp_dir = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self.tmp_dir.mkdir()
+        # A hidden sibling: same filesystem, so the final rename is atomic.
+        self.tmp_dir = outputs.new_temp_dir(self.out_dir)
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[list[str]] = []  # tensor names per written shard, in order
@@ -521,27 +518,14 @@ class CheckpointWriter:
                 self._finish_files()
             except OSError as err:
                 raise write_error(err, self.out_dir, self.expected_bytes or self._total_bytes) from err
-            if self.out_dir.exists() and not self.overwrite:  # appeared while we were writing
-                raise CheckpointError(
-                    f"{self.out_dir}: already exists; pass --overwrite or choose another --out"
-                )
-            _fsync_dir(self.tmp_dir)
-            if self.out_dir.exists():
-                # Old aside, new in, old deleted: at every instant out_dir is absent or complete.
-                old = self.out_dir.with_name(f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-                os.rename(self.out_dir, old)
-                os.rename(self.tmp_dir, self.out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(self.tmp_dir, self.out_dir)
-            _fsync_dir(self.out_dir.parent)
         except BaseException:
             self.abort()
             raise
-        return self.out_dir
+        # Checks again that out_dir may be replaced (it may have changed meanwhile), applies the umask.
+        return outputs.publish_dir(self.tmp_dir, self.out_dir, "checkpoint", overwrite=self.overwrite)
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        outputs.discard(self.tmp_dir)
 
     def _finish_files(self) -> None:
         n = len(self._shards)
@@ -580,11 +564,11 @@ class CheckpointWriter:
             "drpo_version": __version__,
             "source": {"path": str(self.source_dir), "policy_version": read_policy_version(self.source_dir)},
         }
-        _write_json(self.tmp_dir / DRPO_META, meta)
         for name, content in self.extra_files.items():  # e.g. the training report, renamed in with the weights
             path = self.tmp_dir / name
             path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
             _fsync(path)
+        outputs.write_marker(self.tmp_dir, "checkpoint", meta)  # last: it lists every file written
 
 
 def save_checkpoint(
@@ -660,10 +644,3 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # some filesystems do not support fsync on directories
-        pass

@@ -181,6 +181,7 @@ def inspect_command(
     top: int = typer.Option(10, help="Worst sequences to list by sample_id."),
     json_out: str | None = typer.Option(None, "--json", help="Write the JSON report to PATH ('-': stdout only)."),
     per_token: str | None = typer.Option(None, "--per-token", help="Write per-token diagnostics (Arrow IPC) to PATH."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json/--per-token file drpo wrote."),
     fail_above: list[str] = typer.Option(
         [], "--fail-above", help="Gate METRIC=VALUE: exit 3 when the metric exceeds VALUE (repeatable)."
     ),
@@ -204,7 +205,7 @@ def inspect_command(
         cfg = InspectConfig(
             rollouts=tuple(rollouts), model=model, current_version=current_version, deltas=deltas,
             tr_delta=tr_delta, temperature=temperature, columns=tuple(column), top=top, json_out=json_out,
-            per_token=per_token, fail_above=tuple(fail_above), device=device, dtype=dtype,
+            per_token=per_token, fail_above=tuple(fail_above), overwrite=overwrite, device=device, dtype=dtype,
             micro_batch_tokens=micro_batch_tokens, quiet=quiet, allow_unsafe_weights=allow_unsafe_weights,
         ).check()
         from rich.console import Console
@@ -296,7 +297,7 @@ def train_command(
     tr_delta: float = typer.Option(0.2, help="Trust-region yardstick of the diagnostics: |π − μ| > tr_delta."),
     temperature: float | None = typer.Option(None, help="Sampling temperature when the rollouts give none."),
     column: list[str] = typer.Option([], "--column", help="Rename a rollout column: LOGGED=DRPO (repeatable)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out that drpo wrote."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (OUT.partial-state/)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary tables."),
     allow_unsafe_weights: bool = typer.Option(False, "--allow-unsafe-weights", help="Allow pickle weights."),

@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from drpo_cli.errors import ConfigError
+from drpo_cli.outputs import Output, output_problems, state_dir
 
 # Hyper-parameters each loss accepts and their defaults (SPEC.md §1). A test keeps this table equal to
 # losses.DEFAULTS, which cannot be imported here because losses imports torch.
@@ -112,7 +113,7 @@ class TrainConfig:
     columns: tuple[str, ...] = ()
     """Column renames LOGGED=DRPO for rollout files with other names."""
     overwrite: bool = False
-    """Replace an existing output directory (atomically)."""
+    """Replace an existing --out that drpo wrote (atomically); anything else is refused."""
     resume: bool = False
     """Continue an interrupted run from OUT.partial-state/ (same options required)."""
     quiet: bool = False
@@ -145,6 +146,13 @@ class TrainConfig:
         d["loss_hparams"] = self.loss_hparams() if self.loss in LOSS_HPARAMS else {}
         return d
 
+    def paths(self, out: str | os.PathLike) -> tuple[list[tuple[str, str]], list[Output]]:
+        """(inputs, outputs) of a run writing to `out`, for the one output rule (outputs.py)."""
+        inputs = [("--rollouts", r) for r in self.rollouts] + [("--model", self.model)]
+        # The resumable state is an output too; whether it may exist is train's decision (--resume).
+        return inputs, [Output("--out", out, "checkpoint"),
+                        Output("state directory", state_dir(out), "state", check_existing=False)]
+
     def validate(self) -> list[str]:
         """Every problem with these options, one line each, without touching a model or data."""
         p: list[str] = []
@@ -157,12 +165,8 @@ class TrainConfig:
             p.append("--model: required (a Hugging Face checkpoint directory)")
         elif not os.path.isdir(self.model):
             p.append(f"--model {self.model}: not a directory (expected a Hugging Face checkpoint directory)")
-        if self.out is not None:
-            out = os.path.abspath(self.out)
-            if out == os.path.abspath(self.model):
-                p.append(f"--out {self.out}: is the input checkpoint, which is never modified")
-            elif os.path.exists(out) and not (self.overwrite or self.resume):
-                p.append(f"--out {self.out}: already exists (pass --overwrite to replace it)")
+        if self.out is not None and self.model:
+            p.extend(output_problems(*self.paths(self.out), overwrite=self.overwrite))
         _choice(p, "loss", self.loss, tuple(LOSS_HPARAMS))
         if self.loss in LOSS_HPARAMS:
             valid = LOSS_HPARAMS[self.loss]
@@ -247,6 +251,8 @@ class InspectConfig:
     """Write per-token diagnostics here as an Arrow IPC file (needs a model)."""
     fail_above: tuple[str, ...] = ()
     """Gates METRIC=VALUE: exit 3 when a metric exceeds its value (after writing the report)."""
+    overwrite: bool = False
+    """Replace an existing --json / --per-token file that drpo wrote; anything else is refused."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     dtype: str = "auto"
@@ -262,6 +268,14 @@ class InspectConfig:
 
     def column_map(self) -> dict[str, str]:
         return parse_columns(self.columns)[0]
+
+    def paths(self) -> tuple[list[tuple[str, str | None]], list[Output]]:
+        """(inputs, outputs) of this audit, for the one output rule (outputs.py)."""
+        inputs = [("rollouts", r) for r in self.rollouts] + [("--model", self.model)]
+        outs = [Output("--json", self.json_out, "json")] if self.json_out not in (None, "-") else []
+        if self.per_token is not None:
+            outs.append(Output("--per-token", self.per_token, "arrow"))
+        return inputs, outs
 
     def chosen_delta(self) -> float:
         return self.deltas[0] if self.deltas else float(LOSS_HPARAMS["drpo"]["delta"])
@@ -312,20 +326,7 @@ class InspectConfig:
             p.append(f"--top must be >= 0, got {self.top}")
         if self.per_token is not None and self.model is None:
             p.append("--per-token needs --model (per-token diagnostics compare the model with the sampler)")
-        inputs = {os.path.abspath(r) for r in self.rollouts}
-        for flag, out in (("--json", self.json_out), ("--per-token", self.per_token)):
-            if out is None or out == "-" and flag == "--json":
-                continue
-            if os.path.abspath(out) in inputs:
-                p.append(f"{flag} {out}: is an input rollout file, which is never modified")
-            elif os.path.isdir(out):
-                p.append(f"{flag} {out}: is a directory (expected a file path)")
-            elif not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-                p.append(f"{flag} {out}: parent directory does not exist")
-        if self.per_token is not None and self.json_out is not None and (
-            os.path.abspath(self.per_token) == os.path.abspath(self.json_out)
-        ):
-            p.append("--json and --per-token name the same file")
+        p.extend(output_problems(*self.paths(), overwrite=self.overwrite))
         p.extend(self._parse_gates()[1])
         _choice(p, "device", self.device, DEVICES)
         _choice(p, "dtype", self.dtype, DTYPES)

@@ -39,36 +39,18 @@ def report_json(report: dict) -> str:
     return json.dumps(report, indent=2, allow_nan=False) + "\n"
 
 
-def write_json_atomic(report: dict, path: str) -> None:
-    """Write `report` to `path` atomically (temp file in the same directory + rename); "-" is stdout."""
-    import os
+def write_report(report: dict, path: str, *, overwrite: bool) -> None:
+    """Write `report` as JSON to `path` atomically (outputs.write_file: a drpo JSON report); "-" is stdout."""
     import sys
-    import tempfile
+
+    from drpo_cli.outputs import write_file
 
     text = report_json(report)
     if path == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    fd, tmp = tempfile.mkstemp(prefix=".drpo-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def publish(tmp: str, path: str) -> None:
-    """Give a finished temp file the usual permissions (mkstemp makes it 0600) and rename it to `path`."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    write_file(path, text, "json", overwrite=overwrite)
 
 
 def fmt(x: Any) -> str:

@@ -21,12 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,7 +33,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from drpo_cli import __version__, distributed
+from drpo_cli import __version__, distributed, outputs
 from drpo_cli.checkpoint import (
     check_free_space,
     default_out_dir,
@@ -55,7 +53,6 @@ from drpo_cli.rollouts import RolloutRows, check_vocabulary, load_rows
 from drpo_cli.schema import open_rollouts
 
 REPORT_NAME = "drpo_report.json"
-STATE_SUFFIX = ".partial-state"
 INTERRUPT_HOOK = "DRPO_INTERRUPT_AFTER_STEP"
 WORST_SAMPLES = 10
 # Options that may differ between an interrupted run and its --resume.
@@ -83,10 +80,9 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     # ---- output location: refused before anything is loaded ----
     in_version = read_policy_version(cfg.model)
     out_version = (in_version or 0) + 1
-    out_dir = Path(os.path.abspath(cfg.out)) if cfg.out else default_out_dir(cfg.model, in_version)
-    state_dir = out_dir.with_name(out_dir.name + STATE_SUFFIX)
-    if out_dir.exists() and not cfg.overwrite:
-        raise ConfigError(f"--out {out_dir}: already exists (pass --overwrite to replace it)")
+    out_dir = outputs.real(cfg.out or default_out_dir(cfg.model, in_version))
+    state_dir = outputs.state_dir(out_dir)
+    outputs.check_paths(*cfg.paths(out_dir), overwrite=cfg.overwrite)  # validate() saw only an explicit --out
     if cfg.resume and not state_dir.is_dir():
         raise ConfigError(f"--resume: no interrupted run at {state_dir}")
     if not cfg.resume and state_dir.exists():
@@ -216,7 +212,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     }
     text = train_report_json(report)
     _save_output(model, cfg, out_dir, out_version, text, out_bytes)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    outputs.remove_output(state_dir, "state")  # only drpo's own state; anything else stays
     if not cfg.quiet and distributed.rank() == 0:
         print_train_summary(report, console)
     return TrainResult(out_dir=out_dir, policy_version=out_version, report=report)
@@ -382,20 +378,15 @@ def _signals_request_stop():
 
 def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: int, steps: list[dict]) -> None:
     """Everything --resume needs, written to a temporary sibling and renamed into place."""
-    tmp = state_dir.with_name(f".{state_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
-    meta = {"next_step": next_step, "config": _resume_key(cfg), "steps": steps}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    if state_dir.exists():
-        shutil.rmtree(state_dir)
-    os.rename(tmp, state_dir)
+    with outputs.atomic_dir(state_dir, "state", overwrite=True) as tmp:  # the state replaced is drpo's own
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+        outputs.write_marker(tmp, "state", {"next_step": next_step, "config": _resume_key(cfg), "steps": steps})
 
 
 def _load_state(state_dir: Path, cfg: TrainConfig, model, optimizer) -> tuple[int, list[dict]]:
     try:
-        meta = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+        meta = json.loads((state_dir / outputs.DIR_MARKERS["state"]).read_text(encoding="utf-8"))
         saved = torch.load(state_dir / "trainer.pt", map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise InputError(f"{state_dir}: unreadable resume state ({type(err).__name__}: {err})") from err
