@@ -231,26 +231,29 @@ def test_killed_writer_leaves_no_out_dir(source, tmp_path):
     assert [p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()] == [True]
 
 
-def test_existing_out_dir_refused_then_replaced_with_overwrite(source, tmp_path):
+def test_existing_out_dir_refused_then_replaced_with_overwrite_only_when_drpo_wrote_it(source, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
     model = trained(source)
-    with pytest.raises(CheckpointError, match="already exists; pass --overwrite"):
-        save_checkpoint(model, source_dir=source, out_dir=out, policy_version=8, training_config={})
-    assert (out / "keep.txt").read_text() == "old" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    assert leftovers(tmp_path) == []
-    save_checkpoint(
-        model, source_dir=source, out_dir=out, policy_version=8, training_config={}, overwrite=True
-    )
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    for overwrite, message in ((False, "already exists \\(pass --overwrite"),
+                               (True, "holds 1 file drpo did not write: keep.txt")):
+        with pytest.raises(ConfigError, match=message):
+            save_checkpoint(model, source_dir=source, out_dir=out, policy_version=8, training_config={},
+                            overwrite=overwrite)
+        assert (out / "keep.txt").read_text() == "old" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+        assert leftovers(tmp_path) == []
+    (out / "keep.txt").unlink()  # empty: holds nothing, so it may be replaced
+    save_checkpoint(model, source_dir=source, out_dir=out, policy_version=7, training_config={}, overwrite=True)
+    save_checkpoint(model, source_dir=source, out_dir=out, policy_version=8, training_config={}, overwrite=True)
+    assert json.loads((out / "drpo_checkpoint.json").read_text())["policy_version"] == 8
     assert leftovers(tmp_path) == []  # the old directory set aside is deleted
 
 
 @pytest.mark.parametrize("relative", [".", "sub"])
 def test_out_dir_inside_source_refused(source, relative):
     before = tree_digest(source)
-    with pytest.raises(CheckpointError, match="must not be the input checkpoint"):
+    with pytest.raises(ConfigError, match="is( inside)? the input source"):
         save_checkpoint(
             {},
             source_dir=source,

@@ -208,7 +208,7 @@ def test_bad_files_and_options_exit_2(tmp_path, valid_rollout_path):
     _one_error_line(_cli(valid_rollout_path, "--delta", "-1"), "--delta")
     _one_error_line(_cli(valid_rollout_path, "--temperature", "-1"), "--temperature")
     _one_error_line(_cli(valid_rollout_path, "--per-token", tmp_path / "t.arrow"), "--per-token needs --model")
-    _one_error_line(_cli(valid_rollout_path, "--json", valid_rollout_path), "never modified")
+    _one_error_line(_cli(valid_rollout_path, "--json", valid_rollout_path), "is the input rollouts")
     _one_error_line(_cli(valid_rollout_path, "--model", tmp_path), "config.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.arrow", "rollouts.arrow", "truncated.arrow"]
 

@@ -163,6 +163,8 @@ def test_inspect_json_over_a_file_drpo_did_not_write(valid_rollout_path, tmp_pat
 def test_symlinks_and_dotdot_do_not_get_around_the_rule(work, tmp_path):
     link = tmp_path / "link"
     link.symlink_to(work)
+    json_link = tmp_path / "report.json"
+    json_link.symlink_to(work / "rollouts.arrow")
     before = tree(tmp_path)
     line = error_line(train(work / "rollouts.arrow", work / "model", link, "--overwrite"))
     assert line == (f"error: --out {link} (= {work}): contains the input --rollouts {work / 'rollouts.arrow'} "
@@ -170,8 +172,6 @@ def test_symlinks_and_dotdot_do_not_get_around_the_rule(work, tmp_path):
     dotdot = work / "model" / ".." / "model"
     line = error_line(train(work / "rollouts.arrow", link / "model", dotdot, "--overwrite"))
     assert f"--out {dotdot} (= {work / 'model'}): is the input --model {link / 'model'} (= {work / 'model'})" in line
-    json_link = tmp_path / "report.json"
-    json_link.symlink_to(work / "rollouts.arrow")
     line = error_line(cli("inspect", work / "rollouts.arrow", "--json", json_link, "--overwrite"))
     assert f"--json {json_link} (= {work / 'rollouts.arrow'}): is the input" in line
     assert tree(tmp_path) == before

@@ -83,7 +83,8 @@ def test_combination_rules(paths):
         "--dtype bf16 needs --device cuda (CPU training runs in fp32)"
     ]
     assert cfg(paths, out=str(paths / "ckpt")).validate() == [
-        f"--out {paths / 'ckpt'}: is the input checkpoint, which is never modified"
+        (f"--out {paths / 'ckpt'}: is the input --model {paths / 'ckpt'} (an output may not be, contain or lie "
+        "inside an input)")
     ]
     (paths / "taken").mkdir()
     assert cfg(paths, out=str(paths / "taken")).validate() == [
