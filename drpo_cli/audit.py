@@ -516,6 +516,8 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
         model_section, model_metrics, current, version_source, model_notes = audit_model(
             cfg, source, progress, per_token_path)
         notes += model_notes
+        if model_section.get("logging_checks"):
+            model_section["logging_checks"]["findings"].append(logprobs_kind_note(source.metadata))
     data = audit.section(current, version_source)
     notes = data_notes(data, source.metadata) + notes
     metrics = {k: clean_number(v) for k, v in {**data_metrics(data), **model_metrics}.items()}
@@ -555,6 +557,19 @@ def inspect_and_write(cfg: InspectConfig, progress: Progress | None = None) -> d
     return report
 
 
+def logprobs_kind_note(metadata: dict[str, str]) -> str:
+    """What the file says about its log-probs (drpo.logprobs, SPEC.md §3), in one sentence."""
+    kind = metadata.get("drpo.logprobs")
+    if kind == "raw":
+        return ("drpo.logprobs = raw: the sampler logged log-probs before temperature / top-k / top-p, which "
+                "are not the sampled distribution at T != 1 or with truncation (vLLM: "
+                "logprobs_mode=processed_logprobs)")
+    if kind == "processed":
+        return "drpo.logprobs = processed: the sampler logged the distribution it sampled from"
+    return ("drpo.logprobs is not recorded: make sure the sampler logged processed log-probs (vLLM V1 logs raw "
+            "ones unless logprobs_mode=processed_logprobs)")
+
+
 def data_notes(data: dict, metadata: dict[str, str]) -> list[str]:
     """Plain-language observations about the data alone."""
     notes = []
@@ -569,6 +584,7 @@ def data_notes(data: dict, metadata: dict[str, str]) -> list[str]:
                      "(negative lag): check --current-version")
     if data["advantage"]["zero_frac"] and data["advantage"]["zero_frac"] > 0.5:
         notes.append(f"{data['advantage']['zero_frac']:.0%} of the tokens have zero advantage and carry no gradient")
+    notes.append(logprobs_kind_note(metadata))
     truncation = {k: v for k, v in metadata.items() if k in ("drpo.top_p", "drpo.top_k")}
     if truncation:
         notes.append("the sampler truncated its distribution (" + ", ".join(f"{k}={v}" for k, v in truncation.items())

@@ -164,6 +164,41 @@ def validate_command(
     run_guarded(body)
 
 
+# ---- drpo convert -------------------------------------------------------------------------------
+
+
+@app.command("convert")
+def convert_command(
+    inputs: list[str] = typer.Argument(..., help="JSONL files, one response (or rollout row) per line."),
+    out: str = typer.Option(..., "--out", "-o", help="Output Arrow IPC file (schema v1)."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl (schema v1 fields) | vllm | openai | sglang."),
+    column: list[str] = typer.Option([], "--column", help="Rename a JSON field: SRC=CANONICAL (repeatable)."),
+    temperature: float | None = typer.Option(None, help="Sampling temperature (drpo.temperature metadata)."),
+    top_p: float | None = typer.Option(None, help="Sampler top-p (drpo.top_p metadata)."),
+    top_k: int | None = typer.Option(None, help="Sampler top-k (drpo.top_k metadata)."),
+    logprobs: str | None = typer.Option(
+        None, help="processed | raw: the log-probs' kind (required for vllm and openai; default processed)."
+    ),
+    sampler: str | None = typer.Option(None, help="Free text recorded as drpo.sampler, e.g. 'vllm 0.11'."),
+    allow_raw_logprobs: bool = typer.Option(
+        False, "--allow-raw-logprobs", help="Accept raw log-probs at T != 1 or with top-p/top-k (wrong μ)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+) -> None:
+    """Convert JSONL dumps (schema v1 fields, vLLM, OpenAI-compatible or SGLang responses) into a rollout file."""
+
+    def body() -> None:
+        from drpo_cli.convert import ConvertConfig, convert
+
+        cfg = ConvertConfig(inputs=tuple(inputs), out=out, format=fmt, columns=tuple(column),
+                            temperature=temperature, top_p=top_p, top_k=top_k, logprobs=logprobs,
+                            sampler=sampler, allow_raw_logprobs=allow_raw_logprobs, overwrite=overwrite).check()
+        path, lines, rows = convert(cfg)
+        typer.echo(f"wrote {path}: {rows:,} rows from {lines:,} lines (schema v1)")
+
+    run_guarded(body)
+
+
 # ---- drpo inspect -------------------------------------------------------------------------------
 
 

@@ -85,6 +85,9 @@ METADATA_KEYS = {
     "drpo.temperature": "sampling temperature of every row without a temperature column",
     "drpo.top_p": "nucleus sampling threshold used by the sampler (reported by inspect)",
     "drpo.top_k": "top-k used by the sampler (reported by inspect)",
+    "drpo.logprobs": 'which log-probs the sampler logged: "processed" (of the distribution it sampled from, after '
+                     'temperature / top-k / top-p) or "raw" (of the model before them; vLLM V1\'s default)',
+    "drpo.sampler": 'free text naming the sampler, e.g. "vllm 0.11"',
 }
 
 
@@ -550,6 +553,9 @@ def _check_file(rf: RolloutFile, column_map: dict[str, str], out: Problems) -> N
     if version is not None and version != SCHEMA_VERSION:
         out.add(Problem("metadata", rf.path, None, None, f'metadata drpo.schema_version "{SCHEMA_VERSION}"',
                         f'"{version}"'))
+    kind = rf.metadata.get("drpo.logprobs")
+    if kind is not None and kind not in ("processed", "raw"):
+        out.add(Problem("metadata", rf.path, None, None, 'metadata drpo.logprobs "processed" or "raw"', f'"{kind}"'))
     temp = rf.metadata.get("drpo.temperature")
     if temp is not None and not _positive_float(temp):
         out.add(Problem("metadata", rf.path, None, None, "metadata drpo.temperature a finite number > 0",
