@@ -16,6 +16,7 @@ from typing import Any
 
 from drpo_cli.adapters import ADAPTERS, Row, Text, _ids, bad
 from drpo_cli.errors import ConfigError, InputError
+from drpo_cli.outputs import Output, output_problems
 from drpo_cli.schema import COLUMN_BY_NAME, TOKEN_COLUMNS, column_map_problems
 from drpo_cli.writer import RolloutWriter, check_logprobs_kind
 
@@ -58,10 +59,8 @@ class ConvertConfig:
             check_logprobs_kind(kind, self.temperature, self.top_p, self.top_k, allow_raw=self.allow_raw_logprobs)
         except ConfigError as err:
             problems.append(err.message.replace("allow_raw_logprobs / ", ""))
-        out = Path(self.out).resolve()
-        for name in self.inputs:
-            if Path(name).resolve() == out:
-                problems.append(f"--out {self.out}: it is also an input; write to another path")
+        problems += output_problems([("INPUT", p) for p in self.inputs], [Output("--out", self.out, "arrow")],
+                                    overwrite=self.overwrite)
         if problems:
             raise ConfigError(problems[0], details=problems[1:])
         return self
@@ -76,7 +75,7 @@ def convert(cfg: ConvertConfig) -> tuple[Path, int, int]:
     lines = 0
     writer = RolloutWriter(cfg.out, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                            logprobs=cfg.logprobs or "processed", sampler=cfg.sampler,
-                           allow_raw_logprobs=cfg.allow_raw_logprobs, overwrite=cfg.overwrite)
+                           allow_raw_logprobs=cfg.allow_raw_logprobs, overwrite=cfg.overwrite, flag="--out")
     columns: set[str] | None = None
     try:
         for path, number, text in _lines(cfg.inputs):

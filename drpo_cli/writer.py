@@ -16,9 +16,9 @@ give every token a wrong behavior probability, and are refused unless `allow_raw
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from drpo_cli.errors import ConfigError, InputError
+from drpo_cli.outputs import ARROW_MARKER_KEY, Output, atomic_file, check_paths
 from drpo_cli.schema import (
     COLUMN_BY_NAME,
     COLUMNS,
@@ -71,7 +72,8 @@ def check_logprobs_kind(kind: str, temperature: float | None, top_p: float | Non
 def sampling_metadata(temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                       logprobs: str = "processed", sampler: str | None = None) -> dict[str, str]:
     """The drpo.* file metadata of SPEC.md §3 (unset values are left out)."""
-    meta = {"drpo.schema_version": SCHEMA_VERSION, "drpo.logprobs": logprobs}
+    meta = {"drpo.schema_version": SCHEMA_VERSION, "drpo.logprobs": logprobs,
+            ARROW_MARKER_KEY.decode(): "rollouts"}  # outputs.py: marks a file drpo wrote
     if temperature is not None:
         if not (math.isfinite(temperature) and temperature > 0):
             raise ConfigError(f"temperature: expected a finite number > 0, found {temperature!r}")
@@ -95,7 +97,8 @@ class RolloutWriter:
 
     def __init__(self, path: str | os.PathLike, *, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, logprobs: str = "processed", sampler: str | None = None,
-                 allow_raw_logprobs: bool = False, overwrite: bool = False, batch_rows: int = 1024):
+                 allow_raw_logprobs: bool = False, overwrite: bool = False, batch_rows: int = 1024,
+                 flag: str = "RolloutWriter path"):
         check_logprobs_kind(logprobs, temperature, top_p, top_k, allow_raw=allow_raw_logprobs)
         if batch_rows < 1:
             raise ConfigError(f"batch_rows: expected an integer >= 1, found {batch_rows}")
@@ -103,12 +106,12 @@ class RolloutWriter:
         self.metadata = sampling_metadata(temperature, top_p, top_k, logprobs, sampler)
         self.raw = logprobs == "raw" and not allow_raw_logprobs
         self.overwrite, self.batch_rows = overwrite, batch_rows
-        check_output_file(self.path, overwrite)
+        check_paths([], [Output(flag, self.path, "arrow")], overwrite=overwrite)  # outputs.py's one rule
         self.rows = 0  # rows accepted (checked and written)
         self._columns: list[str] | None = None
         self._buffer: dict[str, list] = {}
         self._ids: set[str] = set()
-        self._tmp: Path | None = None
+        self._publish = contextlib.ExitStack()  # holds outputs.atomic_file once the first batch is written
         self._sink = self._writer = None
         self._closed = False
 
@@ -182,14 +185,11 @@ class RolloutWriter:
         try:
             self._writer.close()
             self._sink.close()
-            os.chmod(self._tmp, 0o666 & ~_umask())
-            check_output_file(self.path, self.overwrite)
-            os.replace(self._tmp, self.path)
+            self._publish.close()  # atomic_file: last check, umask mode, rename into place
         except BaseException:
             self.abort()
             raise
         self._closed = True
-        self._tmp = None
         return self.path
 
     def abort(self) -> None:
@@ -202,9 +202,8 @@ class RolloutWriter:
                 except (OSError, pa.ArrowException):
                     pass
         self._writer = self._sink = None
-        if self._tmp is not None and self._tmp.exists():
-            self._tmp.unlink()
-        self._tmp = None
+        failed = RuntimeError("rollout writing aborted")
+        self._publish.__exit__(type(failed), failed, None)  # atomic_file removes its temporary file
 
     # ---- internals ----
     def _batch(self) -> pa.RecordBatch:
@@ -261,26 +260,9 @@ class RolloutWriter:
                              details=[str(p) for p in out[1:]] + ([f"... and {more} more"] if more else []))
 
     def _open(self, schema: pa.Schema) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
-        self._sink = pa.OSFile(tmp, "wb")
+        tmp = self._publish.enter_context(atomic_file(self.path, "arrow", overwrite=self.overwrite))
+        self._sink = pa.OSFile(str(tmp), "wb")
         self._writer = pa.ipc.new_file(self._sink, schema.with_metadata(self.metadata))
-
-
-def check_output_file(path: Path, overwrite: bool) -> None:
-    """An output file may replace an existing regular file only with overwrite; never a directory."""
-    if path.is_dir():
-        raise ConfigError(f"{path}: expected an output file path, found a directory")
-    if path.exists() and not overwrite:
-        raise ConfigError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 __all__ = ["LOGPROB_KINDS", "REQUIRED", "RolloutWriter", "check_logprobs_kind", "sampling_metadata", "truncates"]

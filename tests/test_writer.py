@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -29,7 +30,8 @@ def test_round_trip_in_batches_with_metadata(tmp_path):
     assert table.to_pylist() == ROWS
     assert {k.decode(): v.decode() for k, v in table.schema.metadata.items()} == {
         "drpo.schema_version": "1", "drpo.logprobs": "processed", "drpo.temperature": "0.7",
-        "drpo.top_p": "0.9", "drpo.top_k": "40", "drpo.sampler": "vllm 0.11"}
+        "drpo.top_p": "0.9", "drpo.top_k": "40", "drpo.sampler": "vllm 0.11",
+        "drpo.output": "rollouts"}  # outputs.py's marker: --overwrite may replace this file
     assert validate_rollouts(open_rollouts(out)).total == 0
     assert [p.name for p in tmp_path.iterdir()] == ["r.arrow"]
 
@@ -53,12 +55,13 @@ def test_bad_row_has_validates_message_and_leaves_nothing(tmp_path):
     expected = str(validate_rollouts(open_rollouts(reference))[0])
 
     out = tmp_path / "w" / "r.arrow"
+    out.parent.mkdir()
     with pytest.raises(InputError) as err, RolloutWriter(out) as w:
         for row in bad[:3]:
             w.write(**row)
     assert err.value.message == "invalid rollout rows: " + expected.replace(str(reference), str(out))
     assert "row 2" in err.value.message and "0.5 at token 1" in err.value.message
-    assert not out.parent.exists()  # the check runs before anything is created
+    assert list(out.parent.iterdir()) == []
 
 
 def test_rows_must_keep_the_first_rows_columns(tmp_path):
@@ -97,17 +100,30 @@ def test_raw_logprobs_at_temperature_or_truncation_are_refused(tmp_path):
     assert open_rollouts(tmp_path / "r.arrow").metadata["drpo.logprobs"] == "raw"
 
 
-def test_existing_output_needs_overwrite(tmp_path):
+def test_the_output_rule(tmp_path):
     out = tmp_path / "r.arrow"
     out.write_bytes(b"keep me")
-    with pytest.raises(ConfigError, match="exists; pass overwrite"):
+    with pytest.raises(ConfigError, match="already exists \\(pass --overwrite"):
         RolloutWriter(out)
+    with pytest.raises(ConfigError, match="a file drpo did not write"):
+        RolloutWriter(out, overwrite=True)  # --overwrite replaces only what drpo wrote
     assert out.read_bytes() == b"keep me"
-    with pytest.raises(ConfigError, match="found a directory"):
+    with pytest.raises(ConfigError, match="is a directory"):
         RolloutWriter(tmp_path)
-    with RolloutWriter(out, overwrite=True) as w:
-        w.write(**ROWS[0])
-    assert pa.ipc.open_file(str(out)).read_all().num_rows == 1
+    with pytest.raises(ConfigError, match="parent directory does not exist"):
+        RolloutWriter(tmp_path / "no" / "r.arrow")
+    out.unlink()
+    for n in (1, 2):  # a file RolloutWriter wrote may be replaced
+        with RolloutWriter(out, overwrite=True) as w:
+            w.write_rows(ROWS[:n])
+        assert pa.ipc.open_file(str(out)).read_all().num_rows == n
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_writer_adapters_and_convert_import_without_torch():
