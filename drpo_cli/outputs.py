@@ -38,7 +38,7 @@ DIR_MARKERS = {"checkpoint": "drpo_checkpoint.json", "state": "state.json"}
 ARROW_MARKER_KEY = b"drpo.output"  # schema metadata of every Arrow file drpo writes; the value says what it is
 HTML_MARKER = "<!-- drpo-output -->"  # in the first 4 KiB of every HTML page drpo writes
 FILE_KINDS = ("json", "arrow", "html")
-_WHAT = {"checkpoint": "a checkpoint directory", "state": "an interrupted run's state directory",
+_WHAT = {"checkpoint": "a checkpoint directory drpo wrote", "state": "an interrupted run's state directory drpo wrote",
          "json": "a drpo JSON report", "arrow": "a drpo Arrow file", "html": "a drpo HTML page"}
 _HINT = "--overwrite replaces only what drpo wrote"
 _LISTED = 3  # foreign names shown in a message
@@ -108,7 +108,7 @@ def foreign(path: str | os.PathLike, kind: str) -> str | None:
     p = real(path)
     if kind in DIR_MARKERS:
         if not p.is_dir():
-            return f"is a file drpo did not write (expected {_WHAT[kind]})"
+            return f"is a file (expected {_WHAT[kind]})"
         entries = sorted(e.name + ("/" if e.is_dir() and not e.is_symlink() else "") for e in os.scandir(p))
         listed = _listed_files(p / DIR_MARKERS[kind])
         extra = [e for e in entries if e not in listed]
