@@ -343,7 +343,8 @@ def _apply_umask(root: Path) -> None:
         for name in dirs:
             os.chmod(os.path.join(d, name), 0o777 & ~mask)
         for name in files:
-            os.chmod(os.path.join(d, name), 0o666 & ~mask)
+            if not os.path.islink(os.path.join(d, name)):  # chmod would follow it to its target
+                os.chmod(os.path.join(d, name), 0o666 & ~mask)
 
 
 def _remove(path: Path) -> None:

@@ -85,8 +85,11 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     outputs.check_paths(*cfg.paths(out_dir), overwrite=cfg.overwrite)  # validate() saw only an explicit --out
     if cfg.resume and not state_dir.is_dir():
         raise ConfigError(f"--resume: no interrupted run at {state_dir}")
-    if not cfg.resume and state_dir.exists():
-        raise ConfigError(f"{state_dir}: an interrupted run's state; pass --resume to continue it or delete it")
+    if not cfg.resume and os.path.lexists(state_dir):
+        why = outputs.foreign(state_dir, "state")
+        raise ConfigError(f"{state_dir}: an interrupted run's state; pass --resume to continue it or delete it"
+                          if why is None else f"{state_dir}: {why}; train keeps an interrupted run's state "
+                          "there: move it or choose another --out")
     # A full disk is found now, not after the last step (the output keeps the source's dtype).
     out_bytes = output_nbytes(cfg.model, _source_dtype(cfg.model))
     check_free_space(out_dir, out_bytes)

@@ -274,3 +274,30 @@ def test_arrow_files_are_drpo_s_by_their_schema_metadata(tmp_path):
     assert outputs.foreign(mine, "arrow") is None and outputs.foreign(parquet, "arrow") is None
     assert outputs.foreign(stream, "arrow") is None
     assert outputs.foreign(theirs, "arrow") == "is a file drpo did not write (not a drpo Arrow file)"
+
+
+def test_the_resumable_state_is_drpo_s_and_honours_the_umask(work, tmp_path):
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        res = CliRunner().invoke(app, ["train", "-r", str(work / "rollouts.arrow"), "-m", str(work / "model"),
+                                       "--out", str(out), "--minibatches", "2", *FAST],
+                                 env={"DRPO_INTERRUPT_AFTER_STEP": "0"})
+    finally:
+        os.umask(old)
+    assert res.exit_code == 130, res.output
+    state = tmp_path / "out.partial-state"
+    listed = json.loads((state / "state.json").read_text())["files"]
+    assert listed == sorted(p.name for p in state.iterdir()) == ["state.json", "trainer.pt"]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()} == {0o644}
+    assert stat.S_IMODE(state.stat().st_mode) == 0o755
+    line = error_line(train(work / "rollouts.arrow", work / "model", out))
+    assert line == f"error: {state}: an interrupted run's state; pass --resume to continue it or delete it"
+
+    mine = tmp_path / "mine.partial-state"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    line = error_line(train(work / "rollouts.arrow", work / "model", tmp_path / "mine"))
+    assert line == (f"error: {mine}: holds 1 file drpo did not write: notes.txt; train keeps an interrupted "
+                    "run's state there: move it or choose another --out")
+    assert (mine / "notes.txt").read_text() == "mine"
