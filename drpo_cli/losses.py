@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from drpo_cli.divergence import binary_kl, log_ratio, prob_delta
+from drpo_cli.elementwise import binary_kl, log_ratio, prob_delta
 from drpo_cli.errors import ConfigError
 
 HP_NAMES = ("delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap")
