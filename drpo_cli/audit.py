@@ -33,7 +33,7 @@ from drpo_cli.report import (
     validate_report,
     write_report,
 )
-from drpo_cli.rollouts import file_temperature
+from drpo_cli.rollouts import file_temperature, stale_rows
 from drpo_cli.schema import REQUIRED, Problem, RolloutSource, SourceBatch, file_problems, open_rollouts
 
 RARE_MU = 0.01  # "rare sampled token": μ ≤ 0.01 (SPEC.md §2)
@@ -156,6 +156,31 @@ class DataAudit:
     group_rewards: list[np.ndarray] = field(default_factory=list)
     group_tokens: list[np.ndarray] = field(default_factory=list)
     adv_sources: set = field(default_factory=set)  # advantage source of each file, SPEC.md §3
+    dropped_rows: int = 0  # left out by --max-lag / --min-version
+    dropped_tokens: int = 0  # their trained tokens
+
+    def drop_stale(self, sb: SourceBatch, current: int | None, max_lag: int | None,
+                   min_version: int | None) -> SourceBatch | None:
+        """The batch without the rows --max-lag / --min-version leave out (None: none is left); counts them."""
+        b = sb.batch
+        if "policy_version" not in b.schema.names:
+            return sb
+        drop = stale_rows(b.column("policy_version").fill_null(-1).to_numpy(), current, max_lag=max_lag,
+                          min_version=min_version)  # (n,)
+        if not drop.any():
+            return sb
+        off, _ = _list_parts(b.column("response_ids"))
+        if "loss_mask" in b.schema.names:
+            m_off, m_vals = _list_parts(b.column("loss_mask"))
+            trained = _row_sums(m_vals.fill_null(False).to_numpy(zero_copy_only=False), m_off)  # (n,)
+        else:
+            trained = np.diff(off)
+        self.dropped_rows += int(drop.sum())
+        self.dropped_tokens += int(trained[drop].sum())
+        if drop.all():
+            return None
+        keep = np.flatnonzero(~drop)
+        return SourceBatch(sb.path, sb.row_offset, b.filter(pa.array(~drop)), sb.global_offset, source_rows=keep)
 
     def update(self, sb: SourceBatch, default_temperature: float) -> tuple[int, int]:
         """Add one canonical record batch; returns (rows, masked tokens) for progress."""
@@ -276,7 +301,7 @@ class DataAudit:
     def merge_(self, o: DataAudit) -> None:
         """Add another shard's audit (exact)."""
         for name in ("rows", "response_tokens", "masked_tokens", "prompt_tokens", "rare_tokens", "neg_logmu_sum",
-                     "zero_adv_tokens", "zero_adv_rows"):
+                     "zero_adv_tokens", "zero_adv_rows", "dropped_rows", "dropped_tokens"):
             setattr(self, name, getattr(self, name) + getattr(o, name))
         self.token_id_max = max(self.token_id_max, o.token_id_max)
         self.adv.merge_(o.adv)
@@ -309,7 +334,8 @@ class DataAudit:
         sums = torch.tensor([self.rows, self.response_tokens, self.masked_tokens, self.prompt_tokens,
                              self.rare_tokens, self.neg_logmu_sum, self.zero_adv_tokens, self.zero_adv_rows,
                              self.adv.n, self.adv.s, self.adv.s2, self.adv.sabs,
-                             self.reward.n, self.reward.s, self.reward.s2, self.reward.sabs], dtype=torch.float64)
+                             self.reward.n, self.reward.s, self.reward.s2, self.reward.sabs,
+                             self.dropped_rows, self.dropped_tokens], dtype=torch.float64)
         all_reduce_sum(sums)
         maxes = torch.tensor([self.token_id_max, -self.adv.lo, self.adv.hi, -self.reward.lo, self.reward.hi,
                               len(self.response_len_hist), len(self.prompt_len_hist)], dtype=torch.float64)
@@ -320,6 +346,7 @@ class DataAudit:
         self.zero_adv_tokens, self.zero_adv_rows = int(v[6]), int(v[7])
         self.adv.n, self.adv.s, self.adv.s2, self.adv.sabs = v[8:12]
         self.reward.n, self.reward.s, self.reward.s2, self.reward.sabs = v[12:16]
+        self.dropped_rows, self.dropped_tokens = int(v[16]), int(v[17])
         m = maxes.tolist()
         self.token_id_max = int(m[0])
         self.adv.lo, self.adv.hi, self.reward.lo, self.reward.hi = -m[1], m[2], -m[3], m[4]
@@ -376,6 +403,12 @@ class DataAudit:
                              for t, c in sorted(self.temperature_rows.items())],
         }
 
+    def staleness_filter(self, cfg: InspectConfig, current: int | None) -> dict:
+        """The report's `data.staleness_filter` (train's `filters.staleness`): what --max-lag / --min-version left out."""
+        return {"max_lag": cfg.max_lag, "min_version": cfg.min_version, "current_version": current,
+                "rows_dropped": self.dropped_rows, "tokens_dropped": self.dropped_tokens, "rows_kept": self.rows,
+                "rows_without_version": int(self.version_rows.get(-1, 0))}
+
 
 def data_metrics(section: dict) -> dict:
     """The data/* metrics of the report (SPEC.md §2 data-only audit), from the data section."""
@@ -405,11 +438,12 @@ def _sample_id(sb: SourceBatch, r: int) -> str | None:
     b = sb.batch
     if "sample_id" in b.schema.names:
         return b.column("sample_id")[r].as_py()
-    return str(sb.global_offset + r)
+    return str(sb.global_offset + (r if sb.source_rows is None else int(sb.source_rows[r])))
 
 
 def _raise_row(sb: SourceBatch, column: str, r: int, expected: str, found) -> None:
-    raise InputError(str(Problem("value", sb.path, column, sb.row_offset + r, expected, str(found),
+    row = r if sb.source_rows is None else int(sb.source_rows[r])  # the file's row, also after a filter
+    raise InputError(str(Problem("value", sb.path, column, sb.row_offset + row, expected, str(found),
                                  _sample_id(sb, r))))
 
 
@@ -486,12 +520,37 @@ def check_source(source: RolloutSource) -> None:
         raise InputError(str(problems[0]), details=[str(p) for p in problems[1:]])
 
 
-def audit_data(source: RolloutSource, cfg: InspectConfig, progress: Progress | None = None) -> DataAudit:
-    """Stream every record batch through a DataAudit (bounded memory)."""
+def filter_version(source: RolloutSource, cfg: InspectConfig) -> int | None:
+    """The current version --max-lag counts from, known before streaming: --current-version, else the
+    checkpoint's recorded version, else the newest policy_version in the data (one pass over that column)."""
+    if cfg.max_lag is None:
+        return cfg.current_version
+    if cfg.current_version is not None:
+        return cfg.current_version
+    if cfg.model is not None:
+        from drpo_cli.checkpoint import read_policy_version
+
+        version = read_policy_version(cfg.model)
+        if version is not None:
+            return version
+    newest = -1
+    for sb in source.iter_batches(["policy_version"]):
+        if "policy_version" in sb.batch.schema.names:
+            top = pc.max(sb.batch.column("policy_version")).as_py()
+            newest = max(newest, -1 if top is None else int(top))
+    return newest if newest >= 0 else None
+
+
+def audit_data(source: RolloutSource, cfg: InspectConfig, progress: Progress | None = None,
+               current: int | None = None) -> DataAudit:
+    """Stream every record batch through a DataAudit (bounded memory), minus the rows the stale-row filters drop."""
     check_source(source)
     audit = DataAudit()
     temps = {rf.path: file_temperature(rf.metadata, cfg.temperature) for rf in source.files}
+    filtering = cfg.max_lag is not None or cfg.min_version is not None
     for sb in source.iter_batches(DATA_COLUMNS):
+        if filtering and (sb := audit.drop_stale(sb, current, cfg.max_lag, cfg.min_version)) is None:
+            continue
         _, tokens = audit.update(sb, temps[sb.path])
         if progress is not None:
             progress("reading rollouts (tokens)", tokens, None)
@@ -506,7 +565,11 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
     """
     start = time.perf_counter()
     source = open_rollouts(list(cfg.rollouts), cfg.column_map())
-    audit = audit_data(source, cfg, progress)
+    filter_current = filter_version(source, cfg)
+    audit = audit_data(source, cfg, progress, filter_current)
+    if audit.rows == 0 and audit.dropped_rows:
+        raise InputError(f"--max-lag {cfg.max_lag} / --min-version {cfg.min_version}: every one of the "
+                         f"{audit.dropped_rows} rows is too stale (current version {filter_current}); nothing is left")
     notes: list[str] = []
     model_section, model_metrics = None, {}
     current, version_source = cfg.current_version, "--current-version"
@@ -519,6 +582,7 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
         if model_section.get("logging_checks"):
             model_section["logging_checks"]["findings"].append(logprobs_kind_note(source.metadata))
     data = audit.section(current, version_source)
+    data["staleness_filter"] = audit.staleness_filter(cfg, filter_current)
     notes = data_notes(data, source.metadata) + notes
     metrics = {k: clean_number(v) for k, v in {**data_metrics(data), **model_metrics}.items()}
     report = {
@@ -530,6 +594,7 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
         "settings": {"tr_delta": cfg.tr_delta, "deltas": list(cfg.deltas), "chosen_delta": cfg.chosen_delta(),
                      "temperature": cfg.temperature, "current_version": cfg.current_version, "top": cfg.top,
                      "device": cfg.device, "dtype": cfg.dtype, "micro_batch_tokens": cfg.micro_batch_tokens,
+                     "reject": list(cfg.reject), "max_lag": cfg.max_lag, "min_version": cfg.min_version,
                      "seconds": round(time.perf_counter() - start, 3)},
         "metrics": metrics,
         "data": data,

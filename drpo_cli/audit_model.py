@@ -21,7 +21,7 @@ from drpo_cli.config import LOSS_HPARAMS, InspectConfig
 from drpo_cli.data import plan_micro_batches
 from drpo_cli.divergence import Diagnostics, token_diagnostics
 from drpo_cli.outputs import ARROW_MARKER_KEY
-from drpo_cli.rollouts import RolloutRows, check_vocabulary
+from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version, staleness_filter
 
 WHAT_IF_DELTAS = (0.1, 0.2, 0.5, 12.5)  # DRPO δ sweep shown when --delta is not given (SPEC.md §1)
 CHECK_MAX_TOKENS = 4096  # masked tokens recomputed per temperature by the logging checks
@@ -35,17 +35,6 @@ PER_TOKEN_SCHEMA = pa.schema([
 ], metadata={ARROW_MARKER_KEY: b"per-token"})  # marks the file as drpo's (outputs.py: --overwrite may replace it)
 _DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
 _SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "k3")
-
-
-def resolve_current_version(cfg: InspectConfig, checkpoint_version: int | None,
-                            policy_version: np.ndarray) -> tuple[int | None, str]:
-    """--current-version, else the checkpoint's recorded version, else the newest version in the data."""
-    if cfg.current_version is not None:
-        return cfg.current_version, "--current-version"
-    if checkpoint_version is not None:
-        return checkpoint_version, "checkpoint"
-    known = policy_version[policy_version >= 0]
-    return (int(known.max()), "data-max") if known.size else (None, "unknown")
 
 
 def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None):
@@ -67,7 +56,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
         model, info = load_model(cfg.model, device=str(device), dtype=_DTYPES[cfg.dtype],
                                  allow_unsafe=cfg.allow_unsafe_weights)
     check_vocabulary(rows, info.vocab_size, cfg.model)
-    current, version_source = resolve_current_version(cfg, info.policy_version, rows.policy_version)
+    current, version_source = current_version(cfg.current_version, info.policy_version, rows.policy_version)
+    rows, _ = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version)  # as the data audit
     known = rows.policy_version >= 0
     row_lag = np.where(known, (current if current is not None else 0) - rows.policy_version, -1)  # (N,)
     notes = []
@@ -77,7 +67,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     losses = {name: dict(hp) for name, hp in LOSS_HPARAMS.items()}
     losses["drpo"] = {"delta": cfg.chosen_delta()}
     deltas = cfg.deltas or WHAT_IF_DELTAS
-    diag = Diagnostics(cfg.tr_delta, losses, drpo_deltas=deltas)
+    diag = Diagnostics(cfg.tr_delta, losses, drpo_deltas=deltas, reject=cfg.reject_criteria())
     seq = np.zeros((rows.num_rows, len(_SEQ_FEATURES)), dtype=np.float64)  # (N, F) per-sequence sums / max
     token_lag = row_lag[rows.token_row()]  # (T,)
     position = rows.token_position()  # (T,)
@@ -100,7 +90,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 adv = torch.from_numpy(rows.advantages[idx])  # (M,)
                 mask = torch.from_numpy(rows.loss_mask[idx])  # (M,)
                 lag = torch.from_numpy(token_lag[idx])  # (M,)
-                diag.update(logp, mu, adv, mask, lag=lag, position=torch.from_numpy(position[idx]), entropy=entropy)
+                diag.update(logp, mu, adv, mask, lag=lag, position=torch.from_numpy(position[idx]), entropy=entropy,
+                            seq_index=mb.seq_index)
                 t = token_diagnostics(logp.double(), mu.double(), adv.double(), tr_delta=cfg.tr_delta)
                 _add_sequences(seq, mb.rows.numpy()[mb.seq_index.numpy()], mask.numpy(), t)
                 if writer is not None:
@@ -119,6 +110,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     notes += summary["notes"]
     metrics = {k: v for k, v in summary.items()
                if not isinstance(v, (dict, list)) and not k.startswith("data/")}
+    for key in ("reject/token_frac", "reject/seq_frac"):  # stable names: null without --reject
+        metrics.setdefault(key, None)
     section = {
         "checkpoint": {"path": str(cfg.model), "policy_version": info.policy_version, "vocab_size": info.vocab_size},
         "device": str(device),
@@ -212,6 +205,8 @@ def _loss_effects(summary: dict, losses: dict) -> list[dict]:
         "dppo-kl": {"masked": summary.get("dppo_kl/mask_frac")},
         "drpo": {"corrective (w<0)": summary.get("weight/drpo_corrective_frac"),
                  "attenuated (w<0.5)": summary.get("weight/drpo_attenuated_frac")},
+        "gspo": {"clipped": summary.get("gspo/clip_frac"), "clipped sequences": summary.get("gspo/seq_clip_frac")},
+        "cispo": {"weight clipped": summary.get("cispo/clip_frac")},
     }
     return [{"loss": name, "hparams": dict(hp), "fractions": effects[name]} for name, hp in losses.items()]
 

@@ -220,6 +220,11 @@ def inspect_command(
     fail_above: list[str] = typer.Option(
         [], "--fail-above", help="Gate METRIC=VALUE: exit 3 when the metric exceeds VALUE (repeatable)."
     ),
+    reject: list[str] = typer.Option(
+        [], "--reject", help="Report what a rejection criterion LEVEL_kN>X would reject, e.g. seq_mean_k3>0.01 (repeatable)."
+    ),
+    max_lag: int | None = typer.Option(None, "--max-lag", help="Leave out rows whose staleness lag exceeds N."),
+    min_version: int | None = typer.Option(None, "--min-version", help="Leave out rows whose policy_version is below V."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."),
     micro_batch_tokens: int = typer.Option(4096, help="Token budget per forward pass."),
@@ -240,7 +245,8 @@ def inspect_command(
         cfg = InspectConfig(
             rollouts=tuple(rollouts), model=model, current_version=current_version, deltas=deltas,
             tr_delta=tr_delta, temperature=temperature, columns=tuple(column), top=top, json_out=json_out,
-            per_token=per_token, fail_above=tuple(fail_above), overwrite=overwrite, device=device, dtype=dtype,
+            per_token=per_token, fail_above=tuple(fail_above), overwrite=overwrite, reject=tuple(reject),
+            max_lag=max_lag, min_version=min_version, device=device, dtype=dtype,
             micro_batch_tokens=micro_batch_tokens, quiet=quiet, allow_unsafe_weights=allow_unsafe_weights,
         ).check()
         from rich.console import Console
@@ -296,17 +302,27 @@ def train_command(
     rollouts: list[str] = typer.Option([], "--rollouts", "-r", help="Rollout file or directory (repeatable)."),
     model: str = typer.Option("", "--model", "-m", help="Input Hugging Face checkpoint directory."),
     out: str | None = typer.Option(None, "--out", "-o", help="Output directory (default: a sibling MODEL-v<N+1>)."),
-    loss: str = typer.Option("drpo", help="pg-is | ppo-clip | spo | dppo-tv | dppo-kl | drpo."),
+    loss: str = typer.Option("drpo", help="pg-is | ppo-clip | spo | dppo-tv | dppo-kl | drpo | gspo | cispo."),
     delta: float | None = typer.Option(None, help="δ of drpo (12.5), dppo-tv (0.15), dppo-kl (0.05)."),
     eps: float | None = typer.Option(None, help="ε of spo (0.2)."),
-    eps_low: float | None = typer.Option(None, help="ε_low of ppo-clip (0.2)."),
-    eps_high: float | None = typer.Option(None, help="ε_high of ppo-clip (0.28)."),
+    eps_low: float | None = typer.Option(None, help="ε_low of ppo-clip (0.2), gspo (3e-4), cispo (off)."),
+    eps_high: float | None = typer.Option(None, help="ε_high of ppo-clip (0.28), gspo (4e-4), cispo (4)."),
     dual_clip: float | None = typer.Option(None, help="Dual-clip c > 1 of ppo-clip (off)."),
     ratio_cap: float | None = typer.Option(None, help="Ratio cap C of dppo-tv / dppo-kl (20)."),
     anchor: str = typer.Option("behavior", help="Anchor log-probs: behavior | proximal."),
     is_correction: str = typer.Option("none", help="Behavior correction with --anchor proximal: none | tis | mis."),
     is_cap: float | None = typer.Option(None, help="Cap of tis (2.0)."),
     is_band: tuple[float, float] | None = typer.Option(None, help="Kept band LO HI of mis (0.5 2.0)."),
+    is_level: str = typer.Option("token", help="ρ of tis / mis per token | sequence (product) | geometric (mean)."),
+    reject: list[str] = typer.Option(
+        [], "--reject", help="Reject tokens/sequences by LEVEL_kN>X on π_old vs μ, e.g. seq_mean_k3>0.01 (repeatable)."
+    ),
+    ref_model: str | None = typer.Option(None, "--ref-model", help="Reference checkpoint for a KL(π‖π_ref) penalty."),
+    kl_coef: float | None = typer.Option(None, help="β of the reference KL penalty (0.001 with --ref-model)."),
+    kl_estimator: str = typer.Option("k3", help="Per-token KL estimator: k1 | k2 | k3."),
+    entropy_coef: float = typer.Option(0.0, help="Entropy bonus c: each token's loss gets −c·H(π)."),
+    max_lag: int | None = typer.Option(None, "--max-lag", help="Drop rows whose staleness lag exceeds N."),
+    min_version: int | None = typer.Option(None, "--min-version", help="Drop rows whose policy_version is below V."),
     agg: str = typer.Option(
         "token-mean", help="token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."
     ),
@@ -345,7 +361,9 @@ def train_command(
         cfg = TrainConfig(
             rollouts=tuple(rollouts), model=model, out=out, loss=loss, delta=delta, eps=eps,
             eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ratio_cap=ratio_cap, anchor=anchor,
-            is_correction=is_correction, is_cap=is_cap, is_band=is_band, agg=agg, horizon=horizon,
+            is_correction=is_correction, is_cap=is_cap, is_band=is_band, is_level=is_level, reject=tuple(reject),
+            ref_model=ref_model, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+            max_lag=max_lag, min_version=min_version, agg=agg, horizon=horizon,
             adv_norm=adv_norm, epochs=epochs, minibatches=minibatches, micro_batch_tokens=micro_batch_tokens,
             lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, warmup_steps=warmup_steps,
             seed=seed, device=device, dtype=dtype, grad_checkpointing=grad_checkpointing, cpu_offload=cpu_offload,

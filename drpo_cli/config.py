@@ -23,11 +23,18 @@ LOSS_HPARAMS: dict[str, dict[str, float | None]] = {
     "dppo-tv": {"delta": 0.15, "ratio_cap": 20.0},
     "dppo-kl": {"delta": 0.05, "ratio_cap": 20.0},
     "drpo": {"delta": 12.5},
+    "gspo": {"eps_low": 3e-4, "eps_high": 4e-4},
+    "cispo": {"eps_low": None, "eps_high": 4.0},
 }
 HPARAM_NAMES = ("delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 ANCHORS = ("behavior", "proximal")
 IS_CORRECTIONS = ("none", "tis", "mis")
+IS_LEVELS = ("token", "sequence", "geometric")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+DEFAULT_KL_COEF = 0.001  # verl's kl_loss_coef default
+REJECT_LEVELS = ("token", "seq_sum", "seq_mean", "seq_max")
+REJECT_EXAMPLE = "seq_mean_k3>0.01"
 ADV_NORMS = ("none", "std")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp32")
@@ -44,6 +51,41 @@ def parse_columns(specs: tuple[str, ...] | list[str]) -> tuple[dict[str, str], l
     return column_map_problems(specs)
 
 
+def parse_reject(spec: str) -> tuple[tuple[str, str, str, float] | None, str | None]:
+    """`LEVEL_kN>X` or `LEVEL_kN<X` -> ((level, "kN", op, X), None), or (None, problem).
+
+    LEVEL is token, seq_sum, seq_mean or seq_max; N is 1, 2 or 3 (e.g. seq_mean_k3>0.01 rejects the
+    sequences whose mean k3 exceeds 0.01). The criterion rejects where the comparison holds.
+    """
+    text = spec.replace(" ", "")
+    op = ">" if ">" in text else "<" if "<" in text else None
+    name, _, raw = text.partition(op) if op else (text, "", "")
+    level, _, estimator = name.rpartition("_")
+    try:
+        threshold = float(raw)
+    except ValueError:
+        threshold = math.nan
+    if op is None or level not in REJECT_LEVELS or estimator not in KL_ESTIMATORS or not math.isfinite(threshold):
+        return None, (f"--reject {spec!r}: expected LEVEL_kN>NUMBER or LEVEL_kN<NUMBER with LEVEL one of "
+                      f"{', '.join(REJECT_LEVELS)} and N 1, 2 or 3, e.g. {REJECT_EXAMPLE}")
+    return (level, estimator, op, threshold), None
+
+
+def parse_rejects(specs: tuple[str, ...]) -> tuple[list[tuple[str, str, str, float]], list[str]]:
+    """Every `--reject` criterion parsed, and a problem line for each bad one."""
+    parsed = [parse_reject(spec) for spec in specs]
+    return [c for c, _ in parsed if c is not None], [p for _, p in parsed if p is not None]
+
+
+def staleness_problems(max_lag: int | None, min_version: int | None) -> list[str]:
+    """Problems with --max-lag / --min-version (both commands)."""
+    p = []
+    for name, value in (("max_lag", max_lag), ("min_version", min_version)):
+        if value is not None and value < 0:
+            p.append(f"{_flag(name)} must be >= 0, got {value}")
+    return p
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything `drpo train` does is decided by these fields (SPEC.md §1, §4)."""
@@ -55,15 +97,15 @@ class TrainConfig:
     out: str | None = None
     """Output checkpoint directory; default: a sibling named after the input and the new policy version."""
     loss: str = "drpo"
-    """Surrogate loss, one of SPEC.md §1: pg-is, ppo-clip, spo, dppo-tv, dppo-kl, drpo."""
+    """Surrogate loss, one of SPEC.md §1: pg-is, ppo-clip, spo, dppo-tv, dppo-kl, drpo, gspo, cispo."""
     delta: float | None = None
     """Trust-region size δ of drpo / dppo-tv / dppo-kl (None: the loss's default)."""
     eps: float | None = None
     """SPO's ε (None: 0.2)."""
     eps_low: float | None = None
-    """PPO-clip lower clip ε_low (None: 0.2)."""
+    """Lower clip ε_low of ppo-clip (None: 0.2), gspo (3e-4) and cispo (None: no lower clip)."""
     eps_high: float | None = None
-    """PPO-clip upper clip ε_high (None: 0.28, DAPO clip-higher)."""
+    """Upper clip ε_high of ppo-clip (None: 0.28, DAPO clip-higher), gspo (4e-4) and cispo (4: weight ≤ 5)."""
     dual_clip: float | None = None
     """PPO dual-clip constant c > 1 for A < 0 (None: off)."""
     ratio_cap: float | None = None
@@ -76,6 +118,22 @@ class TrainConfig:
     """Cap C_is of tis (None: 2.0)."""
     is_band: tuple[float, float] | None = None
     """Kept band [lo, hi] of mis (None: [0.5, 2.0])."""
+    is_level: str = "token"
+    """Level of ρ for tis / mis: token ρ_t, sequence Π_t ρ_t, geometric (Π_t ρ_t)^(1/n) per sequence."""
+    reject: tuple[str, ...] = ()
+    """Rejection criteria LEVEL_kN>X on log ρ = log π_old − log μ, e.g. seq_mean_k3>0.01 (any one rejects)."""
+    ref_model: str | None = None
+    """Reference checkpoint for a KL(π‖π_ref) penalty; its log-probs are computed once, before training."""
+    kl_coef: float | None = None
+    """β of the reference KL penalty β·KL per token (None: 0.001 with --ref-model)."""
+    kl_estimator: str = "k3"
+    """Per-token KL(π‖π_ref) estimator: k1, k2 or k3 (= π_ref/π − log(π_ref/π) − 1)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus c: each token's loss gets −c·H(π), gradient through the chunked head."""
+    max_lag: int | None = None
+    """Drop rows whose staleness lag (current − policy_version) exceeds N (rows without a version are kept)."""
+    min_version: int | None = None
+    """Drop rows whose policy_version is below V (rows without a version are kept)."""
     agg: str = "token-mean"
     """Token aggregation, independent of the loss (SPEC.md §1); denominators global over the step."""
     horizon: int = 8192
@@ -131,6 +189,19 @@ class TrainConfig:
     def column_map(self) -> dict[str, str]:
         return parse_columns(self.columns)[0]
 
+    def resolved_kl_coef(self) -> float:
+        """β: the given --kl-coef, else DEFAULT_KL_COEF with a reference model, else 0."""
+        if self.kl_coef is not None:
+            return self.kl_coef
+        return DEFAULT_KL_COEF if self.ref_model else 0.0
+
+    def reject_criteria(self) -> list[tuple[str, str, str, float]]:
+        return parse_rejects(self.reject)[0]
+
+    def needs_old_logprobs(self) -> bool:
+        """π_old is needed: the proximal anchor, or rejection criteria measured against it."""
+        return self.anchor == "proximal" or bool(self.reject)
+
     def resolved_is_cap(self) -> float:
         return 2.0 if self.is_cap is None else self.is_cap
 
@@ -143,12 +214,13 @@ class TrainConfig:
         d["rollouts"] = list(self.rollouts)
         d["columns"] = list(self.columns)
         d["is_band"] = None if self.is_band is None else list(self.is_band)
+        d["reject"] = list(self.reject)
         d["loss_hparams"] = self.loss_hparams() if self.loss in LOSS_HPARAMS else {}
         return d
 
-    def paths(self, out: str | os.PathLike) -> tuple[list[tuple[str, str]], list[Output]]:
+    def paths(self, out: str | os.PathLike) -> tuple[list[tuple[str, str | None]], list[Output]]:
         """(inputs, outputs) of a run writing to `out`, for the one output rule (outputs.py)."""
-        inputs = [("--rollouts", r) for r in self.rollouts] + [("--model", self.model)]
+        inputs = [("--rollouts", r) for r in self.rollouts] + [("--model", self.model), ("--ref-model", self.ref_model)]
         # The resumable state is an output too; whether it may exist is train's decision (--resume).
         return inputs, [Output("--out", out, "checkpoint"),
                         Output("state directory", state_dir(out), "state", check_existing=False)]
@@ -198,6 +270,21 @@ class TrainConfig:
                 p.append("--is-band applies only to --is-correction mis")
             elif not 0 <= lo < hi:
                 p.append(f"--is-band must satisfy 0 <= lo < hi, got {lo} {hi}")
+        _choice(p, "is_level", self.is_level, IS_LEVELS)
+        if self.is_level != "token" and self.is_correction == "none":
+            p.append(f"--is-level {self.is_level} applies to --is-correction tis or mis")
+        p.extend(parse_rejects(self.reject)[1])
+        if self.ref_model is not None:
+            if not os.path.isdir(self.ref_model):
+                p.append(f"--ref-model {self.ref_model}: not a directory (expected a Hugging Face checkpoint directory)")
+        elif self.kl_coef is not None:
+            p.append("--kl-coef needs --ref-model (the KL penalty is to a reference model)")
+        if self.kl_coef is not None and not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+            p.append(f"--kl-coef must be >= 0, got {self.kl_coef}")
+        _choice(p, "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        if not (math.isfinite(self.entropy_coef) and self.entropy_coef >= 0):
+            p.append(f"--entropy-coef must be >= 0, got {self.entropy_coef}")
+        p.extend(staleness_problems(self.max_lag, self.min_version))
         _choice(p, "agg", self.agg, AGG_MODES)
         _positive(p, "horizon", self.horizon)
         _choice(p, "adv_norm", self.adv_norm, ADV_NORMS)
@@ -253,6 +340,12 @@ class InspectConfig:
     """Gates METRIC=VALUE: exit 3 when a metric exceeds its value (after writing the report)."""
     overwrite: bool = False
     """Replace an existing --json / --per-token file that drpo wrote; anything else is refused."""
+    reject: tuple[str, ...] = ()
+    """Rejection criteria LEVEL_kN>X (as train's --reject) whose rejected fractions the audit reports (needs a model)."""
+    max_lag: int | None = None
+    """Leave out rows whose staleness lag exceeds N (rows without a version are kept)."""
+    min_version: int | None = None
+    """Leave out rows whose policy_version is below V (rows without a version are kept)."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     dtype: str = "auto"
@@ -268,6 +361,9 @@ class InspectConfig:
 
     def column_map(self) -> dict[str, str]:
         return parse_columns(self.columns)[0]
+
+    def reject_criteria(self) -> list[tuple[str, str, str, float]]:
+        return parse_rejects(self.reject)[0]
 
     def paths(self) -> tuple[list[tuple[str, str | None]], list[Output]]:
         """(inputs, outputs) of this audit, for the one output rule (outputs.py)."""
@@ -326,6 +422,10 @@ class InspectConfig:
             p.append(f"--top must be >= 0, got {self.top}")
         if self.per_token is not None and self.model is None:
             p.append("--per-token needs --model (per-token diagnostics compare the model with the sampler)")
+        p.extend(parse_rejects(self.reject)[1])
+        if self.reject and self.model is None:
+            p.append("--reject needs --model (the criteria compare the model with the sampler)")
+        p.extend(staleness_problems(self.max_lag, self.min_version))
         p.extend(output_problems(*self.paths(), overwrite=self.overwrite))
         p.extend(self._parse_gates()[1])
         _choice(p, "device", self.device, DEVICES)

@@ -30,7 +30,7 @@ from drpo_cli.elementwise import (  # noqa: F401  (re-exported: the diagnostics 
     ratio,
 )
 from drpo_cli.errors import ConfigError
-from drpo_cli.losses import LOSS_NAMES, gradient_weight, resolve_hparams
+from drpo_cli.losses import LOSS_NAMES, gradient_weight, reference_kl, rejection_mask, resolve_hparams
 
 
 def token_diagnostics(
@@ -150,6 +150,7 @@ _ZEROING_METRICS = {
     "dppo-kl": "dppo_kl/mask_frac",
 }
 _WEIGHTED_LOSSES = ("drpo", "spo")  # losses whose weight distribution is reported
+_SEQ_STATE = ("n", "n_zero", "n_seq", "n_seq_zero")  # gspo's would-be clipping (needs seq_index)
 
 
 class Diagnostics:
@@ -172,6 +173,7 @@ class Diagnostics:
         *,
         drpo_deltas: Sequence[float] = (),
         lag_buckets: int = 8,
+        reject: Sequence[tuple[str, str, str, float]] = (),
     ):
         if not (isinstance(tr_delta, (int, float)) and tr_delta > 0):
             raise ConfigError(f"tr_delta must be a number > 0, got {tr_delta!r}")
@@ -183,6 +185,7 @@ class Diagnostics:
         deltas = (float(resolve_hparams("drpo", {"delta": d})["delta"]) for d in drpo_deltas)
         self.drpo_deltas = tuple(dict.fromkeys(deltas))  # duplicates dropped, order kept
         self.lag_buckets = lag_buckets
+        self.reject = [tuple(c) for c in reject]
         # (state key prefix, loss name, hyper-parameters) of every weight distribution tracked.
         self._weighted = [(name, name, hp) for name, hp in self.losses.items() if name in _WEIGHTED_LOSSES]
         self._weighted += [(f"drpo@{d!r}", "drpo", {"delta": d}) for d in self.drpo_deltas]
@@ -199,6 +202,14 @@ class Diagnostics:
         for name in self.losses:
             if name in _ZEROING_METRICS:
                 self._register(f"{name}/n_zero", (), "sum")
+        if "gspo" in self.losses:
+            for key in _SEQ_STATE:
+                self._register(f"gspo/{key}", (), "sum")
+        if "cispo" in self.losses:
+            self._register("cispo/n_clipped", (), "sum")
+        for key in ("n_ref", "sum_ref_k1", "sum_ref_k2", "sum_ref_k3", "reject/n", "reject/n_tokens",
+                    "reject/n_seq", "reject/n_seq_rejected"):
+            self._register(key, (), "sum")
         for prefix, _, _ in self._weighted:
             for key in ("n_corrective", "n_attenuated", "sum_w"):
                 self._register(f"{prefix}/{key}", (), "sum")
@@ -223,6 +234,7 @@ class Diagnostics:
             "losses": {name: dict(hp) for name, hp in self.losses.items()},
             "drpo_deltas": list(self.drpo_deltas),
             "lag_buckets": self.lag_buckets,
+            "reject": [list(c) for c in self.reject],
         }
 
     # ---- accumulate -------------------------------------------------------------------------------
@@ -237,12 +249,16 @@ class Diagnostics:
         lag: Tensor | None = None,
         position: Tensor | None = None,
         entropy: Tensor | None = None,
+        seq_index: Tensor | None = None,
+        ref_logp: Tensor | None = None,
     ) -> None:
         """Add the tokens where `mask` is True. All inputs flat (N,) (any equal shapes work).
 
         `lag` = staleness per token (current − policy version; < 0 = unknown), `position` = index
-        in the response, `entropy` = entropy of π. Masked positions are selected out before any
-        math, so NaN there never reaches a statistic.
+        in the response, `entropy` = entropy of π, `seq_index` = each token's sequence label (whole
+        sequences only: gspo's clipping and the sequence-level rejection criteria need it),
+        `ref_logp` = log π_ref (the kl/ref_* metrics of KL(π‖π_ref)). Masked positions are selected
+        out before any math, so NaN there never reaches a statistic.
         """
         with torch.no_grad():
             keep = mask.detach().reshape(-1).bool()
@@ -288,6 +304,25 @@ class Diagnostics:
             for name, hp in self.losses.items():
                 if name in _ZEROING_METRICS:
                     part[f"{name}/n_zero"] = (gradient_weight(name, lp, mu_lp, adv, **hp) == 0).sum()
+            if seq_index is not None and "gspo" in self.losses:
+                seq = pick(seq_index)
+                w = gradient_weight("gspo", lp, mu_lp, adv, seq_index=seq, **self.losses["gspo"])
+                part.update({"gspo/n": torch.tensor(float(lp.numel())), "gspo/n_zero": (w == 0).sum(),
+                             "gspo/n_seq": torch.tensor(float(torch.unique(seq).numel())),
+                             "gspo/n_seq_zero": torch.tensor(float(torch.unique(seq[w == 0]).numel()))})
+            if "cispo" in self.losses:
+                part["cispo/n_clipped"] = (gradient_weight("cispo", lp, mu_lp, adv, **self.losses["cispo"]) != 1).sum()
+            if ref_logp is not None:
+                ref = pick(ref_logp).double()
+                part["n_ref"] = torch.tensor(float(lp.numel()))
+                for k in ("k1", "k2", "k3"):
+                    part[f"sum_ref_{k}"] = reference_kl(k, lp, ref).sum()
+            if self.reject and seq_index is not None:
+                seq = pick(seq_index)
+                kept = rejection_mask(self.reject, lp, mu_lp, torch.ones_like(lp, dtype=torch.bool), seq)
+                part.update({"reject/n": torch.tensor(float(lp.numel())), "reject/n_tokens": (~kept).sum(),
+                             "reject/n_seq": torch.tensor(float(torch.unique(seq).numel())),
+                             "reject/n_seq_rejected": torch.tensor(float(torch.unique(seq[~kept]).numel()))})
             for prefix, name, hp in self._weighted:
                 w = gradient_weight(name, lp, mu_lp, adv, **hp)
                 part[f"{prefix}/n_corrective"] = (w < 0).sum()
@@ -431,6 +466,17 @@ class Diagnostics:
         for name in self.losses:
             if name in _ZEROING_METRICS:
                 out[_ZEROING_METRICS[name]] = ratio_of(s[f"{name}/n_zero"], n)
+        if "gspo" in self.losses:
+            out["gspo/clip_frac"] = ratio_of(s["gspo/n_zero"], float(s["gspo/n"]))
+            out["gspo/seq_clip_frac"] = ratio_of(s["gspo/n_seq_zero"], float(s["gspo/n_seq"]))
+        if "cispo" in self.losses:
+            out["cispo/clip_frac"] = ratio_of(s["cispo/n_clipped"], n)
+        if float(s["n_ref"]) > 0:
+            for k in ("k1", "k2", "k3"):
+                out[f"kl/ref_{k}_mean"] = ratio_of(s[f"sum_ref_{k}"], float(s["n_ref"]))
+        if self.reject:
+            out["reject/token_frac"] = ratio_of(s["reject/n_tokens"], float(s["reject/n"]))
+            out["reject/seq_frac"] = ratio_of(s["reject/n_seq_rejected"], float(s["reject/n_seq"]))
         histograms, what_if, notes = {}, [], []
         for prefix, name, hp in self._weighted:
             stats = self._weight_stats(prefix, n)

@@ -169,6 +169,23 @@ def _grad_from_probs(p: torch.Tensor, targets: torch.Tensor, g_logp: torch.Tenso
     return gz.scatter_add_(1, targets[:, None], g_logp[:, None])
 
 
+def _entropy_grad_z(z: torch.Tensor, p: torch.Tensor, sums: torch.Tensor, ent: torch.Tensor,
+                    g_ent: torch.Tensor) -> torch.Tensor:
+    """d(Σ g·H)/dz = −g ⊙ p ⊙ (log p + H), in place over z, which holds z − max (log p = z − max − log S)."""
+    return z.sub_(sums.log()[:, None]).add_(ent[:, None]).mul_(p).mul_(-g_ent[:, None])
+
+
+def _loss_grad(loss_fn, logp: torch.Tensor, sl: slice):
+    """(d loss/d logp, loss value) of loss_fn over log-probs `logp` of tokens `sl` (zeros when no grad)."""
+    leaf = logp.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(leaf, sl)
+        g = None
+        if loss.requires_grad:
+            (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+    return (torch.zeros_like(logp) if g is None else g.float()), loss.detach().float()
+
+
 def _accumulate_head_grads(gz, h, head: Head, grad_w, grad_b):
     """Gradient GEMMs of one chunk: returns dL/dh (m, H); adds into grad_w (V, H) and grad_b (V,).
 
@@ -230,11 +247,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             z, t = _chunk_logits(h[sl], head, inv_temp[sl], ws)  # the recompute: a 4th head GEMM
             _, ent, e, sums = _softmax_stats(z, targets[sl], use_ent, ws)
             p = e.div_(sums[:, None])  # (m, V)
-            g_ent_z = None
-            if use_ent:  # dH/dz = −p ⊙ (log p + H), with log p = (z − max) − log S held in z
-                g_ent_z = (
-                    z.sub_(sums.log()[:, None]).add_(ent[:, None]).mul_(p).mul_(-g_ent[sl].float()[:, None])
-                )
+            g_ent_z = _entropy_grad_z(z, p, sums, ent, g_ent[sl].float()) if use_ent else None
             gz = _grad_from_probs(p, targets[sl], g_logp[sl])
             if g_ent_z is not None:
                 gz.add_(g_ent_z)
@@ -251,35 +264,57 @@ class _FusedHeadLoss(torch.autograd.Function):
     Valid because loss = Σ_chunks loss_fn(logp_chunk): each chunk's dLoss/dlogp is known as soon as
     its log-probs are (SPEC.md §5), so the chunk's logits are used for the gradient GEMMs right away
     (3 head GEMMs, no recompute). Backward only scales the stored gradients by the upstream scalar.
+
+    `whole`: loss_fn needs every log-prob of the micro-batch at once (a sequence-level loss such as
+    GSPO, whose sequences are whole in a micro-batch but may span chunks). A first sweep computes
+    all log-probs, loss_fn(logp_all, slice(0, M)) gives every token's upstream gradient, and the
+    gradient sweep recomputes each chunk's logits: 4 head GEMMs, 3 when the micro-batch is one chunk.
+    `ent_weight` (M,): the loss also gets Σ_t ent_weight_t·H_t (an entropy bonus), whose gradient
+    d H/dz = −p ⊙ (log p + H) joins the chunk's logit gradient.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, inv_temp, head, chunk, loss_fn, with_entropy):
+    def forward(ctx, h, weight, bias, targets, inv_temp, head, chunk, loss_fn, with_entropy, ent_weight, whole):
         m = h.shape[0]
-        ws = _Workspace(chunk, m, head, h.device, spare=with_entropy)
+        need_ent = with_entropy or ent_weight is not None
+        ws = _Workspace(chunk, m, head, h.device, spare=need_ent)
         grad_w = _f32_zeros(weight, weight.requires_grad)
         grad_b = _f32_zeros(bias, bias is not None and bias.requires_grad)
         grad_h = torch.empty_like(h)
         logp_all = torch.empty(m, dtype=torch.float32, device=h.device)
-        ent_all = torch.empty(m if with_entropy else 0, dtype=torch.float32, device=h.device)
+        ent_all = torch.empty(m if need_ent else 0, dtype=torch.float32, device=h.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        two_sweeps = whole and m > chunk
+        if two_sweeps:  # every log-prob first; the gradient sweep below recomputes the logits
+            for s in range(0, m, chunk):
+                sl = slice(s, min(s + chunk, m))
+                z, _ = _chunk_logits(h[sl], head, inv_temp[sl], ws)
+                logp_all[sl], ent_c, _, _ = _softmax_stats(z, targets[sl], need_ent, ws)
+                if need_ent:
+                    ent_all[sl] = ent_c
+            g_all, total = _loss_grad(loss_fn, logp_all, slice(0, m))
         for s in range(0, m, chunk):
             sl = slice(s, min(s + chunk, m))
             z, t = _chunk_logits(h[sl], head, inv_temp[sl], ws)
-            logp, ent, e, sums = _softmax_stats(z, targets[sl], with_entropy, ws)
-            leaf = logp.detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss_c = loss_fn(leaf, sl)
-                g_logp = None
-                if loss_c.requires_grad:
-                    (g_logp,) = torch.autograd.grad(loss_c, leaf, allow_unused=True)
-            g_logp = torch.zeros_like(logp) if g_logp is None else g_logp.float()
-            gz = _grad_from_probs(e.div_(sums[:, None]), targets[sl], g_logp)
+            logp, ent, e, sums = _softmax_stats(z, targets[sl], need_ent, ws)
+            if two_sweeps:
+                g_logp = g_all[sl]
+            else:  # one chunk holds the whole micro-batch when `whole`
+                g_logp, loss_c = _loss_grad(loss_fn, logp, slice(0, m) if whole else sl)
+                total += loss_c
+            p = e.div_(sums[:, None])  # (m, V)
+            g_ent_z = None
+            if ent_weight is not None:
+                w_ent = ent_weight[sl].float()
+                total += (w_ent * ent).sum()
+                g_ent_z = _entropy_grad_z(z, p, sums, ent, w_ent)
+            gz = _grad_from_probs(p, targets[sl], g_logp)
+            if g_ent_z is not None:
+                gz.add_(g_ent_z)
             gz = _backprop_logits(gz, t, inv_temp[sl], head)
             grad_h[sl] = _accumulate_head_grads(gz, h[sl], head, grad_w, grad_b)
-            total += loss_c.detach().float()
             logp_all[sl] = logp
-            if with_entropy:
+            if need_ent:
                 ent_all[sl] = ent
         ctx.grads = (grad_h, grad_w, grad_b)  # plain attributes: none of these is an input or output
         ctx.weight_dtype = head.weight.dtype
@@ -298,6 +333,8 @@ class _FusedHeadLoss(torch.autograd.Function):
             grad_h * g_total.to(grad_h.dtype),
             scaled(grad_w),
             scaled(grad_b),
+            None,
+            None,
             None,
             None,
             None,
@@ -374,6 +411,8 @@ def fused_token_loss(
     chunk_tokens: int = 1024,
     with_entropy: bool = False,
     dtype: torch.dtype | None = None,
+    entropy_weight: torch.Tensor | None = None,
+    whole: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, logp (M,) detached, entropy (M,) detached | None) with the head's gradients formed in forward.
 
@@ -381,19 +420,26 @@ def fused_token_loss(
     enabled and returns that chunk's scalar contribution; the total loss must be the sum over chunks
     (true of every per-token loss with global denominators, SPEC.md §1). `loss.backward()` then puts
     on every parameter the same gradients as `loss_fn(token_logprobs(model, mb)[0], slice(None))`.
+    `whole=True`: loss_fn is called once with all M log-probs (sequence-level losses; a 4th head GEMM
+    when M > chunk_tokens). `entropy_weight` (M,): adds Σ_t entropy_weight_t·H_t to the loss, with its
+    gradient through the chunked head (an entropy bonus is a negative weight); entropy is returned.
     """
     _check_chunk(chunk_tokens)
-    return run_engine(model, _fused_token_loss, mb, loss_fn, chunk_tokens, with_entropy, dtype)
+    return run_engine(model, _fused_token_loss, mb, loss_fn, chunk_tokens, with_entropy, dtype, entropy_weight,
+                      whole)
 
 
-def _fused_token_loss(model, mb: MicroBatch, loss_fn: LossFn, chunk_tokens: int, with_entropy: bool, dtype):
+def _fused_token_loss(model, mb: MicroBatch, loss_fn: LossFn, chunk_tokens: int, with_entropy: bool, dtype,
+                      entropy_weight=None, whole=False):
     head = output_head(model)
     h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
     inv_temp = 1.0 / mb.temperature.float()  # (M,)
     loss, logp, ent = _FusedHeadLoss.apply(
-        h, head.weight, head.bias, mb.target_ids, inv_temp, head, chunk_tokens, loss_fn, with_entropy
+        h, head.weight, head.bias, mb.target_ids, inv_temp, head, chunk_tokens, loss_fn, with_entropy,
+        entropy_weight, whole,
     )
-    return loss, logp.detach(), (ent.detach() if with_entropy else None)
+    with_ent = with_entropy or entropy_weight is not None
+    return loss, logp.detach(), (ent.detach() if with_ent else None)
 
 
 def run_engine(model: torch.nn.Module, fn: Callable, *args):

@@ -8,6 +8,10 @@ tests. Where |logπ − logμ| > 20 the clamp stops the gradient (w is still rep
 
 Which loss is separate from how tokens are averaged: `token_loss` returns unreduced per-token
 losses, `aggregate` / `token_coefficients` turn them into the step loss with global denominators.
+
+Sequence-level losses (GSPO) see each token's sequence (`seq_index`): their per-token loss is the
+loss of its sequence, so they need whole sequences, which every micro-batch holds (data.py never
+splits a row). Their gradient contract is stated per sequence (gradient_weight's docstring).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from drpo_cli.elementwise import binary_kl, log_ratio, prob_delta
+from drpo_cli.elementwise import LOGR_CLAMP, binary_kl, k1, k2, k3, log_ratio, prob_delta
 from drpo_cli.errors import ConfigError
 
 HP_NAMES = ("delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap")
@@ -125,6 +129,69 @@ def drpo(logp: Tensor, anchor: Tensor, adv: Tensor, *, delta: float) -> Tensor:
     return -adv * torch.exp(logr) + adv.abs() * shift * torch.expm1(logr) / (2.0 * delta)
 
 
+def sequence_reduce(x: Tensor, seq_index: Tensor, valid: Tensor, reduce: str = "mean") -> Tensor:
+    """Per token, the sum / mean / max of `x` over the valid tokens of its sequence (same shape as x).
+
+    Differentiable for "sum" and "mean" (index_add); a sequence without valid tokens gives 0.
+    `seq_index` labels sequences by any integers; tokens with equal labels form one sequence.
+    """
+    flat, valid = x.reshape(-1), valid.reshape(-1).bool()
+    _, inv = torch.unique(seq_index.reshape(-1), return_inverse=True)  # (N,) in [0, S)
+    num = int(inv.max()) + 1 if inv.numel() else 0
+    if reduce == "amax":
+        out = torch.full((num,), -math.inf, dtype=x.dtype, device=x.device)
+        out = out.scatter_reduce(0, inv[valid], flat[valid], reduce="amax")
+        out = torch.where(torch.isinf(out), torch.zeros_like(out), out)
+    else:
+        kept = torch.where(valid, flat, torch.zeros_like(flat))
+        out = torch.zeros(num, dtype=x.dtype, device=x.device).index_add(0, inv, kept)  # (S,)
+        if reduce == "mean":
+            n = torch.zeros(num, dtype=x.dtype, device=x.device).index_add(0, inv, valid.to(x.dtype))
+            out = out / n.clamp(min=1.0)
+        elif reduce != "sum":
+            raise ValueError(f"reduce must be 'sum', 'mean' or 'amax', got {reduce!r}")
+    return out[inv].reshape(x.shape)
+
+
+def _log_seq_ratio(logp: Tensor, anchor: Tensor, seq: Tensor, valid: Tensor) -> Tensor:
+    """log s per token: the mean of its sequence's (clamped) log r over trained tokens, clamped to ±20."""
+    return sequence_reduce(log_ratio(logp, anchor), seq, valid, "mean").clamp(-LOGR_CLAMP, LOGR_CLAMP)
+
+
+def gspo(
+    logp: Tensor, anchor: Tensor, adv: Tensor, *, seq: Tensor, valid: Tensor, eps_low: float, eps_high: float
+) -> Tensor:
+    """GSPO: per sequence i, loss = max(−A·s_i, −A·clip(s_i, 1−ε_low, 1+ε_high)) on each of its tokens.
+
+    Group Sequence Policy Optimization (arXiv 2507.18071, Eq. 5–7): the sequence ratio
+    s_i = (π(y_i)/μ(y_i))^(1/|y_i|) = exp(mean over the sequence's trained tokens of log r), clipped per
+    sequence; defaults ε_low = 3e-4, ε_high = 4e-4 (the paper's §5.1 and verl's
+    examples/gspo_trainer). Relative to PPO-clip: one ratio and one clip decision per sequence, not per
+    token, and the gradient reaches every token of the sequence through s_i (d s_i/d logπ_t = s_i/|y_i|),
+    as in TRL's GRPOTrainer with importance_sampling_level="sequence". Every token carries its
+    sequence's value, so with --agg seq-mean-token-mean (GSPO's own averaging, forced by verl's
+    compute_policy_loss_gspo) the step loss is GSPO's mean over sequences. With an advantage constant
+    over the sequence (the paper's setting) the gradient equals verl's GSPO-token form.
+    """
+    s = torch.exp(_log_seq_ratio(logp, anchor, seq, valid))  # (…,) s_i of each token's sequence
+    return torch.maximum(-adv * s, -adv * s.clamp(1.0 - eps_low, 1.0 + eps_high))
+
+
+def cispo(logp: Tensor, anchor: Tensor, adv: Tensor, *, eps_low: float | None, eps_high: float) -> Tensor:
+    """CISPO: loss = −sg(clip(r, 1−ε_low, 1+ε_high))·A·logπ; w = clip(r)/r.
+
+    Clipped IS-weight Policy Optimization (MiniMax-M1, arXiv 2506.13585, Eq. 4–5), as in verl's
+    compute_policy_loss_cispo and TRL's loss_type="cispo". Relative to PPO-clip: the IS weight is
+    clipped and detached instead of the surrogate, so no token ever loses its gradient (REINFORCE
+    with a bounded weight). The paper sets no lower bound (ε_low None here); ε_high = 4 caps the
+    weight at 5, the ε_max = 5 TRL recommends after ScaleRL (arXiv 2510.13786). The value is the
+    REINFORCE form −w·A·logπ (not −A·r), as in both references.
+    """
+    r = torch.exp(log_ratio(logp, anchor)).detach()
+    lo = 0.0 if eps_low is None else 1.0 - eps_low
+    return -r.clamp(lo, 1.0 + eps_high) * adv * logp
+
+
 # ---- analytic gradient weights w (SPEC.md §1 table): d loss/d logπ = −A·r·w -----------------------
 
 
@@ -162,16 +229,34 @@ def _w_drpo(logp, anchor, adv, *, delta):
     return 1.0 - torch.sign(adv) * prob_delta(logp, anchor) / delta
 
 
+def _w_gspo(logp, anchor, adv, *, seq, valid, eps_low, eps_high):
+    # Per sequence: 0 where s_i is clipped in the harmful direction (as ppo-clip per token), else 1.
+    s = torch.exp(_log_seq_ratio(logp, anchor, seq, valid))
+    clipped = ((adv > 0) & (s > 1.0 + eps_high)) | ((adv < 0) & (s < 1.0 - eps_low))
+    return (~clipped).to(logp.dtype)
+
+
+def _w_cispo(logp, anchor, adv, *, eps_low, eps_high):
+    r = torch.exp(log_ratio(logp, anchor))
+    lo = 0.0 if eps_low is None else 1.0 - eps_low
+    return r.clamp(lo, 1.0 + eps_high) / r
+
+
 # ---- registry ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """One registered loss: the per-token loss, its analytic gradient weight, its default hyper-parameters."""
+    """One registered loss: the per-token loss, its analytic gradient weight, its default hyper-parameters.
+
+    `level` "sequence": both functions also take `seq` (each token's sequence label) and `valid`
+    (the trained tokens), keyword-only.
+    """
 
     loss: Callable[..., Tensor]
     weight: Callable[..., Tensor]
     defaults: Mapping[str, float | None]
+    level: str = "token"
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -181,7 +266,10 @@ LOSSES: dict[str, LossSpec] = {
     "dppo-tv": LossSpec(dppo_tv, _w_dppo_tv, {"delta": 0.15, "ratio_cap": 20.0}),
     "dppo-kl": LossSpec(dppo_kl, _w_dppo_kl, {"delta": 0.05, "ratio_cap": 20.0}),
     "drpo": LossSpec(drpo, _w_drpo, {"delta": 12.5}),
+    "gspo": LossSpec(gspo, _w_gspo, {"eps_low": 3e-4, "eps_high": 4e-4}, level="sequence"),
+    "cispo": LossSpec(cispo, _w_cispo, {"eps_low": None, "eps_high": 4.0}),
 }
+SEQUENCE_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.level == "sequence")
 LOSS_NAMES = tuple(LOSSES)
 DEFAULTS: dict[str, dict[str, float | None]] = {name: dict(spec.defaults) for name, spec in LOSSES.items()}
 
@@ -210,7 +298,7 @@ def validate_hparams(name: str, hp: Mapping[str, object]) -> list[str]:
         if key not in accepted:
             allowed = ", ".join(accepted) if accepted else "none"
             problems.append(f"{name}: unknown hyper-parameter {key!r} (accepted: {allowed})")
-        elif key == "dual_clip" and value is None:
+        elif value is None and accepted[key] is None:  # a bound that is off by default may be turned off
             continue
         elif not _is_number(value):
             problems.append(f"{name}: {key} must be a finite number, got {value!r}")
@@ -248,8 +336,26 @@ def _prepare(logp: Tensor, anchor_logp: Tensor, advantages: Tensor, mask: Tensor
     return logp, anchor, adv
 
 
+def _sequence_args(name: str, logp: Tensor, mask: Tensor | None, seq_index: Tensor | None) -> dict:
+    """`seq` and `valid` for a sequence-level loss (nothing for a token-level one)."""
+    if LOSSES[name].level != "sequence":
+        return {}
+    if seq_index is None or seq_index.shape != logp.shape:
+        raise ValueError(f"{name} is sequence-level: pass seq_index, one sequence label per token "
+                         f"(shape {tuple(logp.shape)})")
+    valid = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()
+    return {"seq": seq_index, "valid": valid}
+
+
 def token_loss(
-    name: str, logp: Tensor, anchor_logp: Tensor, advantages: Tensor, *, mask: Tensor | None = None, **hp
+    name: str,
+    logp: Tensor,
+    anchor_logp: Tensor,
+    advantages: Tensor,
+    *,
+    mask: Tensor | None = None,
+    seq_index: Tensor | None = None,
+    **hp,
 ) -> Tensor:
     """Unreduced per-token loss of loss `name` (same shape as `logp`, any shape); minimise it.
 
@@ -257,27 +363,42 @@ def token_loss(
     `eps`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`), defaults from DEFAULTS[name]; unknown
     names or out-of-range values raise ConfigError. With `mask`, positions where it is False are
     replaced before any math and give exactly 0 loss and 0 gradient, even if they hold NaN.
+    Sequence-level losses (SEQUENCE_LOSSES) need `seq_index` (each token's sequence label, whole
+    sequences only); token-level losses ignore it.
     """
     resolved = resolve_hparams(name, hp)
+    extra = _sequence_args(name, logp, mask, seq_index)
     logp, anchor, adv = _prepare(logp, anchor_logp, advantages, mask)
-    loss = LOSSES[name].loss(logp, anchor, adv, **resolved)
+    loss = LOSSES[name].loss(logp, anchor, adv, **extra, **resolved)
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
     return loss
 
 
 def gradient_weight(
-    name: str, logp: Tensor, anchor_logp: Tensor, advantages: Tensor, *, mask: Tensor | None = None, **hp
+    name: str,
+    logp: Tensor,
+    anchor_logp: Tensor,
+    advantages: Tensor,
+    *,
+    mask: Tensor | None = None,
+    seq_index: Tensor | None = None,
+    **hp,
 ) -> Tensor:
     """The analytic gradient weight w of SPEC.md §1 (detached): d loss/d logπ = −A·r·w.
 
     Exact wherever |logπ − logμ| < 20 (beyond, the clamp stops the gradient but w is still
     reported, so diagnostics classify far-out tokens correctly). Masked positions get w = 0.
+    Sequence-level losses: w_t is the token's share of its sequence's gradient, the contract being
+    d(Σ_t loss_t)/d logπ_u = −(s_i/n_i)·Σ_{t∈i} A_t·w_t for every trained token u of sequence i
+    (n_i trained tokens, s_i the sequence ratio); for gspo w_t ∈ {0, 1} (0: s_i clipped in A_t's
+    harmful direction).
     """
     resolved = resolve_hparams(name, hp)
+    extra = _sequence_args(name, logp, mask, seq_index)
     with torch.no_grad():
         logp, anchor, adv = _prepare(logp.detach(), anchor_logp, advantages, mask)
-        w = LOSSES[name].weight(logp, anchor, adv, **resolved)
+        w = LOSSES[name].weight(logp, anchor, adv, **extra, **resolved)
         if mask is not None:
             w = torch.where(mask, w, torch.zeros_like(w))
     return w
@@ -378,13 +499,18 @@ def aggregate(
 # ---- behavior correction for the decoupled (proximal-anchor) mode --------------------------------------
 
 BEHAVIOR_KINDS = ("none", "tis", "mis")
+IS_LEVELS = ("token", "sequence", "geometric")
 
 
-def validate_behavior(kind: str, cap: float = 2.0, band: tuple[float, float] = (0.5, 2.0)) -> list[str]:
+def validate_behavior(
+    kind: str, cap: float = 2.0, band: tuple[float, float] = (0.5, 2.0), level: str = "token"
+) -> list[str]:
     """Every problem with a behavior-correction setting (empty list = valid)."""
     problems = []
     if kind not in BEHAVIOR_KINDS:
         problems.append(f"unknown behavior correction {kind!r} (choose one of: {', '.join(BEHAVIOR_KINDS)})")
+    if level not in IS_LEVELS:
+        problems.append(f"unknown IS level {level!r} (choose one of: {', '.join(IS_LEVELS)})")
     if not _is_number(cap) or cap <= 0:
         problems.append(f"behavior correction cap must be a number > 0, got {cap!r}")
     lo, hi = band
@@ -401,27 +527,89 @@ def behavior_weight(
     band: tuple[float, float] = (0.5, 2.0),
     *,
     mask: Tensor | None = None,
+    level: str = "token",
+    seq_index: Tensor | None = None,
 ) -> Tensor:
     """Detached per-token weight ρ-correction multiplying each token's loss, ρ = π_old/μ (SPEC.md §1).
 
     `none`: 1. `tis` (truncated IS): min(ρ, cap). `mis` (masked IS): ρ where lo ≤ ρ ≤ hi, else 0
-    (the token is dropped). log ρ is clamped to ±20 like log r. Masked positions get 0.
+    (the token is dropped). `level` says which ρ (verl's rollout correction, rollout_corr_helper.py
+    compute_rollout_correction_weights): "token" ρ_t; "sequence" the product over the sequence's
+    trained tokens, exp(Σ log ρ_t); "geometric" their geometric mean, exp(mean log ρ_t) (length-
+    normalised, as GSPO's ratio). Sequence levels give every token of a sequence the same weight and
+    need `seq_index`. Each log ρ is clamped to ±20 like log r. Masked positions get 0.
     """
-    problems = validate_behavior(kind, cap, band)
+    problems = validate_behavior(kind, cap, band, level)
     if problems:
         raise ConfigError(problems[0], details=problems[1:])
     with torch.no_grad():
         prox, beh = proximal_logp.detach(), behavior_logp.detach()
-        if mask is not None:
-            prox = torch.where(mask, prox, torch.zeros_like(prox))
-            beh = torch.where(mask, beh, torch.zeros_like(beh))
-        rho = torch.exp(log_ratio(prox, beh))
+        valid = torch.ones_like(prox, dtype=torch.bool) if mask is None else mask.bool()
+        prox = torch.where(valid, prox, torch.zeros_like(prox))
+        beh = torch.where(valid, beh, torch.zeros_like(beh))
+        log_rho = log_ratio(prox, beh)
+        if level != "token":
+            if seq_index is None:
+                raise ValueError(f"behavior_weight level {level!r} needs seq_index")
+            reduce = "sum" if level == "sequence" else "mean"
+            log_rho = sequence_reduce(log_rho, seq_index, valid, reduce).clamp(-LOGR_CLAMP, LOGR_CLAMP)
+        rho = torch.exp(log_rho)
         if kind == "none":
             weight = torch.ones_like(rho)
         elif kind == "tis":
             weight = rho.clamp(max=cap)
         else:
             weight = torch.where((rho >= band[0]) & (rho <= band[1]), rho, torch.zeros_like(rho))
-        if mask is not None:
-            weight = torch.where(mask, weight, torch.zeros_like(weight))
+        weight = torch.where(valid, weight, torch.zeros_like(weight))
     return weight
+
+
+# ---- rejection of tokens / sequences by divergence (verl's rollout rejection sampling) -----------------
+
+REJECT_LEVELS = ("token", "seq_sum", "seq_mean", "seq_max")
+REJECT_ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}
+
+
+def rejection_mask(
+    criteria, proximal_logp: Tensor, behavior_logp: Tensor, mask: Tensor, seq_index: Tensor
+) -> Tensor:
+    """Trained tokens kept after every rejection criterion (bool, same shape); detached.
+
+    `criteria`: (level, estimator, op, threshold) tuples (config.parse_reject), e.g.
+    ("seq_mean", "k3", ">", 0.01) rejects every token of a sequence whose mean k3 exceeds 0.01.
+    The estimators are those of KL(μ‖π_old) from samples of μ, with log ρ = log π_old − log μ:
+    k1 = −log ρ, k2 = ½·log²ρ, k3 = (ρ − 1) − log ρ (divergence.py). Levels: "token" rejects the
+    token, "seq_sum" / "seq_mean" / "seq_max" reduce over the sequence's trained tokens and reject the
+    whole sequence. A token is kept when no criterion rejects it. As verl's
+    compute_rollout_rejection_mask (rollout_corr_helper.py), with the threshold's direction explicit.
+    """
+    with torch.no_grad():
+        valid = mask.bool()
+        prox = torch.where(valid, proximal_logp.detach(), torch.zeros_like(proximal_logp))
+        beh = torch.where(valid, behavior_logp.detach(), torch.zeros_like(behavior_logp))
+        keep = valid.clone()
+        for level, estimator, op, threshold in criteria:
+            stat = REJECT_ESTIMATORS[estimator](prox, beh)  # (…,) per token
+            if level != "token":
+                stat = sequence_reduce(stat.double(), seq_index, valid, level.removeprefix("seq_").replace(
+                    "max", "amax"))
+            keep &= ~(stat > threshold if op == ">" else stat < threshold)
+    return keep
+
+
+# ---- reference-model KL penalty -------------------------------------------------------------------
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def reference_kl(estimator: str, logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token estimate of KL(π‖π_ref), differentiable in logp (π_ref detached); same shape.
+
+    With x = clamp(log π_ref − log π, ±20): k1 = −x = log π − log π_ref, k2 = ½·x², k3 = eˣ − x − 1 ≥ 0
+    (Schulman, "Approximating KL divergence"; verl's kl_penalty, TRL's GRPO per_token_kl = k3).
+    d k3/d logπ = 1 − π_ref/π. These are the divergence.py estimators with the roles of the two
+    log-probs swapped (samples of π, not of μ).
+    """
+    if estimator not in REJECT_ESTIMATORS:
+        raise ConfigError(f"unknown KL estimator {estimator!r} (choose one of: {', '.join(KL_ESTIMATORS)})")
+    return REJECT_ESTIMATORS[estimator](ref_logp.detach(), logp)

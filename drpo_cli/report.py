@@ -102,14 +102,30 @@ _TRAIN_METRICS = {
     "additionalProperties": _NUM,
     "propertyNames": {"pattern": "^[a-z0-9_]+/[a-z0-9_.]+$"},
 }
+STALENESS_FILTER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Rows --max-lag / --min-version left out (rows without a policy_version are kept).",
+    "required": ["max_lag", "min_version", "current_version", "rows_dropped", "tokens_dropped", "rows_kept",
+                 "rows_without_version"],
+    "additionalProperties": False,
+    "properties": {
+        "max_lag": {"type": ["integer", "null"], "minimum": 0},
+        "min_version": {"type": ["integer", "null"], "minimum": 0},
+        "current_version": {"type": ["integer", "null"]},
+        "rows_dropped": _INT,
+        "tokens_dropped": {"type": "integer", "minimum": 0, "description": "trained tokens (loss_mask 1) dropped"},
+        "rows_kept": _INT,
+        "rows_without_version": _INT,
+    },
+}
 TRAIN_REPORT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "https://github.com/drpo/drpo/schemas/train-report.schema.json",
     "title": "drpo train report",
     "description": "OUT/drpo_report.json written by `drpo train` (SPEC.md §2, §4). Non-finite numbers are null.",
     "type": "object",
-    "required": ["report", "report_version", "drpo_version", "config", "input", "output", "loss", "notes",
-                 "steps", "skipped_steps", "final", "seconds"],
+    "required": ["report", "report_version", "drpo_version", "config", "input", "output", "loss", "filters",
+                 "notes", "steps", "skipped_steps", "final", "seconds"],
     "additionalProperties": False,
     "properties": {
         "report": {"const": "drpo-train"},
@@ -145,8 +161,26 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
                 "hparams": {"type": "object", "additionalProperties": _NUM},
                 "anchor": {"enum": ["behavior", "proximal"]},
                 "is_correction": {"enum": ["none", "tis", "mis"]},
+                "is_level": {"enum": ["token", "sequence", "geometric"]},
                 "agg": _STR,
+                "reference_kl": {"oneOf": [{"type": "null"}, {
+                    "type": "object", "required": ["model", "coef", "estimator"], "additionalProperties": False,
+                    "properties": {"model": _STR, "coef": {"type": "number", "minimum": 0},
+                                   "estimator": {"enum": ["k1", "k2", "k3"]}}}]},
+                "entropy_coef": {"type": "number", "minimum": 0},
             },
+        },
+        "filters": {
+            "type": "object",
+            "required": ["staleness", "rejection"],
+            "additionalProperties": False,
+            "properties": {"staleness": STALENESS_FILTER_SCHEMA, "rejection": {"oneOf": [{"type": "null"}, {
+                "type": "object",
+                "description": "Tokens and sequences --reject removed from training (decided once, from π_old).",
+                "required": ["criteria", "tokens_rejected", "token_frac", "sequences_rejected", "seq_frac"],
+                "additionalProperties": False,
+                "properties": {"criteria": {"type": "array", "items": _STR}, "tokens_rejected": _INT,
+                               "token_frac": _NUM, "sequences_rejected": _INT, "seq_frac": _NUM}}]}},
         },
         "notes": {"type": "array", "items": _STR, "description": "Warnings worth reading."},
         "steps": {
@@ -304,6 +338,11 @@ INSPECT_MODEL_METRICS: dict[str, str] = {
     "ppo_clip/clip_frac": "share ppo-clip zeroes (clipped in the harmful direction) at its defaults",
     "dppo_tv/mask_frac": "share dppo-tv masks at its default δ",
     "dppo_kl/mask_frac": "share dppo-kl masks at its default δ",
+    "gspo/clip_frac": "share of tokens whose sequence ratio s gspo clips in the harmful direction (defaults)",
+    "gspo/seq_clip_frac": "share of sequences gspo clips (s outside [1−ε_low, 1+ε_high] in A's harmful direction)",
+    "cispo/clip_frac": "share of tokens whose cispo IS weight is clipped (r > 1 + ε_high at its defaults)",
+    "reject/token_frac": "share of tokens the --reject criteria reject (null without --reject)",
+    "reject/seq_frac": "share of sequences with a token the --reject criteria reject",
     "weight/drpo_corrective_frac": "share with DRPO weight w < 0 at the chosen δ (first --delta, else 12.5)",
     "weight/drpo_attenuated_frac": "share with DRPO weight w < 0.5 at the chosen δ",
     "weight/spo_corrective_frac": "share with SPO weight w < 0 at its default ε",
@@ -401,6 +440,7 @@ _DATA_SECTION = _object_schema({
     "duplicate_sample_ids": _object_schema({"rows": _INT, "ids": _INT, "examples": {"type": "array", "items": _STR}}),
     "token_id_max": {"type": ["integer", "null"]},
     "temperatures": {"type": "array", "items": _object_schema({"temperature": _NUM, "rows": _INT})},
+    "staleness_filter": STALENESS_FILTER_SCHEMA,
 })
 _LOGGING_CHECKS = _object_schema({
     "scope": _STR,

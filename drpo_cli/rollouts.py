@@ -287,3 +287,47 @@ def check_vocabulary(rows: RolloutRows, vocab_size: int, model_dir: str) -> None
                 "vocabulary", rows.source_file[r], column, int(rows.source_row[r]),
                 f"token ids in [0, {vocab_size}) (the vocabulary of {model_dir})",
                 f"{int(ids[bad[0]])} at token {int(bad[0] - offsets[r])}", rows.sample_ids[r])))
+
+
+def current_version(given: int | None, checkpoint_version: int | None,
+                    policy_version: np.ndarray) -> tuple[int | None, str]:
+    """The policy version lags count from: `given`, else the checkpoint's, else the data's newest."""
+    if given is not None:
+        return given, "--current-version"
+    if checkpoint_version is not None:
+        return checkpoint_version, "checkpoint"
+    known = policy_version[policy_version >= 0]
+    return (int(known.max()), "data-max") if known.size else (None, "unknown")
+
+
+def stale_rows(policy_version: np.ndarray, current: int | None, *, max_lag: int | None,
+               min_version: int | None) -> np.ndarray:
+    """(N,) bool: rows dropped by --max-lag N (lag = current − version > N) or --min-version V (version < V).
+
+    Rows without a version (−1) are never dropped (their staleness is unknown); so are all rows for
+    --max-lag when no current version is known.
+    """
+    known = policy_version >= 0
+    drop = np.zeros(policy_version.shape, dtype=bool)
+    if max_lag is not None and current is not None:
+        drop |= known & (current - policy_version > max_lag)
+    if min_version is not None:
+        drop |= known & (policy_version < min_version)
+    return drop
+
+
+def staleness_filter(rows: RolloutRows, current: int | None, *, max_lag: int | None,
+                     min_version: int | None) -> tuple[RolloutRows, dict]:
+    """(rows kept, counts) for --max-lag / --min-version; counts as in the reports' `staleness_filter`.
+
+    Raises InputError when every row would be dropped (nothing left to train or audit).
+    """
+    drop = stale_rows(rows.policy_version, current, max_lag=max_lag, min_version=min_version)
+    trained = np.diff(np.concatenate([[0], np.cumsum(rows.loss_mask, dtype=np.int64)])[rows.response_offsets])
+    counts = {"max_lag": max_lag, "min_version": min_version, "current_version": current,
+              "rows_dropped": int(drop.sum()), "tokens_dropped": int(trained[drop].sum()),
+              "rows_kept": int((~drop).sum()), "rows_without_version": int((rows.policy_version < 0).sum())}
+    if drop.all() and drop.size:
+        raise InputError(f"--max-lag {max_lag} / --min-version {min_version}: every one of the {drop.size} rows is "
+                         f"too stale (current version {current}); nothing is left")
+    return (rows if not drop.any() else rows.select(np.flatnonzero(~drop))), counts

@@ -230,6 +230,7 @@ class SourceBatch:
     row_offset: int  # index of the batch's first row within `path`
     batch: pa.RecordBatch  # canonical names and types (only the schema columns the file has)
     global_offset: int = 0  # index of the batch's first row across all files, in order
+    source_rows: np.ndarray | None = None  # (n,) rows' indices in the unfiltered batch, when rows were left out
 
 
 @dataclass

@@ -47,9 +47,17 @@ from drpo_cli.data import plan_micro_batches
 from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
 from drpo_cli.errors import ConfigError, InputError, Interrupted
 from drpo_cli.logprobs import fused_token_loss, pick_device, token_logprobs
-from drpo_cli.losses import aggregation_denominator, behavior_weight, token_coefficients, token_loss
+from drpo_cli.losses import (
+    SEQUENCE_LOSSES,
+    aggregation_denominator,
+    behavior_weight,
+    reference_kl,
+    rejection_mask,
+    token_coefficients,
+    token_loss,
+)
 from drpo_cli.report import TRAIN_REPORT_VERSION, clean_number, fmt, print_train_summary, train_report_json
-from drpo_cli.rollouts import RolloutRows, check_vocabulary, load_rows
+from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version, load_rows, staleness_filter
 from drpo_cli.schema import open_rollouts
 
 REPORT_NAME = "drpo_report.json"
@@ -106,11 +114,15 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.dtype != "fp32" else None
     torch.manual_seed(cfg.seed)
 
-    # ---- rows and model ----
+    # ---- rows (minus the too stale ones), reference log-probs, model ----
     rows = load_rows(open_rollouts(cfg.rollouts, cfg.column_map()), adv_norm=cfg.adv_norm,
                      temperature=cfg.temperature)
+    current, _ = current_version(None, in_version, rows.policy_version)
+    rows, staleness = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
     if rows.num_rows < cfg.minibatches:
         raise ConfigError(f"--minibatches {cfg.minibatches}: more than the {rows.num_rows} rollout rows")
+    # The reference model's log-probs, in one inference pass before the policy is loaded: one model at a time.
+    ref_logp = _reference_logprobs(cfg, rows, device, sharded, autocast) if cfg.ref_model else None  # (T,)
     # fp32 master weights; bf16 only inside autocast.
     if sharded:  # built on the meta device, each rank reads its shards only; bf16 compute / fp32 reduce on CUDA
         model, info = distributed.load_sharded_model(cfg.model, device, allow_unsafe=cfg.allow_unsafe_weights,
@@ -122,16 +134,26 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     # Values where loss_mask is 0 are unspecified (SPEC.md §3): zero them so 0-weighted tokens stay finite.
     behavior = torch.from_numpy(np.where(rows.loss_mask, rows.behavior_logprobs, 0.0).astype(np.float32))  # (T,)
     advantages = torch.from_numpy(np.where(rows.loss_mask, rows.advantages, 0.0).astype(np.float32))  # (T,)
+    token_row = torch.from_numpy(rows.token_row())  # (T,) each token's sequence
 
-    # ---- anchor μ: behavior log-probs, or π_old with a behavior-correction weight ρ = π_old/μ ----
+    # ---- π_old (proximal column, or recomputed once from the starting checkpoint, before the first update):
+    # the proximal anchor with its behavior-correction weight ρ = π_old/μ, and the rejection criteria ----
     anchor, rho = behavior, torch.ones_like(behavior)  # (T,), (T,)
-    if cfg.anchor == "proximal":
+    old = None
+    if cfg.needs_old_logprobs():
         if rows.proximal_logprobs is not None:
-            anchor = torch.from_numpy(np.where(rows.loss_mask, rows.proximal_logprobs, 0.0).astype(np.float32))
-        else:  # recomputed once from the starting checkpoint, before the first update
-            anchor = _logprobs_of(model, rows, cfg, autocast, with_entropy=False)[0]
+            old = torch.from_numpy(np.where(rows.loss_mask, rows.proximal_logprobs, 0.0).astype(np.float32))
+        else:
+            old = _logprobs_of(model, rows, cfg, autocast, with_entropy=False)[0]
+    if cfg.anchor == "proximal":
+        anchor = old
         rho = behavior_weight(cfg.is_correction, anchor, behavior, cap=cfg.resolved_is_cap(),
-                              band=cfg.resolved_is_band(), mask=mask)
+                              band=cfg.resolved_is_band(), mask=mask, level=cfg.is_level, seq_index=token_row)
+    rejection = None
+    if cfg.reject:
+        kept = rejection_mask(cfg.reject_criteria(), old, behavior, mask, token_row)  # (T,) bool
+        rejection = _rejection_counts(cfg, rows, mask, kept)
+        mask = kept
 
     # ---- optimizer, resumable state ----
     if cfg.grad_checkpointing:
@@ -166,7 +188,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
 
             loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=rho,
                                                       behavior=behavior, advantages=advantages, mask=mask,
-                                                      autocast=autocast)
+                                                      autocast=autocast, ref_logp=ref_logp)
             # The global norm: FSDP2 gradients are DTensors, whose norm is reduced over ranks.
             grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
@@ -190,7 +212,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
 
     # ---- closing audit: the final weights against μ on the trained rollouts ----
     model.eval()
-    final, notes = _closing_audit(model, rows, cfg, autocast, behavior, advantages, mask)
+    final, notes = _closing_audit(model, rows, cfg, autocast, behavior, advantages, mask, ref_logp)
     first = steps[0]["metrics"] if steps else {}
     final["change_from_first_step"] = {
         k: (None if v is None or first.get(k) is None else v - first[k])
@@ -206,7 +228,11 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                   "vocab_size": info.vocab_size},
         "output": {"dir": str(out_dir), "policy_version": out_version},
         "loss": {"name": cfg.loss, "hparams": hp, "anchor": cfg.anchor, "is_correction": cfg.is_correction,
-                 "agg": cfg.agg},
+                 "is_level": cfg.is_level, "agg": cfg.agg,
+                 "reference_kl": ({"model": os.path.abspath(cfg.ref_model), "coef": cfg.resolved_kl_coef(),
+                                   "estimator": cfg.kl_estimator} if cfg.ref_model else None),
+                 "entropy_coef": cfg.entropy_coef},
+        "filters": {"staleness": staleness, "rejection": rejection},
         "notes": notes,
         "steps": steps,
         "skipped_steps": sum(s["skipped"] for s in steps),
@@ -222,15 +248,19 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
 
 
 def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: TrainConfig, *, anchor, rho, behavior,
-                         advantages, mask, autocast=None) -> tuple[torch.Tensor, Diagnostics, int]:
+                         advantages, mask, autocast=None, ref_logp=None) -> tuple[torch.Tensor, Diagnostics, int]:
     """Backward of one optimizer step's loss over rows `row_idx`, micro-batch by micro-batch.
 
     The aggregation denominator is summed over every micro-batch (and rank) first, so the
     accumulated gradient equals that of the whole mini-batch in one piece, for any
-    micro_batch_tokens. Returns (global loss, global diagnostics, global trained tokens).
+    micro_batch_tokens. Each token's loss is c_t·(ρ_t·loss_t + β·KL_t − c_ent·H_t): the reference
+    KL and the entropy bonus share the aggregation coefficients c_t, not the behavior weight ρ.
+    Returns (global loss, global diagnostics, global trained tokens).
     """
     device = distributed.model_device(model)
     hp = cfg.loss_hparams()
+    whole = cfg.loss in SEQUENCE_LOSSES  # its loss needs the micro-batch's whole sequences at once
+    beta = cfg.resolved_kl_coef()
     micro = plan_micro_batches(rows, row_idx, cfg.micro_batch_tokens)
     denom = torch.zeros((), dtype=torch.float64)
     for mb in micro:
@@ -244,17 +274,26 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
         idx = mb.token_index  # (M,) on the CPU, like the per-token arrays it indexes
         mb = mb.to(device)
         m, a, mu = mask[idx].to(device), advantages[idx].to(device), anchor[idx].to(device)  # (M,)
-        # Per-token weight of the step loss: mask × global 1/denominator (aggregation) × ρ (correction).
-        coef = token_coefficients(cfg.agg, m, mb.seq_index, denom, horizon=cfg.horizon) * rho[idx].to(device)
+        # Per-token weight of the step loss: mask × global 1/denominator (aggregation) [× ρ (correction)].
+        agg = token_coefficients(cfg.agg, m, mb.seq_index, denom, horizon=cfg.horizon)  # (M,)
+        coef = agg * rho[idx].to(device)
+        ref = ref_logp[idx].to(device) if ref_logp is not None else None  # (M,)
 
-        def loss_fn(logp, sl, coef=coef, mu=mu, a=a, m=m):  # a scalar sum over the chunk's tokens
-            return (coef[sl] * token_loss(cfg.loss, logp, mu[sl], a[sl], mask=m[sl], **hp)).sum()
+        def loss_fn(logp, sl, coef=coef, agg=agg, mu=mu, a=a, m=m, seq=mb.seq_index, ref=ref):
+            # A scalar sum over the tokens `sl` (all of them for a sequence-level loss).
+            loss = (coef[sl] * token_loss(cfg.loss, logp, mu[sl], a[sl], mask=m[sl], seq_index=seq[sl], **hp)).sum()
+            if ref is not None and beta > 0:
+                safe = torch.where(m[sl], logp, ref[sl])  # masked tokens: KL 0, gradient 0
+                loss = loss + beta * (agg[sl] * reference_kl(cfg.kl_estimator, safe, ref[sl])).sum()
+            return loss
 
-        loss, logp, _ = fused_token_loss(model, mb, loss_fn, chunk_tokens=cfg.chunk_tokens, dtype=autocast)
+        ent_weight = -cfg.entropy_coef * agg if cfg.entropy_coef > 0 else None  # (M,) bonus: −c·H_t
+        loss, logp, ent = fused_token_loss(model, mb, loss_fn, chunk_tokens=cfg.chunk_tokens, dtype=autocast,
+                                           entropy_weight=ent_weight, whole=whole)
         loss.backward()
         total += loss.detach()
         tokens += m.sum()
-        diag.update(logp, behavior[idx].to(device), a, m)
+        diag.update(logp, behavior[idx].to(device), a, m, entropy=ent, seq_index=mb.seq_index, ref_logp=ref)
     # A rank with fewer micro-batches runs zero-weight passes (exact zero gradients) so that every
     # FSDP rank runs the same number.
     for filler in distributed.filler_passes(rows, len(micro), cfg.micro_batch_tokens):
@@ -265,6 +304,33 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
     distributed.all_reduce_sum(tokens)
     diag.all_reduce_()
     return total, diag, int(tokens.item())
+
+
+def _reference_logprobs(cfg: TrainConfig, rows: RolloutRows, device, sharded: bool, autocast) -> torch.Tensor:
+    """log π_ref (T,) of every response token, in one inference pass; the reference model is freed after."""
+    ref, info = load_model(cfg.ref_model, device="cpu" if sharded else str(device), dtype="float32",
+                           allow_unsafe=cfg.allow_unsafe_weights)
+    check_vocabulary(rows, info.vocab_size, cfg.ref_model)
+    if sharded:
+        distributed.shard_model(ref, device, bf16=autocast is not None)
+    logp = _logprobs_of(ref, rows, cfg, autocast, with_entropy=False)[0]
+    del ref
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return logp
+
+
+def _rejection_counts(cfg: TrainConfig, rows: RolloutRows, mask: torch.Tensor, kept: torch.Tensor) -> dict:
+    """Tokens and sequences the --reject criteria removed from training (report `filters.rejection`)."""
+    row = rows.token_row()
+    trained_rows = np.unique(row[mask.numpy()])
+    rejected = mask.numpy() & ~kept.numpy()
+    n_tokens = int(mask.sum())
+    n_seq = int(trained_rows.size)
+    seq_rejected = int(np.unique(row[rejected]).size)
+    return {"criteria": list(cfg.reject), "tokens_rejected": int(rejected.sum()),
+            "token_frac": rejected.sum() / n_tokens if n_tokens else None,
+            "sequences_rejected": seq_rejected, "seq_frac": seq_rejected / n_seq if n_seq else None}
 
 
 def _warmup(step: int, warmup_steps: int) -> float:
@@ -299,11 +365,13 @@ def _logprobs_of(model, rows: RolloutRows, cfg: TrainConfig, autocast, *, with_e
     return logp, ent
 
 
-def _closing_audit(model, rows: RolloutRows, cfg: TrainConfig, autocast, behavior, advantages, mask):
+def _closing_audit(model, rows: RolloutRows, cfg: TrainConfig, autocast, behavior, advantages, mask, ref_logp=None):
     """(SPEC.md §2 metrics of the final weights against μ and the worst samples by harmful fraction, notes)."""
     logp, ent = _logprobs_of(model, rows, cfg, autocast, with_entropy=True)  # (T,), (T,)
     diag = Diagnostics(cfg.tr_delta, {cfg.loss: cfg.loss_hparams()})
-    diag.update(logp, behavior, advantages, mask, entropy=ent)  # every rank holds every token: no reduction
+    # Every rank holds every token: no reduction.
+    diag.update(logp, behavior, advantages, mask, entropy=ent, seq_index=torch.from_numpy(rows.token_row()),
+                ref_logp=ref_logp)
     summary = diag.summary()
 
     # Per-sample fractions with the --tr-delta yardstick (SPEC.md §2 "outside" / "harmful").

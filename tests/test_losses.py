@@ -126,7 +126,16 @@ HP_CASES = [
     ("drpo", {}),
     ("drpo", {"delta": 0.1}),
     ("drpo", {"delta": 0.02}),
+    ("gspo", {}),
+    ("gspo", {"eps_low": 0.2, "eps_high": 0.28}),
+    ("cispo", {}),
+    ("cispo", {"eps_low": 0.2, "eps_high": 0.28}),
 ]
+
+
+def seq_of(x: torch.Tensor, size: int = 4) -> torch.Tensor:
+    """Sequence labels for any shape: consecutive groups of `size` tokens (rows of 2-D inputs split too)."""
+    return (torch.arange(x.numel()) // size).reshape(x.shape)
 
 
 def random_tokens(shape, seed, spread=1.0, dtype=torch.float64):
@@ -139,7 +148,10 @@ def random_tokens(shape, seed, spread=1.0, dtype=torch.float64):
 
 
 def test_registry_names_and_defaults():
-    assert L.LOSS_NAMES == ("pg-is", "ppo-clip", "spo", "dppo-tv", "dppo-kl", "drpo")
+    assert L.LOSS_NAMES == ("pg-is", "ppo-clip", "spo", "dppo-tv", "dppo-kl", "drpo", "gspo", "cispo")
+    assert L.SEQUENCE_LOSSES == ("gspo",)
+    assert L.DEFAULTS["gspo"] == {"eps_low": 3e-4, "eps_high": 4e-4}
+    assert L.DEFAULTS["cispo"] == {"eps_low": None, "eps_high": 4.0}
     assert L.DEFAULTS["ppo-clip"] == {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": None}
     assert L.DEFAULTS["spo"] == {"eps": 0.2}
     assert L.DEFAULTS["dppo-tv"] == {"delta": 0.15, "ratio_cap": 20.0}
@@ -162,19 +174,22 @@ def test_torch_free_config_tables_match():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_contract_shape_finite_grad_and_pg_at_pi_equals_mu(name, dtype):
     logp, anchor, adv = random_tokens((3, 7), seed=1, dtype=dtype)
+    seq = seq_of(logp, 7)  # one sequence per row
     logp.requires_grad_()
-    loss = L.token_loss(name, logp, anchor, adv)
+    loss = L.token_loss(name, logp, anchor, adv, seq_index=seq)
     assert loss.shape == logp.shape and loss.dtype == dtype
     assert torch.isfinite(loss).all()
     loss.sum().backward()
     assert logp.grad is not None and torch.isfinite(logp.grad).all() and logp.grad.abs().sum() > 0
-    # π = μ: every loss is plain PG, value −A and gradient −A (r = 1, w = 1).
+    # π = μ: every loss is plain PG, gradient −A (r = 1, w = 1), value −A (cispo: its REINFORCE value
+    # −A·logπ). The advantage is constant per sequence, as sequence-level losses assume.
+    adv = adv[:, :1].expand(3, 7).clone()
     same = logp.detach().clone().requires_grad_()
-    at_mu = L.token_loss(name, same, same.detach(), adv)
+    at_mu = L.token_loss(name, same, same.detach(), adv, seq_index=seq)
     at_mu.sum().backward()
-    torch.testing.assert_close(at_mu, -adv)
+    torch.testing.assert_close(at_mu, -adv * same.detach() if name == "cispo" else -adv)
     torch.testing.assert_close(same.grad, -adv)
-    torch.testing.assert_close(L.gradient_weight(name, same, same, adv), torch.ones_like(adv))
+    torch.testing.assert_close(L.gradient_weight(name, same, same, adv, seq_index=seq), torch.ones_like(adv))
 
 
 @pytest.mark.parametrize("name", L.LOSS_NAMES)
@@ -182,11 +197,11 @@ def test_anchor_and_advantages_are_detached(name):
     logp, anchor, adv = random_tokens((20,), seed=2)
     anchor.requires_grad_()
     adv.requires_grad_()
-    L.token_loss(name, logp.requires_grad_(), anchor, adv).sum().backward()
+    L.token_loss(name, logp.requires_grad_(), anchor, adv, seq_index=seq_of(logp)).sum().backward()
     assert anchor.grad is None and adv.grad is None
 
 
-@pytest.mark.parametrize("name,hp", HP_CASES)
+@pytest.mark.parametrize("name,hp", [c for c in HP_CASES if c[0] not in L.SEQUENCE_LOSSES])
 @pytest.mark.parametrize("spread", [0.05, 1.0, 4.0])
 def test_autograd_equals_minus_a_r_w(name, hp, spread):
     logp, anchor, adv = random_tokens((400,), seed=3, spread=spread)
@@ -196,6 +211,81 @@ def test_autograd_equals_minus_a_r_w(name, hp, spread):
     w = L.gradient_weight(name, logp, anchor, adv, **hp)
     assert not w.requires_grad
     torch.testing.assert_close(logp.grad, -adv * r * w, rtol=1e-9, atol=1e-12)
+
+
+def naive_gspo(logp, anchor, adv, seq, valid, eps_low=3e-4, eps_high=4e-4):
+    """GSPO with Python loops over sequences: (per-token loss, d(Σ loss)/d logπ by the SPEC.md formula)."""
+    loss, grad = torch.zeros_like(logp), torch.zeros_like(logp)
+    for i in seq.unique().tolist():
+        toks = [t for t in range(len(logp)) if seq[t] == i and valid[t]]
+        if not toks:
+            continue
+        s = math.exp(sum(float(logp[t] - anchor[t]) for t in toks) / len(toks))
+        share = 0.0
+        for t in toks:
+            a = float(adv[t])
+            loss[t] = max(-a * s, -a * min(max(s, 1 - eps_low), 1 + eps_high))
+            clipped = (a > 0 and s > 1 + eps_high) or (a < 0 and s < 1 - eps_low)
+            share += a * (0.0 if clipped else 1.0)
+        for t in toks:  # every token of the sequence gets −(s/n)·Σ_t A_t·w_t
+            grad[t] = -s / len(toks) * share
+    return loss, grad
+
+
+@pytest.mark.parametrize("hp", [{}, {"eps_low": 0.05, "eps_high": 0.1}, {"eps_low": 0.5, "eps_high": 2.0}])
+@pytest.mark.parametrize("spread", [0.01, 0.3, 1.0])
+def test_gspo_autograd_equals_naive_reference_and_gradient_weight(hp, spread):
+    logp, anchor, adv = random_tokens((60,), seed=11, spread=spread)
+    seq = torch.repeat_interleave(torch.arange(8), torch.tensor([1, 3, 5, 7, 9, 10, 12, 13]))
+    adv = torch.where(seq % 3 == 0, adv, adv[seq])  # per-token advantages in some sequences, constant in others
+    valid = torch.rand(60, generator=torch.Generator().manual_seed(5)) > 0.2
+    x = logp.clone().requires_grad_()
+    loss = L.token_loss("gspo", x, anchor, adv, mask=valid, seq_index=seq, **hp)
+    loss.sum().backward()
+    ref_loss, ref_grad = naive_gspo(logp, anchor, adv, seq, valid, **{**L.DEFAULTS["gspo"], **hp})
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad, ref_grad, rtol=1e-9, atol=1e-12)
+    # The analytic weights of SPEC.md: d(Σ loss)/d logπ_u = −(s_i/n_i)·Σ_{t∈i} A_t·w_t.
+    w = L.gradient_weight("gspo", logp, anchor, adv, mask=valid, seq_index=seq, **hp)
+    s = torch.exp(L.sequence_reduce(logp - anchor, seq, valid, "mean"))
+    n = L.sequence_reduce(torch.ones_like(logp), seq, valid, "sum")
+    expected = -s / n.clamp(min=1) * L.sequence_reduce(adv * w, seq, valid, "sum")
+    torch.testing.assert_close(x.grad, torch.where(valid, expected, torch.zeros_like(expected)), rtol=1e-9,
+                               atol=1e-12)
+    if spread >= 0.3 and not hp:
+        assert 0 < ((w == 0) & valid).sum() < valid.sum()  # both branches exercised
+
+
+def test_gspo_hand_computed():
+    # One sequence of two tokens: log r = ln 1.5 and ln(1/1.5) → s = 1; then log r = ln 2, 0 → s = √2.
+    one = L.token_loss("gspo", t(LN(0.6), LN(0.4)), t(LN(0.4), LN(0.6)), t(2.0, 2.0), seq_index=torch.tensor([0, 0]))
+    torch.testing.assert_close(one, t(-2.0, -2.0))  # −A·s = −2, inside the clip
+    x = t(LN(0.8), LN(0.5)).requires_grad_()
+    two = L.token_loss("gspo", x, t(LN(0.4), LN(0.5)), t(1.0, 1.0), seq_index=torch.tensor([0, 0]), eps_high=0.5)
+    torch.testing.assert_close(two, t(-math.sqrt(2), -math.sqrt(2)))  # s = √2 < 1.5: −A·s
+    two.sum().backward()
+    # Σ loss = −2·s; d/d logπ_t = −2·s/2 = −√2 for each token.
+    torch.testing.assert_close(x.grad, t(-math.sqrt(2), -math.sqrt(2)))
+    x.grad = None
+    clipped = L.token_loss("gspo", x, t(LN(0.4), LN(0.5)), t(1.0, 1.0), seq_index=torch.tensor([0, 0]))
+    torch.testing.assert_close(clipped, t(-1.0004, -1.0004))  # s = √2 > 1 + 4e-4: −A·(1 + ε_high)
+    clipped.sum().backward()
+    torch.testing.assert_close(x.grad, t(0.0, 0.0))
+    with pytest.raises(ValueError, match="gspo is sequence-level: pass seq_index"):
+        L.token_loss("gspo", t(-1.0), t(-1.0), t(1.0))
+
+
+def test_cispo_hand_computed():
+    # π=0.6, μ=0.4 → r = 1.5 ≤ 5: loss = −1.5·A·logπ, gradient −1.5·A; r = 60 (μ=0.01) is capped at 5.
+    x = t(LN(0.6), LN(0.6)).requires_grad_()
+    loss = L.token_loss("cispo", x, t(LN(0.4), LN(0.01)), t(2.0, -1.0))
+    torch.testing.assert_close(loss, t(-1.5 * 2 * LN(0.6), -5.0 * -1.0 * LN(0.6)))
+    loss.sum().backward()
+    torch.testing.assert_close(x.grad, t(-3.0, 5.0))
+    # A lower bound when asked: r = 0.5 with ε_low 0.2 → weight 0.8.
+    torch.testing.assert_close(L.gradient_weight("cispo", t(LN(0.2)), t(LN(0.4)), t(1.0), eps_low=0.2), t(1.6))
+    assert L.validate_hparams("cispo", {"eps_low": None}) == []
+    assert L.validate_hparams("ppo-clip", {"eps_low": None}) == ["ppo-clip: eps_low must be a finite number, got None"]
 
 
 def test_weights_match_spec_table_directly():
@@ -311,10 +401,10 @@ def test_extreme_inputs_stay_finite(name, hp, dtype):
     for a in (1e3, -1e3, 0.0):
         x = logp.clone().requires_grad_()
         adv = torch.full_like(x, a)
-        loss = L.token_loss(name, x, anchor, adv, **hp)
+        loss = L.token_loss(name, x, anchor, adv, seq_index=seq_of(x, 3), **hp)
         loss.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
-        assert torch.isfinite(L.gradient_weight(name, x, anchor, adv, **hp)).all()
+        assert torch.isfinite(L.gradient_weight(name, x, anchor, adv, seq_index=seq_of(x, 3), **hp)).all()
         if a == 0.0:
             assert (loss == 0).all() and (x.grad == 0).all()
 
@@ -326,14 +416,15 @@ def test_masked_nan_contributes_nothing(name):
     for x in (logp, anchor, adv):
         x[~mask] = float("nan")
     logp.requires_grad_()
-    loss = L.token_loss(name, logp, anchor, adv, mask=mask)
+    seq = seq_of(logp, 3)
+    loss = L.token_loss(name, logp, anchor, adv, mask=mask, seq_index=seq)
     assert (loss[~mask] == 0).all() and torch.isfinite(loss).all()
     loss.sum().backward()
     assert (logp.grad[~mask] == 0).all() and torch.isfinite(logp.grad).all()
     # Kept positions are untouched by the mask.
-    clean = L.token_loss(name, logp.detach()[mask], anchor[mask], adv[mask])
+    clean = L.token_loss(name, logp.detach()[mask], anchor[mask], adv[mask], seq_index=seq[mask])
     torch.testing.assert_close(loss.detach()[mask], clean)
-    w = L.gradient_weight(name, logp, anchor, adv, mask=mask)
+    w = L.gradient_weight(name, logp, anchor, adv, mask=mask, seq_index=seq)
     assert (w[~mask] == 0).all() and torch.isfinite(w).all()
 
 
@@ -363,3 +454,64 @@ def test_behavior_weight_validation():
     assert L.validate_behavior("mis", band=(2.0, 0.5)) == [
         "behavior correction band must satisfy 0 <= lo < hi, got (2.0, 0.5)"
     ]
+
+
+def test_behavior_weight_sequence_and_geometric_levels():
+    # Sequence 0: ρ = 3, 0.5 → product 1.5, geometric √1.5; sequence 1: ρ = 4 (one token); token 2 masked.
+    prox = t(LN(0.3), LN(0.05), LN(0.9), LN(0.4))
+    beh = t(LN(0.1), LN(0.1), LN(0.1), LN(0.1))
+    seq, mask = torch.tensor([0, 0, 0, 1]), torch.tensor([True, True, False, True])
+    seq_w = L.behavior_weight("tis", prox, beh, cap=10.0, mask=mask, level="sequence", seq_index=seq)
+    torch.testing.assert_close(seq_w, t(1.5, 1.5, 0.0, 4.0))
+    geo = L.behavior_weight("tis", prox, beh, cap=2.0, mask=mask, level="geometric", seq_index=seq)
+    torch.testing.assert_close(geo, t(math.sqrt(1.5), math.sqrt(1.5), 0.0, 2.0))  # 4 capped at 2
+    mis = L.behavior_weight("mis", prox, beh, mask=mask, level="sequence", seq_index=seq)
+    torch.testing.assert_close(mis, t(1.5, 1.5, 0.0, 0.0))  # 4 outside [0.5, 2]: sequence dropped
+    assert L.validate_behavior("tis", level="seq") == [
+        "unknown IS level 'seq' (choose one of: token, sequence, geometric)"
+    ]
+
+
+def test_rejection_mask_hand_computed():
+    # log ρ per token: ln 2, 0, ln 0.5 (sequence 0) and 0, 0 (sequence 1); token 3 masked out.
+    prox = t(LN(0.2), LN(0.1), LN(0.05), LN(0.3), LN(0.3))
+    beh = t(LN(0.1), LN(0.1), LN(0.1), LN(0.3), LN(0.3))
+    seq, mask = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([True, True, True, False, True])
+    k3 = [(2 - 1) - LN(2), 0.0, (0.5 - 1) - LN(0.5)]  # 0.3069, 0, 0.1931
+    keep = L.rejection_mask([("token", "k3", ">", 0.25)], prox, beh, mask, seq)
+    assert keep.tolist() == [False, True, True, False, True]
+    keep = L.rejection_mask([("seq_mean", "k3", ">", sum(k3) / 3 - 1e-6)], prox, beh, mask, seq)
+    assert keep.tolist() == [False, False, False, False, True]
+    keep = L.rejection_mask([("seq_mean", "k3", ">", sum(k3) / 3 + 1e-6)], prox, beh, mask, seq)
+    assert keep.tolist() == [True, True, True, False, True]
+    # k1 = −log ρ: token 0 has k1 = −ln 2 < −0.5; seq_sum k1 of sequence 0 = 0; seq_max k2 = ½ ln²2 = 0.24
+    assert L.rejection_mask([("token", "k1", "<", -0.5)], prox, beh, mask, seq).tolist() == [
+        False, True, True, False, True]
+    assert L.rejection_mask([("seq_sum", "k1", ">", 1e-9)], prox, beh, mask, seq).tolist() == [
+        True, True, True, False, True]
+    assert L.rejection_mask([("seq_max", "k2", ">", 0.2)], prox, beh, mask, seq).tolist() == [
+        False, False, False, False, True]
+    both = [("seq_max", "k2", ">", 0.3), ("token", "k3", ">", 0.25)]  # any criterion rejects
+    assert L.rejection_mask(both, prox, beh, mask, seq).tolist() == [False, True, True, False, True]
+
+
+def test_reference_kl_values_and_gradients():
+    # π = 0.5, π_ref = 0.25: x = ln 0.5; k1 = ln 2, k2 = ½ ln²2, k3 = 0.5 − ln 0.5 − 1 = ln 2 − 0.5.
+    x = t(LN(0.5)).requires_grad_()
+    ref = t(LN(0.25))
+    assert float(L.reference_kl("k1", x, ref).detach()) == pytest.approx(LN(2))
+    assert float(L.reference_kl("k2", x, ref).detach()) == pytest.approx(0.5 * LN(2) ** 2)
+    k3 = L.reference_kl("k3", x, ref)
+    assert float(k3.detach()) == pytest.approx(LN(2) - 0.5)
+    k3.backward()
+    assert float(x.grad) == pytest.approx(1 - 0.25 / 0.5)  # d k3/d logπ = 1 − π_ref/π
+    with pytest.raises(ConfigError, match="unknown KL estimator 'k4'"):
+        L.reference_kl("k4", x, ref)
+
+
+def test_sequence_reduce():
+    x = t(1.0, 2.0, 3.0, 4.0, 5.0)
+    seq, valid = torch.tensor([7, 7, 7, 2, 2]), torch.tensor([True, False, True, True, True])
+    torch.testing.assert_close(L.sequence_reduce(x, seq, valid, "sum"), t(4.0, 4.0, 4.0, 9.0, 9.0))
+    torch.testing.assert_close(L.sequence_reduce(x, seq, valid, "mean"), t(2.0, 2.0, 2.0, 4.5, 4.5))
+    torch.testing.assert_close(L.sequence_reduce(x, seq, valid, "amax"), t(3.0, 3.0, 3.0, 5.0, 5.0))
