@@ -237,3 +237,55 @@ def test_bf16_autocast_body_runs_on_cpu_and_keeps_float32_outputs():
     loss, _, _ = fused_token_loss(model, mb, lambda lp, sl: lp.sum(), dtype=torch.bfloat16)
     loss.backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("chunk", [3, 1000])  # several chunks per micro-batch (two sweeps) and one chunk
+def test_fused_whole_sequence_loss_matches_autograd(chunk):
+    # GSPO's per-token loss depends on every token of its sequence: the fused path gets each token's
+    # upstream gradient (per-sequence factor / |seq|) from the whole micro-batch.
+    from drpo_cli.losses import token_loss
+
+    model, rows = build(Qwen2Config, seed=8), random_rows(seed=9, n=6)
+    (mb,) = plan_micro_batches(rows, np.arange(rows.num_rows), 10_000)
+    g = torch.Generator().manual_seed(3)
+    adv = torch.randn(mb.num_rows, generator=g)[mb.seq_index]  # (M,) one advantage per sequence
+    with torch.no_grad():
+        mu = token_logprobs(model, mb)[0] + 0.3 * torch.randn(mb.num_tokens, generator=g)  # (M,)
+    hp = {"eps_low": 0.2, "eps_high": 0.28}
+    coef = torch.rand(mb.num_tokens, generator=g)  # (M,) any per-token aggregation weights
+
+    def loss_fn(logp, sl):
+        return (coef[sl] * token_loss("gspo", logp, mu[sl], adv[sl], seq_index=mb.seq_index[sl], **hp)).sum()
+
+    def unfused():
+        return loss_fn(token_logprobs(model, mb, chunk_tokens=4)[0], slice(None))
+
+    ref_loss, ref = unfused().detach(), grads(model, unfused)
+    loss, _, _ = fused_token_loss(model, mb, loss_fn, chunk_tokens=chunk, whole=True)
+    torch.testing.assert_close(loss, ref_loss, atol=TOL, rtol=TOL)
+    assert_grads_close(grads(model, lambda: fused_token_loss(model, mb, loss_fn, chunk_tokens=chunk, whole=True)[0]),
+                       ref)
+
+
+def test_fused_entropy_bonus_matches_full_logits_autograd():
+    # loss = Σ_t coef_t·(−logπ_t) − c·Σ_t coef_t·H_t: the entropy gradient goes through the chunked head.
+    model, rows = build(Qwen2Config, tied=False, bias=True, seed=10), random_rows(seed=11, n=6)
+    (mb,) = plan_micro_batches(rows, np.arange(rows.num_rows), 10_000)
+    g = torch.Generator().manual_seed(4)
+    coef = torch.rand(mb.num_tokens, generator=g)  # (M,)
+
+    def naive_loss():
+        logp, ent = naive(model, rows)  # flat token order: gathered into the micro-batch's
+        lp, en = logp[mb.token_index], ent[mb.token_index]
+        return (coef * -lp).sum() - 0.05 * (coef * en).sum()
+
+    ref_loss, ref = naive_loss().detach(), grads(model, naive_loss)
+
+    def fused():
+        return fused_token_loss(model, mb, lambda lp, sl: (coef[sl] * -lp).sum(), chunk_tokens=3,
+                                entropy_weight=-0.05 * coef)
+
+    loss, _, ent = fused()
+    assert ent is not None
+    torch.testing.assert_close(loss, ref_loss, atol=TOL, rtol=TOL)
+    assert_grads_close(grads(model, lambda: fused()[0]), ref)

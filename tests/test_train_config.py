@@ -130,7 +130,7 @@ def _listing(root: Path) -> list[str]:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--loss", "ppo"], "error: --loss 'ppo': expected one of pg-is, ppo-clip, spo, dppo-tv, dppo-kl, drpo"),
+        (["--loss", "ppo"], "error: --loss 'ppo': expected one of pg-is, ppo-clip, spo, dppo-tv, dppo-kl, drpo, gspo, cispo"),
         (["--epochs", "0"], "error: --epochs must be >= 1, got 0"),
         (["--loss", "pg-is", "--delta", "0.2"], "error: --delta does not apply to --loss pg-is (its options: none)"),
         (["--micro-batch-tokens", "-5"], "error: --micro-batch-tokens must be >= 1, got -5"),
