@@ -261,6 +261,26 @@ def test_two_ranks_train_the_same_weights_and_report_as_one(toy, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # other ranks wrote nothing
 
 
+@pytest.mark.slow
+def test_two_ranks_train_gspo_with_reference_kl_entropy_rejection_and_filters_like_one(toy, tmp_path):
+    # The reference model's pass and π_old's pass run sharded before training; GSPO's whole-sequence
+    # upstream gradients, the KL and entropy terms and the sequence-level ρ must not depend on ranks.
+    common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--loss", "gspo",
+              "--eps-low", "0.05", "--eps-high", "0.05", "--agg", "seq-mean-token-mean", "--anchor", "proximal",
+              "--is-correction", "tis", "--is-level", "geometric", "--ref-model", str(toy / "model"),
+              "--kl-coef", "0.1", "--entropy-coef", "0.01", "--reject", "seq_max_k3>0.5", "--max-lag", "2"]
+    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process("train", *common, "--out", str(tmp_path / "one"))
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
+    assert r1["filters"]["staleness"]["rows_dropped"] > 0
+    for section in ("steps", "final", "input", "loss", "filters"):
+        assert_same_json(r1[section], r2[section], section)
+
+
 def test_two_ranks_inspect_like_one(toy, tmp_path):
     common = [str(toy / "rollouts.arrow"), "--model", str(toy / "model"), *INSPECT_ARGS]
     run = torchrun("inspect", *common, "--json", str(tmp_path / "two.json"), "--per-token", str(tmp_path / "two.arrow"))

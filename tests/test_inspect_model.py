@@ -110,8 +110,19 @@ def test_report_metrics_equal_the_naive_recompute(run, naive):
         "weight/drpo_corrective_frac": np.mean(w < 0),
         "data/tokens": len(lp),
     }
+    # GSPO at its defaults: a sequence is clipped when s = exp(mean log r) leaves [1 − 3e-4, 1 + 4e-4] in A's
+    # harmful direction; CISPO clips the weight where r > 1 + 4.
+    s_row = np.exp(np.array([logr[naive["row"] == i].mean() for i in range(naive["row"].max() + 1)]))
+    s_tok = s_row[naive["row"]]
+    gspo_clipped = ((adv > 0) & (s_tok > 1 + 4e-4)) | ((adv < 0) & (s_tok < 1 - 3e-4))
+    expected["gspo/clip_frac"] = np.mean(gspo_clipped)
+    expected["gspo/seq_clip_frac"] = np.unique(naive["row"][gspo_clipped]).size / s_row.size
+    expected["cispo/clip_frac"] = np.mean(np.exp(logr) > 5.0)
     for name, value in expected.items():
         assert m[name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
+    assert m["reject/token_frac"] is None and m["reject/seq_frac"] is None  # no --reject given
+    assert [e["loss"] for e in report["model"]["losses"]] == [
+        "pg-is", "ppo-clip", "spo", "dppo-tv", "dppo-kl", "drpo", "gspo", "cispo"]
     # Breakdown by lag: tokens and harmful share per lag.
     by_lag = {b["key"]: b for b in report["model"]["by_lag"]}
     for lag in np.unique(naive["lag"]):
@@ -132,6 +143,29 @@ def test_report_metrics_equal_the_naive_recompute(run, naive):
     checks = report["model"]["logging_checks"]
     assert checks["scope"] == "lag-0 rows" and not checks["offset_suspected"] and not checks["temperature_suspected"]
     assert checks["best_temperature"] == pytest.approx(0.9)
+
+
+def test_rejection_fractions_and_stale_row_filter_equal_the_naive_recompute(tmp_path, naive):
+    cfg = InspectConfig(rollouts=(str(ROLLOUTS),), model=str(MODEL), device="cpu", quiet=True, micro_batch_tokens=64,
+                        reject=("seq_mean_k3>0.02", "token_k2>0.5"), max_lag=2, min_version=5,
+                        json_out=str(tmp_path / "r.json")).check()
+    report = inspect_and_write(cfg)
+    kept = (naive["lag"] <= 2) & (CURRENT_VERSION - naive["lag"] >= 5)  # per token, by its row
+    lp, mu, row = naive["logp"][kept], naive["mu"][kept], naive["row"][kept]
+    logr = np.clip(lp - mu, -20, 20)
+    k3 = np.expm1(logr) - logr
+    seq_mean = {i: k3[row == i].mean() for i in np.unique(row)}
+    rejected = np.array([seq_mean[i] > 0.02 for i in row]) | (0.5 * logr**2 > 0.5)
+    m = report["metrics"]
+    assert m["data/tokens"] == report["model"]["tokens"] == kept.sum()
+    assert m["reject/token_frac"] == pytest.approx(rejected.mean())
+    assert m["reject/seq_frac"] == pytest.approx(np.unique(row[rejected]).size / len(seq_mean))
+    assert 0 < m["reject/seq_frac"] < 1
+    dropped_rows = np.unique(naive["row"][~kept])
+    assert report["data"]["staleness_filter"] == {
+        "max_lag": 2, "min_version": 5, "current_version": CURRENT_VERSION, "rows_dropped": dropped_rows.size,
+        "tokens_dropped": int((~kept).sum()), "rows_kept": len(seq_mean), "rows_without_version": 0}
+    assert report["data"]["rows"] == len(seq_mean) and dropped_rows.size > 0
 
 
 def _lag0_file(tmp_path, table, naive, mu) -> Path:

@@ -20,7 +20,7 @@ from drpo_cli.checkpoint import load_model
 from drpo_cli.cli import app
 from drpo_cli.config import AGG_MODES, TrainConfig
 from drpo_cli.data import plan_micro_batches
-from drpo_cli.losses import aggregate, aggregation_denominator, token_loss
+from drpo_cli.losses import aggregate, aggregation_denominator, reference_kl, token_loss
 from drpo_cli.report import TRAIN_REPORT_SCHEMA
 from drpo_cli.rollouts import load_rows
 from drpo_cli.train import INTERRUPT_HOOK, accumulate_gradients
@@ -54,7 +54,7 @@ def digest(root: Path) -> dict[str, str]:
             if p.is_file()}
 
 
-@pytest.mark.parametrize("loss", ["pg-is", "ppo-clip", "spo", "dppo-tv", "dppo-kl", "drpo"])
+@pytest.mark.parametrize("loss", ["pg-is", "ppo-clip", "spo", "dppo-tv", "dppo-kl", "drpo", "gspo", "cispo"])
 def test_every_loss_trains(toy, tmp_path, loss):
     from transformers import AutoModelForCausalLM
 
@@ -98,24 +98,37 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _naive_grads(model, rows, idx, cfg) -> dict[str, torch.Tensor]:
-    """Pad-to-longest HF forward with full logits, log_softmax / temperature, the same loss and aggregation."""
+def _naive_grads(model, rows, idx, cfg, ref_logp=None) -> dict[str, torch.Tensor]:
+    """Pad-to-longest HF forward with full logits, log_softmax / temperature, the same loss and aggregation
+    (plus β·KL(π‖π_ref) and −c·H(π) from the full logits when the config asks for them)."""
     mb = plan_micro_batches(rows, idx, 10**9)[0]  # one micro-batch holding every row
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids).logits
     logits = logits.reshape(-1, logits.shape[-1])[mb.src_index].float() / mb.temperature[:, None]  # (M, V)
-    logp = torch.log_softmax(logits, -1).gather(1, mb.target_ids[:, None]).squeeze(1)  # (M,)
+    logp_all = torch.log_softmax(logits, -1)  # (M, V)
+    logp = logp_all.gather(1, mb.target_ids[:, None]).squeeze(1)  # (M,)
     t = mb.token_index
     mask = torch.from_numpy(rows.loss_mask)[t]
     mu = torch.from_numpy(rows.behavior_logprobs)[t]
     adv = torch.from_numpy(rows.advantages)[t]
-    loss_t = token_loss(cfg.loss, logp, mu, adv, mask=mask, **cfg.loss_hparams())
+    loss_t = token_loss(cfg.loss, logp, mu, adv, mask=mask, seq_index=mb.seq_index, **cfg.loss_hparams())
+    if ref_logp is not None:
+        loss_t = loss_t + cfg.resolved_kl_coef() * reference_kl(cfg.kl_estimator, logp, ref_logp[t])
+    if cfg.entropy_coef:
+        loss_t = loss_t + cfg.entropy_coef * (logp_all.exp() * logp_all).sum(-1)  # −c·H
     denom = aggregation_denominator(cfg.agg, mask, mb.seq_index)
     aggregate(loss_t, mask, mb.seq_index, cfg.agg, denom, cfg.horizon).backward()
     return _grads(model)
 
 
-@pytest.mark.parametrize("agg", AGG_MODES)
-def test_gradient_does_not_depend_on_micro_batch_tokens(toy, agg):
+@pytest.mark.parametrize("loss,agg,extra", [
+    *(("drpo", agg, {}) for agg in AGG_MODES),
+    ("gspo", "seq-mean-token-mean", {"eps_low": 0.05, "eps_high": 0.05}),
+    ("gspo", "token-mean", {"eps_low": 0.05, "eps_high": 0.05}),
+    ("cispo", "token-mean", {"eps_high": 0.2}),
+    ("ppo-clip", "token-mean", {"ref_model": "ref", "kl_coef": 0.5, "kl_estimator": "k3", "entropy_coef": 0.1}),
+    ("gspo", "seq-mean-token-sum", {"ref_model": "ref", "kl_coef": 0.5, "kl_estimator": "k2", "entropy_coef": 0.1}),
+])
+def test_gradient_does_not_depend_on_micro_batch_tokens(toy, loss, agg, extra):
     rows = load_rows(str(toy / "rollouts.arrow"))
     idx = np.arange(0, rows.num_rows, 3)  # 64 rows of 8..14 input positions
     model, _ = load_model(toy / "model")
@@ -127,16 +140,21 @@ def test_gradient_does_not_depend_on_micro_batch_tokens(toy, agg):
     inputs = {"anchor": t(rows.behavior_logprobs), "rho": torch.ones(rows.num_tokens),
               "behavior": t(rows.behavior_logprobs), "advantages": t(rows.advantages), "mask": t(rows.loss_mask)}
     trained = int(sum(rows.loss_mask[rows.response_offsets[i] : rows.response_offsets[i + 1]].sum() for i in idx))
+    ref_logp = None
+    if "ref_model" in extra:  # a reference policy a little away from both π and μ
+        ref_logp = t(rows.behavior_logprobs) + 0.2 * torch.randn(rows.num_tokens, generator=torch.Generator().manual_seed(2))
+        ref_logp = ref_logp.clamp(max=0.0)
     grads, losses = [], []
     for budget in (16, 100, 10**6):  # 1 row per micro-batch ... all rows in one
-        cfg = TrainConfig(rollouts=("x",), model="m", agg=agg, micro_batch_tokens=budget, horizon=64)
+        cfg = TrainConfig(rollouts=("x",), model="m", loss=loss, agg=agg, micro_batch_tokens=budget, horizon=64,
+                          chunk_tokens=7, **extra)  # several head chunks per micro-batch
         model.zero_grad(set_to_none=True)
-        loss, diag, tokens = accumulate_gradients(model, rows, idx, cfg, **inputs)
+        loss_value, diag, tokens = accumulate_gradients(model, rows, idx, cfg, ref_logp=ref_logp, **inputs)
         assert tokens == diag.summary()["data/tokens"] == trained
         grads.append(_grads(model))
-        losses.append(loss.item())
+        losses.append(loss_value.item())
     model.zero_grad(set_to_none=True)
-    reference = _naive_grads(model, rows, idx, cfg)
+    reference = _naive_grads(model, rows, idx, cfg, ref_logp)
     for g in grads:
         assert g.keys() == reference.keys()
         for k in g:
@@ -252,3 +270,32 @@ def test_gradient_checkpointing_changes_nothing_but_memory(toy, tmp_path):
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "ckpt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
+
+
+def test_reference_kl_entropy_rejection_and_stale_filters_in_the_report(toy, tmp_path):
+    rows = load_rows(str(toy / "rollouts.arrow"))
+    lag = 8 - rows.policy_version  # the toy checkpoint is version 8
+    out = tmp_path / "out"
+    result = train(toy, out, "--loss", "cispo", "--ref-model", str(toy / "model"), "--kl-coef", "0.5",
+                   "--kl-estimator", "k3", "--entropy-coef", "0.01", "--reject", "seq_mean_k3>0.02",
+                   "--reject", "token_k2>0.5", "--max-lag", "2", "--anchor", "proximal", "--is-correction", "tis",
+                   "--is-level", "sequence", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "drpo_report.json").read_text())
+    jsonschema.validate(report, TRAIN_REPORT_SCHEMA)
+    kept_rows = lag <= 2
+    trained = rows.loss_mask[np.repeat(kept_rows, rows.response_lengths())]
+    assert report["filters"]["staleness"] == {
+        "max_lag": 2, "min_version": None, "current_version": 8, "rows_dropped": int((~kept_rows).sum()),
+        "tokens_dropped": int(rows.loss_mask.sum() - trained.sum()), "rows_kept": int(kept_rows.sum()),
+        "rows_without_version": 0}
+    rejection = report["filters"]["rejection"]
+    assert rejection["criteria"] == ["seq_mean_k3>0.02", "token_k2>0.5"] and 0 < rejection["seq_frac"] < 1
+    # Trained tokens: kept rows minus rejected tokens, once over the single pass.
+    assert report["steps"][0]["tokens"] == int(trained.sum()) - rejection["tokens_rejected"]
+    assert report["loss"]["reference_kl"] == {"model": str(toy / "model"), "coef": 0.5, "estimator": "k3"}
+    assert report["loss"]["entropy_coef"] == 0.01 and report["loss"]["is_level"] == "sequence"
+    first = report["steps"][0]["metrics"]
+    # π = π_ref at the first step (same checkpoint): every KL estimate is 0 up to float rounding.
+    assert abs(first["kl/ref_k1_mean"]) < 1e-5 and first["kl/ref_k3_mean"] < 1e-6 and first["entropy/mean"] > 0
+    assert "cispo/clip_frac" in first and report["final"]["metrics"]["kl/ref_k3_mean"] > 0  # the weights moved

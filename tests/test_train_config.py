@@ -93,6 +93,33 @@ def test_combination_rules(paths):
     assert cfg(paths, out=str(paths / "taken"), overwrite=True).validate() == []
 
 
+def test_new_options_every_problem_listed_before_anything_loads(paths):
+    c = cfg(paths, reject=("seq_mean_k3>0.01", "seq_median_k3>1", "token_k4>1", "token_k1=2", "seq_max_k2>abc"),
+            ref_model=str(paths / "nowhere"), kl_coef=-1.0, kl_estimator="k5", entropy_coef=-0.1,
+            is_level="sequence", max_lag=-1, min_version=-2)
+    hint = ("expected LEVEL_kN>NUMBER or LEVEL_kN<NUMBER with LEVEL one of token, seq_sum, seq_mean, seq_max "
+            "and N 1, 2 or 3, e.g. seq_mean_k3>0.01")
+    assert c.validate() == [
+        "--is-level sequence applies to --is-correction tis or mis",
+        f"--reject 'seq_median_k3>1': {hint}",
+        f"--reject 'token_k4>1': {hint}",
+        f"--reject 'token_k1=2': {hint}",
+        f"--reject 'seq_max_k2>abc': {hint}",
+        f"--ref-model {paths / 'nowhere'}: not a directory (expected a Hugging Face checkpoint directory)",
+        "--kl-coef must be >= 0, got -1.0",
+        "--kl-estimator 'k5': expected one of k1, k2, k3",
+        "--entropy-coef must be >= 0, got -0.1",
+        "--max-lag must be >= 0, got -1",
+        "--min-version must be >= 0, got -2",
+    ]
+    assert cfg(paths, kl_coef=0.1).validate() == ["--kl-coef needs --ref-model (the KL penalty is to a reference model)"]
+    good = cfg(paths, reject=("seq_mean_k3>0.01", "token_k1 < -0.5"), ref_model=str(paths / "ckpt"))
+    assert good.validate() == []
+    assert good.reject_criteria() == [("seq_mean", "k3", ">", 0.01), ("token", "k1", "<", -0.5)]
+    assert good.resolved_kl_coef() == 0.001 and cfg(paths).resolved_kl_coef() == 0.0
+    assert good.needs_old_logprobs() and not cfg(paths).needs_old_logprobs()
+
+
 def test_nan_is_rejected(paths):
     assert cfg(paths, lr=float("nan")).validate() == ["--lr must be > 0, got nan"]
 
