@@ -163,10 +163,10 @@ def gspo(
 ) -> Tensor:
     """GSPO: per sequence i, loss = max(−A·s_i, −A·clip(s_i, 1−ε_low, 1+ε_high)) on each of its tokens.
 
-    Group Sequence Policy Optimization (arXiv 2507.18071, Eq. 5–7): the sequence ratio
+    Group Sequence Policy Optimization (arXiv 2507.18071, its objective Eq. 5): the sequence ratio
     s_i = (π(y_i)/μ(y_i))^(1/|y_i|) = exp(mean over the sequence's trained tokens of log r), clipped per
-    sequence; defaults ε_low = 3e-4, ε_high = 4e-4 (the paper's §5.1 and verl's
-    examples/gspo_trainer). Relative to PPO-clip: one ratio and one clip decision per sequence, not per
+    sequence; defaults ε_low = 3e-4, ε_high = 4e-4 (the clipping ranges of the paper's
+    experiments, and verl's examples/gspo_trainer). Relative to PPO-clip: one ratio and one clip decision per sequence, not per
     token, and the gradient reaches every token of the sequence through s_i (d s_i/d logπ_t = s_i/|y_i|),
     as in TRL's GRPOTrainer with importance_sampling_level="sequence". Every token carries its
     sequence's value, so with --agg seq-mean-token-mean (GSPO's own averaging, forced by verl's
@@ -180,7 +180,7 @@ def gspo(
 def cispo(logp: Tensor, anchor: Tensor, adv: Tensor, *, eps_low: float | None, eps_high: float) -> Tensor:
     """CISPO: loss = −sg(clip(r, 1−ε_low, 1+ε_high))·A·logπ; w = clip(r)/r.
 
-    Clipped IS-weight Policy Optimization (MiniMax-M1, arXiv 2506.13585, Eq. 4–5), as in verl's
+    Clipped IS-weight Policy Optimization (MiniMax-M1, arXiv 2506.13585, §3.1), as in verl's
     compute_policy_loss_cispo and TRL's loss_type="cispo". Relative to PPO-clip: the IS weight is
     clipped and detached instead of the surrogate, so no token ever loses its gradient (REINFORCE
     with a bounded weight). The paper sets no lower bound (ε_low None here); ε_high = 4 caps the

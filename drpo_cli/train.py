@@ -308,11 +308,12 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
 
 def _reference_logprobs(cfg: TrainConfig, rows: RolloutRows, device, sharded: bool, autocast) -> torch.Tensor:
     """log π_ref (T,) of every response token, in one inference pass; the reference model is freed after."""
-    ref, info = load_model(cfg.ref_model, device="cpu" if sharded else str(device), dtype="float32",
-                           allow_unsafe=cfg.allow_unsafe_weights)
+    if sharded:  # one weight copy per node, as for the policy
+        ref, info = distributed.load_sharded_model(cfg.ref_model, device, allow_unsafe=cfg.allow_unsafe_weights,
+                                                   bf16=autocast is not None)
+    else:
+        ref, info = load_model(cfg.ref_model, device=str(device), dtype="float32", allow_unsafe=cfg.allow_unsafe_weights)
     check_vocabulary(rows, info.vocab_size, cfg.ref_model)
-    if sharded:
-        distributed.shard_model(ref, device, bf16=autocast is not None)
     logp = _logprobs_of(ref, rows, cfg, autocast, with_entropy=False)[0]
     del ref
     if device.type == "cuda":

@@ -1,7 +1,7 @@
 """Staleness experiment: how each loss copes as the rollouts it trains on go stale.
 
-    python examples/staleness_experiment.py            # default size: 54 runs, about 7 min on 2 CPU cores
-    python examples/staleness_experiment.py --quick    # smoke size: 18 runs, about 1 min
+    python examples/staleness_experiment.py            # default size: 72 runs (8 arms), about 9 min on 2 CPU cores
+    python examples/staleness_experiment.py --quick    # smoke size: 24 runs, about 1 min
     python examples/staleness_experiment.py --out DIR --seeds 5 --rounds 20 --workers 2
 
 Each run starts from the bundled toy checkpoint (examples/toy/model, policy version 8) and repeats
@@ -57,6 +57,8 @@ ARMS: dict[str, dict] = {
     "ppo-clip": {"loss": "ppo-clip"},
     "spo": {"loss": "spo"},
     "pg-is": {"loss": "pg-is"},
+    "gspo": {"loss": "gspo", "agg": "seq-mean-token-mean"},  # GSPO's own averaging (mean over sequences)
+    "cispo": {"loss": "cispo"},
 }
 # The per-step metric that says what each loss did to the tokens (SPEC.md §2, docs/losses.md).
 LOSS_FRACTION = {
@@ -64,6 +66,8 @@ LOSS_FRACTION = {
     "dppo-tv": "dppo_tv/mask_frac",
     "drpo": "weight/drpo_corrective_frac",
     "spo": "weight/spo_corrective_frac",
+    "gspo": "gspo/clip_frac",
+    "cispo": "cispo/clip_frac",
 }
 TR_METRICS = ("tr/outside_frac", "tr/harmful_frac", "delta/abs_mean", "kl/k3_mean", "entropy/mean")
 EVAL_SEED = 12345  # one set of evaluation prompts and random draws for every round, arm and seed
