@@ -196,3 +196,12 @@ def test_cli_out_exists(paths):
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [f"error: --out {paths / 'out'}: already exists (pass --overwrite to replace it)"]
     assert _listing(paths) == before
+
+
+def test_ref_model_is_an_input_of_the_output_rule(paths):
+    (paths / "ref").mkdir()
+    ref = str(paths / "ref")
+    assert cfg(paths, ref_model=ref, out=ref).validate() == [
+        f"--out {ref}: is the input --ref-model {ref} (an output may not be, contain or lie inside an input)"
+    ]
+    assert cfg(paths, ref_model=ref, out=str(paths / "elsewhere")).validate() == []
