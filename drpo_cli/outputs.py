@@ -21,6 +21,8 @@ No torch here: `config.validate()` calls `output_problems` in milliseconds.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -180,8 +182,10 @@ def write_marker(tmp_dir: Path, kind: str, record: dict) -> None:
 def publish_dir(tmp_dir: Path, path: str | os.PathLike, kind: str, *, overwrite: bool) -> Path:
     """Rename the finished `tmp_dir` into `path` (umask modes first); the old output, if any, is deleted.
 
-    Replacing: old aside, new in, old deleted, so `path` is always absent or complete; if the second
-    rename fails the old output is put back. `tmp_dir` is removed on any failure.
+    Replacing swaps the two directories in one step where the kernel can (Linux renameat2
+    RENAME_EXCHANGE: `path` is always there, old or new), else old aside, new in (put back if that
+    fails), so `path` is always absent or complete. The old one is then deleted; `tmp_dir` is
+    removed on any failure.
     """
     dest = real(path)
     try:
@@ -190,6 +194,8 @@ def publish_dir(tmp_dir: Path, path: str | os.PathLike, kind: str, *, overwrite:
         _fsync(tmp_dir)
         if not os.path.lexists(dest):
             os.rename(tmp_dir, dest)
+        elif _exchange(tmp_dir, dest):
+            _remove(tmp_dir)  # now the old output
         else:
             old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(dest, old)
@@ -204,6 +210,21 @@ def publish_dir(tmp_dir: Path, path: str | os.PathLike, kind: str, *, overwrite:
         discard(tmp_dir)
         raise
     return dest
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where that is unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc before glibc 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or filesystem without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def discard(tmp_dir: Path) -> None:

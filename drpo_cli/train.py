@@ -402,7 +402,7 @@ def _flat_metrics(summary: dict) -> dict[str, float | int | None]:
 
 def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, report_text: str,
                  expected_bytes: int) -> None:
-    """Checkpoint and report appear together, in one atomic rename (--overwrite: old aside, new in)."""
+    """Checkpoint and report appear together, in one atomic rename (--overwrite: an atomic swap, outputs.py)."""
     if distributed.is_sharded(model):  # gathered tensor by tensor, written by rank 0 once every rank succeeded
         distributed.save_full_checkpoint(model, out_dir=out_dir, source_dir=cfg.model, policy_version=version,
                                          training_config=cfg.to_dict(), overwrite=cfg.overwrite,

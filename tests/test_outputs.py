@@ -228,10 +228,35 @@ def test_publish_dir_puts_the_old_output_back_when_the_rename_fails(tmp_path, mo
         real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", failing)
+    monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)  # the fallback: old aside, new in
     with pytest.raises(OSError, match="disk full"), outputs.atomic_dir(dest, "checkpoint", overwrite=True) as tmp:
         (tmp / "a.txt").write_text("new")
         outputs.write_marker(tmp, "checkpoint", {"policy_version": 2})
     assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_publish_dir_replaces_with_or_without_an_atomic_exchange(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
+    dest = tmp_path / "ckpt"
+    for version in (1, 2):
+        with outputs.atomic_dir(dest, "checkpoint", overwrite=True) as tmp:
+            (tmp / f"v{version}.txt").write_text(str(version))
+            outputs.write_marker(tmp, "checkpoint", {"policy_version": version})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in dest.iterdir()) == ["drpo_checkpoint.json", "v2.txt"]
+
+
+def test_exchange_swaps_two_directories(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if not outputs._exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) not available here")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
 
 
 def test_atomic_file_leaves_nothing_on_error(tmp_path):
