@@ -283,9 +283,9 @@ def _relation(out: Path, other: Path) -> str | None:
 
 
 def _shown(flag: str, path: str | os.PathLike) -> str:
-    """`--flag path` as given, followed by the real path when that is another string (relative, `..`, symlinks)."""
+    """`--flag path` as given, followed by the real path where symlinks lead elsewhere."""
     given, r = os.fspath(path), real(path)
-    return f"{flag} {given}" if (given.rstrip(os.sep) or os.sep) == str(r) else f"{flag} {given} (= {r})"
+    return f"{flag} {given}" if os.path.abspath(given) == str(r) else f"{flag} {given} (= {r})"
 
 
 def _existing_problems(o: Output, r: Path, overwrite: bool) -> list[str]:
