@@ -43,6 +43,7 @@ COPIED = (
     "chat_template*",
     "preprocessor_config.json",
 )
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # peft's names (lora.py)
 _UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _VERSION_SUFFIX = re.compile(r"^(.*)-v\d+$")
 
@@ -435,6 +436,7 @@ class CheckpointWriter:
         dtype: str | None = None,
         extra_files: Mapping[str, str | bytes] | None = None,
         expected_bytes: int | None = None,
+        adapter_config: str | None = None,
     ):
         self.out_dir = outputs.real(out_dir)
         self.source_dir = Path(os.path.abspath(source_dir))
@@ -449,12 +451,14 @@ class CheckpointWriter:
         self.training_config = training_config
         self.config = config
         self.overwrite = overwrite
-        self.max_shard_bytes = parse_size(max_shard_size)
+        self.max_shard_bytes = parse_size(max_shard_size) if adapter_config is None else float("inf")
         self.dtype = dtype
         self.extra_files = dict(extra_files or {})
         self.expected_bytes = expected_bytes  # named in a write error (default: the bytes queued so far)
+        # A LoRA adapter instead of a model: adapter_model.safetensors (one file) + adapter_config.json.
+        self.adapter_config = adapter_config
         for name in self.extra_files:
-            if Path(name).name != name or name in (WEIGHTS, WEIGHTS_INDEX, "config.json", DRPO_META):
+            if Path(name).name != name or name in (WEIGHTS, WEIGHTS_INDEX, "config.json", DRPO_META, *_ADAPTER_FILES):
                 raise CheckpointError(
                     f"extra file {name!r}: expected a plain file name not used by the checkpoint"
                 )
@@ -529,7 +533,11 @@ class CheckpointWriter:
 
     def _finish_files(self) -> None:
         n = len(self._shards)
-        if n == 1:
+        if self.adapter_config is not None:
+            os.rename(self.tmp_dir / "part-00000.safetensors", self.tmp_dir / _ADAPTER_FILES[1])
+            (self.tmp_dir / _ADAPTER_FILES[0]).write_text(self.adapter_config, encoding="utf-8")
+            _fsync(self.tmp_dir / _ADAPTER_FILES[0])
+        elif n == 1:
             os.rename(self.tmp_dir / "part-00000.safetensors", self.tmp_dir / WEIGHTS)
         else:
             weight_map = {}
@@ -543,15 +551,18 @@ class CheckpointWriter:
             }
             _write_json(self.tmp_dir / WEIGHTS_INDEX, index)
 
-        if self.config is not None:
+        if self.adapter_config is not None:
+            pass  # the base model's config stays with the base model
+        elif self.config is not None:
             # to_json_string turns torch dtypes and nested configs into plain JSON.
             config = json.loads(self.config.to_json_string(use_diff=False))
         else:
             config = json.loads((self.source_dir / "config.json").read_text(encoding="utf-8"))
-        if self.dtype is not None:
-            config["dtype"] = self.dtype
-            config.pop("torch_dtype", None)
-        _write_json(self.tmp_dir / "config.json", config)
+        if self.adapter_config is None:
+            if self.dtype is not None:
+                config["dtype"] = self.dtype
+                config.pop("torch_dtype", None)
+            _write_json(self.tmp_dir / "config.json", config)
 
         for src in sorted(self.source_dir.iterdir()):
             if src.is_file() and any(fnmatch(src.name, pat) for pat in COPIED):

@@ -345,6 +345,13 @@ def train_command(
     nproc: int | None = typer.Option(
         None, "--nproc", min=1, help="Run under torchrun with N processes on this machine (FSDP2; one per GPU)."
     ),
+    lora_r: int | None = typer.Option(None, "--lora-r", help="Train a LoRA adapter of rank R (peft; head frozen)."),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha: update (alpha / r)·BA (2R)."),
+    lora_targets: str | None = typer.Option(
+        None, "--lora-targets", help="Comma-separated module names (default: attention and MLP projections)."
+    ),
+    adapter: str | None = typer.Option(None, "--adapter", help="Continue training this peft LoRA adapter directory."),
+    merge: bool = typer.Option(False, "--merge", help="With LoRA: write merged full weights instead of the adapter."),
     tr_delta: float = typer.Option(0.2, help="Trust-region yardstick of the diagnostics: |π − μ| > tr_delta."),
     temperature: float | None = typer.Option(None, help="Sampling temperature when the rollouts give none."),
     column: list[str] = typer.Option([], "--column", help="Rename a rollout column: LOGGED=DRPO (repeatable)."),
@@ -368,7 +375,9 @@ def train_command(
             lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, warmup_steps=warmup_steps,
             seed=seed, device=device, dtype=dtype, grad_checkpointing=grad_checkpointing, cpu_offload=cpu_offload,
             tr_delta=tr_delta, temperature=temperature, columns=tuple(column), overwrite=overwrite, resume=resume,
-            quiet=quiet, allow_unsafe_weights=allow_unsafe_weights,
+            quiet=quiet, allow_unsafe_weights=allow_unsafe_weights, lora_r=lora_r, lora_alpha=lora_alpha,
+            lora_targets=tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip()), adapter=adapter,
+            merge=merge,
         ).check()
         if nproc is not None and "WORLD_SIZE" not in os.environ:  # not yet under a launcher: start one
             import subprocess

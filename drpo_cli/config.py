@@ -164,6 +164,16 @@ class TrainConfig:
     """Recompute transformer activations in backward to save memory."""
     cpu_offload: bool = False
     """Under torchrun (FSDP2) on CUDA: keep sharded parameters, gradients and optimizer state in CPU memory."""
+    lora_r: int | None = None
+    """LoRA rank: train a peft LoRA adapter of this rank, base weights and head frozen (None: every weight)."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator: the update is (alpha / r) · B A (None: 2 × lora_r)."""
+    lora_targets: tuple[str, ...] = ()
+    """Module names LoRA adapts (empty: every linear layer of attention and MLP, not the output head)."""
+    adapter: str | None = None
+    """A peft LoRA adapter directory to continue training on top of --model (its rank, alpha and targets)."""
+    merge: bool = False
+    """With LoRA: write a full checkpoint with the adapter merged into the weights instead of the adapter."""
     tr_delta: float = 0.2
     """Trust-region yardstick for diagnostics: a token is outside when |π − μ| > tr_delta."""
     temperature: float | None = None
@@ -202,6 +212,14 @@ class TrainConfig:
         """π_old is needed: the proximal anchor, or rejection criteria measured against it."""
         return self.anchor == "proximal" or bool(self.reject)
 
+    def uses_lora(self) -> bool:
+        return self.lora_r is not None or self.adapter is not None
+
+    def resolved_lora_alpha(self) -> float | None:
+        if self.lora_r is None:
+            return None
+        return 2.0 * self.lora_r if self.lora_alpha is None else self.lora_alpha
+
     def resolved_is_cap(self) -> float:
         return 2.0 if self.is_cap is None else self.is_cap
 
@@ -215,12 +233,15 @@ class TrainConfig:
         d["columns"] = list(self.columns)
         d["is_band"] = None if self.is_band is None else list(self.is_band)
         d["reject"] = list(self.reject)
+        d["lora_targets"] = list(self.lora_targets)
         d["loss_hparams"] = self.loss_hparams() if self.loss in LOSS_HPARAMS else {}
         return d
 
     def paths(self, out: str | os.PathLike) -> tuple[list[tuple[str, str | None]], list[Output]]:
         """(inputs, outputs) of a run writing to `out`, for the one output rule (outputs.py)."""
         inputs = [("--rollouts", r) for r in self.rollouts] + [("--model", self.model), ("--ref-model", self.ref_model)]
+        if self.adapter is not None:
+            inputs.append(("--adapter", self.adapter))
         # The resumable state is an output too; whether it may exist is train's decision (--resume).
         return inputs, [Output("--out", out, "checkpoint"),
                         Output("state directory", state_dir(out), "state", check_existing=False)]
@@ -304,6 +325,27 @@ class TrainConfig:
             p.append(f"--tr-delta must be in (0, 1], got {self.tr_delta}")
         _positive(p, "temperature", self.temperature)
         p.extend(parse_columns(self.columns)[1])
+        p.extend(self._lora_problems())
+        return p
+
+    def _lora_problems(self) -> list[str]:
+        p: list[str] = []
+        if self.lora_r is not None and self.lora_r < 1:
+            p.append(f"--lora-r must be >= 1, got {self.lora_r}")
+        _positive(p, "lora_alpha", self.lora_alpha)
+        if self.adapter is not None:
+            if not os.path.isdir(self.adapter):
+                p.append(f"--adapter {self.adapter}: not a directory (expected a peft LoRA adapter directory)")
+            given = [f for f, v in (("--lora-r", self.lora_r), ("--lora-alpha", self.lora_alpha),
+                                    ("--lora-targets", self.lora_targets or None)) if v is not None]
+            if given:
+                p.append(f"{', '.join(given)}: not with --adapter (the adapter fixes its rank, alpha and targets)")
+        elif self.lora_r is None:
+            for flag, value in (("--lora-alpha", self.lora_alpha), ("--lora-targets", self.lora_targets or None)):
+                if value is not None:
+                    p.append(f"{flag} needs --lora-r")
+        if self.merge and not self.uses_lora():
+            p.append("--merge needs --lora-r or --adapter (it merges a LoRA adapter into the weights)")
         return p
 
     def check(self) -> TrainConfig:

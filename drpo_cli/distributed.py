@@ -235,8 +235,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool = Fa
 
 
 def load_sharded_model(path: str | os.PathLike, device: torch.device, *, dtype: str = "float32",
-                       allow_unsafe: bool = False, bf16: bool = False, cpu_offload: bool = False,
-                       prepare=None, extra_values=None):
+                       allow_unsafe: bool = False, bf16: bool = False, cpu_offload: bool = False, prepare=None):
     """One weight copy per node: the model built on the meta device, sharded, then each rank reads its rows.
 
     Every rank builds the architecture with its parameters on the meta device (no memory), applies
@@ -247,9 +246,9 @@ def load_sharded_model(path: str | os.PathLike, device: torch.device, *, dtype: 
     constructors on the CPU, kept aside across `to_empty` (which leaves them uninitialised), and
     put back. Tied weights stay one parameter through sharding and are read once.
 
-    prepare(model): called on the meta model before sharding (e.g. to add LoRA layers).
-    extra_values(name) -> full CPU tensor | None: values of parameters the checkpoint does not hold
-    (e.g. adapter weights); every other parameter missing from the files is an error.
+    prepare(model) -> {name: full CPU tensor} | None: called on the meta model before sharding (e.g. to
+    add LoRA layers); returns the values of parameters the checkpoint does not hold (e.g. adapter
+    weights). Every other parameter missing from the files is an error.
     Returns (model, CheckpointInfo).
     """
     from drpo_cli.checkpoint import (
@@ -272,8 +271,7 @@ def load_sharded_model(path: str | os.PathLike, device: torch.device, *, dtype: 
     policy_version = read_policy_version(path)
     model = empty_model(config, torch_dtype)
     check_shapes(path, model)
-    if prepare is not None:
-        prepare(model)
+    extra_values = (prepare(model) if prepare is not None else None) or {}
     computed = {(mod_name, name): buf.detach().clone() for mod_name, mod in model.named_modules()
                 for name, buf in mod._buffers.items() if buf is not None and name in mod._non_persistent_buffers_set}
     shard_model(model, device, bf16=bf16, cpu_offload=cpu_offload)
@@ -311,7 +309,9 @@ def _fill_shards(model: torch.nn.Module, path: Path, entries: dict, extra_values
             names = [n for n in names if n in persistent]
             if not names:
                 continue  # a non-persistent buffer: restored by the caller
-            found = next((n for n in names if n in entries), None)
+            # A layer wrapped by an adapter (peft's `base_layer`) keeps its weight under the plain name on disk.
+            on_disk = [n.replace(".base_layer.", ".") for n in names]
+            found = next((n for n in on_disk if n in entries), None)
             local = t.to_local() if isinstance(t, DTensor) else t
             rows = None
             if isinstance(t, DTensor) and local.dim() > 0 and local.shape[0] != t.shape[0]:
@@ -322,7 +322,7 @@ def _fill_shards(model: torch.nn.Module, path: Path, entries: dict, extra_values
             if found is not None:
                 value = read(entries[found], found, rows)
             else:
-                full = extra_values(names[0]) if extra_values is not None else None
+                full = extra_values.get(names[0])
                 if full is None:
                     missing.append(names[0])
                     continue
@@ -373,19 +373,22 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor | None]]:
+def full_tensors(model: torch.nn.Module, keep=None) -> Iterator[tuple[str, torch.Tensor | None]]:
     """(name, full CPU tensor on rank 0 / None elsewhere), one state-dict entry at a time.
 
     Collective: every rank must iterate to the end, in the same order. Peak memory on rank 0 is
     one full tensor beyond what the caller keeps. The names and the sharded values come from
     torch.distributed.checkpoint's state-dict helper (canonical FQNs, nothing gathered yet); each
     entry is then gathered alone, since `full_state_dict=True` would gather the whole model at once.
+    keep(name) -> bool: only these entries (e.g. the LoRA matrices) are gathered.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.tensor import DTensor
 
     sharded = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
     for name, value in sharded.items():
+        if keep is not None and not keep(name):
+            continue
         if isinstance(value, DTensor):
             if value.device.type != value.device_mesh.device_type:  # CPU-offloaded shard under nccl
                 value = value.to(value.device_mesh.device_type)
@@ -393,11 +396,14 @@ def full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor | N
         yield name, (value.detach().cpu() if rank() == 0 else None)
 
 
-def save_full_checkpoint(model: torch.nn.Module, *, out_dir: Path, **writer_kwargs) -> Path:
+def save_full_checkpoint(model: torch.nn.Module, *, out_dir: Path, keep=None, transform=None, convert=None,
+                         **writer_kwargs) -> Path:
     """One Hugging Face checkpoint from a sharded model: gathered per tensor, written by rank 0 only.
 
     Atomic across ranks: the writer's temporary directory is renamed into `out_dir` only after
     every rank has reported success, and removed otherwise; other ranks write nothing.
+    keep(name): gather only these entries; transform(stream) -> stream: e.g. a LoRA merge;
+    convert(name, tensor) -> [(saved name, tensor)] (default: `checkpoint.saved_format(model)`).
     """
     from drpo_cli.checkpoint import CheckpointWriter, saved_format
 
@@ -408,8 +414,9 @@ def save_full_checkpoint(model: torch.nn.Module, *, out_dir: Path, **writer_kwar
         except Exception as err:  # noqa: BLE001 - reported to every rank by agree()
             error = err
     try:
-        convert = saved_format(model)
-        for name, tensor in full_tensors(model):  # every rank gathers, even after a local error
+        convert = convert or saved_format(model)
+        stream = full_tensors(model, keep)
+        for name, tensor in (transform(stream) if transform else stream):  # every rank gathers, even after an error
             if writer is not None and error is None:
                 try:
                     for key, value in convert(name, tensor):

@@ -144,6 +144,9 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
                 "tokens": {"type": "integer", "minimum": 0, "description": "response tokens"},
                 "trained_tokens": {"type": "integer", "minimum": 0, "description": "response tokens with loss_mask 1"},
                 "vocab_size": {"type": "integer", "minimum": 1},
+                "adapter": {"type": ["string", "null"], "description": "the --adapter directory continued, if any"},
+                "trainable_parameters": {"type": "integer", "minimum": 0,
+                                         "description": "parameters the optimizer updates (LoRA: the adapter's)"},
             },
         },
         "output": {

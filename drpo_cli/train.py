@@ -35,12 +35,14 @@ from rich.console import Console
 
 from drpo_cli import __version__, distributed, outputs
 from drpo_cli.checkpoint import (
+    CheckpointWriter,
     check_free_space,
     default_out_dir,
     load_model,
     output_nbytes,
     read_policy_version,
     save_checkpoint,
+    saved_format,
 )
 from drpo_cli.config import TrainConfig
 from drpo_cli.data import plan_micro_batches
@@ -98,9 +100,13 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         raise ConfigError(f"{state_dir}: an interrupted run's state; pass --resume to continue it or delete it"
                           if why is None else f"{state_dir}: {why}; train keeps an interrupted run's state "
                           "there: move it or choose another --out")
+    # LoRA: peft imported and the adapter's config read before anything is loaded.
+    lora_config = _lora_config(cfg)
+    adapter_only = lora_config is not None and not cfg.merge
     # A full disk is found now, not after the last step (the output keeps the source's dtype).
     out_bytes = output_nbytes(cfg.model, _source_dtype(cfg.model))
-    check_free_space(out_dir, out_bytes)
+    if not adapter_only:  # an adapter's size is known once it is built (below)
+        check_free_space(out_dir, out_bytes)
 
     # Under torchrun: join the process group; FSDP2 shards the model, rows are split by rank.
     device = distributed.init(pick_device(cfg.device))
@@ -124,12 +130,24 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     # The reference model's log-probs, in one inference pass before the policy is loaded: one model at a time.
     ref_logp = _reference_logprobs(cfg, rows, device, sharded, autocast) if cfg.ref_model else None  # (T,)
     # fp32 master weights; bf16 only inside autocast.
+    prepare = None if lora_config is None else (lambda m: _add_lora(m, cfg, lora_config))
     if sharded:  # built on the meta device, each rank reads its shards only; bf16 compute / fp32 reduce on CUDA
         model, info = distributed.load_sharded_model(cfg.model, device, allow_unsafe=cfg.allow_unsafe_weights,
-                                                     bf16=autocast is not None, cpu_offload=cfg.cpu_offload)
+                                                     bf16=autocast is not None, cpu_offload=cfg.cpu_offload,
+                                                     prepare=prepare)
     else:
         model, info = load_model(cfg.model, device=str(device), dtype="float32", allow_unsafe=cfg.allow_unsafe_weights)
+        if prepare is not None:
+            values = prepare(model)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in values:
+                        p.copy_(values[name])
     check_vocabulary(rows, info.vocab_size, cfg.model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # global numel for DTensors
+    if adapter_only:
+        out_bytes = 4 * trainable + 64 * 1024
+        check_free_space(out_dir, out_bytes)
     mask = torch.from_numpy(rows.loss_mask)  # (T,) bool
     # Values where loss_mask is 0 are unspecified (SPEC.md §3): zero them so 0-weighted tokens stay finite.
     behavior = torch.from_numpy(np.where(rows.loss_mask, rows.behavior_logprobs, 0.0).astype(np.float32))  # (T,)
@@ -225,7 +243,8 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         "input": {"model": os.path.abspath(cfg.model), "policy_version": in_version,
                   "rollouts": [os.path.abspath(p) for p in cfg.rollouts], "rows": rows.num_rows,
                   "tokens": rows.num_tokens, "trained_tokens": int(rows.loss_mask.sum()),
-                  "vocab_size": info.vocab_size},
+                  "vocab_size": info.vocab_size, "adapter": cfg.adapter and os.path.abspath(cfg.adapter),
+                  "trainable_parameters": trainable},
         "output": {"dir": str(out_dir), "policy_version": out_version},
         "loss": {"name": cfg.loss, "hparams": hp, "anchor": cfg.anchor, "is_correction": cfg.is_correction,
                  "is_level": cfg.is_level, "agg": cfg.agg,
@@ -240,7 +259,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         "seconds": time.perf_counter() - t0,
     }
     text = train_report_json(report)
-    _save_output(model, cfg, out_dir, out_version, text, out_bytes)
+    _save_output(model, cfg, out_dir, out_version, text, out_bytes, lora_config)
     outputs.remove_output(state_dir, "state")  # only drpo's own state; anything else stays
     if not cfg.quiet and distributed.rank() == 0:
         print_train_summary(report, console)
@@ -401,17 +420,58 @@ def _flat_metrics(summary: dict) -> dict[str, float | int | None]:
 
 
 def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, report_text: str,
-                 expected_bytes: int) -> None:
-    """Checkpoint and report appear together, in one atomic rename (--overwrite: an atomic swap, outputs.py)."""
-    if distributed.is_sharded(model):  # gathered tensor by tensor, written by rank 0 once every rank succeeded
-        distributed.save_full_checkpoint(model, out_dir=out_dir, source_dir=cfg.model, policy_version=version,
-                                         training_config=cfg.to_dict(), overwrite=cfg.overwrite,
-                                         dtype=_source_dtype(cfg.model), extra_files={REPORT_NAME: report_text},
-                                         expected_bytes=expected_bytes)
-        return
-    save_checkpoint(model, source_dir=cfg.model, out_dir=out_dir, policy_version=version,
-                    training_config=cfg.to_dict(), overwrite=cfg.overwrite, dtype=_source_dtype(cfg.model),
-                    extra_files={REPORT_NAME: report_text}, expected_bytes=expected_bytes)
+                 expected_bytes: int, lora_config) -> None:
+    """Checkpoint (or adapter) and report appear together, in one atomic rename (--overwrite: an atomic swap, outputs.py).
+
+    A sharded model is gathered tensor by tensor and written by rank 0 once every rank succeeded.
+    With LoRA: the adapter alone in peft's format, or (--merge) full weights W + (alpha / r)·B A.
+    """
+    kw = {"source_dir": cfg.model, "policy_version": version, "training_config": cfg.to_dict(),
+          "overwrite": cfg.overwrite, "extra_files": {REPORT_NAME: report_text}, "expected_bytes": expected_bytes}
+    sharded = distributed.is_sharded(model)
+    keep = transform = convert = None
+    if lora_config is not None:
+        from drpo_cli import lora
+
+        if cfg.merge:
+            scale = lora.scalings(model)
+            transform = lambda stream: lora.merged(stream, scale)
+        else:
+            kw["adapter_config"] = lora.config_json(lora_config, os.path.abspath(cfg.model))
+            keep, convert = lora.is_lora, (lambda name, t: [(lora.disk_name(name), t)])
+    if not (lora_config is not None and not cfg.merge):
+        kw["dtype"] = _source_dtype(cfg.model)  # the output keeps the input's weight dtype (training ran in fp32)
+    if sharded:
+        distributed.save_full_checkpoint(model, out_dir=out_dir, keep=keep, transform=transform, convert=convert, **kw)
+    elif lora_config is None:
+        save_checkpoint(model, out_dir=out_dir, **kw)
+    else:
+        stream = ((n, t) for n, t in model.state_dict().items() if keep is None or keep(n))
+        convert = convert or saved_format(model)
+        with CheckpointWriter(out_dir, config=model.config, **kw) as writer:
+            for name, tensor in (transform(stream) if transform else stream):
+                for key, value in convert(name, tensor):
+                    writer.add(key, value)
+            writer.commit()
+
+
+def _lora_config(cfg: TrainConfig):
+    """peft's LoraConfig for this run (new, or the --adapter's own), or None without LoRA."""
+    if not cfg.uses_lora():
+        return None
+    from drpo_cli import lora
+
+    if cfg.adapter is not None:
+        return lora.read_config(cfg.adapter)
+    return lora.new_config(cfg.lora_r, cfg.resolved_lora_alpha(), cfg.lora_targets)
+
+
+def _add_lora(model, cfg: TrainConfig, lora_config) -> dict[str, torch.Tensor]:
+    """LoRA layers injected, everything else frozen; returns the adapter's starting values (full tensors)."""
+    from drpo_cli import lora
+
+    lora.add_adapter(model, lora_config)
+    return lora.read_adapter(cfg.adapter, model) if cfg.adapter else lora.initial_values(model, cfg.seed)
 
 
 def _source_dtype(model_dir: str) -> str | None:
