@@ -52,6 +52,8 @@ def worker(path: str, way: str, out: str) -> None:
 
     torch.set_num_threads(1)
     device = distributed.init(torch.device("cpu"))
+    from transformers import LlamaForCausalLM  # noqa: F401 - the modelling code is part of the bare footprint
+
     bare = rss_bytes()
     if way == "sharded":
         model, _ = distributed.load_sharded_model(path, device)

@@ -253,6 +253,36 @@ class TensorEntry:
     dtype: str  # safetensors dtype name, e.g. F32, BF16
     shape: tuple[int, ...]
     nbytes: int
+    offset: int  # where the tensor's bytes start in the file
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_rows(entry: TensorEntry, start: int, stop: int, out: torch.Tensor) -> None:
+    """Copy rows [start, stop) of a stored tensor into `out` (any dtype and device), reading only those bytes.
+
+    Plain reads, not a memory map: the pages of the file do not become part of this process's
+    resident memory, so N ranks reading N disjoint slices hold one copy of the weights together.
+    When `out` is a CPU tensor of the stored dtype the bytes land in it directly (no extra copy).
+    """
+    dtype = _ST_DTYPES.get(entry.dtype)
+    if dtype is None:
+        raise CheckpointError(f"{entry.file}: unsupported safetensors dtype {entry.dtype}")
+    row_numel = math.prod(entry.shape[1:]) if entry.shape else 1
+    count = (stop - start) * row_numel
+    direct = out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
+    buf = out if direct else torch.empty(count, dtype=dtype)
+    if count:
+        with open(entry.file, "rb") as f:
+            f.seek(entry.offset + start * row_numel * dtype.itemsize)
+            view = memoryview(buf.view(-1).view(torch.uint8).numpy())
+            if f.readinto(view) != len(view):
+                raise CheckpointError(f"{entry.file}: truncated safetensors file (tensor data ends early)")
+    if not direct:
+        out.copy_(buf.view(out.shape))
 
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -285,7 +315,7 @@ def safetensors_header(file: Path) -> dict[str, TensorEntry]:
             if name == "__metadata__":
                 continue
             lo, hi = (int(x) for x in t["data_offsets"])
-            entries[name] = TensorEntry(file, str(t["dtype"]), tuple(int(d) for d in t["shape"]), hi - lo)
+            entries[name] = TensorEntry(file, str(t["dtype"]), tuple(int(d) for d in t["shape"]), hi - lo, 8 + n + lo)
             end = max(end, hi)
     except (TypeError, KeyError, ValueError) as err:
         raise CheckpointError(f"{file}: corrupt safetensors header ({type(err).__name__}: {err})") from err

@@ -240,7 +240,8 @@ def load_sharded_model(path: str | os.PathLike, device: torch.device, *, dtype: 
 
     Every rank builds the architecture with its parameters on the meta device (no memory), applies
     FSDP2 (`shard_model`), allocates only its own shards (`to_empty`) and fills them from the
-    safetensors files with `get_slice`, reading only the rows of each tensor it holds: the ranks of
+    safetensors files, reading only the bytes of the rows of each tensor it holds (plain reads, no
+    memory map): the ranks of
     a node together read each weight once, so CPU memory for weights stays one model copy whatever
     the number of local ranks. Non-persistent buffers (rotary `inv_freq`) are computed by the
     constructors on the CPU, kept aside across `to_empty` (which leaves them uninitialised), and
@@ -283,18 +284,11 @@ def load_sharded_model(path: str | os.PathLike, device: torch.device, *, dtype: 
     return model.eval(), checkpoint_info(path, policy_version, model)
 
 
-def _fill_shards(model: torch.nn.Module, path: Path, entries: dict, extra_values) -> None:
+def _fill_shards(model: torch.nn.Module, path: Path, entries: dict, extra_values: dict) -> None:
     """Copy each rank's rows of every parameter (and persistent buffer) from the files, in place."""
-    from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
-    handles: dict = {}
-
-    def read(entry, name: str, rows: slice | None) -> torch.Tensor:
-        if entry.file not in handles:
-            handles[entry.file] = safe_open(str(entry.file), framework="pt")
-        view = handles[entry.file].get_slice(name)
-        return view[rows] if rows is not None else view[:]
+    from drpo_cli.checkpoint import read_rows
 
     aliases: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
@@ -309,26 +303,21 @@ def _fill_shards(model: torch.nn.Module, path: Path, entries: dict, extra_values
             names = [n for n in names if n in persistent]
             if not names:
                 continue  # a non-persistent buffer: restored by the caller
-            # A layer wrapped by an adapter (peft's `base_layer`) keeps its weight under the plain name on disk.
-            on_disk = [n.replace(".base_layer.", ".") for n in names]
-            found = next((n for n in on_disk if n in entries), None)
             local = t.to_local() if isinstance(t, DTensor) else t
-            rows = None
+            start, stop = 0, (t.shape[0] if t.dim() else 1)
             if isinstance(t, DTensor) and local.dim() > 0 and local.shape[0] != t.shape[0]:
                 # FSDP2 shards dim 0 like torch.chunk: ceil(n / world) rows per rank, the last ones shorter.
-                per_rank = -(-t.shape[0] // world_size())
-                start = min(rank() * per_rank, t.shape[0])
-                rows = slice(start, start + local.shape[0])
+                start = min(rank() * -(-t.shape[0] // world_size()), t.shape[0])
+                stop = start + local.shape[0]
+            # A layer wrapped by an adapter (peft's `base_layer`) keeps its weight under the plain name on disk.
+            found = next((n for n in (m.replace(".base_layer.", ".") for m in names) if n in entries), None)
             if found is not None:
-                value = read(entries[found], found, rows)
+                read_rows(entries[found], start, stop, local)
+            elif names[0] in extra_values:
+                full = extra_values[names[0]]
+                local.copy_(full[start:stop] if full.dim() else full)
             else:
-                full = extra_values.get(names[0])
-                if full is None:
-                    missing.append(names[0])
-                    continue
-                value = full[rows] if rows is not None else full
-            if local.numel():
-                local.copy_(value.reshape(local.shape))
+                missing.append(names[0])
     if missing:
         raise CheckpointError(f"{path}: weights missing from the checkpoint: {', '.join(sorted(missing)[:3])}"
                               + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
