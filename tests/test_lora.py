@@ -158,6 +158,13 @@ def test_lora_options_are_checked_before_any_work(tmp_path):
         assert any(expected in p for p in problems), (expected, problems)
 
 
+def test_the_adapter_is_an_input_no_output_may_overlap(adapter_run, toy):
+    for out in (adapter_run, adapter_run / "sub", adapter_run.parent):
+        problems = TrainConfig(rollouts=(str(toy / "rollouts.arrow"),), model=str(toy / "model"), out=str(out),
+                               adapter=str(adapter_run), overwrite=True).validate()
+        assert any("--adapter" in p for p in problems), (out, problems)
+
+
 def test_missing_peft_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(ConfigError, match=r"need peft: pip install 'drpo\[lora\]'"):
