@@ -3,15 +3,14 @@
 Rows are loaded (and validated) once, grouped into token-budget micro-batches, and their log-probs
 computed by the log-prob engine under inference_mode; each micro-batch feeds the mergeable
 Diagnostics accumulator, the per-sequence scores and (optionally) the per-token Arrow writer, so
-memory holds the rows plus one micro-batch. The logging-bug checks recompute log-probs of fresh
-(lag 0) rows at a few temperatures and compare them with the logged ones.
+memory holds the rows plus one micro-batch. The logging-bug checks read the log-probs of fresh
+(lag 0) rows at a few more temperatures from the same chunk logits and compare them with the logged ones.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -77,6 +76,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     # Per-token rows: every rank builds its record batches, rank 0 gathers and writes them.
     writer = _PerTokenWriter(per_token_path, rows) if per_token_path or cfg.per_token is not None else None
     local_tokens = sum(mb.num_tokens for mb in micro_batches)
+    check = LoggingCheck.plan(rows, row_lag)  # logging-bug checks, fed by the same passes
     try:
         with torch.inference_mode():
             for filler in fillers:
@@ -84,7 +84,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 if writer is not None:
                     writer.gather(None)
             for mb in micro_batches:
-                logp, entropy = _logprobs(model, mb, device, cfg)  # (M,), (M,)
+                logp, entropy = _logprobs(model, mb, device, cfg, check)  # (M,), (M,)
                 idx = mb.token_index.numpy()  # (M,) flat token indices
                 mu = torch.from_numpy(rows.behavior_logprobs[idx])  # (M,)
                 adv = torch.from_numpy(rows.advantages[idx])  # (M,)
@@ -98,11 +98,11 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                     writer.gather(writer.batch(idx, logp, entropy, t, token_lag[idx], position[idx]))
                 if progress is not None:
                     progress("per-token log-probs (tokens)", mb.num_tokens, local_tokens)
-            checks = logging_checks(model, rows, row_lag, device, cfg, progress)
     finally:
         if writer is not None:
             writer.close()
     summary = diag.all_reduce_().summary()
+    checks = check.result() if check is not None else None
     _all_reduce_sequences(seq)
     positions = distributed.all_reduce_sum(torch.tensor(
         [len(micro_batches), sum(mb.positions for mb in micro_batches),
@@ -136,11 +136,18 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     return section, metrics, current, version_source, notes
 
 
-def _logprobs(model, mb, device, cfg: InspectConfig):
-    from drpo_cli.logprobs import token_logprobs
+def _logprobs(model, mb, device, cfg: InspectConfig, check: LoggingCheck | None = None):
+    """(logp (M,), entropy (M,)) on the CPU; feeds `check` the same chunk logits at its temperatures."""
+    from drpo_cli.logprobs import token_logprobs_at
 
-    logp, entropy = token_logprobs(model, mb.to(device), chunk_tokens=cfg.chunk_tokens, with_entropy=True)
-    return logp.float().cpu(), entropy.float().cpu()  # (M,), (M,)
+    select = check.select(mb) if check is not None else torch.zeros(0, dtype=torch.bool)
+    temps = check.extra_temperatures if check is not None and bool(select.any()) else ()
+    logp, entropy, extra = token_logprobs_at(model, mb.to(device), temps, select, chunk_tokens=cfg.chunk_tokens,
+                                             with_entropy=True)
+    logp, entropy = logp.float().cpu(), entropy.float().cpu()  # (M,), (M,)
+    if temps:
+        check.update(mb, logp, extra.cpu())
+    return logp, entropy
 
 
 def _all_reduce_sequences(seq: np.ndarray) -> None:
@@ -253,48 +260,85 @@ class _PerTokenWriter:
 # ---- logging-bug checks (SPEC.md §2) ------------------------------------------------------------------
 
 
-def logging_checks(model, rows: RolloutRows, row_lag: np.ndarray, device, cfg: InspectConfig, progress=None):
+class LoggingCheck:
     """Evidence of a sampler that logged log-probs before temperature or after top-p/top-k truncation.
 
     On fresh rows (lag 0: the current model is the sampler, so log r should be ≈ 0 up to numerics),
-    measures the mean log r with its standard error, and recomputes log π at a few temperatures
-    around the logged one (and at T = 1) to see which fits the logged log-probs best (smallest mean
-    |log r|). Returns None when no row is known to be fresh. The findings say "suggests", never "is".
+    measures the mean log r with its standard error, and the log-probs at a few temperatures around
+    the logged one (and at T = 1) to see which fits the logged log-probs best (smallest mean |log r|).
+    Every temperature's log-prob comes from the audit's own pass (the same chunk logits, one more
+    log-sum-exp each: `logprobs.token_logprobs_at`); `update` takes each micro-batch's share, sums
+    are global under torchrun. The findings say "suggests", never "is".
     """
-    fresh = np.flatnonzero(row_lag == 0)
-    scope = "lag-0 rows"
-    if fresh.size == 0 and (row_lag >= 0).any():
-        return None
-    if fresh.size == 0:  # staleness unknown everywhere: the check still says something, with a caveat
-        fresh, scope = np.arange(rows.num_rows), "all rows (staleness unknown: valid only if the model sampled them)"
-    temps = rows.temperature[fresh]
-    values, counts = np.unique(temps, return_counts=True)
-    logged_t = float(values[np.argmax(counts)])
-    fresh = fresh[temps == logged_t]
-    masked = np.diff(np.concatenate([[0], np.cumsum(rows.loss_mask)])[rows.response_offsets])[fresh]  # (n,)
-    fresh = fresh[: max(int(np.searchsorted(np.cumsum(masked), CHECK_MAX_TOKENS)) + 1, 1)]
-    subset = rows.select(fresh)
-    mbs = plan_micro_batches(subset, np.arange(subset.num_rows), cfg.micro_batch_tokens)
-    candidates = sorted({round(logged_t * f, 4) for f in (1.0, *TEMPERATURE_FACTORS)} | {1.0})
-    fit, logr_at_logged = [], None
-    for temp in candidates:
-        logr = []
-        for mb in mbs:
-            scaled = replace(mb, temperature=torch.full_like(mb.temperature, temp))
-            logp = _logprobs(model, scaled, device, cfg)[0].double()  # (M,)
-            idx = mb.token_index.numpy()
-            keep = subset.loss_mask[idx]
-            logr.append((logp.numpy() - subset.behavior_logprobs[idx].astype(np.float64))[keep])
-        logr = np.concatenate(logr)
-        if temp == round(logged_t, 4):
-            logr_at_logged = logr
-        fit.append({"temperature": temp, "abs_logr_mean": float(np.abs(logr).mean()) if logr.size else None,
-                    "logr_mean": float(logr.mean()) if logr.size else None})
-        if progress is not None:
-            progress("logging checks (temperatures)", 1, len(candidates))
-    n = int(logr_at_logged.size)
-    mean = float(logr_at_logged.mean()) if n else None
-    sem = float(logr_at_logged.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+
+    def __init__(self, rows: RolloutRows, fresh: np.ndarray, scope: str, logged_t: float):
+        self.rows, self.scope, self.logged_t = rows, scope, logged_t
+        self.candidates = sorted({round(logged_t * f, 4) for f in (1.0, *TEMPERATURE_FACTORS)} | {1.0})
+        # The row's own temperature is the main pass's; every other candidate is an extra log-sum-exp.
+        self.own = next((c for c in self.candidates if np.float32(c) == np.float32(logged_t)), None)
+        self.extra_temperatures = tuple(c for c in self.candidates if c != self.own)
+        self.row_selected = np.zeros(rows.num_rows, dtype=bool)  # (N,)
+        self.row_selected[fresh] = True
+        self.token_row = rows.token_row()  # (T,)
+        self.num_rows = int(fresh.size)
+        # Per candidate: tokens, Σ log r, Σ |log r| (float64); log r at the logged temperature for its spread.
+        self.sums = np.zeros((len(self.candidates), 3), dtype=np.float64)
+        self.logr_at_logged: list[np.ndarray] = []
+
+    @classmethod
+    def plan(cls, rows: RolloutRows, row_lag: np.ndarray) -> LoggingCheck | None:
+        """The fresh rows checked (at most CHECK_MAX_TOKENS masked tokens, one temperature), or None."""
+        fresh = np.flatnonzero(row_lag == 0)
+        scope = "lag-0 rows"
+        if fresh.size == 0 and (row_lag >= 0).any():
+            return None
+        if fresh.size == 0:  # staleness unknown everywhere: the check still says something, with a caveat
+            fresh, scope = np.arange(rows.num_rows), "all rows (staleness unknown: valid only if the model sampled them)"
+        temps = rows.temperature[fresh]
+        values, counts = np.unique(temps, return_counts=True)
+        logged_t = float(values[np.argmax(counts)])
+        fresh = fresh[temps == logged_t]
+        masked = np.diff(np.concatenate([[0], np.cumsum(rows.loss_mask)])[rows.response_offsets])[fresh]  # (n,)
+        fresh = fresh[: max(int(np.searchsorted(np.cumsum(masked), CHECK_MAX_TOKENS)) + 1, 1)]
+        return cls(rows, fresh, scope, logged_t)
+
+    def select(self, mb) -> torch.Tensor:
+        """(M,) bool: this micro-batch's masked tokens of checked rows."""
+        idx = mb.token_index.numpy()
+        return torch.from_numpy(self.row_selected[self.token_row[idx]] & self.rows.loss_mask[idx])
+
+    def update(self, mb, logp: torch.Tensor, extra: torch.Tensor) -> None:
+        """Add a micro-batch: logp (M,) at the rows' temperature, extra (K, M) at the other candidates."""
+        keep = self.select(mb).numpy()
+        idx = mb.token_index.numpy()[keep]
+        mu = self.rows.behavior_logprobs[idx].astype(np.float64)
+        extras = iter(extra.double().numpy()[:, keep])
+        for j, temp in enumerate(self.candidates):
+            lp = logp.double().numpy()[keep] if temp == self.own else next(extras)
+            logr = lp - mu
+            self.sums[j] += (logr.size, logr.sum(), np.abs(logr).sum())
+            if temp == round(self.logged_t, 4):
+                self.logr_at_logged.append(logr)
+
+    def result(self) -> dict:
+        """The report's `logging_checks` section (global sums under torchrun: a collective)."""
+        from drpo_cli import distributed
+
+        sums = distributed.all_reduce_sum(torch.from_numpy(self.sums)).numpy()
+        fit = [{"temperature": temp, "abs_logr_mean": float(s[2] / s[0]) if s[0] else None,
+                "logr_mean": float(s[1] / s[0]) if s[0] else None} for temp, s in zip(self.candidates, sums)]
+        at = self.candidates.index(round(self.logged_t, 4))
+        n = int(sums[at, 0])
+        mean = float(sums[at, 1] / n) if n else None
+        # Two-pass spread around the global mean (log r on fresh rows is ≈ 0 ± 1e-7: no Σx² cancellation).
+        local = np.concatenate(self.logr_at_logged) if self.logr_at_logged else np.zeros(0)
+        squares = float(distributed.all_reduce_sum(torch.tensor([((local - (mean or 0.0)) ** 2).sum()],
+                                                                dtype=torch.float64))[0])
+        sem = float(math.sqrt(squares / (n - 1) / n)) if n > 1 else None
+        return _findings(self.scope, self.num_rows, self.logged_t, self.candidates, fit, n, mean, sem)
+
+
+def _findings(scope, num_rows, logged_t, candidates, fit, n, mean, sem) -> dict:
     scored = [f for f in fit if f["abs_logr_mean"] is not None]
     best = min(scored, key=lambda f: f["abs_logr_mean"]) if scored else None
     at_logged = next((f for f in fit if f["temperature"] == round(logged_t, 4)), None)
@@ -320,7 +364,7 @@ def logging_checks(model, rows: RolloutRows, row_lag: np.ndarray, device, cfg: I
                         if mean is not None and not temp_better and best is not None
                         and best["temperature"] == round(logged_t, 4)
                         else f"no clear evidence of a logging bug on {scope} ({n} tokens)")
-    return {"scope": scope, "rows": int(subset.num_rows), "tokens": n, "logr_mean": mean, "logr_sem": sem,
+    return {"scope": scope, "rows": num_rows, "tokens": n, "logr_mean": mean, "logr_sem": sem,
             "offset_suspected": bool(offset), "logged_temperature": logged_t, "temperature_fit": fit,
             "best_temperature": best["temperature"] if best else None, "temperature_suspected": bool(temp_better),
             "findings": findings}

@@ -16,6 +16,7 @@ as the model's own forward does before the sampler divides by τ; unknown ones a
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,8 +114,12 @@ class _Workspace:
         self.spare = torch.empty(rows, vocab, dtype=torch.float32, device=device) if spare else None
 
 
-def _chunk_logits(h: torch.Tensor, head: Head, inv_temp: torch.Tensor, ws: _Workspace):
-    """Temperature-scaled float32 logits z (m, V) of one chunk, and tanh(x / c) when soft-capped."""
+def _chunk_logits(h: torch.Tensor, head: Head, inv_temp: torch.Tensor, ws: _Workspace, before_temperature=None):
+    """Temperature-scaled float32 logits z (m, V) of one chunk, and tanh(x / c) when soft-capped.
+
+    `before_temperature(x)`, when given, sees the logits before the division by τ (the extra
+    temperatures of `token_logprobs` are read from them).
+    """
     m = h.shape[0]
     # The head runs in the weight's own dtype even when the caller holds an autocast context.
     with torch.autocast(h.device.type, enabled=False):
@@ -130,7 +135,25 @@ def _chunk_logits(h: torch.Tensor, head: Head, inv_temp: torch.Tensor, ws: _Work
     if head.softcap is not None:
         t = torch.tanh(z / head.softcap)  # (m, V), kept for d softcap / dx = 1 − t²
         z = torch.mul(t, head.softcap, out=z)
+    if before_temperature is not None:
+        before_temperature(z)
     return z.mul_(inv_temp[:, None]), t
+
+
+def _logp_at_temperatures(x: torch.Tensor, targets: torch.Tensor, sel: torch.Tensor, inv: torch.Tensor,
+                          buf: torch.Tensor) -> torch.Tensor:
+    """(K, k) log-probs of tokens `sel` of a chunk at K more temperatures, from its logits x (m, V) before τ.
+
+    The same float32 operations as a pass at that temperature (scale, gather, max, exp, sum), one
+    log-sum-exp per temperature over the selected rows, written into `buf` (≥ k rows): no head GEMM.
+    """
+    k = sel.shape[0]
+    out = torch.empty(inv.shape[0], k, dtype=torch.float32, device=x.device)
+    rows, tgt = buf[:k], targets[sel]
+    for j in range(inv.shape[0]):
+        z = torch.index_select(x, 0, sel, out=rows).mul_(inv[j])  # (k, V)
+        out[j] = _softmax_stats(z, tgt, False, None)[0]
+    return out
 
 
 def _softmax_stats(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, ws: _Workspace):
@@ -212,28 +235,40 @@ def _f32_zeros(like: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
-    """Chunked head + float32 log-softmax gather; backward recomputes each chunk's logits."""
+    """Chunked head + float32 log-softmax gather; backward recomputes each chunk's logits.
+
+    `extra_inv` (K,) / `extra_sel` (M,) bool: also the log-probs of the selected tokens at K more
+    temperatures (1/τ'), from the same chunk logits; a non-differentiable (K, M) output, NaN where
+    not selected.
+    """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, inv_temp, head, chunk, with_entropy):
-        m = h.shape[0]
-        ws = _Workspace(chunk, m, head, h.device, spare=with_entropy)
+    def forward(ctx, h, weight, bias, targets, inv_temp, head, chunk, with_entropy, extra_inv, extra_sel):
+        m, k = h.shape[0], extra_inv.shape[0]
+        ws = _Workspace(chunk, m, head, h.device, spare=with_entropy or k > 0)
         logp = torch.empty(m, dtype=torch.float32, device=h.device)
         ent = torch.empty(m if with_entropy else 0, dtype=torch.float32, device=h.device)
+        extra = torch.full((k, m if k else 0), math.nan, dtype=torch.float32, device=h.device)
         for s in range(0, m, chunk):
             sl = slice(s, min(s + chunk, m))
-            z, _ = _chunk_logits(h[sl], head, inv_temp[sl], ws)
+            sel = torch.nonzero(extra_sel[sl]).squeeze(1) if k else None  # (k_c,) rows of this chunk
+            hook = None
+            if sel is not None and sel.numel():
+                def hook(x, sl=sl, sel=sel):
+                    extra[:, sel + sl.start] = _logp_at_temperatures(x, targets[sl], sel, extra_inv, ws.spare)
+            z, _ = _chunk_logits(h[sl], head, inv_temp[sl], ws, before_temperature=hook)
             logp[sl], ent_c, _, _ = _softmax_stats(z, targets[sl], with_entropy, ws)
             if with_entropy:
                 ent[sl] = ent_c
         ctx.save_for_backward(h, targets, inv_temp)
         ctx.head, ctx.chunk, ctx.with_entropy = head, chunk, with_entropy
+        ctx.mark_non_differentiable(extra)
         if not with_entropy:
             ctx.mark_non_differentiable(ent)
-        return logp, ent
+        return logp, ent, extra
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
+    def backward(ctx, g_logp, g_ent, _g_extra):
         h, targets, inv_temp = ctx.saved_tensors
         head, chunk, m = ctx.head, ctx.chunk, h.shape[0]
         use_ent = ctx.with_entropy and g_ent is not None
@@ -255,7 +290,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
             dh = _accumulate_head_grads(gz, h[sl], head, grad_w, grad_b)
             if grad_h is not None:
                 grad_h[sl] = dh
-        return (grad_h, _cast(grad_w, head.weight), _cast(grad_b, head.bias), None, None, None, None, None)
+        return (grad_h, _cast(grad_w, head.weight), _cast(grad_b, head.bias), None, None, None, None, None,
+                None, None)
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -390,17 +426,41 @@ def token_logprobs(
     full vocabulary.
     """
     _check_chunk(chunk_tokens)
-    return run_engine(model, _token_logprobs, mb, chunk_tokens, with_entropy, dtype)
+    logp, ent, _ = run_engine(model, _token_logprobs, mb, chunk_tokens, with_entropy, dtype, (), None)
+    return logp, ent
 
 
-def _token_logprobs(model, mb: MicroBatch, chunk_tokens: int, with_entropy: bool, dtype):
+def token_logprobs_at(
+    model: torch.nn.Module,
+    mb: MicroBatch,
+    temperatures: tuple[float, ...],
+    select: torch.Tensor,
+    *,
+    chunk_tokens: int = 1024,
+    with_entropy: bool = False,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """`token_logprobs` plus the log-probs of the tokens `select` (M,) bool at K other temperatures.
+
+    Returns (logp (M,), entropy (M,) | None, extra (K, M) float32, NaN where not selected). The extra
+    log-probs come from the same chunk logits (no further head GEMM, no further body pass): one
+    log-sum-exp per temperature over the selected tokens, the same operations as a separate pass
+    at that temperature. Not differentiable in `extra`.
+    """
+    _check_chunk(chunk_tokens)
+    return run_engine(model, _token_logprobs, mb, chunk_tokens, with_entropy, dtype, tuple(temperatures), select)
+
+
+def _token_logprobs(model, mb: MicroBatch, chunk_tokens: int, with_entropy: bool, dtype, temperatures, select):
     head = output_head(model)
     h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
     inv_temp = 1.0 / mb.temperature.float()  # (M,)
-    logp, ent = _ChunkedLogprobs.apply(
-        h, head.weight, head.bias, mb.target_ids, inv_temp, head, chunk_tokens, with_entropy
+    extra_inv = 1.0 / torch.tensor(temperatures, dtype=torch.float32, device=h.device)  # (K,), as a pass at τ'
+    extra_sel = select.to(h.device) if temperatures else torch.zeros(0, dtype=torch.bool, device=h.device)
+    logp, ent, extra = _ChunkedLogprobs.apply(
+        h, head.weight, head.bias, mb.target_ids, inv_temp, head, chunk_tokens, with_entropy, extra_inv, extra_sel
     )
-    return logp, (ent if with_entropy else None)
+    return logp, (ent if with_entropy else None), extra
 
 
 def fused_token_loss(

@@ -221,3 +221,33 @@ def test_cli_model_gates_and_vocabulary(tmp_path, table):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "row 3" in lines[0] and "10000" in lines[0] and "vocabulary" in lines[0]
     assert not out2.exists() and not tok.exists() and not list(tmp_path.glob(".drpo-*"))
+
+
+def test_logging_check_fits_equal_a_separate_recompute_per_temperature(table):
+    # The in-pass check (extra log-sum-exps from the audit's chunk logits) against the obvious way: full
+    # logits of every fresh row recomputed at each candidate temperature.
+    report = inspect_and_write(InspectConfig(rollouts=(str(ROLLOUTS),), model=str(MODEL), quiet=True).check())
+    checks = report["model"]["logging_checks"]
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    fresh = [r for r in table.to_pylist() if r["policy_version"] == CURRENT_VERSION]
+    assert checks["rows"] == len(fresh) and len(checks["temperature_fit"]) >= 5
+    logr = {f["temperature"]: [] for f in checks["temperature_fit"]}
+    with torch.no_grad():
+        for row in fresh:
+            ids = torch.tensor(row["prompt_ids"] + row["response_ids"][:-1])[None]  # (1, L)
+            logits = model(input_ids=ids).logits[0, len(row["prompt_ids"]) - 1:].float()  # (R, V)
+            target = torch.tensor(row["response_ids"])[:, None]
+            keep = np.array(row["loss_mask"], dtype=bool) if row.get("loss_mask") else slice(None)
+            mu = np.array(row["behavior_logprobs"], dtype=np.float64)
+            for temp in logr:
+                lp = torch.log_softmax(logits / np.float32(temp), dim=-1).gather(1, target)[:, 0].double().numpy()
+                logr[temp].append((lp - mu)[keep])
+    for fit in checks["temperature_fit"]:
+        x = np.concatenate(logr[fit["temperature"]])
+        assert fit["abs_logr_mean"] == pytest.approx(np.abs(x).mean(), abs=1e-6)
+        assert fit["logr_mean"] == pytest.approx(x.mean(), abs=1e-6)
+    x = np.concatenate(logr[round(checks["logged_temperature"], 4)])
+    assert checks["tokens"] == x.size
+    assert checks["logr_mean"] == pytest.approx(x.mean(), abs=1e-6)
+    # log r on these rows is numerics only (≈ 1e-7 per token), so the spread compares at that level.
+    assert checks["logr_sem"] == pytest.approx(x.std(ddof=1) / np.sqrt(x.size), rel=1e-3, abs=1e-8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig, Llam
 
 from drpo_cli.data import plan_micro_batches
 from drpo_cli.errors import CheckpointError, ConfigError
-from drpo_cli.logprobs import fused_token_loss, output_head, pick_device, token_logprobs
+from drpo_cli.logprobs import fused_token_loss, output_head, pick_device, token_logprobs, token_logprobs_at
 
 TOL = 1e-5
 VOCAB = 97
@@ -180,6 +182,28 @@ def test_inference_mode_audit_path():
     assert not logp.requires_grad
     torch.testing.assert_close(logp, ref_logp.detach(), atol=TOL, rtol=TOL)
     torch.testing.assert_close(ent, ref_ent.detach(), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize(("config_cls", "extra"), [
+    (Qwen2Config, {}), (Gemma2Config, {"final_logit_softcapping": 3.0, "head_dim": 8, "attn": "eager"}),
+])
+def test_extra_temperatures_equal_separate_passes(config_cls, extra):
+    # Log-probs at other temperatures from the same chunk logits equal a separate pass at each one.
+    model, rows = build(config_cls, seed=12, **extra), random_rows(seed=13, n=6)
+    temps = (0.5, 0.9, 1.0, 1.6)
+    for mb in plan_micro_batches(rows, np.arange(rows.num_rows), 40):
+        select = torch.arange(mb.num_tokens) % 3 != 1  # spans chunk boundaries, some chunks partly
+        with torch.inference_mode():
+            logp, ent, at = token_logprobs_at(model, mb, temps, select, chunk_tokens=4, with_entropy=True)
+            ref_logp, ref_ent = token_logprobs(model, mb, chunk_tokens=4, with_entropy=True)
+            assert torch.equal(logp, ref_logp) and torch.equal(ent, ref_ent)  # the main outputs are unchanged
+            assert at.shape == (len(temps), mb.num_tokens) and at[:, ~select].isnan().all()
+            for j, temp in enumerate(temps):
+                sep, _ = token_logprobs(model, replace(mb, temperature=torch.full_like(mb.temperature, temp)),
+                                        chunk_tokens=4)
+                assert torch.equal(at[j, select], sep[select])  # the same float32 operations
+    none = token_logprobs_at(model, mb, (), torch.zeros(mb.num_tokens, dtype=torch.bool))[2]
+    assert none.shape == (0, 0)
 
 
 @pytest.mark.parametrize(
