@@ -477,7 +477,7 @@ class Diagnostics:
         if self.reject:
             out["reject/token_frac"] = ratio_of(s["reject/n_tokens"], float(s["reject/n"]))
             out["reject/seq_frac"] = ratio_of(s["reject/n_seq_rejected"], float(s["reject/n_seq"]))
-        histograms, what_if, notes = {}, [], []
+        histograms, what_if, notes, unreachable = {}, [], [], set()
         for prefix, name, hp in self._weighted:
             stats = self._weight_stats(prefix, n)
             if prefix == name:
@@ -485,7 +485,8 @@ class Diagnostics:
                 histograms[f"weight/{name}"] = self._coarse(prefix, n)
             else:
                 what_if.append({"delta": hp["delta"], **stats, "boundary_reachable": hp["delta"] < 1})
-            if name == "drpo" and hp["delta"] >= 1:
+            if name == "drpo" and hp["delta"] >= 1 and hp["delta"] not in unreachable:  # once per δ
+                unreachable.add(hp["delta"])
                 notes.append(
                     f"drpo delta={hp['delta']:g} >= 1: the trust-region boundary |Δ| = δ is unreachable "
                     f"(|Δ| <= 1), so w stays in [{1 - 1 / hp['delta']:.3g}, {1 + 1 / hp['delta']:.3g}] "

@@ -66,6 +66,37 @@ def fmt(x: Any) -> str:
     return str(x)
 
 
+def fmt_cell(x: Any) -> str:
+    """A table cell: 3 significant digits and a short exponent ("6.31e-8"), so columns stay narrow."""
+    if isinstance(x, float) and not isinstance(x, bool) and math.isfinite(x) and x != 0:
+        if 1e-3 <= abs(x) < 1e5:
+            short = f"{x:.3g}"
+            return f"{x:,.0f}" if "e" in short else short  # 12345.6 -> "12,346", not "1.23e+04"
+        mantissa, exponent = f"{x:.2e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return fmt(x)
+
+
+def number_table(title: str, first: str, columns: list[str], rows: list[list[str]], **kw: Any) -> Any:
+    """A rich table whose numbers are never elided: the first (key) column and the headers wrap instead.
+
+    Number columns have a fixed width, that of their widest cell or header word; headers wrap at
+    spaces (`_` shown as a space); the key column is the only flexible one and folds, so on a narrow
+    terminal the labels give way, never the values.
+    """
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", **kw)
+    table.add_column(first.replace("_", " "), overflow="fold")
+    for j, c in enumerate(columns):
+        header = c.replace("_", " ")
+        width = max([len(r[j + 1]) for r in rows] + [len(w) for w in header.split()])
+        table.add_column(header, justify="right", width=width, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
 def histogram_lines(labels: list[str], counts: list[float], *, width: int = 40, unit: str = "") -> list[str]:
     """Horizontal terminal histogram, one line per bin: `label │█████▍ count (share)`."""
     total = sum(counts) or 1
@@ -246,49 +277,32 @@ def train_report_json(report: dict) -> str:
 
 def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
     """One table, metrics × steps (first and last steps when there are many) + closing audit; worst samples."""
-    from rich.table import Table
 
     steps, final = report["steps"], report["final"]
     shown = steps if len(steps) <= max_steps else steps[: max_steps // 2] + steps[-max_steps // 2 :]
     keys = [*TRAIN_METRICS, *(k for k in final["metrics"] if _is_loss_metric(k, report["loss"]["name"]))]
-    table = Table(title=f"drpo train: {report['loss']['name']}, {len(steps)} optimizer steps", title_justify="left")
-    table.add_column("metric", no_wrap=True, min_width=max(len(k) for k in keys))
-    for i, s in enumerate(shown):
-        if len(shown) < len(steps) and i == max_steps // 2:
-            table.add_column("…")
-        table.add_column(f"step {s['step']}" + (" skipped" if s["skipped"] else ""), justify="right")
-    table.add_column("final audit", justify="right")
-    table.add_column("change", justify="right")
-    gap = [""] if len(shown) < len(steps) else []
+    gap = len(shown) < len(steps)
+    headers = [f"step {s['step']}" + (" skipped" if s["skipped"] else "") for s in shown]
+    if gap:
+        headers.insert(max_steps // 2, "⋯")
 
     def cells(values: list[str]) -> list[str]:
-        return values[: max_steps // 2] + gap + values[max_steps // 2 :] if gap else values
+        return values[: max_steps // 2] + ["⋯"] + values[max_steps // 2 :] if gap else values
 
-    for name in ("loss", "grad_norm", "lr", "tokens"):
-        table.add_row(name, *cells([fmt(s[name]) for s in shown]), "", "")
-    for k in keys:
-        table.add_row(k, *cells([fmt(s["metrics"].get(k)) for s in shown]), fmt(final["metrics"].get(k)),
-                      fmt(final["change_from_first_step"].get(k)))
-    console.print(table)
+    rows = [[name, *cells([fmt_cell(s[name]) for s in shown]), "", ""] for name in ("loss", "grad_norm", "lr", "tokens")]
+    rows += [[k, *cells([fmt_cell(s["metrics"].get(k)) for s in shown]), fmt_cell(final["metrics"].get(k)),
+              fmt_cell(final["change_from_first_step"].get(k))] for k in keys]
+    console.print(number_table(f"drpo train: {report['loss']['name']}, {len(steps)} optimizer steps", "metric",
+                               [*headers, "final audit", "change"], rows))
 
     if final["worst_samples"]:
-        worst = Table(title="worst samples (harmful fraction)", title_justify="left")
-        for col in ("sample_id", "harmful_frac", "outside_frac", "delta_abs_max", "tokens"):
-            worst.add_column(col, justify="right" if col != "sample_id" else "left")
-        for w in final["worst_samples"]:
-            worst.add_row(w["sample_id"], fmt(w["harmful_frac"]), fmt(w["outside_frac"]),
-                          fmt(w["delta_abs_max"]), str(w["tokens"]))
-        console.print(worst)
+        cols = ("harmful_frac", "outside_frac", "delta_abs_max", "tokens")
+        console.print(number_table("worst samples (harmful fraction)", "sample_id", list(cols),
+                                   [[w["sample_id"], *(fmt_cell(w[c]) for c in cols)] for w in final["worst_samples"]]))
     for note in report["notes"]:
         console.print(f"note: {note}")
     if report["skipped_steps"]:
         console.print(f"[yellow]{report['skipped_steps']} step(s) skipped: non-finite loss or gradient norm[/]")
-
-
-def _is_loss_metric(key: str, loss: str) -> bool:
-    """What the loss in use does to the tokens: `ppo_clip/clip_frac`, `weight/drpo_corrective_frac`, ..."""
-    ns = loss.replace("-", "_")
-    return key.startswith(f"{ns}/") or (key.startswith(f"weight/{ns}_") and key.endswith("_frac"))
 
 
 def _is_loss_metric(key: str, loss: str) -> bool:
@@ -565,22 +579,14 @@ def render_inspect(report: dict, console: Any) -> None:
 def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
     from rich.table import Table
 
-    table = Table(title=f"Current model vs sampler: {fmt(model['tokens'])} tokens, lag from version "
-                        f"{model['checkpoint']['policy_version']}", title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name in INSPECT_HEADLINE:
-        table.add_row(name, fmt(metrics.get(name)))
-    console.print(table)
+    console.print(number_table(f"Current model vs sampler: {fmt(model['tokens'])} tokens, lag from version "
+                               f"{model['checkpoint']['policy_version']}", "metric", ["value"],
+                               [[name, fmt_cell(metrics.get(name))] for name in INSPECT_HEADLINE]))
     if model["distributions"]:
         keys = ["mean", "p50", "p90", "p99", "p99.9", "max"]
-        dist = Table(title="Distributions over tokens", title_justify="left")
-        dist.add_column("quantity")
-        for k in keys:
-            dist.add_column(k, justify="right")
-        for name, q in model["distributions"].items():
-            dist.add_row(name, *(fmt(q.get(k)) for k in keys))
-        console.print(dist)
+        console.print(number_table("Distributions over tokens", "quantity", keys,
+                                   [[name, *(fmt_cell(q.get(k)) for k in keys)]
+                                    for name, q in model["distributions"].items()]))
     what_if = [{k: w.get(k) for k in ("delta", "reachable", "corrective_frac", "attenuated_frac", "min", "max")}
                for w in model["drpo_what_if"]]
     for title, records, first in [("By staleness lag", model["by_lag"], "key"),
@@ -610,12 +616,6 @@ def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
 
 
 def _records_table(title: str, records: list[dict], first: str) -> Any:
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    columns = [first] + [k for k in records[0] if k != first]
-    for c in columns:
-        table.add_column(c, justify="left" if c == first else "right")
-    for r in records:
-        table.add_row(*(fmt(r.get(c)) for c in columns))
-    return table
+    columns = [k for k in records[0] if k != first]
+    return number_table(title, first, columns, [[fmt(r.get(first)), *(fmt_cell(r.get(c)) for c in columns)]
+                                                for r in records])

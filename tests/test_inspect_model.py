@@ -239,9 +239,9 @@ def test_logging_check_fits_equal_a_separate_recompute_per_temperature(table):
             target = torch.tensor(row["response_ids"])[:, None]
             keep = np.array(row["loss_mask"], dtype=bool) if row.get("loss_mask") else slice(None)
             mu = np.array(row["behavior_logprobs"], dtype=np.float64)
-            for temp in logr:
+            for temp, values in logr.items():
                 lp = torch.log_softmax(logits / np.float32(temp), dim=-1).gather(1, target)[:, 0].double().numpy()
-                logr[temp].append((lp - mu)[keep])
+                values.append((lp - mu)[keep])
     for fit in checks["temperature_fit"]:
         x = np.concatenate(logr[fit["temperature"]])
         assert fit["abs_logr_mean"] == pytest.approx(np.abs(x).mean(), abs=1e-6)
@@ -251,3 +251,22 @@ def test_logging_check_fits_equal_a_separate_recompute_per_temperature(table):
     assert checks["logr_mean"] == pytest.approx(x.mean(), abs=1e-6)
     # log r on these rows is numerics only (≈ 1e-7 per token), so the spread compares at that level.
     assert checks["logr_sem"] == pytest.approx(x.std(ddof=1) / np.sqrt(x.size), rel=1e-3, abs=1e-8)
+
+
+def test_console_at_80_columns_elides_no_number_and_notes_once(run):
+    # The report (δ 12.5 chosen and in the what-if sweep) printed on an 80-column terminal.
+    import io
+
+    from rich.console import Console
+
+    from drpo_cli.report import render_inspect
+
+    report, _ = run
+    assert sum("12.5 >= 1" in n for n in report["notes"]) == 1  # the δ ≥ 1 note once in the JSON
+    console = Console(width=80, file=io.StringIO(), color_system=None)
+    render_inspect(report, console)
+    text = console.file.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert text.count("12.5 >= 1") == 1
+    for w in report["model"]["worst_sequences"]:  # every value printed whole (3 significant digits)
+        assert f"{w['harmful_frac']:.3g}" in text
