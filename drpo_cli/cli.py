@@ -299,6 +299,10 @@ class _ProgressBar:
 
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
+    config: str | None = typer.Option(
+        None, "--config", help="TOML or JSON file of options (a drpo_checkpoint.json reruns its run); flags override it."
+    ),
     rollouts: list[str] = typer.Option([], "--rollouts", "-r", help="Rollout file or directory (repeatable)."),
     model: str = typer.Option("", "--model", "-m", help="Input Hugging Face checkpoint directory."),
     out: str | None = typer.Option(None, "--out", "-o", help="Output directory (default: a sibling MODEL-v<N+1>)."),
@@ -358,6 +362,9 @@ def train_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out that drpo wrote."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (OUT.partial-state/)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary tables."),
+    tensorboard: str | None = typer.Option(
+        None, "--tensorboard", help="Write every step's metrics as TensorBoard events to DIR (rounds form one curve)."
+    ),
     allow_unsafe_weights: bool = typer.Option(False, "--allow-unsafe-weights", help="Allow pickle weights."),
 ) -> None:
     """Run off-policy update passes on rollouts and write an updated checkpoint with a trust-region report."""
@@ -365,7 +372,7 @@ def train_command(
     def body() -> None:
         from drpo_cli.config import TrainConfig
 
-        cfg = TrainConfig(
+        options = dict(  # noqa: C408 -- the keyword form TrainConfig(...) takes
             rollouts=tuple(rollouts), model=model, out=out, loss=loss, delta=delta, eps=eps,
             eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ratio_cap=ratio_cap, anchor=anchor,
             is_correction=is_correction, is_cap=is_cap, is_band=is_band, is_level=is_level, reject=tuple(reject),
@@ -375,10 +382,16 @@ def train_command(
             lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, warmup_steps=warmup_steps,
             seed=seed, device=device, dtype=dtype, grad_checkpointing=grad_checkpointing, cpu_offload=cpu_offload,
             tr_delta=tr_delta, temperature=temperature, columns=tuple(column), overwrite=overwrite, resume=resume,
-            quiet=quiet, allow_unsafe_weights=allow_unsafe_weights, lora_r=lora_r, lora_alpha=lora_alpha,
+            quiet=quiet, tensorboard=tensorboard, allow_unsafe_weights=allow_unsafe_weights, lora_r=lora_r, lora_alpha=lora_alpha,
             lora_targets=tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip()), adapter=adapter,
             merge=merge,
-        ).check()
+        )
+        if config is None:
+            cfg = TrainConfig(**options).check()
+        else:
+            from drpo_cli.config_file import train_config
+
+            cfg = train_config(config, _given(ctx, options, {"column": "columns"})).check()
         if nproc is not None and "WORLD_SIZE" not in os.environ:  # not yet under a launcher: start one
             import subprocess
 
@@ -393,6 +406,16 @@ def train_command(
             typer.echo(f"wrote {result.out_dir} (policy version {result.policy_version})")
 
     run_guarded(body)
+
+
+def _given(ctx: typer.Context, options: dict, renames: dict[str, str]) -> dict:
+    """The entries of `options` (field name -> value) set on the command line or by environment variable."""
+    def explicit(param: str) -> bool:  # by name: typer may bring its own copy of click's enum
+        source = ctx.get_parameter_source(param)
+        return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+    return {renames.get(p, p): options[renames.get(p, p)] for p in ctx.params
+            if renames.get(p, p) in options and explicit(p)}
 
 
 def without_nproc(argv: list[str]) -> list[str]:

@@ -186,6 +186,8 @@ class TrainConfig:
     """Continue an interrupted run from OUT.partial-state/ (same options required)."""
     quiet: bool = False
     """No progress bar and no summary tables."""
+    tensorboard: str | None = None
+    """Write every step's metrics as TensorBoard events here; global step = policy version × steps + step."""
     allow_unsafe_weights: bool = False
     """Allow pickle (.bin) weights; safetensors only otherwise."""
     chunk_tokens: int = field(default=1024, repr=False)
@@ -325,6 +327,13 @@ class TrainConfig:
             p.append(f"--tr-delta must be in (0, 1], got {self.tr_delta}")
         _positive(p, "temperature", self.temperature)
         p.extend(parse_columns(self.columns)[1])
+        if self.tensorboard is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                p.append("--tensorboard needs the tensorboard package: pip install 'drpo[tensorboard]'")
+            if os.path.isfile(self.tensorboard):
+                p.append(f"--tensorboard {self.tensorboard}: is a file (expected a directory for event files)")
         p.extend(self._lora_problems())
         return p
 

@@ -66,7 +66,7 @@ REPORT_NAME = "drpo_report.json"
 INTERRUPT_HOOK = "DRPO_INTERRUPT_AFTER_STEP"
 WORST_SAMPLES = 10
 # Options that may differ between an interrupted run and its --resume.
-_RESUME_FREE = ("resume", "overwrite", "quiet")
+_RESUME_FREE = ("resume", "overwrite", "quiet", "tensorboard")
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,8 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
 
     total_steps = cfg.epochs * cfg.minibatches
     progress = _progress(cfg, total_steps, start)
+    # Rounds of a pipeline (policy version v -> v + 1) continue one TensorBoard curve.
+    board = _tensorboard(cfg, base_step=(in_version or 0) * total_steps)
     # From here on a signal finishes the current step and saves a resumable state; under torchrun a
     # signal aborts at once (ranks could not agree on the step to stop after).
     stop.defer = not sharded
@@ -221,6 +223,8 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                           "skipped": skipped, "seconds": seconds, "metrics": metrics})
             progress.update(task, advance=1, loss=fmt(loss.item()), tps=f"{tokens / max(seconds, 1e-9):,.0f}",
                             outside=fmt(metrics.get("tr/outside_frac")))
+            if board is not None:
+                board.step(steps[-1])
             if os.environ.get(INTERRUPT_HOOK) == str(step):
                 signal.raise_signal(signal.SIGTERM)
             if stop.requested and step + 1 < total_steps:
@@ -259,6 +263,8 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         "seconds": time.perf_counter() - t0,
     }
     text = train_report_json(report)
+    if board is not None:
+        board.close(final["metrics"], total_steps - 1)
     _save_output(model, cfg, out_dir, out_version, text, out_bytes, lora_config)
     outputs.remove_output(state_dir, "state")  # only drpo's own state; anything else stays
     if not cfg.quiet and distributed.rank() == 0:
@@ -417,6 +423,41 @@ def _flat_metrics(summary: dict) -> dict[str, float | int | None]:
 
 
 # ---- output -----------------------------------------------------------------------------------
+
+
+class _Board:
+    """TensorBoard scalars of every step at global step `base_step + step` (rank 0 only)."""
+
+    def __init__(self, log_dir: str, base_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer, self.base = SummaryWriter(log_dir=log_dir), base_step
+
+    def step(self, record: dict) -> None:
+        at = self.base + record["step"]
+        for name in ("loss", "grad_norm", "lr", "tokens"):
+            if record[name] is not None:
+                self.writer.add_scalar(f"train/{name}", record[name], at)
+        for name, value in record["metrics"].items():
+            if value is not None:
+                self.writer.add_scalar(name, value, at)
+        self.writer.flush()  # watchable while the run goes on
+
+    def close(self, final_metrics: dict, last_step: int) -> None:
+        """The closing audit's metrics (final weights vs μ) under `final/`, at the last step."""
+        for name, value in final_metrics.items():
+            if value is not None:
+                self.writer.add_scalar(f"final/{name}", value, self.base + last_step)
+        self.writer.close()
+
+
+def _tensorboard(cfg: TrainConfig, *, base_step: int) -> _Board | None:
+    if cfg.tensorboard is None or distributed.rank() != 0:
+        return None
+    try:
+        return _Board(cfg.tensorboard, base_step)
+    except ImportError as err:
+        raise ConfigError(f"--tensorboard needs the tensorboard package ({err}): pip install 'drpo[tensorboard]'") from None
 
 
 def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, report_text: str,
