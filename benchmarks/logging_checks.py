@@ -9,8 +9,8 @@ responses 16 … 1,024 tokens. Three ways, in this one process, each timed end t
 - `no checks`: the audit with the logging checks switched off;
 - `in-pass`: the audit as shipped: each candidate temperature's log-prob of the sampled token comes
   from the same chunk logits (one more log-sum-exp per temperature over the checked tokens);
-- `separate`: the audit without checks, then the checked rows recomputed in one more pass per
-  candidate temperature (body + head each time), as before.
+- `separate`: the audit without checks, then the rows of the fitted tokens recomputed in one more
+  pass per candidate temperature (body + head each time), as before.
 The in-pass check's figures must equal the separate passes' (printed).
 """
 
@@ -59,24 +59,24 @@ def write_workload(root: Path, rows: int, vocab: int, hidden: int, seed: int = 0
 
 
 def separate_passes(cfg: InspectConfig) -> dict:
-    """The checks as before: the checked rows recomputed once per candidate temperature."""
+    """The checks as before: the rows of the fitted tokens recomputed once per candidate temperature."""
     from drpo_cli.checkpoint import load_model
     from drpo_cli.rollouts import load_rows
 
     rows = load_rows(list(cfg.rollouts))
     model, _ = load_model(cfg.model)
     check = audit_model.LoggingCheck.plan(rows, np.zeros(rows.num_rows, dtype=np.int64))
-    subset = rows.select(np.flatnonzero(check.row_selected))
+    fit_rows = np.unique(rows.token_row()[check.fitted])
     fit = {}
     with torch.inference_mode():
         for temp in check.candidates:
             logr = []
-            for mb in plan_micro_batches(subset, np.arange(subset.num_rows), cfg.micro_batch_tokens):
+            for mb in plan_micro_batches(rows, fit_rows, cfg.micro_batch_tokens):
                 scaled = replace(mb, temperature=torch.full_like(mb.temperature, temp))
                 lp = token_logprobs(model, scaled, chunk_tokens=cfg.chunk_tokens)[0].double().numpy()
                 idx = mb.token_index.numpy()
-                keep = subset.loss_mask[idx]
-                logr.append((lp - subset.behavior_logprobs[idx])[keep])
+                keep = check.fitted[idx]
+                logr.append((lp - rows.behavior_logprobs[idx])[keep])
             fit[temp] = float(np.abs(np.concatenate(logr)).mean())
     return fit
 
@@ -122,7 +122,8 @@ def main() -> None:
                      indent=2))
     base = best["no checks"]
     print(f"{args.rows} rows, {tokens:,} response tokens, V={args.vocab:,}, H={args.hidden}, {args.threads} threads; "
-          f"checks on {checks['tokens']:,} lag-0 tokens at {len(in_pass)} temperatures")
+          f"offset check on {checks['tokens']:,} lag-0 tokens, temperature fit on {checks['fit_tokens']:,} of them "
+          f"at {len(in_pass)} temperatures")
     print(f"audit without checks {base:.2f} s | checks in the same pass {best['in-pass']:.2f} s "
           f"({best['in-pass'] / base:.3f}x) | checks as separate passes {best['separate']:.2f} s "
           f"({best['separate'] / base:.3f}x)")

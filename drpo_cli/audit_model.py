@@ -23,7 +23,7 @@ from drpo_cli.outputs import ARROW_MARKER_KEY
 from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version, staleness_filter
 
 WHAT_IF_DELTAS = (0.1, 0.2, 0.5, 12.5)  # DRPO δ sweep shown when --delta is not given (SPEC.md §1)
-CHECK_MAX_TOKENS = 4096  # masked tokens recomputed per temperature by the logging checks
+FIT_TOKENS = 256  # fresh tokens (evenly spread) whose log-probs the logging checks read at other temperatures
 TEMPERATURE_FACTORS = (0.8, 0.9, 1.1, 1.25)  # around the logged temperature; T = 1 is always tried
 OFFSET_NATS = 0.02  # |mean log r| on fresh tokens above this (and > 4 standard errors) is flagged
 PER_TOKEN_SCHEMA = pa.schema([
@@ -145,8 +145,8 @@ def _logprobs(model, mb, device, cfg: InspectConfig, check: LoggingCheck | None 
     logp, entropy, extra = token_logprobs_at(model, mb.to(device), temps, select, chunk_tokens=cfg.chunk_tokens,
                                              with_entropy=True)
     logp, entropy = logp.float().cpu(), entropy.float().cpu()  # (M,), (M,)
-    if temps:
-        check.update(mb, logp, extra.cpu())
+    if check is not None:
+        check.update(mb, logp, extra.cpu() if temps else None)
     return logp, entropy
 
 
@@ -264,11 +264,12 @@ class LoggingCheck:
     """Evidence of a sampler that logged log-probs before temperature or after top-p/top-k truncation.
 
     On fresh rows (lag 0: the current model is the sampler, so log r should be ≈ 0 up to numerics),
-    measures the mean log r with its standard error, and the log-probs at a few temperatures around
-    the logged one (and at T = 1) to see which fits the logged log-probs best (smallest mean |log r|).
-    Every temperature's log-prob comes from the audit's own pass (the same chunk logits, one more
-    log-sum-exp each: `logprobs.token_logprobs_at`); `update` takes each micro-batch's share, sums
-    are global under torchrun. The findings say "suggests", never "is".
+    measures the mean log r with its standard error over every fresh token (free: the audit's own
+    log-probs), and, on up to FIT_TOKENS of them spread evenly, the log-probs at a few temperatures
+    around the logged one (and at T = 1) to see which fits the logged log-probs best (smallest mean
+    |log r|). Those come from the audit's own chunk logits (one more log-sum-exp per temperature:
+    `logprobs.token_logprobs_at`), so the check adds no pass. `update` takes each micro-batch's
+    share; sums are global under torchrun. The findings say "suggests", never "is".
     """
 
     def __init__(self, rows: RolloutRows, fresh: np.ndarray, scope: str, logged_t: float):
@@ -277,17 +278,20 @@ class LoggingCheck:
         # The row's own temperature is the main pass's; every other candidate is an extra log-sum-exp.
         self.own = next((c for c in self.candidates if np.float32(c) == np.float32(logged_t)), None)
         self.extra_temperatures = tuple(c for c in self.candidates if c != self.own)
-        self.row_selected = np.zeros(rows.num_rows, dtype=bool)  # (N,)
-        self.row_selected[fresh] = True
-        self.token_row = rows.token_row()  # (T,)
+        row_fresh = np.zeros(rows.num_rows, dtype=bool)  # (N,)
+        row_fresh[fresh] = True
+        self.checked = row_fresh[rows.token_row()] & rows.loss_mask  # (T,) offset check: every fresh token
+        tokens = np.flatnonzero(self.checked)
+        self.fitted = np.zeros_like(self.checked)  # (T,) temperature fit: an even spread of FIT_TOKENS
+        self.fitted[tokens[np.unique(np.linspace(0, tokens.size - 1, min(tokens.size, FIT_TOKENS)).round()
+                                     .astype(np.int64))] if tokens.size else tokens] = True
         self.num_rows = int(fresh.size)
-        # Per candidate: tokens, Σ log r, Σ |log r| (float64); log r at the logged temperature for its spread.
-        self.sums = np.zeros((len(self.candidates), 3), dtype=np.float64)
-        self.logr_at_logged: list[np.ndarray] = []
+        self.fit_sums = np.zeros((len(self.candidates), 3), dtype=np.float64)  # tokens, Σ log r, Σ |log r|
+        self.logr: list[np.ndarray] = []  # log r of checked tokens at the logged temperature
 
     @classmethod
     def plan(cls, rows: RolloutRows, row_lag: np.ndarray) -> LoggingCheck | None:
-        """The fresh rows checked (at most CHECK_MAX_TOKENS masked tokens, one temperature), or None."""
+        """The fresh rows checked (the logged temperature's), or None when no row is known to be fresh."""
         fresh = np.flatnonzero(row_lag == 0)
         scope = "lag-0 rows"
         if fresh.size == 0 and (row_lag >= 0).any():
@@ -297,45 +301,43 @@ class LoggingCheck:
         temps = rows.temperature[fresh]
         values, counts = np.unique(temps, return_counts=True)
         logged_t = float(values[np.argmax(counts)])
-        fresh = fresh[temps == logged_t]
-        masked = np.diff(np.concatenate([[0], np.cumsum(rows.loss_mask)])[rows.response_offsets])[fresh]  # (n,)
-        fresh = fresh[: max(int(np.searchsorted(np.cumsum(masked), CHECK_MAX_TOKENS)) + 1, 1)]
-        return cls(rows, fresh, scope, logged_t)
+        return cls(rows, fresh[temps == logged_t], scope, logged_t)
 
     def select(self, mb) -> torch.Tensor:
-        """(M,) bool: this micro-batch's masked tokens of checked rows."""
-        idx = mb.token_index.numpy()
-        return torch.from_numpy(self.row_selected[self.token_row[idx]] & self.rows.loss_mask[idx])
+        """(M,) bool: this micro-batch's tokens of the temperature fit (the extra log-sum-exps)."""
+        return torch.from_numpy(self.fitted[mb.token_index.numpy()])
 
-    def update(self, mb, logp: torch.Tensor, extra: torch.Tensor) -> None:
+    def update(self, mb, logp: torch.Tensor, extra: torch.Tensor | None) -> None:
         """Add a micro-batch: logp (M,) at the rows' temperature, extra (K, M) at the other candidates."""
-        keep = self.select(mb).numpy()
-        idx = mb.token_index.numpy()[keep]
-        mu = self.rows.behavior_logprobs[idx].astype(np.float64)
-        extras = iter(extra.double().numpy()[:, keep])
+        idx = mb.token_index.numpy()
+        logr = logp.double().numpy() - self.rows.behavior_logprobs[idx].astype(np.float64)  # (M,)
+        self.logr.append(logr[self.checked[idx]])
+        fit = self.fitted[idx]
+        if not fit.any():
+            return
+        extras = iter(extra.double().numpy()[:, fit] - self.rows.behavior_logprobs[idx[fit]].astype(np.float64))
         for j, temp in enumerate(self.candidates):
-            lp = logp.double().numpy()[keep] if temp == self.own else next(extras)
-            logr = lp - mu
-            self.sums[j] += (logr.size, logr.sum(), np.abs(logr).sum())
-            if temp == round(self.logged_t, 4):
-                self.logr_at_logged.append(logr)
+            x = logr[fit] if temp == self.own else next(extras)
+            self.fit_sums[j] += (x.size, x.sum(), np.abs(x).sum())
 
     def result(self) -> dict:
         """The report's `logging_checks` section (global sums under torchrun: a collective)."""
         from drpo_cli import distributed
 
-        sums = distributed.all_reduce_sum(torch.from_numpy(self.sums)).numpy()
+        sums = distributed.all_reduce_sum(torch.from_numpy(self.fit_sums)).numpy()
         fit = [{"temperature": temp, "abs_logr_mean": float(s[2] / s[0]) if s[0] else None,
                 "logr_mean": float(s[1] / s[0]) if s[0] else None} for temp, s in zip(self.candidates, sums)]
-        at = self.candidates.index(round(self.logged_t, 4))
-        n = int(sums[at, 0])
-        mean = float(sums[at, 1] / n) if n else None
+        local = np.concatenate(self.logr) if self.logr else np.zeros(0)
+        n, total = distributed.all_reduce_sum(torch.tensor([local.size, local.sum()], dtype=torch.float64)).tolist()
+        n = int(n)
+        mean = total / n if n else None
         # Two-pass spread around the global mean (log r on fresh rows is ≈ 0 ± 1e-7: no Σx² cancellation).
-        local = np.concatenate(self.logr_at_logged) if self.logr_at_logged else np.zeros(0)
         squares = float(distributed.all_reduce_sum(torch.tensor([((local - (mean or 0.0)) ** 2).sum()],
                                                                 dtype=torch.float64))[0])
-        sem = float(math.sqrt(squares / (n - 1) / n)) if n > 1 else None
-        return _findings(self.scope, self.num_rows, self.logged_t, self.candidates, fit, n, mean, sem)
+        sem = math.sqrt(squares / (n - 1) / n) if n > 1 else None
+        out = _findings(self.scope, self.num_rows, self.logged_t, self.candidates, fit, n, mean, sem)
+        out["fit_tokens"] = int(sums[0, 0])
+        return out
 
 
 def _findings(scope, num_rows, logged_t, candidates, fit, n, mean, sem) -> dict:

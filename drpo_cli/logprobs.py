@@ -140,19 +140,26 @@ def _chunk_logits(h: torch.Tensor, head: Head, inv_temp: torch.Tensor, ws: _Work
     return z.mul_(inv_temp[:, None]), t
 
 
-def _logp_at_temperatures(x: torch.Tensor, targets: torch.Tensor, sel: torch.Tensor, inv: torch.Tensor,
-                          buf: torch.Tensor) -> torch.Tensor:
+EXTRA_BLOCK = 1 << 24  # elements (K × rows × V) the extra temperatures work on at a time: 64 MB of float32
+
+
+def _logp_at_temperatures(x: torch.Tensor, targets: torch.Tensor, sel: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     """(K, k) log-probs of tokens `sel` of a chunk at K more temperatures, from its logits x (m, V) before τ.
 
-    The same float32 operations as a pass at that temperature (scale, gather, max, exp, sum), one
-    log-sum-exp per temperature over the selected rows, written into `buf` (≥ k rows): no head GEMM.
+    The same float32 operations as a pass at that temperature (scale, gather, max, exp, sum: one
+    log-sum-exp per temperature), for all K at once on blocks of rows, so each op is large enough
+    to amortise its threading cost. No head GEMM.
     """
-    k = sel.shape[0]
-    out = torch.empty(inv.shape[0], k, dtype=torch.float32, device=x.device)
-    rows, tgt = buf[:k], targets[sel]
-    for j in range(inv.shape[0]):
-        z = torch.index_select(x, 0, sel, out=rows).mul_(inv[j])  # (k, V)
-        out[j] = _softmax_stats(z, tgt, False, None)[0]
+    k, vocab, temps = sel.shape[0], x.shape[1], inv.shape[0]
+    out = torch.empty(temps, k, dtype=torch.float32, device=x.device)
+    rows_per_block = max(1, EXTRA_BLOCK // (temps * vocab))
+    for b in range(0, k, rows_per_block):
+        rows = sel[b:b + rows_per_block]
+        z = x.index_select(0, rows)[None] * inv[:, None, None]  # (K, n, V), z = x / τ'
+        tgt = targets[rows][None, :, None].expand(temps, -1, 1)  # (K, n, 1)
+        target_logit = z.gather(2, tgt).squeeze(2)  # (K, n)
+        mx = z.amax(dim=-1, keepdim=True)  # (K, n, 1)
+        out[:, b:b + rows.shape[0]] = target_logit - (z.sub_(mx).exp_().sum(dim=-1).log() + mx.squeeze(2))
     return out
 
 
@@ -245,7 +252,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, inv_temp, head, chunk, with_entropy, extra_inv, extra_sel):
         m, k = h.shape[0], extra_inv.shape[0]
-        ws = _Workspace(chunk, m, head, h.device, spare=with_entropy or k > 0)
+        ws = _Workspace(chunk, m, head, h.device, spare=with_entropy)
         logp = torch.empty(m, dtype=torch.float32, device=h.device)
         ent = torch.empty(m if with_entropy else 0, dtype=torch.float32, device=h.device)
         extra = torch.full((k, m if k else 0), math.nan, dtype=torch.float32, device=h.device)
@@ -255,7 +262,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             hook = None
             if sel is not None and sel.numel():
                 def hook(x, sl=sl, sel=sel):
-                    extra[:, sel + sl.start] = _logp_at_temperatures(x, targets[sl], sel, extra_inv, ws.spare)
+                    extra[:, sel + sl.start] = _logp_at_temperatures(x, targets[sl], sel, extra_inv)
             z, _ = _chunk_logits(h[sl], head, inv_temp[sl], ws, before_temperature=hook)
             logp[sl], ent_c, _, _ = _softmax_stats(z, targets[sl], with_entropy, ws)
             if with_entropy:

@@ -463,6 +463,7 @@ _LOGGING_CHECKS = _object_schema({
     "scope": _STR,
     "rows": _INT,
     "tokens": _INT,
+    "fit_tokens": _INT,
     "logr_mean": _NUM,
     "logr_sem": _NUM,
     "offset_suspected": {"type": "boolean"},

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from drpo_cli.audit import inspect_and_write
+from drpo_cli.audit_model import FIT_TOKENS
 from drpo_cli.cli import app
 from drpo_cli.config import InspectConfig
 from drpo_cli.report import (
@@ -242,8 +243,12 @@ def test_logging_check_fits_equal_a_separate_recompute_per_temperature(table):
             for temp, values in logr.items():
                 lp = torch.log_softmax(logits / np.float32(temp), dim=-1).gather(1, target)[:, 0].double().numpy()
                 values.append((lp - mu)[keep])
+    # The fit reads FIT_TOKENS fresh tokens spread evenly (flat token order); the offset check all of them.
+    n = sum(x.size for x in next(iter(logr.values())))
+    spread = np.unique(np.linspace(0, n - 1, min(n, FIT_TOKENS)).round().astype(int))
+    assert checks["fit_tokens"] == spread.size
     for fit in checks["temperature_fit"]:
-        x = np.concatenate(logr[fit["temperature"]])
+        x = np.concatenate(logr[fit["temperature"]])[spread]
         assert fit["abs_logr_mean"] == pytest.approx(np.abs(x).mean(), abs=1e-6)
         assert fit["logr_mean"] == pytest.approx(x.mean(), abs=1e-6)
     x = np.concatenate(logr[round(checks["logged_temperature"], 4)])
