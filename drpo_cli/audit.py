@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from drpo_cli import __version__
 from drpo_cli.config import InspectConfig
 from drpo_cli.errors import InputError
-from drpo_cli.outputs import atomic_file
+from drpo_cli.outputs import atomic_file, write_file
 from drpo_cli.report import (
     INSPECT_REPORT_SCHEMA,
     clean_number,
@@ -607,7 +607,7 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
 
 
 def inspect_and_write(cfg: InspectConfig, progress: Progress | None = None) -> dict:
-    """Run the audit, then write --per-token and --json atomically (outputs.atomic_file), nothing on error.
+    """Run the audit, then write --per-token, --json and --html atomically (outputs.py), nothing on error.
 
     Gates are evaluated in the report; raising on a failed gate is the caller's job, after this
     returns, so the report is always written first.
@@ -619,6 +619,10 @@ def inspect_and_write(cfg: InspectConfig, progress: Progress | None = None) -> d
             report = run_inspect(cfg, progress, str(tmp))
     if cfg.json_out is not None:
         write_report(report, cfg.json_out, overwrite=cfg.overwrite)
+    if cfg.html is not None:
+        from drpo_cli.pages import inspect_page
+
+        write_file(cfg.html, inspect_page(report), "html", overwrite=cfg.overwrite)
     return report
 
 

@@ -20,6 +20,7 @@ from drpo_cli.config import LOSS_HPARAMS, InspectConfig
 from drpo_cli.data import plan_micro_batches
 from drpo_cli.divergence import Diagnostics, token_diagnostics
 from drpo_cli.outputs import ARROW_MARKER_KEY
+from drpo_cli.picture import MuPiHistogram, worst_tokens
 from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version, staleness_filter
 
 WHAT_IF_DELTAS = (0.1, 0.2, 0.5, 12.5)  # DRPO δ sweep shown when --delta is not given (SPEC.md §1)
@@ -77,6 +78,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     writer = _PerTokenWriter(per_token_path, rows) if per_token_path or cfg.per_token is not None else None
     local_tokens = sum(mb.num_tokens for mb in micro_batches)
     check = LoggingCheck.plan(rows, row_lag)  # logging-bug checks, fed by the same passes
+    picture = MuPiHistogram()
+    logp_all = np.zeros(rows.num_tokens, dtype=np.float32)  # (T,) for the worst sequences' tokens
     try:
         with torch.inference_mode():
             for filler in fillers:
@@ -92,6 +95,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 lag = torch.from_numpy(token_lag[idx])  # (M,)
                 diag.update(logp, mu, adv, mask, lag=lag, position=torch.from_numpy(position[idx]), entropy=entropy,
                             seq_index=mb.seq_index)
+                picture.update(logp.numpy(), mu.numpy(), adv.numpy(), mask.numpy())
+                logp_all[idx] = logp.numpy()
                 t = token_diagnostics(logp.double(), mu.double(), adv.double(), tr_delta=cfg.tr_delta)
                 _add_sequences(seq, mb.rows.numpy()[mb.seq_index.numpy()], mask.numpy(), t)
                 if writer is not None:
@@ -104,6 +109,9 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     summary = diag.all_reduce_().summary()
     checks = check.result() if check is not None else None
     _all_reduce_sequences(seq)
+    picture.all_reduce_()
+    if distributed.is_distributed():  # each token was computed by one rank
+        logp_all = distributed.all_reduce_sum(torch.from_numpy(logp_all)).numpy()
     positions = distributed.all_reduce_sum(torch.tensor(
         [len(micro_batches), sum(mb.positions for mb in micro_batches),
          sum(mb.real_positions for mb in micro_batches)], dtype=torch.int64)).tolist()  # over all ranks
@@ -129,6 +137,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                           **{k: v for k, v in w.items() if k not in ("delta", "boundary_reachable")}}
                          for w in summary["what_if"]["drpo"]],
         "worst_sequences": worst_sequences(seq, rows, row_lag, cfg.top),
+        "mu_pi_histogram": picture.to_dict(),
+        "worst_tokens": worst_tokens(rows, worst_rows(seq, cfg.top), logp_all),
         "logging_checks": checks,
     }
     if checks is not None:
@@ -171,13 +181,20 @@ def _add_sequences(seq: np.ndarray, token_rows: np.ndarray, mask: np.ndarray, t:
     np.maximum.at(seq[:, 4], r, abs_d)
 
 
-def worst_sequences(seq: np.ndarray, rows: RolloutRows, row_lag: np.ndarray, top: int) -> list[dict]:
+def worst_rows(seq: np.ndarray, top: int) -> np.ndarray:
     """The `top` rows by harmful share, then max |Δ| (rows without masked tokens are left out)."""
     n = seq[:, 0]
     with np.errstate(invalid="ignore", divide="ignore"):
         harmful = np.where(n > 0, seq[:, 1] / n, 0.0)
     candidates = np.flatnonzero(n > 0)
-    order = candidates[np.lexsort((-seq[candidates, 4], -harmful[candidates]))][:top]
+    return candidates[np.lexsort((-seq[candidates, 4], -harmful[candidates]))][:top]
+
+
+def worst_sequences(seq: np.ndarray, rows: RolloutRows, row_lag: np.ndarray, top: int) -> list[dict]:
+    """Per-sequence figures of `worst_rows`."""
+    n, order = seq[:, 0], worst_rows(seq, top)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        harmful = np.where(n > 0, seq[:, 1] / n, 0.0)
     return [{"sample_id": rows.sample_ids[i], "tokens": int(n[i]), "harmful_frac": float(harmful[i]),
              "outside_frac": float(seq[i, 2] / n[i]), "delta_abs_mean": float(seq[i, 3] / n[i]),
              "delta_abs_max": float(seq[i, 4]), "k3_mean": float(seq[i, 5] / n[i]),

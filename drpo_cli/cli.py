@@ -216,7 +216,10 @@ def inspect_command(
     top: int = typer.Option(10, help="Worst sequences to list by sample_id."),
     json_out: str | None = typer.Option(None, "--json", help="Write the JSON report to PATH ('-': stdout only)."),
     per_token: str | None = typer.Option(None, "--per-token", help="Write per-token diagnostics (Arrow IPC) to PATH."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json/--per-token file drpo wrote."),
+    html: str | None = typer.Option(None, "--html", help="Write a self-contained HTML page of the report to PAGE."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --json/--per-token/--html file drpo wrote."
+    ),
     fail_above: list[str] = typer.Option(
         [], "--fail-above", help="Gate METRIC=VALUE: exit 3 when the metric exceeds VALUE (repeatable)."
     ),
@@ -245,7 +248,7 @@ def inspect_command(
         cfg = InspectConfig(
             rollouts=tuple(rollouts), model=model, current_version=current_version, deltas=deltas,
             tr_delta=tr_delta, temperature=temperature, columns=tuple(column), top=top, json_out=json_out,
-            per_token=per_token, fail_above=tuple(fail_above), overwrite=overwrite, reject=tuple(reject),
+            per_token=per_token, html=html, fail_above=tuple(fail_above), overwrite=overwrite, reject=tuple(reject),
             max_lag=max_lag, min_version=min_version, device=device, dtype=dtype,
             micro_batch_tokens=micro_batch_tokens, quiet=quiet, allow_unsafe_weights=allow_unsafe_weights,
         ).check()
@@ -404,6 +407,26 @@ def train_command(
         result = train(cfg)
         if _launched_rank() in (None, 0):
             typer.echo(f"wrote {result.out_dir} (policy version {result.policy_version})")
+
+    run_guarded(body)
+
+
+@app.command("report")
+def report_command(
+    runs: list[str] = typer.Argument(..., help="drpo train output directories (or their drpo_report.json files)."),
+    out: str = typer.Option(..., "--out", "-o", help="The HTML page to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing page drpo wrote."),
+) -> None:
+    """Draw the metrics of many runs (a pipeline's rounds) on one self-contained HTML page."""
+
+    def body() -> None:
+        from drpo_cli import outputs
+        from drpo_cli.pages import read_run, runs_page
+
+        outputs.check_paths([("RUNS", r) for r in runs], [outputs.Output("--out", out, "html")], overwrite=overwrite)
+        reports = [(r, read_run(r)) for r in runs]
+        outputs.write_file(out, runs_page(reports), "html", overwrite=overwrite)
+        typer.echo(f"wrote {out} ({len(reports)} run(s))")
 
     run_guarded(body)
 

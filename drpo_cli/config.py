@@ -387,10 +387,12 @@ class InspectConfig:
     """Write the JSON report here ("-" for stdout, then nothing else goes to stdout)."""
     per_token: str | None = None
     """Write per-token diagnostics here as an Arrow IPC file (needs a model)."""
+    html: str | None = None
+    """Write a self-contained HTML page of the report here (plots inline, nothing fetched)."""
     fail_above: tuple[str, ...] = ()
     """Gates METRIC=VALUE: exit 3 when a metric exceeds its value (after writing the report)."""
     overwrite: bool = False
-    """Replace an existing --json / --per-token file that drpo wrote; anything else is refused."""
+    """Replace an existing --json / --per-token / --html file that drpo wrote; anything else is refused."""
     reject: tuple[str, ...] = ()
     """Rejection criteria LEVEL_kN>X (as train's --reject) whose rejected fractions the audit reports (needs a model)."""
     max_lag: int | None = None
@@ -422,6 +424,8 @@ class InspectConfig:
         outs = [Output("--json", self.json_out, "json")] if self.json_out not in (None, "-") else []
         if self.per_token is not None:
             outs.append(Output("--per-token", self.per_token, "arrow"))
+        if self.html is not None:
+            outs.append(Output("--html", self.html, "html"))
         return inputs, outs
 
     def chosen_delta(self) -> float:

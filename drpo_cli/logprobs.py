@@ -140,26 +140,32 @@ def _chunk_logits(h: torch.Tensor, head: Head, inv_temp: torch.Tensor, ws: _Work
     return z.mul_(inv_temp[:, None]), t
 
 
-EXTRA_BLOCK = 1 << 24  # elements (K × rows × V) the extra temperatures work on at a time: 64 MB of float32
+EXTRA_BLOCK = 1 << 25  # elements (K × rows × V) the extra temperatures work on at a time: 128 MB of float32
 
 
-def _logp_at_temperatures(x: torch.Tensor, targets: torch.Tensor, sel: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+def _extra_rows_per_block(temps: int, vocab: int) -> int:
+    return max(1, EXTRA_BLOCK // max(temps * vocab, 1))
+
+
+def _logp_at_temperatures(x: torch.Tensor, targets: torch.Tensor, sel: torch.Tensor, inv: torch.Tensor,
+                          buf: torch.Tensor) -> torch.Tensor:
     """(K, k) log-probs of tokens `sel` of a chunk at K more temperatures, from its logits x (m, V) before τ.
 
     The same float32 operations as a pass at that temperature (scale, gather, max, exp, sum: one
-    log-sum-exp per temperature), for all K at once on blocks of rows, so each op is large enough
-    to amortise its threading cost. No head GEMM.
+    log-sum-exp per temperature), for all K at once on blocks of rows in `buf` (K, rows, V), reused:
+    a few large ops per block rather than many small ones (each op costs a thread hand-off) or fresh
+    buffers (a page fault per 4 KiB). No head GEMM.
     """
-    k, vocab, temps = sel.shape[0], x.shape[1], inv.shape[0]
+    k, temps = sel.shape[0], inv.shape[0]
     out = torch.empty(temps, k, dtype=torch.float32, device=x.device)
-    rows_per_block = max(1, EXTRA_BLOCK // (temps * vocab))
-    for b in range(0, k, rows_per_block):
-        rows = sel[b:b + rows_per_block]
-        z = x.index_select(0, rows)[None] * inv[:, None, None]  # (K, n, V), z = x / τ'
+    for b in range(0, k, buf.shape[1]):
+        rows = sel[b:b + buf.shape[1]]
+        n = rows.shape[0]
+        z = torch.mul(x[rows][None], inv[:, None, None], out=buf[:, :n])  # (K, n, V), z = x / τ'
         tgt = targets[rows][None, :, None].expand(temps, -1, 1)  # (K, n, 1)
         target_logit = z.gather(2, tgt).squeeze(2)  # (K, n)
         mx = z.amax(dim=-1, keepdim=True)  # (K, n, 1)
-        out[:, b:b + rows.shape[0]] = target_logit - (z.sub_(mx).exp_().sum(dim=-1).log() + mx.squeeze(2))
+        out[:, b:b + n] = target_logit - (z.sub_(mx).exp_().sum(dim=-1).log() + mx.squeeze(2))
     return out
 
 
@@ -256,13 +262,18 @@ class _ChunkedLogprobs(torch.autograd.Function):
         logp = torch.empty(m, dtype=torch.float32, device=h.device)
         ent = torch.empty(m if with_entropy else 0, dtype=torch.float32, device=h.device)
         extra = torch.full((k, m if k else 0), math.nan, dtype=torch.float32, device=h.device)
+        buf = None
+        if k:  # (K, rows, V), as many rows as the fullest chunk selects, at most one block
+            most = max(int(extra_sel[s:s + chunk].sum()) for s in range(0, m, chunk))
+            rows = min(most, _extra_rows_per_block(k, head.weight.shape[0]))
+            buf = torch.empty(k, max(rows, 1), head.weight.shape[0], dtype=torch.float32, device=h.device)
         for s in range(0, m, chunk):
             sl = slice(s, min(s + chunk, m))
             sel = torch.nonzero(extra_sel[sl]).squeeze(1) if k else None  # (k_c,) rows of this chunk
             hook = None
             if sel is not None and sel.numel():
                 def hook(x, sl=sl, sel=sel):
-                    extra[:, sel + sl.start] = _logp_at_temperatures(x, targets[sl], sel, extra_inv)
+                    extra[:, sel + sl.start] = _logp_at_temperatures(x, targets[sl], sel, extra_inv, buf)
             z, _ = _chunk_logits(h[sl], head, inv_temp[sl], ws, before_temperature=hook)
             logp[sl], ent_c, _, _ = _softmax_stats(z, targets[sl], with_entropy, ws)
             if with_entropy:

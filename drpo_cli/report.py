@@ -11,6 +11,8 @@ import json
 import math
 from typing import Any
 
+from drpo_cli.picture import SCHEMA_HISTOGRAM, SCHEMA_WORST_TOKENS
+
 # ---- shared: JSON numbers, validation, atomic writes, console formatting ----------------------
 
 
@@ -243,9 +245,11 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
         "final": {
             "type": "object",
             "description": "Closing audit: the final weights against μ on the trained rollouts (inference mode).",
-            "required": ["metrics", "change_from_first_step", "worst_samples"],
+            "required": ["metrics", "change_from_first_step", "worst_samples", "mu_pi_histogram", "worst_tokens"],
             "additionalProperties": False,
             "properties": {
+                "mu_pi_histogram": SCHEMA_HISTOGRAM,
+                "worst_tokens": SCHEMA_WORST_TOKENS,
                 "metrics": _TRAIN_METRICS,
                 "change_from_first_step": {"type": "object", "additionalProperties": _NUM},
                 "worst_samples": {
@@ -496,6 +500,8 @@ _MODEL_SECTION = _object_schema({
                                ["delta", "reachable", "corrective_frac", "attenuated_frac"],
                                delta={"type": "number", "exclusiveMinimum": 0}, reachable={"type": "boolean"}),
     "worst_sequences": _records_schema(_STR, ["sample_id", "tokens"], sample_id=_STR, tokens=_INT),
+    "mu_pi_histogram": SCHEMA_HISTOGRAM,
+    "worst_tokens": SCHEMA_WORST_TOKENS,
     "logging_checks": {"oneOf": [{"type": "null"}, _LOGGING_CHECKS]},
 })
 INSPECT_REPORT_SCHEMA: dict[str, Any] = {

@@ -58,11 +58,13 @@ from drpo_cli.losses import (
     token_coefficients,
     token_loss,
 )
+from drpo_cli.picture import MuPiHistogram, worst_tokens
 from drpo_cli.report import TRAIN_REPORT_VERSION, clean_number, fmt, print_train_summary, train_report_json
 from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version, load_rows, staleness_filter
 from drpo_cli.schema import open_rollouts
 
 REPORT_NAME = "drpo_report.json"
+PAGE_NAME = "report.html"
 INTERRUPT_HOOK = "DRPO_INTERRUPT_AFTER_STEP"
 WORST_SAMPLES = 10
 # Options that may differ between an interrupted run and its --resume.
@@ -263,9 +265,12 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         "seconds": time.perf_counter() - t0,
     }
     text = train_report_json(report)
+    from drpo_cli.pages import train_page
+
+    page = train_page(report)
     if board is not None:
         board.close(final["metrics"], total_steps - 1)
-    _save_output(model, cfg, out_dir, out_version, text, out_bytes, lora_config)
+    _save_output(model, cfg, out_dir, out_version, {REPORT_NAME: text, PAGE_NAME: page}, out_bytes, lora_config)
     outputs.remove_output(state_dir, "state")  # only drpo's own state; anything else stays
     if not cfg.quiet and distributed.rank() == 0:
         print_train_summary(report, console)
@@ -409,12 +414,16 @@ def _closing_audit(model, rows: RolloutRows, cfg: TrainConfig, autocast, behavio
     count = sequence_scores(torch.ones_like(logp), row, n, mask=mask)  # (N,)
     # Worst first: harmful fraction, then outside fraction, then max |Δ|, then row order.
     order = np.lexsort((np.arange(n), -dmax.numpy(), -out_frac.numpy(), -harm_frac.numpy()))
+    shown = [i for i in order[:WORST_SAMPLES] if out_frac[i] > 0]
     worst = [
         {"sample_id": rows.sample_ids[i], "harmful_frac": float(harm_frac[i]), "outside_frac": float(out_frac[i]),
          "delta_abs_max": float(dmax[i]), "tokens": int(count[i])}
-        for i in order[:WORST_SAMPLES] if out_frac[i] > 0
+        for i in shown
     ]
-    return {"metrics": _flat_metrics(summary), "worst_samples": worst}, summary["notes"]
+    picture = MuPiHistogram()  # every rank holds every token: no reduction
+    picture.update(logp.numpy(), behavior.numpy(), advantages.numpy(), mask.numpy())
+    return {"metrics": _flat_metrics(summary), "worst_samples": worst, "mu_pi_histogram": picture.to_dict(),
+            "worst_tokens": worst_tokens(rows, shown, logp.numpy())}, summary["notes"]
 
 
 def _flat_metrics(summary: dict) -> dict[str, float | int | None]:
@@ -460,15 +469,15 @@ def _tensorboard(cfg: TrainConfig, *, base_step: int) -> _Board | None:
         raise ConfigError(f"--tensorboard needs the tensorboard package ({err}): pip install 'drpo[tensorboard]'") from None
 
 
-def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, report_text: str,
+def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, files: dict[str, str],
                  expected_bytes: int, lora_config) -> None:
-    """Checkpoint (or adapter) and report appear together, in one atomic rename (--overwrite: an atomic swap, outputs.py).
+    """Checkpoint (or adapter), report and page appear together, in one atomic rename (--overwrite: an atomic swap, outputs.py).
 
     A sharded model is gathered tensor by tensor and written by rank 0 once every rank succeeded.
     With LoRA: the adapter alone in peft's format, or (--merge) full weights W + (alpha / r)·B A.
     """
     kw = {"source_dir": cfg.model, "policy_version": version, "training_config": cfg.to_dict(),
-          "overwrite": cfg.overwrite, "extra_files": {REPORT_NAME: report_text}, "expected_bytes": expected_bytes}
+          "overwrite": cfg.overwrite, "extra_files": files, "expected_bytes": expected_bytes}
     sharded = distributed.is_sharded(model)
     keep = transform = convert = None
     if lora_config is not None:
