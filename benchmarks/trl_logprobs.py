@@ -1,0 +1,172 @@
+"""drpo's log-prob path vs TRL's (GRPOTrainer) vs the naive one, on skewed batches, side by side in one run.
+
+    python benchmarks/trl_logprobs.py --threads 2
+
+What each path does for the same rows (a random-weight Qwen2 body, the real 151,936-token head):
+- naive: one batch padded to the longest row, full logits for every position, float32
+  log_softmax, gather;
+- TRL: GRPOTrainer's log-prob path (`_get_per_token_logps` up to TRL 0.2x): left-padded prompts +
+  right-padded completions in one batch, `model(input_ids, attention_mask, logits_to_keep=C + 1)
+  .logits[:, :-1]` (C = the longest completion), the last C logits divided by the temperature, then
+  `trl.trainer.utils.selective_log_softmax` (a logsumexp per row over full (B, C, V) logits). TRL
+  1.16's GRPOTrainer can instead call the model with `fused_lm_head=True`; that path is not measured;
+- drpo: token-budget micro-batches, response positions only, chunked float32 head
+  (`logprobs.token_logprobs`).
+All three give the same log-probs (checked). Forward + backward of Σ logp (a training step's
+shape) and inference mode, tokens/s and peak extra resident memory (VmHWM, as
+benchmarks/logprobs.py); the fraction of the large-matmul FLOP/s peak measured here first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from logprobs import _one, make_rows  # (wall, cpu, peak extra bytes) of one call; random rows
+
+from drpo_cli.data import plan_micro_batches
+from drpo_cli.logprobs import token_logprobs
+from drpo_cli.rollouts import RolloutRows
+
+GB = 1024**3
+
+
+def trl_batch(rows: RolloutRows):
+    """GRPOTrainer's layout: prompts left-padded, completions right-padded, concatenated."""
+    n = rows.num_rows
+    p_len = max(len(rows.prompt(i)) for i in range(n))
+    c_len = max(len(rows.response(i)) for i in range(n))
+    prompt_ids = torch.zeros(n, p_len, dtype=torch.long)
+    prompt_mask = torch.zeros(n, p_len, dtype=torch.long)
+    comp_ids = torch.zeros(n, c_len, dtype=torch.long)
+    comp_mask = torch.zeros(n, c_len, dtype=torch.long)
+    for i in range(n):
+        p, r = torch.from_numpy(rows.prompt(i)), torch.from_numpy(rows.response(i))
+        prompt_ids[i, p_len - len(p):], prompt_mask[i, p_len - len(p):] = p, 1
+        comp_ids[i, :len(r)], comp_mask[i, :len(r)] = r, 1
+    return (torch.cat([prompt_ids, comp_ids], 1), torch.cat([prompt_mask, comp_mask], 1), comp_ids, comp_mask)
+
+
+def trl_logps(model, batch, temperature: float = 1.0) -> torch.Tensor:
+    """GRPOTrainer._get_per_token_logps: logits_to_keep, temperature, selective_log_softmax."""
+    from trl.trainer.utils import selective_log_softmax
+
+    input_ids, attention_mask, comp_ids, _ = batch
+    logits_to_keep = comp_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1).logits
+    logits = logits[:, :-1, :]  # (B, C, V): the last one predicts nothing
+    logits = logits[:, -logits_to_keep:] / temperature
+    return selective_log_softmax(logits, comp_ids)  # (B, C); padded completion positions are masked by callers
+
+
+def naive_logps(model, rows: RolloutRows) -> torch.Tensor:
+    """Pad to the longest row (right), full logits of every position, float32 log_softmax, gather."""
+    n = rows.num_rows
+    seqs = [np.concatenate([rows.prompt(i), rows.response(i)[:-1]]) for i in range(n)]
+    L = max(len(s) for s in seqs)
+    ids = torch.zeros(n, L, dtype=torch.long)
+    mask = torch.zeros(n, L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.from_numpy(s), 1
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)  # (B, L, V)
+    out = []
+    for i in range(n):
+        p, r = len(rows.prompt(i)), rows.response(i)
+        out.append(logp[i, p - 1:p - 1 + len(r)].gather(1, torch.from_numpy(r)[:, None])[:, 0])
+    return torch.cat(out)
+
+
+def drpo_logps(model, rows: RolloutRows, budget: int, chunk: int) -> torch.Tensor:
+    out = torch.zeros(rows.num_tokens)
+    for mb in plan_micro_batches(rows, np.arange(rows.num_rows), budget):
+        out = out.index_put((mb.token_index,), token_logprobs(model, mb, chunk_tokens=chunk)[0])
+    return out
+
+
+def flat_trl(rows: RolloutRows, per_token: torch.Tensor) -> torch.Tensor:
+    return torch.cat([per_token[i, :len(rows.response(i))] for i in range(rows.num_rows)])
+
+
+def matmul_peak(threads: int) -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 8192)
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048 * 2048 * 8192 / (time.perf_counter() - t0))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=151_936)
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--chunk", type=int, default=1024)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=args.vocab,
+                      max_position_embeddings=8192, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float().eval()
+    lengths = np.unique(np.geomspace(16, args.max_len, args.rows).astype(int)).tolist()
+    rows = make_rows(args.prompt, np.resize(lengths, args.rows).tolist(), args.vocab)
+    rows = replace(rows, temperature=np.ones(rows.num_rows, dtype=np.float32))  # one temperature, as GRPO has
+    T = rows.num_tokens
+    batch = trl_batch(rows)
+    peak = matmul_peak(args.threads)
+    head_flops = 2 * T * args.hidden * args.vocab  # forward; ×3 with backward
+
+    with torch.inference_mode():
+        ref = drpo_logps(model, rows, args.budget, args.chunk)
+        diff_trl = (flat_trl(rows, trl_logps(model, batch)) - ref).abs().max().item()
+        diff_naive = (naive_logps(model, rows) - ref).abs().max().item()
+    paths = {
+        "naive": lambda: naive_logps(model, rows),
+        "trl": lambda: trl_logps(model, batch) * batch[3],  # completion_mask, as GRPO's loss applies it
+        "drpo": lambda: drpo_logps(model, rows, args.budget, args.chunk),
+    }
+    results = {}
+    for mode in ("inference", "train"):
+        for name, fn in paths.items():
+            def run(fn=fn, mode=mode):
+                if mode == "inference":
+                    with torch.inference_mode():
+                        fn()
+                else:
+                    model.zero_grad(set_to_none=True)
+                    fn().sum().backward()
+            run()  # warm-up
+            wall, _, mem = min((_one(run) for _ in range(2)), key=lambda r: r[0])
+            flops = head_flops * (1 if mode == "inference" else 3)
+            results[f"{mode}/{name}"] = {"seconds": wall, "tokens_per_s": T / wall, "peak_extra_gb": mem / GB,
+                                         "head_frac_of_peak": flops / wall / peak}
+    print(json.dumps({"tokens": T, "rows": args.rows, "lengths": lengths, "matmul_peak_gflops": peak / 1e9,
+                      "max_abs_diff_vs_drpo": {"trl": diff_trl, "naive": diff_naive}, "results": results}, indent=2))
+    print(f"{args.rows} rows, responses {min(lengths)} … {max(lengths)} (+{args.prompt} prompt), {T:,} tokens, "
+          f"V={args.vocab:,}, H={args.hidden}, {args.threads} threads; matmul peak {peak / 1e9:.0f} GFLOP/s")
+    for mode in ("inference", "train"):
+        d, t, n = (results[f"{mode}/{k}"] for k in ("drpo", "trl", "naive"))
+        print(f"{mode:9s}: drpo {d['tokens_per_s']:,.0f} tok/s {d['peak_extra_gb']:.2f} GB "
+              f"({d['head_frac_of_peak']:.0%} of peak) | TRL {t['tokens_per_s']:,.0f} tok/s {t['peak_extra_gb']:.2f} GB "
+              f"({t['head_frac_of_peak']:.0%}) | naive {n['tokens_per_s']:,.0f} tok/s {n['peak_extra_gb']:.2f} GB | "
+              f"drpo/TRL ×{d['tokens_per_s'] / t['tokens_per_s']:.2f} speed, "
+              f"{d['peak_extra_gb'] / max(t['peak_extra_gb'], 1e-9):.0%} memory")
+
+
+if __name__ == "__main__":
+    main()
