@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--repeat", type=int, default=2, help="Timed runs per path after a warm-up (best kept).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -151,7 +152,7 @@ def main() -> None:
                     model.zero_grad(set_to_none=True)
                     fn().sum().backward()
             run()  # warm-up
-            wall, _, mem = min((_one(run) for _ in range(2)), key=lambda r: r[0])
+            wall, _, mem = min((_one(run) for _ in range(args.repeat)), key=lambda r: r[0])
             flops = head_flops * (1 if mode == "inference" else 3)
             results[f"{mode}/{name}"] = {"seconds": wall, "tokens_per_s": T / wall, "peak_extra_gb": mem / GB,
                                          "head_frac_of_peak": flops / wall / peak}
