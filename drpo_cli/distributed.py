@@ -141,6 +141,22 @@ def shard_rows(indices):
     return indices[rank() :: world_size()]
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (e.g. a stop signal that reached one rank first)."""
+    if not is_distributed():
+        return flag
+    return bool(all_reduce_max(torch.tensor([int(flag)], dtype=torch.int64)).item())
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (identity in one process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_to_rank0(obj):
     """A list of every rank's `obj` on rank 0 (None elsewhere); `[obj]` in one process."""
     if not is_distributed():

@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -65,6 +66,7 @@ from drpo_cli.schema import open_rollouts
 
 REPORT_NAME = "drpo_report.json"
 PAGE_NAME = "report.html"
+STATE_DCP = "dcp"  # the resumable state's model + optimizer (torch.distributed.checkpoint)
 INTERRUPT_HOOK = "DRPO_INTERRUPT_AFTER_STEP"
 WORST_SAMPLES = 10
 # Options that may differ between an interrupted run and its --resume.
@@ -113,8 +115,6 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     # Under torchrun: join the process group; FSDP2 shards the model, rows are split by rank.
     device = distributed.init(pick_device(cfg.device))
     sharded = distributed.launched()
-    if sharded and cfg.resume:
-        raise ConfigError("--resume: not available under torchrun (a multi-process run keeps no interrupted state)")
     if cfg.cpu_offload and not sharded:
         raise ConfigError("--cpu-offload: needs FSDP; run under torchrun or with --nproc N (N ≥ 1)")
     if cfg.dtype == "bf16" and device.type != "cuda":
@@ -193,9 +193,9 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     progress = _progress(cfg, total_steps, start)
     # Rounds of a pipeline (policy version v -> v + 1) continue one TensorBoard curve.
     board = _tensorboard(cfg, base_step=(in_version or 0) * total_steps)
-    # From here on a signal finishes the current step and saves a resumable state; under torchrun a
-    # signal aborts at once (ranks could not agree on the step to stop after).
-    stop.defer = not sharded
+    # From here on a signal finishes the current step and saves a resumable state. Under torchrun the
+    # ranks agree after every step (the flag is max-reduced), so all stop after the same step.
+    stop.defer = True
     with progress:
         task = progress.add_task("train", total=total_steps, completed=start, loss="–", tps="–", outside="–")
         for step in range(start, total_steps):
@@ -229,6 +229,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                 board.step(steps[-1])
             if os.environ.get(INTERRUPT_HOOK) == str(step):
                 signal.raise_signal(signal.SIGTERM)
+            stop.requested = distributed.any_rank(stop.requested)
             if stop.requested and step + 1 < total_steps:
                 _save_state(state_dir, cfg, model, optimizer, step + 1, steps)
                 raise Interrupted(f"interrupted after step {step + 1} of {total_steps}; state saved to {state_dir}; "
@@ -271,7 +272,8 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     if board is not None:
         board.close(final["metrics"], total_steps - 1)
     _save_output(model, cfg, out_dir, out_version, {REPORT_NAME: text, PAGE_NAME: page}, out_bytes, lora_config)
-    outputs.remove_output(state_dir, "state")  # only drpo's own state; anything else stays
+    if distributed.rank() == 0:  # one remover: every rank's shards are in it
+        outputs.remove_output(state_dir, "state")  # only drpo's own state; anything else stays
     if not cfg.quiet and distributed.rank() == 0:
         print_train_summary(report, console)
     return TrainResult(out_dir=out_dir, policy_version=out_version, report=report)
@@ -559,27 +561,79 @@ def _signals_request_stop():
 
 
 def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: int, steps: list[dict]) -> None:
-    """Everything --resume needs, written to a temporary sibling and renamed into place."""
-    with outputs.atomic_dir(state_dir, "state", overwrite=True) as tmp:  # the state replaced is drpo's own
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
-        outputs.write_marker(tmp, "state", {"next_step": next_step, "config": _resume_key(cfg), "steps": steps})
+    """Everything --resume needs, written to a temporary sibling and renamed into place.
+
+    Model and optimizer go through torch.distributed.checkpoint (`get_state_dict` + `dcp.save`): under
+    torchrun every rank writes its own shards into the same directory (no gather), and the
+    checkpoint can be loaded back at another world size, or in one process. Rank 0 creates the
+    temporary directory and writes the marker (next step, options, report steps so far) last; it
+    is renamed into place only after every rank's shards are written.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp, error = None, None
+    if distributed.rank() == 0:
+        tmp = outputs.new_temp_dir(state_dir)
+    tmp = distributed.broadcast_object(tmp)
+    try:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with _one_process_dcp():
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / STATE_DCP))
+    except Exception as err:  # noqa: BLE001 - reported to every rank by agree()
+        error = err
+    try:
+        distributed.agree(error, "saving the resumable state")
+        if distributed.rank() == 0:
+            torch.save({"torch_rng": torch.get_rng_state()}, tmp / "rng.pt")
+            outputs.write_marker(tmp, "state", {"next_step": next_step, "config": _resume_key(cfg), "steps": steps,
+                                                "world_size": distributed.world_size()})
+            outputs.publish_dir(tmp, state_dir, "state", overwrite=True)  # the state replaced is drpo's own
+    except BaseException:
+        if tmp is not None and distributed.rank() == 0:
+            outputs.discard(tmp)
+        raise
 
 
 def _load_state(state_dir: Path, cfg: TrainConfig, model, optimizer) -> tuple[int, list[dict]]:
+    """Read --resume's state into the (possibly sharded) model and optimizer; returns (next step, steps).
+
+    DCP reshards on load: a state saved by N ranks resumes under M ranks or in one process.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     try:
         meta = json.loads((state_dir / outputs.DIR_MARKERS["state"]).read_text(encoding="utf-8"))
-        saved = torch.load(state_dir / "trainer.pt", map_location="cpu", weights_only=True)
+        rng = torch.load(state_dir / "rng.pt", map_location="cpu", weights_only=True)
+        if not (state_dir / STATE_DCP).is_dir():
+            raise OSError(f"no {STATE_DCP}/ (written by an older drpo?)")
     except (OSError, ValueError, RuntimeError) as err:
         raise InputError(f"{state_dir}: unreadable resume state ({type(err).__name__}: {err})") from err
     current = _resume_key(cfg)
     changed = sorted(k for k in current if meta["config"].get(k) != current[k])
     if changed:
         raise ConfigError(f"--resume: options differ from the interrupted run: {', '.join('--' + k.replace('_', '-') for k in changed)}")
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    torch.set_rng_state(saved["torch_rng"])
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    try:
+        with _one_process_dcp():
+            dcp.load(state, checkpoint_id=str(state_dir / STATE_DCP))
+    except Exception as err:  # e.g. a layout DCP cannot reshard, or missing shard files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{state_dir}: cannot resume the run saved by {meta.get('world_size', '?')} rank(s) with "
+                         f"{distributed.world_size()}: {type(err).__name__}: {first}") from err
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    torch.set_rng_state(rng["torch_rng"])
     return int(meta["next_step"]), list(meta["steps"])
+
+
+@contextlib.contextmanager
+def _one_process_dcp():
+    """DCP warns on every call without a process group; in one process that is the intended use."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _resume_key(cfg: TrainConfig) -> dict:

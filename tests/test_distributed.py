@@ -281,6 +281,37 @@ def test_two_ranks_train_gspo_with_reference_kl_entropy_rejection_and_filters_li
         assert_same_json(r1[section], r2[section], section)
 
 
+def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy, tmp_path):
+    from drpo_cli.train import INTERRUPT_HOOK
+
+    common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--epochs", "2"]  # 4 steps
+    one_process("train", *common, "--out", str(tmp_path / "straight"))
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+
+    def interrupted(name: str) -> Path:
+        run = torchrun("train", *common, "--out", str(tmp_path / name), env={INTERRUPT_HOOK: "1"})
+        assert run.returncode != 0
+        state = tmp_path / f"{name}.partial-state"
+        assert run.stderr.count(f"interrupted after step 2 of 4; state saved to {state}") == 2, run.stderr[-3000:]
+        assert state.is_dir() and not (tmp_path / name).exists()
+        return state
+
+    # The same world size: every rank wrote its own shards; every rank reads them back.
+    interrupted("same")
+    run = torchrun("train", *common, "--out", str(tmp_path / "same"), "--resume")
+    assert run.returncode == 0, run.stderr[-3000:]
+    # Another world size: DCP reshards the 2-rank state for one process.
+    interrupted("other")
+    one_process("train", *common, "--out", str(tmp_path / "other"), "--resume")
+    for name in ("same", "other"):
+        resumed = load_file(str(tmp_path / name / "model.safetensors"))
+        assert resumed.keys() == straight.keys()
+        assert max((resumed[k] - straight[k]).abs().max().item() for k in straight) <= 1e-5, name
+        assert not (tmp_path / f"{name}.partial-state").exists()
+    report = json.loads((tmp_path / "same" / "drpo_report.json").read_text())
+    assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
+
+
 def test_two_ranks_inspect_like_one(toy, tmp_path):
     common = [str(toy / "rollouts.arrow"), "--model", str(toy / "model"), *INSPECT_ARGS]
     run = torchrun("inspect", *common, "--json", str(tmp_path / "two.json"), "--per-token", str(tmp_path / "two.arrow"))
