@@ -1,22 +1,29 @@
-"""Staleness experiment: how each loss copes as the rollouts it trains on go stale.
+"""Staleness × training–inference mismatch: how each loss copes with rollouts that are stale and
+sampled by a numerically different copy of the policy (FP8 / BF16 inference engines).
 
-    python examples/staleness_experiment.py            # default size: 72 runs (8 arms), about 9 min on 2 CPU cores
-    python examples/staleness_experiment.py --quick    # smoke size: 24 runs, about 1 min
-    python examples/staleness_experiment.py --out DIR --seeds 5 --rounds 20 --workers 2
+    python examples/staleness_experiment.py            # default size (see README), ≤ 30 min on 2 CPU cores
+    python examples/staleness_experiment.py --quick    # smoke size, about 1 min
+    python examples/staleness_experiment.py --out DIR --seeds 5 --rounds 20 --mismatch none fp8-w8a8
 
 Each run starts from the bundled toy checkpoint (examples/toy/model, policy version 8) and repeats
 a round: sample rollouts with the checkpoint K policy versions older than the current one (the
-start checkpoint while the history is shorter than K) -> `drpo train` on them (the library entry
-point drpo_cli.train.train, in-process) -> the next checkpoint, whose mean reward is measured by
-sampling from it (toytask.evaluate). Runs cover every (loss arm, staleness K, seed); a run's rounds
-share one temporary directory of checkpoints and rollout files.
+start checkpoint while the history is shorter than K), run through the sampler precision of the
+mismatch level (examples/mismatch.py: fp32, bf16, fp8 weights / activations, int4) -> `drpo train`
+on them in fp32 (the library entry point drpo_cli.train.train, in-process; Dr.GRPO advantages, the
+behavior anchor, one pass of 4 mini-batches) -> the next checkpoint, whose mean reward is measured
+by sampling from it in fp32 (toytask.evaluate). Runs cover every (loss arm, staleness K, mismatch
+level, seed); a run's rounds share one temporary directory of checkpoints and rollout files.
+Before the runs, each mismatch level's size is measured with `drpo inspect` (drpo_cli.audit) on
+lag-0 rollouts of the start checkpoint: mean |log r|, k3 and |Δ|.
+
+`--real` runs the same loop on a real chat model (examples/real_experiment.py).
 
 Per round it keeps: the reward, the trust-region metrics of drpo_report.json (tr/outside_frac,
 tr/harmful_frac, delta/abs_mean, kl/k3_mean of the final weights against the sampler; the loss's
 clip / mask / corrective fraction averaged over the optimizer steps), the entropy of the trained
 policy at the sampled tokens, and the pre-clip gradient norms of every step. Out of it come a
-markdown table, PNG plots (reward vs round, one panel per staleness), the raw numbers as JSON and
-the command that made them, all under --out (default examples/results/).
+markdown table, PNG plots (reward vs round, one panel per setting; instability per arm), the raw
+numbers as JSON and the command that made them, all under --out (default examples/results/).
 """
 
 from __future__ import annotations
@@ -37,22 +44,26 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mismatch
 import toytask
 
 from drpo_cli.checkpoint import load_model, read_policy_version
-from drpo_cli.config import TrainConfig
+from drpo_cli.config import InspectConfig, TrainConfig
 from drpo_cli.train import train
 
 HERE = Path(__file__).resolve().parent
 START = HERE / "toy" / "model"
 DEFAULT_OUT = HERE / "results"
 
-# Loss arms: name -> TrainConfig overrides. DRPO runs twice: the paper's δ = 12.5 (boundary
-# |Δ| = δ unreachable, so w stays within 1 ± 0.08 and it behaves like pg-is with a mild pull) and
-# δ = 0.2, where the boundary is reachable and the corrective gradient can act.
+# Loss arms: name -> TrainConfig overrides, every loss at its SPEC.md default (ppo-clip 0.2 / 0.28,
+# dppo-tv δ 0.15, drpo δ 12.5). DRPO also runs a δ sweep: at the paper's δ = 12.5 the boundary
+# |Δ| = δ is unreachable (w stays within 1 ± 0.08, pg-is with a mild pull); at δ ≤ 2.5 it is
+# reachable and the corrective gradient can act.
 ARMS: dict[str, dict] = {
     "drpo": {"loss": "drpo"},
     "drpo-d0.2": {"loss": "drpo", "delta": 0.2},
+    "drpo-d0.5": {"loss": "drpo", "delta": 0.5},
+    "drpo-d2.5": {"loss": "drpo", "delta": 2.5},
     "dppo-tv": {"loss": "dppo-tv"},
     "ppo-clip": {"loss": "ppo-clip"},
     "spo": {"loss": "spo"},
@@ -70,6 +81,9 @@ LOSS_FRACTION = {
     "cispo": "cispo/clip_frac",
 }
 TR_METRICS = ("tr/outside_frac", "tr/harmful_frac", "delta/abs_mean", "kl/k3_mean", "entropy/mean")
+# The sampler-vs-trainer divergence a round starts from (its first optimizer step, before any update):
+# lag plus mismatch at K > 0, the mismatch alone at K = 0.
+START_METRICS = ("kl/k3_mean", "delta/abs_mean", "tr/outside_frac")
 EVAL_SEED = 12345  # one set of evaluation prompts and random draws for every round, arm and seed
 REWARD_COLLAPSE = 0.05  # a run has collapsed when its last reward is this far below the start's
 MAX_GRAD_NORM = TrainConfig.max_grad_norm  # the gradient clip every run uses
@@ -83,17 +97,20 @@ class Settings:
     arms: tuple[str, ...] = tuple(ARMS)
     staleness: tuple[int, ...] = (0, 2, 8)
     """K: rollouts of round r come from the checkpoint of round max(0, r − K)."""
+    mismatch: tuple[str, ...] = ("none", "fp8-w8a8", "int4-w4a8")
+    """Sampler precision levels (examples/mismatch.LEVELS); the trainer is always fp32."""
     seeds: int = 3
-    rounds: int = 16
+    rounds: int = 12
     prompts: int = 16
     """Prompts (groups) per round; their keys cycle through a..h."""
     samples: int = 8
     """Responses per prompt (group size of the group-relative advantage)."""
     response_len: int = 10
     temperature: float = 1.0
-    lr: float = 5e-4
-    epochs: int = 2
+    lr: float = 1e-3
+    epochs: int = 1
     minibatches: int = 4
+    """Optimizer steps per rollout batch (the paper's 4), over `epochs` passes."""
     eval_prompts: int = 64
     eval_samples: int = 4
     workers: int = 2
@@ -103,26 +120,27 @@ class Settings:
 
 PRESETS = {
     "default": Settings(),
-    "quick": Settings(seeds=1, rounds=6, eval_prompts=32),
+    "quick": Settings(seeds=1, rounds=6, eval_prompts=32, mismatch=("none", "int4-w4a8")),
 }
 
 
 # ---- one run -------------------------------------------------------------------------------------
 
 
-def run_one(arm: str, staleness: int, seed: int, s: Settings) -> dict:
-    """Rounds of sample (K versions stale) -> drpo train -> evaluate; returns the run's record."""
+def run_one(arm: str, staleness: int, level: str, seed: int, s: Settings) -> dict:
+    """Rounds of sample (K versions stale, through `level`'s precision) -> drpo train -> evaluate."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per checkpoint otherwise
     torch.set_num_threads(s.threads)
     t0 = time.perf_counter()
     start_model, _ = load_model(START)
-    history = [(START, start_model)]  # history[r] = (dir, model) of the checkpoint entering round r
+    # history[r] = (dir, sampler) of the checkpoint entering round r; the sampler is its rounded copy.
+    history = [(START, mismatch.sampler_copy(start_model, level))]
     eval_kw = {"num_prompts": s.eval_prompts, "samples_per_prompt": s.eval_samples,
                "temperature": s.temperature, "response_len": s.response_len, "seed": EVAL_SEED}
     rounds = []
-    with tempfile.TemporaryDirectory(prefix=f"staleness-{arm}-k{staleness}-s{seed}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"staleness-{arm}-k{staleness}-{level}-s{seed}-") as tmp:
         for r in range(s.rounds):
             sampler_dir, sampler = history[max(0, r - staleness)]
             sampler_version = read_policy_version(sampler_dir)
@@ -133,20 +151,25 @@ def run_one(arm: str, staleness: int, seed: int, s: Settings) -> dict:
             )
             rollouts = Path(tmp) / f"rollouts-{r}.arrow"
             toytask.write_arrow(table, rollouts)
-            cfg = TrainConfig(
-                rollouts=(str(rollouts),), model=str(history[r][0]), out=str(Path(tmp) / f"ckpt-{r + 1}"),
-                lr=s.lr, epochs=s.epochs, minibatches=s.minibatches, seed=round_seed, device="cpu",
-                quiet=True, **ARMS[arm],
-            ).check()
-            result = train(cfg)
+            result = train(train_config(s, arm, rollouts, history[r][0], Path(tmp) / f"ckpt-{r + 1}", round_seed))
             model, _ = load_model(result.out_dir)
-            history.append((result.out_dir, model))
+            history.append((result.out_dir, mismatch.sampler_copy(model, level)))
             rounds.append(round_record(result.report, r, sampler_version,
                                        float(table.column("reward").to_numpy().mean()),
                                        toytask.evaluate(model, **eval_kw)))
         start_reward = toytask.evaluate(start_model, **eval_kw)
-    return {"arm": arm, "staleness": staleness, "seed": seed, "start_reward": start_reward, "rounds": rounds,
-            "seconds": time.perf_counter() - t0}
+    return {"arm": arm, "staleness": staleness, "mismatch": level, "seed": seed, "start_reward": start_reward,
+            "rounds": rounds, "seconds": time.perf_counter() - t0}
+
+
+def train_config(s: Settings, arm: str, rollouts: Path, model: str | Path, out: Path, seed: int,
+                 **overrides) -> TrainConfig:
+    """The paper's recipe: Dr.GRPO advantages (no std), the behavior anchor, `minibatches` steps per pass."""
+    return TrainConfig(
+        rollouts=(str(rollouts),), model=str(model), out=str(out), lr=s.lr, epochs=s.epochs,
+        minibatches=s.minibatches, adv_norm="none", anchor="behavior", seed=seed, device="cpu", quiet=True,
+        **ARMS[arm], **overrides,
+    ).check()
 
 
 def round_record(report: dict, r: int, sampler_version: int, rollout_reward: float, reward: float) -> dict:
@@ -163,6 +186,7 @@ def round_record(report: dict, r: int, sampler_version: int, rollout_reward: flo
         "reward": reward,
         "rollout_reward": rollout_reward,
         "final": {k: final.get(k) for k in TR_METRICS},
+        "start": {k: steps[0]["metrics"].get(k) for k in START_METRICS} if steps else None,
         "loss_fraction": {"name": frac_name, "mean": _mean(fracs)} if frac_name else None,
         "grad_norms": [st["grad_norm"] for st in steps],
         "skipped_steps": report["skipped_steps"],
@@ -182,20 +206,27 @@ def _std(xs) -> float:
     return statistics.pstdev(xs) if len(xs) > 1 else 0.0
 
 
+def settings_of(runs: list[dict]) -> list[tuple[str, int]]:
+    """The (mismatch level, staleness K) settings present, in run order of levels, K ascending."""
+    levels = list(dict.fromkeys(r.get("mismatch", "none") for r in runs))
+    return [(m, k) for m in levels for k in sorted({r["staleness"] for r in runs if r.get("mismatch", "none") == m})]
+
+
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (arm, staleness): means over seeds of the run-level numbers."""
+    """One row per (arm, mismatch, staleness): means over seeds of the run-level numbers."""
     rows = []
-    for arm in dict.fromkeys(r["arm"] for r in runs):
-        for k in sorted({r["staleness"] for r in runs}):
-            group = [r for r in runs if r["arm"] == arm and r["staleness"] == k]
-            if not group:
+    for level, k in settings_of(runs):
+        for arm in dict.fromkeys(r["arm"] for r in runs):
+            group = [r for r in runs if r["arm"] == arm and r["staleness"] == k and r.get("mismatch", "none") == level]
+            if not group or not all(g["rounds"] for g in group):
                 continue
             final = [g["rounds"][-1]["reward"] for g in group]
             # Pre-clip gradient norms of every step of each run (None: a non-finite norm).
             norms = [[x for rd in g["rounds"] for x in rd["grad_norms"] if x is not None] for g in group]
             last = [g["rounds"][-1] for g in group]
             rows.append({
-                "arm": arm, "staleness": k, "seeds": len(group),
+                "arm": arm, "mismatch": level, "staleness": k, "seeds": len(group),
+                "rounds": min(len(g["rounds"]) for g in group),
                 "start_reward": _mean([g["start_reward"] for g in group]),
                 "final_reward": _mean(final), "final_reward_std": _std(final),
                 "mean_reward": _mean([_mean([rd["reward"] for rd in g["rounds"]]) for g in group]),
@@ -206,6 +237,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                                          and rd["reward"] < 0.9 for rd in last),
                 **{k2: _mean([rd["final"][k2] for g in group for rd in g["rounds"]]) for k2 in TR_METRICS[:4]},
                 "final_entropy": _mean([rd["final"]["entropy/mean"] for rd in last]),
+                "start_k3": _mean([(rd.get("start") or {}).get("kl/k3_mean") for g in group for rd in g["rounds"]]),
                 "loss_fraction": _mean([(rd["loss_fraction"] or {}).get("mean") for g in group
                                         for rd in g["rounds"]]),
                 "grad_norm_max": max(max(n, default=0.0) for n in norms),
@@ -227,28 +259,38 @@ def _fmt(x, spec=".3f") -> str:
 
 
 def markdown_tables(rows: list[dict]) -> str:
-    """Two results tables: reward and collapse per (loss, K); trust-region and gradient metrics."""
-    reward = [("| loss | K | final reward | mean reward over rounds | min reward | reward collapses | "
-               "entropy collapses | final entropy |"), "|---|---|---|---|---|---|---|---|"]
-    tr = [("| loss | K | outside | harmful | \\|Δ\\| mean | k3 | clip / mask / corrective | max grad norm | "
-           "grad spike | clipped steps |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    """Two results tables: reward and collapse per (loss, setting); trust-region and gradient metrics."""
+    reward = [("| loss | mismatch | K | final reward | mean reward over rounds | min reward | reward collapses | "
+               "entropy collapses | final entropy |"), "|---|---|---|---|---|---|---|---|---|"]
+    tr = [("| loss | mismatch | K | k3 at round start | outside | harmful | \\|Δ\\| mean | k3 | clip / mask / corrective "
+           "| max grad norm | grad spike | clipped steps |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        n = r["seeds"]
+        n, key = r["seeds"], f"| {r['arm']} | {r['mismatch']} | {r['staleness']} "
         reward.append(
-            f"| {r['arm']} | {r['staleness']} | {_fmt(r['final_reward'])} ± {_fmt(r['final_reward_std'])} "
+            f"{key}| {_fmt(r['final_reward'])} ± {_fmt(r['final_reward_std'])} "
             f"| {_fmt(r['mean_reward'])} | {_fmt(r['min_reward'])} | {r['reward_collapses']} of {n} "
             f"| {r['entropy_collapses']} of {n} | {_fmt(r['final_entropy'], '.2f')} |"
         )
         tr.append(
-            f"| {r['arm']} | {r['staleness']} | {_fmt(r['tr/outside_frac'])} | {_fmt(r['tr/harmful_frac'])} "
+            f"{key}| {_fmt(r['start_k3'], '.2g')} | {_fmt(r['tr/outside_frac'])} | {_fmt(r['tr/harmful_frac'])} "
             f"| {_fmt(r['delta/abs_mean'])} | {_fmt(r['kl/k3_mean'])} | {_fmt(r['loss_fraction'])} "
             f"| {_fmt(r['grad_norm_max'], '.2f')} | {_fmt(r['grad_spike'], '.1f')} | {_fmt(r['clipped_frac'])} |"
         )
     return "\n".join(reward) + "\n\n" + "\n".join(tr)
 
 
-def plot(runs: list[dict], out: Path, metric: str, ylabel: str, filename: str) -> Path | None:
-    """One panel per staleness, one line per arm (mean over seeds; band = min..max); None without matplotlib."""
+def levels_table(levels: list[dict]) -> str:
+    """The measured size of each mismatch level (drpo inspect on lag-0 rollouts of the start checkpoint)."""
+    lines = ["| mismatch level | sampler precision | mean \\|log r\\| | k3 | \\|Δ\\| mean | \\|Δ\\| max | outside |",
+             "|---|---|---|---|---|---|---|"]
+    for lv in levels:
+        lines.append(f"| {lv['level']} | {lv['precision']} | {_fmt(lv['logr_abs_mean'], '.2e')} "
+                     f"| {_fmt(lv['k3'], '.2e')} | {_fmt(lv['delta_abs_mean'], '.2e')} "
+                     f"| {_fmt(lv['delta_abs_max'], '.2e')} | {_fmt(lv['outside_frac'], '.3f')} |")
+    return "\n".join(lines)
+
+
+def _pyplot():
     try:
         import matplotlib
 
@@ -256,29 +298,83 @@ def plot(runs: list[dict], out: Path, metric: str, ylabel: str, filename: str) -
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    ks = sorted({r["staleness"] for r in runs})
+    return plt
+
+
+def plot(runs: list[dict], out: Path, metric: str, ylabel: str, filename: str) -> Path | None:
+    """One panel per setting (rows: mismatch level, columns: K), one line per arm (mean over seeds;
+    band = min..max); None without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    levels = list(dict.fromkeys(m for m, _ in settings_of(runs)))
+    ks = sorted({k for _, k in settings_of(runs)})
     arms = list(dict.fromkeys(r["arm"] for r in runs))
-    fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 3.6), sharey=True, squeeze=False)
-    for ax, k in zip(axes[0], ks):
-        for arm in arms:
-            group = [r for r in runs if r["arm"] == arm and r["staleness"] == k]
-            curves = [[_value(g, None, metric)] + [_value(g, rd, metric) for rd in g["rounds"]] for g in group]
-            xs = range(len(curves[0]))
-            cols = [[c[i] for c in curves if c[i] is not None] for i in xs]
-            mean = [sum(c) / len(c) if c else float("nan") for c in cols]
-            (line,) = ax.plot(xs, mean, label=arm, marker=".", linewidth=1.4)
-            if len(group) > 1:
-                ax.fill_between(xs, [min(c, default=math.nan) for c in cols], [max(c, default=math.nan) for c in cols],
-                                color=line.get_color(), alpha=0.12, linewidth=0)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_title(f"staleness K = {k}")
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    fig, axes = plt.subplots(len(levels), len(ks), figsize=(4.2 * len(ks), 3.3 * len(levels)), sharey=True,
+                             squeeze=False)
+    for i, level in enumerate(levels):
+        for j, k in enumerate(ks):
+            ax = axes[i][j]
+            for arm in arms:
+                group = [r for r in runs if r["arm"] == arm and r["staleness"] == k
+                         and r.get("mismatch", "none") == level and r["rounds"]]
+                if not group:
+                    continue
+                n = min(len(g["rounds"]) for g in group)
+                curves = [[_value(g, None, metric)] + [_value(g, rd, metric) for rd in g["rounds"][:n]] for g in group]
+                xs = range(n + 1)
+                cols = [[c[x] for c in curves if c[x] is not None] for x in xs]
+                mean = [sum(c) / len(c) if c else float("nan") for c in cols]
+                (line,) = ax.plot(xs, mean, label=arm, marker=".", linewidth=1.3)
+                if len(group) > 1:
+                    ax.fill_between(xs, [min(c, default=math.nan) for c in cols],
+                                    [max(c, default=math.nan) for c in cols],
+                                    color=line.get_color(), alpha=0.10, linewidth=0)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_title(f"mismatch {level}, K = {k}", fontsize=10)
+            ax.grid(alpha=0.3)
+            if i == len(levels) - 1:
+                ax.set_xlabel("round")
+        axes[i][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = out / filename
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+INSTABILITY = (("final_reward", "final reward", ".2f"), ("grad_spike", "grad spike (max / median norm)", ".0f"),
+               ("tr/outside_frac", "outside the trust region", ".2f"), ("final_entropy", "final entropy", ".2f"))
+
+
+def plot_instability(rows: list[dict], out: Path, filename: str = "instability.png") -> Path | None:
+    """Heat maps, arm × setting, of the final reward and the instability metrics; collapses marked."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return None
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    settings = list(dict.fromkeys((r["mismatch"], r["staleness"]) for r in rows))
+    cell = {(r["arm"], r["mismatch"], r["staleness"]): r for r in rows}
+    fig, axes = plt.subplots(len(INSTABILITY), 1, figsize=(1.0 + 0.75 * len(settings), 2.0 + 2.1 * len(INSTABILITY)
+                                                          * len(arms) / 8), squeeze=False)
+    for ax, (key, title, spec) in zip(axes[:, 0], INSTABILITY):
+        grid = [[(cell.get((a, m, k)) or {}).get(key) for m, k in settings] for a in arms]
+        values = [[math.nan if v is None else v for v in row] for row in grid]
+        ax.imshow(values, aspect="auto", cmap="viridis")
+        for i, a in enumerate(arms):
+            for j, (m, k) in enumerate(settings):
+                r = cell.get((a, m, k))
+                if r is None or values[i][j] != values[i][j]:
+                    continue
+                mark = "*" if key == "final_reward" and (r["reward_collapses"] or r["entropy_collapses"]) else ""
+                ax.text(j, i, format(values[i][j], spec) + mark, ha="center", va="center", fontsize=6.5, color="w")
+        ax.set_yticks(range(len(arms)), arms, fontsize=7)
+        ax.set_xticks(range(len(settings)), [f"{m}\nK={k}" for m, k in settings], fontsize=6.5)
+        ax.set_title(title + (" (* = a reward or entropy collapse)" if key == "final_reward" else ""), fontsize=9)
+    fig.tight_layout()
+    path = out / filename
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -293,9 +389,45 @@ def _value(run: dict, rd: dict | None, metric: str) -> float | None:
 # ---- driver --------------------------------------------------------------------------------------
 
 
+def measure_level(model, model_dir: str | Path, level: str, sample, tmp: Path) -> dict:
+    """`level`'s mismatch on lag-0 rollouts: `sample(sampler)` -> a table, audited by drpo inspect
+    (drpo_cli.audit.run_inspect, `drpo inspect ROLLOUTS --model MODEL_DIR --per-token T`) against
+    the fp32 model. Mean |log r| comes from the per-token file, the rest from the report."""
+    import numpy as np
+    import pyarrow as pa
+
+    from drpo_cli.audit import run_inspect
+
+    rollouts, per_token = tmp / f"lag0-{level}.arrow", tmp / f"lag0-{level}.tokens.arrow"
+    toytask.write_arrow(sample(mismatch.sampler_copy(model, level)), rollouts)
+    cfg = InspectConfig(rollouts=(str(rollouts),), model=str(model_dir), device="cpu", quiet=True).check()
+    m = run_inspect(cfg, per_token_path=str(per_token))["metrics"]
+    with pa.memory_map(str(per_token)) as f:
+        logr = pa.ipc.open_file(f).read_all().column("logr").to_numpy()
+    precision = mismatch.LEVELS[level]
+    return {"level": level, "precision": "fp32 (the trainer's)" if precision is None else mismatch.describe(precision),
+            "tokens": int(logr.size), "logr_abs_mean": float(np.abs(logr).mean()), "k3": m["kl/k3_mean"],
+            "k1": m["kl/k1_mean"], "delta_abs_mean": m["delta/abs_mean"], "delta_abs_max": m["delta/abs_max"],
+            "outside_frac": m["tr/outside_frac"]}
+
+
+def measure_levels(s: Settings) -> list[dict]:
+    """Every mismatch level of `s`, on lag-0 rollouts of the start checkpoint (4 rounds' worth of prompts)."""
+    model, _ = load_model(START)
+
+    def sample(sampler):
+        return toytask.sample_rollouts(sampler, toytask.make_prompts(4 * s.prompts, EVAL_SEED), s.samples,
+                                       s.temperature, read_policy_version(START), EVAL_SEED,
+                                       response_len=s.response_len)
+
+    with tempfile.TemporaryDirectory(prefix="mismatch-levels-") as tmp:
+        return [measure_level(model, START, level, sample, Path(tmp)) for level in s.mismatch]
+
+
 def run_all(s: Settings, progress=print) -> list[dict]:
-    """Every (arm, staleness, seed) run, in parallel over `s.workers` processes; results in job order."""
-    jobs = [(arm, k, seed, s) for k in s.staleness for arm in s.arms for seed in range(s.seeds)]
+    """Every (arm, staleness, mismatch, seed) run, in parallel over `s.workers` processes; results in job order."""
+    jobs = [(arm, k, level, seed, s) for level in s.mismatch for k in s.staleness for arm in s.arms
+            for seed in range(s.seeds)]
     runs = []
     if s.workers <= 1:
         for job in jobs:
@@ -314,40 +446,56 @@ def run_all(s: Settings, progress=print) -> list[dict]:
 
 
 def _done_line(run: dict, i: int, n: int) -> str:
-    return (f"[{i}/{n}] {run['arm']:>9} K={run['staleness']} seed={run['seed']}: reward "
+    return (f"[{i}/{n}] {run['arm']:>9} {run['mismatch']:>10} K={run['staleness']} seed={run['seed']}: reward "
             f"{run['start_reward']:.3f} -> {run['rounds'][-1]['reward']:.3f} ({run['seconds']:.1f}s)")
 
 
-def write_outputs(out: Path, s: Settings, runs: list[dict], command: str, seconds: float) -> dict:
-    """results.json, results.md, reward.png, harmful.png and command.txt under `out`."""
+DEFINITIONS = {
+    "reward_collapse": f"last-round reward < start reward - {REWARD_COLLAPSE}",
+    "entropy_collapse": f"last-round entropy/mean < {ENTROPY_COLLAPSE} nats with reward < 0.9",
+    "grad_spike": "max / median of a run's pre-clip gradient norms over all its steps, mean over "
+                  "seeds; grad_norm_max: the largest pre-clip norm of any step; clipped steps: "
+                  f"share of steps with a pre-clip norm above the clip {MAX_GRAD_NORM}",
+    "k3 at round start": "kl/k3_mean of each round's first optimizer step (before any update: the "
+                         "sampler-vs-trainer divergence, lag + mismatch), mean over rounds and seeds",
+    "outside/harmful/|Δ| mean/k3": "drpo_report.json final.metrics (trained weights vs the sampler "
+                                   "on the round's rollouts), mean over rounds and seeds",
+    "clip / mask / corrective": "the loss's ppo_clip/clip_frac, dppo_tv/mask_frac or "
+                                "weight/{drpo,spo}_corrective_frac, mean over steps, rounds and seeds",
+    "mismatch levels": "drpo inspect on lag-0 rollouts sampled through each level's precision, "
+                       "against the fp32 start checkpoint: mean |log r| (per-token file), kl/k3_mean, "
+                       "delta/abs_mean, delta/abs_max, tr/outside_frac",
+}
+
+
+def write_outputs(out: Path, s, runs: list[dict], command: str, seconds: float, levels: list[dict],
+                  title: str = "Staleness × mismatch experiment results", extra: dict | None = None) -> dict:
+    """results.json, results.md, reward.png, harmful.png, instability.png and command.txt under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(runs)
     plots = [p for p in (plot(runs, out, "reward", "mean reward (eval samples)", "reward.png"),
-                         plot(runs, out, "tr/harmful_frac", "tr/harmful_frac after training", "harmful.png"))
+                         plot(runs, out, "tr/harmful_frac", "tr/harmful_frac after training", "harmful.png"),
+                         plot_instability(rows, out))
              if p is not None]
     doc = {"command": command, "settings": asdict(s), "seconds": seconds, "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count(), "summary": rows, "runs": runs,
-           "definitions": {
-               "reward_collapse": f"last-round reward < start reward - {REWARD_COLLAPSE}",
-               "entropy_collapse": f"last-round entropy/mean < {ENTROPY_COLLAPSE} nats with reward < 0.9",
-               "grad_spike": "max / median of a run's pre-clip gradient norms over all its steps, mean over "
-                             "seeds; grad_norm_max: the largest pre-clip norm of any step; clipped steps: "
-                             f"share of steps with a pre-clip norm above the clip {MAX_GRAD_NORM}",
-               "outside/harmful/|Δ| mean/k3": "drpo_report.json final.metrics (trained weights vs the sampler "
-                                              "on the round's rollouts), mean over rounds and seeds",
-               "clip / mask / corrective": "the loss's ppo_clip/clip_frac, dppo_tv/mask_frac or "
-                                  "weight/{drpo,spo}_corrective_frac, mean over steps, rounds and seeds"}}
+           "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()), "mismatch_levels": levels,
+           **(extra or {}), "summary": rows, "runs": runs, "definitions": DEFINITIONS}
     doc = _round_floats(doc)
     tmp = out / ".results.json.tmp"
     tmp.write_text(json.dumps(doc, separators=(",", ":")) + "\n", encoding="utf-8")
     os.replace(tmp, out / "results.json")
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
     text = [
-        "# Staleness experiment results", "",
+        f"# {title}", "",
         f"Command: `{command}`", "",
-        (f"{len(runs)} runs ({len(s.arms)} arms × K ∈ {{{', '.join(map(str, s.staleness))}}} × {s.seeds} seeds), "
-         f"{s.rounds} rounds each; {s.prompts} prompts × {s.samples} samples per round, lr {s.lr:g}, "
-         f"{s.epochs} epochs × {s.minibatches} mini-batches; wall time {seconds / 60:.1f} min on "
-         f"{s.workers} worker(s) × {s.threads} thread(s)."), "",
+        (f"{len(runs)} runs ({len(arms)} arms × mismatch ∈ {{{', '.join(s.mismatch)}}} × "
+         f"K ∈ {{{', '.join(map(str, s.staleness))}}} × {s.seeds} seeds), up to {s.rounds} rounds each; "
+         f"{s.prompts} prompts × {s.samples} samples per round, lr {s.lr:g}, "
+         f"{s.epochs} epoch(s) × {s.minibatches} mini-batches, Dr.GRPO advantages, behavior anchor; wall time "
+         f"{seconds / 60:.1f} min on {s.workers} worker(s) × {s.threads} thread(s), load average at the end "
+         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs."), "",
+        "Mismatch levels, measured with `drpo inspect` on lag-0 rollouts of the start checkpoint:", "",
+        levels_table(levels), "",
         markdown_tables(rows), "",
         *[f"![{p.stem}]({p.name})" for p in plots],
     ]
@@ -369,34 +517,46 @@ def _round_floats(x):
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="the smoke size (1 seed, 6 rounds)")
+    p.add_argument("--quick", action="store_true", help="the smoke size (1 seed, 6 rounds, 2 mismatch levels)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default examples/results/)")
     for f in Settings.__dataclass_fields__.values():
         flag = "--" + f.name.replace("_", "-")
-        if f.name in ("arms", "staleness"):
-            p.add_argument(flag, nargs="+", type=str if f.name == "arms" else int, default=None)
+        if f.name in ("arms", "staleness", "mismatch"):
+            p.add_argument(flag, nargs="+", type=int if f.name == "staleness" else str, default=None)
         else:
             p.add_argument(flag, type=type(getattr(PRESETS["default"], f.name)), default=None)
     args = p.parse_args(argv)
     s = PRESETS["quick" if args.quick else "default"]
     given = {k: getattr(args, k) for k in Settings.__dataclass_fields__ if getattr(args, k) is not None}
     s = replace(s, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
-    unknown = [a for a in s.arms if a not in ARMS]
-    if unknown:
-        p.error(f"--arms {' '.join(unknown)}: unknown (expected some of {', '.join(ARMS)})")
+    check_names(p, s)
     if s.seeds < 1 or s.rounds < 1 or min(s.staleness) < 0:
         p.error("--seeds and --rounds must be >= 1 and --staleness values >= 0")
     return s, args.out
 
 
+def check_names(p: argparse.ArgumentParser, s) -> None:
+    """Unknown --arms / --mismatch names end the command with exit code 2 (argparse's error)."""
+    for flag, names, known in (("--arms", s.arms, ARMS), ("--mismatch", s.mismatch, mismatch.LEVELS)):
+        unknown = [a for a in names if a not in known]
+        if unknown:
+            p.error(f"{flag} {' '.join(unknown)}: unknown (expected some of {', '.join(known)})")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    s, out = parse_args(argv)
     raw = sys.argv[1:] if argv is None else argv
+    if "--real" in raw:
+        import real_experiment
+
+        return real_experiment.main([a for a in raw if a != "--real"])
+    s, out = parse_args(raw)
     command = shlex.join(["python", "examples/staleness_experiment.py", *raw])
     torch.set_num_threads(s.threads)
     t0 = time.perf_counter()
+    levels = measure_levels(s)
+    print(levels_table(levels))
     runs = run_all(s)
-    doc = write_outputs(out, s, runs, command, time.perf_counter() - t0)
+    doc = write_outputs(out, s, runs, command, time.perf_counter() - t0, levels)
     print(markdown_tables(doc["summary"]))
     print(f"wrote {out}/results.md, results.json and plots in {doc['seconds'] / 60:.1f} min")
     return doc

@@ -1,4 +1,4 @@
-"""The staleness experiment (examples/staleness_experiment.py): bookkeeping, summary arithmetic, outputs."""
+"""The staleness × mismatch experiment (examples/staleness_experiment.py): bookkeeping, summary arithmetic, outputs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib.util
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,11 @@ import staleness_experiment as se
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 START_VERSION = 8  # examples/toy/model/drpo_checkpoint.json
 # Smaller than --quick so the smoke run stays within seconds: every arm, a fresh and a stale
-# setting, 3 rounds (at K = 2 the third round is the first to sample from a trained checkpoint).
-SMOKE = ["--staleness", "0", "2", "--seeds", "1", "--rounds", "3", "--prompts", "8", "--samples", "4",
-         "--eval-prompts", "8", "--eval-samples", "2", "--epochs", "1", "--minibatches", "2", "--workers", "1"]
+# setting, 3 rounds (at K = 2 the third round is the first to sample from a trained checkpoint), no
+# mismatch; a second, smaller run covers a mismatch level.
+SMOKE = ["--staleness", "0", "2", "--mismatch", "none", "--seeds", "1", "--rounds", "3", "--prompts", "8",
+         "--samples", "4", "--eval-prompts", "8", "--eval-samples", "2", "--epochs", "1", "--minibatches", "2",
+         "--workers", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,8 @@ def smoke(tmp_path_factory):
 
 def test_smoke_writes_every_output(smoke):
     out, doc = smoke
-    names = {"results.json", "results.md", "command.txt"} | ({"reward.png", "harmful.png"} if HAS_MATPLOTLIB else set())
+    names = {"results.json", "results.md", "command.txt"} | (
+        {"reward.png", "harmful.png", "instability.png"} if HAS_MATPLOTLIB else set())
     assert names <= {p.name for p in out.iterdir()}
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(doc))
     command = (out / "command.txt").read_text().strip()
@@ -40,9 +44,10 @@ def test_smoke_writes_every_output(smoke):
     assert f"Command: `{command}`" in table
     for arm in se.ARMS:
         for k in (0, 2):
-            assert f"| {arm} | {k} |" in table
-    # Every arm x 2 staleness x 1 seed, each with 3 rounds of 1 epoch x 2 mini-batches = 2 optimizer steps.
-    assert len(doc["runs"]) == len(se.ARMS) * 2
+            assert f"| {arm} | none | {k} |" in table
+    assert "| none | fp32 (the trainer's) |" in table  # the measured mismatch level
+    # every arm x 2 staleness x 1 seed, each with 3 rounds of 1 epoch x 2 mini-batches = 2 optimizer steps.
+    assert len(doc["runs"]) == 2 * len(se.ARMS)
     assert all(len(run["rounds"]) == 3 for run in doc["runs"])
     assert all(len(rd["grad_norms"]) == 2 for run in doc["runs"] for rd in run["rounds"])
 
@@ -84,11 +89,31 @@ def test_smoke_records_the_report_metrics(smoke):
     for row in doc["summary"]:
         (run,) = [r for r in doc["runs"] if r["arm"] == row["arm"] and r["staleness"] == row["staleness"]]
         assert row["final_reward"] == run["rounds"][-1]["reward"]
+    # Without mismatch a K = 0 round starts on-policy: the first step's k3 is rounding noise.
+    for run in doc["runs"]:
+        if run["staleness"] == 0:
+            assert all(rd["start"]["kl/k3_mean"] < 1e-9 for rd in run["rounds"])
+
+
+def test_mismatch_level_is_measured_and_trains_on_the_rounded_sampler(tmp_path):
+    doc = se.main(["--arms", "pg-is", "--staleness", "0", "--mismatch", "none", "int4-w4a8", "--seeds", "1",
+                   "--rounds", "2", "--prompts", "8", "--samples", "4", "--eval-prompts", "8", "--eval-samples", "2",
+                   "--minibatches", "2", "--workers", "1", "--out", str(tmp_path)])
+    none, int4 = doc["mismatch_levels"]
+    assert (none["level"], int4["level"]) == ("none", "int4-w4a8")
+    assert none["k3"] < 1e-9 and none["logr_abs_mean"] < 1e-5
+    assert int4["k3"] > 1e-5 and int4["logr_abs_mean"] > 1e-3 and int4["delta_abs_mean"] > 0
+    by_level = {run["mismatch"]: run for run in doc["runs"]}
+    # Same seeds, same start checkpoint: only the sampler's rounding differs, and at lag 0 the first
+    # step sees exactly that gap.
+    assert by_level["none"]["rounds"][0]["start"]["kl/k3_mean"] < 1e-9
+    assert by_level["int4-w4a8"]["rounds"][0]["start"]["kl/k3_mean"] > 1e-6
+    assert {r["mismatch"] for r in doc["summary"]} == {"none", "int4-w4a8"}
 
 
 def _round(reward, grad_norms, entropy=1.0, frac=None):
     final = {k: 0.0 for k in se.TR_METRICS} | {"entropy/mean": entropy}
-    return {"reward": reward, "grad_norms": grad_norms, "final": final, "skipped_steps": 0,
+    return {"reward": reward, "grad_norms": grad_norms, "final": final, "skipped_steps": 0, "start": None,
             "loss_fraction": None if frac is None else {"name": "x", "mean": frac}}
 
 
@@ -118,17 +143,17 @@ def test_summarize_hand_computed():
 
 def test_arguments_pick_a_preset_and_override_it(tmp_path):
     s, out = se.parse_args(["--quick", "--seeds", "2", "--arms", "drpo", "pg-is", "--out", str(tmp_path)])
-    assert s == se.Settings(seeds=2, rounds=se.PRESETS["quick"].rounds, eval_prompts=se.PRESETS["quick"].eval_prompts,
-                            arms=("drpo", "pg-is"))
+    assert s == replace(se.PRESETS["quick"], seeds=2, arms=("drpo", "pg-is"))
     assert out == tmp_path
     assert se.parse_args([])[0] == se.PRESETS["default"]
-    with pytest.raises(SystemExit) as err:
-        se.parse_args(["--arms", "grpo"])
-    assert err.value.code == 2
+    for bad in (["--arms", "grpo"], ["--mismatch", "fp4"]):
+        with pytest.raises(SystemExit) as err:
+            se.parse_args(bad)
+        assert err.value.code == 2
 
 
 @pytest.mark.slow
 def test_quick_run_finishes_in_two_minutes(tmp_path):
     doc = se.main(["--quick", "--out", str(tmp_path)])
     assert doc["seconds"] < 120
-    assert len(doc["summary"]) == len(se.ARMS) * 3
+    assert len(doc["summary"]) == len(se.ARMS) * 3 * len(se.PRESETS["quick"].mismatch)

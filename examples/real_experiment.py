@@ -1,0 +1,264 @@
+"""The staleness × mismatch experiment on a real chat model (SmolLM2-135M-Instruct), resumable.
+
+    python examples/real/convert_model.py                       # once: examples/real/model/
+    nice -n 10 python examples/staleness_experiment.py --real   # the default grid (hours on 2 CPU cores)
+    python examples/staleness_experiment.py --real --arms drpo pg-is --rounds 4 --out DIR
+
+The loop is the toy's (staleness_experiment.py): sample with the checkpoint K rounds older,
+through the mismatch level's precision (examples/mismatch.py) -> `drpo train` in fp32 -> the next
+checkpoint, evaluated in fp32 on all 100 one-digit additions (examples/realtask.py). Settings
+(mismatch level, K) go one after another; within a setting every arm advances one round at a time,
+so a partial result compares every arm of that setting over the same rounds. One process on
+`--threads` threads.
+
+Resumable: every finished round is a JSON file under OUT/rounds/RUN/ and its checkpoint a
+directory under --work (default runs/real-experiment/; only the checkpoints a later round still
+needs are kept). Rerunning the same command skips every finished round and run and continues
+where it stopped; results.json / results.md / plots under OUT are rewritten after every round
+from all rounds found, so an interrupted run leaves its completed rounds in the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mismatch
+import realtask
+import staleness_experiment as se
+import toytask
+
+from drpo_cli.checkpoint import load_model, read_policy_version
+from drpo_cli.train import train
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MODEL = HERE / "real" / "model"
+DEFAULT_OUT = HERE / "results" / "real"
+DEFAULT_WORK = HERE.parent / "runs" / "real-experiment"
+EVAL_SEED = 12345
+
+
+@dataclass(frozen=True)
+class RealSettings:
+    """One real-model experiment size. Every field is a command-line option of the same name."""
+
+    arms: tuple[str, ...] = ("ppo-clip", "drpo-d0.5", "pg-is", "dppo-tv", "drpo")
+    staleness: tuple[int, ...] = (0, 4)
+    mismatch: tuple[str, ...] = ("fp8-w8a8", "none")
+    seeds: int = 1
+    rounds: int = 12
+    prompts: int = 8
+    """Problems (groups) per round."""
+    samples: int = 8
+    """Responses per problem (group size of the group-relative advantage)."""
+    max_new_tokens: int = realtask.MAX_NEW_TOKENS
+    temperature: float = 1.0
+    lr: float = 2e-5
+    epochs: int = 1
+    minibatches: int = 4
+    eval_samples: int = 1
+    """Samples per problem of the evaluation (all 100 digit pairs)."""
+    level_prompts: int = 32
+    """Problems (× samples) of the lag-0 rollouts that measure each mismatch level."""
+    threads: int = 2
+    workers: int = 1  # one process; kept so the shared summary code reads the same fields
+
+
+def run_name(arm: str, level: str, k: int, seed: int) -> str:
+    return f"{arm}_{level}_k{k}_s{seed}"
+
+
+def jobs(s: RealSettings) -> list[tuple[str, int, str, int]]:
+    """Every run, by setting (mismatch level, then K), then arm, then seed."""
+    return [(arm, k, level, seed) for level in s.mismatch for k in s.staleness for arm in s.arms
+            for seed in range(s.seeds)]
+
+
+def _write_json(path: Path, doc) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, separators=(",", ":")) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def finished_rounds(out: Path, name: str) -> list[dict]:
+    """The recorded rounds of run `name`, 1, 2, ... up to the first missing one."""
+    rounds = []
+    while (rd := _read_json(out / "rounds" / name / f"round-{len(rounds) + 1:03d}.json")) is not None:
+        rounds.append(rd)
+    return rounds
+
+
+def run_rounds(arm: str, k: int, level: str, seed: int, s: RealSettings, model_dir: Path, out: Path, work: Path,
+               tokenizer, upto: int, on_round=None) -> None:
+    """The rounds of one run up to round `upto` not yet recorded under `out`; checkpoints under `work`."""
+    name = run_name(arm, level, k, seed)
+    rounds = finished_rounds(out, name)
+    run_dir = work / name
+
+    def ckpt(r: int) -> Path:  # the checkpoint entering round r (0-based); round 0 enters with the start
+        return model_dir if r == 0 else run_dir / f"ckpt-{r}"
+
+    for r in range(len(rounds), upto):
+        if not ckpt(r).is_dir() or not ckpt(max(0, r - k)).is_dir():
+            raise SystemExit(f"real_experiment: {name}: round {r + 1} needs {ckpt(r)} and {ckpt(max(0, r - k))}; "
+                             f"remove {out / 'rounds' / name} to redo the run")
+        t0 = time.perf_counter()
+        sampler_dir = ckpt(max(0, r - k))
+        sampler_version = read_policy_version(sampler_dir)
+        round_seed = seed * 1000 + r
+        sampler_model, _ = load_model(sampler_dir)
+        table = realtask.sample_rollouts(mismatch.sampler_copy(sampler_model, level), tokenizer,
+                                         realtask.make_problems(s.prompts, round_seed), s.samples, s.temperature,
+                                         sampler_version, round_seed, s.max_new_tokens)
+        del sampler_model
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rollouts = run_dir / f"rollouts-{r}.arrow"
+        toytask.write_arrow(table, rollouts)
+        # overwrite: a checkpoint of an interrupted round (saved, not yet recorded) is redone.
+        result = train(se.train_config(s, arm, rollouts, ckpt(r), ckpt(r + 1), round_seed, overwrite=True))
+        model, _ = load_model(result.out_dir)
+        reward = realtask.evaluate(model, tokenizer, samples_per_prompt=s.eval_samples, temperature=s.temperature,
+                                   seed=EVAL_SEED, max_new_tokens=s.max_new_tokens)
+        del model
+        record = se.round_record(result.report, r, sampler_version, float(table.column("reward").to_numpy().mean()),
+                                 reward)
+        record["seconds"] = time.perf_counter() - t0
+        record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        record["response_len_mean"] = float(sum(len(x) for x in table.column("response_ids").to_pylist())
+                                            / table.num_rows)
+        _write_json(out / "rounds" / name / f"round-{r + 1:03d}.json", se._round_floats(record))
+        rollouts.unlink()
+        for old in range(1, r + 1 - k):  # later rounds r' > r read ckpt(r') and ckpt(r' - k) only
+            shutil.rmtree(run_dir / f"ckpt-{old}", ignore_errors=True)
+        if on_round is not None:
+            on_round(name, record)
+    if upto >= s.rounds:
+        shutil.rmtree(run_dir, ignore_errors=True)  # the run is complete: its records hold everything kept
+
+
+def collect(s: RealSettings, out: Path, start_reward: float) -> list[dict]:
+    """Every run with at least one recorded round, in job order, as staleness_experiment's run records."""
+    runs = []
+    for arm, k, level, seed in jobs(s):
+        rounds = finished_rounds(out, run_name(arm, level, k, seed))[: s.rounds]
+        if rounds:
+            runs.append({"arm": arm, "staleness": k, "mismatch": level, "seed": seed, "start_reward": start_reward,
+                         "rounds": rounds, "seconds": sum(rd["seconds"] for rd in rounds)})
+    return runs
+
+
+def measure(s: RealSettings, model_dir: Path, out: Path, tokenizer) -> dict:
+    """The start checkpoint's reward and each mismatch level's size (drpo inspect on lag-0 rollouts);
+    cached in OUT/start.json."""
+    cached = _read_json(out / "start.json") or {"levels": {}}
+    if "start_reward" not in cached:
+        model, _ = load_model(model_dir)
+        cached["start_reward"] = realtask.evaluate(model, tokenizer, samples_per_prompt=s.eval_samples,
+                                                   temperature=s.temperature, seed=EVAL_SEED,
+                                                   max_new_tokens=s.max_new_tokens)
+        _write_json(out / "start.json", cached)
+    model = None
+    for level in s.mismatch:
+        if level in cached["levels"]:
+            continue
+        if model is None:
+            model, _ = load_model(model_dir)
+
+        def sample(sampler):
+            return realtask.sample_rollouts(sampler, tokenizer, realtask.make_problems(s.level_prompts, EVAL_SEED),
+                                            s.samples, s.temperature, read_policy_version(model_dir) or 0,
+                                            EVAL_SEED, s.max_new_tokens)
+
+        work = out / ".levels"
+        work.mkdir(parents=True, exist_ok=True)
+        cached["levels"][level] = se.measure_level(model, model_dir, level, sample, work)
+        shutil.rmtree(work, ignore_errors=True)
+        _write_json(out / "start.json", cached)
+        print(se.levels_table([cached["levels"][level]]).splitlines()[-1], flush=True)
+    return cached
+
+
+def parse_args(argv: list[str]) -> tuple[RealSettings, Path, Path, Path]:
+    p = argparse.ArgumentParser(description="The staleness × mismatch experiment on a real chat model (resumable).")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF checkpoint (default examples/real/model)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default examples/results/real)")
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints and rollouts (default runs/real-experiment)")
+    for f in RealSettings.__dataclass_fields__.values():
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("arms", "staleness", "mismatch"):
+            p.add_argument(flag, nargs="+", type=int if f.name == "staleness" else str, default=None)
+        else:
+            p.add_argument(flag, type=type(getattr(RealSettings(), f.name)), default=None)
+    args = p.parse_args(argv)
+    given = {k: getattr(args, k) for k in RealSettings.__dataclass_fields__ if getattr(args, k) is not None}
+    s = replace(RealSettings(), **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    se.check_names(p, s)
+    if s.seeds < 1 or s.rounds < 1 or min(s.staleness) < 0:
+        p.error("--seeds and --rounds must be >= 1 and --staleness values >= 0")
+    if not (args.model / "config.json").is_file():
+        p.error(f"--model {args.model}: no config.json (make it with: python examples/real/convert_model.py)")
+    return s, args.model, args.out, args.work
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    raw = sys.argv[1:] if argv is None else argv
+    s, model_dir, out, work = parse_args(raw)
+    command = shlex.join(["python", "examples/staleness_experiment.py", "--real", *raw])
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(s.threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    session = _read_json(out / "sessions.json") or []
+    session.append({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    t_session = time.perf_counter()
+    start = measure(s, model_dir, out, tokenizer)
+    levels = [start["levels"][lv] for lv in s.mismatch]
+
+    def write(_name=None, _record=None) -> dict:
+        runs = collect(s, out, start["start_reward"])
+        session[-1].update(seconds=time.perf_counter() - t_session,
+                           peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        _write_json(out / "sessions.json", session)
+        done = sum(len(r["rounds"]) for r in runs)
+        extra = {"model": str(model_dir), "start_reward": start["start_reward"], "sessions": session,
+                 "rounds_done": done, "rounds_planned": len(jobs(s)) * s.rounds,
+                 "peak_rss_mb": max(sx.get("peak_rss_mb", 0) for sx in session)}
+        doc = se.write_outputs(out, s, runs, command, sum(r["seconds"] for r in runs), levels,
+                               title="Real-model (SmolLM2-135M-Instruct) staleness × mismatch results", extra=extra)
+        if _name is not None:
+            print(f"{_name} round {_record['round']}: reward {_record['reward']:.3f} "
+                  f"({_record['seconds']:.0f} s; {done} of {extra['rounds_planned']} rounds done)", flush=True)
+        return doc
+
+    for level in s.mismatch:
+        for k in s.staleness:
+            for upto in range(1, s.rounds + 1):
+                for arm in s.arms:
+                    for seed in range(s.seeds):
+                        run_rounds(arm, k, level, seed, s, model_dir, out, work, tokenizer, upto, on_round=write)
+    doc = write()
+    print(se.markdown_tables(doc["summary"]))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
