@@ -19,7 +19,9 @@ Levels (`LEVELS`), from none to far beyond real FP8 engines (sizes measured by
     fp8-w8a8      fp8-tensor weights + float8_e4m3fn Linear inputs, one dynamic scale per token
     e5m2-w8a8     the same in float8_e5m2 (2 mantissa bits instead of 3)
     int4-w4a8     weights int4 (symmetric, one scale per output channel, as W4A16 kernels use) +
-                  fp8-w8a8's activations: the far-beyond level
+                  fp8-w8a8's activations
+    fp8-w8a8-x10  fp8-w8a8 with its rounding error (weights and inputs) multiplied by 10: a synthetic
+                  level far beyond any real engine (k3 about 100× fp8-w8a8's), where losses can break
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ LEVELS: dict[str, Precision | None] = {
     "fp8-w8a8": Precision("e4m3", scale="tensor", acts="e4m3"),
     "e5m2-w8a8": Precision("e5m2", scale="tensor", acts="e5m2"),
     "int4-w4a8": Precision("int4", scale="channel", acts="e4m3"),
+    "fp8-w8a8-x10": Precision("e4m3", scale="tensor", acts="e4m3", gain=10.0),
 }
 _FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 

@@ -120,7 +120,7 @@ def run_rounds(arm: str, k: int, level: str, seed: int, s: RealSettings, model_d
                              f"remove {out / 'rounds' / name} to redo the run")
         t0 = time.perf_counter()
         sampler_dir = ckpt(max(0, r - k))
-        sampler_version = read_policy_version(sampler_dir)
+        sampler_version = read_policy_version(sampler_dir) or 0  # no recorded version: 0, as drpo train reads it
         round_seed = seed * 1000 + r
         sampler_model, _ = load_model(sampler_dir)
         table = realtask.sample_rollouts(mismatch.sampler_copy(sampler_model, level), tokenizer,

@@ -63,7 +63,7 @@ def sample(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempera
     """
     seq = torch.tensor(prompts, dtype=torch.long)  # (B, P)
     out = model(input_ids=seq, use_cache=True)
-    cache = out.past_key_values  # (transformers 5 also names it `cache`; both spellings are accepted)
+    cache = out["cache"]  # (B, P) keys and values of every layer
     logits = out.logits[:, -1].float()  # (B, V)
     done = torch.zeros(len(prompts), dtype=torch.bool)
     tokens, logps = [], []
@@ -76,8 +76,8 @@ def sample(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempera
         if bool(done.all()) or t + 1 == max_new_tokens:
             break
         position = torch.full((len(prompts), 1), seq.shape[1] + t, dtype=torch.long)
-        out = model(input_ids=tok, past_key_values=cache, position_ids=position, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=tok, cache=cache, position_ids=position, use_cache=True)
+        cache = out["cache"]
         logits = out.logits[:, -1].float()
     toks = torch.stack(tokens, dim=1).tolist()  # (B, L)
     lps = torch.stack(logps, dim=1).tolist()

@@ -37,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -97,7 +97,7 @@ class Settings:
     arms: tuple[str, ...] = tuple(ARMS)
     staleness: tuple[int, ...] = (0, 2, 8)
     """K: rollouts of round r come from the checkpoint of round max(0, r − K)."""
-    mismatch: tuple[str, ...] = ("none", "fp8-w8a8", "int4-w4a8")
+    mismatch: tuple[str, ...] = ("none", "fp8-w8a8", "fp8-w8a8-x10")
     """Sampler precision levels (examples/mismatch.LEVELS); the trainer is always fp32."""
     seeds: int = 3
     rounds: int = 12
@@ -116,11 +116,16 @@ class Settings:
     workers: int = 2
     """Processes running runs side by side, each on `threads` torch threads."""
     threads: int = 1
+    checkpoint_results: int = 1
+    """1: rewrite the outputs (marked partial) at most once a minute while the grid runs; 0: only at the end."""
+
+    def total_runs(self) -> int:
+        return len(self.arms) * len(self.staleness) * len(self.mismatch) * self.seeds
 
 
 PRESETS = {
     "default": Settings(),
-    "quick": Settings(seeds=1, rounds=6, eval_prompts=32, mismatch=("none", "int4-w4a8")),
+    "quick": Settings(staleness=(0, 8), mismatch=("none", "fp8-w8a8-x10"), seeds=1, rounds=6, eval_prompts=32),
 }
 
 
@@ -178,11 +183,12 @@ def round_record(report: dict, r: int, sampler_version: int, rollout_reward: flo
     final = report["final"]["metrics"]
     frac_name = LOSS_FRACTION.get(report["loss"]["name"])
     fracs = [st["metrics"].get(frac_name) for st in steps] if frac_name else []
+    trained = report["input"]["policy_version"] or 0  # a checkpoint without a version is version 0, as in train
     return {
         "round": r + 1,
-        "trained_version": report["input"]["policy_version"],
+        "trained_version": trained,
         "sampler_version": sampler_version,
-        "lag": report["input"]["policy_version"] - sampler_version,
+        "lag": trained - sampler_version,
         "reward": reward,
         "rollout_reward": rollout_reward,
         "final": {k: final.get(k) for k in TR_METRICS},
@@ -412,7 +418,8 @@ def measure_level(model, model_dir: str | Path, level: str, sample, tmp: Path) -
 
 
 def measure_levels(s: Settings) -> list[dict]:
-    """Every mismatch level of `s`, on lag-0 rollouts of the start checkpoint (4 rounds' worth of prompts)."""
+    """Every mismatch level (mismatch.LEVELS, not only those of `s`), on lag-0 rollouts of the start
+    checkpoint (4 rounds' worth of prompts)."""
     model, _ = load_model(START)
 
     def sample(sampler):
@@ -421,28 +428,37 @@ def measure_levels(s: Settings) -> list[dict]:
                                        response_len=s.response_len)
 
     with tempfile.TemporaryDirectory(prefix="mismatch-levels-") as tmp:
-        return [measure_level(model, START, level, sample, Path(tmp)) for level in s.mismatch]
+        return [measure_level(model, START, level, sample, Path(tmp)) for level in mismatch.LEVELS]
 
 
-def run_all(s: Settings, progress=print) -> list[dict]:
-    """Every (arm, staleness, mismatch, seed) run, in parallel over `s.workers` processes; results in job order."""
-    jobs = [(arm, k, level, seed, s) for level in s.mismatch for k in s.staleness for arm in s.arms
-            for seed in range(s.seeds)]
-    runs = []
+def run_all(s: Settings, progress=print, on_run=None) -> list[dict]:
+    """Every (arm, staleness, mismatch, seed) run, over `s.workers` processes; results in job order.
+
+    Jobs go seed by seed (every setting and arm of seed 0 first), so an interrupted grid still covers
+    every cell; `on_run(runs_so_far)` is called after each finished run, in completion order.
+    """
+    jobs = [(arm, k, level, seed, s) for seed in range(s.seeds) for level in s.mismatch for k in s.staleness
+            for arm in s.arms]
+    done: dict[int, dict] = {}
+
+    def finished(i: int, run: dict) -> None:
+        done[i] = run
+        progress(_done_line(run, len(done), len(jobs)))
+        if on_run is not None:
+            on_run([done[j] for j in sorted(done)])
+
     if s.workers <= 1:
-        for job in jobs:
-            runs.append(run_one(*job))
-            progress(_done_line(runs[-1], len(runs), len(jobs)))
-        return runs
+        for i, job in enumerate(jobs):
+            finished(i, run_one(*job))
+        return [done[i] for i in range(len(jobs))]
     # spawn: a fresh interpreter per worker, no forked torch thread pools.
     import multiprocessing
 
     with ProcessPoolExecutor(s.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, *job) for job in jobs]
-        for i, f in enumerate(futures):
-            runs.append(f.result())
-            progress(_done_line(runs[-1], i + 1, len(jobs)))
-    return runs
+        futures = {pool.submit(run_one, *job): i for i, job in enumerate(jobs)}
+        for f in as_completed(futures):
+            finished(futures[f], f.result())
+    return [done[i] for i in range(len(jobs))]
 
 
 def _done_line(run: dict, i: int, n: int) -> str:
@@ -469,7 +485,8 @@ DEFINITIONS = {
 
 
 def write_outputs(out: Path, s, runs: list[dict], command: str, seconds: float, levels: list[dict],
-                  title: str = "Staleness × mismatch experiment results", extra: dict | None = None) -> dict:
+                  title: str = "Staleness × mismatch experiment results", extra: dict | None = None,
+                  partial_of: int | None = None) -> dict:
     """results.json, results.md, reward.png, harmful.png, instability.png and command.txt under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(runs)
@@ -478,7 +495,8 @@ def write_outputs(out: Path, s, runs: list[dict], command: str, seconds: float, 
                          plot_instability(rows, out))
              if p is not None]
     doc = {"command": command, "settings": asdict(s), "seconds": seconds, "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()), "mismatch_levels": levels,
+           "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()), "partial_of": partial_of,
+           "mismatch_levels": levels,
            **(extra or {}), "summary": rows, "runs": runs, "definitions": DEFINITIONS}
     doc = _round_floats(doc)
     tmp = out / ".results.json.tmp"
@@ -488,6 +506,7 @@ def write_outputs(out: Path, s, runs: list[dict], command: str, seconds: float, 
     text = [
         f"# {title}", "",
         f"Command: `{command}`", "",
+        *([f"**Partial: {len(runs)} of {partial_of} runs finished so far.**", ""] if partial_of else []),
         (f"{len(runs)} runs ({len(arms)} arms × mismatch ∈ {{{', '.join(s.mismatch)}}} × "
          f"K ∈ {{{', '.join(map(str, s.staleness))}}} × {s.seeds} seeds), up to {s.rounds} rounds each; "
          f"{s.prompts} prompts × {s.samples} samples per round, lr {s.lr:g}, "
@@ -555,7 +574,14 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     levels = measure_levels(s)
     print(levels_table(levels))
-    runs = run_all(s)
+    last = [0.0]
+
+    def partial(runs: list[dict]) -> None:  # results so far, at most once a minute: an interrupted grid keeps them
+        if time.perf_counter() - last[0] > 60:
+            write_outputs(out, s, runs, command, time.perf_counter() - t0, levels, partial_of=s.total_runs())
+            last[0] = time.perf_counter()
+
+    runs = run_all(s, on_run=partial if s.checkpoint_results else None)
     doc = write_outputs(out, s, runs, command, time.perf_counter() - t0, levels)
     print(markdown_tables(doc["summary"]))
     print(f"wrote {out}/results.md, results.json and plots in {doc['seconds'] / 60:.1f} min")

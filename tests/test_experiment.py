@@ -13,6 +13,7 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
+import mismatch
 import staleness_experiment as se
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -99,8 +100,9 @@ def test_mismatch_level_is_measured_and_trains_on_the_rounded_sampler(tmp_path):
     doc = se.main(["--arms", "pg-is", "--staleness", "0", "--mismatch", "none", "int4-w4a8", "--seeds", "1",
                    "--rounds", "2", "--prompts", "8", "--samples", "4", "--eval-prompts", "8", "--eval-samples", "2",
                    "--minibatches", "2", "--workers", "1", "--out", str(tmp_path)])
-    none, int4 = doc["mismatch_levels"]
-    assert (none["level"], int4["level"]) == ("none", "int4-w4a8")
+    levels = {lv["level"]: lv for lv in doc["mismatch_levels"]}
+    assert list(levels) == list(mismatch.LEVELS)  # every level is measured, not only those run
+    none, int4 = levels["none"], levels["int4-w4a8"]
     assert none["k3"] < 1e-9 and none["logr_abs_mean"] < 1e-5
     assert int4["k3"] > 1e-5 and int4["logr_abs_mean"] > 1e-3 and int4["delta_abs_mean"] > 0
     by_level = {run["mismatch"]: run for run in doc["runs"]}
@@ -156,4 +158,5 @@ def test_arguments_pick_a_preset_and_override_it(tmp_path):
 def test_quick_run_finishes_in_two_minutes(tmp_path):
     doc = se.main(["--quick", "--out", str(tmp_path)])
     assert doc["seconds"] < 120
-    assert len(doc["summary"]) == len(se.ARMS) * 3 * len(se.PRESETS["quick"].mismatch)
+    quick = se.PRESETS["quick"]
+    assert len(doc["summary"]) == len(se.ARMS) * len(quick.staleness) * len(quick.mismatch)
