@@ -69,7 +69,7 @@ class RealSettings:
     minibatches: int = 4
     eval_samples: int = 1
     """Samples per problem of the evaluation (all 100 digit pairs)."""
-    level_prompts: int = 32
+    level_prompts: int = 8
     """Problems (× samples) of the lag-0 rollouts that measure each mismatch level."""
     threads: int = 2
     workers: int = 1  # one process; kept so the shared summary code reads the same fields

@@ -572,16 +572,22 @@ def main(argv: list[str] | None = None) -> dict:
     command = shlex.join(["python", "examples/staleness_experiment.py", *raw])
     torch.set_num_threads(s.threads)
     t0 = time.perf_counter()
-    levels = measure_levels(s)
+    import multiprocessing
+
+    # The levels are measured in a process of their own while the grid runs.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        measured = pool.submit(measure_levels, s)
+        last = [0.0]
+
+        def partial(runs: list[dict]) -> None:  # results so far, at most once a minute: an interrupted grid keeps them
+            if measured.done() and time.perf_counter() - last[0] > 60:
+                write_outputs(out, s, runs, command, time.perf_counter() - t0, measured.result(),
+                              partial_of=s.total_runs())
+                last[0] = time.perf_counter()
+
+        runs = run_all(s, on_run=partial if s.checkpoint_results else None)
+        levels = measured.result()
     print(levels_table(levels))
-    last = [0.0]
-
-    def partial(runs: list[dict]) -> None:  # results so far, at most once a minute: an interrupted grid keeps them
-        if time.perf_counter() - last[0] > 60:
-            write_outputs(out, s, runs, command, time.perf_counter() - t0, levels, partial_of=s.total_runs())
-            last[0] = time.perf_counter()
-
-    runs = run_all(s, on_run=partial if s.checkpoint_results else None)
     doc = write_outputs(out, s, runs, command, time.perf_counter() - t0, levels)
     print(markdown_tables(doc["summary"]))
     print(f"wrote {out}/results.md, results.json and plots in {doc['seconds'] / 60:.1f} min")
