@@ -279,6 +279,21 @@ def train_report_json(report: dict) -> str:
     return report_json(report)
 
 
+def filter_lines(staleness: dict, rejection: dict | None) -> list[str]:
+    """One line per active row filter (--max-lag / --min-version, --reject) for the console."""
+    lines = []
+    if staleness["max_lag"] is not None or staleness["min_version"] is not None:
+        given = ", ".join(f"--{k.replace('_', '-')} {staleness[k]}" for k in ("max_lag", "min_version")
+                          if staleness[k] is not None)
+        lines.append(f"{given}: dropped {staleness['rows_dropped']:,} rows ({staleness['tokens_dropped']:,} trained "
+                     f"tokens), kept {staleness['rows_kept']:,} (current version {staleness['current_version']})")
+    if rejection is not None:
+        lines.append(f"--reject {' '.join(rejection['criteria'])}: rejected {rejection['tokens_rejected']:,} tokens "
+                     f"({fmt(rejection['token_frac'])}) and {rejection['sequences_rejected']:,} sequences "
+                     f"({fmt(rejection['seq_frac'])})")
+    return lines
+
+
 def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
     """One table, metrics × steps (first and last steps when there are many) + closing audit; worst samples."""
 
@@ -303,6 +318,8 @@ def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
         cols = ("harmful_frac", "outside_frac", "delta_abs_max", "tokens")
         console.print(number_table("worst samples (harmful fraction)", "sample_id", list(cols),
                                    [[w["sample_id"], *(fmt_cell(w[c]) for c in cols)] for w in final["worst_samples"]]))
+    for line in filter_lines(report["filters"]["staleness"], report["filters"]["rejection"]):
+        console.print(line, highlight=False, markup=False)
     for note in report["notes"]:
         console.print(f"note: {note}")
     if report["skipped_steps"]:
@@ -310,9 +327,10 @@ def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
 
 
 def _is_loss_metric(key: str, loss: str) -> bool:
-    """What the loss in use does to the tokens: `ppo_clip/clip_frac`, `weight/drpo_corrective_frac`, ..."""
+    """What the loss in use does to the tokens (`ppo_clip/clip_frac`, `weight/drpo_corrective_frac`, ...) and
+    the reference KL (`kl/ref_*`, with --ref-model)."""
     ns = loss.replace("-", "_")
-    return key.startswith(f"{ns}/") or (key.startswith(f"weight/{ns}_") and key.endswith("_frac"))
+    return key.startswith((f"{ns}/", "kl/ref_")) or (key.startswith(f"weight/{ns}_") and key.endswith("_frac"))
 
 
 # ---- drpo inspect report ------------------------------------------------------------------------
@@ -574,8 +592,14 @@ def render_inspect(report: dict, console: Any) -> None:
         for line in histogram_lines([f"lag {h['lag']}" for h in lag["histogram"]],
                                     [h["tokens"] for h in lag["histogram"]]):
             console.print(line, highlight=False, markup=False)
+    for line in filter_lines(data["staleness_filter"], None):
+        console.print(line, highlight=False, markup=False)
     if model is not None:
         _render_inspect_model(model, report["metrics"], console)
+        if report["settings"]["reject"]:
+            console.print(f"--reject {' '.join(report['settings']['reject'])} would reject "
+                          f"{fmt(report['metrics']['reject/token_frac'])} of the tokens and "
+                          f"{fmt(report['metrics']['reject/seq_frac'])} of the sequences", highlight=False, markup=False)
     for note in report["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     for gate in report["gates"]:

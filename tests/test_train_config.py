@@ -205,3 +205,17 @@ def test_ref_model_is_an_input_of_the_output_rule(paths):
         f"--out {ref}: is the input --ref-model {ref} (an output may not be, contain or lie inside an input)"
     ]
     assert cfg(paths, ref_model=ref, out=str(paths / "elsewhere")).validate() == []
+
+
+def test_filter_lines_for_the_console():
+    from drpo_cli.report import filter_lines
+
+    staleness = {"max_lag": 2, "min_version": None, "current_version": 8, "rows_dropped": 72, "tokens_dropped": 656,
+                 "rows_kept": 120, "rows_without_version": 0}
+    rejection = {"criteria": ["seq_mean_k3>0.02"], "tokens_rejected": 81, "token_frac": 0.125, "sequences_rejected": 15,
+                 "seq_frac": 0.125}
+    assert filter_lines(staleness, rejection) == [
+        "--max-lag 2: dropped 72 rows (656 trained tokens), kept 120 (current version 8)",
+        "--reject seq_mean_k3>0.02: rejected 81 tokens (0.125) and 15 sequences (0.125)",
+    ]
+    assert filter_lines({**staleness, "max_lag": None}, None) == []
