@@ -172,7 +172,7 @@ def main() -> None:
         ti = mb.token_index.cpu()
         mask = per_token["mask"][ti].to(device)
         loss_t = token_loss(args.loss, logp, per_token["anchor"][ti].to(device),
-                            per_token["advantages"][ti].to(device), mask=mask, **hp)
+                            per_token["advantages"][ti].to(device), mask=mask, seq_index=mb.seq_index, **hp)
         denom = aggregation_denominator(cfg.agg, mask, mb.seq_index)
         aggregate(loss_t, mask, mb.seq_index, cfg.agg, denom).backward()
 

@@ -246,3 +246,27 @@ def test_data_audit_merge_equals_one_pass(tmp_path):
     first.merge_(second)
     first.all_reduce_()  # one process: a no-op
     assert first.section(None, "unknown") == whole.section(None, "unknown")
+
+
+def test_data_only_stale_row_filter_and_exact_error_rows(tmp_path):
+    table = pa.ipc.open_file(str(ROOT / "examples/toy/rollouts.arrow")).read_all()
+    versions = np.array(table.column("policy_version").to_pylist())
+    lengths = np.array([len(x) for x in table.column("response_ids").to_pylist()])
+    path = write_rollout_table(table, tmp_path / "r.arrow", max_chunksize=50)
+    report = audit(path, max_lag=2, min_version=7)  # current version: the data's newest, 8
+    keep = (8 - versions <= 2) & (versions >= 7)
+    assert report["data"]["staleness_filter"] == {
+        "max_lag": 2, "min_version": 7, "current_version": 8, "rows_dropped": int((~keep).sum()),
+        "tokens_dropped": int(lengths[~keep].sum()), "rows_kept": int(keep.sum()), "rows_without_version": 0}
+    assert report["metrics"]["data/rows"] == keep.sum() and report["metrics"]["data/tokens"] == lengths[keep].sum()
+    assert report["metrics"]["data/lag_max"] <= 1
+    # A bad value in a kept row after dropped rows is still reported at its row in the file.
+    bad_row = int(np.flatnonzero(keep)[-1])
+    rewards = table.column("reward").to_pylist()
+    rewards[bad_row] = float("nan")
+    bad = table.set_column(table.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float32()))
+    write_rollout_table(bad, tmp_path / "bad.arrow", max_chunksize=50)
+    with pytest.raises(InputError, match=rf"column 'reward', row {bad_row} "):
+        audit(tmp_path / "bad.arrow", max_lag=2, min_version=7)
+    with pytest.raises(InputError, match="every one of the 192 rows is too stale"):
+        audit(path, min_version=9)
