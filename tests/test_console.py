@@ -31,6 +31,7 @@ def test_train_summary_keeps_every_number_at_80_columns():
     steps = [{"step": i, "skipped": False, "loss": -0.0012345, "grad_norm": 12345.678, "lr": 1e-6,
               "tokens": 1_234_567, "metrics": metrics} for i in range(10)]
     report = {"steps": steps, "loss": {"name": "drpo"}, "notes": [], "skipped_steps": 0,
+              "filters": {"staleness": {"max_lag": None, "min_version": None}, "rejection": None},
               "final": {"metrics": metrics, "change_from_first_step": dict.fromkeys(metrics, -9.87e-11),
                         "worst_samples": [{"sample_id": "a-rather-long-sample-identifier-0001", "harmful_frac": 0.5,
                                            "outside_frac": 0.25, "delta_abs_max": 0.333, "tokens": 1024}]}}
