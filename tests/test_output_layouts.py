@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
-from tests.conftest import valid_rollout_table, write_rollout_table
+from conftest import valid_rollout_table, write_rollout_table
 
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
 FAST = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512"]
