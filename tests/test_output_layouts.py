@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from conftest import valid_rollout_table, write_rollout_table
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
-from conftest import valid_rollout_table, write_rollout_table
 
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
 FAST = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512"]

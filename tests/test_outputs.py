@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from conftest import valid_rollout_table, write_rollout_table
 from typer.testing import CliRunner
 
 from drpo_cli import outputs
 from drpo_cli.cli import app
 from drpo_cli.errors import ConfigError
-from conftest import valid_rollout_table, write_rollout_table
 
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
 FAST = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512"]
