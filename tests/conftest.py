@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -61,3 +64,13 @@ def write_rollout_table(table: pa.Table, path: str | Path, fmt: str = "file",
 def valid_rollout_path(tmp_path: Path) -> Path:
     """The valid table as an Arrow IPC file in tmp_path."""
     return write_rollout_table(valid_rollout_table(), tmp_path / "rollouts.arrow")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    """A private copy of the bundled example: model/ (policy version 8) and rollouts.arrow."""
+    if not (TOY / "model").is_dir():
+        pytest.skip("examples/toy not built (python examples/make_example.py)")
+    root = tmp_path_factory.mktemp("toy")
+    shutil.copytree(TOY, root, dirs_exist_ok=True)
+    return root

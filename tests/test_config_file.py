@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -15,17 +13,7 @@ from drpo_cli.config import TrainConfig
 from drpo_cli.config_file import train_config
 from drpo_cli.errors import ConfigError
 
-TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
 FAST = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512", "--minibatches", "2"]
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Path:
-    if not (TOY / "model").is_dir():
-        pytest.skip("examples/toy not built (python examples/make_example.py)")
-    root = tmp_path_factory.mktemp("toy")
-    shutil.copytree(TOY, root, dirs_exist_ok=True)
-    return root
 
 
 def test_toml_fields_flags_override_and_types(tmp_path, toy):

@@ -25,19 +25,7 @@ from drpo_cli.report import TRAIN_REPORT_SCHEMA
 from drpo_cli.rollouts import load_rows
 from drpo_cli.train import INTERRUPT_HOOK, accumulate_gradients
 
-TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
 FAST = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512"]
-
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Path:
-    """A private copy of the bundled example: model/ (policy version 8) and rollouts.arrow."""
-    if not (TOY / "model").is_dir():
-        pytest.skip("examples/toy not built (python examples/make_example.py)")
-    root = tmp_path_factory.mktemp("toy")
-    shutil.copytree(TOY, root, dirs_exist_ok=True)
-    return root
 
 
 def train(toy: Path, out: Path, *args: str, env: dict | None = None):
