@@ -65,11 +65,14 @@ def separate_passes(cfg: InspectConfig) -> dict:
 
     rows = load_rows(list(cfg.rollouts))
     model, _ = load_model(cfg.model)
-    check = audit_model.LoggingCheck.plan(rows, np.zeros(rows.num_rows, dtype=np.int64))
+    every = np.ones(rows.num_rows, dtype=bool)
+    check = audit_model.LoggingCheck.plan(np.zeros(rows.num_rows, dtype=np.int64), rows.temperature,
+                                          np.diff(np.concatenate([[0], np.cumsum(rows.loss_mask)])[rows.response_offsets]),
+                                          every).chunk(rows)
     fit_rows = np.unique(rows.token_row()[check.fitted])
     fit = {}
     with torch.inference_mode():
-        for temp in check.candidates:
+        for temp in check.check.candidates:
             logr = []
             for mb in plan_micro_batches(rows, fit_rows, cfg.micro_batch_tokens):
                 scaled = replace(mb, temperature=torch.full_like(mb.temperature, temp))
@@ -96,7 +99,7 @@ def main() -> None:
         plan = audit_model.LoggingCheck.plan
 
         def no_checks():
-            audit_model.LoggingCheck.plan = staticmethod(lambda rows, lag: None)
+            audit_model.LoggingCheck.plan = staticmethod(lambda *args: None)
             try:
                 return run_inspect(cfg)
             finally:

@@ -27,8 +27,9 @@ ROWS_PER_BATCH = 1024
 PROMPT_LEN = 128
 
 
-def write_file(path: str, size_gb: float, seed: int = 0) -> None:
-    """Rows with 128 prompt tokens and 256..2047 response tokens (about 8 bytes per response token)."""
+def write_file(path: str, size_gb: float, seed: int = 0, vocab: int = 150_000) -> None:
+    """Rows with 128 prompt tokens and 256..2047 response tokens (about 8 bytes per response token),
+    token ids below `vocab`."""
     rng = np.random.default_rng(seed)
     schema = pa.schema([
         ("prompt_ids", pa.list_(pa.int32())), ("response_ids", pa.list_(pa.int32())),
@@ -46,8 +47,8 @@ def write_file(path: str, size_gb: float, seed: int = 0) -> None:
             t = int(offsets[-1])
             p_off = np.arange(n + 1, dtype=np.int32) * PROMPT_LEN
             batch = pa.record_batch([
-                pa.ListArray.from_arrays(p_off, rng.integers(0, 150_000, n * PROMPT_LEN, dtype=np.int32)),
-                pa.ListArray.from_arrays(offsets, rng.integers(0, 150_000, t, dtype=np.int32)),
+                pa.ListArray.from_arrays(p_off, rng.integers(0, vocab, n * PROMPT_LEN, dtype=np.int32)),
+                pa.ListArray.from_arrays(offsets, rng.integers(0, vocab, t, dtype=np.int32)),
                 pa.ListArray.from_arrays(offsets, -rng.exponential(1.0, t).astype(np.float32)),
                 pa.array(rng.integers(0, 2, n).astype(np.float32)),
                 pa.array(np.arange(row, row + n) // 8),  # groups of 8 samples

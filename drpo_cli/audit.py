@@ -158,6 +158,7 @@ class DataAudit:
     adv_sources: set = field(default_factory=set)  # advantage source of each file, SPEC.md §3
     dropped_rows: int = 0  # left out by --max-lag / --min-version
     dropped_tokens: int = 0  # their trained tokens
+    reduced_duplicates: dict | None = None  # duplicate ids over all ranks (set by all_reduce_)
 
     def drop_stale(self, sb: SourceBatch, current: int | None, max_lag: int | None,
                    min_version: int | None) -> SourceBatch | None:
@@ -286,14 +287,24 @@ class DataAudit:
         self.zero_adv_tokens += int(row_masked[zero].sum())
         self.zero_adv_rows += int(np.count_nonzero(zero | (row_masked == 0)))
 
-    def finish_groups(self) -> None:
-        """reward + group_id: A = R − mean of R over the group (SPEC.md §1), then the token statistics."""
+    def finish_groups(self, exchange=None) -> None:
+        """reward + group_id: A = R − mean of R over the group (SPEC.md §1), then the token statistics.
+
+        With `exchange` (an all-gather under torchrun; every rank calls it) group sums are over all ranks.
+        """
+        if not self.group_ids and exchange is None:
+            return
+        table = pa.table({"g": pa.chunked_array(self.group_ids, pa.string()),
+                          "r": np.concatenate(self.group_rewards) if self.group_rewards else np.zeros(0)})
+        means = table.group_by("g").aggregate([("r", "count"), ("r", "sum")])  # columns r_count, r_sum, g
+        if exchange is not None:  # a group may span ranks: add every rank's partial sums
+            means = pa.concat_tables(exchange(means)).group_by("g").aggregate([("r_count", "sum"), ("r_sum", "sum")])
+            means = pa.table({"g": means.column("g"), "r_count": means.column("r_count_sum"),
+                              "r_sum": means.column("r_sum_sum")})
         if not self.group_ids:
             return
-        table = pa.table({"g": pa.chunked_array(self.group_ids), "r": np.concatenate(self.group_rewards)})
-        means = table.group_by("g").aggregate([("r", "mean")])  # columns r_mean, g
         at = pc.index_in(table.column("g"), value_set=means.column("g")).to_numpy()  # (N,)
-        mean_of_row = means.column("r_mean").to_numpy()[at]  # (N,)
+        mean_of_row = (means.column("r_sum").to_numpy() / means.column("r_count").to_numpy())[at]  # (N,)
         rewards = table.column("r").to_numpy()
         self._add_row_advantages((rewards - mean_of_row).astype(np.float32), np.concatenate(self.group_tokens))
         self.group_ids, self.group_rewards, self.group_tokens = [], [], []
@@ -319,8 +330,8 @@ class DataAudit:
     def all_reduce_(self) -> None:
         """Sum this rank's audit with every other rank's in place (one call; no-op in one process).
 
-        Sample ids and groups are rank-local: shard rollouts by group so group means stay exact;
-        duplicate ids are then checked within each rank's shard only.
+        Exact whatever the split of rows: group means are taken over every rank's rows of the group
+        (call it before finish_groups), and duplicate sample ids are found across ranks.
         """
         from drpo_cli.distributed import is_distributed
 
@@ -328,9 +339,11 @@ class DataAudit:
             return
         import torch
 
-        from drpo_cli.distributed import all_reduce_max, all_reduce_sum
+        from drpo_cli.distributed import all_reduce_max, all_reduce_sum, exchange
 
-        self.finish_groups()
+        self.finish_groups(exchange)
+        self.reduced_duplicates = self._duplicates_across(exchange)
+        self.sample_ids = []
         sums = torch.tensor([self.rows, self.response_tokens, self.masked_tokens, self.prompt_tokens,
                              self.rare_tokens, self.neg_logmu_sum, self.zero_adv_tokens, self.zero_adv_rows,
                              self.adv.n, self.adv.s, self.adv.s2, self.adv.sabs,
@@ -358,8 +371,23 @@ class DataAudit:
         for name in ("version_rows", "version_tokens", "temperature_rows"):
             setattr(self, name, Counter(_all_reduce_counter(dict(getattr(self, name)))))
 
+    def _duplicates_across(self, exchange, examples: int = 5) -> dict:
+        """duplicates() over every rank's ids: 8-byte hashes go to every rank, then only the ids whose
+        hash repeats (the candidates) are gathered and counted exactly."""
+        from drpo_cli.schema import _hash_strings
+
+        ids = pa.chunked_array(self.sample_ids, type=pa.string()).combine_chunks()
+        mine = _hash_strings(ids)  # (n,)
+        every = np.sort(np.concatenate(exchange(mine)))
+        repeated = np.unique(every[1:][every[1:] == every[:-1]])
+        candidates = ids.filter(pa.array(np.isin(mine, repeated))) if repeated.size else pa.array([], pa.string())
+        gathered = pa.concat_arrays(exchange(candidates))
+        return DataAudit(sample_ids=[gathered]).duplicates(examples)
+
     def duplicates(self, examples: int = 5) -> dict:
         """Rows whose sample_id repeats an earlier row's, distinct repeated ids, the first few ids in sort order."""
+        if self.reduced_duplicates is not None:
+            return self.reduced_duplicates
         if not self.sample_ids:
             return {"rows": 0, "ids": 0, "examples": []}
         counts = pc.value_counts(pa.chunked_array(self.sample_ids, type=pa.string()))
@@ -542,19 +570,35 @@ def filter_version(source: RolloutSource, cfg: InspectConfig) -> int | None:
 
 
 def audit_data(source: RolloutSource, cfg: InspectConfig, progress: Progress | None = None,
-               current: int | None = None) -> DataAudit:
-    """Stream every record batch through a DataAudit (bounded memory), minus the rows the stale-row filters drop."""
+               current: int | None = None, shard=None) -> DataAudit:
+    """Stream every record batch through a DataAudit (bounded memory), minus the rows the stale-row filters drop.
+
+    Under torchrun (`shard`: this rank's pieces, schema.Shard) each rank audits its share and the
+    shares are merged exactly; a bad row found by one rank stops every rank with its error.
+    """
     check_source(source)
     audit = DataAudit()
     temps = {rf.path: file_temperature(rf.metadata, cfg.temperature) for rf in source.files}
     filtering = cfg.max_lag is not None or cfg.min_version is not None
-    for sb in source.iter_batches(DATA_COLUMNS):
-        if filtering and (sb := audit.drop_stale(sb, current, cfg.max_lag, cfg.min_version)) is None:
-            continue
-        _, tokens = audit.update(sb, temps[sb.path])
-        if progress is not None:
-            progress("reading rollouts (tokens)", tokens, None)
-    audit.finish_groups()
+    error = None
+    try:
+        for sb in source.iter_batches(DATA_COLUMNS, shard=shard):
+            if filtering and (sb := audit.drop_stale(sb, current, cfg.max_lag, cfg.min_version)) is None:
+                continue
+            _, tokens = audit.update(sb, temps[sb.path])
+            if progress is not None:
+                progress("reading rollouts (tokens)", tokens, None)
+    except InputError as err:
+        if shard is None:
+            raise
+        error = err
+    if shard is None:
+        audit.finish_groups()
+        return audit
+    from drpo_cli.distributed import agree
+
+    agree(error, "auditing the rollouts")
+    audit.all_reduce_()
     return audit
 
 
@@ -565,8 +609,9 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
     """
     start = time.perf_counter()
     source = open_rollouts(list(cfg.rollouts), cfg.column_map())
+    shard = _join_ranks(cfg, source)
     filter_current = filter_version(source, cfg)
-    audit = audit_data(source, cfg, progress, filter_current)
+    audit = audit_data(source, cfg, progress, filter_current, shard)
     if audit.rows == 0 and audit.dropped_rows:
         raise InputError(f"--max-lag {cfg.max_lag} / --min-version {cfg.min_version}: every one of the "
                          f"{audit.dropped_rows} rows is too stale (current version {filter_current}); nothing is left")
@@ -577,7 +622,7 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
         from drpo_cli.audit_model import audit_model
 
         model_section, model_metrics, current, version_source, model_notes = audit_model(
-            cfg, source, progress, per_token_path)
+            cfg, source, progress, per_token_path, shard)
         notes += model_notes
         if model_section.get("logging_checks"):
             model_section["logging_checks"]["findings"].append(logprobs_kind_note(source.metadata))
@@ -604,6 +649,22 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
     }
     validate_report(report, INSPECT_REPORT_SCHEMA)
     return report
+
+
+def _join_ranks(cfg: InspectConfig, source: RolloutSource):
+    """Under torchrun: join the process group (the model's device in model mode, else gloo on the
+    CPU) and return this rank's share of the rows (schema.Shard); None in one process."""
+    import os
+
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
+        return None
+    import torch
+
+    from drpo_cli import distributed
+    from drpo_cli.logprobs import pick_device
+
+    distributed.init(pick_device(cfg.device) if cfg.model is not None else torch.device("cpu"))
+    return distributed.data_shard(source)
 
 
 def inspect_and_write(cfg: InspectConfig, progress: Progress | None = None) -> dict:

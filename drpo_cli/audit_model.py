@@ -1,27 +1,31 @@
 """`drpo inspect --model`: per-token diagnostics of the current model against the logged sampler (SPEC.md §2).
 
-Rows are loaded (and validated) once, grouped into token-budget micro-batches, and their log-probs
-computed by the log-prob engine under inference_mode; each micro-batch feeds the mergeable
-Diagnostics accumulator, the per-sequence scores and (optionally) the per-token Arrow writer, so
-memory holds the rows plus one micro-batch. The logging-bug checks read the log-probs of fresh
-(lag 0) rows at a few more temperatures from the same chunk logits and compare them with the logged ones.
+The rows (validated by the data audit that runs first) stream record batch by record batch: each
+batch is grouped into token-budget micro-batches whose log-probs the log-prob engine computes under
+inference_mode, and each micro-batch feeds the mergeable Diagnostics accumulator, the μ–π picture,
+the batch's per-sequence scores (kept only for the `--top` worst) and optionally the per-token Arrow
+writer, so memory is one batch plus a few numbers per row, flat in the file size. The logging-bug
+checks read the log-probs of fresh (lag 0) rows at a few more temperatures from the same chunk
+logits and compare them with the logged ones. Under torchrun each rank streams its share.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from drpo_cli.config import LOSS_HPARAMS, InspectConfig
-from drpo_cli.data import plan_micro_batches
+from drpo_cli.data import filler_batch, plan_micro_batches
 from drpo_cli.divergence import Diagnostics, token_diagnostics
+from drpo_cli.errors import InputError
 from drpo_cli.outputs import ARROW_MARKER_KEY
 from drpo_cli.picture import MuPiHistogram, worst_tokens
-from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version, staleness_filter
+from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version
 
 WHAT_IF_DELTAS = (0.1, 0.2, 0.5, 12.5)  # DRPO δ sweep shown when --delta is not given (SPEC.md §1)
 FIT_TOKENS = 256  # fresh tokens (evenly spread) whose log-probs the logging checks read at other temperatures
@@ -37,16 +41,27 @@ _DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
 _SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "k3")
 
 
-def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None):
-    """Per-token diagnostics; returns (model section, metrics, current version, version source, notes)."""
+MODEL_COLUMNS = ("prompt_ids", "response_ids", "behavior_logprobs", "advantages", "advantage", "reward", "group_id",
+                 "loss_mask", "sample_id", "policy_version", "temperature")  # what the model pass reads
+PLAN_COLUMNS = ("policy_version", "temperature", "loss_mask")  # the light pass over every row
+
+
+def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None, shard=None):
+    """Per-token diagnostics; returns (model section, metrics, current version, version source, notes).
+
+    Streams: one light pass reads every row's version, temperature and trained-token count (what the
+    staleness filter and the logging checks need up front), then record batch by record batch the
+    rows go through the engine and into mergeable accumulators; memory holds one batch, the per-row
+    plan (a few numbers per row) and the `--top` worst sequences. Under torchrun (`shard`) each rank
+    streams only its share and every rank runs the same number of passes (FSDP needs it).
+    """
     from drpo_cli import distributed
     from drpo_cli.checkpoint import load_model
     from drpo_cli.logprobs import pick_device
-    from drpo_cli.rollouts import load_rows
+    from drpo_cli.rollouts import file_temperature, group_advantage_table, rows_of_batch, stale_rows
+    from drpo_cli.schema import Shard
 
     start = time.perf_counter()
-    rows = load_rows(source, temperature=cfg.temperature)
-    # Under torchrun: FSDP2 shards the model and each rank audits its share of the rows.
     device = distributed.init(pick_device(cfg.device))
     sharded = distributed.launched()
     if sharded:  # built on the meta device, each rank reads its shards only; the weights keep the loaded dtype
@@ -55,66 +70,87 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     else:
         model, info = load_model(cfg.model, device=str(device), dtype=_DTYPES[cfg.dtype],
                                  allow_unsafe=cfg.allow_unsafe_weights)
-    check_vocabulary(rows, info.vocab_size, cfg.model)
-    current, version_source = current_version(cfg.current_version, info.policy_version, rows.policy_version)
-    rows, _ = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version)  # as the data audit
-    known = rows.policy_version >= 0
-    row_lag = np.where(known, (current if current is not None else 0) - rows.policy_version, -1)  # (N,)
+    layout = shard or Shard(0, 1)
+    plan = _RowPlan.read(source, layout.piece_rows, cfg.temperature)
+    current, version_source = current_version(cfg.current_version, info.policy_version, plan.version)
+    keep = ~stale_rows(plan.version, current, max_lag=cfg.max_lag, min_version=cfg.min_version)  # (N,) as the data audit
+    known = plan.version >= 0
+    plan_lag = np.where(known, (current if current is not None else 0) - plan.version, -1)  # (N,)
     notes = []
-    if current is not None and (row_lag[known] < 0).any():
-        notes.append(f"{int((row_lag[known] < 0).sum())} row(s) have a policy_version above the current version "
-                     f"{current}; their lag is counted as unknown")
+    if current is not None and (plan_lag[keep & known] < 0).any():
+        notes.append(f"{int((plan_lag[keep & known] < 0).sum())} row(s) have a policy_version above the current "
+                     f"version {current}; their lag is counted as unknown")
     losses = {name: dict(hp) for name, hp in LOSS_HPARAMS.items()}
     losses["drpo"] = {"delta": cfg.chosen_delta()}
     deltas = cfg.deltas or WHAT_IF_DELTAS
     diag = Diagnostics(cfg.tr_delta, losses, drpo_deltas=deltas, reject=cfg.reject_criteria())
-    seq = np.zeros((rows.num_rows, len(_SEQ_FEATURES)), dtype=np.float64)  # (N, F) per-sequence sums / max
-    token_lag = row_lag[rows.token_row()]  # (T,)
-    position = rows.token_position()  # (T,)
-    micro_batches = plan_micro_batches(rows, distributed.shard_rows(np.arange(rows.num_rows)), cfg.micro_batch_tokens)
-    # Ranks with fewer micro-batches run filler passes (results dropped): FSDP needs equal counts.
-    fillers = distributed.filler_passes(rows, len(micro_batches), cfg.micro_batch_tokens)
-    # Per-token rows: every rank builds its record batches, rank 0 gathers and writes them.
-    writer = _PerTokenWriter(per_token_path, rows) if per_token_path or cfg.per_token is not None else None
-    local_tokens = sum(mb.num_tokens for mb in micro_batches)
-    check = LoggingCheck.plan(rows, row_lag)  # logging-bug checks, fed by the same passes
+    check = LoggingCheck.plan(plan_lag, plan.temperature, plan.trained, keep)  # fed by the same passes
     picture = MuPiHistogram()
-    logp_all = np.zeros(rows.num_tokens, dtype=np.float32)  # (T,) for the worst sequences' tokens
+    worst = _Worst(cfg.top)
+    writer = _PerTokenWriter(per_token_path) if per_token_path or cfg.per_token is not None else None
+    owned = plan.piece % layout.world == layout.rank  # (N,) this rank's rows
+    local_tokens = int(plan.tokens[owned & keep].sum())
+    groups = group_advantage_table(source) if "reward" in source.columns() else None
+    temps = {rf.path: file_temperature(rf.metadata, cfg.temperature) for rf in source.files}
+    counts = np.zeros(3, dtype=np.int64)  # micro-batches, positions, real positions (this rank)
+
+    def micro_batches():
+        """This rank's micro-batches, batch by batch; a batch's rows are scored once all its passes ran."""
+        for sb in source.iter_batches(MODEL_COLUMNS, shard=shard):
+            rows = rows_of_batch(sb, temps[sb.path], groups)
+            rows = rows.select(np.flatnonzero(keep[rows.global_row])) if not keep[rows.global_row].all() else rows
+            if rows.num_rows == 0:
+                continue
+            check_vocabulary(rows, info.vocab_size, cfg.model)
+            chunk = _Chunk(rows, plan_lag[rows.global_row], check)
+            for mb in plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens):
+                yield chunk, mb
+            worst.add(chunk)
+
+    passes = micro_batches()
     try:
         with torch.inference_mode():
-            for filler in fillers:
-                _logprobs(model, filler, device, cfg)
-                if writer is not None:
-                    writer.gather(None)
-            for mb in micro_batches:
-                logp, entropy = _logprobs(model, mb, device, cfg, check)  # (M,), (M,)
-                idx = mb.token_index.numpy()  # (M,) flat token indices
+            while True:
+                error, item = None, None
+                try:
+                    item = next(passes, None)
+                except InputError as err:
+                    error = err
+                distributed.agree(error, "auditing the rollouts")
+                if not distributed.any_rank(item is not None):
+                    break
+                if item is None:  # this rank is done, others are not: a pass whose results are dropped
+                    _logprobs(model, filler_batch(), device, cfg)
+                    if writer is not None:
+                        writer.gather(None)
+                    continue
+                chunk, mb = item
+                logp, entropy = _logprobs(model, mb, device, cfg, chunk.check)  # (M,), (M,)
+                rows, idx = chunk.rows, mb.token_index.numpy()  # (M,) token indices within the batch
                 mu = torch.from_numpy(rows.behavior_logprobs[idx])  # (M,)
                 adv = torch.from_numpy(rows.advantages[idx])  # (M,)
                 mask = torch.from_numpy(rows.loss_mask[idx])  # (M,)
-                lag = torch.from_numpy(token_lag[idx])  # (M,)
-                diag.update(logp, mu, adv, mask, lag=lag, position=torch.from_numpy(position[idx]), entropy=entropy,
+                lag = torch.from_numpy(chunk.token_lag[idx])  # (M,)
+                position = chunk.position[idx]
+                diag.update(logp, mu, adv, mask, lag=lag, position=torch.from_numpy(position), entropy=entropy,
                             seq_index=mb.seq_index)
                 picture.update(logp.numpy(), mu.numpy(), adv.numpy(), mask.numpy())
-                logp_all[idx] = logp.numpy()
                 t = token_diagnostics(logp.double(), mu.double(), adv.double(), tr_delta=cfg.tr_delta)
-                _add_sequences(seq, mb.rows.numpy()[mb.seq_index.numpy()], mask.numpy(), t)
+                chunk.add(mb, logp.numpy(), mask.numpy(), t)
+                counts += (1, mb.positions, mb.real_positions)
                 if writer is not None:
-                    writer.gather(writer.batch(idx, logp, entropy, t, token_lag[idx], position[idx]))
+                    writer.gather(writer.batch(rows, idx, logp, entropy, t, chunk.token_lag[idx], position))
                 if progress is not None:
                     progress("per-token log-probs (tokens)", mb.num_tokens, local_tokens)
     finally:
+        passes.close()
         if writer is not None:
             writer.close()
     summary = diag.all_reduce_().summary()
     checks = check.result() if check is not None else None
-    _all_reduce_sequences(seq)
     picture.all_reduce_()
-    if distributed.is_distributed():  # each token was computed by one rank
-        logp_all = distributed.all_reduce_sum(torch.from_numpy(logp_all)).numpy()
-    positions = distributed.all_reduce_sum(torch.tensor(
-        [len(micro_batches), sum(mb.positions for mb in micro_batches),
-         sum(mb.real_positions for mb in micro_batches)], dtype=torch.int64)).tolist()  # over all ranks
+    top = worst.all_ranks()
+    positions = distributed.all_reduce_sum(torch.from_numpy(counts)).tolist()  # over all ranks
     notes += summary["notes"]
     metrics = {k: v for k, v in summary.items()
                if not isinstance(v, (dict, list)) and not k.startswith("data/")}
@@ -136,14 +172,107 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
         "drpo_what_if": [{"delta": w["delta"], "reachable": w["boundary_reachable"],
                           **{k: v for k, v in w.items() if k not in ("delta", "boundary_reachable")}}
                          for w in summary["what_if"]["drpo"]],
-        "worst_sequences": worst_sequences(seq, rows, row_lag, cfg.top),
+        "worst_sequences": [c["sequence"] for c in top],
         "mu_pi_histogram": picture.to_dict(),
-        "worst_tokens": worst_tokens(rows, worst_rows(seq, cfg.top), logp_all),
+        "worst_tokens": [c["tokens"] for c in top],
         "logging_checks": checks,
     }
     if checks is not None:
         notes += checks["findings"] if (checks["offset_suspected"] or checks["temperature_suspected"]) else []
     return section, metrics, current, version_source, notes
+
+
+@dataclass
+class _RowPlan:
+    """What the streamed model pass needs of every row before it starts: (N,) arrays in file order."""
+
+    version: np.ndarray  # int64, −1 unknown
+    temperature: np.ndarray  # float32
+    trained: np.ndarray  # int64, loss_mask tokens
+    tokens: np.ndarray  # int64, response tokens
+    piece: np.ndarray  # int64, the Shard piece holding the row
+
+    @classmethod
+    def read(cls, source, piece_rows: int, temperature: float | None) -> _RowPlan:
+        from drpo_cli.rollouts import file_temperature
+        from drpo_cli.schema import Shard
+
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("version", "temperature", "trained", "tokens", "piece")}
+        for p, sb in enumerate(source.iter_batches(PLAN_COLUMNS, shard=Shard(0, 1, piece_rows))):
+            b, n = sb.batch, sb.batch.num_rows
+            names = b.schema.names
+            parts["version"].append(b.column("policy_version").fill_null(-1).to_numpy().astype(np.int64)
+                                    if "policy_version" in names else np.full(n, -1, dtype=np.int64))
+            default = file_temperature(next(rf.metadata for rf in source.files if rf.path == sb.path), temperature)
+            parts["temperature"].append(b.column("temperature").fill_null(default).to_numpy(zero_copy_only=False)
+                                        .astype(np.float32) if "temperature" in names
+                                        else np.full(n, default, dtype=np.float32))
+            if "loss_mask" in names:
+                mask = b.column("loss_mask")
+                lengths = np.diff(mask.offsets.to_numpy())  # (n,)
+                flat = mask.flatten().fill_null(False).to_numpy(zero_copy_only=False)  # (T,)
+                ends = np.cumsum(lengths)
+                csum = np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
+                parts["trained"].append(csum[ends] - csum[ends - lengths])
+                parts["tokens"].append(lengths.astype(np.int64))
+            else:
+                parts["trained"].append(None)
+                parts["tokens"].append(None)
+            parts["piece"].append(np.full(n, p, dtype=np.int64))
+        missing = [i for i, x in enumerate(parts["tokens"]) if x is None]
+        if missing:  # files without loss_mask: every response token is trained; read their lengths
+            lengths = [np.diff(sb.batch.column("response_ids").offsets.to_numpy()).astype(np.int64)
+                       for sb in source.iter_batches(("response_ids",), shard=Shard(0, 1, piece_rows))]
+            for i in missing:
+                parts["trained"][i] = parts["tokens"][i] = lengths[i]
+        cat = {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in parts.items()}
+        return cls(**cat)
+
+
+class _Chunk:
+    """One streamed record batch's rows: per-token lag and position, the log-probs and per-row sums
+    (tokens, harmful, outside, Σ|Δ|, max |Δ|, k3 over trained tokens) as its passes run."""
+
+    def __init__(self, rows: RolloutRows, row_lag: np.ndarray, check: LoggingCheck | None):
+        self.rows, self.row_lag = rows, row_lag
+        token_row = rows.token_row()
+        self.token_lag = row_lag[token_row]  # (T,)
+        self.position = rows.token_position()  # (T,)
+        self.logp = np.zeros(rows.num_tokens, dtype=np.float32)  # (T,)
+        self.seq = np.zeros((rows.num_rows, len(_SEQ_FEATURES)), dtype=np.float64)  # (n, F)
+        self.check = check.chunk(rows) if check is not None else None
+
+    def add(self, mb, logp: np.ndarray, mask: np.ndarray, t: dict) -> None:
+        self.logp[mb.token_index.numpy()] = logp
+        _add_sequences(self.seq, mb.rows.numpy()[mb.seq_index.numpy()], mask, t)
+
+
+class _Worst:
+    """The `top` worst sequences seen so far (worst_rows' order; ties by row order across the file)."""
+
+    def __init__(self, top: int):
+        self.top, self.kept = top, []
+
+    def add(self, chunk: _Chunk) -> None:
+        rows, seq = chunk.rows, chunk.seq
+        n = seq[:, 0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            harmful = np.where(n > 0, seq[:, 1] / n, 0.0)
+        for i, tokens in zip(worst_rows(seq, self.top), worst_tokens(rows, worst_rows(seq, self.top), chunk.logp)):
+            lag = chunk.row_lag[i]
+            self.kept.append({
+                "key": (-float(harmful[i]), -float(seq[i, 4]), int(rows.global_row[i])),
+                "sequence": {"sample_id": rows.sample_ids[i], "tokens": int(n[i]), "harmful_frac": float(harmful[i]),
+                             "outside_frac": float(seq[i, 2] / n[i]), "delta_abs_mean": float(seq[i, 3] / n[i]),
+                             "delta_abs_max": float(seq[i, 4]), "k3_mean": float(seq[i, 5] / n[i]),
+                             "lag": int(lag) if lag >= 0 else None},
+                "tokens": tokens})
+        self.kept = sorted(self.kept, key=lambda c: c["key"])[: self.top]
+
+    def all_ranks(self) -> list[dict]:
+        from drpo_cli.distributed import exchange
+
+        return sorted((c for share in exchange(self.kept) for c in share), key=lambda c: c["key"])[: self.top]
 
 
 def _logprobs(model, mb, device, cfg: InspectConfig, check: LoggingCheck | None = None):
@@ -158,17 +287,6 @@ def _logprobs(model, mb, device, cfg: InspectConfig, check: LoggingCheck | None 
     if check is not None:
         check.update(mb, logp, extra.cpu() if temps else None)
     return logp, entropy
-
-
-def _all_reduce_sequences(seq: np.ndarray) -> None:
-    """Combine the ranks' per-row sums (and the max |Δ| column) in place; ranks hold disjoint rows."""
-    from drpo_cli import distributed
-
-    if distributed.is_distributed():
-        t = torch.from_numpy(seq)  # (N, F), shares memory with seq
-        t[:, 4] = distributed.all_reduce_max(t[:, 4].contiguous())
-        sums = [j for j in range(seq.shape[1]) if j != 4]
-        t[:, sums] = distributed.all_reduce_sum(t[:, sums].contiguous())
 
 
 def _add_sequences(seq: np.ndarray, token_rows: np.ndarray, mask: np.ndarray, t: dict) -> None:
@@ -188,17 +306,6 @@ def worst_rows(seq: np.ndarray, top: int) -> np.ndarray:
         harmful = np.where(n > 0, seq[:, 1] / n, 0.0)
     candidates = np.flatnonzero(n > 0)
     return candidates[np.lexsort((-seq[candidates, 4], -harmful[candidates]))][:top]
-
-
-def worst_sequences(seq: np.ndarray, rows: RolloutRows, row_lag: np.ndarray, top: int) -> list[dict]:
-    """Per-sequence figures of `worst_rows`."""
-    n, order = seq[:, 0], worst_rows(seq, top)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        harmful = np.where(n > 0, seq[:, 1] / n, 0.0)
-    return [{"sample_id": rows.sample_ids[i], "tokens": int(n[i]), "harmful_frac": float(harmful[i]),
-             "outside_frac": float(seq[i, 2] / n[i]), "delta_abs_mean": float(seq[i, 3] / n[i]),
-             "delta_abs_max": float(seq[i, 4]), "k3_mean": float(seq[i, 5] / n[i]),
-             "lag": int(row_lag[i]) if row_lag[i] >= 0 else None} for i in order]
 
 
 def _records(breakdown: dict, prefix: str = "") -> list[dict]:
@@ -242,10 +349,7 @@ class _PerTokenWriter:
     rank 0, which writes every rank's batch of a pass, in rank order.
     """
 
-    def __init__(self, path: str | None, rows: RolloutRows):
-        self.rows = rows
-        self.sample_ids = pa.array(rows.sample_ids, pa.string())
-        self.token_row = rows.token_row()
+    def __init__(self, path: str | None):
         self.sink = pa.OSFile(path, "wb") if path else None
         self.writer = pa.ipc.new_file(self.sink, PER_TOKEN_SCHEMA) if path else None
 
@@ -257,10 +361,11 @@ class _PerTokenWriter:
             if b is not None and self.writer is not None:
                 self.writer.write_batch(b)
 
-    def batch(self, idx, logp, entropy, t, lag, position) -> pa.RecordBatch:
-        r = self.rows
+    def batch(self, r: RolloutRows, idx, logp, entropy, t, lag, position) -> pa.RecordBatch:
+        """The per-token rows of tokens `idx` of the streamed batch `r`."""
+        sample_ids = pa.array(r.sample_ids, pa.string()).take(pa.array(r.token_row()[idx]))
         columns = [
-            self.sample_ids.take(pa.array(self.token_row[idx])), position.astype(np.int32), r.response_ids[idx],
+            sample_ids, position.astype(np.int32), r.response_ids[idx],
             r.loss_mask[idx], logp.numpy(), r.behavior_logprobs[idx], r.advantages[idx],
             t["ratio"].float().numpy(), t["delta"].float().numpy(), t["logr"].float().numpy(),
             t["k3"].float().numpy(), entropy.numpy(), t["outside"].numpy(), t["harmful"].numpy(), lag,
@@ -285,57 +390,52 @@ class LoggingCheck:
     log-probs), and, on up to FIT_TOKENS of them spread evenly, the log-probs at a few temperatures
     around the logged one (and at T = 1) to see which fits the logged log-probs best (smallest mean
     |log r|). Those come from the audit's own chunk logits (one more log-sum-exp per temperature:
-    `logprobs.token_logprobs_at`), so the check adds no pass. `update` takes each micro-batch's
-    share; sums are global under torchrun. The findings say "suggests", never "is".
+    `logprobs.token_logprobs_at`), so the check adds no pass. Planned from every row's version,
+    temperature and trained-token count (so the spread is over the whole file while it streams);
+    `chunk(rows)` feeds one streamed batch; sums are global under torchrun. The findings say
+    "suggests", never "is".
     """
 
-    def __init__(self, rows: RolloutRows, fresh: np.ndarray, scope: str, logged_t: float):
-        self.rows, self.scope, self.logged_t = rows, scope, logged_t
+    def __init__(self, checked_rows: np.ndarray, scope: str, logged_t: float, trained: np.ndarray):
+        self.scope, self.logged_t = scope, logged_t
         self.candidates = sorted({round(logged_t * f, 4) for f in (1.0, *TEMPERATURE_FACTORS)} | {1.0})
         # The row's own temperature is the main pass's; every other candidate is an extra log-sum-exp.
         self.own = next((c for c in self.candidates if np.float32(c) == np.float32(logged_t)), None)
         self.extra_temperatures = tuple(c for c in self.candidates if c != self.own)
-        row_fresh = np.zeros(rows.num_rows, dtype=bool)  # (N,)
-        row_fresh[fresh] = True
-        self.checked = row_fresh[rows.token_row()] & rows.loss_mask  # (T,) offset check: every fresh token
-        tokens = np.flatnonzero(self.checked)
-        self.fitted = np.zeros_like(self.checked)  # (T,) temperature fit: an even spread of FIT_TOKENS
-        self.fitted[tokens[np.unique(np.linspace(0, tokens.size - 1, min(tokens.size, FIT_TOKENS)).round()
-                                     .astype(np.int64))] if tokens.size else tokens] = True
-        self.num_rows = int(fresh.size)
+        self.row_checked = checked_rows  # (N,) bool: the offset check reads every trained token of these rows
+        counts = np.where(checked_rows, trained, 0)  # (N,)
+        self.first = np.cumsum(counts) - counts  # (N,) ordinal of each row's first checked token
+        total = int(counts.sum())
+        # The temperature fit: an even spread of FIT_TOKENS over the checked tokens, by ordinal.
+        self.fit_ordinals = (np.unique(np.linspace(0, total - 1, min(total, FIT_TOKENS)).round().astype(np.int64))
+                             if total else np.zeros(0, dtype=np.int64))
+        self.num_rows = int(checked_rows.sum())
         self.fit_sums = np.zeros((len(self.candidates), 3), dtype=np.float64)  # tokens, Σ log r, Σ |log r|
-        self.logr: list[np.ndarray] = []  # log r of checked tokens at the logged temperature
+        self.moments = (0, 0.0, 0.0)  # log r of checked tokens at the logged temperature: n, mean, M2
 
     @classmethod
-    def plan(cls, rows: RolloutRows, row_lag: np.ndarray) -> LoggingCheck | None:
-        """The fresh rows checked (the logged temperature's), or None when no row is known to be fresh."""
-        fresh = np.flatnonzero(row_lag == 0)
+    def plan(cls, row_lag: np.ndarray, temperature: np.ndarray, trained: np.ndarray,
+             keep: np.ndarray) -> LoggingCheck | None:
+        """Over every row (N,): the fresh kept rows of the logged temperature, or None when no row is known to be fresh."""
+        fresh = keep & (row_lag == 0)
         scope = "lag-0 rows"
-        if fresh.size == 0 and (row_lag >= 0).any():
+        if not fresh.any() and (row_lag[keep] >= 0).any():
             return None
-        if fresh.size == 0:  # staleness unknown everywhere: the check still says something, with a caveat
-            fresh, scope = np.arange(rows.num_rows), "all rows (staleness unknown: valid only if the model sampled them)"
-        temps = rows.temperature[fresh]
-        values, counts = np.unique(temps, return_counts=True)
+        if not fresh.any():  # staleness unknown everywhere: the check still says something, with a caveat
+            fresh, scope = keep.copy(), "all rows (staleness unknown: valid only if the model sampled them)"
+        values, counts = np.unique(temperature[fresh], return_counts=True)
         logged_t = float(values[np.argmax(counts)])
-        return cls(rows, fresh[temps == logged_t], scope, logged_t)
+        return cls(fresh & (temperature == np.float32(logged_t)), scope, logged_t, trained)
 
-    def select(self, mb) -> torch.Tensor:
-        """(M,) bool: this micro-batch's tokens of the temperature fit (the extra log-sum-exps)."""
-        return torch.from_numpy(self.fitted[mb.token_index.numpy()])
+    def chunk(self, rows: RolloutRows) -> _ChunkCheck:
+        return _ChunkCheck(self, rows)
 
-    def update(self, mb, logp: torch.Tensor, extra: torch.Tensor | None) -> None:
-        """Add a micro-batch: logp (M,) at the rows' temperature, extra (K, M) at the other candidates."""
-        idx = mb.token_index.numpy()
-        logr = logp.double().numpy() - self.rows.behavior_logprobs[idx].astype(np.float64)  # (M,)
-        self.logr.append(logr[self.checked[idx]])
-        fit = self.fitted[idx]
-        if not fit.any():
+    def add_logr(self, x: np.ndarray) -> None:
+        """Merge a block's log r into the running (n, mean, M2) (Chan et al.: exact up to rounding)."""
+        if x.size == 0:
             return
-        extras = iter(extra.double().numpy()[:, fit] - self.rows.behavior_logprobs[idx[fit]].astype(np.float64))
-        for j, temp in enumerate(self.candidates):
-            x = logr[fit] if temp == self.own else next(extras)
-            self.fit_sums[j] += (x.size, x.sum(), np.abs(x).sum())
+        mean = float(x.mean())
+        self.moments = _merge_moments(self.moments, (x.size, mean, float(((x - mean) ** 2).sum())))
 
     def result(self) -> dict:
         """The report's `logging_checks` section (global sums under torchrun: a collective)."""
@@ -344,17 +444,54 @@ class LoggingCheck:
         sums = distributed.all_reduce_sum(torch.from_numpy(self.fit_sums)).numpy()
         fit = [{"temperature": temp, "abs_logr_mean": float(s[2] / s[0]) if s[0] else None,
                 "logr_mean": float(s[1] / s[0]) if s[0] else None} for temp, s in zip(self.candidates, sums)]
-        local = np.concatenate(self.logr) if self.logr else np.zeros(0)
-        n, total = distributed.all_reduce_sum(torch.tensor([local.size, local.sum()], dtype=torch.float64)).tolist()
-        n = int(n)
-        mean = total / n if n else None
-        # Two-pass spread around the global mean (log r on fresh rows is ≈ 0 ± 1e-7: no Σx² cancellation).
-        squares = float(distributed.all_reduce_sum(torch.tensor([((local - (mean or 0.0)) ** 2).sum()],
-                                                                dtype=torch.float64))[0])
-        sem = math.sqrt(squares / (n - 1) / n) if n > 1 else None
+        n, mean, m2 = 0, 0.0, 0.0
+        for share in distributed.exchange(self.moments):  # rank order: the same on every rank
+            n, mean, m2 = _merge_moments((n, mean, m2), share)
+        mean = mean if n else None
+        sem = math.sqrt(m2 / (n - 1) / n) if n > 1 else None
         out = _findings(self.scope, self.num_rows, self.logged_t, self.candidates, fit, n, mean, sem)
         out["fit_tokens"] = int(sums[0, 0])
         return out
+
+
+def _merge_moments(a: tuple, b: tuple) -> tuple:
+    """(n, mean, M2) of the union of two blocks (Chan, Golub & LeVeque's pairwise update)."""
+    (na, ma, qa), (nb, mb, qb) = a, b
+    n = na + nb
+    if n == 0:
+        return 0, 0.0, 0.0
+    d = mb - ma
+    return n, ma + d * nb / n, qa + qb + d * d * na * nb / n
+
+
+class _ChunkCheck:
+    """The logging checks' share of one streamed batch: which tokens are checked and fitted."""
+
+    def __init__(self, check: LoggingCheck, rows: RolloutRows):
+        self.check, self.behavior = check, rows.behavior_logprobs
+        self.extra_temperatures = check.extra_temperatures
+        g, token_row, mask = rows.global_row, rows.token_row(), rows.loss_mask
+        before = np.cumsum(mask, dtype=np.int64) - mask  # (T,) trained tokens before each, over the batch
+        within = before - before[rows.response_offsets[:-1]][token_row] if rows.num_tokens else before  # in its row
+        self.checked = check.row_checked[g][token_row] & mask  # (T,)
+        self.fitted = self.checked & np.isin(check.first[g][token_row] + within, check.fit_ordinals)  # (T,)
+
+    def select(self, mb) -> torch.Tensor:
+        """(M,) bool: this micro-batch's tokens of the temperature fit (the extra log-sum-exps)."""
+        return torch.from_numpy(self.fitted[mb.token_index.numpy()])
+
+    def update(self, mb, logp: torch.Tensor, extra: torch.Tensor | None) -> None:
+        """Add a micro-batch: logp (M,) at the rows' temperature, extra (K, M) at the other candidates."""
+        idx = mb.token_index.numpy()
+        logr = logp.double().numpy() - self.behavior[idx].astype(np.float64)  # (M,)
+        self.check.add_logr(logr[self.checked[idx]])
+        fit = self.fitted[idx]
+        if not fit.any():
+            return
+        extras = iter(extra.double().numpy()[:, fit] - self.behavior[idx[fit]].astype(np.float64))
+        for j, temp in enumerate(self.check.candidates):
+            x = logr[fit] if temp == self.check.own else next(extras)
+            self.check.fit_sums[j] += (x.size, x.sum(), np.abs(x).sum())
 
 
 def _findings(scope, num_rows, logged_t, candidates, fit, n, mean, sem) -> dict:

@@ -63,6 +63,15 @@ class MicroBatch:
         return replace(self, **moved)
 
 
+def filler_batch() -> MicroBatch:
+    """A one-row micro-batch predicting token 0 from token 0: the pass a rank without work runs so
+    that every FSDP rank runs the same number of passes (its results are dropped)."""
+    one = torch.ones((1, 1), dtype=torch.int64)
+    zero = torch.zeros(1, dtype=torch.int64)
+    return MicroBatch(input_ids=one * 0, attention_mask=one, position_ids=one * 0, target_ids=zero, src_index=zero,
+                      temperature=torch.ones(1), token_index=zero, seq_index=zero, rows=zero, real_positions=1)
+
+
 def padding_fraction(batches: list[MicroBatch]) -> float:
     """Overall share of computed positions that are padding, over several micro-batches."""
     total = sum(mb.positions for mb in batches)

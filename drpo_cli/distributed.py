@@ -28,11 +28,10 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from drpo_cli.errors import CheckpointError, ConfigError, DrpoError
+from drpo_cli.errors import CheckpointError, ConfigError, DrpoError, InputError
 
 FAIL_HOOK = "DRPO_TEST_FAIL_RANK"
 TIMEOUT_ENV = "DRPO_DIST_TIMEOUT_S"
@@ -124,21 +123,38 @@ def max_count(n: int) -> int:
     return int(all_reduce_max(torch.tensor([n], dtype=torch.int64)).item())
 
 
-def filler_passes(rows, local_passes: int, micro_batch_tokens: int) -> list:
-    """Micro-batches (row 0, results to be dropped) a rank runs after its own `local_passes`.
+def filler_passes(local_passes: int) -> list:
+    """Micro-batches (one token, results to be dropped) a rank runs after its own `local_passes`.
 
     FSDP ranks gather parameters together in every pass, so every rank must run the same number:
-    the largest count over ranks. Empty in one process.
+    the largest count over ranks. Empty in one process. A rank that holds no row at all still runs them.
     """
-    from drpo_cli.data import plan_micro_batches
+    from drpo_cli.data import filler_batch
 
-    missing = max_count(local_passes) - local_passes
-    return plan_micro_batches(rows, np.arange(1), micro_batch_tokens)[:1] * missing
+    return [filler_batch()] * (max_count(local_passes) - local_passes)
 
 
 def shard_rows(indices):
     """This rank's share of `indices` (`indices[rank::world]`): deterministic and disjoint."""
     return indices[rank() :: world_size()]
+
+
+def exchange(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (`[obj]` in one process): a collective."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def data_shard(source):
+    """This rank's share of `source`'s rows (schema.Shard), or None in one process."""
+    if not is_distributed():
+        return None
+    from drpo_cli.schema import Shard
+
+    return Shard.of(rank(), world_size(), source.count_rows())
 
 
 def any_rank(flag: bool) -> bool:
@@ -176,7 +192,7 @@ def agree(error: BaseException | None, what: str) -> None:
         if error is not None:
             raise error
         return
-    message = None if error is None else _one_line(error)
+    message = None if error is None else (type(error).__name__, _one_line(error))
     messages: list = [None] * world_size()
     dist.all_gather_object(messages, message)
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
@@ -184,7 +200,9 @@ def agree(error: BaseException | None, what: str) -> None:
         return
     if error is not None:
         raise error
-    r, m = failed[0]
+    r, (kind, m) = failed[0]
+    if kind in ("InputError", "ConfigError"):  # a bad input found in one rank's share: the same error everywhere
+        raise (InputError if kind == "InputError" else ConfigError)(m)
     raise DrpoError(f"{what} stopped: rank {r} of {world_size()} failed: {m}")
 
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drpo_cli.errors import ConfigError, InputError
-from drpo_cli.schema import Problem, RolloutSource, open_rollouts, validate_rollouts
+from drpo_cli.schema import Problem, RolloutSource, Shard, SourceBatch, open_rollouts, validate_rollouts
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class RolloutRows:
     temperature: np.ndarray  # (N,) float32
     source_file: list[str]  # (N,) file each row came from
     source_row: np.ndarray  # (N,) int64 row index within that file
+    global_row: np.ndarray | None = None  # (N,) int64 row index across all files (in order), when loaded
 
     @property
     def num_rows(self) -> int:
@@ -82,6 +83,7 @@ class RolloutRows:
             temperature=self.temperature[idx],
             source_file=[self.source_file[i] for i in idx],
             source_row=self.source_row[idx],
+            global_row=None if self.global_row is None else self.global_row[idx],
         )
 
 
@@ -101,7 +103,8 @@ ADV_NORMS = ("none", "std")
 GROUP_STD_EPS = 1e-6  # SPEC.md §1: `--adv-norm std` divides by the group std + 1e-6
 
 
-def load_rows(source: RolloutSource | str | Path | list, *, adv_norm: str = "none", temperature: float | None = None) -> RolloutRows:
+def load_rows(source: RolloutSource | str | Path | list, *, adv_norm: str = "none", temperature: float | None = None,
+              shard: Shard | None = None, exchange=None) -> RolloutRows:
     """Validate `source` (a RolloutSource, or paths to open) and load every row as flat CSR arrays.
 
     Advantages per row, in this order: per-token `advantages`; per-sequence `advantage` broadcast
@@ -109,6 +112,9 @@ def load_rows(source: RolloutSource | str | Path | list, *, adv_norm: str = "non
     A = R − mean_group(R), divided by the group's population std + 1e-6 when adv_norm="std".
     Temperature per row: `temperature` column, else file metadata `drpo.temperature`, else the
     `temperature` argument, else 1.0. Raises InputError listing every problem.
+
+    Under torchrun, `shard` loads only this rank's rows and `exchange` (an all-gather of one object
+    per rank) makes the validation and the group statistics global: a group may span ranks.
     """
     if adv_norm not in ADV_NORMS:
         raise ConfigError(f"--adv-norm {adv_norm!r}: expected one of {', '.join(ADV_NORMS)}")
@@ -116,7 +122,7 @@ def load_rows(source: RolloutSource | str | Path | list, *, adv_norm: str = "non
         raise ConfigError(f"--temperature {temperature}: expected a finite number > 0")
     if not isinstance(source, RolloutSource):
         source = open_rollouts(source)
-    problems = validate_rollouts(source, limit=50)
+    problems = validate_rollouts(source, limit=50, shard=shard, exchange=exchange)
     if problems.total:
         raise InputError(f"invalid rollouts: {problems.summary()}; first: {problems[0]}",
                          details=[str(p) for p in problems[1:]]
@@ -128,14 +134,37 @@ def load_rows(source: RolloutSource | str | Path | list, *, adv_norm: str = "non
                          "give it in every file or in none")
     default_temp = {f.path: file_temperature(f.metadata, temperature) for f in source.files}
 
+    return _assemble(source.iter_batches(shard=shard), default_temp, proximal=any(with_proximal),
+                     group_advantages=lambda reward, group_id, use: group_relative_advantages(
+                         reward, group_id, use, adv_norm, exchange=exchange),
+                     always_group=exchange is not None)
+
+
+def rows_of_batch(sb: SourceBatch, default_temperature: float, group_means: pa.Table | None) -> RolloutRows:
+    """One validated record batch as RolloutRows, streamed (model-mode inspect): group-relative
+    advantages A = R − mean_group(R) come from `group_means` (group_advantage_table of the whole source)."""
+    def lookup(reward: np.ndarray, group_id: pa.ChunkedArray, use: np.ndarray) -> np.ndarray:
+        at = pc.index_in(group_id.combine_chunks(), value_set=group_means.column("group_id")).to_numpy(
+            zero_copy_only=False)  # (n,) null where unused
+        mean = np.where(use, group_means.column("reward_mean").to_numpy()[np.where(use, at, 0).astype(np.int64)], 0.0)
+        return np.where(use, reward - mean, 0.0)
+
+    return _assemble([sb], {sb.path: default_temperature}, proximal="proximal_logprobs" in sb.batch.schema.names,
+                     group_advantages=lookup)
+
+
+def _assemble(batches, default_temp: dict[str, float], *, proximal: bool, group_advantages,
+              always_group: bool = False) -> RolloutRows:
+    """Canonical record batches as one RolloutRows; `group_advantages(reward, group_id, use)` gives
+    the (N,) row advantages of reward-based rows (called whenever there is one, or `always_group`)."""
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
         "prompt_ids", "prompt_len", "response_ids", "response_len", "behavior_logprobs", "advantages",
-        "loss_mask", "proximal_logprobs", "policy_version", "temperature", "source_row",
+        "loss_mask", "proximal_logprobs", "policy_version", "temperature", "source_row", "global_row",
         "from_reward", "reward")}
     sample_ids: list[str] = []
     source_file: list[str] = []
     group_ids: list[pa.Array] = []
-    for sb in source.iter_batches():
+    for sb in batches:
         b, n = sb.batch, sb.batch.num_rows
         has = set(b.schema.names)
         prompt, p_len = _flat(b.column("prompt_ids"))
@@ -166,6 +195,7 @@ def load_rows(source: RolloutSource | str | Path | list, *, adv_norm: str = "non
         cols["temperature"].append(_np(b.column("temperature")).astype(np.float32) if "temperature" in has
                                    else np.full(n, default_temp[sb.path], dtype=np.float32))
         cols["source_row"].append(np.arange(sb.row_offset, sb.row_offset + n, dtype=np.int64))
+        cols["global_row"].append(np.arange(sb.global_offset, sb.global_offset + n, dtype=np.int64))
         sample_ids.extend(b.column("sample_id").to_pylist() if "sample_id" in has
                           else [str(sb.global_offset + i) for i in range(n)])
         source_file.extend([sb.path] * n)
@@ -173,9 +203,8 @@ def load_rows(source: RolloutSource | str | Path | list, *, adv_norm: str = "non
     cat = {k: _cat(v, k) for k, v in cols.items()}
     r_off = _offsets(cat["response_len"])
     advantages = cat["advantages"]
-    if cat["from_reward"].any():
-        row_adv = group_relative_advantages(cat["reward"], pa.chunked_array(group_ids, pa.string()),
-                                            cat["from_reward"], adv_norm)
+    if always_group or cat["from_reward"].any():  # always under torchrun: a collective, on every rank
+        row_adv = group_advantages(cat["reward"], pa.chunked_array(group_ids, pa.string()), cat["from_reward"])
         token_row = np.repeat(np.arange(len(r_off) - 1), cat["response_len"])  # (T,)
         advantages = np.where(cat["from_reward"][token_row], row_adv[token_row], advantages).astype(np.float32)
     return RolloutRows(
@@ -186,31 +215,51 @@ def load_rows(source: RolloutSource | str | Path | list, *, adv_norm: str = "non
         behavior_logprobs=cat["behavior_logprobs"],
         advantages=advantages,
         loss_mask=cat["loss_mask"],
-        proximal_logprobs=cat["proximal_logprobs"] if any(with_proximal) else None,
+        proximal_logprobs=cat["proximal_logprobs"] if proximal else None,
         sample_ids=sample_ids,
         policy_version=cat["policy_version"],
         temperature=cat["temperature"],
         source_file=source_file,
         source_row=cat["source_row"],
+        global_row=cat["global_row"],
     )
 
 
 def group_relative_advantages(reward: np.ndarray, group_id: pa.ChunkedArray, use: np.ndarray,
-                              adv_norm: str = "none") -> np.ndarray:
+                              adv_norm: str = "none", *, exchange=None) -> np.ndarray:
     """(N,) A = R − mean_group(R) over the rows where `use` is set (0 elsewhere); SPEC.md §1.
 
     adv_norm="std" divides by the group's population std + 1e-6 (GRPO, arXiv 2402.03300 §4.1.2).
-    A group whose rewards are all equal gets A = 0 and so no gradient.
+    A group whose rewards are all equal gets A = 0 and so no gradient. With `exchange` (an
+    all-gather under torchrun, every rank calls it) the group sums are over every rank's rows.
     """
     idx = np.flatnonzero(use)
-    codes = _np(group_id.take(pa.array(idx)).combine_chunks().dictionary_encode().indices).astype(np.int64)
+    encoded = group_id.take(pa.array(idx)).combine_chunks().dictionary_encode()
+    codes = _np(encoded.indices).astype(np.int64)
     r = reward[idx]  # (M,)
-    count = np.bincount(codes)  # (G,)
-    mean = np.bincount(codes, weights=r) / count  # (G,)
+    groups = len(encoded.dictionary)
+
+    def global_sums(*local: np.ndarray) -> list[np.ndarray]:
+        """Per-group sums (G,) of this rank's rows, summed over every rank's rows of the same group id."""
+        if exchange is None:
+            return list(local)
+        names = encoded.dictionary.to_pylist()
+        total: dict = {}
+        for share_names, share_sums in exchange((names, [x.tolist() for x in local])):
+            for j, name in enumerate(share_names):
+                acc = total.setdefault(name, [0.0] * len(local))
+                for k, x in enumerate(share_sums):
+                    acc[k] += x[j]
+        return [np.array([total[name][k] for name in names], dtype=np.float64) for k in range(len(local))]
+
+    count, sums = global_sums(np.bincount(codes, minlength=groups).astype(np.float64),
+                              np.bincount(codes, weights=r, minlength=groups))  # (G,), (G,)
+    mean = sums / np.maximum(count, 1)
     centred = r - mean[codes]
     out = np.zeros(len(reward), dtype=np.float64)
     if adv_norm == "std":
-        std = np.sqrt(np.bincount(codes, weights=centred**2) / count)  # (G,) population std
+        (sq,) = global_sums(np.bincount(codes, weights=centred**2, minlength=groups))
+        std = np.sqrt(sq / np.maximum(count, 1))  # (G,) population std
         centred = centred / (std[codes] + GROUP_STD_EPS)
     out[idx] = centred
     return out
@@ -265,7 +314,7 @@ def _cat(parts: list[np.ndarray], name: str) -> np.ndarray:
     if parts:
         return np.concatenate(parts)
     dtype = {"prompt_ids": np.int64, "response_ids": np.int64, "loss_mask": bool, "from_reward": bool,
-             "policy_version": np.int64, "source_row": np.int64, "prompt_len": np.int64,
+             "policy_version": np.int64, "source_row": np.int64, "global_row": np.int64, "prompt_len": np.int64,
              "response_len": np.int64, "reward": np.float64}.get(name, np.float32)
     return np.zeros(0, dtype=dtype)
 
@@ -317,17 +366,20 @@ def stale_rows(policy_version: np.ndarray, current: int | None, *, max_lag: int 
 
 
 def staleness_filter(rows: RolloutRows, current: int | None, *, max_lag: int | None,
-                     min_version: int | None) -> tuple[RolloutRows, dict]:
+                     min_version: int | None, exchange=None) -> tuple[RolloutRows, dict]:
     """(rows kept, counts) for --max-lag / --min-version; counts as in the reports' `staleness_filter`.
 
+    With `exchange` (an all-gather under torchrun) the counts are over every rank's rows.
     Raises InputError when every row would be dropped (nothing left to train or audit).
     """
     drop = stale_rows(rows.policy_version, current, max_lag=max_lag, min_version=min_version)
     trained = np.diff(np.concatenate([[0], np.cumsum(rows.loss_mask, dtype=np.int64)])[rows.response_offsets])
+    local = [int(drop.sum()), int(trained[drop].sum()), int((~drop).sum()), int((rows.policy_version < 0).sum())]
+    total = local if exchange is None else [sum(x) for x in zip(*exchange(local))]
     counts = {"max_lag": max_lag, "min_version": min_version, "current_version": current,
-              "rows_dropped": int(drop.sum()), "tokens_dropped": int(trained[drop].sum()),
-              "rows_kept": int((~drop).sum()), "rows_without_version": int((rows.policy_version < 0).sum())}
-    if drop.all() and drop.size:
-        raise InputError(f"--max-lag {max_lag} / --min-version {min_version}: every one of the {drop.size} rows is "
+              "rows_dropped": total[0], "tokens_dropped": total[1], "rows_kept": total[2],
+              "rows_without_version": total[3]}
+    if total[2] == 0 and total[0]:
+        raise InputError(f"--max-lag {max_lag} / --min-version {min_version}: every one of the {total[0]} rows is "
                          f"too stale (current version {current}); nothing is left")
     return (rows if not drop.any() else rows.select(np.flatnonzero(~drop))), counts

@@ -225,6 +225,25 @@ class RolloutFile:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """One process's share of the rows under torchrun: the files' rows, in order, are cut into pieces
+    of at most `piece_rows` consecutive rows (never across a record batch), numbered 0, 1, ... across
+    all files; piece p belongs to rank p % world. Each rank converts and holds only its pieces."""
+
+    rank: int
+    world: int
+    piece_rows: int = BATCH_ROWS
+
+    def owns(self, piece: int) -> bool:
+        return piece % self.world == self.rank
+
+    @classmethod
+    def of(cls, rank: int, world: int, total_rows: int) -> Shard:
+        """About 8 pieces per rank (at most BATCH_ROWS rows each), so ranks get nearly equal shares."""
+        return cls(rank, world, max(1, min(BATCH_ROWS, -(-total_rows // (8 * world)))))
+
+
+@dataclass(frozen=True)
 class SourceBatch:
     path: str
     row_offset: int  # index of the batch's first row within `path`
@@ -255,10 +274,28 @@ class RolloutSource:
         """Canonical columns present (with an accepted type) in at least one file."""
         return {name for f in self.files for name in f.fields}
 
-    def iter_batches(self, columns: Iterable[str] | None = None) -> Iterator[SourceBatch]:
+    def count_rows(self) -> int:
+        """Rows over all files, from the files' footers (Arrow IPC file, Parquet) or one pass over one column."""
+        total = 0
+        for rf in self.files:
+            try:
+                if rf.format == "parquet":
+                    total += pq.ParquetFile(rf.path).metadata.num_rows
+                elif rf.format == "ipc-file":
+                    with pa.OSFile(rf.path) as fh:
+                        total += pa.ipc.open_file(fh).count_rows()
+                else:
+                    total += sum(n for _, n, _, _ in _read_canonical(rf, set()))
+            except (OSError, pa.ArrowException) as err:
+                raise InputError(f"{rf.path}: cannot read its row count (truncated or corrupt file): "
+                                 f"{_one_line(err)}") from err
+        return total
+
+    def iter_batches(self, columns: Iterable[str] | None = None, shard: Shard | None = None) -> Iterator[SourceBatch]:
         """Stream every file's record batches with canonical names and types.
 
-        `columns` restricts to those canonical columns (missing ones are simply absent).
+        `columns` restricts to those canonical columns (missing ones are simply absent); `shard`
+        to this rank's pieces (the others are skipped before any cast or copy).
         Raises InputError if a file could not be opened, is truncated, or holds values that
         cannot be cast (run validate_rollouts first for the full list of problems).
         """
@@ -267,13 +304,16 @@ class RolloutSource:
                              details=[str(p) for p in self.problems[1:]])
         wanted = None if columns is None else set(columns)
         global_offset = 0
+        pieces = [0]  # running piece number across files (a shard's ownership)
         for rf in self.files:
             rows = 0
-            for row_offset, num_rows, batch, cast_problems in _read_canonical(rf, wanted):
+            for row_offset, num_rows, batch, cast_problems in _read_canonical(rf, wanted, shard, pieces):
+                rows = row_offset + num_rows
+                if batch is None:  # another rank's piece
+                    continue
                 if cast_problems:
                     raise InputError(str(cast_problems[0]), details=[str(p) for p in cast_problems[1:]])
                 yield SourceBatch(rf.path, row_offset, batch, global_offset + row_offset)
-                rows = row_offset + num_rows
             global_offset += rows
 
 
@@ -405,13 +445,16 @@ def _raw_batches(rf: RolloutFile, indices: list[int]) -> Iterator[pa.RecordBatch
             yield from pa.ipc.open_stream(fh, options=options)
 
 
-def _read_canonical(rf: RolloutFile, wanted: set[str] | None
-                    ) -> Iterator[tuple[int, int, pa.RecordBatch, list[Problem]]]:
+def _read_canonical(rf: RolloutFile, wanted: set[str] | None, shard: Shard | None = None,
+                    pieces: list[int] | None = None) -> Iterator[tuple[int, int, pa.RecordBatch | None, list[Problem]]]:
     """(row offset in file, rows, canonical batch, cast problems) per batch of at most BATCH_ROWS rows.
 
     The row count is separate because a batch without any wanted column has no columns at all.
+    With a `shard`, batches are its pieces (`pieces[0]` numbers them across files) and another
+    rank's piece comes as (offset, rows, None, []): counted, never cast.
     Raises InputError for a file that turns out truncated or corrupt while streaming.
     """
+    step = BATCH_ROWS if shard is None else shard.piece_rows
     names = [n for n in rf.fields if wanted is None or n in wanted]
     # IPC projection returns fields in file order; Parquet in the requested order: sort to match.
     names.sort(key=lambda n: rf.fields[n])
@@ -423,10 +466,16 @@ def _read_canonical(rf: RolloutFile, wanted: set[str] | None
     batches = _raw_batches(rf, indices or [0])
     try:
         for raw in batches:
-            for start in range(0, max(raw.num_rows, 1), BATCH_ROWS):
-                part = raw.slice(start, BATCH_ROWS)
+            for start in range(0, max(raw.num_rows, 1), step):
+                part = raw.slice(start, step)
                 if part.num_rows == 0:
                     continue
+                if shard is not None:
+                    pieces[0] += 1
+                    if not shard.owns(pieces[0] - 1):
+                        yield offset, part.num_rows, None, []
+                        offset += part.num_rows
+                        continue
                 batch, problems = _canonical(rf.path, names, part, offset)
                 yield offset, part.num_rows, batch, problems
                 offset += part.num_rows
@@ -492,29 +541,54 @@ class Problems(list):
         return f"{self.total} problem{'s' if self.total != 1 else ''} ({kinds})"
 
 
-def validate_rollouts(source: RolloutSource, limit: int | None = None) -> Problems:
+def validate_rollouts(source: RolloutSource, limit: int | None = None, *, shard: Shard | None = None,
+                      exchange: Callable[[object], list] | None = None) -> Problems:
     """Check every file, batch by batch, and report every problem at once (SPEC.md §3).
 
     `limit` bounds how many Problem objects are kept (None: all); `total`/`counts` still count
     everything. The checks are vectorised over whole batches; Python only touches offending rows.
+    Under torchrun each rank checks its `shard`'s rows and `exchange` (an all-gather of one object
+    per rank) merges them, so every rank returns the same problems a single process finds, in file
+    and row order; duplicate ids are found across all ranks' rows.
     """
     out = Problems(limit)
     for problem in source.problems:
         out.add(problem)
     ids = _IdHashes()
+    rows = Problems(limit)  # row-level problems (this rank's, under a shard)
+    pieces = [0]
     for rf in source.files:
         out.files += 1
         for problem in rf.problems:
             out.add(problem)
         _check_file(rf, source.column_map, out)
         try:
-            for offset, num_rows, batch, cast_problems in _read_canonical(rf, None):
+            for offset, num_rows, batch, cast_problems in _read_canonical(rf, None, shard, pieces):
+                if batch is None:  # another rank's piece
+                    continue
                 for problem in cast_problems:
-                    out.add(problem)
-                _check_batch(rf.path, offset, batch, out, ids)
-                out.rows += num_rows
+                    rows.add(problem)
+                _check_batch(rf.path, offset, batch, rows, ids)
+                rows.rows += num_rows
         except InputError as err:
-            out.add(Problem("unreadable", rf.path, None, None, "a complete, readable file", err.message))
+            rows.add(Problem("unreadable", rf.path, None, None, "a complete, readable file", err.message))
+    share = (list(rows), rows.total, rows.counts, rows.rows, rows.tokens, ids.parts)
+    shares = [share] if exchange is None else exchange(share)
+    order = {rf.path: i for i, rf in enumerate(source.files)}
+    found = sorted({(p.kind, p.file, p.column, p.row, p.expected, p.found, p.sample_id): p
+                    for share in shares for p in share[0]}.values(),  # an unreadable file: once
+                   key=lambda p: (order.get(p.file, -1), -1 if p.row is None else p.row))
+    # Counts of every problem found, less the kept ones (added back one by one below, once each).
+    out.total += sum(share[1] - len(share[0]) for share in shares)
+    for share in shares:
+        out.counts.update(share[2])
+        out.counts.subtract(Counter(p.kind for p in share[0]))
+    for problem in found:
+        out.add(problem)
+    out.counts = +out.counts
+    out.rows = sum(share[3] for share in shares)
+    out.tokens = sum(share[4] for share in shares)
+    ids.parts = [part for share in shares for part in share[5]]
     ids.report_duplicates(source, out)
     return out
 

@@ -123,12 +123,11 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     torch.manual_seed(cfg.seed)
 
     # ---- rows (minus the too stale ones), reference log-probs, model ----
-    rows = load_rows(open_rollouts(cfg.rollouts, cfg.column_map()), adv_norm=cfg.adv_norm,
-                     temperature=cfg.temperature)
-    current, _ = current_version(None, in_version, rows.policy_version)
-    rows, staleness = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
-    if rows.num_rows < cfg.minibatches:
-        raise ConfigError(f"--minibatches {cfg.minibatches}: more than the {rows.num_rows} rollout rows")
+    # Under torchrun each rank loads only its share of the rows (schema.Shard); `local_of` maps a
+    # row's index among all kept rows to this rank's copy of it (−1: another rank's).
+    rows, staleness, local_of, totals = _load_share(cfg, in_version)
+    if totals["rows"] < cfg.minibatches:
+        raise ConfigError(f"--minibatches {cfg.minibatches}: more than the {totals['rows']} rollout rows")
     # The reference model's log-probs, in one inference pass before the policy is loaded: one model at a time.
     ref_logp = _reference_logprobs(cfg, rows, device, sharded, autocast) if cfg.ref_model else None  # (T,)
     # fp32 master weights; bf16 only inside autocast.
@@ -145,7 +144,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                 for name, p in model.named_parameters():
                     if name in values:
                         p.copy_(values[name])
-    check_vocabulary(rows, info.vocab_size, cfg.model)
+    _check_vocabulary(rows, info.vocab_size, cfg.model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # global numel for DTensors
     if adapter_only:
         out_bytes = 4 * trainable + 64 * 1024
@@ -200,9 +199,9 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         task = progress.add_task("train", total=total_steps, completed=start, loss="–", tps="–", outside="–")
         for step in range(start, total_steps):
             epoch, k = divmod(step, cfg.minibatches)
-            perm = np.random.default_rng([cfg.seed, epoch]).permutation(rows.num_rows)
-            mini = np.array_split(perm, cfg.minibatches)[k]
-            local = mini[distributed.rank() :: distributed.world_size()]  # rows of this rank
+            perm = np.random.default_rng([cfg.seed, epoch]).permutation(totals["rows"])
+            mini = local_of[np.array_split(perm, cfg.minibatches)[k]]
+            local = mini[mini >= 0]  # the mini-batch's rows this rank holds
             lr = cfg.lr * _warmup(step, cfg.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -248,8 +247,8 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         "report": "drpo-train", "report_version": TRAIN_REPORT_VERSION, "drpo_version": __version__,
         "config": cfg.to_dict(),
         "input": {"model": os.path.abspath(cfg.model), "policy_version": in_version,
-                  "rollouts": [os.path.abspath(p) for p in cfg.rollouts], "rows": rows.num_rows,
-                  "tokens": rows.num_tokens, "trained_tokens": int(rows.loss_mask.sum()),
+                  "rollouts": [os.path.abspath(p) for p in cfg.rollouts], "rows": totals["rows"],
+                  "tokens": totals["tokens"], "trained_tokens": totals["trained_tokens"],
                   "vocab_size": info.vocab_size, "adapter": cfg.adapter and os.path.abspath(cfg.adapter),
                   "trainable_parameters": trainable},
         "output": {"dir": str(out_dir), "policy_version": out_version},
@@ -328,7 +327,7 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
         diag.update(logp, behavior[idx].to(device), a, m, entropy=ent, seq_index=mb.seq_index, ref_logp=ref)
     # A rank with fewer micro-batches runs zero-weight passes (exact zero gradients) so that every
     # FSDP rank runs the same number.
-    for filler in distributed.filler_passes(rows, len(micro), cfg.micro_batch_tokens):
+    for filler in distributed.filler_passes(len(micro)):
         zero, _, _ = fused_token_loss(model, filler.to(device), lambda logp, sl: logp.sum() * 0.0,
                                       chunk_tokens=cfg.chunk_tokens, dtype=autocast)
         zero.backward()
@@ -345,7 +344,7 @@ def _reference_logprobs(cfg: TrainConfig, rows: RolloutRows, device, sharded: bo
                                                    bf16=autocast is not None)
     else:
         ref, info = load_model(cfg.ref_model, device=str(device), dtype="float32", allow_unsafe=cfg.allow_unsafe_weights)
-    check_vocabulary(rows, info.vocab_size, cfg.ref_model)
+    _check_vocabulary(rows, info.vocab_size, cfg.ref_model)
     logp = _logprobs_of(ref, rows, cfg, autocast, with_entropy=False)[0]
     del ref
     if device.type == "cuda":
@@ -358,12 +357,48 @@ def _rejection_counts(cfg: TrainConfig, rows: RolloutRows, mask: torch.Tensor, k
     row = rows.token_row()
     trained_rows = np.unique(row[mask.numpy()])
     rejected = mask.numpy() & ~kept.numpy()
-    n_tokens = int(mask.sum())
-    n_seq = int(trained_rows.size)
-    seq_rejected = int(np.unique(row[rejected]).size)
-    return {"criteria": list(cfg.reject), "tokens_rejected": int(rejected.sum()),
-            "token_frac": rejected.sum() / n_tokens if n_tokens else None,
+    local = [int(mask.sum()), int(trained_rows.size), int(np.unique(row[rejected]).size), int(rejected.sum())]
+    n_tokens, n_seq, seq_rejected, tokens_rejected = (sum(x) for x in zip(*distributed.exchange(local)))
+    return {"criteria": list(cfg.reject), "tokens_rejected": tokens_rejected,
+            "token_frac": tokens_rejected / n_tokens if n_tokens else None,
             "sequences_rejected": seq_rejected, "seq_frac": seq_rejected / n_seq if n_seq else None}
+
+
+def _load_share(cfg: TrainConfig, in_version: int | None) -> tuple[RolloutRows, dict, np.ndarray, dict]:
+    """(this rank's rows minus the too stale ones, staleness counts, local_of, global totals).
+
+    In one process the rows are all of them and local_of is the identity. Under torchrun each rank
+    loads its share (schema.Shard) and local_of (N,) maps each kept row's index among all N kept rows,
+    in file order, to this rank's copy (−1 where another rank holds it), so every rank draws the
+    same mini-batches as one process and trains the rows of them it holds.
+    """
+    source = open_rollouts(cfg.rollouts, cfg.column_map())
+    xch = distributed.exchange if distributed.is_distributed() else None
+    rows = load_rows(source, adv_norm=cfg.adv_norm, temperature=cfg.temperature,
+                     shard=distributed.data_shard(source), exchange=xch)
+    newest = rows.policy_version.max(initial=-1)
+    if xch is not None:
+        newest = max(xch(int(newest)))
+    current, _ = current_version(None, in_version, np.array([newest], dtype=np.int64))
+    rows, staleness = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version,
+                                       exchange=xch)
+    kept = rows.global_row if xch is None else np.concatenate(xch(rows.global_row))  # increasing: file order
+    kept = np.sort(kept)
+    local_of = np.full(kept.size, -1, dtype=np.int64)
+    local_of[np.searchsorted(kept, rows.global_row)] = np.arange(rows.num_rows)
+    mine = [rows.num_rows, rows.num_tokens, int(rows.loss_mask.sum())]
+    totals = dict(zip(("rows", "tokens", "trained_tokens"), (sum(x) for x in zip(*distributed.exchange(mine)))))
+    return rows, staleness, local_of, totals
+
+
+def _check_vocabulary(rows: RolloutRows, vocab_size: int, model_dir: str) -> None:
+    """check_vocabulary on this rank's rows; under torchrun every rank raises the first bad row's error."""
+    error = None
+    try:
+        check_vocabulary(rows, vocab_size, model_dir)
+    except InputError as err:
+        error = err
+    distributed.agree(error, "checking token ids")
 
 
 def _warmup(step: int, warmup_steps: int) -> float:
@@ -372,17 +407,16 @@ def _warmup(step: int, warmup_steps: int) -> float:
 
 
 def _logprobs_of(model, rows: RolloutRows, cfg: TrainConfig, autocast, *, with_entropy: bool):
-    """(logp (T,), entropy (T,) | None) of every response token under `model`, inference mode.
+    """(logp (T,), entropy (T,) | None) of every response token of `rows` under `model`, inference mode.
 
-    Under torchrun each rank computes its share of the rows (padded to the same number of passes,
-    as FSDP needs) and the shares are summed: each token is written by one rank, zeros elsewhere,
-    so every rank ends with the same, exact (T,) vectors.
+    Under torchrun `rows` are this rank's share; ranks with fewer micro-batches run filler passes,
+    as FSDP needs the same number of passes on every rank.
     """
     device = distributed.model_device(model)
     logp = torch.zeros(rows.num_tokens, dtype=torch.float32)
     ent = torch.zeros(rows.num_tokens, dtype=torch.float32) if with_entropy else None
-    micro = plan_micro_batches(rows, distributed.shard_rows(np.arange(rows.num_rows)), cfg.micro_batch_tokens)
-    passes = micro + distributed.filler_passes(rows, len(micro), cfg.micro_batch_tokens)
+    micro = plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens)
+    passes = micro + distributed.filler_passes(len(micro))
     with torch.inference_mode():
         for i, mb in enumerate(passes):
             lp, en = token_logprobs(model.eval(), mb.to(device), chunk_tokens=cfg.chunk_tokens,
@@ -392,9 +426,6 @@ def _logprobs_of(model, rows: RolloutRows, cfg: TrainConfig, autocast, *, with_e
             logp[mb.token_index] = lp.float().cpu()
             if ent is not None:
                 ent[mb.token_index] = en.float().cpu()
-    distributed.all_reduce_sum(logp)
-    if ent is not None:
-        distributed.all_reduce_sum(ent)
     return logp, ent
 
 
@@ -402,10 +433,9 @@ def _closing_audit(model, rows: RolloutRows, cfg: TrainConfig, autocast, behavio
     """(SPEC.md §2 metrics of the final weights against μ and the worst samples by harmful fraction, notes)."""
     logp, ent = _logprobs_of(model, rows, cfg, autocast, with_entropy=True)  # (T,), (T,)
     diag = Diagnostics(cfg.tr_delta, {cfg.loss: cfg.loss_hparams()})
-    # Every rank holds every token: no reduction.
     diag.update(logp, behavior, advantages, mask, entropy=ent, seq_index=torch.from_numpy(rows.token_row()),
                 ref_logp=ref_logp)
-    summary = diag.summary()
+    summary = diag.all_reduce_().summary()  # each rank holds its rows' tokens
 
     # Per-sample fractions with the --tr-delta yardstick (SPEC.md §2 "outside" / "harmful").
     d = token_diagnostics(logp, behavior, advantages, tr_delta=cfg.tr_delta)  # each (T,)
@@ -414,18 +444,20 @@ def _closing_audit(model, rows: RolloutRows, cfg: TrainConfig, autocast, behavio
     out_frac = sequence_scores(d["outside"], row, n, mask=mask, reduce="mean")  # (N,)
     dmax = sequence_scores(d["delta"].abs(), row, n, mask=mask, reduce="amax")  # (N,)
     count = sequence_scores(torch.ones_like(logp), row, n, mask=mask)  # (N,)
-    # Worst first: harmful fraction, then outside fraction, then max |Δ|, then row order.
-    order = np.lexsort((np.arange(n), -dmax.numpy(), -out_frac.numpy(), -harm_frac.numpy()))
-    shown = [i for i in order[:WORST_SAMPLES] if out_frac[i] > 0]
-    worst = [
-        {"sample_id": rows.sample_ids[i], "harmful_frac": float(harm_frac[i]), "outside_frac": float(out_frac[i]),
-         "delta_abs_max": float(dmax[i]), "tokens": int(count[i])}
-        for i in shown
-    ]
-    picture = MuPiHistogram()  # every rank holds every token: no reduction
+    # Worst first: harmful fraction, then outside fraction, then max |Δ|, then row order (over all ranks).
+    order = np.lexsort((rows.global_row, -dmax.numpy(), -out_frac.numpy(), -harm_frac.numpy()))
+    shown = [int(i) for i in order[:WORST_SAMPLES] if out_frac[i] > 0]
+    tokens = worst_tokens(rows, shown, logp.numpy())
+    mine = [((-float(harm_frac[i]), -float(out_frac[i]), -float(dmax[i]), int(rows.global_row[i])),
+             {"sample_id": rows.sample_ids[i], "harmful_frac": float(harm_frac[i]),
+              "outside_frac": float(out_frac[i]), "delta_abs_max": float(dmax[i]), "tokens": int(count[i])}, tok)
+            for i, tok in zip(shown, tokens)]
+    best = sorted((c for share in distributed.exchange(mine) for c in share), key=lambda c: c[0])[:WORST_SAMPLES]
+    picture = MuPiHistogram()
     picture.update(logp.numpy(), behavior.numpy(), advantages.numpy(), mask.numpy())
-    return {"metrics": _flat_metrics(summary), "worst_samples": worst, "mu_pi_histogram": picture.to_dict(),
-            "worst_tokens": worst_tokens(rows, shown, logp.numpy())}, summary["notes"]
+    picture.all_reduce_()
+    return {"metrics": _flat_metrics(summary), "worst_samples": [c[1] for c in best],
+            "mu_pi_histogram": picture.to_dict(), "worst_tokens": [c[2] for c in best]}, summary["notes"]
 
 
 def _flat_metrics(summary: dict) -> dict[str, float | int | None]:

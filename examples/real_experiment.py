@@ -9,7 +9,11 @@ through the mismatch level's precision (examples/mismatch.py) -> `drpo train` in
 checkpoint, evaluated in fp32 on all 100 one-digit additions (examples/realtask.py). Settings
 (mismatch level, K) go one after another; within a setting every arm advances one round at a time,
 so a partial result compares every arm of that setting over the same rounds. One process on
-`--threads` threads.
+`--threads` threads; `--part I/N` runs only settings I, I + N, ... of the grid, so N processes
+with the same --out split it (results are written from every process's rounds):
+
+    nice -n 10 python examples/staleness_experiment.py --real --threads 1 --part 0/2 &
+    nice -n 10 python examples/staleness_experiment.py --real --threads 1 --part 1/2 &
 
 Resumable: every finished round is a JSON file under OUT/rounds/RUN/ and its checkpoint a
 directory under --work (default runs/real-experiment/; only the checkpoints a later round still
@@ -21,6 +25,8 @@ from all rounds found, so an interrupted run leaves its completed rounds in the 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import resource
@@ -72,7 +78,30 @@ class RealSettings:
     level_prompts: int = 8
     """Problems (× samples) of the lag-0 rollouts that measure each mismatch level."""
     threads: int = 2
+    part: str = "0/1"
+    """I/N: this process runs settings I, I + N, ... (in settings() order) of the grid."""
     workers: int = 1  # one process; kept so the shared summary code reads the same fields
+
+    def part_index(self) -> tuple[int, int]:
+        i, n = (int(x) for x in self.part.split("/"))
+        return i, n
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """Exclusive use of OUT's shared files (start.json, sessions.json, results) among --part processes."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def settings(s: RealSettings) -> list[tuple[str, int]]:
+    """The grid's (mismatch level, K) settings in run order."""
+    return [(level, k) for level in s.mismatch for k in s.staleness]
 
 
 def run_name(arm: str, level: str, k: int, seed: int) -> str:
@@ -127,11 +156,13 @@ def run_rounds(arm: str, k: int, level: str, seed: int, s: RealSettings, model_d
                                          realtask.make_problems(s.prompts, round_seed), s.samples, s.temperature,
                                          sampler_version, round_seed, s.max_new_tokens)
         del sampler_model
+        t_sampled = time.perf_counter()
         run_dir.mkdir(parents=True, exist_ok=True)
         rollouts = run_dir / f"rollouts-{r}.arrow"
         toytask.write_arrow(table, rollouts)
         # overwrite: a checkpoint of an interrupted round (saved, not yet recorded) is redone.
         result = train(se.train_config(s, arm, rollouts, ckpt(r), ckpt(r + 1), round_seed, overwrite=True))
+        t_trained = time.perf_counter()
         model, _ = load_model(result.out_dir)
         reward = realtask.evaluate(model, tokenizer, samples_per_prompt=s.eval_samples, temperature=s.temperature,
                                    seed=EVAL_SEED, max_new_tokens=s.max_new_tokens)
@@ -139,6 +170,9 @@ def run_rounds(arm: str, k: int, level: str, seed: int, s: RealSettings, model_d
         record = se.round_record(result.report, r, sampler_version, float(table.column("reward").to_numpy().mean()),
                                  reward)
         record["seconds"] = time.perf_counter() - t0
+        record["seconds_sample"] = t_sampled - t0
+        record["seconds_train"] = t_trained - t_sampled
+        record["seconds_eval"] = record["seconds"] - record["seconds_train"] - record["seconds_sample"]
         record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         record["response_len_mean"] = float(sum(len(x) for x in table.column("response_ids").to_pylist())
                                             / table.num_rows)
@@ -211,6 +245,12 @@ def parse_args(argv: list[str]) -> tuple[RealSettings, Path, Path, Path]:
     se.check_names(p, s)
     if s.seeds < 1 or s.rounds < 1 or min(s.staleness) < 0:
         p.error("--seeds and --rounds must be >= 1 and --staleness values >= 0")
+    try:
+        i, n = s.part_index()
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        p.error(f"--part {s.part}: expected I/N with 0 <= I < N (e.g. 0/2)")
     if not (args.model / "config.json").is_file():
         p.error(f"--model {args.model}: no config.json (make it with: python examples/real/convert_model.py)")
     return s, args.model, args.out, args.work
@@ -226,17 +266,22 @@ def main(argv: list[str] | None = None) -> dict:
     hf_logging.disable_progress_bar()
     torch.set_num_threads(s.threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    session = _read_json(out / "sessions.json") or []
-    session.append({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    me = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pid": os.getpid()}
     t_session = time.perf_counter()
-    start = measure(s, model_dir, out, tokenizer)
+    with locked(out):  # one process measures; the others read its start.json
+        start = measure(s, model_dir, out, tokenizer)
     levels = [start["levels"][lv] for lv in s.mismatch]
 
     def write(_name=None, _record=None) -> dict:
+        with locked(out):
+            return _write(_name, _record)
+
+    def _write(_name, _record) -> dict:
         runs = collect(s, out, start["start_reward"])
-        session[-1].update(seconds=time.perf_counter() - t_session,
-                           peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        me.update(seconds=time.perf_counter() - t_session,
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        session = [x for x in _read_json(out / "sessions.json") or []
+                   if (x.get("started"), x.get("pid")) != (me["started"], me["pid"])] + [me]
         _write_json(out / "sessions.json", session)
         done = sum(len(r["rounds"]) for r in runs)
         extra = {"model": str(model_dir), "start_reward": start["start_reward"], "sessions": session,
@@ -249,12 +294,12 @@ def main(argv: list[str] | None = None) -> dict:
                   f"({_record['seconds']:.0f} s; {done} of {extra['rounds_planned']} rounds done)", flush=True)
         return doc
 
-    for level in s.mismatch:
-        for k in s.staleness:
-            for upto in range(1, s.rounds + 1):
-                for arm in s.arms:
-                    for seed in range(s.seeds):
-                        run_rounds(arm, k, level, seed, s, model_dir, out, work, tokenizer, upto, on_round=write)
+    i, n = s.part_index()
+    for level, k in settings(s)[i::n]:
+        for upto in range(1, s.rounds + 1):
+            for arm in s.arms:
+                for seed in range(s.seeds):
+                    run_rounds(arm, k, level, seed, s, model_dir, out, work, tokenizer, upto, on_round=write)
     doc = write()
     print(se.markdown_tables(doc["summary"]))
     return doc

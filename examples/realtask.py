@@ -6,7 +6,8 @@ sum's digits; 0.25 when the reply is longer but its last number is the sum (righ
 format, e.g. "3 + 4 = 7"); else 0. SmolLM2-135M-Instruct mostly answers in sentences at
 temperature 1 (reward about 0.1 at the start), so the reward takes many rounds to saturate.
 
-The sampler is a plain loop with a KV cache and a seeded `torch.Generator` (no top-p / top-k)
+The sampler is a plain loop with a KV cache (the prompts' common prefix computed once) and a
+seeded `torch.Generator` (no top-p / top-k)
 that logs the true log-prob of each sampled token at the sampling temperature,
 log_softmax(logits / T) in float32 — the processed log-probs an inference engine should log.
 A response ends at the first end-of-turn token (kept and trained on) or at `max_new_tokens`.
@@ -62,7 +63,17 @@ def sample(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempera
     Returns per row the response tokens (EOS included when sampled) and their log-probs.
     """
     seq = torch.tensor(prompts, dtype=torch.long)  # (B, P)
-    out = model(input_ids=seq, use_cache=True)
+    # The prompts' common prefix (the chat template's system turn, the question's words) runs once
+    # with batch 1; its keys and values are repeated for the B rows, which then run only their tails.
+    same = (seq == seq[:1]).all(dim=0)  # (P,)
+    prefix = min(int(same.long().cumprod(0).sum()), seq.shape[1] - 1)
+    cache = None
+    if prefix > 0:
+        cache = model(input_ids=seq[:1, :prefix], use_cache=True, logits_to_keep=1)["cache"]
+        cache.batch_repeat_interleave(len(prompts))
+    tail = torch.arange(prefix, seq.shape[1]).expand(len(prompts), -1)  # (B, P - prefix) positions
+    out = model(input_ids=seq[:, prefix:], cache=cache, position_ids=tail, use_cache=True,
+                logits_to_keep=1)  # the head on the last position only
     cache = out["cache"]  # (B, P) keys and values of every layer
     logits = out.logits[:, -1].float()  # (B, V)
     done = torch.zeros(len(prompts), dtype=torch.bool)
