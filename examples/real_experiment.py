@@ -1,7 +1,7 @@
 """The staleness × mismatch experiment on a real chat model (SmolLM2-135M-Instruct), resumable.
 
     python examples/real/convert_model.py                       # once: examples/real/model/
-    nice -n 10 python examples/staleness_experiment.py --real   # the default grid (hours on 2 CPU cores)
+    python examples/staleness_experiment.py --real              # the default grid (about 3 h on 2 CPU cores)
     python examples/staleness_experiment.py --real --arms drpo pg-is --rounds 4 --out DIR
 
 The loop is the toy's (staleness_experiment.py): sample with the checkpoint K rounds older,
@@ -63,7 +63,7 @@ class RealSettings:
     staleness: tuple[int, ...] = (0, 4)
     mismatch: tuple[str, ...] = ("fp8-w8a8", "none")
     seeds: int = 1
-    rounds: int = 12
+    rounds: int = 8
     prompts: int = 8
     """Problems (groups) per round."""
     samples: int = 8

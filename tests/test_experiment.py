@@ -155,8 +155,7 @@ def test_arguments_pick_a_preset_and_override_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_run_finishes_in_two_minutes(tmp_path):
+def test_quick_run_covers_every_arm_and_setting(tmp_path):
     doc = se.main(["--quick", "--out", str(tmp_path)])
-    assert doc["seconds"] < 120
     quick = se.PRESETS["quick"]
     assert len(doc["summary"]) == len(se.ARMS) * len(quick.staleness) * len(quick.mismatch)

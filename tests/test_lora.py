@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_train
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -21,7 +20,6 @@ from drpo_cli.config import TrainConfig
 from drpo_cli.errors import ConfigError
 
 peft = pytest.importorskip("peft")
-toy = test_train.toy  # the shared fixture: a private copy of the bundled example
 TRAIN = ["--quiet", "--device", "cpu", "--lr", "1e-2", "--micro-batch-tokens", "512", "--minibatches", "2"]
 # Targets given explicitly: the attention and MLP projections of the example's Llama layers.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -179,6 +177,8 @@ def test_two_ranks_train_the_same_adapter_as_one(toy, adapter_run, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = load_file(str(adapter_run / "adapter_model.safetensors")), load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     assert one.keys() == two.keys()
+    # Ranks sum the gradient in another order than one process; at lr 1e-2 AdamW's m/√v turns that
+    # float noise into at most ~2e-5 on weights of size ~0.1 (measured 1.8e-5), hence 5e-5.
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=5e-5, msg=name)
     assert (tmp_path / "two" / "adapter_config.json").read_text() == (adapter_run / "adapter_config.json").read_text()

@@ -114,3 +114,21 @@ def test_real_task_sampler_logs_the_log_probs_a_full_forward_gives(tmp_path):
             logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
             logp = torch.log_softmax(logits / 0.7, -1).gather(1, torch.tensor(response)[:, None])[:, 0]
             assert logp.tolist() == pytest.approx(logged, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_parts_split_the_grid_and_write_the_results_of_all(tmp_path):
+    model = tiny_chat_model(tmp_path / "model")
+    argv = [*ARGS, "--rounds", "1", "--model", str(model), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")]
+    first = rx.main([*argv, "--part", "0/2"])  # settings 0 and 2: (none, K 0) and (fp8-w8a8, K 0)
+    assert {(r["mismatch"], r["staleness"]) for r in first["runs"]} == {("none", 0), ("fp8-w8a8", 0)}
+    both = rx.main([*argv, "--part", "1/2"])
+    assert both["rounds_done"] == both["rounds_planned"] == 8  # every run of the grid, from both parts
+    assert len(both["sessions"]) == 2
+
+
+def test_a_bad_part_is_refused(tmp_path):
+    for bad in ("2/2", "1", "a/b"):
+        with pytest.raises(SystemExit) as err:
+            rx.parse_args(["--part", bad, "--model", str(tmp_path)])
+        assert err.value.code == 2
