@@ -59,7 +59,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     from drpo_cli.checkpoint import load_model
     from drpo_cli.logprobs import pick_device
     from drpo_cli.rollouts import file_temperature, group_advantage_table, rows_of_batch, stale_rows
-    from drpo_cli.schema import Shard
+    from drpo_cli.schema import RolloutSource, Shard
 
     start = time.perf_counter()
     device = distributed.init(pick_device(cfg.device))
@@ -90,7 +90,9 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     writer = _PerTokenWriter(per_token_path) if per_token_path or cfg.per_token is not None else None
     owned = plan.piece % layout.world == layout.rank  # (N,) this rank's rows
     local_tokens = int(plan.tokens[owned & keep].sum())
-    groups = group_advantage_table(source) if "reward" in source.columns() else None
+    # Group means over the rows whose advantage is reward-based (files without advantages / advantage), as load_rows.
+    reward_files = [rf for rf in source.files if "advantages" not in rf.fields and "advantage" not in rf.fields]
+    groups = group_advantage_table(RolloutSource(reward_files, [], source.column_map)) if reward_files else None
     temps = {rf.path: file_temperature(rf.metadata, cfg.temperature) for rf in source.files}
     counts = np.zeros(3, dtype=np.int64)  # micro-batches, positions, real positions (this rank)
 
