@@ -25,9 +25,11 @@ from all rounds found, so an interrupted run leaves its completed rounds in the 
 from __future__ import annotations
 
 import argparse
+import calendar
 import contextlib
 import fcntl
 import json
+import math
 import os
 import resource
 import shlex
@@ -102,6 +104,18 @@ def locked(out: Path):
 def settings(s: RealSettings) -> list[tuple[str, int]]:
     """The grid's (mismatch level, K) settings in run order."""
     return [(level, k) for level in s.mismatch for k in s.staleness]
+
+
+def wall_seconds(sessions: list[dict]) -> float:
+    """Wall time the sessions covered: the union of their [start, start + seconds] intervals (parts
+    that ran side by side count once, a pause between two sessions not at all)."""
+    spans = sorted((t := calendar.timegm(time.strptime(x["started"], "%Y-%m-%dT%H:%M:%SZ")), t + x.get("seconds", 0.0))
+                   for x in sessions)
+    total, end = 0.0, -math.inf
+    for a, b in spans:
+        total += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return total
 
 
 def run_name(arm: str, level: str, k: int, seed: int) -> str:
@@ -262,7 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     raw = sys.argv[1:] if argv is None else argv
     s, model_dir, out, work = parse_args(raw)
-    command = shlex.join(["python", "examples/staleness_experiment.py", "--real", *raw])
+    i, n = s.part_index()
+    # The command of the whole grid: the --part option dropped (each process adds its own).
+    shared = [a for j, a in enumerate(raw) if a != "--part" and (j == 0 or raw[j - 1] != "--part")
+              and not a.startswith("--part=")]
+    command = shlex.join(["python", "examples/staleness_experiment.py", "--real", *shared])
+    if n > 1:
+        command += f"  (as {n} processes, each adding --part I/{n} for I = 0..{n - 1})"
     hf_logging.disable_progress_bar()
     torch.set_num_threads(s.threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -286,15 +306,15 @@ def main(argv: list[str] | None = None) -> dict:
         done = sum(len(r["rounds"]) for r in runs)
         extra = {"model": str(model_dir), "start_reward": start["start_reward"], "sessions": session,
                  "rounds_done": done, "rounds_planned": len(jobs(s)) * s.rounds,
-                 "peak_rss_mb": max(sx.get("peak_rss_mb", 0) for sx in session)}
-        doc = se.write_outputs(out, s, runs, command, sum(r["seconds"] for r in runs), levels,
+                 "peak_rss_mb": max(sx.get("peak_rss_mb", 0) for sx in session),
+                 "cpu_seconds_of_rounds": sum(r["seconds"] for r in runs)}
+        doc = se.write_outputs(out, replace(s, workers=n), runs, command, wall_seconds(session), levels,
                                title="Real-model (SmolLM2-135M-Instruct) staleness × mismatch results", extra=extra)
         if _name is not None:
             print(f"{_name} round {_record['round']}: reward {_record['reward']:.3f} "
                   f"({_record['seconds']:.0f} s; {done} of {extra['rounds_planned']} rounds done)", flush=True)
         return doc
 
-    i, n = s.part_index()
     for level, k in settings(s)[i::n]:
         for upto in range(1, s.rounds + 1):
             for arm in s.arms:

@@ -132,3 +132,10 @@ def test_a_bad_part_is_refused(tmp_path):
         with pytest.raises(SystemExit) as err:
             rx.parse_args(["--part", bad, "--model", str(tmp_path)])
         assert err.value.code == 2
+
+
+def test_wall_time_counts_side_by_side_parts_once_and_no_pause():
+    sessions = [{"started": "2026-12-02T00:00:00Z", "seconds": 100.0},  # part 0
+                {"started": "2026-12-02T00:00:50Z", "seconds": 100.0},  # part 1, side by side: 150 s in all
+                {"started": "2026-12-02T01:00:00Z", "seconds": 10.0}]  # resumed an hour later
+    assert rx.wall_seconds(sessions) == 160.0
