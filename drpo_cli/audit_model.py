@@ -100,7 +100,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
         """This rank's micro-batches, batch by batch; a batch's rows are scored once all its passes ran."""
         for sb in source.iter_batches(MODEL_COLUMNS, shard=shard):
             rows = rows_of_batch(sb, temps[sb.path], groups)
-            rows = rows.select(np.flatnonzero(keep[rows.global_row])) if not keep[rows.global_row].all() else rows
+            kept = keep[rows.global_row]  # (n,)
+            rows = rows if kept.all() else rows.select(np.flatnonzero(kept))
             if rows.num_rows == 0:
                 continue
             check_vocabulary(rows, info.vocab_size, cfg.model)
@@ -260,7 +261,8 @@ class _Worst:
         n = seq[:, 0]
         with np.errstate(invalid="ignore", divide="ignore"):
             harmful = np.where(n > 0, seq[:, 1] / n, 0.0)
-        for i, tokens in zip(worst_rows(seq, self.top), worst_tokens(rows, worst_rows(seq, self.top), chunk.logp)):
+        order = worst_rows(seq, self.top)
+        for i, tokens in zip(order, worst_tokens(rows, order, chunk.logp)):
             lag = chunk.row_lag[i]
             self.kept.append({
                 "key": (-float(harmful[i]), -float(seq[i, 4]), int(rows.global_row[i])),
