@@ -32,57 +32,13 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from logprobs import _one, make_rows  # (wall, cpu, peak extra bytes) of one call; random rows
+from trl_paths import naive_logps, trl_batch, trl_logps
 
 from drpo_cli.data import plan_micro_batches
 from drpo_cli.logprobs import token_logprobs
 from drpo_cli.rollouts import RolloutRows
 
 GB = 1024**3
-
-
-def trl_batch(rows: RolloutRows):
-    """GRPOTrainer's layout: prompts left-padded, completions right-padded, concatenated."""
-    n = rows.num_rows
-    p_len = max(len(rows.prompt(i)) for i in range(n))
-    c_len = max(len(rows.response(i)) for i in range(n))
-    prompt_ids = torch.zeros(n, p_len, dtype=torch.long)
-    prompt_mask = torch.zeros(n, p_len, dtype=torch.long)
-    comp_ids = torch.zeros(n, c_len, dtype=torch.long)
-    comp_mask = torch.zeros(n, c_len, dtype=torch.long)
-    for i in range(n):
-        p, r = torch.from_numpy(rows.prompt(i)), torch.from_numpy(rows.response(i))
-        prompt_ids[i, p_len - len(p):], prompt_mask[i, p_len - len(p):] = p, 1
-        comp_ids[i, :len(r)], comp_mask[i, :len(r)] = r, 1
-    return (torch.cat([prompt_ids, comp_ids], 1), torch.cat([prompt_mask, comp_mask], 1), comp_ids, comp_mask)
-
-
-def trl_logps(model, batch, temperature: float = 1.0) -> torch.Tensor:
-    """GRPOTrainer._get_per_token_logps: logits_to_keep, temperature, selective_log_softmax."""
-    from trl.trainer.utils import selective_log_softmax
-
-    input_ids, attention_mask, comp_ids, _ = batch
-    logits_to_keep = comp_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1).logits
-    logits = logits[:, :-1, :]  # (B, C, V): the last one predicts nothing
-    logits = logits[:, -logits_to_keep:] / temperature
-    return selective_log_softmax(logits, comp_ids)  # (B, C); padded completion positions are masked by callers
-
-
-def naive_logps(model, rows: RolloutRows) -> torch.Tensor:
-    """Pad to the longest row (right), full logits of every position, float32 log_softmax, gather."""
-    n = rows.num_rows
-    seqs = [np.concatenate([rows.prompt(i), rows.response(i)[:-1]]) for i in range(n)]
-    L = max(len(s) for s in seqs)
-    ids = torch.zeros(n, L, dtype=torch.long)
-    mask = torch.zeros(n, L, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.from_numpy(s), 1
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)  # (B, L, V)
-    out = []
-    for i in range(n):
-        p, r = len(rows.prompt(i)), rows.response(i)
-        out.append(logp[i, p - 1:p - 1 + len(r)].gather(1, torch.from_numpy(r)[:, None])[:, 0])
-    return torch.cat(out)
 
 
 def drpo_logps(model, rows: RolloutRows, budget: int, chunk: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from drpo_cli.config import LOSS_HPARAMS, InspectConfig
 from drpo_cli.data import filler_batch, plan_micro_batches
 from drpo_cli.divergence import Diagnostics, token_diagnostics
 from drpo_cli.errors import InputError
+from drpo_cli.logprobs import reused_buffers
 from drpo_cli.outputs import ARROW_MARKER_KEY
 from drpo_cli.picture import MuPiHistogram, worst_tokens
 from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version
@@ -112,7 +113,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
 
     passes = micro_batches()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), reused_buffers():  # one set of chunk buffers for the whole pass
             while True:
                 error, item = None, None
                 try:

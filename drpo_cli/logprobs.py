@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,17 +102,53 @@ def _unsupported(model_type: str, key: str, value: object) -> CheckpointError:
     )
 
 
-class _Workspace:
-    """Reusable (chunk, V) float32 buffers: logits, and a spare one only where entropy needs it.
+_POOLS = threading.local()  # .buffers: {(slot, device, V): tensor} inside `reused_buffers()`, per thread
 
-    A fresh multi-hundred-megabyte tensor per chunk costs a page fault per 4 KiB on CPU (about as
-    long as the chunk's log-sum-exp itself), so every chunk writes its logits into the same memory.
+
+@contextlib.contextmanager
+def reused_buffers():
+    """Inside, consecutive engine calls share their (chunk, V) float32 buffers instead of allocating them.
+
+    A pass over many micro-batches (an audit, a step's micro-batches, the closing audit) would
+    otherwise map and fault in the same hundreds of megabytes once per call: a page fault per
+    4 KiB, about as long as the log-sum-exp itself on CPU. The buffers are freed on leaving the
+    outermost block, so they do not outlive the pass (an optimizer step allocates after it). Per
+    thread; nested blocks share the outer one's buffers.
+    """
+    outer = getattr(_POOLS, "buffers", None)
+    if outer is None:
+        _POOLS.buffers = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _POOLS.buffers = None
+
+
+def _buffer(slot: str, rows: int, cols: int, device: torch.device, *lead: int) -> torch.Tensor:
+    """An uninitialised float32 (*lead, rows, cols) tensor; inside `reused_buffers()` the slot's, grown as needed."""
+    pool = getattr(_POOLS, "buffers", None)
+    if pool is None:
+        return torch.empty(*lead, rows, cols, dtype=torch.float32, device=device)
+    key = (slot, str(device), cols, lead)
+    have = pool.get(key)
+    if have is None or have.shape[-2] < rows:
+        pool[key] = None  # the old buffer goes before the larger one is made
+        pool[key] = have = torch.empty(*lead, rows, cols, dtype=torch.float32, device=device)
+    return have[..., :rows, :]
+
+
+class _Workspace:
+    """(chunk, V) float32 buffers: logits, and a spare one only where entropy needs it.
+
+    Every chunk of a call writes its logits into the same memory, and inside `reused_buffers()`
+    so do later calls.
     """
 
     def __init__(self, chunk: int, m: int, head: Head, device: torch.device, *, spare: bool):
         rows, vocab = min(chunk, max(m, 1)), head.weight.shape[0]
-        self.logits = torch.empty(rows, vocab, dtype=torch.float32, device=device)
-        self.spare = torch.empty(rows, vocab, dtype=torch.float32, device=device) if spare else None
+        self.logits = _buffer("logits", rows, vocab, device)
+        self.spare = _buffer("spare", rows, vocab, device) if spare else None
 
 
 def _chunk_logits(h: torch.Tensor, head: Head, inv_temp: torch.Tensor, ws: _Workspace, before_temperature=None):
@@ -185,7 +222,8 @@ def _softmax_stats(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, w
     s = e.sum(dim=-1)  # (m,)
     log_s = s.log()
     lse = log_s + mx.squeeze(1)
-    entropy = log_s - torch.linalg.vecdot(e, shifted) / s if with_entropy else None
+    # Σ_v e·(z − max) as a batched dot product: no (m, V) temporary (vecdot would allocate one)
+    entropy = log_s - torch.bmm(e[:, None, :], shifted[:, :, None]).view(m) / s if with_entropy else None
     return target_logit - lse, entropy, e, s
 
 
@@ -266,7 +304,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         if k:  # (K, rows, V), as many rows as the fullest chunk selects, at most one block
             most = max(int(extra_sel[s:s + chunk].sum()) for s in range(0, m, chunk))
             rows = min(most, _extra_rows_per_block(k, head.weight.shape[0]))
-            buf = torch.empty(k, max(rows, 1), head.weight.shape[0], dtype=torch.float32, device=h.device)
+            buf = _buffer("temperatures", max(rows, 1), head.weight.shape[0], h.device, k)
         for s in range(0, m, chunk):
             sl = slice(s, min(s + chunk, m))
             sel = torch.nonzero(extra_sel[sl]).squeeze(1) if k else None  # (k_c,) rows of this chunk
@@ -380,11 +418,11 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None
 
-        def scaled(g):
-            return None if g is None else (g * g_total).to(ctx.weight_dtype)
+        def scaled(g):  # in place: the stored gradients are dropped above (no (V, H) copy)
+            return None if g is None else g.mul_(g_total).to(ctx.weight_dtype)
 
         return (
-            grad_h * g_total.to(grad_h.dtype),
+            grad_h.mul_(g_total.to(grad_h.dtype)),
             scaled(grad_w),
             scaled(grad_b),
             None,
