@@ -10,10 +10,12 @@ What each path does for the same rows (a random-weight Qwen2 body, the real 151,
   .logits[:, :-1]` (C = the longest completion), the last C logits divided by the temperature, then
   `trl.trainer.utils.selective_log_softmax` (a logsumexp per row over full (B, C, V) logits). TRL
   1.16's GRPOTrainer can instead call the model with `fused_lm_head=True`; that path is not measured;
-- drpo: token-budget micro-batches, response positions only, chunked float32 head
-  (`logprobs.token_logprobs`).
-All three give the same log-probs (checked). Forward + backward of Σ logp (a training step's
-shape) and inference mode, tokens/s and peak extra resident memory (VmHWM, as
+- drpo: token-budget micro-batches, response positions only, chunked float32 head, chunk buffers
+  shared across micro-batches: `logprobs.token_logprobs` in inference (the audit's path),
+  `logprobs.fused_token_loss` for forward + backward (`drpo train`'s: each chunk's head gradients
+  formed right after its forward, 3 head GEMMs).
+All three give the same log-probs, and drpo the same gradients as TRL (checked). Forward + backward
+of Σ logp (a training step's shape) and inference mode, tokens/s and peak extra resident memory (VmHWM, as
 benchmarks/logprobs.py); the fraction of the large-matmul FLOP/s peak measured here first.
 """
 
@@ -35,17 +37,26 @@ from logprobs import _one, make_rows  # (wall, cpu, peak extra bytes) of one cal
 from trl_paths import naive_logps, trl_batch, trl_logps
 
 from drpo_cli.data import plan_micro_batches
-from drpo_cli.logprobs import token_logprobs
+from drpo_cli.logprobs import fused_token_loss, reused_buffers, token_logprobs
 from drpo_cli.rollouts import RolloutRows
 
 GB = 1024**3
 
 
 def drpo_logps(model, rows: RolloutRows, budget: int, chunk: int) -> torch.Tensor:
+    """The audit's path: token-budget micro-batches through the chunked head, buffers shared across them."""
     out = torch.zeros(rows.num_tokens)
-    for mb in plan_micro_batches(rows, np.arange(rows.num_rows), budget):
-        out = out.index_put((mb.token_index,), token_logprobs(model, mb, chunk_tokens=chunk)[0])
+    with reused_buffers():
+        for mb in plan_micro_batches(rows, np.arange(rows.num_rows), budget):
+            out = out.index_put((mb.token_index,), token_logprobs(model, mb, chunk_tokens=chunk)[0])
     return out
+
+
+def drpo_backward(model, rows: RolloutRows, budget: int, chunk: int) -> None:
+    """The training path (train.accumulate_gradients): backward of Σ logp with the head gradients fused in forward."""
+    with reused_buffers():
+        for mb in plan_micro_batches(rows, np.arange(rows.num_rows), budget):
+            fused_token_loss(model, mb, lambda logp, sl: logp.sum(), chunk_tokens=chunk)[0].backward()
 
 
 def flat_trl(rows: RolloutRows, per_token: torch.Tensor) -> torch.Tensor:
@@ -92,6 +103,16 @@ def main() -> None:
         ref = drpo_logps(model, rows, args.budget, args.chunk)
         diff_trl = (flat_trl(rows, trl_logps(model, batch)) - ref).abs().max().item()
         diff_naive = (naive_logps(model, rows) - ref).abs().max().item()
+
+    def grads(step) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        step()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    g_trl = grads(lambda: (trl_logps(model, batch) * batch[3]).sum().backward())
+    g_drpo = grads(lambda: drpo_backward(model, rows, args.budget, args.chunk))
+    grad_diff = ((g_drpo - g_trl).abs().max() / g_trl.abs().max()).item()
+    del g_trl, g_drpo
     paths = {
         "naive": lambda: naive_logps(model, rows),
         "trl": lambda: trl_logps(model, batch) * batch[3],  # completion_mask, as GRPO's loss applies it
@@ -106,14 +127,18 @@ def main() -> None:
                         fn()
                 else:
                     model.zero_grad(set_to_none=True)
-                    fn().sum().backward()
+                    if fn is paths["drpo"]:
+                        drpo_backward(model, rows, args.budget, args.chunk)
+                    else:
+                        fn().sum().backward()
             run()  # warm-up
             wall, _, mem = min((_one(run) for _ in range(args.repeat)), key=lambda r: r[0])
             flops = head_flops * (1 if mode == "inference" else 3)
             results[f"{mode}/{name}"] = {"seconds": wall, "tokens_per_s": T / wall, "peak_extra_gb": mem / GB,
                                          "head_frac_of_peak": flops / wall / peak}
     print(json.dumps({"tokens": T, "rows": args.rows, "lengths": lengths, "matmul_peak_gflops": peak / 1e9,
-                      "max_abs_diff_vs_drpo": {"trl": diff_trl, "naive": diff_naive}, "results": results}, indent=2))
+                      "max_abs_diff_vs_drpo": {"trl": diff_trl, "naive": diff_naive},
+                      "grad_max_diff_vs_trl_relative": grad_diff, "results": results}, indent=2))
     print(f"{args.rows} rows, responses {min(lengths)} … {max(lengths)} (+{args.prompt} prompt), {T:,} tokens, "
           f"V={args.vocab:,}, H={args.hidden}, {args.threads} threads; matmul peak {peak / 1e9:.0f} GFLOP/s")
     for mode in ("inference", "train"):
@@ -123,6 +148,8 @@ def main() -> None:
               f"({t['head_frac_of_peak']:.0%}) | naive {n['tokens_per_s']:,.0f} tok/s {n['peak_extra_gb']:.2f} GB | "
               f"drpo/TRL ×{d['tokens_per_s'] / t['tokens_per_s']:.2f} speed, "
               f"{d['peak_extra_gb'] / max(t['peak_extra_gb'], 1e-9):.0%} memory")
+    print(f"log-probs vs drpo: TRL max |diff| {diff_trl:.1e}, naive {diff_naive:.1e}; gradients drpo vs TRL: "
+          f"max |diff| / max |grad| {grad_diff:.1e}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,7 +130,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=3, help="Runs per path, interleaved (best kept).")
+    ap.add_argument("--repeat", type=int, default=3, help="Runs per path, interleaved (best and median shown).")
     ap.add_argument("--child", choices=("trl", "naive"), help=argparse.SUPPRESS)
     ap.add_argument("--files", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -152,29 +154,28 @@ def main() -> None:
                                          "--files", str(rollouts), str(model_dir), str(root / f"{name}-out"),
                                          str(root / f"{name}.json")]) for name in ("trl", "naive")},
         }
-        best = {name: (float("inf"), 0.0) for name in paths}
+        walls, peaks = {name: [] for name in paths}, {name: 0.0 for name in paths}
         for _ in range(args.repeat):
             for name, cmd in paths.items():
                 if name != "drpo" and (root / f"{name}-out").exists():
-                    import shutil
-
                     shutil.rmtree(root / f"{name}-out")
                 wall, peak = run(cmd(), env)
-                best[name] = (min(best[name][0], wall), max(best[name][1], peak))
+                walls[name].append(wall)
+                peaks[name] = max(peaks[name], peak)
         step = json.loads((root / "drpo-out" / "drpo_report.json").read_text())["steps"][0]
         seen = {"drpo": {"loss": step["loss"], "grad_norm": step["grad_norm"]},
                 **{n: json.loads((root / f"{n}.json").read_text()) for n in ("trl", "naive")}}
     agree = max(abs(seen[n][k] - seen["drpo"][k]) / max(abs(seen["drpo"][k]), 1e-30)
                 for n in ("trl", "naive") for k in ("loss", "grad_norm"))
-    print(json.dumps({"seconds": {n: b[0] for n, b in best.items()}, "peak_rss_gb": {n: b[1] for n, b in best.items()},
-                      "loss_and_grad_norm": seen}, indent=2))
+    print(json.dumps({"seconds": walls, "peak_rss_gb": peaks, "loss_and_grad_norm": seen}, indent=2))
     print(f"{args.rows} rows, responses 16 … {args.max_len} (+32 prompt), V={args.vocab:,}, H={args.hidden}, "
-          f"{args.threads} threads; one step, whole process, best of {args.repeat}")
-    d = best["drpo"]
+          f"{args.threads} threads; one step, whole process, {args.repeat} runs each, interleaved")
+    best, median = ({n: f(w) for n, w in walls.items()} for f in (min, statistics.median))
     for name in ("trl", "naive"):
-        o = best[name]
-        print(f"drpo {d[0]:6.2f} s {d[1]:5.2f} GB | {name:5s} {o[0]:6.2f} s {o[1]:5.2f} GB | "
-              f"drpo/{name}: ×{o[0] / d[0]:.2f} speed, {d[1] / o[1]:.0%} memory")
+        print(f"drpo {best['drpo']:6.2f} s (median {median['drpo']:6.2f}) {peaks['drpo']:5.2f} GB | "
+              f"{name:5s} {best[name]:6.2f} s (median {median[name]:6.2f}) {peaks[name]:5.2f} GB | "
+              f"drpo/{name}: ×{best[name] / best['drpo']:.2f} speed (medians ×{median[name] / median['drpo']:.2f}), "
+              f"{peaks['drpo'] / peaks[name]:.0%} memory")
     print(f"loss and gradient norm, largest relative difference from drpo's: {agree:.1e}")
 
 

@@ -125,8 +125,12 @@ def reused_buffers():
             _POOLS.buffers = None
 
 
-def _buffer(slot: str, rows: int, cols: int, device: torch.device, *lead: int) -> torch.Tensor:
-    """An uninitialised float32 (*lead, rows, cols) tensor; inside `reused_buffers()` the slot's, grown as needed."""
+def _buffer(slot: str, rows: int, cols: int, device: torch.device, *lead: int, capacity: int = 0) -> torch.Tensor:
+    """An uninitialised float32 (*lead, rows, cols) tensor; inside `reused_buffers()` the slot's.
+
+    A pooled slot is made with max(rows, capacity) rows, so that later calls with more rows (up
+    to the chunk size) find it large enough; pages never written are never resident.
+    """
     pool = getattr(_POOLS, "buffers", None)
     if pool is None:
         return torch.empty(*lead, rows, cols, dtype=torch.float32, device=device)
@@ -134,7 +138,8 @@ def _buffer(slot: str, rows: int, cols: int, device: torch.device, *lead: int) -
     have = pool.get(key)
     if have is None or have.shape[-2] < rows:
         pool[key] = None  # the old buffer goes before the larger one is made
-        pool[key] = have = torch.empty(*lead, rows, cols, dtype=torch.float32, device=device)
+        have = torch.empty(*lead, max(rows, capacity), cols, dtype=torch.float32, device=device)
+        pool[key] = have
     return have[..., :rows, :]
 
 
@@ -147,8 +152,8 @@ class _Workspace:
 
     def __init__(self, chunk: int, m: int, head: Head, device: torch.device, *, spare: bool):
         rows, vocab = min(chunk, max(m, 1)), head.weight.shape[0]
-        self.logits = _buffer("logits", rows, vocab, device)
-        self.spare = _buffer("spare", rows, vocab, device) if spare else None
+        self.logits = _buffer("logits", rows, vocab, device, capacity=chunk)
+        self.spare = _buffer("spare", rows, vocab, device, capacity=chunk) if spare else None
 
 
 def _chunk_logits(h: torch.Tensor, head: Head, inv_temp: torch.Tensor, ws: _Workspace, before_temperature=None):
