@@ -120,8 +120,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                     item = next(passes, None)
                 except InputError as err:
                     error = err
-                distributed.agree(error, "auditing the rollouts")
-                if not distributed.any_rank(item is not None):
+                if not distributed.agree_any(error, "auditing the rollouts", item is not None):  # one collective
                     break
                 if item is None:  # this rank is done, others are not: a pass whose results are dropped
                     _logprobs(model, filler_batch(), device, cfg)

@@ -188,16 +188,24 @@ def agree(error: BaseException | None, what: str) -> None:
     The failing rank re-raises its own error; the others raise a one-line DrpoError naming the
     first failing rank and its message, so every rank's exit says why the run stopped.
     """
+    agree_any(error, what, False)
+
+
+def agree_any(error: BaseException | None, what: str, flag: bool) -> bool:
+    """`agree(error, what)` and `any_rank(flag)` in one collective: raises as agree, else returns any rank's flag.
+
+    For a loop whose ranks both check each step and may run out of work at different times.
+    """
     if not is_distributed():
         if error is not None:
             raise error
-        return
+        return flag
     message = None if error is None else (type(error).__name__, _one_line(error))
-    messages: list = [None] * world_size()
-    dist.all_gather_object(messages, message)
-    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    shares: list = [None] * world_size()
+    dist.all_gather_object(shares, (message, bool(flag)))
+    failed = [(r, m) for r, (m, _) in enumerate(shares) if m is not None]
     if not failed:
-        return
+        return any(f for _, f in shares)
     if error is not None:
         raise error
     r, (kind, m) = failed[0]

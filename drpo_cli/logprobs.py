@@ -143,8 +143,12 @@ def _buffer(slot: str, rows: int, cols: int, device: torch.device, *lead: int, c
     return have[..., :rows, :]
 
 
+STATS_BLOCK = 1 << 20  # elements (rows × V) of a forward-only statistics block: 4 MB of float32, cache-resident
+
+
 class _Workspace:
-    """(chunk, V) float32 buffers: logits, and a spare one only where entropy needs it.
+    """float32 buffers: (chunk, V) logits, a (chunk, V) spare where a gradient needs p and z − max
+    together (entropy), and two small row blocks for the forward-only statistics.
 
     Every chunk of a call writes its logits into the same memory, and inside `reused_buffers()`
     so do later calls.
@@ -154,6 +158,9 @@ class _Workspace:
         rows, vocab = min(chunk, max(m, 1)), head.weight.shape[0]
         self.logits = _buffer("logits", rows, vocab, device, capacity=chunk)
         self.spare = _buffer("spare", rows, vocab, device, capacity=chunk) if spare else None
+        block = min(rows, max(1, STATS_BLOCK // max(vocab, 1)))
+        self.block = _buffer("block", block, vocab, device)  # z − max of a few rows
+        self.block_e = _buffer("block_e", block, vocab, device)  # exp(z − max) of the same rows
 
 
 def _chunk_logits(h: torch.Tensor, head: Head, inv_temp: torch.Tensor, ws: _Workspace, before_temperature=None):
@@ -209,6 +216,33 @@ def _logp_at_temperatures(x: torch.Tensor, targets: torch.Tensor, sel: torch.Ten
         mx = z.amax(dim=-1, keepdim=True)  # (K, n, 1)
         out[:, b:b + n] = target_logit - (z.sub_(mx).exp_().sum(dim=-1).log() + mx.squeeze(2))
     return out
+
+
+def _logp_entropy(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, ws: _Workspace):
+    """(log p(y) (m,), entropy (m,) | None) of logits z (m, V), which are only read: the forward-only statistics.
+
+    The same float32 quantities as `_softmax_stats` (lse = log S + max, H = log S − Σ e·(z − max)/S),
+    but z − max and e = exp(z − max) are formed a few rows at a time in two small reused blocks, so
+    the (m, V) logits are read twice (max, then the blocks) and never written, and no (m, V) spare
+    is needed (half the memory of an audit with entropy); the subtract, exp, sum and the entropy's
+    product run on cache-resident rows.
+    """
+    m = z.shape[0]
+    target_logit = z.gather(1, targets[:, None]).squeeze(1)  # (m,)
+    mx = z.amax(dim=-1, keepdim=True)  # (m, 1)
+    s = torch.empty(m, dtype=torch.float32, device=z.device)
+    dot = torch.empty(m, dtype=torch.float32, device=z.device) if with_entropy else None
+    step = ws.block.shape[0]
+    for b in range(0, m, step):
+        n = min(step, m - b)
+        shifted = torch.sub(z[b:b + n], mx[b:b + n], out=ws.block[:n])  # (n, V)
+        e = torch.exp(shifted, out=ws.block_e[:n])  # (n, V)
+        s[b:b + n] = e.sum(dim=-1)
+        if with_entropy:  # (a batched matmul is many times slower on a few rows)
+            dot[b:b + n] = e.mul_(shifted).sum(dim=-1)
+    log_s = s.log()
+    entropy = log_s - dot / s if with_entropy else None
+    return target_logit - (log_s + mx.squeeze(1)), entropy
 
 
 def _softmax_stats(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, ws: _Workspace):
@@ -301,7 +335,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, inv_temp, head, chunk, with_entropy, extra_inv, extra_sel):
         m, k = h.shape[0], extra_inv.shape[0]
-        ws = _Workspace(chunk, m, head, h.device, spare=with_entropy)
+        ws = _Workspace(chunk, m, head, h.device, spare=False)
         logp = torch.empty(m, dtype=torch.float32, device=h.device)
         ent = torch.empty(m if with_entropy else 0, dtype=torch.float32, device=h.device)
         extra = torch.full((k, m if k else 0), math.nan, dtype=torch.float32, device=h.device)
@@ -318,7 +352,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 def hook(x, sl=sl, sel=sel):
                     extra[:, sel + sl.start] = _logp_at_temperatures(x, targets[sl], sel, extra_inv, buf)
             z, _ = _chunk_logits(h[sl], head, inv_temp[sl], ws, before_temperature=hook)
-            logp[sl], ent_c, _, _ = _softmax_stats(z, targets[sl], with_entropy, ws)
+            logp[sl], ent_c = _logp_entropy(z, targets[sl], with_entropy, ws)
             if with_entropy:
                 ent[sl] = ent_c
         ctx.save_for_backward(h, targets, inv_temp)
@@ -386,7 +420,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             for s in range(0, m, chunk):
                 sl = slice(s, min(s + chunk, m))
                 z, _ = _chunk_logits(h[sl], head, inv_temp[sl], ws)
-                logp_all[sl], ent_c, _, _ = _softmax_stats(z, targets[sl], need_ent, ws)
+                logp_all[sl], ent_c = _logp_entropy(z, targets[sl], need_ent, ws)
                 if need_ent:
                     ent_all[sl] = ent_c
             g_all, total = _loss_grad(loss_fn, logp_all, slice(0, m))
