@@ -341,3 +341,22 @@ def test_entropy_at_a_real_vocabulary_size_is_float32_accurate():
     for name, ent in (("audit", audit), ("bonus", bonus)):
         err = (ent.double() - ref).abs().max().item()
         assert err < 2e-5, (name, err)
+
+
+def test_calls_sharing_buffers_give_the_same_results_and_free_them_after():
+    # Inside reused_buffers() later calls write their logits into the first call's buffers (made
+    # at the chunk size); outside, each call has its own. Same numbers either way.
+    from drpo_cli import logprobs
+
+    model = build(Qwen2Config, seed=12)
+    small, large = random_rows(seed=13, n=2), random_rows(seed=14, n=6)
+    batches = [plan_micro_batches(r, np.arange(r.num_rows), 10_000)[0] for r in (small, large, small)]
+    with torch.inference_mode():
+        alone = [token_logprobs(model, mb, chunk_tokens=64, with_entropy=True) for mb in batches]
+        with logprobs.reused_buffers():
+            shared = [token_logprobs(model, mb, chunk_tokens=64, with_entropy=True) for mb in batches]
+            held = dict(logprobs._POOLS.buffers)
+        assert logprobs._POOLS.buffers is None  # freed on leaving the block
+    assert {key[0] for key in held} >= {"logits", "block", "block_e"}
+    for (lp_a, ent_a), (lp_s, ent_s) in zip(alone, shared):
+        assert torch.equal(lp_a, lp_s) and torch.equal(ent_a, ent_s)
