@@ -31,13 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EPS_LOW, EPS_HIGH, LR, MAX_GRAD_NORM = 0.2, 0.28, 1e-6, 1.0
 
 
 def write_workload(root: Path, rows: int, max_len: int, vocab: int, hidden: int, seed: int = 0) -> tuple[Path, Path]:
-    import numpy as np
     import pyarrow as pa
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -140,6 +141,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         return child(args.child, *args.files)
 
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from trl_logprobs import matmul_peak
+
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak(args.threads)  # first, on a quiet process
+    tokens = sum(int(n) for n in np.resize(np.unique(np.geomspace(16, args.max_len, args.rows).astype(int)), args.rows))
+    head_work = 6 * tokens * args.hidden * args.vocab  # the step's head GEMMs: forward and two gradient GEMMs
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads),
            "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as d:
@@ -159,9 +169,9 @@ def main() -> None:
             for name, cmd in paths.items():
                 if name != "drpo" and (root / f"{name}-out").exists():
                     shutil.rmtree(root / f"{name}-out")
-                wall, peak = run(cmd(), env)
+                wall, rss = run(cmd(), env)
                 walls[name].append(wall)
-                peaks[name] = max(peaks[name], peak)
+                peaks[name] = max(peaks[name], rss)
         step = json.loads((root / "drpo-out" / "drpo_report.json").read_text())["steps"][0]
         seen = {"drpo": {"loss": step["loss"], "grad_norm": step["grad_norm"]},
                 **{n: json.loads((root / f"{n}.json").read_text()) for n in ("trl", "naive")}}
@@ -176,6 +186,9 @@ def main() -> None:
               f"{name:5s} {best[name]:6.2f} s (median {median[name]:6.2f}) {peaks[name]:5.2f} GB | "
               f"drpo/{name}: ×{best[name] / best['drpo']:.2f} speed (medians ×{median[name] / median['drpo']:.2f}), "
               f"{peaks['drpo'] / peaks[name]:.0%} memory")
+    print(f"the step's head GEMMs ({head_work / 1e9:.0f} GFLOP) at this machine's matmul peak "
+          f"({peak / 1e9:.0f} GFLOP/s) take {head_work / peak:.2f} s: "
+          + ", ".join(f"{n} {head_work / peak / best[n]:.0%} of its best wall time" for n in paths))
     print(f"loss and gradient norm, largest relative difference from drpo's: {agree:.1e}")
 
 
