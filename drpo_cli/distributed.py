@@ -128,6 +128,8 @@ def filler_passes(local_passes: int) -> list:
 
     FSDP ranks gather parameters together in every pass, so every rank must run the same number:
     the largest count over ranks. Empty in one process. A rank that holds no row at all still runs them.
+    A collective: call it before the rank's first pass, never between passes (another rank would be
+    in a pass's parameter gather).
     """
     from drpo_cli.data import filler_batch
 

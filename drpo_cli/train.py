@@ -302,6 +302,10 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
     total = torch.zeros((), dtype=torch.float32, device=device)
     diag = Diagnostics(cfg.tr_delta, {cfg.loss: hp})
     tokens = torch.zeros((), dtype=torch.int64, device=device)
+    # A rank with fewer micro-batches runs zero-weight passes (exact zero gradients) so that every
+    # FSDP rank runs the same number; counted before any pass, so that every rank makes that
+    # collective at the same point (a rank with no rows would otherwise meet another's first pass).
+    fillers = distributed.filler_passes(len(micro))
     with reused_buffers():  # the step's micro-batches share chunk buffers, freed before the optimizer step
         for mb in micro:
             idx = mb.token_index  # (M,) on the CPU, like the per-token arrays it indexes
@@ -328,9 +332,7 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
             total += loss.detach()
             tokens += m.sum()
             diag.update(logp, behavior[idx].to(device), a, m, entropy=ent, seq_index=mb.seq_index, ref_logp=ref)
-        # A rank with fewer micro-batches runs zero-weight passes (exact zero gradients) so that every
-        # FSDP rank runs the same number.
-        for filler in distributed.filler_passes(len(micro)):
+        for filler in fillers:
             zero, _, _ = fused_token_loss(model, filler.to(device), lambda logp, sl: logp.sum() * 0.0,
                                           chunk_tokens=cfg.chunk_tokens, dtype=autocast)
             zero.backward()

@@ -177,3 +177,30 @@ def test_a_bad_row_in_one_ranks_share_stops_every_rank_with_its_line(tmp_path):
     assert len(errors) == 2 and all(expected in e for e in errors), run.stderr[-3000:]
     assert {e.split("] ", 1)[1] for e in errors} == {errors[0].split("] ", 1)[1]}  # the same line on both ranks
     assert not (tmp_path / "out.json").exists()
+
+
+def test_fewer_rows_than_ranks_a_rank_holding_nothing_trains_and_inspects_like_one_process(toy, tmp_path):  # noqa: F811
+    # One row, two ranks: rank 1's share is empty. It still runs every FSDP pass (fillers), counted
+    # before any pass so both ranks meet each collective in the same order.
+    from safetensors.torch import load_file
+
+    table = pa.ipc.open_file(str(toy / "rollouts.arrow")).read_all().slice(0, 1)
+    path = write_rollout_table(table, tmp_path / "one.arrow")
+    common = ["-r", str(path), "-m", str(toy / "model"), "--quiet", "--device", "cpu", "--lr", "1e-3"]
+    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process("train", *common, "--out", str(tmp_path / "one"))
+    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
+    assert one.keys() == two.keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    reports = [json.loads((tmp_path / n / "drpo_report.json").read_text()) for n in ("one", "two")]
+    assert reports[0]["input"]["rows"] == reports[1]["input"]["rows"] == 1
+    assert_same_json(reports[0]["final"], reports[1]["final"])
+
+    inspect = [str(path), "--model", str(toy / "model"), *INSPECT_ARGS]
+    run = torchrun("inspect", *inspect, "--json", str(tmp_path / "two.json"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process("inspect", *inspect, "--json", str(tmp_path / "one.json"))
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["model"]["tokens"] == b["model"]["tokens"] > 0
+    assert_same_json(a, b)
