@@ -35,19 +35,28 @@ from drpo_cli.data import plan_micro_batches
 from drpo_cli.logprobs import token_logprobs
 
 
-def write_workload(root: Path, rows: int, vocab: int, hidden: int, seed: int = 0) -> tuple[Path, Path]:
+def skewed_lengths(rows: int, max_len: int = 1024) -> np.ndarray:
+    """(rows,) response lengths spread geometrically from 16 to max_len (repeated when rows outnumber them)."""
+    return np.resize(np.unique(np.geomspace(16, max_len, rows).astype(int)), rows)
+
+
+def write_workload(root: Path, rows: int, vocab: int, hidden: int, seed: int = 0, *, max_len: int = 1024,
+                   behavior=lambda g, n: -g.exponential(12.0, n)) -> tuple[Path, Path]:
+    """model/ (a random 1-layer Qwen2) and rollouts.arrow (prompts of 32, `skewed_lengths` responses, lag 0).
+
+    `behavior(rng, n)`: the logged log-probs of a response of n tokens.
+    """
     torch.manual_seed(seed)
     cfg = Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False)
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
     model.save_pretrained(root / "model")
     g = np.random.default_rng(seed)
-    lengths = np.unique(np.geomspace(16, 1024, rows).astype(int))
-    lengths = np.resize(lengths, rows)  # skewed: 16 … 1,024
+    lengths = skewed_lengths(rows, max_len)
     table = pa.table({
         "prompt_ids": pa.array([g.integers(0, vocab, 32).tolist() for _ in lengths], pa.list_(pa.int64())),
         "response_ids": pa.array([g.integers(0, vocab, n).tolist() for n in lengths], pa.list_(pa.int64())),
-        "behavior_logprobs": pa.array([(-g.exponential(12.0, n)).astype(np.float32).tolist() for n in lengths],
+        "behavior_logprobs": pa.array([behavior(g, n).astype(np.float32).tolist() for n in lengths],
                                       pa.list_(pa.float32())),
         "advantage": pa.array(g.normal(size=rows), pa.float32()),
         "policy_version": pa.array(np.zeros(rows, dtype=np.int64)),

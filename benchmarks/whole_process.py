@@ -31,37 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EPS_LOW, EPS_HIGH, LR, MAX_GRAD_NORM = 0.2, 0.28, 1e-6, 1.0
-
-
-def write_workload(root: Path, rows: int, max_len: int, vocab: int, hidden: int, seed: int = 0) -> tuple[Path, Path]:
-    import pyarrow as pa
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False)
-    AutoModelForCausalLM.from_config(cfg).float().save_pretrained(root / "model")
-    g = np.random.default_rng(seed)
-    lengths = np.resize(np.unique(np.geomspace(16, max_len, rows).astype(int)), rows)
-    table = pa.table({
-        "prompt_ids": pa.array([g.integers(0, vocab, 32).tolist() for _ in lengths], pa.list_(pa.int64())),
-        "response_ids": pa.array([g.integers(0, vocab, n).tolist() for n in lengths], pa.list_(pa.int64())),
-        # near a random model's −log V, so ratios sit inside and outside the clip band
-        "behavior_logprobs": pa.array([(-11.93 + 0.3 * g.standard_normal(n)).astype(np.float32).tolist()
-                                       for n in lengths], pa.list_(pa.float32())),
-        "advantage": pa.array(g.normal(size=rows), pa.float32()),
-        "policy_version": pa.array(np.zeros(rows, dtype=np.int64)),
-    })
-    path = root / "rollouts.arrow"
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-        w.write_table(table)
-    return root / "model", path
 
 
 # ---- the children: TRL's path and the naive one (no drpo import) ------------------------------
@@ -144,17 +116,20 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(HERE))
+    from logging_checks import skewed_lengths, write_workload
     from trl_logprobs import matmul_peak
 
     torch.set_num_threads(args.threads)
     peak = matmul_peak(args.threads)  # first, on a quiet process
-    tokens = sum(int(n) for n in np.resize(np.unique(np.geomspace(16, args.max_len, args.rows).astype(int)), args.rows))
+    tokens = int(skewed_lengths(args.rows, args.max_len).sum())
     head_work = 6 * tokens * args.hidden * args.vocab  # the step's head GEMMs: forward and two gradient GEMMs
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads),
            "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        model_dir, rollouts = write_workload(root, args.rows, args.max_len, args.vocab, args.hidden)
+        # behavior log-probs near a random model's −log V, so ratios sit inside and outside the clip band
+        model_dir, rollouts = write_workload(root, args.rows, args.vocab, args.hidden, max_len=args.max_len,
+                                             behavior=lambda g, n: -11.93 + 0.3 * g.standard_normal(n))
         paths = {
             "drpo": lambda: [sys.executable, "-m", "drpo_cli", "train", "--rollouts", str(rollouts), "--model",
                              str(model_dir), "--out", str(root / "drpo-out"), "--overwrite", "--loss", "ppo-clip",
