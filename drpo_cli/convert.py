@@ -167,6 +167,9 @@ def check_row(row: Row) -> None:
                 raise bad(f"{name}[{t}]", "a log-prob (a number <= 0)", v)
             if not math.isfinite(v) or v > 0:
                 raise bad(f"{name}[{t}]", "a finite log-prob <= 0", v)
+    for t, v in enumerate(row.get("token_policy_versions") or []):
+        if mask[t] and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise bad(f"token_policy_versions[{t}]", "a policy version (integer >= 0)", v)
     for name in ("reward", "advantage", "temperature"):
         v = row.get(name)
         if name in row and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):

@@ -70,6 +70,11 @@ COLUMNS: tuple[ColumnSpec, ...] = (
                "string, large_string, string_view, dictionary<string> or any integer type"),
     ColumnSpec("policy_version", pa.int64(), "no",
                "trainer step of the sampling policy, for staleness (default: unknown, -1)", "any integer type"),
+    ColumnSpec("token_policy_versions", pa.list_(pa.int64()), "no",
+               "trainer step of the policy that sampled each response token (engines that update weights "
+               "mid-response); same length as response_ids; integers >= 0 wherever loss_mask is 1 (ignored "
+               "where it is 0); when given, it decides every lag and stale filter instead of policy_version",
+               _LIST_IDS),
     ColumnSpec("proximal_logprobs", pa.list_(pa.float32()), "no",
                "pi_old log-probs recomputed by a trainer; same length as response_ids", _LIST_FLOATS),
     ColumnSpec("temperature", pa.float32(), "no",
@@ -79,7 +84,7 @@ COLUMNS: tuple[ColumnSpec, ...] = (
 COLUMN_BY_NAME = {c.name: c for c in COLUMNS}
 REQUIRED = tuple(c.name for c in COLUMNS if c.required == "yes")
 # Per-token columns that must have exactly one entry per response token.
-TOKEN_COLUMNS = ("behavior_logprobs", "advantages", "loss_mask", "proximal_logprobs")
+TOKEN_COLUMNS = ("behavior_logprobs", "advantages", "loss_mask", "proximal_logprobs", "token_policy_versions")
 METADATA_KEYS = {
     "drpo.schema_version": 'schema version of the file, "1"',
     "drpo.temperature": "sampling temperature of every row without a temperature column",
@@ -747,6 +752,10 @@ def _check_batch(path: str, offset: int, b: pa.RecordBatch, out: Problems, ids: 
         bad_tok = ~np.isfinite(parts["advantages"][0])
         report_tokens("non-finite", "advantages", bad_tok if mask is None else bad_tok & mask,
                       "finite advantages where loss_mask is 1")
+    if "token_policy_versions" in parts:
+        bad_tok = parts["token_policy_versions"][0] < 0
+        report_tokens("negative-version", "token_policy_versions", bad_tok if mask is None else bad_tok & mask,
+                      "policy versions >= 0 where loss_mask is 1")
 
 
 def _np(arr: pa.Array) -> np.ndarray:

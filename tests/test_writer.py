@@ -36,6 +36,32 @@ def test_round_trip_in_batches_with_metadata(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.arrow"]
 
 
+def test_token_policy_versions_round_trip_and_are_checked(tmp_path):
+    versions = [[3, 4, 4], [3], [1, 2], [0, 0]]
+    rows = [{**r, "token_policy_versions": v} for r, v in zip(ROWS, versions)]
+    with RolloutWriter(tmp_path / "r.arrow") as w:
+        w.write_rows(rows)
+    table = pa.ipc.open_file(str(tmp_path / "r.arrow")).read_all()
+    assert table.schema.field("token_policy_versions").type == pa.list_(pa.int64())
+    assert table.column("token_policy_versions").to_pylist() == versions
+    assert validate_rollouts(open_rollouts(tmp_path / "r.arrow")).total == 0
+    bad = [dict(r) for r in rows]
+    bad[1]["token_policy_versions"] = [3, 3]
+    with pytest.raises(InputError, match=r"column 'token_policy_versions', row 1 \(sample_id 's1'\): "
+                                         r"expected length 1 \(as response_ids\), found length 2"), \
+            RolloutWriter(tmp_path / "b.arrow") as w:
+        w.write_rows(bad)
+    bad[1]["token_policy_versions"] = [-2]
+    with pytest.raises(InputError, match=r"row 1 .*expected policy versions >= 0 where loss_mask is 1, found -2"), \
+            RolloutWriter(tmp_path / "b.arrow") as w:
+        w.write_rows(bad)
+    bad[1]["token_policy_versions"] = ["v3"]
+    with pytest.raises(InputError, match=r"column 'token_policy_versions', row 1: expected a value of type "
+                                         r"list<int64>, found \['v3'\]"), RolloutWriter(tmp_path / "b.arrow") as w:
+        w.write_rows(bad)
+    assert not (tmp_path / "b.arrow").exists()
+
+
 def test_exception_inside_with_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError), RolloutWriter(tmp_path / "r.arrow", batch_rows=1) as w:
         w.write(**ROWS[0])
