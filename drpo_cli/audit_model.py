@@ -37,14 +37,16 @@ PER_TOKEN_SCHEMA = pa.schema([
     ("logp", pa.float32()), ("behavior_logp", pa.float32()), ("advantage", pa.float32()),
     ("ratio", pa.float32()), ("delta", pa.float32()), ("logr", pa.float32()), ("k3", pa.float32()),
     ("entropy", pa.float32()), ("outside", pa.bool_()), ("harmful", pa.bool_()), ("lag", pa.int64()),
+    ("policy_version", pa.int64()),
 ], metadata={ARROW_MARKER_KEY: b"per-token"})  # marks the file as drpo's (outputs.py: --overwrite may replace it)
 _DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
 _SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "k3")
 
 
 MODEL_COLUMNS = ("prompt_ids", "response_ids", "behavior_logprobs", "advantages", "advantage", "reward", "group_id",
-                 "loss_mask", "sample_id", "policy_version", "temperature")  # what the model pass reads
-PLAN_COLUMNS = ("policy_version", "temperature", "loss_mask")  # the light pass over every row
+                 "loss_mask", "sample_id", "policy_version", "temperature",
+                 "token_policy_versions")  # what the model pass reads
+PLAN_COLUMNS = ("policy_version", "temperature", "loss_mask", "token_policy_versions")  # the light pass over every row
 
 
 def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None, shard=None):
@@ -59,7 +61,13 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     from drpo_cli import distributed
     from drpo_cli.checkpoint import load_model
     from drpo_cli.logprobs import pick_device
-    from drpo_cli.rollouts import file_temperature, group_advantage_table, rows_of_batch, stale_rows
+    from drpo_cli.rollouts import (
+        file_temperature,
+        group_advantage_table,
+        rows_of_batch,
+        staleness_filter,
+        too_stale,
+    )
     from drpo_cli.schema import RolloutSource, Shard
 
     start = time.perf_counter()
@@ -73,19 +81,24 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                                  allow_unsafe=cfg.allow_unsafe_weights)
     layout = shard or Shard(0, 1)
     plan = _RowPlan.read(source, layout.piece_rows, cfg.temperature)
-    current, version_source = current_version(cfg.current_version, info.policy_version, plan.version)
-    keep = ~stale_rows(plan.version, current, max_lag=cfg.max_lag, min_version=cfg.min_version)  # (N,) as the data audit
-    known = plan.version >= 0
-    plan_lag = np.where(known, (current if current is not None else 0) - plan.version, -1)  # (N,)
+    current, version_source = current_version(cfg.current_version, info.policy_version, plan.newest)
+    filtering = cfg.max_lag is not None or cfg.min_version is not None
+    # (N,) as the data audit: a row drops when its newest trained token is too stale (rollouts.stale_tokens).
+    keep = ~too_stale(plan.newest, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
+    known = plan.oldest >= 0
+    plan_lag = np.where(known, (current if current is not None else 0) - plan.oldest, -1)  # (N,) oldest token's lag
     notes = []
-    if current is not None and (plan_lag[keep & known] < 0).any():
-        notes.append(f"{int((plan_lag[keep & known] < 0).sum())} row(s) have a policy_version above the current "
+    newer = keep & (plan.newest > current) if current is not None else np.zeros(0, dtype=bool)
+    if newer.any():
+        notes.append(f"{int(newer.sum())} row(s) have a policy_version above the current "
                      f"version {current}; their lag is counted as unknown")
     losses = {name: dict(hp) for name, hp in LOSS_HPARAMS.items()}
     losses["drpo"] = {"delta": cfg.chosen_delta()}
     deltas = cfg.deltas or WHAT_IF_DELTAS
     diag = Diagnostics(cfg.tr_delta, losses, drpo_deltas=deltas, reject=cfg.reject_criteria())
-    check = LoggingCheck.plan(plan_lag, plan.temperature, plan.trained, keep)  # fed by the same passes
+    # Fed by the same passes. Fresh rows: every trained token at lag 0 (none newer, so none masked by the filters).
+    check_lag = np.where((plan_lag == 0) & (plan.newest != plan.oldest), 1, plan_lag)  # (N,)
+    check = LoggingCheck.plan(check_lag, plan.temperature, plan.trained, keep)
     picture = MuPiHistogram()
     worst = _Worst(cfg.top)
     writer = _PerTokenWriter(per_token_path) if per_token_path or cfg.per_token is not None else None
@@ -105,8 +118,10 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
             rows = rows if kept.all() else rows.select(np.flatnonzero(kept))
             if rows.num_rows == 0:
                 continue
+            if filtering:  # the kept rows' too-stale tokens leave the loss mask
+                rows, _ = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
             check_vocabulary(rows, info.vocab_size, cfg.model)
-            chunk = _Chunk(rows, plan_lag[rows.global_row], check)
+            chunk = _Chunk(rows, plan_lag[rows.global_row], current, check)
             for mb in plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens):
                 yield chunk, mb
             worst.add(chunk)
@@ -142,7 +157,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 chunk.add(mb, logp.numpy(), mask.numpy(), t)
                 counts += (1, mb.positions, mb.real_positions)
                 if writer is not None:
-                    writer.gather(writer.batch(rows, idx, logp, entropy, t, chunk.token_lag[idx], position))
+                    writer.gather(writer.batch(rows, idx, logp, entropy, t, chunk, position))
                 if progress is not None:
                     progress("per-token log-probs (tokens)", mb.num_tokens, local_tokens)
     finally:
@@ -189,7 +204,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
 class _RowPlan:
     """What the streamed model pass needs of every row before it starts: (N,) arrays in file order."""
 
-    version: np.ndarray  # int64, −1 unknown
+    oldest: np.ndarray  # int64, version of the oldest trained token (rollouts.version_range), −1 unknown
+    newest: np.ndarray  # int64, version of the newest trained token, −1 unknown
     temperature: np.ndarray  # float32
     trained: np.ndarray  # int64, loss_mask tokens
     tokens: np.ndarray  # int64, response tokens
@@ -197,15 +213,28 @@ class _RowPlan:
 
     @classmethod
     def read(cls, source, piece_rows: int, temperature: float | None) -> _RowPlan:
-        from drpo_cli.rollouts import file_temperature
+        from drpo_cli.rollouts import file_temperature, version_range
         from drpo_cli.schema import Shard
 
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("version", "temperature", "trained", "tokens", "piece")}
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("oldest", "newest", "temperature", "trained", "tokens",
+                                                              "piece")}
         for p, sb in enumerate(source.iter_batches(PLAN_COLUMNS, shard=Shard(0, 1, piece_rows))):
             b, n = sb.batch, sb.batch.num_rows
             names = b.schema.names
-            parts["version"].append(b.column("policy_version").fill_null(-1).to_numpy().astype(np.int64)
-                                    if "policy_version" in names else np.full(n, -1, dtype=np.int64))
+            version = (b.column("policy_version").fill_null(-1).to_numpy().astype(np.int64)
+                       if "policy_version" in names else np.full(n, -1, dtype=np.int64))  # (n,)
+            if "token_policy_versions" in names:  # validated by the data audit: as long as the response
+                tokens = b.column("token_policy_versions")
+                offsets = tokens.offsets.to_numpy().astype(np.int64)  # (n+1,)
+                offsets = offsets - offsets[0]
+                mask = (b.column("loss_mask").flatten().fill_null(False).to_numpy(zero_copy_only=False)
+                        if "loss_mask" in names else np.ones(int(offsets[-1]), dtype=bool))  # (T,)
+                oldest, newest = version_range(tokens.flatten().fill_null(-1).to_numpy(zero_copy_only=False), mask,
+                                               offsets, version)
+            else:
+                oldest = newest = version
+            parts["oldest"].append(oldest)
+            parts["newest"].append(newest)
             default = file_temperature(next(rf.metadata for rf in source.files if rf.path == sb.path), temperature)
             parts["temperature"].append(b.column("temperature").fill_null(default).to_numpy(zero_copy_only=False)
                                         .astype(np.float32) if "temperature" in names
@@ -236,10 +265,11 @@ class _Chunk:
     """One streamed record batch's rows: per-token lag and position, the log-probs and per-row sums
     (tokens, harmful, outside, Σ|Δ|, max |Δ|, k3 over trained tokens) as its passes run."""
 
-    def __init__(self, rows: RolloutRows, row_lag: np.ndarray, check: LoggingCheck | None):
+    def __init__(self, rows: RolloutRows, row_lag: np.ndarray, current: int | None, check: LoggingCheck | None):
         self.rows, self.row_lag = rows, row_lag
-        token_row = rows.token_row()
-        self.token_lag = row_lag[token_row]  # (T,)
+        self.token_version = rows.token_versions()  # (T,) −1 unknown
+        known = self.token_version >= 0
+        self.token_lag = np.where(known, (current if current is not None else 0) - self.token_version, -1)  # (T,)
         self.position = rows.token_position()  # (T,)
         self.logp = np.zeros(rows.num_tokens, dtype=np.float32)  # (T,)
         self.seq = np.zeros((rows.num_rows, len(_SEQ_FEATURES)), dtype=np.float64)  # (n, F)
@@ -365,14 +395,15 @@ class _PerTokenWriter:
             if b is not None and self.writer is not None:
                 self.writer.write_batch(b)
 
-    def batch(self, r: RolloutRows, idx, logp, entropy, t, lag, position) -> pa.RecordBatch:
+    def batch(self, r: RolloutRows, idx, logp, entropy, t, chunk: _Chunk, position) -> pa.RecordBatch:
         """The per-token rows of tokens `idx` of the streamed batch `r`."""
         sample_ids = pa.array(r.sample_ids, pa.string()).take(pa.array(r.token_row()[idx]))
         columns = [
             sample_ids, position.astype(np.int32), r.response_ids[idx],
             r.loss_mask[idx], logp.numpy(), r.behavior_logprobs[idx], r.advantages[idx],
             t["ratio"].float().numpy(), t["delta"].float().numpy(), t["logr"].float().numpy(),
-            t["k3"].float().numpy(), entropy.numpy(), t["outside"].numpy(), t["harmful"].numpy(), lag,
+            t["k3"].float().numpy(), entropy.numpy(), t["outside"].numpy(), t["harmful"].numpy(), chunk.token_lag[idx],
+            chunk.token_version[idx],
         ]
         arrays = [c if isinstance(c, pa.Array) else pa.array(c, type=f.type) for c, f in zip(columns, PER_TOKEN_SCHEMA)]
         return pa.RecordBatch.from_arrays(arrays, schema=PER_TOKEN_SCHEMA)

@@ -137,16 +137,21 @@ _TRAIN_METRICS = {
 }
 STALENESS_FILTER_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "description": "Rows --max-lag / --min-version left out (rows without a policy_version are kept).",
-    "required": ["max_lag", "min_version", "current_version", "rows_dropped", "tokens_dropped", "rows_kept",
-                 "rows_without_version"],
+    "description": "Rows and tokens --max-lag / --min-version left out (rows without a policy_version are kept; "
+                   "with token_policy_versions, too-stale tokens leave the loss mask and a row with no trained "
+                   "token left drops).",
+    "required": ["max_lag", "min_version", "current_version", "rows_dropped", "tokens_dropped", "tokens_masked",
+                 "rows_kept", "rows_without_version"],
     "additionalProperties": False,
     "properties": {
         "max_lag": {"type": ["integer", "null"], "minimum": 0},
         "min_version": {"type": ["integer", "null"], "minimum": 0},
         "current_version": {"type": ["integer", "null"]},
         "rows_dropped": _INT,
-        "tokens_dropped": {"type": "integer", "minimum": 0, "description": "trained tokens (loss_mask 1) dropped"},
+        "tokens_dropped": {"type": "integer", "minimum": 0,
+                           "description": "trained tokens (loss_mask 1) of the dropped rows"},
+        "tokens_masked": {"type": "integer", "minimum": 0,
+                          "description": "too-stale trained tokens of kept rows, taken out of the loss mask"},
         "rows_kept": _INT,
         "rows_without_version": _INT,
     },
@@ -285,8 +290,10 @@ def filter_lines(staleness: dict, rejection: dict | None) -> list[str]:
     if staleness["max_lag"] is not None or staleness["min_version"] is not None:
         given = ", ".join(f"--{k.replace('_', '-')} {staleness[k]}" for k in ("max_lag", "min_version")
                           if staleness[k] is not None)
+        masked = f", masked {staleness['tokens_masked']:,} tokens of kept rows" if staleness["tokens_masked"] else ""
         lines.append(f"{given}: dropped {staleness['rows_dropped']:,} rows ({staleness['tokens_dropped']:,} trained "
-                     f"tokens), kept {staleness['rows_kept']:,} (current version {staleness['current_version']})")
+                     f"tokens){masked}, kept {staleness['rows_kept']:,} (current version "
+                     f"{staleness['current_version']})")
     if rejection is not None:
         lines.append(f"--reject {' '.join(rejection['criteria'])}: rejected {rejection['tokens_rejected']:,} tokens "
                      f"({fmt(rejection['token_frac'])}) and {rejection['sequences_rejected']:,} sequences "

@@ -1,11 +1,13 @@
 """Canonical rollout rows in memory: flat CSR numpy arrays, ready for micro-batching. No torch.
 
 Row i's response tokens are `response_ids[response_offsets[i]:response_offsets[i+1]]`; every
-per-token array (behavior_logprobs, advantages, loss_mask, proximal_logprobs) shares those offsets.
+per-token array (behavior_logprobs, advantages, loss_mask, proximal_logprobs, token_version) shares
+those offsets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ class RolloutRows:
     source_file: list[str]  # (N,) file each row came from
     source_row: np.ndarray  # (N,) int64 row index within that file
     global_row: np.ndarray | None = None  # (N,) int64 row index across all files (in order), when loaded
+    token_version: np.ndarray | None = None  # (T,) int64 token_policy_versions; None: no file has that column
 
     @property
     def num_rows(self) -> int:
@@ -58,6 +61,17 @@ class RolloutRows:
     def token_row(self) -> np.ndarray:
         """(T,) row index of every response token."""
         return np.repeat(np.arange(self.num_rows, dtype=np.int64), self.response_lengths())
+
+    def token_versions(self) -> np.ndarray:
+        """(T,) policy version of every response token: its token_policy_versions entry where the file
+        has that column, else its row's policy_version (−1 unknown)."""
+        if self.token_version is not None:
+            return self.token_version
+        return np.repeat(self.policy_version, self.response_lengths())
+
+    def version_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """(oldest (N,), newest (N,)) policy version among each row's trained tokens (version_range)."""
+        return version_range(self.token_versions(), self.loss_mask, self.response_offsets, self.policy_version)
 
     def token_position(self) -> np.ndarray:
         """(T,) index of every response token within its response."""
@@ -84,6 +98,7 @@ class RolloutRows:
             source_file=[self.source_file[i] for i in idx],
             source_row=self.source_row[idx],
             global_row=None if self.global_row is None else self.global_row[idx],
+            token_version=None if self.token_version is None else self.token_version[r_take],
         )
 
 
@@ -160,10 +175,11 @@ def _assemble(batches, default_temp: dict[str, float], *, proximal: bool, group_
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
         "prompt_ids", "prompt_len", "response_ids", "response_len", "behavior_logprobs", "advantages",
         "loss_mask", "proximal_logprobs", "policy_version", "temperature", "source_row", "global_row",
-        "from_reward", "reward")}
+        "from_reward", "reward", "token_version")}
     sample_ids: list[str] = []
     source_file: list[str] = []
     group_ids: list[pa.Array] = []
+    per_token = False  # some batch has token_policy_versions
     for sb in batches:
         b, n = sb.batch, sb.batch.num_rows
         has = set(b.schema.names)
@@ -192,6 +208,9 @@ def _assemble(batches, default_temp: dict[str, float], *, proximal: bool, group_
         group_ids.append(b.column("group_id") if from_reward else pa.nulls(n, pa.string()))
         cols["policy_version"].append(_np(b.column("policy_version")) if "policy_version" in has
                                       else np.full(n, -1, dtype=np.int64))
+        cols["token_version"].append(_flat(b.column("token_policy_versions"))[0] if "token_policy_versions" in has
+                                     else np.repeat(cols["policy_version"][-1], r_len))
+        per_token |= "token_policy_versions" in has
         cols["temperature"].append(_np(b.column("temperature")).astype(np.float32) if "temperature" in has
                                    else np.full(n, default_temp[sb.path], dtype=np.float32))
         cols["source_row"].append(np.arange(sb.row_offset, sb.row_offset + n, dtype=np.int64))
@@ -222,6 +241,7 @@ def _assemble(batches, default_temp: dict[str, float], *, proximal: bool, group_
         source_file=source_file,
         source_row=cat["source_row"],
         global_row=cat["global_row"],
+        token_version=cat["token_version"] if per_token else None,
     )
 
 
@@ -314,7 +334,7 @@ def _cat(parts: list[np.ndarray], name: str) -> np.ndarray:
     if parts:
         return np.concatenate(parts)
     dtype = {"prompt_ids": np.int64, "response_ids": np.int64, "loss_mask": bool, "from_reward": bool,
-             "policy_version": np.int64, "source_row": np.int64, "global_row": np.int64, "prompt_len": np.int64,
+             "policy_version": np.int64, "token_version": np.int64, "source_row": np.int64, "global_row": np.int64, "prompt_len": np.int64,
              "response_len": np.int64, "reward": np.float64}.get(name, np.float32)
     return np.zeros(0, dtype=dtype)
 
@@ -349,37 +369,91 @@ def current_version(given: int | None, checkpoint_version: int | None,
     return (int(known.max()), "data-max") if known.size else (None, "unknown")
 
 
-def stale_rows(policy_version: np.ndarray, current: int | None, *, max_lag: int | None,
-               min_version: int | None) -> np.ndarray:
-    """(N,) bool: rows dropped by --max-lag N (lag = current − version > N) or --min-version V (version < V).
-
-    Rows without a version (−1) are never dropped (their staleness is unknown); so are all rows for
-    --max-lag when no current version is known.
+def too_stale(version: np.ndarray, current: int | None, *, max_lag: int | None,
+              min_version: int | None) -> np.ndarray:
+    """Elementwise bool: versions --max-lag N (lag = current − version > N) or --min-version V (version < V)
+    leave out. Unknown versions (−1) never are; nor is any version for --max-lag when no current version is known.
     """
-    known = policy_version >= 0
-    drop = np.zeros(policy_version.shape, dtype=bool)
+    known = version >= 0
+    out = np.zeros(version.shape, dtype=bool)
     if max_lag is not None and current is not None:
-        drop |= known & (current - policy_version > max_lag)
+        out |= known & (current - version > max_lag)
     if min_version is not None:
-        drop |= known & (policy_version < min_version)
-    return drop
+        out |= known & (version < min_version)
+    return out
+
+
+def version_range(token_version: np.ndarray, trained: np.ndarray, offsets: np.ndarray,
+                  fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(oldest (n,), newest (n,)) version among each row's trained tokens; a row without a trained
+    token gets `fallback` (its policy_version) for both. A row's lag is that of its oldest token.
+
+    token_version (T,) int64, trained (T,) bool, offsets (n+1,) of the rows' tokens, fallback (n,).
+    """
+    has = np.diff(_row_cumsum(trained, offsets)) > 0  # (n,) rows with a trained token
+    oldest, newest = fallback.astype(np.int64), fallback.astype(np.int64)  # copies
+    if has.any():
+        # A segment of reduceat runs to the next start given: over rows without a trained token, whose
+        # entries are all the neutral value, so each result is exactly its row's.
+        starts = offsets[:-1][has]
+        oldest[has] = np.minimum.reduceat(np.where(trained, token_version, np.iinfo(np.int64).max), starts)
+        newest[has] = np.maximum.reduceat(np.where(trained, token_version, -1), starts)
+    return oldest, newest
+
+
+def _row_cumsum(per_token: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(n+1,) running sum of `per_token` at each row's start (and the end): np.diff gives per-row sums."""
+    cs = np.zeros(len(per_token) + 1, dtype=np.int64)
+    np.cumsum(per_token, out=cs[1:])
+    return cs[offsets]
+
+
+def stale_tokens(token_version: np.ndarray, loss_mask: np.ndarray, newest: np.ndarray, current: int | None, *,
+                 max_lag: int | None, min_version: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows dropped (n,), trained tokens masked (T,)) by --max-lag / --min-version (SPEC.md §1).
+
+    A trained token whose version is too stale leaves the loss mask; a row drops when no trained
+    token is left, i.e. its newest trained token (`newest`, of version_range) is too stale, or when
+    it has none and its policy_version is. Without token_policy_versions every token has the row's
+    version: all of a row's tokens go, or none.
+    """
+    masked = loss_mask & too_stale(token_version, current, max_lag=max_lag, min_version=min_version)  # (T,)
+    return too_stale(newest, current, max_lag=max_lag, min_version=min_version), masked
+
+
+def staleness_counts(drop: np.ndarray, masked: np.ndarray, loss_mask: np.ndarray, offsets: np.ndarray) -> list[int]:
+    """[rows dropped, their trained tokens, trained tokens masked in kept rows, rows kept] of a share of rows."""
+    trained = np.diff(_row_cumsum(loss_mask, offsets))  # (n,)
+    masked_rows = np.diff(_row_cumsum(masked, offsets))  # (n,)
+    return [int(drop.sum()), int(trained[drop].sum()), int(masked_rows[~drop].sum()), int((~drop).sum())]
+
+
+def staleness_report(max_lag: int | None, min_version: int | None, current: int | None, counts: list[int]) -> dict:
+    """The reports' `staleness_filter` (inspect's data section, train's `filters.staleness`) from the summed counts.
+
+    Raises InputError when every row is dropped (nothing left to train or audit)."""
+    rows_dropped, tokens_dropped, tokens_masked, rows_kept, without = counts
+    if rows_kept == 0 and rows_dropped:
+        raise InputError(f"--max-lag {max_lag} / --min-version {min_version}: every one of the {rows_dropped} rows is "
+                         f"too stale (current version {current}); nothing is left")
+    return {"max_lag": max_lag, "min_version": min_version, "current_version": current,
+            "rows_dropped": rows_dropped, "tokens_dropped": tokens_dropped, "tokens_masked": tokens_masked,
+            "rows_kept": rows_kept, "rows_without_version": without}
 
 
 def staleness_filter(rows: RolloutRows, current: int | None, *, max_lag: int | None,
                      min_version: int | None, exchange=None) -> tuple[RolloutRows, dict]:
-    """(rows kept, counts) for --max-lag / --min-version; counts as in the reports' `staleness_filter`.
+    """(rows kept, their too-stale trained tokens out of loss_mask; counts) for --max-lag / --min-version.
 
     With `exchange` (an all-gather under torchrun) the counts are over every rank's rows.
     Raises InputError when every row would be dropped (nothing left to train or audit).
     """
-    drop = stale_rows(rows.policy_version, current, max_lag=max_lag, min_version=min_version)
-    trained = np.diff(np.concatenate([[0], np.cumsum(rows.loss_mask, dtype=np.int64)])[rows.response_offsets])
-    local = [int(drop.sum()), int(trained[drop].sum()), int((~drop).sum()), int((rows.policy_version < 0).sum())]
-    total = local if exchange is None else [sum(x) for x in zip(*exchange(local))]
-    counts = {"max_lag": max_lag, "min_version": min_version, "current_version": current,
-              "rows_dropped": total[0], "tokens_dropped": total[1], "rows_kept": total[2],
-              "rows_without_version": total[3]}
-    if total[2] == 0 and total[0]:
-        raise InputError(f"--max-lag {max_lag} / --min-version {min_version}: every one of the {total[0]} rows is "
-                         f"too stale (current version {current}); nothing is left")
+    oldest, newest = rows.version_range()  # (N,), (N,)
+    drop, masked = stale_tokens(rows.token_versions(), rows.loss_mask, newest, current, max_lag=max_lag,
+                                min_version=min_version)
+    local = staleness_counts(drop, masked, rows.loss_mask, rows.response_offsets) + [int((oldest < 0).sum())]
+    counts = staleness_report(max_lag, min_version, current,
+                              local if exchange is None else [sum(x) for x in zip(*exchange(local))])
+    if masked.any():
+        rows = dataclasses.replace(rows, loss_mask=rows.loss_mask & ~masked)
     return (rows if not drop.any() else rows.select(np.flatnonzero(~drop))), counts

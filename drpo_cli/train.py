@@ -381,7 +381,7 @@ def _load_share(cfg: TrainConfig, in_version: int | None) -> tuple[RolloutRows, 
     xch = distributed.exchange if distributed.is_distributed() else None
     rows = load_rows(source, adv_norm=cfg.adv_norm, temperature=cfg.temperature,
                      shard=distributed.data_shard(source), exchange=xch)
-    newest = rows.policy_version.max(initial=-1)
+    newest = rows.version_range()[1].max(initial=-1)  # the newest trained token's version
     if xch is not None:
         newest = max(xch(int(newest)))
     current, _ = current_version(None, in_version, np.array([newest], dtype=np.int64))

@@ -165,7 +165,8 @@ def test_rejection_fractions_and_stale_row_filter_equal_the_naive_recompute(tmp_
     dropped_rows = np.unique(naive["row"][~kept])
     assert report["data"]["staleness_filter"] == {
         "max_lag": 2, "min_version": 5, "current_version": CURRENT_VERSION, "rows_dropped": dropped_rows.size,
-        "tokens_dropped": int((~kept).sum()), "rows_kept": len(seq_mean), "rows_without_version": 0}
+        "tokens_dropped": int((~kept).sum()), "tokens_masked": 0, "rows_kept": len(seq_mean),
+        "rows_without_version": 0}
     assert report["data"]["rows"] == len(seq_mean) and dropped_rows.size > 0
 
 
