@@ -176,14 +176,22 @@ def convert_command(
     temperature: float | None = typer.Option(None, help="Sampling temperature (drpo.temperature metadata)."),
     top_p: float | None = typer.Option(None, help="Sampler top-p (drpo.top_p metadata)."),
     top_k: int | None = typer.Option(None, help="Sampler top-k (drpo.top_k metadata)."),
+    min_p: float | None = typer.Option(None, help="Sampler min-p (checked with the log-prob kind; not recorded)."),
     logprobs: str | None = typer.Option(
-        None, help="processed | raw: the log-probs' kind (required for vllm and openai; default processed)."
+        None, help="processed | raw: the log-probs' kind (required for vllm, openai and sglang; default processed)."
     ),
     sampler: str | None = typer.Option(None, help="Free text recorded as drpo.sampler, e.g. 'vllm 0.11'."),
     allow_raw_logprobs: bool = typer.Option(
         False, "--allow-raw-logprobs", help="Accept raw log-probs at T != 1 or with top-p/top-k (wrong μ)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    version_map: list[str] = typer.Option(
+        [], "--version-map", help="Map an engine weight-version label to a policy version: LABEL=N (repeatable)."
+    ),
+    run_prefix: list[str] = typer.Option(
+        [], "--run-prefix", help="Prefix sample ids, e.g. run-7: once for all inputs or once per input (vLLM offline "
+        "request ids count from 0 in every process)."
+    ),
 ) -> None:
     """Convert JSONL dumps (schema v1 fields, vLLM, OpenAI-compatible or SGLang responses) into a rollout file."""
 
@@ -192,7 +200,8 @@ def convert_command(
 
         cfg = ConvertConfig(inputs=tuple(inputs), out=out, format=fmt, columns=tuple(column),
                             temperature=temperature, top_p=top_p, top_k=top_k, logprobs=logprobs,
-                            sampler=sampler, allow_raw_logprobs=allow_raw_logprobs, overwrite=overwrite).check()
+                            sampler=sampler, allow_raw_logprobs=allow_raw_logprobs, overwrite=overwrite,
+                            min_p=min_p, version_map=tuple(version_map), run_prefix=tuple(run_prefix)).check()
         path, lines, rows = convert(cfg)
         typer.echo(f"wrote {path}: {rows:,} rows from {lines:,} lines (schema v1)")
 

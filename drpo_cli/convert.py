@@ -15,15 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from drpo_cli.adapters import ADAPTERS, Row, Text, _ids, bad
+from drpo_cli.adapters.common import parse_version_map
+from drpo_cli.adapters.sglang import has_sampling_logprobs
 from drpo_cli.errors import ConfigError, InputError
 from drpo_cli.outputs import Output, output_problems
 from drpo_cli.schema import COLUMN_BY_NAME, TOKEN_COLUMNS, column_map_problems
-from drpo_cli.writer import RolloutWriter, check_logprobs_kind
+from drpo_cli.writer import RolloutWriter, check_logprobs_kind, truncates
 
 FORMATS = ("jsonl", "vllm", "openai", "sglang")
 # Engines whose log-prob kind depends on a server setting the dump does not record.
-_KIND_REQUIRED = {"vllm": "vLLM V1 logs raw log-probs unless logprobs_mode=processed_logprobs",
-                  "openai": "a vLLM server logs raw log-probs unless --logprobs-mode processed_logprobs"}
+_KIND_REQUIRED = {"vllm": "vLLM logs raw log-probs unless logprobs_mode=processed_logprobs",
+                  "openai": "a vLLM server logs raw log-probs unless --logprobs-mode processed_logprobs; SGLang "
+                            "raw ones with SGLANG_RETURN_ORIGINAL_LOGPROB=1",
+                  "sglang": "SGLang logs raw log-probs with SGLANG_RETURN_ORIGINAL_LOGPROB=1, processed ones "
+                            "(after temperature) otherwise"}
+# Per-token fields an engine adapter reads from the response itself: the same name next to it is ambiguous.
+_FROM_RESPONSE = ("response_ids", "behavior_logprobs", "token_policy_versions")
 MAX_LISTED = 50  # problems printed; the rest are counted
 
 
@@ -36,10 +43,13 @@ class ConvertConfig:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     logprobs: str | None = None  # processed | raw; None: the format's default
     sampler: str | None = None
     allow_raw_logprobs: bool = False
     overwrite: bool = False
+    version_map: tuple[str, ...] = ()  # --version-map LABEL=N
+    run_prefix: tuple[str, ...] = ()  # --run-prefix: one for every input, or one per input (in order)
 
     def check(self) -> ConvertConfig:
         """Every option problem at once (ConfigError), before any line is read."""
@@ -55,8 +65,16 @@ class ConvertConfig:
         if self.logprobs is None and self.format in _KIND_REQUIRED:
             problems.append(f"--format {self.format}: pass --logprobs processed or raw ({_KIND_REQUIRED[self.format]})")
         kind = self.logprobs or "processed"
+        problems += parse_version_map(self.version_map)[1]
+        if len(self.run_prefix) > 1 and len(self.run_prefix) != len(self.inputs):
+            problems.append(f"--run-prefix: expected one prefix, or one per input ({len(self.inputs)}), found "
+                            f"{len(self.run_prefix)}")
+        if (self.version_map or self.run_prefix) and self.format == "jsonl":
+            problems.append("--version-map / --run-prefix: expected an engine --format (vllm, openai, sglang), found "
+                            "jsonl")
         try:
-            check_logprobs_kind(kind, self.temperature, self.top_p, self.top_k, allow_raw=self.allow_raw_logprobs)
+            check_logprobs_kind(kind, self.temperature, self.top_p, self.top_k, min_p=self.min_p,
+                                allow_raw=self.allow_raw_logprobs)
         except ConfigError as err:
             problems.append(err.message.replace("allow_raw_logprobs / ", ""))
         problems += output_problems([("INPUT", p) for p in self.inputs], [Output("--out", self.out, "arrow")],
@@ -78,17 +96,19 @@ def convert(cfg: ConvertConfig) -> tuple[Path, int, int]:
                            allow_raw_logprobs=cfg.allow_raw_logprobs, overwrite=cfg.overwrite, flag="--out")
     columns: set[str] | None = None
     try:
+        prefixes = dict(zip(cfg.inputs, cfg.run_prefix * len(cfg.inputs) if len(cfg.run_prefix) == 1
+                            else cfg.run_prefix))
         for path, number, text in _lines(cfg.inputs):
             lines += 1
             try:
-                rows = list(_rows(json_line(text), cfg.format, mapping))
+                rows = list(_rows(json_line(text), cfg, mapping, f"{path}:{number}", prefixes.get(path)))
                 for row in rows:
                     check_row(row)
                     if columns is None:
                         columns = set(row)
                     elif set(row) != columns:
                         raise InputError(f"fields {', '.join(sorted(row))}: expected the fields of the first "
-                                         f"row ({', '.join(sorted(columns))})")
+                                         f"row ({', '.join(sorted(columns))}){_versions_hint(row, columns)}")
             except InputError as err:
                 total_bad += 1
                 if len(problems) < MAX_LISTED:
@@ -127,19 +147,66 @@ def json_line(text: str) -> Any:
         raise InputError(f"expected a JSON object, found invalid JSON ({err.msg} at column {err.colno})") from None
 
 
-def _rows(obj: Any, fmt: str, mapping: dict[str, str]) -> Iterator[Row]:
-    if fmt != "sglang" or not isinstance(obj, list):
+def _rows(obj: Any, cfg: ConvertConfig, mapping: dict[str, str], line: str, run: str | None = None) -> Iterator[Row]:
+    """One line's rows. Engine formats: schema-v1 fields next to a response (or on each item of a list
+    line) apply to its rows; groups never span lines (group_id FILE:LINE, FILE:LINE/K for the K-th prompt of
+    a line) unless the line names its own group_id."""
+    fmt = cfg.format
+    if fmt == "jsonl" or not isinstance(obj, list):
         if not isinstance(obj, Mapping):
-            raise bad("(line)", "a JSON object", Text(type(obj).__name__))
-        obj = {mapping.get(k, k): v for k, v in obj.items()}
-    if fmt == "jsonl":
-        yield {k: v for k, v in obj.items() if k in COLUMN_BY_NAME}
-        return
-    # Schema-v1 scalar fields next to an engine response (e.g. "reward") apply to each of its rows.
-    extras = {k: v for k, v in obj.items() if k in COLUMN_BY_NAME and k not in ("prompt_ids",)} \
-        if isinstance(obj, Mapping) else {}
-    for row in ADAPTERS[fmt](obj):
-        yield {**row, **extras}
+            raise bad("(line)", "a JSON object" + (" or a list of them" if fmt != "jsonl" else ""),
+                      Text(type(obj).__name__))
+        if fmt == "jsonl":
+            yield {k: v for k, v in {mapping.get(k, k): v for k, v in obj.items()}.items() if k in COLUMN_BY_NAME}
+            return
+    items = obj if isinstance(obj, list) else [obj]
+    fields = []
+    for k, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise bad(f"[{k}]", "a JSON object", Text(type(item).__name__))
+        item = {mapping.get(key, key): v for key, v in item.items()}
+        at = f"[{k}]." if isinstance(obj, list) else ""
+        for name in _FROM_RESPONSE:
+            if name in item:
+                raise bad(f"{at}{name}", "no such field next to an engine response (the adapter reads it from the "
+                          "response)", Text("one"))
+        fields.append((item, {key: v for key, v in item.items() if key in COLUMN_BY_NAME}))
+    version_map = parse_version_map(cfg.version_map)[0]
+    kwargs: dict[str, Any] = {"version_map": version_map}
+    if fmt == "sglang":
+        if cfg.logprobs == "raw":
+            for k, (item, _) in enumerate(fields):
+                if has_sampling_logprobs(item):
+                    at = f"[{k}]." if isinstance(obj, list) else ""
+                    raise bad(f"{at}meta_info.output_token_sampling_logprobs", "no log-probs of the sampled "
+                              "distribution with --logprobs raw (they are processed: pass --logprobs processed)",
+                              Text("them"))
+        kwargs["truncated"] = truncates(cfg.top_p, cfg.top_k, cfg.min_p)
+        prompts = {tuple(x.get("prompt_ids") or ()) for _, x in fields}
+        if len(prompts) > 1:
+            raise bad("prompt_ids", "one prompt_ids for every item of an SGLang list line (or none)",
+                      Text(f"{len(prompts)} different"))
+        given = fields[0][1].get("prompt_ids")
+        pairs = list(zip(ADAPTERS[fmt]([item for item, _ in fields] if isinstance(obj, list) else fields[0][0],
+                                       prompt_ids=given, **kwargs), [x for _, x in fields]))
+    else:
+        pairs = [(row, extras) for item, extras in fields
+                 for row in ADAPTERS[fmt](item, prompt_ids=extras.get("prompt_ids"), **kwargs)]
+    groups: dict[str, int] = {}
+    for row, _ in pairs:
+        groups.setdefault(row["group_id"], len(groups))
+    for row, extras in pairs:
+        row = {**row, "group_id": line if len(groups) == 1 else f"{line}/{groups[row['group_id']]}"}
+        if run:
+            row["sample_id"] = f"{run}/{row['sample_id']}"
+        yield {**row, **{k: v for k, v in extras.items() if k != "prompt_ids"}}
+
+
+def _versions_hint(row: Row, columns: set[str]) -> str:
+    if "token_policy_versions" not in set(row) ^ columns:
+        return ""
+    return ("; rows sampled before the first named weights carry the engine's label 'default' and no versions: "
+            "map it with --version-map default=N")
 
 
 def check_row(row: Row) -> None:

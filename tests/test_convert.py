@@ -108,7 +108,7 @@ def test_engine_dumps(tmp_path):
     for fmt, name, rows, extra in (("vllm", "vllm_0.11_request_outputs.jsonl", 2, ["--logprobs", "processed"]),
                                    ("openai", "openai_vllm_0.11_completion.jsonl", 2, ["--logprobs", "processed"]),
                                    ("openai", "openai_vllm_0.11_chat.jsonl", 1, ["--logprobs", "processed"]),
-                                   ("sglang", "sglang_0.5_generate.jsonl", 2, [])):
+                                   ("sglang", "sglang_0.5_generate.jsonl", 2, ["--logprobs", "processed"])):
         out = tmp_path / f"{name}.arrow"
         result = runner.invoke(app, ["convert", str(FIXTURES / name), "--out", str(out), "--format", fmt,
                                      "--temperature", "0.7", *extra])

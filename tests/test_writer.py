@@ -109,10 +109,12 @@ def test_rows_must_keep_the_first_rows_columns(tmp_path):
 
 
 def test_raw_logprobs_at_temperature_or_truncation_are_refused(tmp_path):
-    for kwargs in ({"temperature": 0.7}, {"top_p": 0.9}, {"top_k": 20}):
+    for kwargs in ({"temperature": 0.7}, {"top_p": 0.9}, {"top_k": 20}, {"min_p": 0.05}):
         with pytest.raises(ConfigError, match='logprobs_mode="processed_logprobs"') as err:
             RolloutWriter(tmp_path / "r.arrow", logprobs="raw", **kwargs)
-        assert "SGLANG_RETURN_ORIGINAL_LOGPROB" in err.value.message
+        # SGLang's fix differs: after temperature by default, but before truncation whatever the setting
+        assert ("SGLANG_RETURN_ORIGINAL_LOGPROB" if "temperature" in kwargs else "return_sampling_mask=true") \
+            in err.value.message
     check_logprobs_kind("raw", 1.0, 1.0, 0)  # raw at T = 1 without truncation is the sampled distribution
     with pytest.raises(ConfigError, match="expected one of processed, raw"):
         check_logprobs_kind("logits", 1.0)
