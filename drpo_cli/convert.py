@@ -95,6 +95,7 @@ def convert(cfg: ConvertConfig) -> tuple[Path, int, int]:
                            logprobs=cfg.logprobs or "processed", sampler=cfg.sampler,
                            allow_raw_logprobs=cfg.allow_raw_logprobs, overwrite=cfg.overwrite, flag="--out")
     columns: set[str] | None = None
+    seen: dict[str, str] = {}  # sample_id -> the line that wrote it (engine ids repeat across runs)
     try:
         prefixes = dict(zip(cfg.inputs, cfg.run_prefix * len(cfg.inputs) if len(cfg.run_prefix) == 1
                             else cfg.run_prefix))
@@ -109,6 +110,12 @@ def convert(cfg: ConvertConfig) -> tuple[Path, int, int]:
                     elif set(row) != columns:
                         raise InputError(f"fields {', '.join(sorted(row))}: expected the fields of the first "
                                          f"row ({', '.join(sorted(columns))}){_versions_hint(row, columns)}")
+                    sid = row.get("sample_id")
+                    if cfg.format != "jsonl" and sid is not None:
+                        if str(sid) in seen:
+                            raise bad("sample_id", f"an id not written before (it was on {seen[str(sid)]}; engine "
+                                      "ids repeat across runs: give each input its own --run-prefix)", sid)
+                        seen[str(sid)] = f"{path}:{number}"
             except InputError as err:
                 total_bad += 1
                 if len(problems) < MAX_LISTED:

@@ -72,7 +72,7 @@ def openai_rows(response: Any, prompt_ids: Iterable[int] | None = None, *,
     `choices[i].meta_info`) fill `token_policy_versions`.
     """
     if hasattr(response, "model_dump"):  # the openai client's objects; its extra fields (token_ids, ...) stay
-        response = response.model_dump()
+        response = response.model_dump(warnings=False)  # SGLang's metadata is not the Dict[str, str] it declares
     if not isinstance(response, Mapping):
         raise bad("(response)", "an OpenAI-compatible response object", Text(type(response).__name__))
     engine = engine_of(response)
