@@ -11,7 +11,8 @@ bad row, leaves no output behind.
 
 The log-prob kind (SPEC.md §3, `drpo.logprobs`) is checked up front: `raw` log-probs (the model's
 distribution before temperature / top-k / top-p, vLLM V1's default) at T != 1 or with truncation
-give every token a wrong behavior probability, and are refused unless `allow_raw_logprobs=True`.
+give every token a wrong behavior probability, and are refused unless `allow_raw_logprobs=True`; so are
+raw log-probs with min-p, or with no temperature known (none given and no temperature column).
 """
 
 from __future__ import annotations
