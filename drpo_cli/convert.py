@@ -178,32 +178,27 @@ def _rows(obj: Any, cfg: ConvertConfig, mapping: dict[str, str], line: str, run:
                 raise bad(f"{at}{name}", "no such field next to an engine response (the adapter reads it from the "
                           "response)", Text("one"))
         fields.append((item, {key: v for key, v in item.items() if key in COLUMN_BY_NAME}))
-    version_map = parse_version_map(cfg.version_map)[0]
-    kwargs: dict[str, Any] = {"version_map": version_map}
+    kwargs: dict[str, Any] = {"version_map": parse_version_map(cfg.version_map)[0]}
     if fmt == "sglang":
-        if cfg.logprobs == "raw":
-            for k, (item, _) in enumerate(fields):
-                if has_sampling_logprobs(item):
-                    at = f"[{k}]." if isinstance(obj, list) else ""
-                    raise bad(f"{at}meta_info.output_token_sampling_logprobs", "no log-probs of the sampled "
-                              "distribution with --logprobs raw (they are processed: pass --logprobs processed)",
-                              Text("them"))
         kwargs["truncated"] = truncates(cfg.top_p, cfg.top_k, cfg.min_p)
-        prompts = {tuple(x.get("prompt_ids") or ()) for _, x in fields}
-        if len(prompts) > 1:
-            raise bad("prompt_ids", "one prompt_ids for every item of an SGLang list line (or none)",
-                      Text(f"{len(prompts)} different"))
-        given = fields[0][1].get("prompt_ids")
-        pairs = list(zip(ADAPTERS[fmt]([item for item, _ in fields] if isinstance(obj, list) else fields[0][0],
-                                       prompt_ids=given, **kwargs), [x for _, x in fields]))
-    else:
-        pairs = [(row, extras) for item, extras in fields
-                 for row in ADAPTERS[fmt](item, prompt_ids=extras.get("prompt_ids"), **kwargs)]
-    groups: dict[str, int] = {}
+    pairs = []
+    for k, (item, extras) in enumerate(fields):
+        at = f"[{k}]." if isinstance(obj, list) else ""
+        if fmt == "sglang" and cfg.logprobs == "raw" and has_sampling_logprobs(item):
+            raise bad(f"{at}meta_info.output_token_sampling_logprobs", "no log-probs of the sampled distribution "
+                      "with --logprobs raw (they are processed: pass --logprobs processed)", Text("them"))
+        try:
+            pairs += [(row, extras) for row in ADAPTERS[fmt](item, prompt_ids=extras.get("prompt_ids"), **kwargs)]
+        except InputError as err:  # name the item of a list line
+            if not at or not err.message.startswith("field '"):
+                raise
+            rest = err.message.removeprefix("field '")
+            raise InputError(f"field '{at}{rest}") from None
+    groups: dict[tuple[int, ...], int] = {}  # a line's rows of one prompt are one group
     for row, _ in pairs:
-        groups.setdefault(row["group_id"], len(groups))
+        groups.setdefault(tuple(row["prompt_ids"]), len(groups))
     for row, extras in pairs:
-        row = {**row, "group_id": line if len(groups) == 1 else f"{line}/{groups[row['group_id']]}"}
+        row = {**row, "group_id": line if len(groups) == 1 else f"{line}/{groups[tuple(row['prompt_ids'])]}"}
         if run:
             row["sample_id"] = f"{run}/{row['sample_id']}"
         yield {**row, **{k: v for k, v in extras.items() if k != "prompt_ids"}}

@@ -166,6 +166,21 @@ def test_sglang_list_line_rewards_per_item(tmp_path):
     assert [r["group_id"] for r in got] == [f"{src}:1/0"] * 2 + [f"{src}:1/1"] * 2
     assert [r["sample_id"] for r in got] == ["r00", "r01", "r10", "r11"]
     out.unlink()
+    # Items without the engine's prompt ids carry their own prompt_ids: grouped by them.
+    bare = []
+    for k, item in enumerate(first(src)):
+        del item["prompt_token_ids"], item["meta_info"]["input_token_logprobs"]
+        bare.append({**item, "prompt_ids": [9, k // 2]})
+    given = jsonl(tmp_path / "given.jsonl", bare)
+    got = ok(convert(out, given, "--format", "sglang", "--logprobs", "processed", "--temperature", "0.7",
+                     "--top-p", "0.9"), out)
+    assert [(r["prompt_ids"], r["group_id"]) for r in got] == [([9, 0], f"{given}:1/0")] * 2 + \
+        [([9, 1], f"{given}:1/1")] * 2
+    out.unlink()
+    del bare[3]["prompt_ids"]
+    refused(convert(out, jsonl(tmp_path / "g2.jsonl", bare), "--format", "sglang", "--logprobs", "processed",
+                    "--temperature", "0.7", "--top-p", "0.9"), out, "field '[3].meta_info.input_token_logprobs'",
+            "return_prompt_token_ids=true")
     items = first(src)
     items[1]["behavior_logprobs"] = [-1.0, -1.0]  # a per-token field next to a response: ambiguous
     bad = jsonl(tmp_path / "bad.jsonl", items)

@@ -118,6 +118,13 @@ def test_raw_logprobs_at_temperature_or_truncation_are_refused(tmp_path):
     check_logprobs_kind("raw", 1.0, 1.0, 0)  # raw at T = 1 without truncation is the sampled distribution
     with pytest.raises(ConfigError, match="expected one of processed, raw"):
         check_logprobs_kind("logits", 1.0)
+    # Raw with no temperature known is refused when the first rows come; min-p truncates like top-p.
+    with pytest.raises(InputError, match=r"column 'temperature', row 0: expected a temperature .*generation_config"), \
+            RolloutWriter(tmp_path / "r.arrow", logprobs="raw") as w:
+        w.write(**ROWS[0])
+    with pytest.raises(ConfigError, match="raw log-probs with min_p=0.1"):
+        check_logprobs_kind("raw", 1.0, min_p=0.1)
+    check_logprobs_kind("raw", 1.0, min_p=0.0)
     # A per-row temperature column counts too.
     with pytest.raises(InputError, match="row 0.*temperature 1 with raw log-probs"), \
             RolloutWriter(tmp_path / "r.arrow", logprobs="raw") as w:
