@@ -179,7 +179,7 @@ def _rows(obj: Any, cfg: ConvertConfig, mapping: dict[str, str], line: str, run:
                           "response)", Text("one"))
         fields.append((item, {key: v for key, v in item.items() if key in COLUMN_BY_NAME}))
     kwargs: dict[str, Any] = {"version_map": parse_version_map(cfg.version_map)[0]}
-    if fmt == "sglang":
+    if fmt in ("sglang", "openai"):
         kwargs["truncated"] = truncates(cfg.top_p, cfg.top_k, cfg.min_p)
     pairs = []
     for k, (item, extras) in enumerate(fields):

@@ -96,7 +96,7 @@ def test_openai_client_objects_give_the_json_rows(path):
     chat = body["object"] == "chat.completion"
     parsed = through_client(body, chat)
     assert type(parsed).__module__.startswith("openai.types")
-    assert list(openai_rows(parsed)) == list(openai_rows(body))
+    assert list(openai_rows(parsed, truncated=False)) == list(openai_rows(body, truncated=False))
     if body["choices"][0]["finish_reason"] == "abort":  # what the engines send; the OpenAI schema has no "abort"
         with pytest.raises(Exception, match="finish_reason"):
             type(parsed).model_validate({k: v for k, v in body.items() if k != "reward"})
@@ -116,7 +116,7 @@ def test_openai_completions_with_several_prompts_group_by_prompt(tmp_path):
     got = ok(convert(out, src, "--format", "openai", "--logprobs", "processed", "--temperature", "0.7"), out)
     assert [r["group_id"] for r in got] == [f"{src}:1/0"] * 2 + [f"{src}:1/1"] * 2
     one = first(SGLANG / "openai_chat.jsonl")  # one prompt: the response id alone
-    assert next(openai_rows(one))["group_id"] == "a81d44"
+    assert next(openai_rows(one, truncated=False))["group_id"] == "a81d44"
 
 
 def test_sglang_lines_never_share_a_group(tmp_path):
@@ -194,7 +194,7 @@ def test_sglang_list_line_rewards_per_item(tmp_path):
 
 def test_sglang_chat_reads_response_token_ids_and_hints_for_sglang(tmp_path):
     body = first(SGLANG / "openai_chat.jsonl")
-    (row,) = openai_rows(through_client(body, chat=True))
+    (row,) = openai_rows(through_client(body, chat=True), truncated=False)
     assert (row["prompt_ids"], row["response_ids"], row["behavior_logprobs"]) == (build.PROMPT_A, [37, 2],
                                                                                  [-0.25, -0.01])
     del body["choices"][0]["response_token_ids"]
@@ -366,7 +366,7 @@ def test_weight_versions_fill_token_policy_versions(tmp_path):
     sgl = ok(convert(out, SGLANG / "generate_batch.jsonl", "--format", "sglang", "--logprobs", "processed",
                      "--temperature", "0.7", "--top-p", "0.9", "--overwrite"), out)
     assert [r["token_policy_versions"] for r in sgl] == [[5, 6]] * 4
-    assert next(openai_rows(first(SGLANG / "openai_chat.jsonl")))["token_policy_versions"] == [9, 9]
+    assert next(openai_rows(first(SGLANG / "openai_chat.jsonl"), truncated=False))["token_policy_versions"] == [9, 9]
     assert next(openai_rows(first(VLLM / "openai_completions.jsonl")))["token_policy_versions"] == [7, 7]
     assert next(openai_rows(first(VLLM / "openai_completions.jsonl"), version_map={"7": 70}))[
         "token_policy_versions"] == [70, 70]
@@ -374,7 +374,8 @@ def test_weight_versions_fill_token_policy_versions(tmp_path):
 
 def test_unnamed_weights_give_no_versions_and_one_label_covers_a_request():
     # Only the engine's unset label: nothing to record (the default SGLang metadata, a vLLM run never relabelled).
-    assert all("token_policy_versions" not in r for r in openai_rows(first(SGLANG / "openai_completions.jsonl")))
+    assert all("token_policy_versions" not in r
+               for r in openai_rows(first(SGLANG / "openai_completions.jsonl"), truncated=False))
     dump = first(VLLM / "request_outputs_labels.jsonl")
     dump["outputs"][0]["weight_versions"] = [build.span("default", 0, 2)]
     assert "token_policy_versions" not in next(vllm_rows(dump))
@@ -402,7 +403,8 @@ def test_sglang_metadata_cannot_speak_for_several_choices(tmp_path):
             "return_meta_info=true")
     for i, choice in enumerate(body["choices"]):  # return_meta_info=true: each choice's own meta_info
         choice["meta_info"] = {"weight_version": "9", "weight_versions": [build.span(str(8 + i % 2), 0, 2)]}
-    assert [r["token_policy_versions"] for r in openai_rows(body)] == [[8, 8], [9, 9], [8, 8], [9, 9]]
+    assert [r["token_policy_versions"] for r in openai_rows(body, truncated=False)] == [[8, 8], [9, 9], [8, 8],
+                                                                                         [9, 9]]
 
 
 def test_rows_with_and_without_versions_name_the_fix(tmp_path):
@@ -415,3 +417,21 @@ def test_rows_with_and_without_versions_name_the_fix(tmp_path):
     out = tmp_path / "o.arrow"
     refused(convert(out, src, "--format", "vllm", "--logprobs", "processed", "--temperature", "0.7"), out,
             f"{src}:2: fields", "--version-map default=N")
+
+
+def test_sglang_openai_truncation_needs_the_choice_meta_info(tmp_path):
+    out = tmp_path / "o.arrow"
+    src = SGLANG / "openai_chat.jsonl"
+    refused(convert(out, src, "--format", "openai", "--logprobs", "processed", "--temperature", "0.7", "--top-p",
+                    "0.9"), out, f"{src}:1: field 'choices[0].meta_info.output_token_sampling_logprobs'",
+            "return_meta_info=true and return_sampling_mask=true")
+    body = first(src)  # chat with return_meta_info=true, return_sampling_mask=true (serving_chat.py)
+    body["choices"][0]["meta_info"] = {"weight_version": "9", "output_token_sampling_mask": [[37, 38], [2]],
+                                       "output_token_sampling_logprobs": [-0.125, 0.0]}
+    (row,) = ok(convert(out, jsonl(tmp_path / "c.jsonl", body), "--format", "openai", "--logprobs", "processed",
+                        "--temperature", "0.7", "--top-p", "0.9"), out)
+    assert row["behavior_logprobs"] == [-0.125, 0.0] and row["token_policy_versions"] == [9, 9]
+    # vLLM's processed log-probs are already after truncation: nothing more is needed.
+    out.unlink()
+    ok(convert(out, VLLM / "openai_chat.jsonl", "--format", "openai", "--logprobs", "processed", "--temperature",
+               "0.7", "--top-p", "0.9"), out)

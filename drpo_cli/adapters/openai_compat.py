@@ -27,7 +27,7 @@ from drpo_cli.adapters.common import (
     same_prompt,
     token_versions,
 )
-from drpo_cli.adapters.sglang import labelled, meta_versions
+from drpo_cli.adapters.sglang import TRUNCATION_FIX, labelled, meta_versions, sampling_logprobs, untruncated
 
 HINTS = {  # per engine: how to ask for what is missing
     "vllm": {"ids": "vLLM: request return_token_ids=true (choices[i].token_ids) or return_tokens_as_token_ids=true",
@@ -60,7 +60,7 @@ def hint(engine: str | None, what: str) -> str:
     return HINTS[engine][what] if engine else f"{HINTS['vllm'][what]}; {HINTS['sglang'][what]}"
 
 
-def openai_rows(response: Any, prompt_ids: Iterable[int] | None = None, *,
+def openai_rows(response: Any, prompt_ids: Iterable[int] | None = None, *, truncated: bool | None = None,
                 version_map: Mapping[str, int] | None = None) -> Iterator[Row]:
     """Rows from an OpenAI-compatible completions or chat response (vLLM or SGLang server).
 
@@ -69,7 +69,10 @@ def openai_rows(response: Any, prompt_ids: Iterable[int] | None = None, *,
     with several prompts carries one response id and choice indexes that run across all prompts, so
     group_id is the response id plus the prompt: `ID` for a one-prompt response, `ID/pK` for the K-th
     distinct prompt otherwise. Weight versions (vLLM `choices[i].weight_versions`; SGLang `metadata` or
-    `choices[i].meta_info`) fill `token_policy_versions`.
+    `choices[i].meta_info`) fill `token_policy_versions`. SGLang's `logprobs` are taken before top-k/top-p/
+    min-p: its rows need `choices[i].meta_info.output_token_sampling_logprobs` (chat with
+    `return_meta_info=true, return_sampling_mask=true`), or `truncated=False` (no truncation), as in
+    `sglang_rows`; vLLM's need nothing more.
     """
     if hasattr(response, "model_dump"):  # the openai client's objects; its extra fields (token_ids, ...) stay
         response = response.model_dump(warnings=False)  # SGLang's metadata is not the Dict[str, str] it declares
@@ -82,7 +85,7 @@ def openai_rows(response: Any, prompt_ids: Iterable[int] | None = None, *,
         raise bad("choices", "a non-empty list", choices)
     rows, prompts = [], {}
     for i, choice in enumerate(choices):
-        row = _choice_row(response, choice, i, engine, prompt_ids, version_map)
+        row = _choice_row(response, choice, i, engine, prompt_ids, version_map, truncated)
         prompts.setdefault(tuple(row["prompt_ids"]), len(prompts))
         row["sample_id"] = f"{rid}/{_get(choice, 'index', i)}"
         rows.append(row)
@@ -93,7 +96,7 @@ def openai_rows(response: Any, prompt_ids: Iterable[int] | None = None, *,
 
 
 def _choice_row(response: Mapping, choice: Any, i: int, engine: str | None, prompt_ids: Iterable[int] | None,
-                version_map: Mapping[str, int] | None) -> Row:
+                version_map: Mapping[str, int] | None, truncated: bool | None) -> Row:
     where = f"choices[{i}]"
     logprobs = _get(choice, "logprobs")
     if not logprobs:
@@ -128,6 +131,8 @@ def _choice_row(response: Mapping, choice: Any, i: int, engine: str | None, prom
     if len(response_ids) != len(values):
         raise bad(f"{where}.logprobs", f"{len(response_ids)} log-probs (one per response token)",
                   Text(f"{len(values)}"))
+    if engine == "sglang":
+        values = _sglang_behavior(choice, values, response_ids, where, truncated)
     logged = _get(choice, "prompt_token_ids")
     field = f"{where}.prompt_token_ids"
     if logged is None and (content is not None and engine != "sglang"):  # vLLM chat: on the response
@@ -140,6 +145,18 @@ def _choice_row(response: Mapping, choice: Any, i: int, engine: str | None, prom
     if versions is not None:
         row["token_policy_versions"] = versions
     return row
+
+
+def _sglang_behavior(choice: Any, values: list[float], ids: list[int], where: str, truncated: bool | None) -> list[float]:
+    """SGLang: the sampled distribution's log-probs from choices[i].meta_info, else the logged ones if untruncated."""
+    meta = _get(choice, "meta_info")
+    if isinstance(meta, Mapping) and meta.get("output_token_sampling_logprobs") is not None:
+        return sampling_logprobs(meta["output_token_sampling_logprobs"], meta.get("output_token_sampling_mask"), ids,
+                                 f"{where}.")
+    if truncated is False:
+        return values
+    raise bad(f"{where}.meta_info.output_token_sampling_logprobs", f"{untruncated(truncated)} (SGLang chat: request "
+              f"return_meta_info=true and return_sampling_mask=true; /generate: {TRUNCATION_FIX})", None)
 
 
 def _versions(response: Mapping, choice: Any, i: int, n: int, engine: str | None,

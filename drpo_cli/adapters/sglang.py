@@ -67,6 +67,13 @@ def sglang_rows(response: Any, prompt_ids: Iterable[int] | None = None, *, trunc
         yield row
 
 
+def untruncated(truncated: bool | None) -> str:
+    """What a refusal expects when only the pre-truncation log-probs are there."""
+    if truncated:
+        return "the sampled distribution's log-probs (top-k/top-p/min-p truncated it)"
+    return "the sampled distribution's log-probs, or truncated=False when the sampler used no top-k/top-p/min-p"
+
+
 def has_sampling_logprobs(item: Any) -> bool:
     meta = _get(item, "meta_info")
     return isinstance(meta, Mapping) and meta.get("output_token_sampling_logprobs") is not None
@@ -88,15 +95,13 @@ def _output(item: Any, meta: Mapping, at: str, truncated: bool | None) -> tuple[
         raise bad(f"{at}output_ids", f"the token ids of {field}", Text("other ids"))
     sampling = meta.get("output_token_sampling_logprobs")
     if sampling is not None:
-        return tokens, _sampling_logprobs(sampling, meta.get("output_token_sampling_mask"), tokens, at)
+        return tokens, sampling_logprobs(sampling, meta.get("output_token_sampling_mask"), tokens, at)
     if truncated is not False:
-        said = "a truncating sampler (top-k/top-p/min-p)" if truncated else "truncated=False (no top-k/top-p/min-p)"
-        raise bad(f"{at}meta_info.output_token_sampling_logprobs", f"the behavior log-probs under {said}: "
-                  f"{TRUNCATION_FIX}", None)
+        raise bad(f"{at}meta_info.output_token_sampling_logprobs", f"{untruncated(truncated)}: {TRUNCATION_FIX}", None)
     return tokens, [_logprob(v, f"{field}[{t}][0]") for t, v in enumerate(logged)]
 
 
-def _sampling_logprobs(values: Any, masks: Any, tokens: list[int], at: str) -> list[float]:
+def sampling_logprobs(values: Any, masks: Any, tokens: list[int], at: str) -> list[float]:
     field = f"{at}meta_info.output_token_sampling_logprobs"
     if not isinstance(values, list) or len(values) != len(tokens):
         raise bad(field, f"{len(tokens)} entries (one per output token)",
