@@ -181,6 +181,8 @@ def _rows(obj: Any, cfg: ConvertConfig, mapping: dict[str, str], line: str, run:
     kwargs: dict[str, Any] = {"version_map": parse_version_map(cfg.version_map)[0]}
     if fmt in ("sglang", "openai"):
         kwargs["truncated"] = truncates(cfg.top_p, cfg.top_k, cfg.min_p)
+    if fmt == "vllm":
+        kwargs["processed"] = cfg.logprobs == "processed"
     pairs = []
     for k, (item, extras) in enumerate(fields):
         at = f"[{k}]." if isinstance(obj, list) else ""

@@ -269,9 +269,22 @@ def test_sglang_support_mode_picks_the_sampled_token():
 def test_vllm_sampling_mask_holds_each_sampled_token(tmp_path):
     dump = first(VLLM / "flat_logprobs.jsonl")
     assert next(vllm_rows(dump))["response_ids"] == [5, 6, 7, 8, 9, 2]
+    # Processed log-probs are -inf outside the kept support; a finite listed one there shows raw log-probs.
+    raw = copy.deepcopy(dump)
+    raw["outputs"][0]["sampling_mask"]["token_ids"][0] = [5]  # token 11 (listed at -1.5) was cut
+    src = jsonl(tmp_path / "raw.jsonl", raw)
+    out = tmp_path / "o.arrow"
+    refused(convert(out, src, "--format", "vllm", "--logprobs", "processed", "--temperature", "0.7", "--top-p",
+                    "0.9"), out, f"{src}:1: field 'outputs[0].logprobs[0]': expected processed log-probs (-inf "
+            "outside outputs[0].sampling_mask.token_ids[0])", "token 11 outside it at -1.5", "--logprobs raw")
+    assert next(vllm_rows(raw))["response_ids"] == [5, 6, 7, 8, 9, 2]  # the caller claimed nothing
+    with pytest.raises(InputError, match="these are raw log-probs"):
+        list(vllm_rows(raw, processed=True))
+    cut = copy.deepcopy(raw)
+    cut["outputs"][0]["logprobs"]["logprobs"][1] = float("-inf")  # what processed_logprobs gives token 11
+    assert next(vllm_rows(cut, processed=True))["behavior_logprobs"][0] == -0.5
     dump["outputs"][0]["sampling_mask"]["token_ids"][3] = [14]
     bad = jsonl(tmp_path / "mask.jsonl", dump)
-    out = tmp_path / "o.arrow"
     refused(convert(out, bad, "--format", "vllm", "--logprobs", "processed", "--temperature", "0.7", "--top-p",
                     "0.9"), out, f"{bad}:1: field 'outputs[0].sampling_mask.token_ids[3]': expected a support "
             "holding the sampled token 8")

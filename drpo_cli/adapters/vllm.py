@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -23,7 +24,7 @@ FLAT_FIELDS = ("start_indices", "end_indices", "token_ids", "logprobs")
 
 
 def vllm_rows(outputs: Any, *, run: str | None = None, prompt_ids: Iterable[int] | None = None,
-              version_map: Mapping[str, int] | None = None) -> Iterator[Row]:
+              version_map: Mapping[str, int] | None = None, processed: bool | None = None) -> Iterator[Row]:
     """Rows from vLLM `RequestOutput`s (one, or a list) sampled with `SamplingParams(logprobs=0)`.
 
     Each `outputs[i]` (a CompletionOutput) is one row: `token_ids` and, per position, the Logprob of the
@@ -31,7 +32,8 @@ def vllm_rows(outputs: Any, *, run: str | None = None, prompt_ids: Iterable[int]
     group_id is the request_id, which `LLM.generate` counts per process ("0", "1", ...;
     vllm/entrypoints/common/offline.py): pass `run` (e.g. "run-7") to prefix it when rows of several runs
     meet. With `return_sampling_mask=True` each sampled token is checked against its kept support
-    (`sampling_mask.token_ids[t]`). `weight_versions` spans fill `token_policy_versions` (see
+    (`sampling_mask.token_ids[t]`), and with `processed=True` (what the caller will record) a listed token
+    outside it must have log-prob -inf: a finite one shows raw log-probs. `weight_versions` spans fill `token_policy_versions` (see
     common.token_versions). Log-probs are what `logprobs_mode` made them: record "processed" only with
     `LLM(..., logprobs_mode="processed_logprobs")` (the default is raw_logprobs).
     """
@@ -50,8 +52,11 @@ def vllm_rows(outputs: Any, *, run: str | None = None, prompt_ids: Iterable[int]
         for i, completion in enumerate(completions):
             where = f"outputs[{i}]"
             tokens = _ids(_get(completion, "token_ids"), f"{where}.token_ids")
-            values = _sampled_logprobs(_get(completion, "logprobs"), tokens, f"{where}.logprobs")
-            _check_mask(_get(completion, "sampling_mask"), tokens, f"{where}.sampling_mask")
+            positions = _positions(_get(completion, "logprobs"), tokens, f"{where}.logprobs")
+            values = [_logprob(_sampled(positions[t], tok, f"{where}.logprobs[{t}]"), f"{where}.logprobs[{t}]")
+                      for t, tok in enumerate(tokens)]
+            _check_mask(_get(completion, "sampling_mask"), tokens, f"{where}.sampling_mask",
+                        positions if processed else None)
             row = {"prompt_ids": prompt, "response_ids": tokens, "behavior_logprobs": values,
                    "group_id": rid, "sample_id": f"{rid}/{_get(completion, 'index', i)}"}
             versions = token_versions(_get(completion, "weight_versions"), len(tokens), f"{where}.weight_versions",
@@ -61,7 +66,8 @@ def vllm_rows(outputs: Any, *, run: str | None = None, prompt_ids: Iterable[int]
             yield row
 
 
-def _sampled_logprobs(logprobs: Any, tokens: list[int], field: str) -> list[float]:
+def _positions(logprobs: Any, tokens: list[int], field: str) -> Any:
+    """One {token_id: Logprob} per output token, from the list, a FlatLogprobs, or its JSON dump."""
     if logprobs is None:
         raise bad(field, "per-token log-probs (sample with SamplingParams(logprobs=0))", None)
     if isinstance(logprobs, Mapping):
@@ -71,13 +77,13 @@ def _sampled_logprobs(logprobs: Any, tokens: list[int], field: str) -> list[floa
         logprobs = _flat_positions(logprobs, field)
     if len(logprobs) != len(tokens):
         raise bad(field, f"{len(tokens)} positions (one per token_ids entry)", Text(f"{len(logprobs)}"))
-    out = []
-    for t, tok in enumerate(tokens):
+    for t in range(len(tokens)):
         position = logprobs[t]
-        out.append(_logprob(_sampled(position, tok, f"{field}[{t}]"), f"{field}[{t}]"))
+        if not isinstance(position, Mapping) and not hasattr(position, "get"):
+            raise bad(f"{field}[{t}]", "a mapping token_id -> Logprob", position)
         check_normalized((v if isinstance(v, (int, float)) else _get(v, "logprob") for v in position.values()),
                          f"{field}[{t}]")
-    return out
+    return logprobs
 
 
 def _flat_positions(flat: Mapping[str, Any], field: str) -> list[dict[int, float]]:
@@ -99,8 +105,6 @@ def _flat_positions(flat: Mapping[str, Any], field: str) -> list[dict[int, float
 
 def _sampled(position: Any, token: int, field: str) -> Any:
     """The sampled token's log-prob from one position's {token_id: Logprob | {logprob: x} | x}."""
-    if not isinstance(position, Mapping) and not hasattr(position, "get"):
-        raise bad(field, "a mapping token_id -> Logprob", position)
     entry = position.get(token)
     if entry is None:
         entry = position.get(str(token))  # JSON dumps turn the int keys into strings
@@ -109,8 +113,12 @@ def _sampled(position: Any, token: int, field: str) -> Any:
     return entry if isinstance(entry, (int, float)) else _get(entry, "logprob")
 
 
-def _check_mask(mask: Any, tokens: list[int], field: str) -> None:
-    """SamplingMask.token_ids[t]: the tokens top-k/top-p/min-p kept at t (vllm/outputs.py SamplingMask)."""
+def _check_mask(mask: Any, tokens: list[int], field: str, processed_logprobs: Any = None) -> None:
+    """SamplingMask.token_ids[t]: the tokens top-k/top-p/min-p kept at t (vllm/outputs.py SamplingMask).
+
+    processed_logprobs (given when the caller records them as processed): vLLM's processed_logprobs are
+    log-softmax over the kept support (vllm/v1/sample/ops/topk_topp_sampler.py), -inf outside it.
+    """
     if mask is None:
         return
     support = _get(mask, "token_ids")
@@ -121,4 +129,14 @@ def _check_mask(mask: Any, tokens: list[int], field: str) -> None:
         if tok not in kept:
             raise bad(f"{field}.token_ids[{t}]", f"a support holding the sampled token {tok}",
                       Text(f"{len(kept)} tokens without it"))
+    if processed_logprobs is None:
+        return
+    for t, (kept, position) in enumerate(zip(support, processed_logprobs)):
+        for key, entry in position.items():
+            value = entry if isinstance(entry, (int, float)) else _get(entry, "logprob")
+            if int(key) not in kept and isinstance(value, (int, float)) and math.isfinite(value):
+                logged = field.replace("sampling_mask", "logprobs")
+                raise bad(f"{logged}[{t}]", f"processed log-probs (-inf outside {field}.token_ids[{t}])",
+                          Text(f"token {key} outside it at {value:g}: these are raw log-probs (record --logprobs "
+                               "raw, or log with logprobs_mode=processed_logprobs)"))
 
