@@ -176,7 +176,7 @@ def convert_command(
     temperature: float | None = typer.Option(None, help="Sampling temperature (drpo.temperature metadata)."),
     top_p: float | None = typer.Option(None, help="Sampler top-p (drpo.top_p metadata)."),
     top_k: int | None = typer.Option(None, help="Sampler top-k (drpo.top_k metadata)."),
-    min_p: float | None = typer.Option(None, help="Sampler min-p (checked with the log-prob kind; not recorded)."),
+    min_p: float | None = typer.Option(None, help="Sampler min-p (checks raw log-probs and SGLang truncation; not recorded)."),
     logprobs: str | None = typer.Option(
         None, help="processed | raw: the log-probs' kind (required for vllm, openai and sglang; default processed)."
     ),
