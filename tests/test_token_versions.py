@@ -282,3 +282,59 @@ def test_train_with_max_lag_equals_the_file_with_those_tokens_masked(toy_files, 
     assert r1["input"]["trained_tokens"] == r2["input"]["trained_tokens"]
     w1, w2 = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("versions", "masked"))
     assert all(np.array_equal(w1[k].numpy(), w2[k].numpy()) for k in w1)
+
+
+# ---- shares under torchrun ----------------------------------------------------------------------------
+
+
+def test_sharded_load_and_filter_equal_one_process(tmp_path):
+    from test_shards import Group
+
+    from drpo_cli.schema import Shard, open_rollouts
+
+    rollouts = toy_table(rows=40)
+    path = write_rollout_table(rollouts, tmp_path / "r.arrow", max_chunksize=16)
+    whole, counts = staleness_filter(load_rows([str(path)]), CURRENT, max_lag=3, min_version=None)
+    assert counts["tokens_masked"] > 0 and counts["rows_dropped"] > 0
+    source = open_rollouts(path)
+    for world in (2, 3):
+        shares = Group(world).run(lambda rank, xch, w=world: staleness_filter(
+            load_rows(source, shard=Shard.of(rank, w, 40), exchange=xch), CURRENT, max_lag=3, min_version=None,
+            exchange=xch))
+        assert all(c == counts for _, c in shares)  # global counts on every rank
+        by_row = {g: (s, j) for s, _ in shares for j, g in enumerate(s.global_row)}
+        assert sorted(by_row) == whole.global_row.tolist()
+        for i, g in enumerate(whole.global_row):
+            s, j = by_row[g]
+            assert (s.loss_mask[s.response_offsets[j]:s.response_offsets[j + 1]]
+                    == whole.loss_mask[whole.response_offsets[i]:whole.response_offsets[i + 1]]).all()
+
+
+def test_two_ranks_train_and_inspect_with_token_versions_like_one(tmp_path):
+    from safetensors.torch import load_file
+    from test_distributed import INSPECT_ARGS, TRAIN_ARGS, assert_same_json, one_process, torchrun
+
+    if not (TOY / "model").is_dir():
+        pytest.skip("examples/toy not built (python examples/make_example.py)")
+    path = write_rollout_table(toy_table(rows=64), tmp_path / "r.arrow")
+    common = ["-r", str(path), "-m", str(TOY / "model"), *TRAIN_ARGS, "--max-lag", "3"]
+    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process("train", *common, "--out", str(tmp_path / "one"))
+    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    r1, r2 = (json.loads((tmp_path / n / "drpo_report.json").read_text()) for n in ("one", "two"))
+    assert r1["filters"]["staleness"]["tokens_masked"] > 0 and r1["filters"]["staleness"]["rows_dropped"] > 0
+    for section in ("steps", "final", "input", "filters"):
+        assert_same_json(r1[section], r2[section], section)
+
+    inspect = [str(path), "--model", str(TOY / "model"), *INSPECT_ARGS, "--max-lag", "3"]
+    run = torchrun("inspect", *inspect, "--json", str(tmp_path / "two.json"), "--per-token", str(tmp_path / "two.arrow"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process("inspect", *inspect, "--json", str(tmp_path / "one.json"), "--per-token", str(tmp_path / "one.arrow"))
+    j1, j2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert j1["data"]["staleness_filter"]["tokens_masked"] > 0
+    assert_same_json(j1, j2)
+    order = [("sample_id", "ascending"), ("position", "ascending")]
+    t1, t2 = (pa.ipc.open_file(str(tmp_path / f"{n}.arrow")).read_all().sort_by(order) for n in ("one", "two"))
+    assert t1.column("lag").equals(t2.column("lag")) and t1.column("loss_mask").equals(t2.column("loss_mask"))
