@@ -85,13 +85,12 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     filtering = cfg.max_lag is not None or cfg.min_version is not None
     # (N,) as the data audit: a row drops when its newest trained token is too stale (rollouts.stale_tokens).
     keep = ~too_stale(plan.newest, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
-    known = plan.oldest >= 0
-    plan_lag = np.where(known, (current if current is not None else 0) - plan.oldest, -1)  # (N,) oldest token's lag
+    plan_lag = _lag(plan.oldest, current)  # (N,) oldest trained token's lag
     notes = []
     newer = keep & (plan.newest > current) if current is not None else np.zeros(0, dtype=bool)
     if newer.any():
-        notes.append(f"{int(newer.sum())} row(s) have a policy_version above the current "
-                     f"version {current}; their lag is counted as unknown")
+        notes.append(f"{int(newer.sum())} row(s) have a policy_version (of the row or of some tokens) above the "
+                     f"current version {current}; their lag is counted as unknown")
     losses = {name: dict(hp) for name, hp in LOSS_HPARAMS.items()}
     losses["drpo"] = {"delta": cfg.chosen_delta()}
     deltas = cfg.deltas or WHAT_IF_DELTAS
@@ -121,7 +120,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
             if filtering:  # the kept rows' too-stale tokens leave the loss mask
                 rows, _ = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
             check_vocabulary(rows, info.vocab_size, cfg.model)
-            chunk = _Chunk(rows, plan_lag[rows.global_row], current, check)
+            chunk = _Chunk(rows, current, check)
             for mb in plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens):
                 yield chunk, mb
             worst.add(chunk)
@@ -265,11 +264,11 @@ class _Chunk:
     """One streamed record batch's rows: per-token lag and position, the log-probs and per-row sums
     (tokens, harmful, outside, Σ|Δ|, max |Δ|, k3 over trained tokens) as its passes run."""
 
-    def __init__(self, rows: RolloutRows, row_lag: np.ndarray, current: int | None, check: LoggingCheck | None):
-        self.rows, self.row_lag = rows, row_lag
+    def __init__(self, rows: RolloutRows, current: int | None, check: LoggingCheck | None):
+        self.rows = rows
         self.token_version = rows.token_versions()  # (T,) −1 unknown
-        known = self.token_version >= 0
-        self.token_lag = np.where(known, (current if current is not None else 0) - self.token_version, -1)  # (T,)
+        self.token_lag = _lag(self.token_version, current)  # (T,)
+        self.row_lag = _lag(rows.version_range()[0], current)  # (n,) its oldest trained token's
         self.position = rows.token_position()  # (T,)
         self.logp = np.zeros(rows.num_tokens, dtype=np.float32)  # (T,)
         self.seq = np.zeros((rows.num_rows, len(_SEQ_FEATURES)), dtype=np.float64)  # (n, F)
@@ -278,6 +277,11 @@ class _Chunk:
     def add(self, mb, logp: np.ndarray, mask: np.ndarray, t: dict) -> None:
         self.logp[mb.token_index.numpy()] = logp
         _add_sequences(self.seq, mb.rows.numpy()[mb.seq_index.numpy()], mask, t)
+
+
+def _lag(version: np.ndarray, current: int | None) -> np.ndarray:
+    """current − version where the version is known, else −1 (negative lags count as unknown downstream)."""
+    return np.where(version >= 0, (current if current is not None else 0) - version, -1)
 
 
 class _Worst:

@@ -131,7 +131,8 @@ class TrainConfig:
     entropy_coef: float = 0.0
     """Entropy bonus c: each token's loss gets −c·H(π), gradient through the chunked head."""
     max_lag: int | None = None
-    """Drop rows whose staleness lag (current − policy_version) exceeds N (rows without a version are kept)."""
+    """Drop rows whose staleness lag (current − policy_version) exceeds N (rows without a version are kept);
+    with token_policy_versions, mask the too-stale tokens and drop rows left with no trained token."""
     min_version: int | None = None
     """Drop rows whose policy_version is below V (rows without a version are kept)."""
     agg: str = "token-mean"
@@ -396,7 +397,8 @@ class InspectConfig:
     reject: tuple[str, ...] = ()
     """Rejection criteria LEVEL_kN>X (as train's --reject) whose rejected fractions the audit reports (needs a model)."""
     max_lag: int | None = None
-    """Leave out rows whose staleness lag exceeds N (rows without a version are kept)."""
+    """Leave out rows whose staleness lag exceeds N (rows without a version are kept); with
+    token_policy_versions, the too-stale tokens (a row left with no trained token drops)."""
     min_version: int | None = None
     """Leave out rows whose policy_version is below V (rows without a version are kept)."""
     device: str = "auto"

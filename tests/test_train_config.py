@@ -211,7 +211,7 @@ def test_filter_lines_for_the_console():
     from drpo_cli.report import filter_lines
 
     staleness = {"max_lag": 2, "min_version": None, "current_version": 8, "rows_dropped": 72, "tokens_dropped": 656,
-                 "rows_kept": 120, "rows_without_version": 0}
+                 "tokens_masked": 0, "rows_kept": 120, "rows_without_version": 0}
     rejection = {"criteria": ["seq_mean_k3>0.02"], "tokens_rejected": 81, "token_frac": 0.125, "sequences_rejected": 15,
                  "seq_frac": 0.125}
     assert filter_lines(staleness, rejection) == [
@@ -219,3 +219,6 @@ def test_filter_lines_for_the_console():
         "--reject seq_mean_k3>0.02: rejected 81 tokens (0.125) and 15 sequences (0.125)",
     ]
     assert filter_lines({**staleness, "max_lag": None}, None) == []
+    assert filter_lines({**staleness, "tokens_masked": 1234}, None) == [  # token_policy_versions
+        ("--max-lag 2: dropped 72 rows (656 trained tokens), masked 1,234 tokens of kept rows, kept 120 "
+         "(current version 8)")]
