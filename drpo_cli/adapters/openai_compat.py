@@ -27,7 +27,13 @@ from drpo_cli.adapters.common import (
     same_prompt,
     token_versions,
 )
-from drpo_cli.adapters.sglang import TRUNCATION_FIX, labelled, meta_versions, sampling_logprobs, untruncated
+from drpo_cli.adapters.sglang import (
+    SAMPLING_MASK_FIX,
+    labelled,
+    meta_versions,
+    sampling_logprobs,
+    untruncated,
+)
 
 HINTS = {  # per engine: how to ask for what is missing
     "vllm": {"ids": "vLLM: request return_token_ids=true (choices[i].token_ids) or return_tokens_as_token_ids=true",
@@ -156,7 +162,7 @@ def _sglang_behavior(choice: Any, values: list[float], ids: list[int], where: st
     if truncated is False:
         return values
     raise bad(f"{where}.meta_info.output_token_sampling_logprobs", f"{untruncated(truncated)} (SGLang chat: request "
-              f"return_meta_info=true and return_sampling_mask=true; /generate: {TRUNCATION_FIX})", None)
+              f"return_meta_info=true and return_sampling_mask=true; /generate: {SAMPLING_MASK_FIX})", None)
 
 
 def _versions(response: Mapping, choice: Any, i: int, n: int, engine: str | None,

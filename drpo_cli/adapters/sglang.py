@@ -30,7 +30,7 @@ from drpo_cli.adapters.common import (
     token_versions,
 )
 
-TRUNCATION_FIX = ("request return_sampling_mask=true, whose meta_info.output_token_sampling_logprobs are the "
+SAMPLING_MASK_FIX = ("request return_sampling_mask=true, whose meta_info.output_token_sampling_logprobs are the "
                   "sampled distribution's; output_token_logprobs are taken before top-k/top-p/min-p")
 
 
@@ -97,7 +97,7 @@ def _output(item: Any, meta: Mapping, at: str, truncated: bool | None) -> tuple[
     if sampling is not None:
         return tokens, sampling_logprobs(sampling, meta.get("output_token_sampling_mask"), tokens, at)
     if truncated is not False:
-        raise bad(f"{at}meta_info.output_token_sampling_logprobs", f"{untruncated(truncated)}: {TRUNCATION_FIX}", None)
+        raise bad(f"{at}meta_info.output_token_sampling_logprobs", f"{untruncated(truncated)}: {SAMPLING_MASK_FIX}", None)
     return tokens, [_logprob(v, f"{field}[{t}][0]") for t, v in enumerate(logged)]
 
 
