@@ -334,8 +334,8 @@ def _cat(parts: list[np.ndarray], name: str) -> np.ndarray:
     if parts:
         return np.concatenate(parts)
     dtype = {"prompt_ids": np.int64, "response_ids": np.int64, "loss_mask": bool, "from_reward": bool,
-             "policy_version": np.int64, "token_version": np.int64, "source_row": np.int64, "global_row": np.int64, "prompt_len": np.int64,
-             "response_len": np.int64, "reward": np.float64}.get(name, np.float32)
+             "policy_version": np.int64, "token_version": np.int64, "source_row": np.int64, "global_row": np.int64,
+             "prompt_len": np.int64, "response_len": np.int64, "reward": np.float64}.get(name, np.float32)
     return np.zeros(0, dtype=dtype)
 
 
