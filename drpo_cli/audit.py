@@ -38,6 +38,7 @@ from drpo_cli.rollouts import (
     stale_tokens,
     staleness_counts,
     staleness_report,
+    too_stale,
     version_range,
 )
 from drpo_cli.schema import REQUIRED, Problem, RolloutSource, SourceBatch, file_problems, open_rollouts
@@ -175,11 +176,18 @@ class DataAudit:
         b = sb.batch
         if "policy_version" not in b.schema.names and "token_policy_versions" not in b.schema.names:
             return sb
+        per_token = "token_policy_versions" in b.schema.names
+        drop = None if per_token else too_stale(_row_versions(sb), current, max_lag=max_lag, min_version=min_version)
+        if drop is not None and not drop.any():
+            return sb
         off, _ = _list_parts(b.column("response_ids"))  # (n+1,)
         _check_batch(sb, off, np.diff(off))
         mask = _loss_mask(sb, off)  # (T,)
-        tv, _, newest = _versions(sb, off, mask)
-        drop, masked = stale_tokens(tv, mask, newest, current, max_lag=max_lag, min_version=min_version)
+        if drop is None:
+            tv, _, newest = _versions(sb, off, mask)
+            drop, masked = stale_tokens(tv, mask, newest, current, max_lag=max_lag, min_version=min_version)
+        else:  # every token has its row's version: whole rows go, none is masked (stale_tokens, cheaper)
+            masked = np.zeros(0, dtype=bool)
         dropped_rows, dropped_tokens, masked_tokens, kept = staleness_counts(drop, masked, mask, off)
         self.dropped_rows += dropped_rows
         self.dropped_tokens += dropped_tokens
@@ -241,11 +249,15 @@ class DataAudit:
 
         self._update_advantage(sb, cols, off, lengths, mask, row_masked)
         # Lags per token: a row counts at its oldest trained token's version, each trained token at its own.
-        tv, oldest, _ = _versions(sb, off, np.ones(len(logmu), dtype=bool) if mask is None else mask)  # (T,), (n,)
-        uniq, counts = np.unique(oldest, return_counts=True)
-        self.version_rows.update(dict(zip(uniq.tolist(), counts.tolist())))
-        uniq, counts = np.unique(tv if mask is None else tv[mask], return_counts=True)
-        self.version_tokens.update(dict(zip(uniq.tolist(), counts.tolist())))
+        if "token_policy_versions" in cols:
+            tv, oldest, _ = _versions(sb, off, np.ones(len(logmu), dtype=bool) if mask is None else mask)  # (T,), (n,)
+            self.version_rows.update(_value_counts(oldest))
+            self.version_tokens.update(_value_counts(tv if mask is None else tv[mask]))
+        else:  # every token at its row's version: counted per row
+            uniq, inverse = np.unique(_row_versions(sb), return_inverse=True)
+            self.version_rows.update(dict(zip(uniq.tolist(), np.bincount(inverse).tolist())))
+            self.version_tokens.update(dict(zip(uniq.tolist(), np.bincount(
+                inverse, weights=row_masked).astype(np.int64).tolist())))
         temps = (b.column("temperature").fill_null(default_temperature).to_numpy(zero_copy_only=False)
                  if "temperature" in cols else np.full(n, default_temperature, dtype=np.float32))
         if not (np.isfinite(temps) & (temps > 0)).all():
@@ -518,17 +530,36 @@ def _loss_mask(sb: SourceBatch, off: np.ndarray) -> np.ndarray:
     return m_vals.fill_null(False).to_numpy(zero_copy_only=False)
 
 
-def _versions(sb: SourceBatch, off: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(token versions (T,), oldest (n,), newest (n,) trained token's version) of the batch (rollouts.version_range):
-    token_policy_versions where the file has it, else each row's policy_version; checked as validate does."""
+def _value_counts(values: np.ndarray) -> dict[int, int]:
+    """{value: count} of an int64 array (a bincount over its range when small: versions are few)."""
+    if values.size == 0:
+        return {}
+    lo, hi = int(values.min()), int(values.max())
+    if hi - lo >= 1 << 20:
+        uniq, counts = np.unique(values, return_counts=True)
+        return dict(zip(uniq.tolist(), counts.tolist()))
+    counts = np.bincount(values - lo)
+    present = np.flatnonzero(counts)
+    return dict(zip((present + lo).tolist(), counts[present].tolist()))
+
+
+def _row_versions(sb: SourceBatch) -> np.ndarray:
+    """(n,) policy_version of each row of the batch, −1 unknown (null or no column)."""
     b = sb.batch
-    names = b.schema.names
-    pv = (b.column("policy_version").fill_null(-1).to_numpy() if "policy_version" in names
+    pv = (b.column("policy_version").fill_null(-1).to_numpy() if "policy_version" in b.schema.names
           else np.full(b.num_rows, -1, dtype=np.int64))  # (n,)
     if pv.min(initial=0) < -1:
         r = int(np.argmin(pv))
         _raise_row(sb, "policy_version", r, "policy versions >= 0 (or null/-1 for unknown)", pv[r])
-    if "token_policy_versions" not in names:
+    return pv
+
+
+def _versions(sb: SourceBatch, off: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token versions (T,), oldest (n,), newest (n,) trained token's version) of the batch (rollouts.version_range):
+    token_policy_versions where the file has it, else each row's policy_version; checked as validate does."""
+    b = sb.batch
+    pv = _row_versions(sb)  # (n,)
+    if "token_policy_versions" not in b.schema.names:
         tv = np.repeat(pv, np.diff(off))
     else:
         v_off, v_vals = _list_parts(b.column("token_policy_versions"))

@@ -235,8 +235,8 @@ def inspect_command(
     reject: list[str] = typer.Option(
         [], "--reject", help="Report what a rejection criterion LEVEL_kN>X would reject, e.g. seq_mean_k3>0.01 (repeatable)."
     ),
-    max_lag: int | None = typer.Option(None, "--max-lag", help="Leave out rows (with token_policy_versions: tokens) whose staleness lag exceeds N."),
-    min_version: int | None = typer.Option(None, "--min-version", help="Leave out rows whose policy_version is below V."),
+    max_lag: int | None = typer.Option(None, "--max-lag", help="Leave out rows (or tokens) whose staleness lag exceeds N."),
+    min_version: int | None = typer.Option(None, "--min-version", help="Leave out rows (or tokens) whose policy version is below V."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."),
     micro_batch_tokens: int = typer.Option(4096, help="Token budget per forward pass."),
@@ -337,8 +337,8 @@ def train_command(
     kl_coef: float | None = typer.Option(None, help="β of the reference KL penalty (0.001 with --ref-model)."),
     kl_estimator: str = typer.Option("k3", help="Per-token KL estimator: k1 | k2 | k3."),
     entropy_coef: float = typer.Option(0.0, help="Entropy bonus c: each token's loss gets −c·H(π)."),
-    max_lag: int | None = typer.Option(None, "--max-lag", help="Drop rows (with token_policy_versions: mask tokens) whose staleness lag exceeds N."),
-    min_version: int | None = typer.Option(None, "--min-version", help="Drop rows whose policy_version is below V."),
+    max_lag: int | None = typer.Option(None, "--max-lag", help="Drop rows (or mask tokens) whose staleness lag exceeds N."),
+    min_version: int | None = typer.Option(None, "--min-version", help="Drop rows (or mask tokens) whose policy version is below V."),
     agg: str = typer.Option(
         "token-mean", help="token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."
     ),

@@ -334,8 +334,8 @@ def _cat(parts: list[np.ndarray], name: str) -> np.ndarray:
     if parts:
         return np.concatenate(parts)
     dtype = {"prompt_ids": np.int64, "response_ids": np.int64, "loss_mask": bool, "from_reward": bool,
-             "policy_version": np.int64, "token_version": np.int64, "source_row": np.int64, "global_row": np.int64, "prompt_len": np.int64,
-             "response_len": np.int64, "reward": np.float64}.get(name, np.float32)
+             "policy_version": np.int64, "token_version": np.int64, "source_row": np.int64, "global_row": np.int64,
+             "prompt_len": np.int64, "response_len": np.int64, "reward": np.float64}.get(name, np.float32)
     return np.zeros(0, dtype=dtype)
 
 
@@ -374,13 +374,12 @@ def too_stale(version: np.ndarray, current: int | None, *, max_lag: int | None,
     """Elementwise bool: versions --max-lag N (lag = current − version > N) or --min-version V (version < V)
     leave out. Unknown versions (−1) never are; nor is any version for --max-lag when no current version is known.
     """
-    known = version >= 0
-    out = np.zeros(version.shape, dtype=bool)
-    if max_lag is not None and current is not None:
-        out |= known & (current - version > max_lag)
-    if min_version is not None:
-        out |= known & (version < min_version)
-    return out
+    # lag > N  <=>  version < current − N: one threshold below which known versions are too stale.
+    bounds = ([current - max_lag] if max_lag is not None and current is not None else []) + \
+        ([min_version] if min_version is not None else [])
+    if not bounds:
+        return np.zeros(version.shape, dtype=bool)
+    return (version >= 0) & (version < max(bounds))
 
 
 def version_range(token_version: np.ndarray, trained: np.ndarray, offsets: np.ndarray,
@@ -390,22 +389,25 @@ def version_range(token_version: np.ndarray, trained: np.ndarray, offsets: np.nd
 
     token_version (T,) int64, trained (T,) bool, offsets (n+1,) of the rows' tokens, fallback (n,).
     """
-    has = np.diff(_row_cumsum(trained, offsets)) > 0  # (n,) rows with a trained token
+    has = _row_counts(trained, offsets) > 0  # (n,) rows with a trained token
     oldest, newest = fallback.astype(np.int64), fallback.astype(np.int64)  # copies
     if has.any():
         # A segment of reduceat runs to the next start given: over rows without a trained token, whose
         # entries are all the neutral value, so each result is exactly its row's.
         starts = offsets[:-1][has]
-        oldest[has] = np.minimum.reduceat(np.where(trained, token_version, np.iinfo(np.int64).max), starts)
-        newest[has] = np.maximum.reduceat(np.where(trained, token_version, -1), starts)
+        every = bool(trained.all())  # then no neutral fill is needed
+        oldest[has] = np.minimum.reduceat(
+            token_version if every else np.where(trained, token_version, np.iinfo(np.int64).max), starts)
+        newest[has] = np.maximum.reduceat(token_version if every else np.where(trained, token_version, -1), starts)
     return oldest, newest
 
 
-def _row_cumsum(per_token: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """(n+1,) running sum of `per_token` at each row's start (and the end): np.diff gives per-row sums."""
-    cs = np.zeros(len(per_token) + 1, dtype=np.int64)
-    np.cumsum(per_token, out=cs[1:])
-    return cs[offsets]
+def _row_counts(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(n,) number of set flags (T,) bool in each row: positions of the rarer value, located by the
+    offsets (a cumulative sum over T int64 costs several times more)."""
+    if np.count_nonzero(flags) * 2 <= len(flags):
+        return np.diff(np.searchsorted(np.flatnonzero(flags), offsets))
+    return np.diff(offsets) - np.diff(np.searchsorted(np.flatnonzero(~flags), offsets))
 
 
 def stale_tokens(token_version: np.ndarray, loss_mask: np.ndarray, newest: np.ndarray, current: int | None, *,
@@ -422,9 +424,10 @@ def stale_tokens(token_version: np.ndarray, loss_mask: np.ndarray, newest: np.nd
 
 
 def staleness_counts(drop: np.ndarray, masked: np.ndarray, loss_mask: np.ndarray, offsets: np.ndarray) -> list[int]:
-    """[rows dropped, their trained tokens, trained tokens masked in kept rows, rows kept] of a share of rows."""
-    trained = np.diff(_row_cumsum(loss_mask, offsets))  # (n,)
-    masked_rows = np.diff(_row_cumsum(masked, offsets))  # (n,)
+    """[rows dropped, their trained tokens, trained tokens masked in kept rows, rows kept] of a share of rows
+    (`masked` (T,), or empty for none)."""
+    trained = _row_counts(loss_mask, offsets)  # (n,)
+    masked_rows = _row_counts(masked, offsets) if masked.any() else np.zeros_like(trained)  # (n,)
     return [int(drop.sum()), int(trained[drop].sum()), int(masked_rows[~drop].sum()), int((~drop).sum())]
 
 

@@ -146,7 +146,7 @@ def test_bad_token_versions_are_one_line_errors(tmp_path):
         load_rows([str(path)])  # what train reads through
 
 
-def test_a_token_newer_than_the_current_version_has_unknown_lag_in_the_histogram_note(files):
+def test_tokens_newer_than_the_current_version_show_a_negative_lag_and_a_note(files):
     report = audit(files, current_version=6)
     assert (-1, 2, 5) in hist(report)  # rows r2, p0; tokens: r2's two tokens, r0's and the row-level row's: version 7
     assert any("negative lag" in n for n in report["notes"])
