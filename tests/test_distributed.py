@@ -384,3 +384,41 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(toy, tmp_path):
         f"error: [rank 1] {injected} (run with --debug for the traceback)",
     ], run.stderr[-3000:]
     assert list(tmp_path.iterdir()) == []  # no output directory, no temporary sibling
+
+
+# ---- two nodes on this machine ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_nodes_write_only_from_global_rank_0_and_train_like_one_process(toy, tmp_path):
+    # Two torchrun agents, one per "node", meeting at 127.0.0.1: each node's only rank has LOCAL_RANK 0,
+    # so a writer chosen by LOCAL_RANK would write twice. Each node runs in its own directory with a
+    # relative --out: node 1's directory must stay empty, node 0's hold the one output.
+    common = ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--anchor", "proximal"]
+    port = free_port()
+    nodes = []
+    for node in (0, 1):
+        cwd = tmp_path / f"node{node}"
+        cwd.mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                   "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                   "-m", "drpo_cli", *common, "--out", "out"]
+        nodes.append(subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    outs = [p.communicate(timeout=300) for p in nodes]
+    for p, (_, err) in zip(nodes, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert [out.count("wrote ") for out, _ in outs] == [1, 0]  # global rank 0 alone reports
+    assert list((tmp_path / "node1").iterdir()) == []  # nothing written on the other node, not even a temporary
+    assert [p.name for p in (tmp_path / "node0").iterdir()] == ["out"]
+
+    one_process(*common, "--out", str(tmp_path / "one"))
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    two = load_file(str(tmp_path / "node0" / "out" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    assert sorted(p.name for p in (tmp_path / "node0" / "out").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
+    r2 = json.loads((tmp_path / "node0" / "out" / "drpo_report.json").read_text())
+    for section in ("steps", "final", "input", "loss", "notes"):
+        assert_same_json(r1[section], r2[section], section)
