@@ -624,8 +624,9 @@ def run_engine(model: torch.nn.Module, fn: Callable, *args):
     """`fn(model, *args)`, entered through a sharded model's FSDP-registered method when it has one.
 
     The engine calls the decoder body and the output head itself, not `model.forward`, so FSDP2's
-    root hooks would not gather the root's own parameters (embeddings, final norm, head) nor reduce
-    their gradients; `distributed.shard_model` registers an entry point that does both.
+    root hooks would not gather the root's own parameters (final norm, tied embeddings and head) nor
+    reduce their gradients; `distributed.shard_model` registers an entry point that does both (and
+    one on an untied head: `run_head`).
     """
     entry = model.__dict__.get(ENGINE_METHOD)  # set on the instance by distributed.shard_model
     if entry is None:
