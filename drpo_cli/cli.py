@@ -464,6 +464,9 @@ def without_nproc(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    from drpo_cli.allocator import return_freed_memory
+
+    return_freed_memory()
     if _launched_rank() is None:
         app(prog_name="drpo")
         return

@@ -37,6 +37,7 @@ FAIL_HOOK = "DRPO_TEST_FAIL_RANK"
 TIMEOUT_ENV = "DRPO_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 900  # one collective may wait this long for a slow peer (e.g. rank 0 writing a shard)
 ENGINE_METHOD = "drpo_engine"  # the log-prob engine's entry point on a sharded model (logprobs.run_engine)
+HEAD_METHOD = "drpo_head"  # its entry point on an untied output head sharded on its own (logprobs.run_head)
 
 
 # ---- process group ---------------------------------------------------------------------------
@@ -246,8 +247,14 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool = Fa
     cpu_offload: sharded parameters, gradients and optimizer state stay in CPU memory between uses.
     The log-prob engine runs the decoder body and the output head itself rather than
     `model.forward`, so it enters through a method registered with FSDP (ENGINE_METHOD): that is
-    what gathers the root's own parameters (embeddings, final norm, head, tied or not) and hooks
-    their gradient reduce-scatter.
+    what gathers the root's own parameters (final norm, tied embeddings) and hooks their gradient
+    reduce-scatter.
+
+    Untied input embeddings and output head are units of their own, so that no rank ever holds
+    both vocabulary matrices gathered (the root is gathered from the first forward to the end of
+    backward): the embedding is gathered for its forward only (its backward needs no weight), the
+    head through its own registered method (HEAD_METHOD) and kept until its gradient is
+    reduce-scattered. Tied, the one matrix stays in the root.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (
@@ -266,6 +273,18 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool = Fa
     kwargs = {"mesh": mesh, "mp_policy": mp, "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    untied = (isinstance(head, torch.nn.Linear) and embeddings is not None
+              and head.weight is not getattr(embeddings, "weight", None))
+    if untied:
+        fully_shard(embeddings, **kwargs)
+        embeddings.set_unshard_in_backward(False)
+        # Kept gathered until its backward (the engine's may recompute with it); h goes in as it is.
+        head_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
+                                       cast_forward_inputs=False)
+        fully_shard(head, reshard_after_forward=False, **{**kwargs, "mp_policy": head_mp})
+        setattr(head, HEAD_METHOD, types.MethodType(_engine_entry, head))
+        register_fsdp_forward_method(head, HEAD_METHOD)
     fully_shard(model, **kwargs)
     for m in model.modules():
         if isinstance(m, FSDPModule):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from drpo_cli.data import MicroBatch
-from drpo_cli.distributed import ENGINE_METHOD
+from drpo_cli.distributed import ENGINE_METHOD, HEAD_METHOD
 from drpo_cli.errors import CheckpointError, ConfigError
 
 LossFn = Callable[[torch.Tensor, slice], torch.Tensor]
@@ -560,8 +560,13 @@ def token_logprobs_at(
 
 
 def _token_logprobs(model, mb: MicroBatch, chunk_tokens: int, with_entropy: bool, dtype, temperatures, select):
-    head = output_head(model)
     h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
+    return run_head(model, _head_logprobs, h, mb, chunk_tokens, with_entropy, temperatures, select)
+
+
+def _head_logprobs(model, h: torch.Tensor, mb: MicroBatch, chunk_tokens: int, with_entropy: bool, temperatures,
+                   select):
+    head = output_head(model)
     inv_temp = 1.0 / mb.temperature.float()  # (M,)
     extra_inv = 1.0 / torch.tensor(temperatures, dtype=torch.float32, device=h.device)  # (K,), as a pass at τ'
     extra_sel = select.to(h.device) if temperatures else torch.zeros(0, dtype=torch.bool, device=h.device)
@@ -599,8 +604,13 @@ def fused_token_loss(
 
 def _fused_token_loss(model, mb: MicroBatch, loss_fn: LossFn, chunk_tokens: int, with_entropy: bool, dtype,
                       entropy_weight=None, whole=False):
-    head = output_head(model)
     h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
+    return run_head(model, _head_loss, h, mb, loss_fn, chunk_tokens, with_entropy, entropy_weight, whole)
+
+
+def _head_loss(model, h: torch.Tensor, mb: MicroBatch, loss_fn: LossFn, chunk_tokens: int, with_entropy: bool,
+               entropy_weight, whole):
+    head = output_head(model)
     inv_temp = 1.0 / mb.temperature.float()  # (M,)
     loss, logp, ent = _FusedHeadLoss.apply(
         h, head.weight, head.bias, mb.target_ids, inv_temp, head, chunk_tokens, loss_fn, with_entropy,
@@ -614,8 +624,9 @@ def run_engine(model: torch.nn.Module, fn: Callable, *args):
     """`fn(model, *args)`, entered through a sharded model's FSDP-registered method when it has one.
 
     The engine calls the decoder body and the output head itself, not `model.forward`, so FSDP2's
-    root hooks would not gather the root's own parameters (embeddings, final norm, head) nor reduce
-    their gradients; `distributed.shard_model` registers an entry point that does both.
+    root hooks would not gather the root's own parameters (final norm, tied embeddings and head) nor
+    reduce their gradients; `distributed.shard_model` registers an entry point that does both (and
+    one on an untied head: `run_head`).
     """
     entry = model.__dict__.get(ENGINE_METHOD)  # set on the instance by distributed.shard_model
     if entry is None:
@@ -631,6 +642,22 @@ def run_engine(model: torch.nn.Module, fn: Callable, *args):
             return entry(fn, *args)
         finally:
             model.reshard()
+            head = model.get_output_embeddings()
+            if head is not None and HEAD_METHOD in head.__dict__:  # kept gathered after its forward, for a backward
+                head.reshard()
+
+
+def run_head(model: torch.nn.Module, fn: Callable, h: torch.Tensor, *args):
+    """`fn(model, h, *args)`, inside the output head's own FSDP entry when it is sharded on its own.
+
+    That entry gathers the head's weight (and nothing else) and hooks its gradient reduce-scatter
+    to the backward of `h`; `fn` reads the gathered weight through `output_head(model)`.
+    """
+    head = model.get_output_embeddings()
+    entry = None if head is None else head.__dict__.get(HEAD_METHOD)
+    if entry is None:
+        return fn(model, h, *args)
+    return entry(lambda _head, *a: fn(model, *a), h, *args)
 
 
 def _check_chunk(chunk_tokens: int) -> None:
