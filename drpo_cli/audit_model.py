@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from drpo_cli.config import LOSS_HPARAMS, InspectConfig
+from drpo_cli.config import LOSS_HPARAMS, InspectConfig, expand_correction
 from drpo_cli.data import filler_batch, plan_micro_batches
 from drpo_cli.divergence import Diagnostics, token_diagnostics
 from drpo_cli.errors import InputError
@@ -84,7 +84,9 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     losses = {name: dict(hp) for name, hp in LOSS_HPARAMS.items()}
     losses["drpo"] = {"delta": cfg.chosen_delta()}
     deltas = cfg.deltas or WHAT_IF_DELTAS
-    diag = Diagnostics(cfg.tr_delta, losses, drpo_deltas=deltas, reject=cfg.reject_criteria())
+    run = expand_correction(cfg)  # --correction spelled out: its rejection criteria, its weight
+    diag = Diagnostics(cfg.tr_delta, losses, drpo_deltas=deltas, reject=run.reject_criteria(), veto=run.is_veto,
+                       weight=run.behavior_weight_args() if run.is_batch_norm else None, reject_mode=run.reject_mode)
     check = LoggingCheck.plan(plan_lag, plan.temperature, plan.trained, keep)  # fed by the same passes
     picture = MuPiHistogram()
     worst = _Worst(cfg.top)
@@ -157,7 +159,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     notes += summary["notes"]
     metrics = {k: v for k, v in summary.items()
                if not isinstance(v, (dict, list)) and not k.startswith("data/")}
-    for key in ("reject/token_frac", "reject/seq_frac"):  # stable names: null without --reject
+    for key in ("reject/token_frac", "reject/seq_frac", "veto/token_frac", "veto/seq_frac",
+                "is/batch_norm_factor"):  # stable names: null without --reject / --is-veto / --is-batch-norm
         metrics.setdefault(key, None)
     section = {
         "checkpoint": {"path": str(cfg.model), "policy_version": info.policy_version, "vocab_size": info.vocab_size},

@@ -45,7 +45,7 @@ from drpo_cli.checkpoint import (
     save_checkpoint,
     saved_format,
 )
-from drpo_cli.config import TrainConfig
+from drpo_cli.config import TrainConfig, expand_correction
 from drpo_cli.data import plan_micro_batches
 from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
 from drpo_cli.errors import ConfigError, InputError, Interrupted
@@ -53,11 +53,15 @@ from drpo_cli.logprobs import fused_token_loss, pick_device, reused_buffers, tok
 from drpo_cli.losses import (
     SEQUENCE_LOSSES,
     aggregation_denominator,
+    batch_normalize,
     behavior_weight,
     reference_kl,
     rejection_mask,
     token_coefficients,
     token_loss,
+    veto_mask,
+    weight_mean,
+    weight_sum_parts,
 )
 from drpo_cli.picture import MuPiHistogram, worst_tokens
 from drpo_cli.report import TRAIN_REPORT_VERSION, clean_number, fmt, print_train_summary, train_report_json
@@ -89,6 +93,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> TrainResult:
 
 def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     t0 = time.perf_counter()
+    preset, cfg = cfg.correction, expand_correction(cfg)  # --correction spelled out as the options it stands for
     hp = cfg.loss_hparams()
 
     # ---- output location: refused before anything is loaded ----
@@ -168,10 +173,19 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         anchor = old
         rho = behavior_weight(cfg.is_correction, anchor, behavior, cap=cfg.resolved_is_cap(),
                               band=cfg.resolved_is_band(), mask=mask, level=cfg.is_level, seq_index=token_row)
-    rejection = None
+    rejection = veto = None
+    # Rejection and veto: the tokens leave the loss mask (--reject-mode mask) or keep it with weight 0 (zero).
+    flags = {"trained": mask}  # (T,) bools for the per-step fractions
     if cfg.reject:
-        kept = rejection_mask(cfg.reject_criteria(), old, behavior, mask, token_row)  # (T,) bool
-        rejection = _rejection_counts(cfg, rows, mask, kept)
+        flags["reject"] = rejection_mask(cfg.reject_criteria(), old, behavior, mask, token_row)  # (T,) bool
+        rejection = _rejection_counts(cfg.reject, rows, mask, flags["reject"])
+    if cfg.is_veto is not None:
+        flags["veto"], flags["catastrophic"] = veto_mask(cfg.is_veto, old, behavior, mask, token_row)  # (T,), (T,)
+        veto = _rejection_counts([f"rho<{cfg.is_veto!r}"], rows, mask, flags["veto"])
+    kept = flags.get("reject", mask) & flags.get("veto", mask)
+    if cfg.reject_mode == "zero":
+        rho = rho * kept
+    else:
         mask = kept
 
     # ---- optimizer, resumable state ----
@@ -207,7 +221,8 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                 group["lr"] = lr
             t_step = time.perf_counter()
 
-            loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=rho,
+            step_rho, corrections = _step_corrections(cfg, rows, local, rho, mask, flags, device)
+            loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=step_rho,
                                                       behavior=behavior, advantages=advantages, mask=mask,
                                                       autocast=autocast, ref_logp=ref_logp)
             # The global norm: FSDP2 gradients are DTensors, whose norm is reduced over ranks.
@@ -218,7 +233,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
 
             seconds = time.perf_counter() - t_step
-            metrics = _flat_metrics(diag.summary())
+            metrics = {**_flat_metrics(diag.summary()), **corrections}
             steps.append({"step": step, "epoch": epoch, "minibatch": k, "loss": clean_number(loss.item()),
                           "grad_norm": clean_number(grad_norm.item()), "lr": lr, "tokens": tokens,
                           "skipped": skipped, "seconds": seconds, "metrics": metrics})
@@ -257,8 +272,9 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                  "is_level": cfg.is_level, "agg": cfg.agg,
                  "reference_kl": ({"model": os.path.abspath(cfg.ref_model), "coef": cfg.resolved_kl_coef(),
                                    "estimator": cfg.kl_estimator} if cfg.ref_model else None),
-                 "entropy_coef": cfg.entropy_coef},
-        "filters": {"staleness": staleness, "rejection": rejection},
+                 "entropy_coef": cfg.entropy_coef, "correction": preset, "reject_mode": cfg.reject_mode,
+                 "is_veto": cfg.is_veto, "is_batch_norm": cfg.is_batch_norm},
+        "filters": {"staleness": staleness, "rejection": rejection, "veto": veto},
         "notes": notes,
         "steps": steps,
         "skipped_steps": sum(s["skipped"] for s in steps),
@@ -357,16 +373,52 @@ def _reference_logprobs(cfg: TrainConfig, rows: RolloutRows, device, sharded: bo
     return logp
 
 
-def _rejection_counts(cfg: TrainConfig, rows: RolloutRows, mask: torch.Tensor, kept: torch.Tensor) -> dict:
-    """Tokens and sequences the --reject criteria removed from training (report `filters.rejection`)."""
+def _rejection_counts(criteria, rows: RolloutRows, mask: torch.Tensor, kept: torch.Tensor) -> dict:
+    """Tokens and sequences the --reject criteria (or the veto) remove (report `filters.rejection` / `.veto`)."""
     row = rows.token_row()
     trained_rows = np.unique(row[mask.numpy()])
     rejected = mask.numpy() & ~kept.numpy()
     local = [int(mask.sum()), int(trained_rows.size), int(np.unique(row[rejected]).size), int(rejected.sum())]
     n_tokens, n_seq, seq_rejected, tokens_rejected = (sum(x) for x in zip(*distributed.exchange(local)))
-    return {"criteria": list(cfg.reject), "tokens_rejected": tokens_rejected,
+    return {"criteria": list(criteria), "tokens_rejected": tokens_rejected,
             "token_frac": tokens_rejected / n_tokens if n_tokens else None,
             "sequences_rejected": seq_rejected, "seq_frac": seq_rejected / n_seq if n_seq else None}
+
+
+def _step_corrections(cfg: TrainConfig, rows: RolloutRows, local: np.ndarray, rho: torch.Tensor, mask: torch.Tensor,
+                      flags: dict, device) -> tuple[torch.Tensor, dict]:
+    """(behavior weights for this step, its correction metrics), over the step's rows on every rank.
+
+    Fractions are of the step's trained tokens and sequences before rejection: `reject/*` (--reject),
+    `veto/token_frac` (tokens with ρ below the veto threshold), `veto/seq_frac` (sequences vetoed).
+    --is-batch-norm: the weights divided by their mean over the step's trained tokens (sequences at a
+    sequence --is-level), summed exactly (losses.weight_sum_parts), so the factor `is/batch_norm_factor`
+    does not depend on micro-batch size or world size.
+    """
+    token_row = rows.token_row()  # (T,)
+    here = np.isin(token_row, local)  # (T,) this step's tokens on this rank
+    trained = flags["trained"].numpy() & here
+    counts = [trained.sum(), np.unique(token_row[trained]).size]
+    for name in ("reject", "veto"):
+        if name in flags:
+            removed = trained & ~flags[name].numpy()
+            cause = flags["catastrophic"].numpy() & here if name == "veto" else removed
+            counts += [cause.sum(), np.unique(token_row[removed]).size]
+    totals = distributed.all_reduce_sum(torch.tensor(np.array(counts, dtype=np.float64), device=device)).cpu().tolist()
+    metrics, (n_tok, n_seq), rest = {}, totals[:2], totals[2:]
+    for name in ("reject", "veto"):
+        if name in flags:
+            metrics[f"{name}/token_frac"] = rest[0] / n_tok if n_tok else None
+            metrics[f"{name}/seq_frac"] = rest[1] / n_seq if n_seq else None
+            rest = rest[2:]
+    if not cfg.is_batch_norm:
+        return rho, metrics
+    sel = torch.from_numpy(here)
+    level = "token" if cfg.is_level == "token" else "sequence"
+    parts = weight_sum_parts(rho[sel], mask[sel], torch.from_numpy(token_row)[sel], level)
+    normalized, metrics["is/batch_norm_factor"] = batch_normalize(
+        rho, weight_mean(distributed.all_reduce_sum(parts.to(device)).cpu()))
+    return normalized, metrics
 
 
 def _load_share(cfg: TrainConfig, in_version: int | None) -> tuple[RolloutRows, dict, np.ndarray, dict]:
