@@ -347,3 +347,21 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(toy, tmp_path):
         f"error: [rank 1] {injected} (run with --debug for the traceback)",
     ], run.stderr[-3000:]
     assert list(tmp_path.iterdir()) == []  # no output directory, no temporary sibling
+
+
+def test_two_ranks_batch_norm_veto_and_seq_mask_tis_like_one(toy, tmp_path):
+    # The step's weight mean is an exact integer sum over ranks: the same factor, bit for bit.
+    common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--anchor", "proximal",
+              "--correction", "seq-mask-tis", "--is-band", "0.9", "1.1", "--is-veto", "0.3", "--is-batch-norm"]
+    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process("train", *common, "--out", str(tmp_path / "one"))
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
+    factors = [s["metrics"]["is/batch_norm_factor"] for s in r1["steps"]]
+    assert factors == [s["metrics"]["is/batch_norm_factor"] for s in r2["steps"]] and 1.0 not in factors
+    for key in ("veto/seq_frac", "reject/seq_frac"):
+        assert [s["metrics"][key] for s in r1["steps"]] == [s["metrics"][key] for s in r2["steps"]]
+    assert_same_json(r1["filters"], r2["filters"], "filters")

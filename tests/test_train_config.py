@@ -74,7 +74,7 @@ def test_combination_rules(paths):
         "--is-correction tis needs --anchor proximal (with the behavior anchor ρ = 1)"
     ]
     assert cfg(paths, anchor="proximal", is_correction="tis", is_band=(0.5, 2.0)).validate() == [
-        "--is-band applies only to --is-correction mis"
+        "--is-band applies only to --is-correction mis and --correction seq-mask-tis"
     ]
     assert cfg(paths, anchor="proximal", is_correction="mis", is_band=(2.0, 0.5)).validate() == [
         "--is-band must satisfy 0 <= lo < hi, got 2.0 0.5"
