@@ -111,7 +111,7 @@ def test_batch_normalize_follows_verl_and_leaves_a_vanishing_mean_alone():
 
 
 def test_is_kind_is_the_untruncated_ratio():
-    prox, beh, mask, seq = _random_case(1)
+    prox, beh, mask, _ = _random_case(1)
     w = behavior_weight("is", prox, beh, mask=mask)
     expected = torch.where(mask, torch.exp((prox - beh).clamp(-20, 20)), torch.zeros_like(prox))
     torch.testing.assert_close(w, expected)
