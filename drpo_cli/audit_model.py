@@ -38,7 +38,7 @@ PER_TOKEN_SCHEMA = pa.schema([
     ("ratio", pa.float32()), ("delta", pa.float32()), ("logr", pa.float32()), ("k3", pa.float32()),
     ("entropy", pa.float32()), ("outside", pa.bool_()), ("harmful", pa.bool_()), ("lag", pa.int64()),
 ], metadata={ARROW_MARKER_KEY: b"per-token"})  # marks the file as drpo's (outputs.py: --overwrite may replace it)
-_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
+_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "k3")
 
 

@@ -237,7 +237,7 @@ def inspect_command(
     max_lag: int | None = typer.Option(None, "--max-lag", help="Leave out rows whose staleness lag exceeds N."),
     min_version: int | None = typer.Option(None, "--min-version", help="Leave out rows whose policy_version is below V."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 weights."),
     micro_batch_tokens: int = typer.Option(4096, help="Token budget per forward pass."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no tables."),
     allow_unsafe_weights: bool = typer.Option(False, "--allow-unsafe-weights", help="Allow pickle weights."),
@@ -364,7 +364,7 @@ def train_command(
     warmup_steps: int = typer.Option(0, help="Linear warmup steps."),
     seed: int = typer.Option(0, help="Shuffle seed."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    dtype: str = typer.Option("auto", help="auto | bf16 (CUDA autocast, fp32 master weights) | fp32."),
+    dtype: str = typer.Option("auto", help="auto | bf16 | fp16 (autocast, fp32 master weights; fp16 loss-scaled) | fp32."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations."),
     cpu_offload: bool = typer.Option(
         False, "--cpu-offload", help="Under torchrun on CUDA: keep sharded weights, grads and optimizer state in CPU memory."

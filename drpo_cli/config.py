@@ -40,7 +40,7 @@ CORRECTIONS = ("none", "seq-mask-tis")  # named compositions of --is-* and --rej
 SEQ_MASK_TIS_BAND = (0.999, 1.002)  # NeMo-RL's recommended bounds (examples/configs/prorlv2_1_moe.v2.yaml)
 REJECT_MODES = ("mask", "zero")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "bf16", "fp32")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
 def _flag(name: str) -> str:
@@ -210,7 +210,8 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     dtype: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU), bf16 (autocast, fp32 master weights; CUDA only) or fp32."""
+    """auto (bf16 on CUDA, fp32 on CPU), bf16 / fp16 (autocast and low-precision head GEMMs, fp32 master
+    weights, fp16 with a loss scaler; CPU or CUDA) or fp32."""
     grad_checkpointing: bool = False
     """Recompute transformer activations in backward to save memory."""
     cpu_offload: bool = False
@@ -377,8 +378,6 @@ class TrainConfig:
                 p.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         _choice(p, "device", self.device, DEVICES)
         _choice(p, "dtype", self.dtype, DTYPES)
-        if self.dtype == "bf16" and self.device == "cpu":
-            p.append("--dtype bf16 needs --device cuda (CPU training runs in fp32)")
         if not 0 < self.tr_delta <= 1:
             p.append(f"--tr-delta must be in (0, 1], got {self.tr_delta}")
         _positive(p, "temperature", self.temperature)
@@ -474,7 +473,7 @@ class InspectConfig:
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     dtype: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32 model weights; log-softmax is always float32."""
+    """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32 model weights (CPU or CUDA); log-softmax is float32."""
     micro_batch_tokens: int = 4096
     """Token budget per forward pass (prompt + response, padded)."""
     quiet: bool = False
@@ -573,8 +572,6 @@ class InspectConfig:
         p.extend(self._parse_gates()[1])
         _choice(p, "device", self.device, DEVICES)
         _choice(p, "dtype", self.dtype, DTYPES)
-        if self.dtype == "bf16" and self.device == "cpu":
-            p.append("--dtype bf16 needs --device cuda (CPU runs in fp32)")
         for name in ("micro_batch_tokens", "chunk_tokens"):
             if getattr(self, name) < 1:
                 p.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")

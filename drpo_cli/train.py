@@ -75,6 +75,7 @@ INTERRUPT_HOOK = "DRPO_INTERRUPT_AFTER_STEP"
 WORST_SAMPLES = 10
 # Options that may differ between an interrupted run and its --resume.
 _RESUME_FREE = ("resume", "overwrite", "quiet", "tensorboard")
+LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,10 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     sharded = distributed.launched()
     if cfg.cpu_offload and not sharded:
         raise ConfigError("--cpu-offload: needs FSDP; run under torchrun or with --nproc N (N ≥ 1)")
-    if cfg.dtype == "bf16" and device.type != "cuda":
-        raise ConfigError(f"--dtype bf16 needs a CUDA device, found {device.type} (CPU training runs in fp32)")
-    autocast = torch.bfloat16 if device.type == "cuda" and cfg.dtype != "fp32" else None
+    # Mixed precision on CPU (torch's CPU autocast) and CUDA alike; fp32 master weights throughout.
+    autocast = LOW_DTYPES.get(cfg.dtype, torch.bfloat16 if cfg.dtype == "auto" and device.type == "cuda" else None)
+    # fp16's 5 exponent bits: the loss is scaled so that small gradients do not flush to zero.
+    scaler = torch.amp.GradScaler(device.type) if autocast is torch.float16 else None
     torch.manual_seed(cfg.seed)
 
     # ---- rows (minus the too stale ones), reference log-probs, model ----
@@ -135,11 +137,11 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         raise ConfigError(f"--minibatches {cfg.minibatches}: more than the {totals['rows']} rollout rows")
     # The reference model's log-probs, in one inference pass before the policy is loaded: one model at a time.
     ref_logp = _reference_logprobs(cfg, rows, device, sharded, autocast) if cfg.ref_model else None  # (T,)
-    # fp32 master weights; bf16 only inside autocast.
+    # fp32 master weights; bf16 / fp16 only inside autocast (and FSDP2's gathered parameters).
     prepare = None if lora_config is None else (lambda m: _add_lora(m, cfg, lora_config))
     if sharded:  # built on the meta device, each rank reads its shards only; bf16 compute / fp32 reduce on CUDA
         model, info = distributed.load_sharded_model(cfg.model, device, allow_unsafe=cfg.allow_unsafe_weights,
-                                                     bf16=autocast is not None, cpu_offload=cfg.cpu_offload,
+                                                     param_dtype=autocast, cpu_offload=cfg.cpu_offload,
                                                      prepare=prepare)
     else:
         model, info = load_model(cfg.model, device=str(device), dtype="float32", allow_unsafe=cfg.allow_unsafe_weights)
@@ -222,14 +224,21 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
             t_step = time.perf_counter()
 
             step_rho, corrections = _step_corrections(cfg, rows, local, rho, mask, flags, device)
+            scale = _loss_scale(scaler, device)
+            if scaler is not None:
+                corrections["amp/loss_scale"] = scale
             loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=step_rho,
                                                       behavior=behavior, advantages=advantages, mask=mask,
-                                                      autocast=autocast, ref_logp=ref_logp)
+                                                      autocast=autocast, ref_logp=ref_logp, scale=scale)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # the gradients back to their true size before the norm and clip
             # The global norm: FSDP2 gradients are DTensors, whose norm is reduced over ranks.
             grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
             if not skipped:  # a non-finite step is counted, never applied
                 optimizer.step()
+            if scaler is not None:
+                scaler.update()  # halved after an overflow (a skipped step), doubled after 2,000 clean ones
             optimizer.zero_grad(set_to_none=True)
 
             seconds = time.perf_counter() - t_step
@@ -296,14 +305,17 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
 
 
 def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: TrainConfig, *, anchor, rho, behavior,
-                         advantages, mask, autocast=None, ref_logp=None) -> tuple[torch.Tensor, Diagnostics, int]:
+                         advantages, mask, autocast=None, ref_logp=None,
+                         scale: float = 1.0) -> tuple[torch.Tensor, Diagnostics, int]:
     """Backward of one optimizer step's loss over rows `row_idx`, micro-batch by micro-batch.
 
     The aggregation denominator is summed over every micro-batch (and rank) first, so the
     accumulated gradient equals that of the whole mini-batch in one piece, for any
     micro_batch_tokens. Each token's loss is c_t·(ρ_t·loss_t + β·KL_t − c_ent·H_t): the reference
     KL and the entropy bonus share the aggregation coefficients c_t, not the behavior weight ρ.
-    Returns (global loss, global diagnostics, global trained tokens).
+    `scale` (fp16's loss scale) multiplies every c_t, so the gradients, formed in the head's forward
+    from the per-token upstream gradient, are scaled before any cast to fp16; the loss is returned
+    unscaled. Returns (global loss, global diagnostics, global trained tokens).
     """
     device = distributed.model_device(model)
     hp = cfg.loss_hparams()
@@ -328,7 +340,7 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
             mb = mb.to(device)
             m, a, mu = mask[idx].to(device), advantages[idx].to(device), anchor[idx].to(device)  # (M,)
             # Per-token weight of the step loss: mask × global 1/denominator (aggregation) [× ρ (correction)].
-            agg = token_coefficients(cfg.agg, m, mb.seq_index, denom, horizon=cfg.horizon)  # (M,)
+            agg = token_coefficients(cfg.agg, m, mb.seq_index, denom, horizon=cfg.horizon) * scale  # (M,)
             coef = agg * rho[idx].to(device)
             ref = ref_logp[idx].to(device) if ref_logp is not None else None  # (M,)
 
@@ -355,14 +367,14 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
     distributed.all_reduce_sum(total)
     distributed.all_reduce_sum(tokens)
     diag.all_reduce_()
-    return total, diag, int(tokens.item())
+    return total / scale, diag, int(tokens.item())
 
 
 def _reference_logprobs(cfg: TrainConfig, rows: RolloutRows, device, sharded: bool, autocast) -> torch.Tensor:
     """log π_ref (T,) of every response token, in one inference pass; the reference model is freed after."""
     if sharded:  # one weight copy per node, as for the policy
         ref, info = distributed.load_sharded_model(cfg.ref_model, device, allow_unsafe=cfg.allow_unsafe_weights,
-                                                   bf16=autocast is not None)
+                                                   param_dtype=autocast)
     else:
         ref, info = load_model(cfg.ref_model, device=str(device), dtype="float32", allow_unsafe=cfg.allow_unsafe_weights)
     _check_vocabulary(rows, info.vocab_size, cfg.ref_model)
@@ -467,6 +479,13 @@ def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Ad
     fused = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
                 for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def _loss_scale(scaler, device) -> float:
+    """The GradScaler's current scale (1 without one); its first call sets the initial 2^16."""
+    if scaler is None:
+        return 1.0
+    return float(scaler.scale(torch.ones((), device=device)).item())
 
 
 def _warmup(step: int, warmup_steps: int) -> float:
