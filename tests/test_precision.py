@@ -104,12 +104,17 @@ def test_fused_head_gradients_under_autocast_match_autograd_through_hf_logits(to
     model.zero_grad(set_to_none=True)
 
 
+def _step_inputs(rows) -> dict:
+    """accumulate_gradients' per-token tensors for the behavior anchor, no correction."""
+    t = torch.from_numpy
+    return {"anchor": t(rows.behavior_logprobs), "rho": torch.ones(rows.num_tokens),
+            "behavior": t(rows.behavior_logprobs), "advantages": t(rows.advantages), "mask": t(rows.loss_mask)}
+
+
 def test_loss_scale_multiplies_the_gradients_exactly_and_leaves_the_loss(toy_model):
     # fp16's loss scale enters as a factor on every coefficient; a power of two scales exactly.
     model, rows = toy_model
-    t = torch.from_numpy
-    inputs = {"anchor": t(rows.behavior_logprobs), "rho": torch.ones(rows.num_tokens),
-              "behavior": t(rows.behavior_logprobs), "advantages": t(rows.advantages), "mask": t(rows.loss_mask)}
+    inputs = _step_inputs(rows)
     cfg = TrainConfig(rollouts=("x",), model="m", loss="ppo-clip", micro_batch_tokens=256, entropy_coef=0.01)
     idx = np.arange(0, rows.num_rows, 4)
     runs = []
@@ -125,9 +130,7 @@ def test_loss_scale_multiplies_the_gradients_exactly_and_leaves_the_loss(toy_mod
 
 def test_master_weights_stay_float32_under_autocast(toy_model):
     model, rows = toy_model
-    t = torch.from_numpy
-    inputs = {"anchor": t(rows.behavior_logprobs), "rho": torch.ones(rows.num_tokens),
-              "behavior": t(rows.behavior_logprobs), "advantages": t(rows.advantages), "mask": t(rows.loss_mask)}
+    inputs = _step_inputs(rows)
     cfg = TrainConfig(rollouts=("x",), model="m", micro_batch_tokens=256)
     grads = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
