@@ -202,7 +202,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     steps: list[dict] = []
     start = 0
     if cfg.resume:
-        start, steps = _load_state(state_dir, cfg, model, optimizer)
+        start, steps = _load_state(state_dir, cfg, model, optimizer, scaler)
 
     total_steps = cfg.epochs * cfg.minibatches
     progress = _progress(cfg, total_steps, start)
@@ -254,7 +254,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                 signal.raise_signal(signal.SIGTERM)
             stop.requested = distributed.any_rank(stop.requested)
             if stop.requested and step + 1 < total_steps:
-                _save_state(state_dir, cfg, model, optimizer, step + 1, steps)
+                _save_state(state_dir, cfg, model, optimizer, step + 1, steps, scaler)
                 raise Interrupted(f"interrupted after step {step + 1} of {total_steps}; state saved to {state_dir}; "
                                   "rerun the same command with --resume to continue")
 
@@ -679,7 +679,8 @@ def _signals_request_stop():
             signal.signal(sig, previous)
 
 
-def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: int, steps: list[dict]) -> None:
+def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: int, steps: list[dict],
+                scaler=None) -> None:
     """Everything --resume needs, written to a temporary sibling and renamed into place.
 
     Model and optimizer go through torch.distributed.checkpoint (`get_state_dict` + `dcp.save`): under
@@ -704,7 +705,8 @@ def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: 
     try:
         distributed.agree(error, "saving the resumable state")
         if distributed.rank() == 0:
-            torch.save({"torch_rng": torch.get_rng_state()}, tmp / "rng.pt")
+            # fp16's loss scale goes with the RNG: a resumed run scales its next step as the uninterrupted one.
+            torch.save({"torch_rng": torch.get_rng_state(), "scaler": scaler and scaler.state_dict()}, tmp / "rng.pt")
             outputs.write_marker(tmp, "state", {"next_step": next_step, "config": _resume_key(cfg), "steps": steps,
                                                 "world_size": distributed.world_size()})
             outputs.publish_dir(tmp, state_dir, "state", overwrite=True)  # the state replaced is drpo's own
@@ -714,7 +716,7 @@ def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: 
         raise
 
 
-def _load_state(state_dir: Path, cfg: TrainConfig, model, optimizer) -> tuple[int, list[dict]]:
+def _load_state(state_dir: Path, cfg: TrainConfig, model, optimizer, scaler=None) -> tuple[int, list[dict]]:
     """Read --resume's state into the (possibly sharded) model and optimizer; returns (next step, steps).
 
     DCP reshards on load: a state saved by N ranks resumes under M ranks or in one process.
@@ -744,6 +746,8 @@ def _load_state(state_dir: Path, cfg: TrainConfig, model, optimizer) -> tuple[in
                          f"{distributed.world_size()}: {type(err).__name__}: {first}") from err
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     torch.set_rng_state(rng["torch_rng"])
+    if scaler is not None and rng.get("scaler"):
+        scaler.load_state_dict(rng["scaler"])
     return int(meta["next_step"]), list(meta["steps"])
 
 

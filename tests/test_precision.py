@@ -10,6 +10,7 @@ benchmarks/precision.py).
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -168,3 +169,30 @@ def test_train_and_inspect_run_in_every_dtype_on_cpu(toy, tmp_path, dtype):
     audit = json.loads(json_out.read_text())
     assert audit["model"]["dtype"] == {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
     assert audit["metrics"]["kl/k3_mean"] > 0
+
+
+def test_fp16_resume_keeps_the_loss_scale(toy, tmp_path):
+    from drpo_cli.train import INTERRUPT_HOOK
+
+    args = ["--dtype", "fp16", "--minibatches", "3", *FAST]
+    runner = CliRunner()
+
+    def run(out, *extra, env=None):
+        argv = ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), "--out", str(out), *args, *extra]
+        return runner.invoke(app, argv, env=env)
+
+    assert run(tmp_path / "straight").exit_code == 0
+    out, state = tmp_path / "out", tmp_path / "out.partial-state"
+    assert run(out, env={INTERRUPT_HOOK: "0"}).exit_code == 130
+    saved = torch.load(state / "rng.pt", weights_only=True)
+    assert saved["scaler"]["scale"] == 65536.0
+    assert run(out, "--resume").exit_code == 0
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A scale lowered by overflows before the interrupt is the one the resumed steps use.
+    shutil.rmtree(out)
+    assert run(out, env={INTERRUPT_HOOK: "0"}).exit_code == 130
+    torch.save({**saved, "scaler": {**saved["scaler"], "scale": 1024.0}}, state / "rng.pt")
+    assert run(out, "--resume").exit_code == 0
+    steps = json.loads((out / "drpo_report.json").read_text())["steps"]
+    assert [s["metrics"]["amp/loss_scale"] for s in steps] == [65536.0, 1024.0, 1024.0]
