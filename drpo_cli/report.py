@@ -329,7 +329,12 @@ def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
         cols = ("harmful_frac", "outside_frac", "delta_abs_max", "tokens")
         console.print(number_table("worst samples (harmful fraction)", "sample_id", list(cols),
                                    [[w["sample_id"], *(fmt_cell(w[c]) for c in cols)] for w in final["worst_samples"]]))
-    for line in filter_lines(report["filters"]["staleness"], report["filters"]["rejection"]):
+    veto = report["filters"]["veto"]
+    lines = filter_lines(report["filters"]["staleness"], report["filters"]["rejection"])
+    if veto is not None:
+        lines.append(f"--is-veto {veto['criteria'][0].removeprefix('rho<')}: dropped {veto['sequences_rejected']:,} "
+                     f"sequences ({fmt(veto['seq_frac'])}), {veto['tokens_rejected']:,} tokens")
+    for line in lines:
         console.print(line, highlight=False, markup=False)
     for note in report["notes"]:
         console.print(f"note: {note}")
