@@ -619,6 +619,16 @@ def render_inspect(report: dict, console: Any) -> None:
             console.print(f"--reject {' '.join(report['settings']['reject'])} would reject "
                           f"{fmt(report['metrics']['reject/token_frac'])} of the tokens and "
                           f"{fmt(report['metrics']['reject/seq_frac'])} of the sequences", highlight=False, markup=False)
+        settings, m = report["settings"], report["metrics"]
+        if settings["correction"] != "none":
+            console.print(f"--correction {settings['correction']} would mask {fmt(m['reject/seq_frac'])} of the "
+                          "sequences", highlight=False, markup=False)
+        if settings["is_veto"] is not None:
+            console.print(f"--is-veto {settings['is_veto']:g} would drop {fmt(m['veto/seq_frac'])} of the sequences "
+                          f"({fmt(m['veto/token_frac'])} of the tokens below it)", highlight=False, markup=False)
+        if settings["is_batch_norm"]:
+            console.print(f"--is-batch-norm would divide the weights by {fmt(m['is/batch_norm_factor'])}",
+                          highlight=False, markup=False)
     for note in report["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     for gate in report["gates"]:
