@@ -638,6 +638,7 @@ def veto_mask(threshold: float, proximal_logp: Tensor, behavior_logp: Tensor, ma
 
 
 FLOAT32_MANTISSA = 24  # bits: a float32 mantissa times 2^24 is an integer
+_EXP_MIN, _EXP_MAX = -150, 129  # torch.frexp exponents of float32 values (subnormals included)
 
 
 def weight_sum_parts(weight: Tensor, mask: Tensor, seq_index: Tensor, level: str) -> Tensor:
@@ -667,9 +668,6 @@ def weight_sum_parts(weight: Tensor, mask: Tensor, seq_index: Tensor, level: str
         parts.index_add_(0, (exponent.long() - _EXP_MIN).clamp(0, slots - 1), ints)
         parts[slots] = values.numel()
     return parts
-
-
-_EXP_MIN, _EXP_MAX = -150, 129  # torch.frexp exponents of float32 values (subnormals included)
 
 
 def weight_mean(parts: Tensor) -> float | None:

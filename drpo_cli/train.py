@@ -407,6 +407,8 @@ def _step_corrections(cfg: TrainConfig, rows: RolloutRows, local: np.ndarray, rh
     sequence --is-level), summed exactly (losses.weight_sum_parts), so the factor `is/batch_norm_factor`
     does not depend on micro-batch size or world size.
     """
+    if len(flags) == 1 and not cfg.is_batch_norm:  # no rejection, no veto, no normalisation
+        return rho, {}
     token_row = rows.token_row()  # (T,)
     here = np.isin(token_row, local)  # (T,) this step's tokens on this rank
     trained = flags["trained"].numpy() & here
