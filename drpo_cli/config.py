@@ -567,6 +567,9 @@ class InspectConfig:
             p.append("--is-batch-norm needs --is-correction is, tis or mis (or --correction)")
         if self.is_band is not None and self.is_correction != "mis" and self.correction != "seq-mask-tis":
             p.append("--is-band applies only to --is-correction mis and --correction seq-mask-tis")
+        if (self.is_correction != "none" or self.is_cap is not None or self.is_level != "token") and not self.is_batch_norm:
+            p.append("--is-correction, --is-cap and --is-level shape the weight --is-batch-norm reports: add it")
+        _positive(p, "is_cap", self.is_cap)
         p.extend(staleness_problems(self.max_lag, self.min_version))
         p.extend(output_problems(*self.paths(), overwrite=self.overwrite))
         p.extend(self._parse_gates()[1])

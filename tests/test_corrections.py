@@ -299,3 +299,19 @@ def test_batch_norm_factor_and_weights_do_not_depend_on_micro_batch_tokens(toy, 
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=2e-6)
+
+
+def test_inspect_correction_options_are_checked(toy):
+    from drpo_cli.config import InspectConfig
+
+    def problems(**options):
+        return InspectConfig(rollouts=(str(toy / "rollouts.arrow"),), model=str(toy / "model"), **options).validate()
+
+    assert problems(is_veto=0.3, correction="seq-mask-tis", is_band=(0.9, 1.1), is_batch_norm=True) == []
+    assert problems(is_correction="tis") == [
+        "--is-correction, --is-cap and --is-level shape the weight --is-batch-norm reports: add it"]
+    assert problems(is_batch_norm=True) == ["--is-batch-norm needs --is-correction is, tis or mis (or --correction)"]
+    assert problems(is_veto=2.0) == [
+        "--is-veto must be in (0, 1) (a ratio π_old/μ below which the sequence is dropped), got 2.0"]
+    no_model = InspectConfig(rollouts=(str(toy / "rollouts.arrow"),), is_veto=0.3).validate()
+    assert no_model == ["--is-veto, --correction, --is-correction and --is-batch-norm need --model"]
