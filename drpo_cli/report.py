@@ -329,7 +329,7 @@ def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
         cols = ("harmful_frac", "outside_frac", "delta_abs_max", "tokens")
         console.print(number_table("worst samples (harmful fraction)", "sample_id", list(cols),
                                    [[w["sample_id"], *(fmt_cell(w[c]) for c in cols)] for w in final["worst_samples"]]))
-    veto = report["filters"]["veto"]
+    veto = report["filters"].get("veto")  # optional in the schema
     lines = filter_lines(report["filters"]["staleness"], report["filters"]["rejection"])
     if veto is not None:
         lines.append(f"--is-veto {veto['criteria'][0].removeprefix('rho<')}: dropped {veto['sequences_rejected']:,} "
