@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from drpo_cli.config import LOSS_HPARAMS, InspectConfig
+from drpo_cli.config import LOSS_HPARAMS, InspectConfig, expand_correction
 from drpo_cli.data import filler_batch, plan_micro_batches
 from drpo_cli.divergence import Diagnostics, token_diagnostics
 from drpo_cli.errors import InputError
@@ -39,7 +39,7 @@ PER_TOKEN_SCHEMA = pa.schema([
     ("entropy", pa.float32()), ("outside", pa.bool_()), ("harmful", pa.bool_()), ("lag", pa.int64()),
     ("policy_version", pa.int64()),
 ], metadata={ARROW_MARKER_KEY: b"per-token"})  # marks the file as drpo's (outputs.py: --overwrite may replace it)
-_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
+_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "k3")
 
 
@@ -94,7 +94,9 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     losses = {name: dict(hp) for name, hp in LOSS_HPARAMS.items()}
     losses["drpo"] = {"delta": cfg.chosen_delta()}
     deltas = cfg.deltas or WHAT_IF_DELTAS
-    diag = Diagnostics(cfg.tr_delta, losses, drpo_deltas=deltas, reject=cfg.reject_criteria())
+    run = expand_correction(cfg)  # --correction spelled out: its rejection criteria, its weight
+    diag = Diagnostics(cfg.tr_delta, losses, drpo_deltas=deltas, reject=run.reject_criteria(), veto=run.is_veto,
+                       weight=run.behavior_weight_args() if run.is_batch_norm else None, reject_mode=run.reject_mode)
     # Fed by the same passes. Fresh rows: every trained token at lag 0 (none newer, so none masked by the filters).
     check_lag = np.where((plan_lag == 0) & (plan.newest != plan.oldest), 1, plan_lag)  # (N,)
     check = LoggingCheck.plan(check_lag, plan.temperature, plan.trained, keep)
@@ -171,7 +173,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     notes += summary["notes"]
     metrics = {k: v for k, v in summary.items()
                if not isinstance(v, (dict, list)) and not k.startswith("data/")}
-    for key in ("reject/token_frac", "reject/seq_frac"):  # stable names: null without --reject
+    for key in ("reject/token_frac", "reject/seq_frac", "veto/token_frac", "veto/seq_frac",
+                "is/batch_norm_factor"):  # stable names: null without --reject / --is-veto / --is-batch-norm
         metrics.setdefault(key, None)
     section = {
         "checkpoint": {"path": str(cfg.model), "policy_version": info.policy_version, "vocab_size": info.vocab_size},

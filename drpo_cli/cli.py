@@ -235,10 +235,18 @@ def inspect_command(
     reject: list[str] = typer.Option(
         [], "--reject", help="Report what a rejection criterion LEVEL_kN>X would reject, e.g. seq_mean_k3>0.01 (repeatable)."
     ),
+    is_veto: float | None = typer.Option(None, "--is-veto", help="Report what a veto at ρ = π/μ < THRESH would drop."),
+    correction: str = typer.Option("none", help="Report what a named correction would mask: none | seq-mask-tis."),
+    is_correction: str = typer.Option("none", help="Behavior weight for --is-batch-norm: none | is | tis | mis."),
+    is_cap: float | None = typer.Option(None, help="Cap of tis (2.0)."),
+    is_band: tuple[float, float] | None = typer.Option(None, help="Band LO HI of mis (0.5 2.0) / seq-mask-tis."),
+    is_level: str = typer.Option("token", help="ρ of the behavior weight: token | sequence | geometric."),
+    is_batch_norm: bool = typer.Option(False, "--is-batch-norm", help="Report the weights' batch mean (normaliser)."),
+    reject_mode: str | None = typer.Option(None, help="mask (rejected tokens leave the mean) | zero (weight 0)."),
     max_lag: int | None = typer.Option(None, "--max-lag", help="Leave out rows (or tokens) whose staleness lag exceeds N."),
     min_version: int | None = typer.Option(None, "--min-version", help="Leave out rows (or tokens) whose policy version is below V."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 weights."),
     micro_batch_tokens: int = typer.Option(4096, help="Token budget per forward pass."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no tables."),
     allow_unsafe_weights: bool = typer.Option(False, "--allow-unsafe-weights", help="Allow pickle weights."),
@@ -260,6 +268,8 @@ def inspect_command(
             per_token=per_token, html=html, fail_above=tuple(fail_above), overwrite=overwrite, reject=tuple(reject),
             max_lag=max_lag, min_version=min_version, device=device, dtype=dtype,
             micro_batch_tokens=micro_batch_tokens, quiet=quiet, allow_unsafe_weights=allow_unsafe_weights,
+            is_veto=is_veto, correction=correction, is_correction=is_correction, is_cap=is_cap, is_band=is_band,
+            is_level=is_level, is_batch_norm=is_batch_norm, reject_mode=reject_mode,
         ).check()
         from rich.console import Console
 
@@ -326,12 +336,22 @@ def train_command(
     dual_clip: float | None = typer.Option(None, help="Dual-clip c > 1 of ppo-clip (off)."),
     ratio_cap: float | None = typer.Option(None, help="Ratio cap C of dppo-tv / dppo-kl (20)."),
     anchor: str = typer.Option("behavior", help="Anchor log-probs: behavior | proximal."),
-    is_correction: str = typer.Option("none", help="Behavior correction with --anchor proximal: none | tis | mis."),
+    is_correction: str = typer.Option("none", help="Behavior correction with --anchor proximal: none | tis | mis | is."),
     is_cap: float | None = typer.Option(None, help="Cap of tis (2.0)."),
     is_band: tuple[float, float] | None = typer.Option(None, help="Kept band LO HI of mis (0.5 2.0)."),
     is_level: str = typer.Option("token", help="ρ of tis / mis per token | sequence (product) | geometric (mean)."),
     reject: list[str] = typer.Option(
         [], "--reject", help="Reject tokens/sequences by LEVEL_kN>X on π_old vs μ, e.g. seq_mean_k3>0.01 (repeatable)."
+    ),
+    is_veto: float | None = typer.Option(
+        None, "--is-veto", help="Drop a sequence when a token has π_old/μ below THRESH (slime: 1e-4)."
+    ),
+    is_batch_norm: bool = typer.Option(
+        False, "--is-batch-norm", help="Self-normalise the behavior weights to mean 1 over each step."
+    ),
+    correction: str = typer.Option("none", help="Named correction: none | seq-mask-tis (needs --anchor proximal)."),
+    reject_mode: str | None = typer.Option(
+        None, help="Rejected/vetoed tokens: mask (leave the denominators; default) | zero (weight 0)."
     ),
     ref_model: str | None = typer.Option(None, "--ref-model", help="Reference checkpoint for a KL(π‖π_ref) penalty."),
     kl_coef: float | None = typer.Option(None, help="β of the reference KL penalty (0.001 with --ref-model)."),
@@ -353,7 +373,7 @@ def train_command(
     warmup_steps: int = typer.Option(0, help="Linear warmup steps."),
     seed: int = typer.Option(0, help="Shuffle seed."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    dtype: str = typer.Option("auto", help="auto | bf16 (CUDA autocast, fp32 master weights) | fp32."),
+    dtype: str = typer.Option("auto", help="auto | bf16 | fp16 (autocast, fp32 master weights; fp16 loss-scaled) | fp32."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations."),
     cpu_offload: bool = typer.Option(
         False, "--cpu-offload", help="Under torchrun on CUDA: keep sharded weights, grads and optimizer state in CPU memory."
@@ -388,6 +408,7 @@ def train_command(
             rollouts=tuple(rollouts), model=model, out=out, loss=loss, delta=delta, eps=eps,
             eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ratio_cap=ratio_cap, anchor=anchor,
             is_correction=is_correction, is_cap=is_cap, is_band=is_band, is_level=is_level, reject=tuple(reject),
+            is_veto=is_veto, is_batch_norm=is_batch_norm, correction=correction, reject_mode=reject_mode,
             ref_model=ref_model, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
             max_lag=max_lag, min_version=min_version, agg=agg, horizon=horizon,
             adv_norm=adv_norm, epochs=epochs, minibatches=minibatches, micro_batch_tokens=micro_batch_tokens,

@@ -239,11 +239,12 @@ def check_test_failure(phase: str = "save") -> None:
 # ---- FSDP2 -----------------------------------------------------------------------------------
 
 
-def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool = False,
+def shard_model(model: torch.nn.Module, device: torch.device, *, param_dtype: torch.dtype | None = None,
                 cpu_offload: bool = False) -> torch.nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root; returns the model (sharded in place).
 
-    bf16: parameters gathered in bfloat16 for compute, gradients reduced in float32 (CUDA).
+    param_dtype (bf16 / fp16): parameters gathered in it for compute, gradients reduced in float32 (CUDA, or
+    CPU with gloo); the sharded fp32 parameters stay the master weights.
     cpu_offload: sharded parameters, gradients and optimizer state stay in CPU memory between uses.
     The log-prob engine runs the decoder body and the output head itself rather than
     `model.forward`, so it enters through a method registered with FSDP (ENGINE_METHOD): that is
@@ -269,7 +270,8 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool = Fa
     if cpu_offload and device.type != "cuda":
         raise ConfigError(f"--cpu-offload: needs CUDA devices, found {device.type} (parameters already live in CPU memory)")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None
+          else MixedPrecisionPolicy())
     kwargs = {"mesh": mesh, "mp_policy": mp, "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
@@ -298,7 +300,8 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool = Fa
 
 
 def load_sharded_model(path: str | os.PathLike, device: torch.device, *, dtype: str = "float32",
-                       allow_unsafe: bool = False, bf16: bool = False, cpu_offload: bool = False, prepare=None):
+                       allow_unsafe: bool = False, param_dtype: torch.dtype | None = None, cpu_offload: bool = False,
+                       prepare=None):
     """One weight copy per node: the model built on the meta device, sharded, then each rank reads its rows.
 
     Every rank builds the architecture with its parameters on the meta device (no memory), applies
@@ -338,7 +341,7 @@ def load_sharded_model(path: str | os.PathLike, device: torch.device, *, dtype: 
     extra_values = (prepare(model) if prepare is not None else None) or {}
     computed = {(mod_name, name): buf.detach().clone() for mod_name, mod in model.named_modules()
                 for name, buf in mod._buffers.items() if buf is not None and name in mod._non_persistent_buffers_set}
-    shard_model(model, device, bf16=bf16, cpu_offload=cpu_offload)
+    shard_model(model, device, param_dtype=param_dtype, cpu_offload=cpu_offload)
     model.to_empty(device="cpu" if cpu_offload else device)
     _fill_shards(model, path, entries, extra_values)
     with torch.no_grad():

@@ -19,7 +19,7 @@ import contextlib
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,20 @@ class Head:
     bias: torch.Tensor | None  # (V,)
     multiplier: float = 1.0
     softcap: float | None = None
+    low: torch.Tensor | None = None  # (V, H) the fp32 weight in the autocast dtype: the GEMMs run in it
+
+
+def in_dtype(head: Head, dtype: torch.dtype | None) -> Head:
+    """Under autocast (`dtype` bf16/fp16): the head's GEMMs in that dtype too, float32 everything after.
+
+    fp32 master weights get one low-precision copy per engine call (as autocast caches its casts);
+    the logits land in the float32 chunk buffer, so log-sum-exp, softmax and entropy stay float32,
+    and the weight gradient is accumulated in float32. Weights already stored in low precision keep
+    their own path.
+    """
+    if dtype is None or head.weight.dtype != torch.float32:
+        return head
+    return replace(head, low=head.weight.detach().to(dtype))
 
 
 # model_type prefixes whose `logits_scaling` divides (Granite, MiniCPM3) or multiplies (HyperCLOVA X).
@@ -172,7 +186,11 @@ def _chunk_logits(h: torch.Tensor, head: Head, inv_temp: torch.Tensor, ws: _Work
     m = h.shape[0]
     # The head runs in the weight's own dtype even when the caller holds an autocast context.
     with torch.autocast(h.device.type, enabled=False):
-        if head.weight.dtype == torch.float32:
+        if head.low is not None:  # fp32 weights under autocast: GEMM in the low dtype, then float32
+            z = ws.logits[:m].copy_(torch.mm(h.to(head.low.dtype), head.low.t()))  # (m, V)
+            if head.bias is not None:
+                z.add_(head.bias)
+        elif head.weight.dtype == torch.float32:
             z = torch.mm(h.float(), head.weight.t(), out=ws.logits[:m])  # (m, V)
             if head.bias is not None:
                 z.add_(head.bias)
@@ -315,8 +333,16 @@ def _loss_grad(loss_fn, logp: torch.Tensor, sl: slice):
 def _accumulate_head_grads(gz, h, head: Head, grad_w, grad_b):
     """Gradient GEMMs of one chunk: returns dL/dh (m, H); adds into grad_w (V, H) and grad_b (V,).
 
-    grad_w/grad_b are float32 accumulators (None when not needed); the GEMMs run in the weight's dtype.
+    grad_w/grad_b are float32 accumulators (None when not needed); the GEMMs run in the weight's dtype,
+    or in the autocast dtype of `head.low`.
     """
+    if head.low is not None:
+        gz_l, h_l = gz.to(head.low.dtype), h.to(head.low.dtype)  # (m, V), (m, H)
+        if grad_w is not None:
+            grad_w.add_(torch.mm(gz_l.t(), h_l))  # (V, H), accumulated in float32
+        if grad_b is not None:
+            grad_b.add_(gz.sum(0))
+        return (gz_l @ head.low).to(h.dtype)  # (m, H)
     gz_w = gz.to(head.weight.dtype)  # (m, V)
     if grad_w is not None:
         h_w = h.to(head.weight.dtype)
@@ -561,12 +587,12 @@ def token_logprobs_at(
 
 def _token_logprobs(model, mb: MicroBatch, chunk_tokens: int, with_entropy: bool, dtype, temperatures, select):
     h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
-    return run_head(model, _head_logprobs, h, mb, chunk_tokens, with_entropy, temperatures, select)
+    return run_head(model, _head_logprobs, h, mb, chunk_tokens, with_entropy, dtype, temperatures, select)
 
 
-def _head_logprobs(model, h: torch.Tensor, mb: MicroBatch, chunk_tokens: int, with_entropy: bool, temperatures,
-                   select):
-    head = output_head(model)
+def _head_logprobs(model, h: torch.Tensor, mb: MicroBatch, chunk_tokens: int, with_entropy: bool, dtype,
+                   temperatures, select):
+    head = in_dtype(output_head(model), dtype)
     inv_temp = 1.0 / mb.temperature.float()  # (M,)
     extra_inv = 1.0 / torch.tensor(temperatures, dtype=torch.float32, device=h.device)  # (K,), as a pass at τ'
     extra_sel = select.to(h.device) if temperatures else torch.zeros(0, dtype=torch.bool, device=h.device)
@@ -605,12 +631,12 @@ def fused_token_loss(
 def _fused_token_loss(model, mb: MicroBatch, loss_fn: LossFn, chunk_tokens: int, with_entropy: bool, dtype,
                       entropy_weight=None, whole=False):
     h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
-    return run_head(model, _head_loss, h, mb, loss_fn, chunk_tokens, with_entropy, entropy_weight, whole)
+    return run_head(model, _head_loss, h, mb, loss_fn, chunk_tokens, with_entropy, dtype, entropy_weight, whole)
 
 
 def _head_loss(model, h: torch.Tensor, mb: MicroBatch, loss_fn: LossFn, chunk_tokens: int, with_entropy: bool,
-               entropy_weight, whole):
-    head = output_head(model)
+               dtype, entropy_weight, whole):
+    head = in_dtype(output_head(model), dtype)
     inv_temp = 1.0 / mb.temperature.float()  # (M,)
     loss, logp, ent = _FusedHeadLoss.apply(
         h, head.weight, head.bias, mb.target_ids, inv_temp, head, chunk_tokens, loss_fn, with_entropy,

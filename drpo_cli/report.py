@@ -201,7 +201,7 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
                 "name": _STR,
                 "hparams": {"type": "object", "additionalProperties": _NUM},
                 "anchor": {"enum": ["behavior", "proximal"]},
-                "is_correction": {"enum": ["none", "tis", "mis"]},
+                "is_correction": {"enum": ["none", "tis", "mis", "is"]},
                 "is_level": {"enum": ["token", "sequence", "geometric"]},
                 "agg": _STR,
                 "reference_kl": {"oneOf": [{"type": "null"}, {
@@ -209,6 +209,10 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
                     "properties": {"model": _STR, "coef": {"type": "number", "minimum": 0},
                                    "estimator": {"enum": ["k1", "k2", "k3"]}}}]},
                 "entropy_coef": {"type": "number", "minimum": 0},
+                "correction": {"enum": ["none", "seq-mask-tis"], "description": "--correction as given"},
+                "reject_mode": {"enum": ["mask", "zero"]},
+                "is_veto": {"type": ["number", "null"]},
+                "is_batch_norm": {"type": "boolean"},
             },
         },
         "filters": {
@@ -221,7 +225,14 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
                 "required": ["criteria", "tokens_rejected", "token_frac", "sequences_rejected", "seq_frac"],
                 "additionalProperties": False,
                 "properties": {"criteria": {"type": "array", "items": _STR}, "tokens_rejected": _INT,
-                               "token_frac": _NUM, "sequences_rejected": _INT, "seq_frac": _NUM}}]}},
+                               "token_frac": _NUM, "sequences_rejected": _INT, "seq_frac": _NUM}}]},
+                "veto": {"oneOf": [{"type": "null"}, {
+                    "type": "object",
+                    "description": "Sequences --is-veto dropped (a trained token with π_old/μ below it), as rejection.",
+                    "required": ["criteria", "tokens_rejected", "token_frac", "sequences_rejected", "seq_frac"],
+                    "additionalProperties": False,
+                    "properties": {"criteria": {"type": "array", "items": _STR}, "tokens_rejected": _INT,
+                                   "token_frac": _NUM, "sequences_rejected": _INT, "seq_frac": _NUM}}]}},
         },
         "notes": {"type": "array", "items": _STR, "description": "Warnings worth reading."},
         "steps": {
@@ -325,7 +336,12 @@ def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
         cols = ("harmful_frac", "outside_frac", "delta_abs_max", "tokens")
         console.print(number_table("worst samples (harmful fraction)", "sample_id", list(cols),
                                    [[w["sample_id"], *(fmt_cell(w[c]) for c in cols)] for w in final["worst_samples"]]))
-    for line in filter_lines(report["filters"]["staleness"], report["filters"]["rejection"]):
+    veto = report["filters"].get("veto")  # optional in the schema
+    lines = filter_lines(report["filters"]["staleness"], report["filters"]["rejection"])
+    if veto is not None:
+        lines.append(f"--is-veto {veto['criteria'][0].removeprefix('rho<')}: dropped {veto['sequences_rejected']:,} "
+                     f"sequences ({fmt(veto['seq_frac'])}), {veto['tokens_rejected']:,} tokens")
+    for line in lines:
         console.print(line, highlight=False, markup=False)
     for note in report["notes"]:
         console.print(f"note: {note}")
@@ -389,6 +405,9 @@ INSPECT_MODEL_METRICS: dict[str, str] = {
     "cispo/clip_frac": "share of tokens whose cispo IS weight is clipped (r > 1 + ε_high at its defaults)",
     "reject/token_frac": "share of tokens the --reject criteria reject (null without --reject)",
     "reject/seq_frac": "share of sequences with a token the --reject criteria reject",
+    "veto/token_frac": "share of tokens with ρ = π/μ below --is-veto (null without it)",
+    "veto/seq_frac": "share of sequences --is-veto drops (a token with ρ below the threshold)",
+    "is/batch_norm_factor": "mean behavior weight over the audited tokens (sequences): --is-batch-norm's divisor",
     "weight/drpo_corrective_frac": "share with DRPO weight w < 0 at the chosen δ (first --delta, else 12.5)",
     "weight/drpo_attenuated_frac": "share with DRPO weight w < 0.5 at the chosen δ",
     "weight/spo_corrective_frac": "share with SPO weight w < 0 at its default ε",
@@ -607,6 +626,16 @@ def render_inspect(report: dict, console: Any) -> None:
             console.print(f"--reject {' '.join(report['settings']['reject'])} would reject "
                           f"{fmt(report['metrics']['reject/token_frac'])} of the tokens and "
                           f"{fmt(report['metrics']['reject/seq_frac'])} of the sequences", highlight=False, markup=False)
+        settings, m = report["settings"], report["metrics"]
+        if settings["correction"] != "none":
+            console.print(f"--correction {settings['correction']} would mask {fmt(m['reject/seq_frac'])} of the "
+                          "sequences", highlight=False, markup=False)
+        if settings["is_veto"] is not None:
+            console.print(f"--is-veto {settings['is_veto']:g} would drop {fmt(m['veto/seq_frac'])} of the sequences "
+                          f"({fmt(m['veto/token_frac'])} of the tokens below it)", highlight=False, markup=False)
+        if settings["is_batch_norm"]:
+            console.print(f"--is-batch-norm would divide the weights by {fmt(m['is/batch_norm_factor'])}",
+                          highlight=False, markup=False)
     for note in report["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     for gate in report["gates"]:

@@ -422,3 +422,43 @@ def test_two_nodes_write_only_from_global_rank_0_and_train_like_one_process(toy,
     r2 = json.loads((tmp_path / "node0" / "out" / "drpo_report.json").read_text())
     for section in ("steps", "final", "input", "loss", "notes"):
         assert_same_json(r1[section], r2[section], section)
+
+
+def test_two_ranks_batch_norm_veto_and_seq_mask_tis_like_one(toy, tmp_path):
+    # The step's weight mean is an exact integer sum over ranks: the same factor, bit for bit.
+    common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--anchor", "proximal",
+              "--correction", "seq-mask-tis", "--is-band", "0.9", "1.1", "--is-veto", "0.3", "--is-batch-norm"]
+    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process("train", *common, "--out", str(tmp_path / "one"))
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
+    factors = [s["metrics"]["is/batch_norm_factor"] for s in r1["steps"]]
+    assert factors == [s["metrics"]["is/batch_norm_factor"] for s in r2["steps"]] and 1.0 not in factors
+    for key in ("veto/seq_frac", "reject/seq_frac"):
+        assert [s["metrics"][key] for s in r1["steps"]] == [s["metrics"][key] for s in r2["steps"]]
+    assert_same_json(r1["filters"], r2["filters"], "filters")
+
+
+def test_two_ranks_bf16_fsdp_mixed_precision_on_gloo_like_one_bf16_process(toy, tmp_path):
+    # FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32) on CPU / gloo against one
+    # process under CPU autocast: both round every GEMM input to bf16 (ε = 2^-7), FSDP also its norms'
+    # and embeddings' parameters, so they agree to a few ε, not bit for bit. Compared at the first step
+    # (the same starting weights); the sharded master weights stay float32.
+    common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--dtype", "bf16"]
+    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process("train", *common, "--out", str(tmp_path / "one"))
+    eps = torch.finfo(torch.bfloat16).eps
+    r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
+    s1, s2 = r1["steps"][0], r2["steps"][0]
+    assert s1["tokens"] == s2["tokens"]
+    assert s2["loss"] == pytest.approx(s1["loss"], rel=4 * eps)
+    assert s2["grad_norm"] == pytest.approx(s1["grad_norm"], rel=4 * eps)
+    for key in ("kl/k3_mean", "delta/abs_mean", "ratio/mean"):
+        assert s2["metrics"][key] == pytest.approx(s1["metrics"][key], rel=4 * eps)
+    two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in two.values())

@@ -74,14 +74,14 @@ def test_combination_rules(paths):
         "--is-correction tis needs --anchor proximal (with the behavior anchor ρ = 1)"
     ]
     assert cfg(paths, anchor="proximal", is_correction="tis", is_band=(0.5, 2.0)).validate() == [
-        "--is-band applies only to --is-correction mis"
+        "--is-band applies only to --is-correction mis and --correction seq-mask-tis"
     ]
     assert cfg(paths, anchor="proximal", is_correction="mis", is_band=(2.0, 0.5)).validate() == [
         "--is-band must satisfy 0 <= lo < hi, got 2.0 0.5"
     ]
-    assert cfg(paths, dtype="bf16", device="cpu").validate() == [
-        "--dtype bf16 needs --device cuda (CPU training runs in fp32)"
-    ]
+    for dtype in ("bf16", "fp16", "fp32"):  # mixed precision runs on the CPU too (torch's CPU autocast)
+        assert cfg(paths, dtype=dtype, device="cpu").validate() == []
+    assert cfg(paths, dtype="fp8").validate() == ["--dtype 'fp8': expected one of auto, bf16, fp16, fp32"]
     assert cfg(paths, out=str(paths / "ckpt")).validate() == [
         (f"--out {paths / 'ckpt'}: is the input --model {paths / 'ckpt'} (an output may not be, contain or lie "
         "inside an input)")
