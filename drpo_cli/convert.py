@@ -16,11 +16,14 @@ from typing import Any
 
 from drpo_cli.adapters import ADAPTERS, Row, Text, _ids, bad
 from drpo_cli.errors import ConfigError, InputError
+from drpo_cli.llamacpp import llamacpp_server_rows
 from drpo_cli.outputs import Output, output_problems
 from drpo_cli.schema import COLUMN_BY_NAME, TOKEN_COLUMNS, column_map_problems
 from drpo_cli.writer import RolloutWriter, check_logprobs_kind
 
-FORMATS = ("jsonl", "vllm", "openai", "sglang")
+FORMATS = ("jsonl", "vllm", "openai", "sglang", "llamacpp")
+# llama-server /completion: a result (or the array of one request's results) with the prompt ids sent.
+_FORMAT_ADAPTERS = {**ADAPTERS, "llamacpp": llamacpp_server_rows}
 # Engines whose log-prob kind depends on a server setting the dump does not record.
 _KIND_REQUIRED = {"vllm": "vLLM V1 logs raw log-probs unless logprobs_mode=processed_logprobs",
                   "openai": "a vLLM server logs raw log-probs unless --logprobs-mode processed_logprobs"}
@@ -128,7 +131,7 @@ def json_line(text: str) -> Any:
 
 
 def _rows(obj: Any, fmt: str, mapping: dict[str, str]) -> Iterator[Row]:
-    if fmt != "sglang" or not isinstance(obj, list):
+    if fmt not in ("sglang", "llamacpp") or not isinstance(obj, list):
         if not isinstance(obj, Mapping):
             raise bad("(line)", "a JSON object", Text(type(obj).__name__))
         obj = {mapping.get(k, k): v for k, v in obj.items()}
@@ -138,7 +141,7 @@ def _rows(obj: Any, fmt: str, mapping: dict[str, str]) -> Iterator[Row]:
     # Schema-v1 scalar fields next to an engine response (e.g. "reward") apply to each of its rows.
     extras = {k: v for k, v in obj.items() if k in COLUMN_BY_NAME and k not in ("prompt_ids",)} \
         if isinstance(obj, Mapping) else {}
-    for row in ADAPTERS[fmt](obj):
+    for row in _FORMAT_ADAPTERS[fmt](obj):
         yield {**row, **extras}
 
 
