@@ -104,7 +104,8 @@ def llamacpp_sample(llm: Any, prompts: Iterable[Sequence[int]], *, n: int = 1, t
     by construction. The defaults (T = 1, no truncation) sample the model's full distribution, the
     one drpo trains; llama.cpp's own defaults (top_k 40, top_p 0.95, min_p 0.05, T 0.8) are not
     applied. A row ends with its EOS token (recorded, with its log-prob) or at `max_tokens`.
-    `eos`: the end token id(s); default `llm.token_eos()`.
+    `eos`: the end token id(s); default every end-of-generation token of the vocabulary
+    (`llama_vocab_is_eog`, where llama.cpp itself stops: EOS, EOT, a chat model's end of turn).
 
     The prompt is evaluated once and its KV cache reused by the n samples (the cache is cut back to
     the prompt between samples) and by the next prompt's common prefix. group_id: the prompt's
@@ -117,7 +118,7 @@ def llamacpp_sample(llm: Any, prompts: Iterable[Sequence[int]], *, n: int = 1, t
     if llm._is_recurrent or llm._is_hybrid:
         raise ConfigError("llamacpp_sample: a recurrent model cannot cut its cache back to the prompt; "
                           "use a transformer model")
-    ends = {llm.token_eos()} if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    ends = _end_tokens(llm) if eos is None else {eos} if isinstance(eos, int) else set(eos)
     rng = np.random.default_rng(seed)
     chain = {"temperature": temperature, "top_k": top_k, "typical_p": typical_p, "top_p": top_p, "min_p": min_p}
     for p, prompt in enumerate(prompts):
@@ -150,6 +151,13 @@ def llamacpp_sample(llm: Any, prompts: Iterable[Sequence[int]], *, n: int = 1, t
                 logits = _last_logits(llm)
             yield {"prompt_ids": prompt, "response_ids": tokens, "behavior_logprobs": values,
                    "group_id": str(p), "sample_id": f"{p}/{s}"}
+
+
+def _end_tokens(llm: Any) -> set[int]:
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return {t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
 
 
 def _last_logits(llm: Any) -> np.ndarray:

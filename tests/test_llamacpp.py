@@ -271,9 +271,6 @@ class FakeLlama:
             self.scores[self.n_tokens - 1] = self.logits_for(self.input_ids[: self.n_tokens].tolist())
             self.evaluated += 1
 
-    def token_eos(self):
-        return self.eos
-
     def n_ctx(self):
         return self.ctx_len
 
@@ -281,7 +278,7 @@ class FakeLlama:
 def test_sampler_logs_the_chain_logprob_of_each_drawn_token_and_ends_with_eos():
     llm = FakeLlama()
     chain = {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_p": 0.02}
-    rows = list(llamacpp_sample(llm, [[5, 6, 7], [5, 6, 9]], n=3, max_tokens=30, seed=0, **chain))
+    rows = list(llamacpp_sample(llm, [[5, 6, 7], [5, 6, 9]], n=3, max_tokens=30, seed=0, eos=llm.eos, **chain))
     assert [r["group_id"] for r in rows] == ["0"] * 3 + ["1"] * 3
     assert [r["sample_id"] for r in rows] == ["0/0", "0/1", "0/2", "1/0", "1/1", "1/2"]
     ended = 0
@@ -301,7 +298,7 @@ def test_sampler_logs_the_chain_logprob_of_each_drawn_token_and_ends_with_eos():
 
 def test_sampler_reuses_the_prompt_cache():
     llm = FakeLlama()
-    rows = list(llamacpp_sample(llm, [[5, 6, 7, 8], [5, 6, 7, 9]], n=4, max_tokens=5, seed=1))
+    rows = list(llamacpp_sample(llm, [[5, 6, 7, 8], [5, 6, 7, 9]], n=4, max_tokens=5, seed=1, eos=[llm.eos]))
     # the second prompt shares 3 tokens with the first: only its last token is evaluated again;
     # each sample evaluates every response token but the last one.
     assert llm.evaluated == 4 + 1 + sum(len(r["response_ids"]) - 1 for r in rows)
@@ -310,7 +307,7 @@ def test_sampler_reuses_the_prompt_cache():
 def test_sampler_draws_from_the_logged_distribution():
     """Token frequencies over many draws match exp(logged log-prob) (one position, 4000 samples)."""
     llm = FakeLlama(vocab=6, eos=5)
-    rows = list(llamacpp_sample(llm, [[1, 2]], n=4000, max_tokens=1, seed=3, temperature=1.5, top_k=4))
+    rows = list(llamacpp_sample(llm, [[1, 2]], n=4000, max_tokens=1, seed=3, temperature=1.5, top_k=4, eos=5))
     ids, logp = processed_logprobs(llm.logits_for([1, 2]), temperature=1.5, top_k=4)
     freq = np.bincount([r["response_ids"][0] for r in rows], minlength=6) / 4000
     np.testing.assert_allclose(freq[ids], np.exp(logp), atol=0.03)
@@ -321,11 +318,11 @@ def test_sampler_draws_from_the_logged_distribution():
 def test_sampler_refusals():
     llm = FakeLlama(n_ctx=10)
     with pytest.raises(ConfigError, match="exceed the context of 10 tokens"):
-        list(llamacpp_sample(llm, [[1, 2, 3]], max_tokens=8))
+        list(llamacpp_sample(llm, [[1, 2, 3]], max_tokens=8, eos=3))
     with pytest.raises(ConfigError, match="temperature: expected a finite number > 0"):
         list(llamacpp_sample(llm, [[1]], temperature=0.0))
     with pytest.raises(InputError, match=r"prompts\[0\]: expected at least one token"):
-        list(llamacpp_sample(llm, [[]]))
+        list(llamacpp_sample(llm, [[]], eos=3))
     llm._is_recurrent = True
     with pytest.raises(ConfigError, match="recurrent"):
         list(llamacpp_sample(llm, [[1]]))

@@ -63,7 +63,7 @@ def monkeypatch_module():
 
 def test_logged_logprobs_match_drpo_model_path_and_eos_is_recorded(tmp_path, hf_model):
     llm = load()
-    eos = llm.token_eos()
+    eos = llm.token_eos()  # SmolLM2: <|im_end|>, the end of an assistant turn
     rows = list(llamacpp_sample(llm, chat_prompts(llm), n=3, temperature=T, max_tokens=48, seed=0))
     assert len(rows) == 9 and [r["group_id"] for r in rows] == ["0"] * 3 + ["1"] * 3 + ["2"] * 3
     ended = [r for r in rows if r["response_ids"][-1] == eos]
