@@ -257,6 +257,9 @@ def _server_tokens(result: Mapping, where: str) -> tuple[list[int], list[float],
     if not isinstance(settings, Mapping):
         raise bad(f"{where}generation_settings", "the sampling settings of the result (do not filter them "
                   "out with response_fields)", settings)
+    if settings.get("stream"):
+        raise bad(f"{where}generation_settings.stream", "false (a streamed answer's final result carries no "
+                  "tokens or probabilities: dump non-streamed results)", True)
     temperature = _setting(settings, "temperature", where)
     if temperature <= 0:
         raise bad(f"{where}generation_settings.temperature", "a temperature > 0 (greedy decoding logs no "

@@ -93,6 +93,7 @@ def test_refusals(name, message):
                                                                  "expected a temperature > 0")),
     (lambda r: r["generation_settings"].update(xtc_probability=0.5), "field 'generation_settings.xtc_probability'"),
     (lambda r: r["generation_settings"].update(mirostat=2), "field 'generation_settings.mirostat'"),
+    (lambda r: r["generation_settings"].update(stream=True), "field 'generation_settings.stream': expected false"),
     (lambda r: r["generation_settings"].update(dynatemp_range=0.5), "field 'generation_settings.dynatemp_range'"),
     (lambda r: r["generation_settings"].update(backend_sampling=True), "field 'generation_settings.backend_sampling'"),
     (lambda r: r["completion_probabilities"][1].update(prob=0.0), ("field 'completion_probabilities[1].prob': "
