@@ -154,6 +154,21 @@ def test_convert_llamacpp(tmp_path):
                                [math.log(e["prob"]) for e in lines[0]["completion_probabilities"]])
 
 
+def test_convert_llamacpp_array_line(tmp_path):
+    """One line holding the array of a request's results (two prompts x n_cmpl 2), each with its prompt ids."""
+    results = fixture("two_prompts_n_cmpl_2")
+    line = [{**r, "prompt_ids": PROMPT if i < 2 else PROMPT_2} for i, r in enumerate(results)]
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(line) + "\n")
+    out = tmp_path / "out.arrow"
+    result = runner.invoke(app, ["convert", str(src), "--out", str(out), "--format", "llamacpp"])
+    assert result.exit_code == 0, result.output
+    table = pa.ipc.open_file(str(out)).read_all()
+    assert table.column("prompt_ids").to_pylist() == [PROMPT, PROMPT, PROMPT_2, PROMPT_2]
+    groups = table.column("group_id").to_pylist()
+    assert groups[0] == groups[1] != groups[2] == groups[3]
+
+
 def test_convert_llamacpp_bad_lines(tmp_path):
     lines = [json.loads(x) for x in (HERE / "completions.jsonl").read_text().splitlines()]
     pre = {**fixture("pre_sampling_defaults"), "prompt_ids": PROMPT}
