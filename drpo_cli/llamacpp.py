@@ -184,6 +184,7 @@ _IDENTITY = [("temperature", "temperature", lambda v: v == 1.0, "1"), ("top_k", 
              ("dry_multiplier", "dry", lambda v: v == 0.0, "0")]
 # common_params_sampling.samplers, named as common_sampler_type_to_str does.
 _DEFAULT_SAMPLERS = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
+_ROW_FIELDS = ("reward", "advantage", "group_id", "sample_id", "policy_version")
 _FIX = "request post_sampling_probs: true (the probabilities after the sampler chain)"
 
 
@@ -209,7 +210,8 @@ def llamacpp_server_rows(response: Any, prompt_ids: Sequence[int] | Sequence[Seq
     P prompts × k samples comes back in that order), else the result's own `prompt_ids` field (as
     `drpo convert` lines carry them); checked against `tokens_evaluated`. group_id: `request_id`
     (with "/p" when there are several prompts), else a hash of the prompt ids. Each row records its
-    `temperature`.
+    `temperature`; `reward`, `advantage`, `group_id`, `sample_id`, `policy_version` fields added
+    next to a result are copied into its row.
     """
     results = list(response) if isinstance(response, list) else [response]
     if not results:
@@ -236,6 +238,8 @@ def llamacpp_server_rows(response: Any, prompt_ids: Sequence[int] | Sequence[Seq
         else:
             group = "prompt-" + hashlib.blake2b(np.asarray(prompt, np.int64).tobytes(), digest_size=8).hexdigest()
             extra = {}
+        # Fields a dump added next to the result (a reward, ...) apply to its row.
+        extra.update({k: result[k] for k in _ROW_FIELDS if k in result})
         yield {"prompt_ids": prompt, "response_ids": tokens, "behavior_logprobs": values, "group_id": group,
                "temperature": temperature, **extra}
 

@@ -157,7 +157,7 @@ def test_convert_llamacpp(tmp_path):
 def test_convert_llamacpp_array_line(tmp_path):
     """One line holding the array of a request's results (two prompts x n_cmpl 2), each with its prompt ids."""
     results = fixture("two_prompts_n_cmpl_2")
-    line = [{**r, "prompt_ids": PROMPT if i < 2 else PROMPT_2} for i, r in enumerate(results)]
+    line = [{**r, "prompt_ids": PROMPT if i < 2 else PROMPT_2, "reward": float(i)} for i, r in enumerate(results)]
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps(line) + "\n")
     out = tmp_path / "out.arrow"
@@ -167,6 +167,7 @@ def test_convert_llamacpp_array_line(tmp_path):
     assert table.column("prompt_ids").to_pylist() == [PROMPT, PROMPT, PROMPT_2, PROMPT_2]
     groups = table.column("group_id").to_pylist()
     assert groups[0] == groups[1] != groups[2] == groups[3]
+    assert table.column("reward").to_pylist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_convert_llamacpp_bad_lines(tmp_path):
