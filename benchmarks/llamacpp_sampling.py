@@ -11,7 +11,7 @@ up to max-tokens each, stopping at EOS) on the same CPU threads:
 - transformers: `generate(do_sample=True, num_return_sequences=n, output_logits=True)` + `hf_rows`
   on the same GGUF dequantized to float32 (drpo's other way in for a local sampler).
 Rates are response tokens per second (EOS counted, padding after it not). Also printed: the numpy
-cost of one position's chain on a 49,152-token logits row. llama.cpp runs without its extra weight
+cost of one position's chain on the model's logits row (49,152 tokens). llama.cpp runs without its extra weight
 buffers (AMX / repacked; they die with SIGILL where the kernel does not grant AMX tile state), and
 one thread by default: on a machine shared with other work, llama.cpp's OpenMP threads spin at
 each barrier and 2 threads on 2 busy cores ran 13x slower than 1.
@@ -81,14 +81,13 @@ def transformers_way(ps, n, max_tokens, eos) -> tuple[float, int]:
     return time.perf_counter() - start, sum(len(r["response_ids"]) for r in rows)
 
 
-def chain_cost(vocab: int = 49152, reps: int = 200) -> dict[str, float]:
+def chain_cost(row: np.ndarray, reps: int = 200) -> dict[str, float]:
     from drpo_cli.llamacpp import processed_logprobs
 
-    row = np.random.default_rng(0).normal(0, 3, vocab).astype(np.float32)
     out = {}
     for name, kw in (("full distribution", {"temperature": T}),
                      ("top_k 40, top_p .95, min_p .05", {"temperature": T, "top_k": 40, "top_p": 0.95, "min_p": 0.05}),
-                     ("top_p .95 alone (sorts V)", {"temperature": T, "top_p": 0.95})):
+                     ("top_p .95 alone", {"temperature": T, "top_p": 0.95})):
         start = time.perf_counter()
         for _ in range(reps):
             processed_logprobs(row, **kw)
@@ -130,8 +129,12 @@ def main() -> None:
     for name, (wall, tokens) in results.items():
         rate = tokens / wall
         print(f"  {name:40s} {tokens:5d} tokens {wall:7.2f} s {rate:8.1f} tok/s   ours / this: {base_rate / rate:5.2f}x")
-    print("numpy chain per position, 49,152-token row:")
-    for name, us in chain_cost().items():
+    from drpo_cli.llamacpp import _last_logits
+
+    llm.reset()
+    llm.eval(ps[0])
+    print("numpy chain per position, the model's 49,152-token logits row after the first prompt:")
+    for name, us in chain_cost(_last_logits(llm).copy()).items():
         print(f"  {name:40s} {us:8.0f} us")
 
 
