@@ -171,7 +171,7 @@ def validate_command(
 def convert_command(
     inputs: list[str] = typer.Argument(..., help="JSONL files, one response (or rollout row) per line."),
     out: str = typer.Option(..., "--out", "-o", help="Output Arrow IPC file (schema v1)."),
-    fmt: str = typer.Option("jsonl", "--format", help="jsonl (schema v1 fields) | vllm | openai | sglang."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl (schema v1 fields) | vllm | openai | sglang | llamacpp."),
     column: list[str] = typer.Option([], "--column", help="Rename a JSON field: SRC=CANONICAL (repeatable)."),
     temperature: float | None = typer.Option(None, help="Sampling temperature (drpo.temperature metadata)."),
     top_p: float | None = typer.Option(None, help="Sampler top-p (drpo.top_p metadata)."),

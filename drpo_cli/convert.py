@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,12 @@ from drpo_cli.adapters import ADAPTERS, Row, Text, _ids, bad
 from drpo_cli.adapters.common import parse_version_map
 from drpo_cli.adapters.sglang import has_sampling_logprobs
 from drpo_cli.errors import ConfigError, InputError
+from drpo_cli.llamacpp import llamacpp_server_rows
 from drpo_cli.outputs import Output, output_problems
 from drpo_cli.schema import COLUMN_BY_NAME, TOKEN_COLUMNS, column_map_problems
 from drpo_cli.writer import RolloutWriter, check_logprobs_kind, truncates
 
-FORMATS = ("jsonl", "vllm", "openai", "sglang")
+FORMATS = ("jsonl", "vllm", "openai", "sglang", "llamacpp")
 # Engines whose log-prob kind depends on a server setting the dump does not record.
 _KIND_REQUIRED = {"vllm": "vLLM logs raw log-probs unless logprobs_mode=processed_logprobs",
                   "openai": "a vLLM server logs raw log-probs unless --logprobs-mode processed_logprobs; SGLang "
@@ -167,6 +168,13 @@ def _rows(obj: Any, cfg: ConvertConfig, mapping: dict[str, str], line: str, run:
             yield {k: v for k, v in {mapping.get(k, k): v for k, v in obj.items()}.items() if k in COLUMN_BY_NAME}
             return
     items = obj if isinstance(obj, list) else [obj]
+    if fmt == "llamacpp":  # one request's results: the adapter copies the fields next to each into its row
+        items = [{mapping.get(key, key): v for key, v in item.items()} if isinstance(item, Mapping) else item
+                 for item in items]
+        named = any(isinstance(item, Mapping) and "group_id" in item for item in items)
+        yield from _line_groups(llamacpp_server_rows(items if isinstance(obj, list) else items[0]), line, run,
+                                named)
+        return
     fields = []
     for k, item in enumerate(items):
         if not isinstance(item, Mapping):
@@ -196,14 +204,26 @@ def _rows(obj: Any, cfg: ConvertConfig, mapping: dict[str, str], line: str, run:
                 raise
             rest = err.message.removeprefix("field '")
             raise InputError(f"field '{at}{rest}") from None
-    groups: dict[tuple[int, ...], int] = {}  # a line's rows of one prompt are one group
-    for row, _ in pairs:
-        groups.setdefault(tuple(row["prompt_ids"]), len(groups))
-    for row, extras in pairs:
-        row = {**row, "group_id": line if len(groups) == 1 else f"{line}/{groups[tuple(row['prompt_ids'])]}"}
-        if run:
-            row["sample_id"] = f"{run}/{row['sample_id']}"
+    rows = _line_groups([row for row, _ in pairs], line, run, named=False)
+    for row, (_, extras) in zip(rows, pairs):
         yield {**row, **{k: v for k, v in extras.items() if k != "prompt_ids"}}
+
+
+def _line_groups(rows: Iterable[Row], line: str, run: str | None, named: bool) -> list[Row]:
+    """A line's rows of one prompt are one group (FILE:LINE, FILE:LINE/K for its K-th prompt) unless the
+    line named its groups; `run` prefixes the sample ids."""
+    rows = list(rows)
+    groups: dict[tuple[int, ...], int] = {}
+    for row in rows:
+        groups.setdefault(tuple(row["prompt_ids"]), len(groups))
+    out = []
+    for row in rows:
+        if not named:
+            row = {**row, "group_id": line if len(groups) == 1 else f"{line}/{groups[tuple(row['prompt_ids'])]}"}
+        if run:
+            row = {**row, "sample_id": f"{run}/{row['sample_id']}"}
+        out.append(row)
+    return out
 
 
 def _versions_hint(row: Row, columns: set[str]) -> str:
