@@ -43,7 +43,7 @@ _SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "
 
 
 MODEL_COLUMNS = ("prompt_ids", "response_ids", "behavior_logprobs", "advantages", "advantage", "reward", "group_id",
-                 "loss_mask", "sample_id", "policy_version", "temperature")  # what the model pass reads
+                 "loss_mask", "sample_id", "policy_version", "temperature", "routed_experts")  # what the model pass reads
 PLAN_COLUMNS = ("policy_version", "temperature", "loss_mask")  # the light pass over every row
 
 
@@ -56,13 +56,15 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     plan (a few numbers per row) and the `--top` worst sequences. Under torchrun (`shard`) each rank
     streams only its share and every rank runs the same number of passes (FSDP needs it).
     """
-    from drpo_cli import distributed
+    from drpo_cli import distributed, moe
     from drpo_cli.checkpoint import load_model
     from drpo_cli.logprobs import pick_device
     from drpo_cli.rollouts import file_temperature, group_advantage_table, rows_of_batch, stale_rows
     from drpo_cli.schema import RolloutSource, Shard
 
     start = time.perf_counter()
+    spec, routing_note = moe.plan_routing(cfg.model, source.columns(), replay=cfg.replay_routing,
+                            allow_unsafe=cfg.allow_unsafe_weights)  # refused before any work
     device = distributed.init(pick_device(cfg.device))
     sharded = distributed.launched()
     if sharded:  # built on the meta device, each rank reads its shards only; the weights keep the loaded dtype
@@ -71,13 +73,16 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     else:
         model, info = load_model(cfg.model, device=str(device), dtype=_DTYPES[cfg.dtype],
                                  allow_unsafe=cfg.allow_unsafe_weights)
+    routing = None if spec is None else moe.MismatchCount(spec)
+    if spec is not None:
+        moe.install(model, spec, replay=cfg.replay_routing)
     layout = shard or Shard(0, 1)
     plan = _RowPlan.read(source, layout.piece_rows, cfg.temperature)
     current, version_source = current_version(cfg.current_version, info.policy_version, plan.version)
     keep = ~stale_rows(plan.version, current, max_lag=cfg.max_lag, min_version=cfg.min_version)  # (N,) as the data audit
     known = plan.version >= 0
     plan_lag = np.where(known, (current if current is not None else 0) - plan.version, -1)  # (N,)
-    notes = []
+    notes = [routing_note] if routing_note else []
     if current is not None and (plan_lag[keep & known] < 0).any():
         notes.append(f"{int((plan_lag[keep & known] < 0).sum())} row(s) have a policy_version above the current "
                      f"version {current}; their lag is counted as unknown")
@@ -106,6 +111,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
             if rows.num_rows == 0:
                 continue
             check_vocabulary(rows, info.vocab_size, cfg.model)
+            rows = moe.check_routing(rows, spec, cfg.model)
             chunk = _Chunk(rows, plan_lag[rows.global_row], check)
             for mb in plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens):
                 yield chunk, mb
@@ -133,6 +139,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 mu = torch.from_numpy(rows.behavior_logprobs[idx])  # (M,)
                 adv = torch.from_numpy(rows.advantages[idx])  # (M,)
                 mask = torch.from_numpy(rows.loss_mask[idx])  # (M,)
+                if routing is not None:
+                    routing.add(model, mb, mask)
                 lag = torch.from_numpy(chunk.token_lag[idx])  # (M,)
                 position = chunk.position[idx]
                 diag.update(logp, mu, adv, mask, lag=lag, position=torch.from_numpy(position), entropy=entropy,
@@ -159,6 +167,11 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                if not isinstance(v, (dict, list)) and not k.startswith("data/")}
     for key in ("reject/token_frac", "reject/seq_frac"):  # stable names: null without --reject
         metrics.setdefault(key, None)
+    routing_section = None
+    if routing is not None:
+        frac, routing_section = routing.result(distributed.all_reduce_sum(torch.from_numpy(routing.counts)).numpy(),
+                                               replayed=cfg.replay_routing)
+        metrics["moe/routing_mismatch_frac"] = frac
     section = {
         "checkpoint": {"path": str(cfg.model), "policy_version": info.policy_version, "vocab_size": info.vocab_size},
         "device": str(device),
@@ -179,6 +192,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
         "mu_pi_histogram": picture.to_dict(),
         "worst_tokens": [c["tokens"] for c in top],
         "logging_checks": checks,
+        "routing": routing_section,
     }
     if checks is not None:
         notes += checks["findings"] if (checks["offset_suspected"] or checks["temperature_suspected"]) else []

@@ -231,6 +231,9 @@ def inspect_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."),
     micro_batch_tokens: int = typer.Option(4096, help="Token budget per forward pass."),
+    replay_routing: bool = typer.Option(
+        False, "--replay-routing", help="MoE: route through the experts the sampler logged (routed_experts column)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no tables."),
     allow_unsafe_weights: bool = typer.Option(False, "--allow-unsafe-weights", help="Allow pickle weights."),
 ) -> None:
@@ -251,6 +254,7 @@ def inspect_command(
             per_token=per_token, html=html, fail_above=tuple(fail_above), overwrite=overwrite, reject=tuple(reject),
             max_lag=max_lag, min_version=min_version, device=device, dtype=dtype,
             micro_batch_tokens=micro_batch_tokens, quiet=quiet, allow_unsafe_weights=allow_unsafe_weights,
+            replay_routing=replay_routing,
         ).check()
         from rich.console import Console
 
@@ -346,6 +350,9 @@ def train_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     dtype: str = typer.Option("auto", help="auto | bf16 (CUDA autocast, fp32 master weights) | fp32."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations."),
+    replay_routing: bool = typer.Option(
+        False, "--replay-routing", help="MoE: route through the experts the sampler logged (routed_experts column)."
+    ),
     cpu_offload: bool = typer.Option(
         False, "--cpu-offload", help="Under torchrun on CUDA: keep sharded weights, grads and optimizer state in CPU memory."
     ),
@@ -387,7 +394,7 @@ def train_command(
             tr_delta=tr_delta, temperature=temperature, columns=tuple(column), overwrite=overwrite, resume=resume,
             quiet=quiet, tensorboard=tensorboard, allow_unsafe_weights=allow_unsafe_weights, lora_r=lora_r, lora_alpha=lora_alpha,
             lora_targets=tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip()), adapter=adapter,
-            merge=merge,
+            merge=merge, replay_routing=replay_routing,
         )
         if config is None:
             cfg = TrainConfig(**options).check()
