@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from drpo_cli.errors import InputError
+from drpo_cli.routing import routed_experts_from_vllm
 
 Row = dict[str, Any]
 
@@ -102,8 +103,9 @@ def vllm_rows(outputs: Any) -> Iterator[Row]:
             values = [_logprob(_sampled(logprobs[t], tok, f"{where}.logprobs[{t}]"), f"{where}.logprobs[{t}]")
                       for t, tok in enumerate(tokens)]
             index = _get(completion, "index", i)
+            routed = routed_experts_from_vllm(completion, len(prompt))  # MoE: enable_return_routed_experts
             yield {"prompt_ids": prompt, "response_ids": tokens, "behavior_logprobs": values,
-                   "group_id": rid, "sample_id": f"{rid}/{index}"}
+                   "group_id": rid, "sample_id": f"{rid}/{index}", **({} if routed is None else {"routed_experts": routed})}
 
 
 def _sampled(position: Any, token: int, field: str) -> float:

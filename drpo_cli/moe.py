@@ -234,37 +234,6 @@ def check_routing(rows, spec: MoeSpec | None, model_dir: str):
     return replace(rows, routed_experts=np.ascontiguousarray(routing))
 
 
-# ---- vLLM ----------------------------------------------------------------------------------------
-
-
-def routed_experts_from_vllm(completion, prompt_len: int, *, prompt_start: int = 0,
-                             moe_layers: list[int] | None = None) -> list | None:
-    """The column's value for one vLLM 0.33 completion (`CompletionOutput.routed_experts`), or None.
-
-    vLLM returns a numpy array [positions, layers, top_k] (uint8, uint16 above 256 experts) for the
-    positions `routed_experts_prompt_start` … prompt + response − 2 (every position the engine ran
-    forward on, the last sampled token excluded), over every decoder layer. The skipped prompt
-    positions become empty entries (not logged); `moe_layers` keeps only those layers (a dense
-    layer's entries are meaningless), else every layer is kept and drpo picks the MoE layers.
-    """
-    routed = completion.get("routed_experts") if isinstance(completion, dict) else \
-        getattr(completion, "routed_experts", None)
-    if routed is None:
-        return None
-    arr = np.asarray(routed)
-    if arr.ndim != 3:
-        raise InputError(f"vLLM routed_experts: expected an array [positions, layers, top_k], found shape {arr.shape}")
-    token_ids = completion.get("token_ids") if isinstance(completion, dict) else completion.token_ids
-    positions = prompt_len + len(token_ids) - 1
-    if prompt_start + arr.shape[0] != positions:
-        raise InputError(f"vLLM routed_experts: expected {positions - prompt_start} positions (prompt {prompt_len} "
-                         f"+ response {len(token_ids)} − 1 − routed_experts_prompt_start {prompt_start}), "
-                         f"found {arr.shape[0]}")
-    if moe_layers is not None:
-        arr = arr[:, list(moe_layers)]
-    return [[] for _ in range(prompt_start)] + arr.astype(np.int64).tolist()
-
-
 @torch.no_grad()
 def own_routing(model: torch.nn.Module, spec: MoeSpec, input_ids: torch.Tensor) -> np.ndarray:
     """(L, n_layers, k) expert ids the model's own routers choose for one sequence `input_ids` (L,):

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers.models.qwen3_5_moe import Qwen3_5MoeTextConfig
 from typer.testing import CliRunner
 
 from drpo_cli import moe
@@ -24,6 +25,7 @@ from drpo_cli.data import plan_micro_batches
 from drpo_cli.errors import ConfigError, InputError
 from drpo_cli.logprobs import token_logprobs
 from drpo_cli.rollouts import load_rows
+from drpo_cli.routing import routed_experts_from_vllm
 from drpo_cli.schema import open_rollouts, validate_rollouts
 from drpo_cli.writer import RolloutWriter
 
@@ -42,6 +44,11 @@ CONFIGS = {
                                         num_experts_per_tok=2, mlp_only_layers=[1]),
     "mixtral": lambda: MixtralConfig(**_COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
     "olmoe": lambda: OlmoeConfig(**_COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2),
+    # the DRPO paper's Qwen3.5-35B-A3B family: linear-attention and full-attention layers, a shared expert
+    "qwen3_5_moe": lambda: Qwen3_5MoeTextConfig(
+        **_COMMON, head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=8,
+        num_experts_per_tok=2, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"]),
 }
 ROUTER_SCALE = 20.0  # router weights × this: decisive routing, so a perturbed sampler mis-routes some positions
 
@@ -389,9 +396,36 @@ def test_routed_experts_from_vllm():
     # vLLM 0.33: [positions, every decoder layer, top_k] uint8 from routed_experts_prompt_start on
     arr = np.arange(5 * 3 * 2, dtype=np.uint8).reshape(5, 3, 2)
     completion = SimpleNamespace(token_ids=[7, 8, 9], routed_experts=arr)
-    assert moe.routed_experts_from_vllm(completion, 3) == arr.astype(int).tolist()  # 3 + 3 − 1 = 5 positions
-    value = moe.routed_experts_from_vllm(completion, 4, prompt_start=1, moe_layers=[0, 2])
+    assert routed_experts_from_vllm(completion, 3) == arr.astype(int).tolist()  # 3 + 3 − 1 = 5 positions
+    value = routed_experts_from_vllm(completion, 4, prompt_start=1, moe_layers=[0, 2])
     assert value[0] == [] and value[1:] == arr[:, [0, 2]].astype(int).tolist()
-    assert moe.routed_experts_from_vllm({"token_ids": [1], "routed_experts": None}, 3) is None
+    assert routed_experts_from_vllm(completion, 5)[:2] == [[], []]  # the skipped prompt start, inferred
+    assert routed_experts_from_vllm({"token_ids": [1], "routed_experts": None}, 3) is None
     with pytest.raises(InputError, match="expected 6 positions"):
-        moe.routed_experts_from_vllm(completion, 4)
+        routed_experts_from_vllm(completion, 4, prompt_start=0)
+    with pytest.raises(InputError, match="expected 4 positions"):
+        routed_experts_from_vllm(completion, 2)  # more positions than the row has
+
+
+def test_convert_vllm_dump_fills_routed_experts(tmp_path):
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "vllm_0.11_request_outputs.jsonl"
+    lines, expected = [], []
+    for line in fixture.read_text().splitlines():
+        request = json.loads(line)
+        for c in request["outputs"]:
+            positions = len(request["prompt_token_ids"]) + len(c["token_ids"]) - 1
+            c["routed_experts"] = (np.arange(positions * 4).reshape(positions, 2, 2) % 8).tolist()  # uint8 in vLLM
+            expected.append(c["routed_experts"])
+        lines.append(json.dumps(request))
+    dump = tmp_path / "vllm_moe.jsonl"
+    dump.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.arrow"
+    result = CliRunner().invoke(app, ["convert", str(dump), "--out", str(out), "--format", "vllm", "--logprobs",
+                                      "processed", "--temperature", "0.7"])
+    assert result.exit_code == 0, result.output
+    table = pa.ipc.open_file(str(out)).read_all()
+    assert table.num_rows == len(expected) == 2
+    assert table.column("routed_experts").to_pylist() == expected
+    assert [str(p) for p in validate_rollouts(open_rollouts(out))] == []
