@@ -19,6 +19,7 @@ gradient checkpointing's recompute in backward sees the same routing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -314,3 +315,53 @@ class MismatchCount:
         return frac, {"architecture": self.spec.model_type, "layers": len(self.spec.layers), "top_k": self.spec.top_k,
                       "num_experts": self.spec.num_experts, "replayed": replayed, "positions": positions,
                       "unlogged_positions": int(c[-1]), "mismatch_frac": frac, "by_layer": by_layer}
+
+
+# ---- sharded loading (torchrun) of weights converted on load -------------------------------------
+
+
+def saved_pieces(model: torch.nn.Module, name: str, shape: tuple[int, ...]) -> list[tuple[str, int, int]] | None:
+    """Where the rows of a parameter that transformers converts on load lie on disk: experts fused
+    into one tensor (`experts.gate_up_proj` (E, 2I, H) from each expert's gate and up projections,
+    `experts.down_proj` (E, H, I)) or renamed (Mixtral's `block_sparse_moe` → `mlp`).
+    Returns [(saved name, first flat row, rows)] over the parameter's rows flattened to
+    (E·rows_per_expert) for 3-D and (rows) for 2-D tensors, or None for a parameter stored as it is.
+
+    Found by undoing the load-time conversion (transformers' own, as saving does) on a tensor of
+    row numbers: each saved piece then holds the row numbers it came from.
+    """
+    from drpo_cli.checkpoint import _to_saved_format
+
+    if len(shape) not in (2, 3):
+        return None
+    rows = math.prod(shape[:-1])
+    index = torch.arange(rows, dtype=torch.float64).reshape(*shape[:-1], 1)
+    saved = _to_saved_format(model, {name: index})
+    if list(saved) == [name]:
+        return None
+    pieces = []
+    for saved_name, t in saved.items():
+        flat = t.reshape(-1).long()
+        if t.shape[-1] != 1 or not torch.equal(flat, flat[0] + torch.arange(len(flat))):
+            return None  # a conversion other than splitting or renaming rows (e.g. a transpose)
+        pieces.append((saved_name, int(flat[0]), len(flat)))
+    return pieces
+
+
+def read_converted_rows(model: torch.nn.Module, name: str, shape: tuple[int, ...], entries: dict, start: int,
+                        stop: int, out: torch.Tensor) -> bool:
+    """Fill `out`, rows [start, stop) (dim 0, as FSDP2 shards) of parameter `name`, from the tensors
+    transformers saved it as; False when `name` is stored as it is or a piece is missing."""
+    from drpo_cli.checkpoint import read_rows
+
+    pieces = saved_pieces(model, name, shape)
+    if pieces is None or any(p[0] not in entries for p in pieces):
+        return False
+    per = math.prod(shape[1:-1])  # flat rows per dim-0 row: 2I or H for experts, 1 for a matrix
+    flat_out = out.view(-1, shape[-1])  # ((stop − start)·per, last)
+    lo, hi = start * per, stop * per
+    for saved_name, first, rows in pieces:
+        a, b = max(first, lo), min(first + rows, hi)
+        if a < b:
+            read_rows(entries[saved_name], a - first, b - first, flat_out[a - lo : b - lo])
+    return True

@@ -429,3 +429,60 @@ def test_convert_vllm_dump_fills_routed_experts(tmp_path):
     assert table.num_rows == len(expected) == 2
     assert table.column("routed_experts").to_pylist() == expected
     assert [str(p) for p in validate_rollouts(open_rollouts(out))] == []
+
+
+def test_two_ranks_train_with_replay_as_one_process(tmp_path):
+    from safetensors.torch import load_file
+    from test_distributed import one_process, torchrun
+
+    model = tiny("qwen3_moe")
+    model.save_pretrained(tmp_path / "model")
+    write_rows(tmp_path / "r.arrow", rollout_rows(perturbed(model, 0.7), n=8, seed=4))
+    common = ["-r", str(tmp_path / "r.arrow"), "-m", str(tmp_path / "model"), "--quiet", "--device", "cpu",
+              "--lr", "1e-2", "--minibatches", "2", "--micro-batch-tokens", "20", "--replay-routing",
+              "--grad-checkpointing"]
+    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process("train", *common, "--out", str(tmp_path / "one"))
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    gate = "model.layers.1.mlp.gate.weight"
+    assert (one[gate] - model.state_dict()[gate]).abs().max() > 1e-4
+
+
+
+@pytest.mark.slow
+def test_two_ranks_audit_routing_as_one_process(tmp_path):
+    from test_distributed import assert_same_json, one_process, torchrun
+
+    model = tiny("qwen2_moe")
+    model.save_pretrained(tmp_path / "model")
+    write_rows(tmp_path / "r.arrow", rollout_rows(perturbed(model, 0.7), n=8, seed=4))
+    audit = ["inspect", str(tmp_path / "r.arrow"), "--model", str(tmp_path / "model"), "--quiet", "--device", "cpu",
+             "--micro-batch-tokens", "20", "--replay-routing"]
+    run = torchrun(*audit, "--json", str(tmp_path / "two.json"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process(*audit, "--json", str(tmp_path / "one.json"))
+    r1, r2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert r1["model"]["routing"]["positions"] > 0 and r1["model"]["routing"]["mismatch_frac"] > 0
+    assert_same_json(r1["model"]["routing"], r2["model"]["routing"])
+    assert_same_json(r1["metrics"], r2["metrics"])
+
+
+def test_sharded_loading_reads_each_ranks_rows_of_weights_converted_on_load(kind, tmp_path):
+    # torchrun: each rank reads its experts' rows of gate_up_proj / down_proj from the per-expert tensors on disk
+    from drpo_cli.checkpoint import empty_model, weight_entries
+
+    model = tiny(kind)
+    model.save_pretrained(tmp_path)
+    entries = weight_entries(tmp_path)
+    meta = empty_model(model.config)
+    fused = [n for n, p in model.named_parameters() if n not in entries]
+    assert any("experts" in n for n in fused)
+    for name in fused:
+        full = dict(model.named_parameters())[name]
+        for start, stop in ((0, 3), (3, full.shape[0])):
+            out = torch.empty(stop - start, *full.shape[1:])
+            assert moe.read_converted_rows(meta, name, tuple(full.shape), entries, start, stop, out)
+            assert torch.equal(out, full[start:stop].detach()), name
+    assert not moe.read_converted_rows(meta, "model.embed_tokens.weight", (V, 32), entries, 0, V, torch.empty(V, 32))
