@@ -94,10 +94,11 @@ def routers(model: torch.nn.Module, spec: MoeSpec) -> list[torch.nn.Module]:
     found = []
     for i in spec.layers:
         gate = getattr(getattr(layers[i], "mlp", None), "gate", None)
-        if type(gate).__name__ != name:
+        base = gate.get_base_layer() if hasattr(gate, "get_base_layer") else gate  # under a LoRA wrapper
+        if type(base).__name__ != name:
             raise CheckpointError(f"{type(model).__name__}: expected a {name} at layer {i}'s mlp.gate, "
-                                  f"found {type(gate).__name__}")
-        found.append(gate)
+                                  f"found {type(base).__name__}")
+        found.append(gate)  # the outermost module: its output is what the block uses
     return found
 
 
@@ -237,8 +238,9 @@ def check_routing(rows, spec: MoeSpec | None, model_dir: str):
 
 @torch.no_grad()
 def own_routing(model: torch.nn.Module, spec: MoeSpec, input_ids: torch.Tensor) -> np.ndarray:
-    """(L, n_layers, k) expert ids the model's own routers choose for one sequence `input_ids` (L,):
-    what a sampler running this model logs (tests, benchmarks/moe_replay.py)."""
+    """(L, n_layers, k) expert ids the model's own routers choose for a sequence `input_ids` (L,), or
+    (B, L, n_layers, k) for a batch (B, L) of equal-length sequences: what a sampler running this
+    model logs (tests, benchmarks/moe_replay.py)."""
     found: list[torch.Tensor] = [None] * len(spec.layers)  # type: ignore[list-item]
 
     def keep(j):
@@ -246,13 +248,15 @@ def own_routing(model: torch.nn.Module, spec: MoeSpec, input_ids: torch.Tensor) 
             found[j] = output[2]
         return hook
 
+    batch = input_ids if input_ids.dim() == 2 else input_ids[None]  # (B, L)
     handles = [g.register_forward_hook(keep(j)) for j, g in enumerate(routers(model, spec))]
     try:
-        model.get_decoder()(input_ids=input_ids[None], use_cache=False)
+        model.get_decoder()(input_ids=batch, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return torch.stack(found, dim=1).cpu().numpy().astype(np.int16)  # (L, n_layers, k)
+    ids = torch.stack(found, dim=1).reshape(*batch.shape, len(spec.layers), -1)  # (B, L, n_layers, k)
+    return (ids if input_ids.dim() == 2 else ids[0]).cpu().numpy().astype(np.int16)
 
 
 def plan_routing(model_dir: str, columns: set[str], *, replay: bool, allow_unsafe: bool = False

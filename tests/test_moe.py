@@ -486,3 +486,22 @@ def test_sharded_loading_reads_each_ranks_rows_of_weights_converted_on_load(kind
             assert moe.read_converted_rows(meta, name, tuple(full.shape), entries, start, stop, out)
             assert torch.equal(out, full[start:stop].detach()), name
     assert not moe.read_converted_rows(meta, "model.embed_tokens.weight", (V, 32), entries, 0, V, torch.empty(V, 32))
+
+
+def test_lora_training_replaying_the_models_own_routing_equals_no_replay(tmp_path):
+    # peft wraps the router (its default targets include `gate`): the hook sits on the wrapper
+    from safetensors.torch import load_file
+
+    model = tiny("olmoe")
+    model.save_pretrained(tmp_path / "model")
+    write_rows(tmp_path / "r.arrow", rollout_rows(model, n=4, seed=6))
+    adapters = []
+    for name, extra in (("plain", []), ("replay", ["--replay-routing"])):
+        result = CliRunner().invoke(app, ["train", "-r", str(tmp_path / "r.arrow"), "-m", str(tmp_path / "model"),
+                                          "--out", str(tmp_path / name), "--device", "cpu", "--lr", "1e-2", "--quiet",
+                                          "--lora-r", "4", "--micro-batch-tokens", "20", *extra])
+        assert result.exit_code == 0, result.output
+        adapters.append(load_file(str(tmp_path / name / "adapter_model.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys() and any("gate" in k for k in adapters[0])
+    for k in adapters[0]:
+        assert torch.equal(adapters[0][k], adapters[1][k]), k
