@@ -94,7 +94,7 @@ def sample(sampler, args, path: Path, *, with_routing: bool = True) -> None:
 
 
 def audit(model, rows, args, device, *, replay: bool) -> dict:
-    """k3, mean |log r|, routing mismatch and the inference pass's time, through drpo's engine."""
+    """k3, mean |log r| and the routing mismatch over response tokens, through drpo's engine."""
     from drpo_cli import moe
     from drpo_cli.data import plan_micro_batches
     from drpo_cli.logprobs import reused_buffers, token_logprobs
@@ -102,55 +102,51 @@ def audit(model, rows, args, device, *, replay: bool) -> dict:
     spec = moe.MoeSpec.of(model.config)
     moe.install(model, spec, replay=replay)
     count = moe.MismatchCount(spec)
-    batches = [mb.to(device) for mb in plan_micro_batches(rows, np.arange(rows.num_rows), args.micro_batch_tokens)]
     logp = torch.zeros(rows.num_tokens)
-    times = []
-    for _ in range(args.repeats):
-        count.counts[:] = 0
-        start = time.perf_counter()
-        with torch.inference_mode(), reused_buffers():
-            for mb in batches:
-                lp, _ = token_logprobs(model, mb, chunk_tokens=1024)
-                logp[mb.token_index.cpu()] = lp.float().cpu()
-                count.add(model, mb, torch.ones(mb.num_tokens, dtype=torch.bool))
-        times.append(time.perf_counter() - start)
+    with torch.inference_mode(), reused_buffers():
+        for mb in plan_micro_batches(rows, np.arange(rows.num_rows), args.micro_batch_tokens):
+            mb = mb.to(device)
+            lp, _ = token_logprobs(model, mb, chunk_tokens=1024)
+            logp[mb.token_index.cpu()] = lp.float().cpu()
+            count.add(model, mb, torch.ones(mb.num_tokens, dtype=torch.bool))
     moe.remove(model)
     logr = (logp - torch.from_numpy(rows.behavior_logprobs)).double()
-    k3 = (logr.exp() - 1 - logr).mean().item()
     frac, _ = count.result(replayed=replay)
-    routing_bytes = max(mb.routed_experts.numel() * mb.routed_experts.element_size() for mb in batches)
-    return {"k3": k3, "abs_logr": logr.abs().mean().item(), "mismatch": frac, "seconds": min(times),
-            "routing_bytes": routing_bytes}
+    return {"k3": (logr.exp() - 1 - logr).mean().item(), "abs_logr": logr.abs().mean().item(), "mismatch": frac}
 
 
-def train_passes(model, rows, args, device) -> dict[bool, tuple[float, float | None]]:
-    """{replay: (seconds of forward + backward over every micro-batch, min over repeats; peak CUDA MiB)},
-    the two arms interleaved run by run."""
+def timed_passes(model, rows, args, device, *, train: bool) -> tuple[dict, float]:
+    """({replay: (seconds over every micro-batch, min over repeats; peak CUDA MiB)}, median of the paired
+    replay / plain ratios) of an inference pass (an audit) or a forward + backward pass (a training
+    step), the two arms interleaved run by run (a shared machine's load drifts between runs)."""
     from drpo_cli import moe
     from drpo_cli.data import plan_micro_batches
-    from drpo_cli.logprobs import fused_token_loss, reused_buffers
+    from drpo_cli.logprobs import fused_token_loss, reused_buffers, token_logprobs
 
     batches = [mb.to(device) for mb in plan_micro_batches(rows, np.arange(rows.num_rows), args.micro_batch_tokens)]
     times: dict[bool, list[float]] = {False: [], True: []}
     peak: dict[bool, float | None] = {False: None, True: None}
     for _ in range(args.repeats):
         for replay in (False, True):
-            if replay:
-                moe.install(model, moe.MoeSpec.of(model.config), replay=True)
+            moe.install(model, moe.MoeSpec.of(model.config), replay=replay)  # the audit's hooks in both arms
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             model.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            with reused_buffers():
+            with reused_buffers(), torch.inference_mode(not train):
                 for mb in batches:
-                    loss, _, _ = fused_token_loss(model, mb, lambda logp, sl: -logp.sum(), chunk_tokens=1024)
-                    loss.backward()
+                    if train:
+                        loss, _, _ = fused_token_loss(model, mb, lambda logp, sl: -logp.sum(), chunk_tokens=1024)
+                        loss.backward()
+                    else:
+                        token_logprobs(model, mb, chunk_tokens=1024)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 peak[replay] = torch.cuda.max_memory_allocated() / 2**20
             times[replay].append(time.perf_counter() - start)
             moe.remove(model)
-    return {replay: (min(times[replay]), peak[replay]) for replay in (False, True)}
+    paired = float(np.median(np.array(times[True]) / np.array(times[False])))
+    return {replay: (min(times[replay]), peak[replay]) for replay in (False, True)}, paired
 
 
 def main() -> None:
@@ -168,12 +164,13 @@ def main() -> None:
     p.add_argument("--logit-scale", type=float, default=4.0, help="output head × this")
     p.add_argument("--noise", type=float, default=0.03, help="sampler router noise, × the router weights' std")
     p.add_argument("--micro-batch-tokens", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per arm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
+    from drpo_cli.data import plan_micro_batches
     from drpo_cli.rollouts import load_rows
 
     torch.set_num_threads(args.threads)
@@ -201,20 +198,21 @@ def main() -> None:
                   f"{_ratio(plain['k3'], replay['k3']):>8}{plain['abs_logr']:>15.3e}{replay['abs_logr']:>16.3e}"
                   f"{_ratio(plain['abs_logr'], replay['abs_logr']):>8}")
             if rows is None:
-                rows, first, first_replay, first_path = these, plain, replay, path
+                rows, first_path = these, path
 
-        print("\ncost of replay (same rollouts, min of", args.repeats, "runs)")
-        passes = train_passes(model, rows, args, device)
-        (t_plain, m_plain), (t_replay, m_replay) = passes[False], passes[True]
-        print(f"  inference pass (audit):      {first['seconds']:.3f} s plain, {first_replay['seconds']:.3f} s replay"
-              f"  ({first_replay['seconds'] / first['seconds']:.2f}×)")
-        print(f"  forward + backward (train):  {t_plain:.3f} s plain, {t_replay:.3f} s replay"
-              f"  ({t_replay / t_plain:.2f}×)")
-        if m_plain is not None:
-            print(f"  peak CUDA memory:            {m_plain:.1f} MiB plain, {m_replay:.1f} MiB replay "
-                  f"({m_replay / m_plain:.3f}×)")
-        print(f"  largest micro-batch routing tensor: {first['routing_bytes']:,} bytes "
-              f"(int16, positions × {args.layers} layers × {args.top_k})")
+        print(f"\ncost of replay (same rollouts, {args.repeats} runs per arm, arms interleaved)")
+        for label, train in (("inference pass (audit)", False), ("forward + backward (train)", True)):
+            passes, paired = timed_passes(model, rows, args, device, train=train)
+            (t_plain, m_plain), (t_replay, m_replay) = passes[False], passes[True]
+            print(f"  {label + ':':<29}{t_plain:.3f} s plain, {t_replay:.3f} s replay (best: {t_replay / t_plain:.2f}×; "
+                  f"median of paired runs: {paired:.2f}×)"
+                  + (f"; peak CUDA memory {m_plain:.1f} / {m_replay:.1f} MiB ({m_replay / m_plain:.3f}×)"
+                     if m_plain is not None else ""))
+        largest = max(plan_micro_batches(rows, np.arange(rows.num_rows), args.micro_batch_tokens),
+                      key=lambda mb: mb.routed_experts.numel())
+        print(f"  extra memory: the micro-batch's routing tensor, at most {largest.routed_experts.numel() * 2:,} bytes "
+              f"(int16, {largest.positions} positions × {args.layers} layers × {args.top_k}), and per MoE layer "
+              f"the router's probabilities, which the router computes anyway")
 
         no_col = tmp / "no_routing.arrow"
         sample(sampler_of(model.cpu(), args.noise, bf16_experts=False, seed=args.seed + 1), args, no_col,

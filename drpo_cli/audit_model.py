@@ -64,7 +64,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
 
     start = time.perf_counter()
     spec, routing_note = moe.plan_routing(cfg.model, source.columns(), replay=cfg.replay_routing,
-                            allow_unsafe=cfg.allow_unsafe_weights)  # refused before any work
+                                          allow_unsafe=cfg.allow_unsafe_weights)  # refused before any work
     device = distributed.init(pick_device(cfg.device))
     sharded = distributed.launched()
     if sharded:  # built on the meta device, each rank reads its shards only; the weights keep the loaded dtype
