@@ -129,6 +129,7 @@ class RoutingState:
     src_index: torch.Tensor | None = None  # (M,) positions predicting the micro-batch's response tokens
     mismatch: list[torch.Tensor | None] = field(default_factory=list)  # per layer (M,) bool, own set ≠ logged set
     handles: list = field(default_factory=list)
+    step: MismatchCount | None = None  # training: the current step's mismatch counts
 
     def hook(self, layer: int):
         def on_router(module, args, output):
@@ -369,3 +370,27 @@ def read_converted_rows(model: torch.nn.Module, name: str, shape: tuple[int, ...
         if a < b:
             read_rows(entries[saved_name], a - first, b - first, flat_out[a - lo : b - lo])
     return True
+
+
+def count_trained(model: torch.nn.Module, mb, trained: torch.Tensor) -> None:
+    """Training: add micro-batch `mb`'s routing mismatches at its trained tokens (M,) to the step's count."""
+    state = model.__dict__.get(_ATTR)
+    if state is None:
+        return
+    if state.step is None:
+        state.step = MismatchCount(state.spec)
+    state.step.add(model, mb, trained.cpu())
+
+
+def step_metrics(model: torch.nn.Module) -> dict[str, float | None]:
+    """{"moe/routing_mismatch_frac": the step's share over every rank's trained positions} and a fresh
+    count; {} without routing hooks. Under torchrun every rank calls it (an all-reduce)."""
+    from drpo_cli import distributed
+
+    state = model.__dict__.get(_ATTR)
+    if state is None:
+        return {}
+    count = state.step or MismatchCount(state.spec)
+    state.step = None
+    frac, _ = count.result(distributed.all_reduce_sum(torch.from_numpy(count.counts)).numpy(), replayed=state.replay)
+    return {"moe/routing_mismatch_frac": frac}

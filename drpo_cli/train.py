@@ -225,7 +225,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
 
             seconds = time.perf_counter() - t_step
-            metrics = _flat_metrics(diag.summary())
+            metrics = _flat_metrics(diag.summary()) | moe.step_metrics(model)
             steps.append({"step": step, "epoch": epoch, "minibatch": k, "loss": clean_number(loss.item()),
                           "grad_norm": clean_number(grad_norm.item()), "lr": lr, "tokens": tokens,
                           "skipped": skipped, "seconds": seconds, "metrics": metrics})
@@ -339,6 +339,7 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
             total += loss.detach()
             tokens += m.sum()
             diag.update(logp, behavior[idx].to(device), a, m, entropy=ent, seq_index=mb.seq_index, ref_logp=ref)
+            moe.count_trained(model, mb, m)  # with --replay-routing: the router's own top-k ≠ the logged one
         for filler in fillers:
             zero, _, _ = fused_token_loss(model, filler.to(device), lambda logp, sl: logp.sum() * 0.0,
                                           chunk_tokens=cfg.chunk_tokens, dtype=autocast)

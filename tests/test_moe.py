@@ -308,6 +308,9 @@ def test_train_with_replay_moves_the_router_and_checkpointing_recomputes_the_sam
     assert max((outs["replay"][k] - outs["plain"][k]).abs().max().item() for k in outs["plain"]) > 1e-5
     report = json.loads((tmp_path / "replay" / "drpo_report.json").read_text())
     assert report["config"]["replay_routing"] is True
+    assert 0 < report["steps"][0]["metrics"]["moe/routing_mismatch_frac"] < 1  # the perturbed sampler's share
+    plain = json.loads((tmp_path / "plain" / "drpo_report.json").read_text())
+    assert "moe/routing_mismatch_frac" not in plain["steps"][0]["metrics"]
 
 
 # ---- the column --------------------------------------------------------------------------------
@@ -503,5 +506,7 @@ def test_lora_training_replaying_the_models_own_routing_equals_no_replay(tmp_pat
         assert result.exit_code == 0, result.output
         adapters.append(load_file(str(tmp_path / name / "adapter_model.safetensors")))
     assert adapters[0].keys() == adapters[1].keys() and any("gate" in k for k in adapters[0])
+    report = json.loads((tmp_path / "replay" / "drpo_report.json").read_text())
+    assert [s["metrics"]["moe/routing_mismatch_frac"] for s in report["steps"]] == [0.0]  # own routing logged
     for k in adapters[0]:
         assert torch.equal(adapters[0][k], adapters[1][k]), k
