@@ -45,8 +45,8 @@ _SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "
 
 MODEL_COLUMNS = ("prompt_ids", "response_ids", "behavior_logprobs", "advantages", "advantage", "reward", "group_id",
                  "loss_mask", "sample_id", "policy_version", "temperature",
-                 "token_policy_versions")  # what the model pass reads
-PLAN_COLUMNS = ("policy_version", "temperature", "loss_mask", "token_policy_versions")  # the light pass over every row
+                 "token_policy_versions", "routed_experts")  # what the model pass reads
+PLAN_COLUMNS = ("policy_version", "temperature", "loss_mask", "token_policy_versions", "routed_experts")  # the light pass over every row
 
 
 def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None, shard=None):
@@ -58,7 +58,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     plan (a few numbers per row) and the `--top` worst sequences. Under torchrun (`shard`) each rank
     streams only its share and every rank runs the same number of passes (FSDP needs it).
     """
-    from drpo_cli import distributed
+    from drpo_cli import distributed, moe
     from drpo_cli.checkpoint import load_model
     from drpo_cli.logprobs import pick_device
     from drpo_cli.rollouts import (
@@ -71,6 +71,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     from drpo_cli.schema import RolloutSource, Shard
 
     start = time.perf_counter()
+    spec, routing_note = moe.plan_routing(cfg.model, source.columns(), replay=cfg.replay_routing,
+                                          allow_unsafe=cfg.allow_unsafe_weights)  # refused before any work
     device = distributed.init(pick_device(cfg.device))
     sharded = distributed.launched()
     if sharded:  # built on the meta device, each rank reads its shards only; the weights keep the loaded dtype
@@ -79,6 +81,9 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     else:
         model, info = load_model(cfg.model, device=str(device), dtype=_DTYPES[cfg.dtype],
                                  allow_unsafe=cfg.allow_unsafe_weights)
+    routing = None if spec is None else moe.MismatchCount(spec)
+    if spec is not None:
+        moe.install(model, spec, replay=cfg.replay_routing)
     layout = shard or Shard(0, 1)
     plan = _RowPlan.read(source, layout.piece_rows, cfg.temperature)
     current, version_source = current_version(cfg.current_version, info.policy_version, plan.newest)
@@ -86,7 +91,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     # (N,) as the data audit: a row drops when its newest trained token is too stale (rollouts.stale_tokens).
     keep = ~too_stale(plan.newest, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
     plan_lag = _lag(plan.oldest, current)  # (N,) oldest trained token's lag
-    notes = []
+    notes = [routing_note] if routing_note else []
     newer = keep & (plan.newest > current) if current is not None else np.zeros(0, dtype=bool)
     if newer.any():
         notes.append(f"{int(newer.sum())} row(s) have a policy_version (of the row or of some tokens) above the "
@@ -122,6 +127,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
             if filtering:  # the kept rows' too-stale tokens leave the loss mask
                 rows, _ = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
             check_vocabulary(rows, info.vocab_size, cfg.model)
+            rows = moe.check_routing(rows, spec, cfg.model)
             chunk = _Chunk(rows, current, check)
             for mb in plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens):
                 yield chunk, mb
@@ -149,6 +155,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 mu = torch.from_numpy(rows.behavior_logprobs[idx])  # (M,)
                 adv = torch.from_numpy(rows.advantages[idx])  # (M,)
                 mask = torch.from_numpy(rows.loss_mask[idx])  # (M,)
+                if routing is not None:
+                    routing.add(model, mb, mask)
                 lag = torch.from_numpy(chunk.token_lag[idx])  # (M,)
                 position = chunk.position[idx]
                 diag.update(logp, mu, adv, mask, lag=lag, position=torch.from_numpy(position), entropy=entropy,
@@ -176,6 +184,11 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     for key in ("reject/token_frac", "reject/seq_frac", "veto/token_frac", "veto/seq_frac",
                 "is/batch_norm_factor"):  # stable names: null without --reject / --is-veto / --is-batch-norm
         metrics.setdefault(key, None)
+    routing_section = None
+    if routing is not None:
+        frac, routing_section = routing.result(distributed.all_reduce_sum(torch.from_numpy(routing.counts)).numpy(),
+                                               replayed=cfg.replay_routing)
+        metrics["moe/routing_mismatch_frac"] = frac
     section = {
         "checkpoint": {"path": str(cfg.model), "policy_version": info.policy_version, "vocab_size": info.vocab_size},
         "device": str(device),
@@ -196,6 +209,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
         "mu_pi_histogram": picture.to_dict(),
         "worst_tokens": [c["tokens"] for c in top],
         "logging_checks": checks,
+        "routing": routing_section,
     }
     if checks is not None:
         notes += checks["findings"] if (checks["offset_suspected"] or checks["temperature_suspected"]) else []

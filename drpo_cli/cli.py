@@ -248,6 +248,9 @@ def inspect_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 weights."),
     micro_batch_tokens: int = typer.Option(4096, help="Token budget per forward pass."),
+    replay_routing: bool = typer.Option(
+        False, "--replay-routing", help="MoE: route through the experts the sampler logged (routed_experts column)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no tables."),
     allow_unsafe_weights: bool = typer.Option(False, "--allow-unsafe-weights", help="Allow pickle weights."),
 ) -> None:
@@ -270,6 +273,7 @@ def inspect_command(
             micro_batch_tokens=micro_batch_tokens, quiet=quiet, allow_unsafe_weights=allow_unsafe_weights,
             is_veto=is_veto, correction=correction, is_correction=is_correction, is_cap=is_cap, is_band=is_band,
             is_level=is_level, is_batch_norm=is_batch_norm, reject_mode=reject_mode,
+            replay_routing=replay_routing,
         ).check()
         from rich.console import Console
 
@@ -375,6 +379,9 @@ def train_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     dtype: str = typer.Option("auto", help="auto | bf16 | fp16 (autocast, fp32 master weights; fp16 loss-scaled) | fp32."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations."),
+    replay_routing: bool = typer.Option(
+        False, "--replay-routing", help="MoE: route through the experts the sampler logged (routed_experts column)."
+    ),
     cpu_offload: bool = typer.Option(
         False, "--cpu-offload", help="Under torchrun on CUDA: keep sharded weights, grads and optimizer state in CPU memory."
     ),
@@ -417,7 +424,7 @@ def train_command(
             tr_delta=tr_delta, temperature=temperature, columns=tuple(column), overwrite=overwrite, resume=resume,
             quiet=quiet, tensorboard=tensorboard, allow_unsafe_weights=allow_unsafe_weights, lora_r=lora_r, lora_alpha=lora_alpha,
             lora_targets=tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip()), adapter=adapter,
-            merge=merge,
+            merge=merge, replay_routing=replay_routing,
         )
         if config is None:
             cfg = TrainConfig(**options).check()

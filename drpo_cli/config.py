@@ -215,6 +215,8 @@ class TrainConfig:
     weights, fp16 with a loss scaler; CPU or CUDA) or fp32."""
     grad_checkpointing: bool = False
     """Recompute transformer activations in backward to save memory."""
+    replay_routing: bool = False
+    """Mixture of experts: route every position through the experts the sampler logged (routed_experts, R3)."""
     cpu_offload: bool = False
     """Under torchrun (FSDP2) on CUDA: keep sharded parameters, gradients and optimizer state in CPU memory."""
     lora_r: int | None = None
@@ -478,6 +480,8 @@ class InspectConfig:
     """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32 model weights (CPU or CUDA); log-softmax is float32."""
     micro_batch_tokens: int = 4096
     """Token budget per forward pass (prompt + response, padded)."""
+    replay_routing: bool = False
+    """Mixture of experts: route every position through the experts the sampler logged (routed_experts, R3)."""
     quiet: bool = False
     """No progress bar and no tables (the JSON report and gates still work)."""
     allow_unsafe_weights: bool = False

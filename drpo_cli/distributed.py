@@ -355,6 +355,7 @@ def _fill_shards(model: torch.nn.Module, path: Path, entries: dict, extra_values
     from torch.distributed.tensor import DTensor
 
     from drpo_cli.checkpoint import read_rows
+    from drpo_cli.moe import read_converted_rows
 
     aliases: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
@@ -379,6 +380,8 @@ def _fill_shards(model: torch.nn.Module, path: Path, entries: dict, extra_values
             found = next((n for n in (m.replace(".base_layer.", ".") for m in names) if n in entries), None)
             if found is not None:
                 read_rows(entries[found], start, stop, local)
+            elif read_converted_rows(model, names[0], tuple(t.shape), entries, start, stop, local):
+                pass  # converted on load (MoE experts fused, renamed)
             elif names[0] in extra_values:
                 full = extra_values[names[0]]
                 local.copy_(full[start:stop] if full.dim() else full)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from drpo_cli.data import MicroBatch
 from drpo_cli.distributed import ENGINE_METHOD, HEAD_METHOD
 from drpo_cli.errors import CheckpointError, ConfigError
+from drpo_cli.moe import feed as feed_routing
 
 LossFn = Callable[[torch.Tensor, slice], torch.Tensor]
 
@@ -533,6 +534,7 @@ def response_hidden_states(
     """
     device = mb.input_ids.device
     body = model.get_decoder()
+    feed_routing(model, mb)  # an MoE model with routing hooks (moe.install) routes this micro-batch as logged
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
         out = body(

@@ -421,7 +421,7 @@ INSPECT_MODEL_METRICS: dict[str, str] = {
 INSPECT_HEADLINE = ("tr/outside_frac", "tr/harmful_frac", "delta/abs_mean", "delta/abs_p99", "delta/abs_max",
                     "ratio/min", "ratio/max", "logr/mean", "kl/k1_mean", "kl/k3_mean", "kl/binary_mean",
                     "entropy/mean", "ppo_clip/clip_frac", "dppo_tv/mask_frac", "weight/drpo_corrective_frac",
-                    "weight/drpo_attenuated_frac")
+                    "weight/drpo_attenuated_frac", "moe/routing_mismatch_frac")
 
 
 def inspect_metric_names(with_model: bool) -> list[str]:
@@ -522,6 +522,11 @@ _LOGGING_CHECKS = _object_schema({
     "temperature_suspected": {"type": "boolean"},
     "findings": {"type": "array", "items": _STR},
 })
+_ROUTING = _object_schema({  # mixture of experts with a routed_experts column (moe.py)
+    "architecture": _STR, "layers": _INT, "top_k": _INT, "num_experts": _INT, "replayed": {"type": "boolean"},
+    "positions": _INT, "unlogged_positions": _INT, "mismatch_frac": _NUM,
+    "by_layer": {"type": "array", "items": _object_schema({"layer": _INT, "mismatch_frac": _NUM})},
+})
 _MODEL_SECTION = _object_schema({
     "checkpoint": _object_schema({"path": _STR, "policy_version": {"type": ["integer", "null"]},
                              "vocab_size": _INT}),
@@ -547,6 +552,7 @@ _MODEL_SECTION = _object_schema({
     "mu_pi_histogram": SCHEMA_HISTOGRAM,
     "worst_tokens": SCHEMA_WORST_TOKENS,
     "logging_checks": {"oneOf": [{"type": "null"}, _LOGGING_CHECKS]},
+    "routing": {"oneOf": [{"type": "null"}, _ROUTING]},
 })
 INSPECT_REPORT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -680,6 +686,15 @@ def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
             console.print("  " + line, highlight=False, markup=False)
         for finding in checks["findings"]:
             console.print(f"  • {finding}", highlight=False)
+    routing = model["routing"]
+    if routing is not None:
+        console.print(f"[bold]MoE routing[/bold] ({routing['architecture']}, {routing['layers']} MoE layers, top-"
+                      f"{routing['top_k']} of {routing['num_experts']}{', replayed' if routing['replayed'] else ''}): "
+                      f"the router's own top-k set differs from the logged one at {fmt(routing['mismatch_frac'])} of "
+                      f"{fmt(routing['positions'])} trained positions × layers")
+        for line in histogram_lines([f"layer {r['layer']}" for r in routing["by_layer"]],
+                                    [r["mismatch_frac"] or 0.0 for r in routing["by_layer"]], width=30, unit="share"):
+            console.print("  " + line, highlight=False, markup=False)
 
 
 def _records_table(title: str, records: list[dict], first: str) -> Any:

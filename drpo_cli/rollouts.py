@@ -37,6 +37,8 @@ class RolloutRows:
     source_row: np.ndarray  # (N,) int64 row index within that file
     global_row: np.ndarray | None = None  # (N,) int64 row index across all files (in order), when loaded
     token_version: np.ndarray | None = None  # (T,) int64 token_policy_versions; None: no file has that column
+    # (S, n_layers, k) int16 logged expert ids, S = Σ (prompt + response − 1), −1 where not logged (moe.py)
+    routed_experts: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -57,6 +59,10 @@ class RolloutRows:
 
     def prompt_lengths(self) -> np.ndarray:
         return np.diff(self.prompt_offsets)  # (N,)
+
+    def routing_offsets(self) -> np.ndarray:
+        """(N+1,) offsets of each row's positions in `routed_experts` (prompt + response − 1 per row)."""
+        return _offsets(self.prompt_lengths() + self.response_lengths() - 1)
 
     def token_row(self) -> np.ndarray:
         """(T,) row index of every response token."""
@@ -99,6 +105,8 @@ class RolloutRows:
             source_row=self.source_row[idx],
             global_row=None if self.global_row is None else self.global_row[idx],
             token_version=None if self.token_version is None else self.token_version[r_take],
+            routed_experts=None if self.routed_experts is None else
+            self.routed_experts[_gather_ranges(self.routing_offsets(), idx)[1]],
         )
 
 
@@ -175,7 +183,7 @@ def _assemble(batches, default_temp: dict[str, float], *, proximal: bool, group_
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
         "prompt_ids", "prompt_len", "response_ids", "response_len", "behavior_logprobs", "advantages",
         "loss_mask", "proximal_logprobs", "policy_version", "temperature", "source_row", "global_row",
-        "from_reward", "reward", "token_version")}
+        "from_reward", "reward", "token_version", "routed_experts")}
     sample_ids: list[str] = []
     source_file: list[str] = []
     group_ids: list[pa.Array] = []
@@ -215,10 +223,13 @@ def _assemble(batches, default_temp: dict[str, float], *, proximal: bool, group_
                                    else np.full(n, default_temp[sb.path], dtype=np.float32))
         cols["source_row"].append(np.arange(sb.row_offset, sb.row_offset + n, dtype=np.int64))
         cols["global_row"].append(np.arange(sb.global_offset, sb.global_offset + n, dtype=np.int64))
+        cols["routed_experts"].append((sb.path, _routing(b.column("routed_experts"))
+                                       if "routed_experts" in has else None))
         sample_ids.extend(b.column("sample_id").to_pylist() if "sample_id" in has
                           else [str(sb.global_offset + i) for i in range(n)])
         source_file.extend([sb.path] * n)
 
+    routing = _cat_routing(cols.pop("routed_experts"))
     cat = {k: _cat(v, k) for k, v in cols.items()}
     r_off = _offsets(cat["response_len"])
     advantages = cat["advantages"]
@@ -242,6 +253,7 @@ def _assemble(batches, default_temp: dict[str, float], *, proximal: bool, group_
         source_row=cat["source_row"],
         global_row=cat["global_row"],
         token_version=cat["token_version"] if per_token else None,
+        routed_experts=routing,
     )
 
 
@@ -328,6 +340,38 @@ def _np(arr) -> np.ndarray:
 def _flat(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values, lengths) of a list column."""
     return _np(arr.flatten()), _np(arr.value_lengths()).astype(np.int64)
+
+
+def _routing(arr: pa.Array) -> np.ndarray:
+    """(S, n_layers, k) int16 of one validated batch's routed_experts; −1 at positions not logged."""
+    layers = arr.flatten()
+    n_layers = _np(layers.value_lengths()).astype(np.int64)  # (S,) 0 or L
+    sets = layers.flatten()
+    ids = _np(sets.flatten()).astype(np.int16)
+    logged = n_layers > 0
+    n_l = int(n_layers[logged][0]) if logged.any() else 0
+    k = int(_np(sets.value_lengths())[0]) if len(sets) else 0
+    out = np.full((len(n_layers), n_l, k), -1, dtype=np.int16)
+    out[logged] = ids.reshape(-1, n_l, k)
+    return out
+
+
+def _cat_routing(parts: list[tuple[str, np.ndarray | None]]) -> np.ndarray | None:
+    """The batches' routing as one array; InputError when only some files have it, or shapes differ."""
+    have = [(path, r) for path, r in parts if r is not None and r.shape[1] > 0]
+    if not any(r is not None for _, r in parts):
+        return None
+    missing = next((path for path, r in parts if r is None), None)
+    if missing is not None:
+        raise InputError(f"{missing}: column 'routed_experts' is missing but other files have it; "
+                         "give it in every file or in none")
+    shapes = {r.shape[1:] for _, r in have}
+    if len(shapes) > 1:
+        (p1, r1), (p2, r2) = have[0], next((p, r) for p, r in have if r.shape[1:] != have[0][1].shape[1:])
+        raise InputError(f"{p2}: column 'routed_experts': expected {r1.shape[1]} layers × {r1.shape[2]} ids per "
+                         f"position (as {p1}), found {r2.shape[1]} × {r2.shape[2]}")
+    n_l, k = shapes.pop() if shapes else (0, 0)
+    return np.concatenate([r if r.shape[1] else np.full((len(r), n_l, k), -1, np.int16) for _, r in parts])
 
 
 def _cat(parts: list[np.ndarray], name: str) -> np.ndarray:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from drpo_cli import __version__, distributed, outputs
+from drpo_cli import __version__, distributed, moe, outputs
 from drpo_cli.checkpoint import (
     CheckpointWriter,
     check_free_space,
@@ -118,6 +118,10 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     if not adapter_only:  # an adapter's size is known once it is built (below)
         check_free_space(out_dir, out_bytes)
 
+    # Mixture of experts: --replay-routing needs the routed_experts column and an architecture moe.py routes.
+    routing_spec = moe.plan_routing(cfg.model, open_rollouts(cfg.rollouts, cfg.column_map()).columns(),
+                                    replay=True, allow_unsafe=cfg.allow_unsafe_weights)[0] if cfg.replay_routing else None
+
     # Under torchrun: join the process group; FSDP2 shards the model, rows are split by rank.
     device = distributed.init(pick_device(cfg.device))
     sharded = distributed.launched()
@@ -152,6 +156,9 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                     if name in values:
                         p.copy_(values[name])
     _check_vocabulary(rows, info.vocab_size, cfg.model)
+    rows = _check_routing(rows, routing_spec, cfg.model)  # without replay the column is dropped
+    if routing_spec is not None:
+        moe.install(model, routing_spec, replay=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # global numel for DTensors
     if adapter_only:
         out_bytes = 4 * trainable + 64 * 1024
@@ -242,7 +249,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
 
             seconds = time.perf_counter() - t_step
-            metrics = {**_flat_metrics(diag.summary()), **corrections}
+            metrics = {**_flat_metrics(diag.summary()), **corrections, **moe.step_metrics(model)}
             steps.append({"step": step, "epoch": epoch, "minibatch": k, "loss": clean_number(loss.item()),
                           "grad_norm": clean_number(grad_norm.item()), "lr": lr, "tokens": tokens,
                           "skipped": skipped, "seconds": seconds, "metrics": metrics})
@@ -360,6 +367,7 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
             total += loss.detach()
             tokens += m.sum()
             diag.update(logp, behavior[idx].to(device), a, m, entropy=ent, seq_index=mb.seq_index, ref_logp=ref)
+            moe.count_trained(model, mb, m)  # with --replay-routing: the router's own top-k ≠ the logged one
         for filler in fillers:
             zero, _, _ = fused_token_loss(model, filler.to(device), lambda logp, sl: logp.sum() * 0.0,
                                           chunk_tokens=cfg.chunk_tokens, dtype=autocast)
@@ -470,6 +478,17 @@ def _check_vocabulary(rows: RolloutRows, vocab_size: int, model_dir: str) -> Non
     except InputError as err:
         error = err
     distributed.agree(error, "checking token ids")
+
+
+def _check_routing(rows: RolloutRows, spec, model_dir: str) -> RolloutRows:
+    """moe.check_routing on this rank's rows; under torchrun every rank raises the first bad row's error."""
+    error = None
+    try:
+        rows = moe.check_routing(rows, spec, model_dir)
+    except InputError as err:
+        error = err
+    distributed.agree(error, "checking routed_experts")
+    return rows
 
 
 def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:

@@ -17,6 +17,7 @@ from drpo_cli.adapters.common import (
     same_prompt,
     token_versions,
 )
+from drpo_cli.routing import routed_experts_from_vllm
 
 # vllm/logprobs.py FlatLogprobs, the column form of SampleLogprobs (LLM(..., flat_logprobs=True)): position t
 # holds token_ids/logprobs[start_indices[t]:end_indices[t]]. A JSON dump (dataclasses.asdict) is a dict.
@@ -63,6 +64,9 @@ def vllm_rows(outputs: Any, *, run: str | None = None, prompt_ids: Iterable[int]
                                       version_map)
             if versions is not None:
                 row["token_policy_versions"] = versions
+            routed = routed_experts_from_vllm(completion, len(prompt))  # MoE: enable_return_routed_experts
+            if routed is not None:
+                row["routed_experts"] = routed
             yield row
 
 
