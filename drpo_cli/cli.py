@@ -226,6 +226,8 @@ def inspect_command(
     reject: list[str] = typer.Option(
         [], "--reject", help="Report what a rejection criterion LEVEL_kN>X would reject, e.g. seq_mean_k3>0.01 (repeatable)."
     ),
+    opsm_delta: float | None = typer.Option(None, help="δ of the OPSM what-if (0.5; needs --model)."),
+    m2po_threshold: float | None = typer.Option(None, help="τ of the M2PO what-if, π_old = the model (0.04; needs --model)."),
     max_lag: int | None = typer.Option(None, "--max-lag", help="Leave out rows whose staleness lag exceeds N."),
     min_version: int | None = typer.Option(None, "--min-version", help="Leave out rows whose policy_version is below V."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -249,7 +251,7 @@ def inspect_command(
             rollouts=tuple(rollouts), model=model, current_version=current_version, deltas=deltas,
             tr_delta=tr_delta, temperature=temperature, columns=tuple(column), top=top, json_out=json_out,
             per_token=per_token, html=html, fail_above=tuple(fail_above), overwrite=overwrite, reject=tuple(reject),
-            max_lag=max_lag, min_version=min_version, device=device, dtype=dtype,
+            opsm_delta=opsm_delta, m2po_threshold=m2po_threshold, max_lag=max_lag, min_version=min_version, device=device, dtype=dtype,
             micro_batch_tokens=micro_batch_tokens, quiet=quiet, allow_unsafe_weights=allow_unsafe_weights,
         ).check()
         from rich.console import Console
@@ -309,13 +311,33 @@ def train_command(
     rollouts: list[str] = typer.Option([], "--rollouts", "-r", help="Rollout file or directory (repeatable)."),
     model: str = typer.Option("", "--model", "-m", help="Input Hugging Face checkpoint directory."),
     out: str | None = typer.Option(None, "--out", "-o", help="Output directory (default: a sibling MODEL-v<N+1>)."),
-    loss: str = typer.Option("drpo", help="pg-is | ppo-clip | spo | dppo-tv | dppo-kl | drpo | gspo | cispo."),
+    loss: str = typer.Option("drpo", help="pg-is | ppo-clip | spo | dppo-tv | dppo-kl | drpo | gspo | cispo | sapo | "
+                             "gmpo | topr | kimi15 | dppo-tv-sq | vespo | clip-cov | kl-cov."),
     delta: float | None = typer.Option(None, help="δ of drpo (12.5), dppo-tv (0.15), dppo-kl (0.05)."),
     eps: float | None = typer.Option(None, help="ε of spo (0.2)."),
     eps_low: float | None = typer.Option(None, help="ε_low of ppo-clip (0.2), gspo (3e-4), cispo (off)."),
     eps_high: float | None = typer.Option(None, help="ε_high of ppo-clip (0.28), gspo (4e-4), cispo (4)."),
     dual_clip: float | None = typer.Option(None, help="Dual-clip c > 1 of ppo-clip (off)."),
     ratio_cap: float | None = typer.Option(None, help="Ratio cap C of dppo-tv / dppo-kl (20)."),
+    tau_pos: float | None = typer.Option(None, help="SAPO gate temperature where A > 0 (1.0)."),
+    tau_neg: float | None = typer.Option(None, help="SAPO gate temperature where A ≤ 0 (1.05)."),
+    tau: float | None = typer.Option(None, help="Squared-log-ratio coefficient of kimi15 (0.1) and dppo-tv-sq (1e-3)."),
+    delta_low: float | None = typer.Option(None, help="dppo-tv-sq Binary-TV threshold for A < 0 (0.2)."),
+    delta_high: float | None = typer.Option(None, help="dppo-tv-sq Binary-TV threshold for A > 0 (0.2)."),
+    k_pos: float | None = typer.Option(None, help="VESPO power k where A ≥ 0 (2)."),
+    lambda_pos: float | None = typer.Option(None, help="VESPO decay λ where A ≥ 0 (3)."),
+    k_neg: float | None = typer.Option(None, help="VESPO power k where A < 0 (3)."),
+    lambda_neg: float | None = typer.Option(None, help="VESPO decay λ where A < 0 (2)."),
+    cov_ratio: float | None = typer.Option(None, help="Share of the step's tokens clip-cov / kl-cov select (2e-4)."),
+    cov_lb: float | None = typer.Option(None, help="clip-cov: lower covariance bound of a candidate (1)."),
+    cov_ub: float | None = typer.Option(None, help="clip-cov: upper covariance bound of a candidate (5)."),
+    cov_kl_coef: float | None = typer.Option(None, help="kl-cov: |log r| penalty coefficient on selected tokens (0.1)."),
+    opsm_delta: float | None = typer.Option(
+        None, help="OPSM filter (any loss): drop A < 0 tokens of sequences whose mean log(μ/π) exceeds δ (off)."
+    ),
+    m2po_threshold: float | None = typer.Option(
+        None, help="M2PO filter (any loss): mask the step's largest (log μ − log π_old)² until their mean < τ (off)."
+    ),
     anchor: str = typer.Option("behavior", help="Anchor log-probs: behavior | proximal."),
     is_correction: str = typer.Option("none", help="Behavior correction with --anchor proximal: none | tis | mis."),
     is_cap: float | None = typer.Option(None, help="Cap of tis (2.0)."),
@@ -378,6 +400,9 @@ def train_command(
         options = dict(  # noqa: C408 -- the keyword form TrainConfig(...) takes
             rollouts=tuple(rollouts), model=model, out=out, loss=loss, delta=delta, eps=eps,
             eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ratio_cap=ratio_cap, anchor=anchor,
+            tau_pos=tau_pos, tau_neg=tau_neg, tau=tau, delta_low=delta_low, delta_high=delta_high, k_pos=k_pos,
+            lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg, cov_ratio=cov_ratio, cov_lb=cov_lb,
+            cov_ub=cov_ub, cov_kl_coef=cov_kl_coef, opsm_delta=opsm_delta, m2po_threshold=m2po_threshold,
             is_correction=is_correction, is_cap=is_cap, is_band=is_band, is_level=is_level, reject=tuple(reject),
             ref_model=ref_model, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
             max_lag=max_lag, min_version=min_version, agg=agg, horizon=horizon,
