@@ -43,6 +43,8 @@ IS_CORRECTIONS = ("none", "tis", "mis")
 IS_LEVELS = ("token", "sequence", "geometric")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 DEFAULT_KL_COEF = 0.001  # verl's kl_loss_coef default
+OPSM_WHAT_IF = 0.5  # inspect's OPSM δ when none is given (TRL's example value of off_policy_mask_threshold)
+M2PO_WHAT_IF = 0.04  # inspect's M2PO τ when none is given (AReaL's examples/math/gsm8k_m2po.yaml)
 REJECT_LEVELS = ("token", "seq_sum", "seq_mean", "seq_max")
 REJECT_EXAMPLE = "seq_mean_k3>0.01"
 ADV_NORMS = ("none", "std")
@@ -497,6 +499,12 @@ class InspectConfig:
             outs.append(Output("--html", self.html, "html"))
         return inputs, outs
 
+    def resolved_opsm_delta(self) -> float:
+        return OPSM_WHAT_IF if self.opsm_delta is None else self.opsm_delta
+
+    def resolved_m2po_threshold(self) -> float:
+        return M2PO_WHAT_IF if self.m2po_threshold is None else self.m2po_threshold
+
     def chosen_delta(self) -> float:
         return self.deltas[0] if self.deltas else float(LOSS_HPARAMS["drpo"]["delta"])
 
@@ -550,6 +558,9 @@ class InspectConfig:
         if self.reject and self.model is None:
             p.append("--reject needs --model (the criteria compare the model with the sampler)")
         p.extend(objective_problems({"opsm_delta": self.opsm_delta, "m2po_threshold": self.m2po_threshold}))
+        for name in ("opsm_delta", "m2po_threshold"):
+            if getattr(self, name) is not None and self.model is None:
+                p.append(f"{_flag(name)} needs --model (the what-if compares the model with the sampler)")
         p.extend(staleness_problems(self.max_lag, self.min_version))
         p.extend(output_problems(*self.paths(), overwrite=self.overwrite))
         p.extend(self._parse_gates()[1])
