@@ -448,3 +448,141 @@ def test_diagnostics_fractions_count_what_the_losses_do():
     masked = ~X.m2po_keep(mu, lp, torch.ones_like(a, dtype=torch.bool), 0.05)
     assert s["m2po/masked_frac"] == pytest.approx(float(masked.sum()) / n)
     assert 0 < s["topr/truncated_frac"] < 1 and 0 < s["gmpo/clip_frac"] < 1 and 0 < s["opsm/token_drop_frac"] < 1
+
+
+# ---- train: the step-wide statistics do not depend on the micro-batch size; CLI end to end ------------
+
+STEP_CASES = [
+    ("sapo", "seq-mean-token-mean", {}),
+    ("gmpo", "seq-mean-token-mean", {"eps_low": 0.05, "eps_high": 0.05}),
+    ("vespo", "token-mean", {}),
+    ("kimi15", "token-mean", {"tau": 1.0}),
+    ("topr", "token-mean", {}),
+    ("dppo-tv-sq", "token-mean", {"delta_low": 0.05, "delta_high": 0.05, "tau": 0.1}),
+    ("kl-cov", "token-mean", {"cov_ratio": 0.05}),
+    ("clip-cov", "token-mean", {"cov_ratio": 0.05, "cov_lb": -1.0}),
+    ("ppo-clip", "token-mean", {"opsm_delta": 0.02}),
+    ("ppo-clip", "token-mean", {"m2po_threshold": 0.002}),
+]
+
+
+def _naive_step_grads(model, rows, idx, cfg, old_logp, seed):
+    """One pad-to-longest forward with full logits; the step-wide selection / masks over the step's tokens in
+    row-then-position order, computed directly; the same aggregation."""
+    from drpo_cli.data import plan_micro_batches
+
+    mb = plan_micro_batches(rows, idx, 10**9)[0]
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids).logits
+    logits = logits.reshape(-1, logits.shape[-1])[mb.src_index].float() / mb.temperature[:, None]
+    logp = torch.log_softmax(logits, -1).gather(1, mb.target_ids[:, None]).squeeze(1)  # (M,)
+    tok = mb.token_index
+    mask = torch.from_numpy(rows.loss_mask)[tok]
+    mu = torch.from_numpy(rows.behavior_logprobs)[tok]
+    adv = torch.from_numpy(rows.advantages)[tok]
+    order = torch.argsort(tok)  # global order: row, then position
+    back = torch.argsort(order)
+    if cfg.m2po_threshold is not None:
+        mask = mask & X.m2po_keep(mu[order], old_logp[tok][order], mask[order], cfg.m2po_threshold)[back]
+    selected = None
+    if cfg.loss in L.BATCH_LOSSES:
+        selected = X.covariance_selection(cfg.loss, logp.detach()[order], mu[order], adv[order], mask[order],
+                                          seed=seed, **cfg.loss_hparams())[back]
+    loss_t = L.token_loss(cfg.loss, logp, mu, adv, mask=mask, seq_index=mb.seq_index, selected=selected,
+                          **cfg.loss_hparams())
+    if cfg.opsm_delta is not None:
+        loss_t = loss_t * X.opsm_keep(logp, mu, adv, mb.seq_index, mask, cfg.opsm_delta)
+    denom = L.aggregation_denominator(cfg.agg, mask, mb.seq_index)
+    L.aggregate(loss_t, mask, mb.seq_index, cfg.agg, denom).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss,agg,extra", STEP_CASES)
+def test_step_gradient_does_not_depend_on_micro_batch_tokens(toy, loss, agg, extra):
+    import numpy as np
+
+    from drpo_cli.checkpoint import load_model
+    from drpo_cli.config import TrainConfig
+    from drpo_cli.rollouts import load_rows
+    from drpo_cli.train import accumulate_gradients
+
+    rows = load_rows(str(toy / "rollouts.arrow"))
+    idx = np.arange(0, rows.num_rows, 3)
+    model, _ = load_model(toy / "model")
+    with torch.no_grad():  # π away from μ, so that the objectives' non-linear parts act
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    f = torch.from_numpy
+    old = (f(rows.behavior_logprobs) + 0.1 * torch.randn(rows.num_tokens, generator=torch.Generator().manual_seed(3))
+           ).clamp(max=0.0)
+    inputs = {"anchor": f(rows.behavior_logprobs), "rho": torch.ones(rows.num_tokens),
+              "behavior": f(rows.behavior_logprobs), "advantages": f(rows.advantages), "mask": f(rows.loss_mask)}
+    grads, fracs = [], []
+    for budget in (16, 100, 10**6):
+        cfg = TrainConfig(rollouts=("x",), model="m", loss=loss, agg=agg, micro_batch_tokens=budget, chunk_tokens=7,
+                          seed=4, **extra)
+        model.zero_grad(set_to_none=True)
+        _, diag, _ = accumulate_gradients(model, rows, idx, cfg, old_logp=old, step=2, **inputs)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        s = diag.summary()
+        fracs.append({k: v for k, v in s.items() if k.split("/")[0] in ("m2po", "opsm", "kl_cov", "clip_cov")})
+    model.zero_grad(set_to_none=True)
+    reference = _naive_step_grads(model, rows, idx, cfg, old, seed=4 * 1_000_003 + 2)
+    for g in grads:
+        for k in reference:
+            torch.testing.assert_close(g[k], reference[k], rtol=1e-4, atol=1e-7)
+    assert fracs[0] == fracs[1] == fracs[2]
+    if fracs[0]:
+        assert all(0 < v < 1 for v in fracs[0].values()), fracs[0]  # the statistic acted, not all-or-nothing
+
+
+@pytest.mark.parametrize("args,metric", [
+    *((["--loss", name], metric) for name, metric in (
+        ("sapo", "weight/sapo_attenuated_frac"), ("gmpo", "gmpo/clip_frac"), ("topr", "topr/truncated_frac"),
+        ("kimi15", "kimi15/corrective_frac"), ("dppo-tv-sq", "dppo_tv_sq/mask_frac"),
+        ("vespo", "vespo/attenuated_frac"), ("clip-cov", "clip_cov/selected_frac"),
+        ("kl-cov", "kl_cov/selected_frac"))),
+    (["--loss", "drpo", "--opsm-delta", "0.05"], "opsm/seq_drop_frac"),
+    (["--loss", "cispo", "--m2po-threshold", "0.01"], "m2po/masked_frac"),
+])
+def test_train_cli_runs_and_reports_the_fraction(toy, tmp_path, args, metric):
+    import json
+
+    import jsonschema
+    from typer.testing import CliRunner
+
+    from drpo_cli.cli import app
+    from drpo_cli.report import TRAIN_REPORT_SCHEMA
+
+    out = tmp_path / "out"
+    argv = ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), "--out", str(out), *args,
+            "--minibatches", "2", "--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512"]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "drpo_report.json").read_text())
+    jsonschema.validate(report, TRAIN_REPORT_SCHEMA)
+    values = [s["metrics"][metric] for s in report["steps"]]
+    assert len(values) == 2 and all(v is not None and 0 <= v <= 1 for v in values)
+
+
+def test_inspect_reports_every_new_fraction(toy, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from drpo_cli.cli import app
+
+    argv = ["inspect", str(toy / "rollouts.arrow"), "--model", str(toy / "model"), "--json", str(tmp_path / "r.json"),
+            "--opsm-delta", "0.05", "--m2po-threshold", "0.01", "--quiet"]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    metrics = report["metrics"]
+    for metric in ("weight/sapo_attenuated_frac", "gmpo/clip_frac", "topr/truncated_frac", "kimi15/corrective_frac",
+                   "dppo_tv_sq/mask_frac", "vespo/attenuated_frac", "clip_cov/selected_frac", "kl_cov/selected_frac",
+                   "opsm/token_drop_frac", "opsm/seq_drop_frac", "m2po/masked_frac"):
+        assert metrics[metric] is not None and 0 <= metrics[metric] <= 1, metric
+    rows = {e["loss"]: e for e in report["model"]["losses"]}
+    assert set(NEW) <= set(rows) and rows["opsm (filter)"]["hparams"] == {"opsm_delta": 0.05}
+    assert rows["m2po (filter)"]["fractions"]["masked"] == metrics["m2po/masked_frac"]
+    bad = CliRunner().invoke(app, ["inspect", str(toy / "rollouts.arrow"), "--opsm-delta", "0.1"])
+    assert bad.exit_code == 2 and "--opsm-delta needs --model" in bad.output
