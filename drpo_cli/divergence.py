@@ -152,7 +152,11 @@ _ZEROING_METRICS = {
     "dppo-tv-sq": "dppo_tv_sq/mask_frac",
 }
 _WEIGHTED_LOSSES = ("drpo", "spo", "sapo")  # losses whose weight distribution is reported
-_SEQ_STATE = ("n", "n_zero", "n_seq", "n_seq_zero")  # gspo's would-be clipping (needs seq_index)
+_SEQ_STATE = ("n", "n_zero", "n_seq", "n_seq_zero")
+# Fractions of a selection over all the tokens of one update (a whole optimizer step in train, one
+# audited batch in inspect), not token by token: merging accumulators adds their counts, so they equal
+# one accumulator's only when the updates were the same batches.
+PER_UPDATE_METRICS = ("clip_cov/selected_frac", "kl_cov/selected_frac", "m2po/masked_frac")  # gspo's would-be clipping (needs seq_index)
 
 
 class Diagnostics:
