@@ -505,8 +505,14 @@ def _closing_audit(model, rows: RolloutRows, cfg: TrainConfig, autocast, behavio
     """(SPEC.md §2 metrics of the final weights against μ and the worst samples by harmful fraction, notes)."""
     logp, ent = _logprobs_of(model, rows, cfg, autocast, with_entropy=True)  # (T,), (T,)
     diag = Diagnostics(cfg.tr_delta, {cfg.loss: cfg.loss_hparams()}, opsm_delta=cfg.opsm_delta)
+    selected = None  # clip-cov / kl-cov: the selection over every rank's tokens, as in a step
+    if cfg.loss in BATCH_LOSSES:
+        every = torch.arange(rows.num_tokens)
+        selected = _step_wide(lambda lp, mu, a, v: covariance_selection(cfg.loss, lp, mu, a, v, seed=cfg.seed,
+                                                                        **cfg.loss_hparams()),
+                              rows, every, logp, behavior, advantages, mask)
     diag.update(logp, behavior, advantages, mask, entropy=ent, seq_index=torch.from_numpy(rows.token_row()),
-                ref_logp=ref_logp)
+                ref_logp=ref_logp, selected=selected)
     summary = diag.all_reduce_().summary()  # each rank holds its rows' tokens
 
     # Per-sample fractions with the --tr-delta yardstick (SPEC.md §2 "outside" / "harmful").
