@@ -340,6 +340,15 @@ def test_two_ranks_inspect_like_one(toy, tmp_path):
 
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["model"]["tokens"] == two["model"]["tokens"] > 0
+    # clip-cov / kl-cov / M2PO what-ifs select over each audited batch (SPEC.md §1), and two ranks audit
+    # other batches: they are the only metrics allowed to differ, and they must exist in both.
+    from drpo_cli.divergence import PER_UPDATE_METRICS
+
+    for doc in (one, two):
+        assert all(doc["metrics"].pop(m) is not None for m in PER_UPDATE_METRICS)
+        for entry in doc["model"]["losses"]:
+            if entry["loss"] in ("clip-cov", "kl-cov", "m2po (filter)"):
+                entry.pop("fractions")
     assert_same_json(one, two)
 
     order = [("sample_id", "ascending"), ("position", "ascending")]
