@@ -101,7 +101,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     deltas = cfg.deltas or WHAT_IF_DELTAS
     run = expand_correction(cfg)  # --correction spelled out: its rejection criteria, its weight
     diag = Diagnostics(cfg.tr_delta, losses, drpo_deltas=deltas, reject=run.reject_criteria(), veto=run.is_veto,
-                       weight=run.behavior_weight_args() if run.is_batch_norm else None, reject_mode=run.reject_mode)
+                       weight=run.behavior_weight_args() if run.is_batch_norm else None, reject_mode=run.reject_mode,
+                       opsm_delta=cfg.resolved_opsm_delta(), m2po_threshold=cfg.resolved_m2po_threshold())
     # Fed by the same passes. Fresh rows: every trained token at lag 0 (none newer, so none masked by the filters).
     check_lag = np.where((plan_lag == 0) & (plan.newest != plan.oldest), 1, plan_lag)  # (N,)
     check = LoggingCheck.plan(check_lag, plan.temperature, plan.trained, keep)
@@ -160,7 +161,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 lag = torch.from_numpy(chunk.token_lag[idx])  # (M,)
                 position = chunk.position[idx]
                 diag.update(logp, mu, adv, mask, lag=lag, position=torch.from_numpy(position), entropy=entropy,
-                            seq_index=mb.seq_index)
+                            seq_index=mb.seq_index, old_logp=logp)  # M2PO what-if: π_old = the audited model
                 picture.update(logp.numpy(), mu.numpy(), adv.numpy(), mask.numpy())
                 t = token_diagnostics(logp.double(), mu.double(), adv.double(), tr_delta=cfg.tr_delta)
                 chunk.add(mb, logp.numpy(), mask.numpy(), t)
@@ -201,7 +202,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
         "by_lag": _records(summary["breakdowns"]["lag"]),
         "by_mu_bucket": _records(summary["breakdowns"]["mu"], "μ "),
         "by_position": _records(summary["breakdowns"]["position"]),
-        "losses": _loss_effects(summary, losses),
+        "losses": _loss_effects(summary, losses) + _filter_effects(summary, cfg),
         "drpo_what_if": [{"delta": w["delta"], "reachable": w["boundary_reachable"],
                           **{k: v for k, v in w.items() if k not in ("delta", "boundary_reachable")}}
                          for w in summary["what_if"]["drpo"]],
@@ -393,8 +394,26 @@ def _loss_effects(summary: dict, losses: dict) -> list[dict]:
                  "attenuated (w<0.5)": summary.get("weight/drpo_attenuated_frac")},
         "gspo": {"clipped": summary.get("gspo/clip_frac"), "clipped sequences": summary.get("gspo/seq_clip_frac")},
         "cispo": {"weight clipped": summary.get("cispo/clip_frac")},
+        "sapo": {"attenuated (w<0.5)": summary.get("weight/sapo_attenuated_frac")},
+        "gmpo": {"clipped": summary.get("gmpo/clip_frac"), "clipped sequences": summary.get("gmpo/seq_clip_frac")},
+        "topr": {"truncated": summary.get("topr/truncated_frac")},
+        "kimi15": {"corrective": summary.get("kimi15/corrective_frac")},
+        "dppo-tv-sq": {"masked": summary.get("dppo_tv_sq/mask_frac")},
+        "vespo": {"attenuated (φ<0.5)": summary.get("vespo/attenuated_frac"),
+                  "attenuated sequences": summary.get("vespo/seq_attenuated_frac")},
+        "clip-cov": {"selected": summary.get("clip_cov/selected_frac")},
+        "kl-cov": {"selected": summary.get("kl_cov/selected_frac")},
     }
     return [{"loss": name, "hparams": dict(hp), "fractions": effects[name]} for name, hp in losses.items()]
+
+
+def _filter_effects(summary: dict, cfg: InspectConfig) -> list[dict]:
+    """What the OPSM and M2PO filters (usable with any loss) would drop, as rows of the losses table."""
+    return [{"loss": "opsm (filter)", "hparams": {"opsm_delta": cfg.resolved_opsm_delta()},
+             "fractions": {"dropped": summary.get("opsm/token_drop_frac"),
+                           "dropped sequences": summary.get("opsm/seq_drop_frac")}},
+            {"loss": "m2po (filter)", "hparams": {"m2po_threshold": cfg.resolved_m2po_threshold()},
+             "fractions": {"masked": summary.get("m2po/masked_frac")}}]
 
 
 class _PerTokenWriter:

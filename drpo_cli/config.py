@@ -25,14 +25,26 @@ LOSS_HPARAMS: dict[str, dict[str, float | None]] = {
     "drpo": {"delta": 12.5},
     "gspo": {"eps_low": 3e-4, "eps_high": 4e-4},
     "cispo": {"eps_low": None, "eps_high": 4.0},
+    "sapo": {"tau_pos": 1.0, "tau_neg": 1.05},
+    "gmpo": {"eps_low": 0.4, "eps_high": 0.4},
+    "topr": {},
+    "kimi15": {"tau": 0.1},
+    "dppo-tv-sq": {"delta_low": 0.2, "delta_high": 0.2, "tau": 1e-3},
+    "vespo": {"k_pos": 2.0, "lambda_pos": 3.0, "k_neg": 3.0, "lambda_neg": 2.0},
+    "clip-cov": {"eps_low": 0.2, "eps_high": 0.2, "cov_ratio": 2e-4, "cov_lb": 1.0, "cov_ub": 5.0},
+    "kl-cov": {"cov_ratio": 2e-4, "cov_kl_coef": 0.1},
 }
-HPARAM_NAMES = ("delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap")
+HPARAM_NAMES = ("delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap", "tau_pos", "tau_neg", "tau",
+                "delta_low", "delta_high", "k_pos", "lambda_pos", "k_neg", "lambda_neg", "cov_ratio", "cov_lb",
+                "cov_ub", "cov_kl_coef")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 ANCHORS = ("behavior", "proximal")
 IS_CORRECTIONS = ("none", "tis", "mis", "is")
 IS_LEVELS = ("token", "sequence", "geometric")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 DEFAULT_KL_COEF = 0.001  # verl's kl_loss_coef default
+OPSM_WHAT_IF = 0.5  # inspect's OPSM δ when none is given (TRL's example value of off_policy_mask_threshold)
+M2PO_WHAT_IF = 0.04  # inspect's M2PO τ when none is given (AReaL's examples/math/gsm8k_m2po.yaml)
 REJECT_LEVELS = ("token", "seq_sum", "seq_mean", "seq_max")
 REJECT_EXAMPLE = "seq_mean_k3>0.01"
 ADV_NORMS = ("none", "std")
@@ -120,6 +132,30 @@ def expand_correction(cfg):
                    reject_mode="zero")
 
 
+OBJECTIVE_OPTIONS = ("tau_pos", "tau_neg", "tau", "delta_low", "delta_high", "k_pos", "lambda_pos", "k_neg",
+                     "lambda_neg", "cov_ratio", "cov_lb", "cov_ub", "cov_kl_coef", "opsm_delta", "m2po_threshold")
+
+
+def objective_problems(values: dict[str, float | None]) -> list[str]:
+    """Problems with the later objectives' options and the OPSM / M2PO filters, given by name (None: unset)."""
+    p: list[str] = []
+    for name in ("tau_pos", "tau_neg", "delta_low", "delta_high", "lambda_pos", "lambda_neg", "m2po_threshold"):
+        _positive(p, name, values.get(name))
+    for name in ("tau", "k_pos", "k_neg", "cov_kl_coef", "opsm_delta"):
+        value = values.get(name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            p.append(f"{_flag(name)} must be >= 0, got {value}")
+    ratio = values.get("cov_ratio")
+    if ratio is not None and not 0 < ratio <= 1:
+        p.append(f"--cov-ratio must be in (0, 1], got {ratio}")
+    defaults = LOSS_HPARAMS["clip-cov"]
+    lb = defaults["cov_lb"] if values.get("cov_lb") is None else values["cov_lb"]
+    ub = defaults["cov_ub"] if values.get("cov_ub") is None else values["cov_ub"]
+    if not (math.isfinite(lb) and math.isfinite(ub) and lb < ub):
+        p.append(f"--cov-lb must be below --cov-ub, got {lb} and {ub}")
+    return p
+
+
 def staleness_problems(max_lag: int | None, min_version: int | None) -> list[str]:
     """Problems with --max-lag / --min-version (both commands)."""
     p = []
@@ -153,6 +189,36 @@ class TrainConfig:
     """PPO dual-clip constant c > 1 for A < 0 (None: off)."""
     ratio_cap: float | None = None
     """DPPO's cap C on the detached ratio in the gradient (None: 20)."""
+    tau_pos: float | None = None
+    """SAPO's gate temperature where A > 0 (None: 1.0)."""
+    tau_neg: float | None = None
+    """SAPO's gate temperature where A ≤ 0 (None: 1.05)."""
+    tau: float | None = None
+    """Squared-log-ratio coefficient τ of kimi15 ((τ/2)·log²r, None: 0.1) and dppo-tv-sq (τ·log²r, None: 1e-3)."""
+    delta_low: float | None = None
+    """dppo-tv-sq's Binary-TV threshold for A < 0 (None: 0.2)."""
+    delta_high: float | None = None
+    """dppo-tv-sq's Binary-TV threshold for A > 0 (None: 0.2)."""
+    k_pos: float | None = None
+    """VESPO's power k where A ≥ 0 (None: 2)."""
+    lambda_pos: float | None = None
+    """VESPO's decay λ where A ≥ 0 (None: 3)."""
+    k_neg: float | None = None
+    """VESPO's power k where A < 0 (None: 3)."""
+    lambda_neg: float | None = None
+    """VESPO's decay λ where A < 0 (None: 2)."""
+    cov_ratio: float | None = None
+    """Share of the step's trained tokens clip-cov / kl-cov select (None: 2e-4)."""
+    cov_lb: float | None = None
+    """clip-cov: lower bound of the covariance of a candidate token (None: 1)."""
+    cov_ub: float | None = None
+    """clip-cov: upper bound of the covariance of a candidate token (None: 5)."""
+    cov_kl_coef: float | None = None
+    """kl-cov: coefficient of the |log r| penalty on the selected tokens (None: 0.1)."""
+    opsm_delta: float | None = None
+    """OPSM filter (any loss): drop A < 0 tokens of sequences whose mean log(μ/π) exceeds δ (None: off)."""
+    m2po_threshold: float | None = None
+    """M2PO filter (any loss): mask the step's largest (log μ − log π_old)² until their mean is below τ (None: off)."""
     anchor: str = "behavior"
     """Anchor log-probs μ: the sampler's (behavior) or π_old (proximal: column or recomputed once)."""
     is_correction: str = "none"
@@ -267,7 +333,8 @@ class TrainConfig:
 
     def needs_old_logprobs(self) -> bool:
         """π_old is needed: the proximal anchor, or rejection criteria measured against it."""
-        return self.anchor == "proximal" or bool(self.reject) or self.is_veto is not None
+        return (self.anchor == "proximal" or bool(self.reject) or self.is_veto is not None
+                or self.m2po_threshold is not None)
 
     def uses_lora(self) -> bool:
         return self.lora_r is not None or self.adapter is not None
@@ -333,6 +400,7 @@ class TrainConfig:
             p.append(f"--dual-clip must be > 1 (e.g. 3), got {self.dual_clip}")
         if self.ratio_cap is not None and not self.ratio_cap >= 1:
             p.append(f"--ratio-cap must be >= 1, got {self.ratio_cap}")
+        p.extend(objective_problems({name: getattr(self, name) for name in OBJECTIVE_OPTIONS}))
         _choice(p, "anchor", self.anchor, ANCHORS)
         _choice(p, "is_correction", self.is_correction, IS_CORRECTIONS)
         if self.is_correction in ("tis", "mis", "is") and self.anchor != "proximal":
@@ -469,6 +537,10 @@ class InspectConfig:
     """Report is/batch_norm_factor: the mean behavior weight over the audited tokens (or sequences)."""
     reject_mode: str | None = None
     """mask or zero (as train's); decides which tokens the batch-normalisation mean runs over."""
+    opsm_delta: float | None = None
+    """OPSM what-if: the share of tokens / sequences train's --opsm-delta δ would drop (needs a model; None: 0.5)."""
+    m2po_threshold: float | None = None
+    """M2PO what-if: the share train's --m2po-threshold τ would mask, π_old = the model (needs a model; None: 0.04)."""
     max_lag: int | None = None
     """Leave out rows whose staleness lag exceeds N (rows without a version are kept); with
     token_policy_versions, the too-stale tokens (a row left with no trained token drops)."""
@@ -509,6 +581,12 @@ class InspectConfig:
         if self.html is not None:
             outs.append(Output("--html", self.html, "html"))
         return inputs, outs
+
+    def resolved_opsm_delta(self) -> float:
+        return OPSM_WHAT_IF if self.opsm_delta is None else self.opsm_delta
+
+    def resolved_m2po_threshold(self) -> float:
+        return M2PO_WHAT_IF if self.m2po_threshold is None else self.m2po_threshold
 
     def chosen_delta(self) -> float:
         return self.deltas[0] if self.deltas else float(LOSS_HPARAMS["drpo"]["delta"])
@@ -576,6 +654,10 @@ class InspectConfig:
         if (self.is_correction != "none" or self.is_cap is not None or self.is_level != "token") and not self.is_batch_norm:
             p.append("--is-correction, --is-cap and --is-level shape the weight --is-batch-norm reports: add it")
         _positive(p, "is_cap", self.is_cap)
+        p.extend(objective_problems({"opsm_delta": self.opsm_delta, "m2po_threshold": self.m2po_threshold}))
+        for name in ("opsm_delta", "m2po_threshold"):
+            if getattr(self, name) is not None and self.model is None:
+                p.append(f"{_flag(name)} needs --model (the what-if compares the model with the sampler)")
         p.extend(staleness_problems(self.max_lag, self.min_version))
         p.extend(output_problems(*self.paths(), overwrite=self.overwrite))
         p.extend(self._parse_gates()[1])

@@ -41,6 +41,7 @@ from drpo_cli.losses import (
     weight_mean,
     weight_sum_parts,
 )
+from drpo_cli.losses_extra import EFFECT_METRICS, FILTER_METRICS, effect_counts, filter_counts
 
 
 def token_diagnostics(
@@ -158,9 +159,14 @@ _ZEROING_METRICS = {
     "ppo-clip": "ppo_clip/clip_frac",
     "dppo-tv": "dppo_tv/mask_frac",
     "dppo-kl": "dppo_kl/mask_frac",
+    "dppo-tv-sq": "dppo_tv_sq/mask_frac",
 }
-_WEIGHTED_LOSSES = ("drpo", "spo")  # losses whose weight distribution is reported
-_SEQ_STATE = ("n", "n_zero", "n_seq", "n_seq_zero")  # gspo's would-be clipping (needs seq_index)
+_WEIGHTED_LOSSES = ("drpo", "spo", "sapo")  # losses whose weight distribution is reported
+_SEQ_STATE = ("n", "n_zero", "n_seq", "n_seq_zero")
+# Fractions of a selection over all the tokens of one update (a whole optimizer step in train, one
+# audited batch in inspect), not token by token: merging accumulators adds their counts, so they equal
+# one accumulator's only when the updates were the same batches.
+PER_UPDATE_METRICS = ("clip_cov/selected_frac", "kl_cov/selected_frac", "m2po/masked_frac")  # gspo's would-be clipping (needs seq_index)
 
 
 class Diagnostics:
@@ -187,6 +193,8 @@ class Diagnostics:
         veto: float | None = None,
         weight: dict | None = None,
         reject_mode: str = "mask",
+        opsm_delta: float | None = None,
+        m2po_threshold: float | None = None,
     ):
         if not (isinstance(tr_delta, (int, float)) and tr_delta > 0):
             raise ConfigError(f"tr_delta must be a number > 0, got {tr_delta!r}")
@@ -202,6 +210,7 @@ class Diagnostics:
         # What-if corrections with logp as π_old: the veto's fractions, the behavior weight's batch mean
         # (`weight`: behavior_weight's kind, cap, band, level) over the tokens rejection and veto keep.
         self.veto, self.weight, self.reject_mode = veto, dict(weight) if weight else None, reject_mode
+        self.opsm_delta, self.m2po_threshold = opsm_delta, m2po_threshold
         # (state key prefix, loss name, hyper-parameters) of every weight distribution tracked.
         self._weighted = [(name, name, hp) for name, hp in self.losses.items() if name in _WEIGHTED_LOSSES]
         self._weighted += [(f"drpo@{d!r}", "drpo", {"delta": d}) for d in self.drpo_deltas]
@@ -223,6 +232,13 @@ class Diagnostics:
                 self._register(f"gspo/{key}", (), "sum")
         if "cispo" in self.losses:
             self._register("cispo/n_clipped", (), "sum")
+        # The later objectives' and the OPSM / M2PO filters' fractions: (hits, total) per metric.
+        self._fractions = [m for name in self.losses for m in EFFECT_METRICS.get(name, ())]
+        self._fractions += [m for f, on in (("opsm", opsm_delta), ("m2po", m2po_threshold)) if on is not None
+                            for m in FILTER_METRICS[f]]
+        for metric in self._fractions:
+            self._register(f"{metric}#hits", (), "sum")
+            self._register(f"{metric}#total", (), "sum")
         for key in ("n_ref", "sum_ref_k1", "sum_ref_k2", "sum_ref_k3", "reject/n", "reject/n_tokens",
                     "reject/n_seq", "reject/n_seq_rejected"):
             self._register(key, (), "sum")
@@ -258,6 +274,8 @@ class Diagnostics:
             "veto": self.veto,
             "weight": self.weight and {k: list(v) if isinstance(v, tuple) else v for k, v in self.weight.items()},
             "reject_mode": self.reject_mode,
+            "opsm_delta": self.opsm_delta,
+            "m2po_threshold": self.m2po_threshold,
         }
 
     # ---- accumulate -------------------------------------------------------------------------------
@@ -274,14 +292,18 @@ class Diagnostics:
         entropy: Tensor | None = None,
         seq_index: Tensor | None = None,
         ref_logp: Tensor | None = None,
+        selected: Tensor | None = None,
+        old_logp: Tensor | None = None,
     ) -> None:
         """Add the tokens where `mask` is True. All inputs flat (N,) (any equal shapes work).
 
         `lag` = staleness per token (current − policy version; < 0 = unknown), `position` = index
         in the response, `entropy` = entropy of π, `seq_index` = each token's sequence label (whole
         sequences only: gspo's clipping and the sequence-level rejection criteria need it),
-        `ref_logp` = log π_ref (the kl/ref_* metrics of KL(π‖π_ref)). Masked positions are selected
-        out before any math, so NaN there never reaches a statistic.
+        `ref_logp` = log π_ref (the kl/ref_* metrics of KL(π‖π_ref)), `selected` = the tokens the step's
+        clip-cov / kl-cov selection picked (else selected over these tokens), `old_logp` = π_old of the M2PO
+        what-if over these tokens (train counts its step-wide mask with add_counts instead). Masked
+        positions are selected out before any math, so NaN there never reaches a statistic.
         """
         with torch.no_grad():
             keep = mask.detach().reshape(-1).bool()
@@ -335,6 +357,17 @@ class Diagnostics:
                              "gspo/n_seq_zero": torch.tensor(float(torch.unique(seq[w == 0]).numel()))})
             if "cispo" in self.losses:
                 part["cispo/n_clipped"] = (gradient_weight("cispo", lp, mu_lp, adv, **self.losses["cispo"]) != 1).sum()
+            seq = pick(seq_index) if seq_index is not None else None
+            counts = {}
+            for name, hp in self.losses.items():
+                sel = pick(selected) if selected is not None else None
+                counts.update(effect_counts(name, hp, lp, mu_lp, adv, seq, sel))
+            counts.update(filter_counts(lp, mu_lp, adv, seq, opsm_delta=self.opsm_delta, m2po_threshold=(
+                self.m2po_threshold if old_logp is not None else None),
+                old_logp=None if old_logp is None else pick(old_logp).double()))
+            for metric, (hits, total) in counts.items():
+                if metric in self._fractions:
+                    part[f"{metric}#hits"], part[f"{metric}#total"] = hits, total
             if ref_logp is not None:
                 ref = pick(ref_logp).double()
                 part["n_ref"] = torch.tensor(float(lp.numel()))
@@ -381,6 +414,11 @@ class Diagnostics:
                 features, self._position_bucket(position, pick, lp), len(POSITION_LABELS)
             )
             self._fold(part)
+
+    def add_counts(self, counts: dict[str, tuple[float, float]]) -> None:
+        """Fold (hits, total) of fractions counted elsewhere (train's step-wide M2PO mask) into the state."""
+        self._fold({f"{m}#{k}": torch.tensor(float(v)) for m, (h, t) in counts.items() if m in self._fractions
+                    for k, v in (("hits", h), ("total", t))})
 
     def _lag_bucket(self, lag, pick, like: Tensor) -> Tensor:
         unknown = self.lag_buckets + 1
@@ -509,6 +547,8 @@ class Diagnostics:
             out["gspo/seq_clip_frac"] = ratio_of(s["gspo/n_seq_zero"], float(s["gspo/n_seq"]))
         if "cispo" in self.losses:
             out["cispo/clip_frac"] = ratio_of(s["cispo/n_clipped"], n)
+        for metric in self._fractions:
+            out[metric] = ratio_of(s[f"{metric}#hits"], float(s[f"{metric}#total"]))
         if float(s["n_ref"]) > 0:
             for k in ("k1", "k2", "k3"):
                 out[f"kl/ref_{k}_mean"] = ratio_of(s[f"sum_ref_{k}"], float(s["n_ref"]))

@@ -12,6 +12,10 @@ losses, `aggregate` / `token_coefficients` turn them into the step loss with glo
 Sequence-level losses (GSPO) see each token's sequence (`seq_index`): their per-token loss is the
 loss of its sequence, so they need whole sequences, which every micro-batch holds (data.py never
 splits a row). Their gradient contract is stated per sequence (gradient_weight's docstring).
+Batch-level losses (Clip-Cov, KL-Cov) take `selected`, tokens picked by a statistic over the whole
+optimizer step (losses_extra.covariance_selection). The later objectives (SAPO, GMPO, TOPR, the
+squared-log-ratio family, VESPO, Clip-Cov / KL-Cov) and the OPSM / M2PO filters live in
+losses_extra.py and are registered here.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from drpo_cli import losses_extra as X
 from drpo_cli.elementwise import LOGR_CLAMP, binary_kl, k1, k2, k3, log_ratio, prob_delta
 from drpo_cli.errors import ConfigError
 
-HP_NAMES = ("delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap")
+HP_NAMES = ("delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap", "tau_pos", "tau_neg", "tau",
+            "delta_low", "delta_high", "k_pos", "lambda_pos", "k_neg", "lambda_neg", "cov_ratio", "cov_lb",
+            "cov_ub", "cov_kl_coef")
 
 
 # ---- the losses: (logp, anchor, adv, **hp) -> per-token loss; anchor and adv already detached ----
@@ -236,6 +243,10 @@ def _w_gspo(logp, anchor, adv, *, seq, valid, eps_low, eps_high):
     return (~clipped).to(logp.dtype)
 
 
+def _gspo_ratio(logp, anchor, adv, seq, valid, **hp):
+    return torch.exp(_log_seq_ratio(logp, anchor, seq, valid))
+
+
 def _w_cispo(logp, anchor, adv, *, eps_low, eps_high):
     r = torch.exp(log_ratio(logp, anchor))
     lo = 0.0 if eps_low is None else 1.0 - eps_low
@@ -250,13 +261,21 @@ class LossSpec:
     """One registered loss: the per-token loss, its analytic gradient weight, its default hyper-parameters.
 
     `level` "sequence": both functions also take `seq` (each token's sequence label) and `valid`
-    (the trained tokens), keyword-only.
+    (the trained tokens), keyword-only; "batch": they take `selected` (losses_extra.covariance_selection).
+    `contract` says how w gives d(Σ_t loss_t)/d logπ_u (loss_gradient): "token" −A_u·r_u·w_u (+ the
+    A-free `penalty` gradient g_u where there is one), "sequence" −(s_i/n_i)·Σ_{t∈i} A_t·w_t (GSPO),
+    "geometric" −(s_i/n_i)·(Σ_{t∈i} A_t)·w_u (GMPO); `seq_ratio` gives s_i. `reinforce`: the value is
+    in REINFORCE form (−c·A·logπ with a detached c, e.g. cispo), so at π = μ it is −A·logπ, not −A.
     """
 
     loss: Callable[..., Tensor]
     weight: Callable[..., Tensor]
     defaults: Mapping[str, float | None]
     level: str = "token"
+    contract: str = "token"
+    penalty: Callable[..., Tensor] | None = None
+    seq_ratio: Callable[..., Tensor] | None = None
+    reinforce: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -266,10 +285,26 @@ LOSSES: dict[str, LossSpec] = {
     "dppo-tv": LossSpec(dppo_tv, _w_dppo_tv, {"delta": 0.15, "ratio_cap": 20.0}),
     "dppo-kl": LossSpec(dppo_kl, _w_dppo_kl, {"delta": 0.05, "ratio_cap": 20.0}),
     "drpo": LossSpec(drpo, _w_drpo, {"delta": 12.5}),
-    "gspo": LossSpec(gspo, _w_gspo, {"eps_low": 3e-4, "eps_high": 4e-4}, level="sequence"),
-    "cispo": LossSpec(cispo, _w_cispo, {"eps_low": None, "eps_high": 4.0}),
+    "gspo": LossSpec(gspo, _w_gspo, {"eps_low": 3e-4, "eps_high": 4e-4}, level="sequence", contract="sequence",
+                     seq_ratio=_gspo_ratio),
+    "cispo": LossSpec(cispo, _w_cispo, {"eps_low": None, "eps_high": 4.0}, reinforce=True),
+    # The later objectives (losses_extra.py; SPEC.md §1 cites each reference implementation).
+    "sapo": LossSpec(X.sapo, X._w_sapo, {"tau_pos": 1.0, "tau_neg": 1.05}),
+    "gmpo": LossSpec(X.gmpo, X._w_gmpo, {"eps_low": 0.4, "eps_high": 0.4}, level="sequence", contract="geometric",
+                     seq_ratio=X.gmpo_ratio),
+    "topr": LossSpec(X.topr, X._w_topr, {}, reinforce=True),
+    "kimi15": LossSpec(X.kimi15, X._w_reinforce, {"tau": 0.1}, penalty=X._g_kimi15, reinforce=True),
+    "dppo-tv-sq": LossSpec(X.dppo_tv_sq, X._w_dppo_tv_sq, {"delta_low": 0.2, "delta_high": 0.2, "tau": 1e-3},
+                           penalty=X._g_dppo_tv_sq),
+    "vespo": LossSpec(X.vespo, X._w_vespo, {"k_pos": 2.0, "lambda_pos": 3.0, "k_neg": 3.0, "lambda_neg": 2.0},
+                      level="sequence", reinforce=True),
+    "clip-cov": LossSpec(X.clip_cov, X._w_clip_cov, {"eps_low": 0.2, "eps_high": 0.2, "cov_ratio": 2e-4,
+                                                    "cov_lb": 1.0, "cov_ub": 5.0}, level="batch"),
+    "kl-cov": LossSpec(X.kl_cov, X._w_ones, {"cov_ratio": 2e-4, "cov_kl_coef": 0.1}, level="batch",
+                       penalty=X._g_kl_cov),
 }
 SEQUENCE_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.level == "sequence")
+BATCH_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.level == "batch")
 LOSS_NAMES = tuple(LOSSES)
 DEFAULTS: dict[str, dict[str, float | None]] = {name: dict(spec.defaults) for name, spec in LOSSES.items()}
 
@@ -281,6 +316,19 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "eps_high": (lambda v: v > 0, "> 0"),
     "dual_clip": (lambda v: v > 1, "> 1 (or None for off)"),
     "ratio_cap": (lambda v: v >= 1, ">= 1"),
+    "tau_pos": (lambda v: v > 0, "> 0"),
+    "tau_neg": (lambda v: v > 0, "> 0"),
+    "tau": (lambda v: v >= 0, ">= 0"),
+    "delta_low": (lambda v: v > 0, "> 0"),
+    "delta_high": (lambda v: v > 0, "> 0"),
+    "k_pos": (lambda v: v >= 0, ">= 0"),
+    "k_neg": (lambda v: v >= 0, ">= 0"),
+    "lambda_pos": (lambda v: v > 0, "> 0"),
+    "lambda_neg": (lambda v: v > 0, "> 0"),
+    "cov_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "cov_lb": (lambda v: True, "a number"),
+    "cov_ub": (lambda v: True, "a number"),
+    "cov_kl_coef": (lambda v: v >= 0, ">= 0"),
 }
 
 
@@ -336,14 +384,26 @@ def _prepare(logp: Tensor, anchor_logp: Tensor, advantages: Tensor, mask: Tensor
     return logp, anchor, adv
 
 
-def _sequence_args(name: str, logp: Tensor, mask: Tensor | None, seq_index: Tensor | None) -> dict:
-    """`seq` and `valid` for a sequence-level loss (nothing for a token-level one)."""
-    if LOSSES[name].level != "sequence":
+def _sequence_args(name: str, logp: Tensor, anchor: Tensor, adv: Tensor, mask: Tensor | None,
+                   seq_index: Tensor | None, selected: Tensor | None, hp: Mapping) -> dict:
+    """`seq` and `valid` for a sequence-level loss, `selected` for a batch-level one (nothing otherwise).
+
+    A batch-level loss without `selected` takes the tokens given as the whole batch (as verl does per
+    micro-batch), with seed 0; train passes the step's selection instead.
+    """
+    level = LOSSES[name].level
+    valid = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()
+    if level == "batch":
+        if selected is None:
+            selected = X.covariance_selection(name, logp, anchor, adv, valid, **hp)
+        elif selected.shape != logp.shape:
+            raise ValueError(f"{name}: selected must have the shape of logp {tuple(logp.shape)}")
+        return {"selected": selected.bool() & valid}
+    if level != "sequence":
         return {}
     if seq_index is None or seq_index.shape != logp.shape:
         raise ValueError(f"{name} is sequence-level: pass seq_index, one sequence label per token "
                          f"(shape {tuple(logp.shape)})")
-    valid = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()
     return {"seq": seq_index, "valid": valid}
 
 
@@ -355,20 +415,22 @@ def token_loss(
     *,
     mask: Tensor | None = None,
     seq_index: Tensor | None = None,
+    selected: Tensor | None = None,
     **hp,
 ) -> Tensor:
     """Unreduced per-token loss of loss `name` (same shape as `logp`, any shape); minimise it.
 
     `anchor_logp` (logμ) and `advantages` (A) are detached. Hyper-parameters by keyword (`delta`,
-    `eps`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`), defaults from DEFAULTS[name]; unknown
-    names or out-of-range values raise ConfigError. With `mask`, positions where it is False are
+    `eps`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`, ... HP_NAMES), defaults from DEFAULTS[name];
+    unknown names or out-of-range values raise ConfigError. With `mask`, positions where it is False are
     replaced before any math and give exactly 0 loss and 0 gradient, even if they hold NaN.
     Sequence-level losses (SEQUENCE_LOSSES) need `seq_index` (each token's sequence label, whole
-    sequences only); token-level losses ignore it.
+    sequences only); token-level losses ignore it. Batch-level losses (BATCH_LOSSES) take `selected`
+    (the step's covariance selection); without it the tokens given are the batch.
     """
     resolved = resolve_hparams(name, hp)
-    extra = _sequence_args(name, logp, mask, seq_index)
     logp, anchor, adv = _prepare(logp, anchor_logp, advantages, mask)
+    extra = _sequence_args(name, logp.detach(), anchor, adv, mask, seq_index, selected, resolved)
     loss = LOSSES[name].loss(logp, anchor, adv, **extra, **resolved)
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
@@ -383,6 +445,7 @@ def gradient_weight(
     *,
     mask: Tensor | None = None,
     seq_index: Tensor | None = None,
+    selected: Tensor | None = None,
     **hp,
 ) -> Tensor:
     """The analytic gradient weight w of SPEC.md §1 (detached): d loss/d logπ = −A·r·w.
@@ -392,16 +455,58 @@ def gradient_weight(
     Sequence-level losses: w_t is the token's share of its sequence's gradient, the contract being
     d(Σ_t loss_t)/d logπ_u = −(s_i/n_i)·Σ_{t∈i} A_t·w_t for every trained token u of sequence i
     (n_i trained tokens, s_i the sequence ratio); for gspo w_t ∈ {0, 1} (0: s_i clipped in A_t's
-    harmful direction).
+    harmful direction). Every loss's contract (LossSpec.contract) is applied by loss_gradient.
     """
     resolved = resolve_hparams(name, hp)
-    extra = _sequence_args(name, logp, mask, seq_index)
     with torch.no_grad():
         logp, anchor, adv = _prepare(logp.detach(), anchor_logp, advantages, mask)
+        extra = _sequence_args(name, logp, anchor, adv, mask, seq_index, selected, resolved)
         w = LOSSES[name].weight(logp, anchor, adv, **extra, **resolved)
         if mask is not None:
             w = torch.where(mask, w, torch.zeros_like(w))
     return w
+
+
+def loss_gradient(
+    name: str,
+    logp: Tensor,
+    anchor_logp: Tensor,
+    advantages: Tensor,
+    *,
+    mask: Tensor | None = None,
+    seq_index: Tensor | None = None,
+    selected: Tensor | None = None,
+    **hp,
+) -> Tensor:
+    """d(Σ_t loss_t)/d logπ_u from the analytic weights by the loss's contract (detached; 0 where masked).
+
+    "token": −A_u·r_u·w_u + g_u (g: the A-free penalty's gradient, kimi15 / dppo-tv-sq / kl-cov);
+    "sequence" (gspo): −(s_i/n_i)·Σ_{t∈i} A_t·w_t; "geometric" (gmpo): −(s_i/n_i)·(Σ_{t∈i} A_t)·w_u.
+    What the contract test compares autograd with, for every registry entry.
+    """
+    spec = LOSSES[name]
+    w = gradient_weight(name, logp, anchor_logp, advantages, mask=mask, seq_index=seq_index, selected=selected,
+                        **hp)
+    resolved = resolve_hparams(name, hp)
+    with torch.no_grad():
+        logp, anchor, adv = _prepare(logp.detach(), anchor_logp, advantages, mask)
+        extra = _sequence_args(name, logp, anchor, adv, mask, seq_index, selected, resolved)
+        if spec.contract == "token":
+            grad = -adv * torch.exp(log_ratio(logp, anchor)) * w
+            if spec.penalty is not None:
+                grad = grad + spec.penalty(logp, anchor, adv, **{k: v for k, v in extra.items() if k == "selected"},
+                                           **resolved)
+        else:
+            seq, valid = extra["seq"], extra["valid"]
+            s = spec.seq_ratio(logp, anchor, adv, seq, valid, **resolved)
+            n = sequence_reduce(torch.ones_like(logp), seq, valid, "sum").clamp(min=1.0)
+            if spec.contract == "sequence":
+                grad = -s / n * sequence_reduce(adv * w, seq, valid, "sum")
+            else:
+                grad = -s / n * sequence_reduce(adv, seq, valid, "sum") * w
+        if mask is not None:
+            grad = torch.where(mask, grad, torch.zeros_like(grad))
+    return grad
 
 
 # ---- token aggregation (global denominators) --------------------------------------------------------

@@ -353,7 +353,7 @@ def _is_loss_metric(key: str, loss: str) -> bool:
     """What the loss in use does to the tokens (`ppo_clip/clip_frac`, `weight/drpo_corrective_frac`, ...) and
     the reference KL (`kl/ref_*`, with --ref-model)."""
     ns = loss.replace("-", "_")
-    return key.startswith((f"{ns}/", "kl/ref_")) or (key.startswith(f"weight/{ns}_") and key.endswith("_frac"))
+    return key.startswith((f"{ns}/", "kl/ref_", "opsm/", "m2po/")) or (key.startswith(f"weight/{ns}_") and key.endswith("_frac"))
 
 
 # ---- drpo inspect report ------------------------------------------------------------------------
@@ -414,6 +414,23 @@ INSPECT_MODEL_METRICS: dict[str, str] = {
     "weight/spo_attenuated_frac": "share with SPO weight w < 0.5 at its default ε",
     **{f"weight/{loss}_{k}": f"{k} of the {loss.upper()} weight w" for loss in ("drpo", "spo")
        for k in ("mean", "min", "max", "p1", "p10", "p50", "p90", "p99")},
+    # The later objectives and filters (docs/losses.md), each at its reference's defaults.
+    "weight/sapo_corrective_frac": "share with SAPO weight w < 0 (always 0: the soft gate never reverses)",
+    "weight/sapo_attenuated_frac": "share whose SAPO soft gate attenuates the weight below 0.5",
+    **{f"weight/sapo_{k}": f"{k} of the SAPO weight w = 4σ(1 − σ)"
+       for k in ("mean", "min", "max", "p1", "p10", "p50", "p90", "p99")},
+    "gmpo/clip_frac": "share of tokens whose log r gmpo clips in the advantage's direction (no gradient)",
+    "gmpo/seq_clip_frac": "share of sequences with a token gmpo clips",
+    "topr/truncated_frac": "share of A < 0 tokens with r > 1, whose topr weight is truncated to 1",
+    "kimi15/corrective_frac": "share whose kimi15 gradient opposes the advantage (the (τ/2)·log²r pull wins)",
+    "dppo_tv_sq/mask_frac": "share dppo-tv-sq (prime-rl) masks at its default thresholds",
+    "vespo/attenuated_frac": "share of tokens whose VESPO sequence weight φ(w) is below 0.5",
+    "vespo/seq_attenuated_frac": "share of sequences whose VESPO weight φ(w) is below 0.5",
+    "clip_cov/selected_frac": "share clip-cov selects (loss zeroed), over each audited batch",
+    "kl_cov/selected_frac": "share kl-cov selects (|log r| penalty), over each audited batch",
+    "opsm/token_drop_frac": "share of tokens OPSM drops at --opsm-delta (0.5): A < 0, sequence mean log(μ/π) > δ",
+    "opsm/seq_drop_frac": "share of sequences OPSM drops a token of",
+    "m2po/masked_frac": "share M2PO masks at --m2po-threshold (0.04), π_old = the model, over each audited batch",
 }
 
 

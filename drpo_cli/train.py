@@ -51,6 +51,7 @@ from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
 from drpo_cli.errors import ConfigError, InputError, Interrupted
 from drpo_cli.logprobs import fused_token_loss, pick_device, reused_buffers, token_logprobs
 from drpo_cli.losses import (
+    BATCH_LOSSES,
     SEQUENCE_LOSSES,
     aggregation_denominator,
     batch_normalize,
@@ -63,6 +64,7 @@ from drpo_cli.losses import (
     weight_mean,
     weight_sum_parts,
 )
+from drpo_cli.losses_extra import covariance_selection, m2po_keep, opsm_keep
 from drpo_cli.picture import MuPiHistogram, worst_tokens
 from drpo_cli.report import TRAIN_REPORT_VERSION, clean_number, fmt, print_train_summary, train_report_json
 from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version, load_rows, staleness_filter
@@ -236,7 +238,8 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                 corrections["amp/loss_scale"] = scale
             loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=step_rho,
                                                       behavior=behavior, advantages=advantages, mask=mask,
-                                                      autocast=autocast, ref_logp=ref_logp, scale=scale)
+                                                      autocast=autocast, ref_logp=ref_logp, scale=scale,
+                                                      old_logp=old, step=step)
             if scaler is not None:
                 scaler.unscale_(optimizer)  # the gradients back to their true size before the norm and clip
             # The global norm: FSDP2 gradients are DTensors, whose norm is reduced over ranks.
@@ -312,30 +315,51 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
 
 
 def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: TrainConfig, *, anchor, rho, behavior,
-                         advantages, mask, autocast=None, ref_logp=None,
-                         scale: float = 1.0) -> tuple[torch.Tensor, Diagnostics, int]:
+                         advantages, mask, autocast=None, ref_logp=None, old_logp=None,
+                         step: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, Diagnostics, int]:
     """Backward of one optimizer step's loss over rows `row_idx`, micro-batch by micro-batch.
 
     The aggregation denominator is summed over every micro-batch (and rank) first, so the
     accumulated gradient equals that of the whole mini-batch in one piece, for any
     micro_batch_tokens. Each token's loss is c_t·(ρ_t·loss_t + β·KL_t − c_ent·H_t): the reference
     KL and the entropy bonus share the aggregation coefficients c_t, not the behavior weight ρ.
-    `scale` (fp16's loss scale) multiplies every c_t, so the gradients, formed in the head's forward
-    from the per-token upstream gradient, are scaled before any cast to fp16; the loss is returned
-    unscaled. Returns (global loss, global diagnostics, global trained tokens).
+    Step-wide statistics (SPEC.md §1): the M2PO mask (--m2po-threshold, on μ and π_old) and the
+    clip-cov / kl-cov selection (on π at this step's weights, from a first inference sweep) are
+    computed over the step's tokens of every rank in global order before any gradient pass; OPSM
+    (--opsm-delta) is per sequence, inside the loss. `scale` (fp16's loss scale)
+    multiplies every c_t, so the gradients, formed in the head's forward from the per-token upstream
+    gradient, are scaled before any cast to fp16; the loss is returned unscaled. Returns (global loss,
+    global diagnostics, global trained tokens).
     """
     device = distributed.model_device(model)
     hp = cfg.loss_hparams()
-    whole = cfg.loss in SEQUENCE_LOSSES  # its loss needs the micro-batch's whole sequences at once
+    # OPSM and sequence-level losses need the micro-batch's whole sequences at once.
+    whole = cfg.loss in SEQUENCE_LOSSES or cfg.opsm_delta is not None
     beta = cfg.resolved_kl_coef()
     micro = plan_micro_batches(rows, row_idx, cfg.micro_batch_tokens)
+    diag = Diagnostics(cfg.tr_delta, {cfg.loss: hp}, opsm_delta=cfg.opsm_delta, m2po_threshold=cfg.m2po_threshold)
+    step_idx = torch.cat([mb.token_index for mb in micro]) if micro else torch.zeros(0, dtype=torch.int64)  # (S,)
+    if cfg.m2po_threshold is not None:  # the step's largest (log μ − log π_old)² leave the loss mask
+        kept = _step_wide(lambda b, o, v: m2po_keep(b, o, v, cfg.m2po_threshold), rows, step_idx,
+                          behavior[step_idx], old_logp[step_idx], mask[step_idx])
+        before = mask[step_idx]
+        diag.add_counts({"m2po/masked_frac": (float((before & ~kept).sum()), float(before.sum()))})
+        mask = mask.clone()
+        mask[step_idx] = before & kept
+    selected = None  # (T,) bool: the step's clip-cov / kl-cov tokens
+    if cfg.loss in BATCH_LOSSES:
+        logp_now = _sweep_logprobs(model, micro, cfg, device, autocast)  # (S,) π at this step's weights
+        sel = _step_wide(lambda lp, mu, a, v: covariance_selection(cfg.loss, lp, mu, a, v, seed=cfg.seed * 1_000_003 + step,
+                                                                   **hp),
+                         rows, step_idx, logp_now, anchor[step_idx], advantages[step_idx], mask[step_idx])
+        selected = torch.zeros_like(mask)
+        selected[step_idx] = sel
     denom = torch.zeros((), dtype=torch.float64)
     for mb in micro:
         denom += aggregation_denominator(cfg.agg, mask[mb.token_index], mb.seq_index)
     denom = distributed.all_reduce_sum(denom.to(device))
 
     total = torch.zeros((), dtype=torch.float32, device=device)
-    diag = Diagnostics(cfg.tr_delta, {cfg.loss: hp})
     tokens = torch.zeros((), dtype=torch.int64, device=device)
     # A rank with fewer micro-batches runs zero-weight passes (exact zero gradients) so that every
     # FSDP rank runs the same number; counted before any pass, so that every rank makes that
@@ -350,10 +374,15 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
             agg = token_coefficients(cfg.agg, m, mb.seq_index, denom, horizon=cfg.horizon) * scale  # (M,)
             coef = agg * rho[idx].to(device)
             ref = ref_logp[idx].to(device) if ref_logp is not None else None  # (M,)
+            sel = selected[idx].to(device) if selected is not None else None  # (M,)
+            beh = behavior[idx].to(device)  # (M,)
 
-            def loss_fn(logp, sl, coef=coef, agg=agg, mu=mu, a=a, m=m, seq=mb.seq_index, ref=ref):
-                # A scalar sum over the tokens `sl` (all of them for a sequence-level loss).
-                per_token = token_loss(cfg.loss, logp, mu[sl], a[sl], mask=m[sl], seq_index=seq[sl], **hp)
+            def loss_fn(logp, sl, coef=coef, agg=agg, mu=mu, a=a, m=m, seq=mb.seq_index, ref=ref, sel=sel, beh=beh):
+                # A scalar sum over the tokens `sl` (all of them for a sequence-level loss or OPSM).
+                per_token = token_loss(cfg.loss, logp, mu[sl], a[sl], mask=m[sl], seq_index=seq[sl],
+                                       selected=None if sel is None else sel[sl], **hp)
+                if cfg.opsm_delta is not None:  # A < 0 tokens of sequences too far from μ (π now) drop out
+                    per_token = per_token * opsm_keep(logp, beh[sl], a[sl], seq[sl], m[sl], cfg.opsm_delta)
                 loss = (coef[sl] * per_token).sum()
                 if ref is not None and beta > 0:
                     safe = torch.where(m[sl], logp, ref[sl])  # masked tokens: KL 0, gradient 0
@@ -366,7 +395,7 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
             loss.backward()
             total += loss.detach()
             tokens += m.sum()
-            diag.update(logp, behavior[idx].to(device), a, m, entropy=ent, seq_index=mb.seq_index, ref_logp=ref)
+            diag.update(logp, beh, a, m, entropy=ent, seq_index=mb.seq_index, ref_logp=ref, selected=sel)
             moe.count_trained(model, mb, m)  # with --replay-routing: the router's own top-k ≠ the logged one
         for filler in fillers:
             zero, _, _ = fused_token_loss(model, filler.to(device), lambda logp, sl: logp.sum() * 0.0,
@@ -376,6 +405,33 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
     distributed.all_reduce_sum(tokens)
     diag.all_reduce_()
     return total / scale, diag, int(tokens.item())
+
+
+def _sweep_logprobs(model, micro, cfg: TrainConfig, device, autocast) -> torch.Tensor:
+    """π of the step's tokens (S,) at the current weights, no gradient, micro-batch by micro-batch (with FSDP's fillers)."""
+    out = [torch.zeros(0)]
+    with torch.no_grad():  # not inference_mode: FSDP2's gathered buffers must serve the gradient passes next
+        for i, mb in enumerate(micro + distributed.filler_passes(len(micro))):
+            lp, _ = token_logprobs(model, mb.to(device), chunk_tokens=cfg.chunk_tokens, dtype=autocast)
+            if i < len(micro):
+                out.append(lp.float().cpu())
+    return torch.cat(out)
+
+
+def _step_wide(select, rows: RolloutRows, token_idx: torch.Tensor, *columns: torch.Tensor) -> torch.Tensor:
+    """`select(*columns)` over the step's tokens of every rank in global order; this rank's share of its bool result.
+
+    Global order is (row in the files, position in the response), so the result depends neither on
+    how the step is cut into micro-batches nor on how its rows are spread over ranks.
+    """
+    idx = token_idx.numpy()
+    key = rows.global_row[rows.token_row()[idx]].astype(np.int64) * (1 << 32) + rows.token_position()[idx]
+    shares = distributed.exchange((key, *(c.detach().cpu().numpy() for c in columns)))
+    all_keys = np.concatenate([share[0] for share in shares])
+    order = np.argsort(all_keys, kind="stable")
+    merged = [torch.from_numpy(np.concatenate([share[j] for share in shares])[order]) for j in range(1, len(columns) + 1)]
+    result = select(*merged).numpy()  # (N_global,) in global order
+    return torch.from_numpy(result[np.searchsorted(all_keys[order], key)])
 
 
 def _reference_logprobs(cfg: TrainConfig, rows: RolloutRows, device, sharded: bool, autocast) -> torch.Tensor:
@@ -540,9 +596,15 @@ def _logprobs_of(model, rows: RolloutRows, cfg: TrainConfig, autocast, *, with_e
 def _closing_audit(model, rows: RolloutRows, cfg: TrainConfig, autocast, behavior, advantages, mask, ref_logp=None):
     """(SPEC.md §2 metrics of the final weights against μ and the worst samples by harmful fraction, notes)."""
     logp, ent = _logprobs_of(model, rows, cfg, autocast, with_entropy=True)  # (T,), (T,)
-    diag = Diagnostics(cfg.tr_delta, {cfg.loss: cfg.loss_hparams()})
+    diag = Diagnostics(cfg.tr_delta, {cfg.loss: cfg.loss_hparams()}, opsm_delta=cfg.opsm_delta)
+    selected = None  # clip-cov / kl-cov: the selection over every rank's tokens, as in a step
+    if cfg.loss in BATCH_LOSSES:
+        every = torch.arange(rows.num_tokens)
+        selected = _step_wide(lambda lp, mu, a, v: covariance_selection(cfg.loss, lp, mu, a, v, seed=cfg.seed,
+                                                                        **cfg.loss_hparams()),
+                              rows, every, logp, behavior, advantages, mask)
     diag.update(logp, behavior, advantages, mask, entropy=ent, seq_index=torch.from_numpy(rows.token_row()),
-                ref_logp=ref_logp)
+                ref_logp=ref_logp, selected=selected)
     summary = diag.all_reduce_().summary()  # each rank holds its rows' tokens
 
     # Per-sample fractions with the --tr-delta yardstick (SPEC.md §2 "outside" / "harmful").

@@ -70,6 +70,18 @@ ARMS: dict[str, dict] = {
     "pg-is": {"loss": "pg-is"},
     "gspo": {"loss": "gspo", "agg": "seq-mean-token-mean"},  # GSPO's own averaging (mean over sequences)
     "cispo": {"loss": "cispo"},
+    # The later objectives at their references' defaults; sapo and gmpo with the sequence averaging their
+    # references force (verl / TRL), the OPSM and M2PO filters on ppo-clip.
+    "sapo": {"loss": "sapo", "agg": "seq-mean-token-mean"},
+    "gmpo": {"loss": "gmpo", "agg": "seq-mean-token-mean"},
+    "topr": {"loss": "topr"},
+    "kimi15": {"loss": "kimi15"},
+    "dppo-tv-sq": {"loss": "dppo-tv-sq"},
+    "vespo": {"loss": "vespo"},
+    "clip-cov": {"loss": "clip-cov"},
+    "kl-cov": {"loss": "kl-cov"},
+    "ppo-clip+opsm": {"loss": "ppo-clip", "opsm_delta": 0.5},
+    "ppo-clip+m2po": {"loss": "ppo-clip", "m2po_threshold": 0.04},
 }
 # The per-step metric that says what each loss did to the tokens (SPEC.md §2, docs/losses.md).
 LOSS_FRACTION = {
@@ -79,7 +91,24 @@ LOSS_FRACTION = {
     "spo": "weight/spo_corrective_frac",
     "gspo": "gspo/clip_frac",
     "cispo": "cispo/clip_frac",
+    "sapo": "weight/sapo_attenuated_frac",
+    "gmpo": "gmpo/clip_frac",
+    "topr": "topr/truncated_frac",
+    "kimi15": "kimi15/corrective_frac",
+    "dppo-tv-sq": "dppo_tv_sq/mask_frac",
+    "vespo": "vespo/attenuated_frac",
+    "clip-cov": "clip_cov/selected_frac",
+    "kl-cov": "kl_cov/selected_frac",
 }
+FILTER_FRACTION = {"opsm_delta": "opsm/seq_drop_frac", "m2po_threshold": "m2po/masked_frac"}
+
+
+def fraction_name(config: dict) -> str | None:
+    """The per-step metric an arm (TrainConfig fields) reports: its filter's, else its loss's."""
+    for option, metric in FILTER_FRACTION.items():
+        if config.get(option) is not None:
+            return metric
+    return LOSS_FRACTION.get(config["loss"])
 TR_METRICS = ("tr/outside_frac", "tr/harmful_frac", "delta/abs_mean", "kl/k3_mean", "entropy/mean")
 # The sampler-vs-trainer divergence a round starts from (its first optimizer step, before any update):
 # lag plus mismatch at K > 0, the mismatch alone at K = 0.
@@ -125,7 +154,8 @@ class Settings:
 
 PRESETS = {
     "default": Settings(),
-    "quick": Settings(staleness=(0, 8), mismatch=("none", "fp8-w8a8-x10"), seeds=1, rounds=4, eval_prompts=32),
+    # 2 rounds: twice the arms of the first preset in the same time (at K = 8 every round samples the start).
+    "quick": Settings(staleness=(0, 8), mismatch=("none", "fp8-w8a8-x10"), seeds=1, rounds=2, eval_prompts=32),
 }
 
 
@@ -181,7 +211,7 @@ def round_record(report: dict, r: int, sampler_version: int, rollout_reward: flo
     """The numbers kept per round from one drpo_report.json plus the evaluation."""
     steps = report["steps"]
     final = report["final"]["metrics"]
-    frac_name = LOSS_FRACTION.get(report["loss"]["name"])
+    frac_name = fraction_name(report["config"])
     fracs = [st["metrics"].get(frac_name) for st in steps] if frac_name else []
     trained = report["input"]["policy_version"] or 0  # a checkpoint without a version is version 0, as in train
     return {
@@ -536,7 +566,7 @@ def _round_floats(x):
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="the smoke size (1 seed, 4 rounds, 2 mismatch levels)")
+    p.add_argument("--quick", action="store_true", help="the smoke size (1 seed, 2 rounds, 2 mismatch levels)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default examples/results/)")
     for f in Settings.__dataclass_fields__.values():
         flag = "--" + f.name.replace("_", "-")

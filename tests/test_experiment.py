@@ -84,7 +84,7 @@ def test_smoke_records_the_report_metrics(smoke):
             if run["arm"] == "pg-is":
                 assert frac is None
             else:
-                assert frac["name"] == se.LOSS_FRACTION[se.ARMS[run["arm"]]["loss"]]
+                assert frac["name"] == se.fraction_name(se.ARMS[run["arm"]])
                 assert 0.0 <= frac["mean"] <= 1.0
     # The summary row is the mean over seeds of the runs' last rewards (one seed here: equal).
     for row in doc["summary"]:

@@ -123,7 +123,8 @@ def test_report_metrics_equal_the_naive_recompute(run, naive):
         assert m[name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
     assert m["reject/token_frac"] is None and m["reject/seq_frac"] is None  # no --reject given
     assert [e["loss"] for e in report["model"]["losses"]] == [
-        "pg-is", "ppo-clip", "spo", "dppo-tv", "dppo-kl", "drpo", "gspo", "cispo"]
+        "pg-is", "ppo-clip", "spo", "dppo-tv", "dppo-kl", "drpo", "gspo", "cispo", "sapo", "gmpo", "topr", "kimi15",
+        "dppo-tv-sq", "vespo", "clip-cov", "kl-cov", "opsm (filter)", "m2po (filter)"]
     # Breakdown by lag: tokens and harmful share per lag.
     by_lag = {b["key"]: b for b in report["model"]["by_lag"]}
     for lag in np.unique(naive["lag"]):

@@ -148,8 +148,10 @@ def random_tokens(shape, seed, spread=1.0, dtype=torch.float64):
 
 
 def test_registry_names_and_defaults():
-    assert L.LOSS_NAMES == ("pg-is", "ppo-clip", "spo", "dppo-tv", "dppo-kl", "drpo", "gspo", "cispo")
-    assert L.SEQUENCE_LOSSES == ("gspo",)
+    assert L.LOSS_NAMES == ("pg-is", "ppo-clip", "spo", "dppo-tv", "dppo-kl", "drpo", "gspo", "cispo", "sapo",
+                            "gmpo", "topr", "kimi15", "dppo-tv-sq", "vespo", "clip-cov", "kl-cov")
+    assert L.SEQUENCE_LOSSES == ("gspo", "gmpo", "vespo")
+    assert L.BATCH_LOSSES == ("clip-cov", "kl-cov")
     assert L.DEFAULTS["gspo"] == {"eps_low": 3e-4, "eps_high": 4e-4}
     assert L.DEFAULTS["cispo"] == {"eps_low": None, "eps_high": 4.0}
     assert L.DEFAULTS["ppo-clip"] == {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": None}
@@ -181,15 +183,18 @@ def test_contract_shape_finite_grad_and_pg_at_pi_equals_mu(name, dtype):
     assert torch.isfinite(loss).all()
     loss.sum().backward()
     assert logp.grad is not None and torch.isfinite(logp.grad).all() and logp.grad.abs().sum() > 0
-    # π = μ: every loss is plain PG, gradient −A (r = 1, w = 1), value −A (cispo: its REINFORCE value
-    # −A·logπ). The advantage is constant per sequence, as sequence-level losses assume.
+    # π = μ: every loss is plain PG, gradient −A (r = 1, w = 1), value −A (REINFORCE-form losses such as
+    # cispo: −A·logπ). The advantage is constant per sequence, as sequence-level losses assume; no token
+    # is covariance-selected (a clip-cov selection zeroes tokens whatever π).
     adv = adv[:, :1].expand(3, 7).clone()
     same = logp.detach().clone().requires_grad_()
-    at_mu = L.token_loss(name, same, same.detach(), adv, seq_index=seq)
+    none = torch.zeros_like(adv, dtype=torch.bool) if name in L.BATCH_LOSSES else None
+    at_mu = L.token_loss(name, same, same.detach(), adv, seq_index=seq, selected=none)
     at_mu.sum().backward()
-    torch.testing.assert_close(at_mu, -adv * same.detach() if name == "cispo" else -adv)
+    torch.testing.assert_close(at_mu, -adv * same.detach() if L.LOSSES[name].reinforce else -adv)
     torch.testing.assert_close(same.grad, -adv)
-    torch.testing.assert_close(L.gradient_weight(name, same, same, adv, seq_index=seq), torch.ones_like(adv))
+    w = L.gradient_weight(name, same, same, adv, seq_index=seq, selected=none)
+    torch.testing.assert_close(w[adv != 0], torch.ones_like(adv)[adv != 0])  # gmpo: w = 0 where A = 0
 
 
 @pytest.mark.parametrize("name", L.LOSS_NAMES)

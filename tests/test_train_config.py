@@ -53,7 +53,10 @@ def test_every_problem_is_listed_at_once(paths):
 
 @pytest.mark.parametrize("loss", sorted(LOSS_HPARAMS))
 def test_only_the_chosen_losses_hyperparameters_are_accepted(paths, loss):
-    valid = {"delta": 0.1, "eps": 0.1, "eps_low": 0.1, "eps_high": 0.1, "dual_clip": 3.0, "ratio_cap": 5.0}
+    valid = {"delta": 0.1, "eps": 0.1, "eps_low": 0.1, "eps_high": 0.1, "dual_clip": 3.0, "ratio_cap": 5.0,
+             "tau_pos": 1.5, "tau_neg": 2.0, "tau": 0.3, "delta_low": 0.1, "delta_high": 0.3, "k_pos": 1.0,
+             "lambda_pos": 2.0, "k_neg": 1.5, "lambda_neg": 0.5, "cov_ratio": 0.1, "cov_lb": 0.5, "cov_ub": 2.0,
+             "cov_kl_coef": 0.2}
     c = cfg(paths, loss=loss, **valid)
     wrong = [p for p in c.validate() if "does not apply" in p]
     assert len(wrong) == len(valid) - len(LOSS_HPARAMS[loss])
@@ -157,7 +160,8 @@ def _listing(root: Path) -> list[str]:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--loss", "ppo"], "error: --loss 'ppo': expected one of pg-is, ppo-clip, spo, dppo-tv, dppo-kl, drpo, gspo, cispo"),
+        (["--loss", "ppo"], ("error: --loss 'ppo': expected one of pg-is, ppo-clip, spo, dppo-tv, dppo-kl, drpo, gspo, "
+                             "cispo, sapo, gmpo, topr, kimi15, dppo-tv-sq, vespo, clip-cov, kl-cov")),
         (["--epochs", "0"], "error: --epochs must be >= 1, got 0"),
         (["--loss", "pg-is", "--delta", "0.2"], "error: --delta does not apply to --loss pg-is (its options: none)"),
         (["--micro-batch-tokens", "-5"], "error: --micro-batch-tokens must be >= 1, got -5"),
