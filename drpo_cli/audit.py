@@ -30,6 +30,7 @@ from drpo_cli.report import (
     INSPECT_REPORT_SCHEMA,
     clean_number,
     evaluate_gates,
+    finite_or_null,
     validate_report,
     write_report,
 )
@@ -647,6 +648,7 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
         "notes": notes,
         "gates": evaluate_gates(metrics, cfg.gates()),
     }
+    report = finite_or_null(report)  # what the console, the page and the JSON all show
     validate_report(report, INSPECT_REPORT_SCHEMA)
     return report
 

@@ -202,7 +202,7 @@ def agree_any(error: BaseException | None, what: str, flag: bool) -> bool:
         if error is not None:
             raise error
         return flag
-    message = None if error is None else (type(error).__name__, _one_line(error))
+    message = None if error is None else (type(error).__name__, one_line(error))
     shares: list = [None] * world_size()
     dist.all_gather_object(shares, (message, bool(flag)))
     failed = [(r, m) for r, (m, _) in enumerate(shares) if m is not None]
@@ -216,7 +216,8 @@ def agree_any(error: BaseException | None, what: str, flag: bool) -> bool:
     raise DrpoError(f"{what} stopped: rank {r} of {world_size()} failed: {m}")
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """The error as one line: a DrpoError's message, else `Type: message`."""
     message = error.message if isinstance(error, DrpoError) else f"{type(error).__name__}: {error}"
     return message.strip().splitlines()[0] if message.strip() else type(error).__name__
 
