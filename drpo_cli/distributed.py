@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from drpo_cli.errors import CheckpointError, ConfigError, DrpoError, InputError
+from drpo_cli.launch import RANK_EXIT_DIR, launched, launcher_exit_code
 
 FAIL_HOOK = "DRPO_TEST_FAIL_RANK"
 TIMEOUT_ENV = "DRPO_DIST_TIMEOUT_S"
@@ -40,11 +41,6 @@ ENGINE_METHOD = "drpo_engine"  # the log-prob engine's entry point on a sharded 
 
 
 # ---- process group ---------------------------------------------------------------------------
-
-
-def launched() -> bool:
-    """True when started by torchrun (or any launcher that sets WORLD_SIZE and RANK)."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def is_distributed() -> bool:
@@ -486,3 +482,28 @@ def torchrun_argv(nproc: int, args: list[str]) -> list[str]:
         raise ConfigError(f"--nproc: expected an integer ≥ 1, found {nproc}")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "drpo_cli", *args]
+
+
+def run_torchrun(nproc: int, args: list[str]) -> int:
+    """Run `drpo <args>` under torchrun with `nproc` processes; what `drpo train --nproc` exits with.
+
+    torchrun gets a session of its own, so that a signal reaches the ranks once, through it: SIGINT
+    or SIGTERM sent to this process is passed to torchrun, which passes it to every rank and waits
+    for them (its shutdown timeout, 30 s by default) before it kills them. Every rank exits 130 after
+    saving its state, torchrun then exits 1, and this process 130 (launch.launcher_exit_code).
+    """
+    import signal
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="drpo-ranks-") as where:
+        proc = subprocess.Popen(torchrun_argv(nproc, args), env={**os.environ, RANK_EXIT_DIR: where},
+                                start_new_session=True)
+        saved = {s: signal.signal(s, lambda signum, frame: proc.send_signal(signum))
+                 for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = proc.wait()
+        finally:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
+        return launcher_exit_code(code if code >= 0 else 128 - code, where)  # killed by signal k: 128 + k

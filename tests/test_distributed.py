@@ -288,20 +288,27 @@ def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy,
     one_process("train", *common, "--out", str(tmp_path / "straight"))
     straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
 
-    def interrupted(name: str) -> Path:
-        run = torchrun("train", *common, "--out", str(tmp_path / name), env={INTERRUPT_HOOK: "1"})
-        assert run.returncode != 0
+    def interrupted(name: str, launcher: str) -> Path:
+        if launcher == "torchrun":  # what a scheduler sees under plain torchrun: every rank 130, torchrun 1
+            run = torchrun("train", *common, "--out", str(tmp_path / name), env={INTERRUPT_HOOK: "1"})
+            assert run.returncode == 1
+            assert "exitcode  : 130" in run.stderr, run.stderr[-3000:]  # torchrun names the ranks: 130
+        else:  # `drpo train --nproc 2` reads its ranks' codes: 130
+            run = subprocess.run([sys.executable, "-m", "drpo_cli", "train", "--nproc", "2", *common, "--out",
+                                  str(tmp_path / name)], check=False, capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1", INTERRUPT_HOOK: "1"})
+            assert run.returncode == 130, run.stderr[-3000:]
         state = tmp_path / f"{name}.partial-state"
         assert run.stderr.count(f"interrupted after step 2 of 4; state saved to {state}") == 2, run.stderr[-3000:]
         assert state.is_dir() and not (tmp_path / name).exists()
         return state
 
     # The same world size: every rank wrote its own shards; every rank reads them back.
-    interrupted("same")
+    interrupted("same", "drpo --nproc")
     run = torchrun("train", *common, "--out", str(tmp_path / "same"), "--resume")
     assert run.returncode == 0, run.stderr[-3000:]
     # Another world size: DCP reshards the 2-rank state for one process.
-    interrupted("other")
+    interrupted("other", "torchrun")
     one_process("train", *common, "--out", str(tmp_path / "other"), "--resume")
     for name in ("same", "other"):
         resumed = load_file(str(tmp_path / name / "model.safetensors"))
@@ -331,6 +338,47 @@ def test_two_ranks_inspect_like_one(toy, tmp_path):
             np.testing.assert_allclose(y, x, rtol=0, atol=1e-5, err_msg=name)
         else:
             assert (x == y).all(), name
+
+
+def test_launched_means_started_by_torchrun_with_any_number_of_processes(monkeypatch):
+    from drpo_cli import launch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    assert not launch.launched() and launch.leads()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launch.launched() and launch.launched_rank() == 0 and launch.leads()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert launch.launched() and not launch.leads()
+
+
+def test_one_process_under_torchrun_inspects_like_a_plain_process(toy, tmp_path):
+    # torchrun with one process: inspect joins a process group and splits the rows (one share) as train
+    # does; the report is the plain process's.
+    common = [str(toy / "rollouts.arrow"), "--model", str(toy / "model"), *INSPECT_ARGS]
+    run = torchrun("inspect", *common, "--json", str(tmp_path / "rank.json"), nproc=1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process("inspect", *common, "--json", str(tmp_path / "one.json"))
+    assert_same_json(*(json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "rank")))
+
+
+def test_the_launchers_exit_code_is_130_when_the_ranks_were_interrupted(tmp_path):
+    from drpo_cli.launch import launcher_exit_code
+
+    def code(torchrun_code: int, ranks: list[int]) -> int:
+        where = tmp_path / f"{torchrun_code}-{'-'.join(map(str, ranks))}"
+        where.mkdir()
+        for r, c in enumerate(ranks):
+            (where / f"rank{r}").write_text(str(c))
+        return launcher_exit_code(torchrun_code, where)
+
+    assert code(1, [130, 130]) == 130
+    assert code(1, [0, 130]) == 130  # a rank that had finished
+    assert code(1, [130, 1]) == 1  # a failure is a failure
+    assert code(1, []) == 1  # ranks that never reported (killed): torchrun's code
+    assert code(0, [0, 0]) == 0
+    assert code(2, [2, 2]) == 2
 
 
 def test_a_failing_rank_stops_every_rank_and_writes_nothing(toy, tmp_path):
