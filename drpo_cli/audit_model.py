@@ -157,8 +157,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     notes += summary["notes"]
     metrics = {k: v for k, v in summary.items()
                if not isinstance(v, (dict, list)) and not k.startswith("data/")}
-    for key in ("reject/token_frac", "reject/seq_frac"):  # stable names: null without --reject
-        metrics.setdefault(key, None)
+    for key in ("reject/token_frac", "reject/seq_frac", "entropy/mean"):  # stable names: null without --reject
+        metrics.setdefault(key, None)  # (entropy/mean: without a trained token)
     section = {
         "checkpoint": {"path": str(cfg.model), "policy_version": info.policy_version, "vocab_size": info.vocab_size},
         "device": str(device),

@@ -57,9 +57,9 @@ def worst_tokens(rows, row_ids, logp: np.ndarray) -> list[dict]:
         trained = rows.loss_mask[lo:hi]
         # Δ is a trained token's: an untrained one (loss_mask 0) may log any log-prob, even NaN.
         shown = [float(d) if m and math.isfinite(d) else None for d, m in zip(delta, trained)]
+        adv = rows.advantages[lo:hi][trained]  # the first trained token's (per-token advantages differ)
         out.append({"sample_id": rows.sample_ids[i], "token_ids": rows.response_ids[lo:hi].tolist(),
-                    "delta": shown, "mask": trained.tolist(),
-                    "advantage": float(rows.advantages[lo]) if hi > lo else 0.0})
+                    "delta": shown, "mask": trained.tolist(), "advantage": float(adv[0]) if adv.size else None})
     return out
 
 
