@@ -44,7 +44,8 @@ RUN_DETAILS = {"seconds", "micro_batches", "padding_frac", "device"}
 def toy(tmp_path_factory) -> Path:
     """model/ and the first ROWS rows of rollouts.arrow (metadata kept), in a private directory."""
     if not (TOY / "model").is_dir():
-        pytest.skip("examples/toy not built (python examples/make_example.py)")
+        pytest.fail("examples/toy/model is missing: it is committed (git checkout examples/toy), "
+                    "or rebuild it with python examples/make_example.py")
     root = tmp_path_factory.mktemp("toy")
     shutil.copytree(TOY / "model", root / "model")
     table = pa.ipc.open_file(str(TOY / "rollouts.arrow")).read_all().slice(0, ROWS)
@@ -232,6 +233,7 @@ def test_streamed_save_of_a_sharded_model_equals_the_plain_save(toy, one_rank_gr
 # ---- two processes -------------------------------------------------------------------------------
 
 
+@pytest.mark.multiproc
 def test_two_ranks_train_the_same_weights_and_report_as_one(toy, tmp_path):
     # The proximal anchor adds a sharded inference pass before training; activation checkpointing
     # re-gathers each layer in backward.
@@ -261,6 +263,7 @@ def test_two_ranks_train_the_same_weights_and_report_as_one(toy, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # other ranks wrote nothing
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 def test_two_ranks_train_gspo_with_reference_kl_entropy_rejection_and_filters_like_one(toy, tmp_path):
     # The reference model's pass and π_old's pass run sharded before training; GSPO's whole-sequence
@@ -281,6 +284,7 @@ def test_two_ranks_train_gspo_with_reference_kl_entropy_rejection_and_filters_li
         assert_same_json(r1[section], r2[section], section)
 
 
+@pytest.mark.multiproc
 def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy, tmp_path):
     from drpo_cli.train import INTERRUPT_HOOK
 
@@ -319,6 +323,7 @@ def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy,
     assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
 
 
+@pytest.mark.multiproc
 def test_two_ranks_inspect_like_one(toy, tmp_path):
     common = [str(toy / "rollouts.arrow"), "--model", str(toy / "model"), *INSPECT_ARGS]
     run = torchrun("inspect", *common, "--json", str(tmp_path / "two.json"), "--per-token", str(tmp_path / "two.arrow"))
@@ -353,6 +358,7 @@ def test_launched_means_started_by_torchrun_with_any_number_of_processes(monkeyp
     assert launch.launched() and not launch.leads()
 
 
+@pytest.mark.multiproc
 def test_one_process_under_torchrun_inspects_like_a_plain_process(toy, tmp_path):
     # torchrun with one process: inspect joins a process group and splits the rows (one share) as train
     # does; the report is the plain process's.
@@ -381,6 +387,7 @@ def test_the_launchers_exit_code_is_130_when_the_ranks_were_interrupted(tmp_path
     assert code(2, [2, 2]) == 2
 
 
+@pytest.mark.multiproc
 def test_a_failing_rank_stops_every_rank_and_writes_nothing(toy, tmp_path):
     # Through `drpo train --nproc 2`, which relaunches the same command under torchrun.
     command = [sys.executable, "-m", "drpo_cli", "train", "--nproc", "2", "-r", str(toy / "rollouts.arrow"),
