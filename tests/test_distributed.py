@@ -388,6 +388,32 @@ def test_the_launchers_exit_code_is_130_when_the_ranks_were_interrupted(tmp_path
 
 
 @pytest.mark.multiproc
+def test_sigterm_to_drpo_train_nproc_reaches_every_rank_once_and_exits_130(toy, tmp_path):
+    import signal
+    import time
+
+    out, board = tmp_path / "out", tmp_path / "tb"
+    command = [sys.executable, "-m", "drpo_cli", "train", "--nproc", "2", "-r", str(toy / "rollouts.arrow"),
+               "-m", str(toy / "model"), "--out", str(out), *TRAIN_ARGS, "--epochs", "500", "--tensorboard", str(board)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        # The events file appears after both ranks joined the process group: their handlers are in place.
+        while not (board.is_dir() and any(board.iterdir())) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2 and all("state saved to" in line and "--resume" in line for line in lines), err[-3000:]
+    assert Path(f"{out}.partial-state").is_dir() and not out.exists()
+
+
+@pytest.mark.multiproc
 def test_a_failing_rank_stops_every_rank_and_writes_nothing(toy, tmp_path):
     # Through `drpo train --nproc 2`, which relaunches the same command under torchrun.
     command = [sys.executable, "-m", "drpo_cli", "train", "--nproc", "2", "-r", str(toy / "rollouts.arrow"),
