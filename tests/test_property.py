@@ -169,8 +169,9 @@ def run(root: Path, args: list[str], outputs: dict[str, Path]):
             assert path.exists(), (args, path)
         return res
     assert res.exit_code == 2, (args, res.exit_code, res.output, repr(res.exception))
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), (args, lines)
+    lines = res.stderr.rstrip().splitlines()
+    # One line; further problems of the same refusal (DrpoError.details) only indented below it.
+    assert lines[0].startswith("error: ") and all(line.startswith("  ") for line in lines[1:]), (args, lines)
     assert listing(root) == before, (args, lines)
     return res
 
