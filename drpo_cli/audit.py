@@ -30,6 +30,7 @@ from drpo_cli.report import (
     INSPECT_REPORT_SCHEMA,
     clean_number,
     evaluate_gates,
+    finite_or_null,
     validate_report,
     write_report,
 )
@@ -734,6 +735,7 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
         "notes": notes,
         "gates": evaluate_gates(metrics, cfg.gates()),
     }
+    report = finite_or_null(report)  # what the console, the page and the JSON all show
     validate_report(report, INSPECT_REPORT_SCHEMA)
     return report
 
@@ -741,9 +743,9 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
 def _join_ranks(cfg: InspectConfig, source: RolloutSource):
     """Under torchrun: join the process group (the model's device in model mode, else gloo on the
     CPU) and return this rank's share of the rows (schema.Shard); None in one process."""
-    import os
+    from drpo_cli.launch import launched
 
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
+    if not launched():
         return None
     import torch
 
@@ -802,8 +804,18 @@ def data_notes(data: dict, metadata: dict[str, str]) -> list[str]:
     if data["advantage"]["zero_frac"] and data["advantage"]["zero_frac"] > 0.5:
         notes.append(f"{data['advantage']['zero_frac']:.0%} of the tokens have zero advantage and carry no gradient")
     notes.append(logprobs_kind_note(metadata))
-    truncation = {k: v for k, v in metadata.items() if k in ("drpo.top_p", "drpo.top_k")}
+    truncation = {k: v for k, v in metadata.items() if k in ("drpo.top_p", "drpo.top_k") and _cuts(k, v)}
     if truncation:
         notes.append("the sampler truncated its distribution (" + ", ".join(f"{k}={v}" for k, v in truncation.items())
                      + "); logged log-probs may be renormalised over the kept tokens")
     return notes
+
+
+def _cuts(key: str, value: str) -> bool:
+    """Whether metadata drpo.top_p / drpo.top_k = `value` truncates the distribution (an unreadable value may)."""
+    from drpo_cli.writer import truncates
+
+    try:
+        return truncates(float(value), None) if key == "drpo.top_p" else truncates(None, int(float(value)))
+    except ValueError:
+        return True

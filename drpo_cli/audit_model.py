@@ -182,9 +182,9 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     notes += summary["notes"]
     metrics = {k: v for k, v in summary.items()
                if not isinstance(v, (dict, list)) and not k.startswith("data/")}
-    for key in ("reject/token_frac", "reject/seq_frac", "veto/token_frac", "veto/seq_frac",
-                "is/batch_norm_factor"):  # stable names: null without --reject / --is-veto / --is-batch-norm
-        metrics.setdefault(key, None)
+    for key in ("reject/token_frac", "reject/seq_frac", "veto/token_frac", "veto/seq_frac", "is/batch_norm_factor",
+                "entropy/mean"):  # stable names: null without --reject / --is-veto / --is-batch-norm (entropy/mean:
+        metrics.setdefault(key, None)  # without a trained token)
     routing_section = None
     if routing is not None:
         frac, routing_section = routing.result(distributed.all_reduce_sum(torch.from_numpy(routing.counts)).numpy(),

@@ -17,6 +17,7 @@ import typer
 
 from drpo_cli import __version__
 from drpo_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DrpoError
+from drpo_cli.launch import launched, launched_rank, leads, rank_exit
 
 app = typer.Typer(
     name="drpo",
@@ -77,15 +78,8 @@ def run_guarded(fn: Callable[[], T]) -> T:
         _leave_process_group(ok)
 
 
-def _launched_rank() -> int | None:
-    """This process's rank under torchrun with several processes (from the environment), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
-        return int(os.environ["RANK"])
-    return None
-
-
 def _rank_tag() -> str:
-    r = _launched_rank()
+    r = launched_rank()
     return "" if r is None else f"[rank {r}] "
 
 
@@ -158,8 +152,9 @@ def validate_command(
             more = problems.total - len(problems)
             raise InputError(f"invalid rollouts: {problems.summary()}",
                              details=[str(p) for p in problems] + ([f"... and {more} more"] if more else []))
-        typer.echo(f"ok: {problems.files} file(s), {problems.rows:,} rows, {problems.tokens:,} response tokens "
-                   f"(schema v1)")
+        if leads():
+            typer.echo(f"ok: {problems.files} file(s), {problems.rows:,} rows, {problems.tokens:,} response tokens "
+                       f"(schema v1)")
 
     run_guarded(body)
 
@@ -282,7 +277,7 @@ def inspect_command(
         from drpo_cli.audit import inspect_and_write, run_inspect
         from drpo_cli.report import render_inspect
 
-        lead = _launched_rank() in (None, 0)  # under torchrun every rank audits, rank 0 alone writes
+        lead = leads()  # under torchrun every rank audits, rank 0 alone writes
         err = Console(stderr=True)
         with _ProgressBar(err, enabled=not quiet and err.is_terminal and lead) as progress:
             report = inspect_and_write(cfg, progress) if lead else run_inspect(cfg)
@@ -457,17 +452,14 @@ def train_command(
             from drpo_cli.config_file import train_config
 
             cfg = train_config(config, _given(ctx, options, {"column": "columns"})).check()
-        if nproc is not None and "WORLD_SIZE" not in os.environ:  # not yet under a launcher: start one
-            import subprocess
+        if nproc is not None and not launched():  # not yet under a launcher: start one
+            from drpo_cli.distributed import run_torchrun
 
-            from drpo_cli.distributed import torchrun_argv
-
-            command = torchrun_argv(nproc, without_nproc(sys.argv[1:]))
-            raise typer.Exit(subprocess.run(command, check=False).returncode)
+            raise typer.Exit(run_torchrun(nproc, without_nproc(sys.argv[1:])))
         from drpo_cli.train import train
 
         result = train(cfg)
-        if _launched_rank() in (None, 0):
+        if leads():
             typer.echo(f"wrote {result.out_dir} (policy version {result.policy_version})")
 
     run_guarded(body)
@@ -517,12 +509,14 @@ def without_nproc(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    if not launched():
+        app(prog_name="drpo")
+        return
+    # FSDP ranks gather and free layer-sized tensors all through the work: hand them back to the system
+    # (allocator.py). One process keeps glibc's default, which is faster there (fewer page faults).
     from drpo_cli.allocator import return_freed_memory
 
     return_freed_memory()
-    if _launched_rank() is None:
-        app(prog_name="drpo")
-        return
     # Under torchrun the process group has been left by now, but gloo's and autograd's C++ threads
     # can still abort the interpreter's teardown (SIGABRT after a successful run): skip it.
     try:
@@ -532,6 +526,7 @@ def main() -> None:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     sys.stdout.flush()
     sys.stderr.flush()
+    rank_exit(code)
     os._exit(code)
 
 

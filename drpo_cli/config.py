@@ -393,8 +393,8 @@ class TrainConfig:
                     p.append(f"{_flag(name)} does not apply to --loss {self.loss} (its options: {hint})")
         _positive(p, "delta", self.delta)
         _positive(p, "eps", self.eps)
-        if self.eps_low is not None and not 0 < self.eps_low < 1:
-            p.append(f"--eps-low must be in (0, 1), got {self.eps_low}")
+        if self.eps_low is not None and not 0 < self.eps_low <= 1:  # 1: lower bound 0, i.e. no lower clip
+            p.append(f"--eps-low must be in (0, 1] (1: no lower clip), got {self.eps_low}")
         _positive(p, "eps_high", self.eps_high)
         if self.dual_clip is not None and not self.dual_clip > 1:
             p.append(f"--dual-clip must be > 1 (e.g. 3), got {self.dual_clip}")

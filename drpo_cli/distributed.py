@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from drpo_cli.errors import CheckpointError, ConfigError, DrpoError, InputError
+from drpo_cli.launch import RANK_EXIT_DIR, launched, launcher_exit_code
 
 FAIL_HOOK = "DRPO_TEST_FAIL_RANK"
 TIMEOUT_ENV = "DRPO_DIST_TIMEOUT_S"
@@ -41,11 +42,6 @@ HEAD_METHOD = "drpo_head"  # its entry point on an untied output head sharded on
 
 
 # ---- process group ---------------------------------------------------------------------------
-
-
-def launched() -> bool:
-    """True when started by torchrun (or any launcher that sets WORLD_SIZE and RANK)."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def is_distributed() -> bool:
@@ -203,7 +199,7 @@ def agree_any(error: BaseException | None, what: str, flag: bool) -> bool:
         if error is not None:
             raise error
         return flag
-    message = None if error is None else (type(error).__name__, _one_line(error))
+    message = None if error is None else (type(error).__name__, one_line(error))
     shares: list = [None] * world_size()
     dist.all_gather_object(shares, (message, bool(flag)))
     failed = [(r, m) for r, (m, _) in enumerate(shares) if m is not None]
@@ -217,7 +213,8 @@ def agree_any(error: BaseException | None, what: str, flag: bool) -> bool:
     raise DrpoError(f"{what} stopped: rank {r} of {world_size()} failed: {m}")
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """The error as one line: a DrpoError's message, else `Type: message`."""
     message = error.message if isinstance(error, DrpoError) else f"{type(error).__name__}: {error}"
     return message.strip().splitlines()[0] if message.strip() else type(error).__name__
 
@@ -510,3 +507,28 @@ def torchrun_argv(nproc: int, args: list[str]) -> list[str]:
         raise ConfigError(f"--nproc: expected an integer ≥ 1, found {nproc}")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "drpo_cli", *args]
+
+
+def run_torchrun(nproc: int, args: list[str]) -> int:
+    """Run `drpo <args>` under torchrun with `nproc` processes; what `drpo train --nproc` exits with.
+
+    torchrun gets a session of its own, so that a signal reaches the ranks once, through it: SIGINT
+    or SIGTERM sent to this process is passed to torchrun, which passes it to every rank and waits
+    for them (its shutdown timeout, 30 s by default) before it kills them. Every rank exits 130 after
+    saving its state, torchrun then exits 1, and this process 130 (launch.launcher_exit_code).
+    """
+    import signal
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="drpo-ranks-") as where:
+        proc = subprocess.Popen(torchrun_argv(nproc, args), env={**os.environ, RANK_EXIT_DIR: where},
+                                start_new_session=True)
+        saved = {s: signal.signal(s, lambda signum, frame: proc.send_signal(signum))
+                 for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = proc.wait()
+        finally:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
+        return launcher_exit_code(code if code >= 0 else 128 - code, where)  # killed by signal k: 128 + k

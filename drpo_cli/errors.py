@@ -49,6 +49,10 @@ class GateError(DrpoError):
     exit_code = EXIT_GATE
 
 
+class ReportError(DrpoError):
+    """The checkpoint was written but a report file (or TensorBoard's events) could not be. Exit 1."""
+
+
 class Interrupted(DrpoError):
     """SIGINT/SIGTERM during training; resumable state was saved. Exit 130."""
 

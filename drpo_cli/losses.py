@@ -312,7 +312,7 @@ DEFAULTS: dict[str, dict[str, float | None]] = {name: dict(spec.defaults) for na
 _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "delta": (lambda v: v > 0, "> 0"),
     "eps": (lambda v: v > 0, "> 0"),
-    "eps_low": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "eps_low": (lambda v: 0 < v <= 1, "in (0, 1] (1: lower bound 0, no lower clip)"),
     "eps_high": (lambda v: v > 0, "> 0"),
     "dual_clip": (lambda v: v > 1, "> 1 (or None for off)"),
     "ratio_cap": (lambda v: v >= 1, ">= 1"),

@@ -261,7 +261,7 @@ def tokens_html(worst: list[dict], model_dir: str | None) -> str:
     texts = decode_tokens(model_dir, [w["token_ids"] for w in worst])
     out = ['<p class=legend>Background: Δ = π − μ of each sampled token, <span style="background:rgba(214,39,40,.6)">'
            'π above μ</span> / <span style="background:rgba(31,119,180,.6)">π below μ</span> (full color at |Δ| = 0.5); '
-           'struck-through tokens have loss_mask 0. Hover a token for its values.'
+           'struck-through tokens have loss_mask 0 (untrained: no Δ). Hover a token for its values.'
            + ("" if texts is not None else " (no tokenizer.json in the checkpoint: token ids shown)") + "</p>"]
     for k, w in enumerate(worst):
         spans = []

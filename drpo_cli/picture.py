@@ -3,10 +3,12 @@
 - `MuPiHistogram`: every masked token's (μ, π) in a BINS × BINS grid over [0, 1]², one grid per
   advantage sign (A > 0, A < 0; A = 0 carries no gradient and is left out). Mergeable, exact over ranks.
 - `worst_tokens(rows, row_ids, logp)`: per worst row, its response token ids with Δ = π − μ per token
-  (what the page decodes with the checkpoint's tokenizer and colors).
+  (what the page decodes with the checkpoint's tokenizer and colors); null for an untrained token.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -49,10 +51,15 @@ def worst_tokens(rows, row_ids, logp: np.ndarray) -> list[dict]:
         lo, hi = int(rows.response_offsets[i]), int(rows.response_offsets[i + 1])
         hi = min(hi, lo + MAX_TOKENS_SHOWN)
         pi = np.exp(logp[lo:hi].astype(np.float64))
-        mu = np.exp(rows.behavior_logprobs[lo:hi].astype(np.float64))
+        with np.errstate(invalid="ignore", over="ignore"):
+            mu = np.exp(rows.behavior_logprobs[lo:hi].astype(np.float64))
+            delta = np.round(pi - mu, 5)
+        trained = rows.loss_mask[lo:hi]
+        # Δ is a trained token's: an untrained one (loss_mask 0) may log any log-prob, even NaN.
+        shown = [float(d) if m and math.isfinite(d) else None for d, m in zip(delta, trained)]
+        adv = rows.advantages[lo:hi][trained]  # the first trained token's (per-token advantages differ)
         out.append({"sample_id": rows.sample_ids[i], "token_ids": rows.response_ids[lo:hi].tolist(),
-                    "delta": np.round(pi - mu, 5).tolist(), "mask": rows.loss_mask[lo:hi].tolist(),
-                    "advantage": float(rows.advantages[lo]) if hi > lo else 0.0})
+                    "delta": shown, "mask": trained.tolist(), "advantage": float(adv[0]) if adv.size else None})
     return out
 
 

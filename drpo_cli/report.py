@@ -36,9 +36,41 @@ def validate_report(report: dict, schema: dict) -> None:
         raise RuntimeError(f"{schema['title']} does not match its JSON Schema at {where}: {errors[0].message}")
 
 
+class NonFiniteReportValue(UserWarning):
+    """A NaN or ±inf reached a report and was written as null (a bug where it came from; tests make it an error)."""
+
+
+def finite_or_null(obj: Any) -> Any:
+    """`obj` with every float that is not finite replaced by None (dicts, lists and tuples walked).
+
+    The one sanitising step every report passes on its way to JSON, so that a report is strict JSON
+    by construction; each value replaced is named in one NonFiniteReportValue warning.
+    """
+    found: list[str] = []
+
+    def walk(x: Any, path: str) -> Any:
+        if isinstance(x, dict):
+            return {k: walk(v, f"{path}/{k}") for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(x)]
+        if isinstance(x, float) and not math.isfinite(x):
+            found.append(f"{path or '/'} = {x}")
+            return None
+        return x
+
+    clean = walk(obj, "")
+    if found:
+        import warnings
+
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        warnings.warn(f"non-finite report value(s) written as null: {', '.join(found[:3])}{more}",
+                      NonFiniteReportValue, stacklevel=2)
+    return clean
+
+
 def report_json(report: dict) -> str:
-    """The report as written to disk: indented, and strict (JSON has no NaN/inf; see clean_number)."""
-    return json.dumps(report, indent=2, allow_nan=False) + "\n"
+    """The report as written to disk: indented, finite-or-null (finite_or_null), strict JSON."""
+    return json.dumps(finite_or_null(report), indent=2, allow_nan=False) + "\n"
 
 
 def write_report(report: dict, path: str, *, overwrite: bool) -> None:

@@ -509,6 +509,8 @@ def _canonical(path: str, names: list[str], raw: pa.RecordBatch, offset: int
             problems.append(Problem("type", path, name, None,
                                     f"values that fit {type_name(target)} (batch from row {offset})",
                                     _one_line(err)))
+    if not arrays:  # no wanted column: an empty projection that still counts the rows
+        return raw.select([]), problems
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields)), problems
 
 

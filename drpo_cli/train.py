@@ -48,7 +48,7 @@ from drpo_cli.checkpoint import (
 from drpo_cli.config import TrainConfig, expand_correction
 from drpo_cli.data import plan_micro_batches
 from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
-from drpo_cli.errors import ConfigError, InputError, Interrupted
+from drpo_cli.errors import ConfigError, InputError, Interrupted, ReportError
 from drpo_cli.logprobs import fused_token_loss, pick_device, reused_buffers, token_logprobs
 from drpo_cli.losses import (
     BATCH_LOSSES,
@@ -66,7 +66,14 @@ from drpo_cli.losses import (
 )
 from drpo_cli.losses_extra import covariance_selection, m2po_keep, opsm_keep
 from drpo_cli.picture import MuPiHistogram, worst_tokens
-from drpo_cli.report import TRAIN_REPORT_VERSION, clean_number, fmt, print_train_summary, train_report_json
+from drpo_cli.report import (
+    TRAIN_REPORT_VERSION,
+    clean_number,
+    finite_or_null,
+    fmt,
+    print_train_summary,
+    train_report_json,
+)
 from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version, load_rows, staleness_filter
 from drpo_cli.schema import open_rollouts
 
@@ -300,18 +307,38 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         "final": final,
         "seconds": time.perf_counter() - t0,
     }
-    text = train_report_json(report)
-    from drpo_cli.pages import train_page
-
-    page = train_page(report)
-    if board is not None:
-        board.close(final["metrics"], total_steps - 1)
-    _save_output(model, cfg, out_dir, out_version, {REPORT_NAME: text, PAGE_NAME: page}, out_bytes, lora_config)
+    report = finite_or_null(report)
+    files, unwritten = _report_files(report)
+    _save_output(model, cfg, out_dir, out_version, files, out_bytes, lora_config)  # the weights, whatever else fails
     if distributed.rank() == 0:  # one remover: every rank's shards are in it
         outputs.remove_output(state_dir, "state")  # only drpo's own state; anything else stays
+    if board is not None:
+        try:
+            board.close(final["metrics"], total_steps - 1)
+        except Exception as err:  # noqa: BLE001 - the checkpoint is written; said below
+            unwritten.append(f"--tensorboard {cfg.tensorboard} ({distributed.one_line(err)})")
+    if unwritten:
+        raise ReportError(f"wrote {out_dir} (policy version {out_version}) but could not write "
+                          + "; ".join(unwritten))
     if not cfg.quiet and distributed.rank() == 0:
         print_train_summary(report, console)
     return TrainResult(out_dir=out_dir, policy_version=out_version, report=report)
+
+
+def _report_files(report: dict) -> tuple[dict[str, str], list[str]]:
+    """({name: text}, [what could not be made]) of the report and its page for the checkpoint directory.
+
+    Each is made on its own; one that fails is left out and named, so that it never costs the weights.
+    """
+    from drpo_cli.pages import train_page
+
+    files, unwritten = {}, []
+    for name, make in ((REPORT_NAME, train_report_json), (PAGE_NAME, train_page)):
+        try:
+            files[name] = make(report)
+        except Exception as err:  # noqa: BLE001 - reported once the checkpoint is written
+            unwritten.append(f"{name} ({distributed.one_line(err)})")
+    return files, unwritten
 
 
 def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: TrainConfig, *, anchor, rho, behavior,

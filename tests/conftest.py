@@ -70,7 +70,8 @@ def valid_rollout_path(tmp_path: Path) -> Path:
 def toy(tmp_path_factory) -> Path:
     """A private copy of the bundled example: model/ (policy version 8) and rollouts.arrow."""
     if not (TOY / "model").is_dir():
-        pytest.skip("examples/toy not built (python examples/make_example.py)")
+        pytest.fail("examples/toy/model is missing: it is committed (git checkout examples/toy), "
+                    "or rebuild it with python examples/make_example.py")
     root = tmp_path_factory.mktemp("toy")
     shutil.copytree(TOY, root, dirs_exist_ok=True)
     return root

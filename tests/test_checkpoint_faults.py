@@ -27,7 +27,8 @@ FAST = ["--quiet", "--device", "cpu", "--lr", "1e-3", "--micro-batch-tokens", "5
 @pytest.fixture
 def toy(tmp_path) -> Path:
     if not (TOY / "model").is_dir():
-        pytest.skip("examples/toy not built (python examples/make_example.py)")
+        pytest.fail("examples/toy/model is missing: it is committed (git checkout examples/toy), "
+                    "or rebuild it with python examples/make_example.py")
     shutil.copytree(TOY, tmp_path / "toy")
     return tmp_path / "toy"
 

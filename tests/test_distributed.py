@@ -44,7 +44,8 @@ RUN_DETAILS = {"seconds", "micro_batches", "padding_frac", "device"}
 def toy(tmp_path_factory) -> Path:
     """model/ and the first ROWS rows of rollouts.arrow (metadata kept), in a private directory."""
     if not (TOY / "model").is_dir():
-        pytest.skip("examples/toy not built (python examples/make_example.py)")
+        pytest.fail("examples/toy/model is missing: it is committed (git checkout examples/toy), "
+                    "or rebuild it with python examples/make_example.py")
     root = tmp_path_factory.mktemp("toy")
     shutil.copytree(TOY / "model", root / "model")
     table = pa.ipc.open_file(str(TOY / "rollouts.arrow")).read_all().slice(0, ROWS)
@@ -264,6 +265,7 @@ def test_streamed_save_of_a_sharded_model_equals_the_plain_save(toy, one_rank_gr
 # ---- two processes -------------------------------------------------------------------------------
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("which", ["toy", "untied"])
 def test_two_ranks_train_the_same_weights_and_report_as_one(which, request, tmp_path):
     # The proximal anchor adds a sharded inference pass before training; activation checkpointing
@@ -296,6 +298,7 @@ def test_two_ranks_train_the_same_weights_and_report_as_one(which, request, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # other ranks wrote nothing
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 def test_two_ranks_train_gspo_with_reference_kl_entropy_rejection_and_filters_like_one(toy, tmp_path):
     # The reference model's pass and π_old's pass run sharded before training; GSPO's whole-sequence
@@ -316,6 +319,7 @@ def test_two_ranks_train_gspo_with_reference_kl_entropy_rejection_and_filters_li
         assert_same_json(r1[section], r2[section], section)
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 def test_two_ranks_train_clip_cov_with_m2po_and_opsm_like_one(toy, tmp_path):
     # Step-wide statistics: the clip-cov selection (from a sharded inference sweep at the step's weights)
@@ -336,6 +340,7 @@ def test_two_ranks_train_clip_cov_with_m2po_and_opsm_like_one(toy, tmp_path):
         assert_same_json(r1[section], r2[section], section)
 
 
+@pytest.mark.multiproc
 def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy, tmp_path):
     from drpo_cli.train import INTERRUPT_HOOK
 
@@ -343,20 +348,27 @@ def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy,
     one_process("train", *common, "--out", str(tmp_path / "straight"))
     straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
 
-    def interrupted(name: str) -> Path:
-        run = torchrun("train", *common, "--out", str(tmp_path / name), env={INTERRUPT_HOOK: "1"})
-        assert run.returncode != 0
+    def interrupted(name: str, launcher: str) -> Path:
+        if launcher == "torchrun":  # what a scheduler sees under plain torchrun: every rank 130, torchrun 1
+            run = torchrun("train", *common, "--out", str(tmp_path / name), env={INTERRUPT_HOOK: "1"})
+            assert run.returncode == 1
+            assert "exitcode  : 130" in run.stderr, run.stderr[-3000:]  # torchrun names the ranks: 130
+        else:  # `drpo train --nproc 2` reads its ranks' codes: 130
+            run = subprocess.run([sys.executable, "-m", "drpo_cli", "train", "--nproc", "2", *common, "--out",
+                                  str(tmp_path / name)], check=False, capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1", INTERRUPT_HOOK: "1"})
+            assert run.returncode == 130, run.stderr[-3000:]
         state = tmp_path / f"{name}.partial-state"
         assert run.stderr.count(f"interrupted after step 2 of 4; state saved to {state}") == 2, run.stderr[-3000:]
         assert state.is_dir() and not (tmp_path / name).exists()
         return state
 
     # The same world size: every rank wrote its own shards; every rank reads them back.
-    interrupted("same")
+    interrupted("same", "drpo --nproc")
     run = torchrun("train", *common, "--out", str(tmp_path / "same"), "--resume")
     assert run.returncode == 0, run.stderr[-3000:]
     # Another world size: DCP reshards the 2-rank state for one process.
-    interrupted("other")
+    interrupted("other", "torchrun")
     one_process("train", *common, "--out", str(tmp_path / "other"), "--resume")
     for name in ("same", "other"):
         resumed = load_file(str(tmp_path / name / "model.safetensors"))
@@ -367,6 +379,7 @@ def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy,
     assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("which", ["toy", "untied"])
 def test_two_ranks_inspect_like_one(which, request, tmp_path):
     toy = request.getfixturevalue(which)
@@ -402,6 +415,75 @@ def without_per_batch_whatifs(doc: dict) -> dict:
     return doc
 
 
+def test_launched_means_started_by_torchrun_with_any_number_of_processes(monkeypatch):
+    from drpo_cli import launch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    assert not launch.launched() and launch.leads()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launch.launched() and launch.launched_rank() == 0 and launch.leads()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert launch.launched() and not launch.leads()
+
+
+@pytest.mark.multiproc
+def test_one_process_under_torchrun_inspects_like_a_plain_process(toy, tmp_path):
+    # torchrun with one process: inspect joins a process group and splits the rows (one share) as train
+    # does; the report is the plain process's.
+    common = [str(toy / "rollouts.arrow"), "--model", str(toy / "model"), *INSPECT_ARGS]
+    run = torchrun("inspect", *common, "--json", str(tmp_path / "rank.json"), nproc=1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process("inspect", *common, "--json", str(tmp_path / "one.json"))
+    assert_same_json(*(json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "rank")))
+
+
+def test_the_launchers_exit_code_is_130_when_the_ranks_were_interrupted(tmp_path):
+    from drpo_cli.launch import launcher_exit_code
+
+    def code(torchrun_code: int, ranks: list[int]) -> int:
+        where = tmp_path / f"{torchrun_code}-{'-'.join(map(str, ranks))}"
+        where.mkdir()
+        for r, c in enumerate(ranks):
+            (where / f"rank{r}").write_text(str(c))
+        return launcher_exit_code(torchrun_code, where)
+
+    assert code(1, [130, 130]) == 130
+    assert code(1, [0, 130]) == 130  # a rank that had finished
+    assert code(1, [130, 1]) == 1  # a failure is a failure
+    assert code(1, []) == 1  # ranks that never reported (killed): torchrun's code
+    assert code(0, [0, 0]) == 0
+    assert code(2, [2, 2]) == 2
+
+
+@pytest.mark.multiproc
+def test_sigterm_to_drpo_train_nproc_reaches_every_rank_once_and_exits_130(toy, tmp_path):
+    import signal
+    import time
+
+    out, board = tmp_path / "out", tmp_path / "tb"
+    command = [sys.executable, "-m", "drpo_cli", "train", "--nproc", "2", "-r", str(toy / "rollouts.arrow"),
+               "-m", str(toy / "model"), "--out", str(out), *TRAIN_ARGS, "--epochs", "500", "--tensorboard", str(board)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        # The events file appears after both ranks joined the process group: their handlers are in place.
+        while not (board.is_dir() and any(board.iterdir())) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2 and all("state saved to" in line and "--resume" in line for line in lines), err[-3000:]
+    assert Path(f"{out}.partial-state").is_dir() and not out.exists()
+
+
+@pytest.mark.multiproc
 def test_a_failing_rank_stops_every_rank_and_writes_nothing(toy, tmp_path):
     # Through `drpo train --nproc 2`, which relaunches the same command under torchrun.
     command = [sys.executable, "-m", "drpo_cli", "train", "--nproc", "2", "-r", str(toy / "rollouts.arrow"),
@@ -421,6 +503,7 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(toy, tmp_path):
 # ---- two nodes on this machine ---------------------------------------------------------------------
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 def test_two_nodes_write_only_from_global_rank_0_and_train_like_one_process(toy, tmp_path):
     # Two torchrun agents, one per "node", meeting at 127.0.0.1: each node's only rank has LOCAL_RANK 0,
@@ -456,6 +539,7 @@ def test_two_nodes_write_only_from_global_rank_0_and_train_like_one_process(toy,
         assert_same_json(r1[section], r2[section], section)
 
 
+@pytest.mark.multiproc
 def test_two_ranks_batch_norm_veto_and_seq_mask_tis_like_one(toy, tmp_path):
     # The step's weight mean is an exact integer sum over ranks: the same factor, bit for bit.
     common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--anchor", "proximal",
@@ -474,6 +558,7 @@ def test_two_ranks_batch_norm_veto_and_seq_mask_tis_like_one(toy, tmp_path):
     assert_same_json(r1["filters"], r2["filters"], "filters")
 
 
+@pytest.mark.multiproc
 def test_two_ranks_bf16_fsdp_mixed_precision_on_gloo_like_one_bf16_process(toy, tmp_path):
     # FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32) on CPU / gloo against one
     # process under CPU autocast: both round every GEMM input to bf16 (ε = 2^-7), FSDP also its norms'

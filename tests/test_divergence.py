@@ -365,7 +365,7 @@ def test_all_reduce_single_rank_round_trips_state(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.slow  # two Python processes with torch: ~10 s
+@pytest.mark.multiproc  # two Python processes with torch: ~10 s
 def test_all_reduce_across_two_ranks_equals_merge(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)

@@ -144,7 +144,8 @@ def test_tokenizer_roundtrip():
 
 
 def test_example_validates():
-    schema = pytest.importorskip("drpo_cli.schema")
+    from drpo_cli import schema
+
     source = schema.open_rollouts([TOY / "rollouts.arrow"])
     assert schema.validate_rollouts(source) == []
 

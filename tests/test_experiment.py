@@ -33,6 +33,7 @@ def smoke(tmp_path_factory):
     return out, doc
 
 
+@pytest.mark.multiproc  # a spawned worker process per run
 def test_smoke_writes_every_output(smoke):
     out, doc = smoke
     names = {"results.json", "results.md", "command.txt"} | (
@@ -53,6 +54,7 @@ def test_smoke_writes_every_output(smoke):
     assert all(len(rd["grad_norms"]) == 2 for run in doc["runs"] for rd in run["rounds"])
 
 
+@pytest.mark.multiproc  # a spawned worker process per run
 def test_smoke_samples_from_the_checkpoint_k_rounds_back(smoke):
     _, doc = smoke
     for run in doc["runs"]:
@@ -63,6 +65,7 @@ def test_smoke_samples_from_the_checkpoint_k_rounds_back(smoke):
             assert rd["lag"] == min(i, k)
 
 
+@pytest.mark.multiproc  # a spawned worker process per run
 def test_smoke_rounds_share_data_where_the_sampler_is_the_same(smoke):
     _, doc = smoke
     # Round 1 samples the start checkpoint with seed 0 in every run; at K = 2 so does round 2.
@@ -74,6 +77,7 @@ def test_smoke_rounds_share_data_where_the_sampler_is_the_same(smoke):
     assert len(starts) == 1 and 0.0 <= starts.pop() <= 1.0
 
 
+@pytest.mark.multiproc  # a spawned worker process per run
 def test_smoke_records_the_report_metrics(smoke):
     _, doc = smoke
     for run in doc["runs"]:
@@ -96,6 +100,7 @@ def test_smoke_records_the_report_metrics(smoke):
             assert all(rd["start"]["kl/k3_mean"] < 1e-9 for rd in run["rounds"])
 
 
+@pytest.mark.multiproc  # a spawned worker process per run
 def test_mismatch_level_is_measured_and_trains_on_the_rounded_sampler(tmp_path):
     doc = se.main(["--arms", "pg-is", "--staleness", "0", "--mismatch", "none", "int4-w4a8", "--seeds", "1",
                    "--rounds", "2", "--prompts", "8", "--samples", "4", "--eval-prompts", "8", "--eval-samples", "2",

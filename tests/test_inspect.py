@@ -271,3 +271,17 @@ def test_data_only_stale_row_filter_and_exact_error_rows(tmp_path):
         audit(tmp_path / "bad.arrow", max_lag=2, min_version=7)
     with pytest.raises(InputError, match="every one of the 192 rows is too stale"):
         audit(path, min_version=9)
+
+
+@pytest.mark.parametrize(("meta", "note"), [
+    ({"drpo.top_p": "1.0", "drpo.top_k": "0"}, None),  # values that mean no truncation
+    ({"drpo.top_p": "1.0", "drpo.top_k": "-1"}, None),  # vLLM's "off" for top-k
+    ({"drpo.top_p": "0.9", "drpo.top_k": "0"}, "(drpo.top_p=0.9)"),
+    ({"drpo.top_p": "1.0", "drpo.top_k": "50"}, "(drpo.top_k=50)"),
+    ({"drpo.top_p": "0.95", "drpo.top_k": "20"}, "(drpo.top_p=0.95, drpo.top_k=20)"),
+])
+def test_truncation_note_only_for_values_that_truncate(tmp_path, meta, note):
+    path = write_rollout_table(valid_rollout_table(), tmp_path / "r.arrow", metadata=meta)
+    said = [n for n in audit(path)["notes"] if n.startswith("the sampler truncated its distribution")]
+    assert said == ([] if note is None else [(f"the sampler truncated its distribution {note}; logged log-probs "
+                                              "may be renormalised over the kept tokens")])

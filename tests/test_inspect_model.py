@@ -26,7 +26,6 @@ from drpo_cli.report import (
 TOY = Path(__file__).resolve().parent.parent / "examples" / "toy"
 MODEL, ROLLOUTS = TOY / "model", TOY / "rollouts.arrow"
 CURRENT_VERSION = 8  # examples/toy/model/drpo_checkpoint.json
-pytestmark = pytest.mark.skipif(not MODEL.is_dir() or not ROLLOUTS.is_file(), reason="examples/toy not built")
 
 
 @pytest.fixture(scope="module")

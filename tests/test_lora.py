@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,7 +20,6 @@ from drpo_cli.cli import app
 from drpo_cli.config import TrainConfig
 from drpo_cli.errors import ConfigError
 
-peft = pytest.importorskip("peft")
 TRAIN = ["--quiet", "--device", "cpu", "--lr", "1e-2", "--micro-batch-tokens", "512", "--minibatches", "2"]
 # Targets given explicitly: the attention and MLP projections of the example's Llama layers.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -169,6 +169,7 @@ def test_missing_peft_is_one_clear_line(monkeypatch):
         lora.new_config(4, 8.0, ())
 
 
+@pytest.mark.multiproc
 def test_two_ranks_train_the_same_adapter_as_one(toy, adapter_run, tmp_path):
     from test_distributed import torchrun
 

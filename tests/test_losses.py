@@ -293,6 +293,20 @@ def test_cispo_hand_computed():
     assert L.validate_hparams("ppo-clip", {"eps_low": None}) == ["ppo-clip: eps_low must be a finite number, got None"]
 
 
+def test_eps_low_one_is_no_lower_clip():
+    # ε_low = 1 puts the lower bound at r = 0, which no ratio reaches: CISPO's default (off), exactly.
+    logp, anchor, adv = random_tokens((300,), seed=9)
+    assert L.validate_hparams("cispo", {"eps_low": 1.0}) == []
+    assert bool((logp < anchor).any())  # some r < 1, where a lower bound would act
+    x_off, x_one = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    off = L.token_loss("cispo", x_off, anchor, adv)
+    one = L.token_loss("cispo", x_one, anchor, adv, eps_low=1.0)
+    torch.testing.assert_close(one, off, rtol=0, atol=0)
+    one.sum().backward()
+    off.sum().backward()
+    torch.testing.assert_close(x_one.grad, x_off.grad, rtol=0, atol=0)
+
+
 def test_weights_match_spec_table_directly():
     logp, anchor, adv = random_tokens((500,), seed=4)
     pi, mu, r = logp.exp(), anchor.exp(), torch.exp(logp - anchor)
@@ -370,7 +384,7 @@ def test_validation_messages():
         L.token_loss("ppo-clip", t(-1.0), t(-1.0), t(1.0), delta=0.1)
     problems = L.validate_hparams("ppo-clip", {"eps_low": 1.5, "eps_high": -1, "dual_clip": 0.5, "eps": 1})
     assert problems == [
-        "ppo-clip: eps_low must be in (0, 1), got 1.5",
+        "ppo-clip: eps_low must be in (0, 1] (1: lower bound 0, no lower clip), got 1.5",
         "ppo-clip: eps_high must be > 0, got -1",
         "ppo-clip: dual_clip must be > 1 (or None for off), got 0.5",
         "ppo-clip: unknown hyper-parameter 'eps' (accepted: eps_low, eps_high, dual_clip)",

@@ -434,6 +434,7 @@ def test_convert_vllm_dump_fills_routed_experts(tmp_path):
     assert [str(p) for p in validate_rollouts(open_rollouts(out))] == []
 
 
+@pytest.mark.multiproc
 def test_two_ranks_train_with_replay_as_one_process(tmp_path):
     from safetensors.torch import load_file
     from test_distributed import one_process, torchrun
@@ -454,6 +455,7 @@ def test_two_ranks_train_with_replay_as_one_process(tmp_path):
 
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 def test_two_ranks_audit_routing_as_one_process(tmp_path):
     from test_distributed import assert_same_json, one_process, torchrun

@@ -43,7 +43,8 @@ TARGETS = st.sampled_from(PATHS) | st.sampled_from(["new", "deep/new", "empty", 
 def templates(tmp_path_factory) -> Path:
     """A checkpoint and a JSON report that drpo wrote, made once and copied into every layout."""
     if not (TOY / "model").is_dir():
-        pytest.skip("examples/toy not built (python examples/make_example.py)")
+        pytest.fail("examples/toy/model is missing: it is committed (git checkout examples/toy), "
+                    "or rebuild it with python examples/make_example.py")
     root = tmp_path_factory.mktemp("templates")
     rollouts = write_rollout_table(valid_rollout_table(), root / "r.arrow")
     res = CliRunner().invoke(app, ["train", "-r", str(rollouts), "-m", str(TOY / "model"), "--out",

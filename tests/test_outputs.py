@@ -26,7 +26,8 @@ FAST = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512"]
 @pytest.fixture(scope="module")
 def toy_src() -> Path:
     if not (TOY / "model").is_dir():
-        pytest.skip("examples/toy not built (python examples/make_example.py)")
+        pytest.fail("examples/toy/model is missing: it is committed (git checkout examples/toy), "
+                    "or rebuild it with python examples/make_example.py")
     return TOY
 
 

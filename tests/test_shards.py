@@ -163,6 +163,7 @@ def test_streamed_model_inspect_equals_holding_every_row(toy, tmp_path, monkeypa
     assert_same_json(without_per_batch_whatifs(whole), without_per_batch_whatifs(streamed))
 
 
+@pytest.mark.multiproc
 def test_two_ranks_data_only_inspect_like_one_with_groups_and_duplicates_across_ranks(tmp_path):
     path = write_rollout_table(pa.table(rows_of(40, dup={33: "s1", 35: "s1", 38: "s4"})), tmp_path / "r.arrow")
     common = [str(path), "--quiet"]
@@ -175,6 +176,7 @@ def test_two_ranks_data_only_inspect_like_one_with_groups_and_duplicates_across_
     assert_same_json(one, two)
 
 
+@pytest.mark.multiproc
 def test_a_bad_row_in_one_ranks_share_stops_every_rank_with_its_line(tmp_path):
     path = write_rollout_table(pa.table(rows_of(40, bad={37: 0.25})), tmp_path / "r.arrow")
     run = torchrun("inspect", str(path), "--quiet", "--json", str(tmp_path / "out.json"))
@@ -186,6 +188,7 @@ def test_a_bad_row_in_one_ranks_share_stops_every_rank_with_its_line(tmp_path):
     assert not (tmp_path / "out.json").exists()
 
 
+@pytest.mark.multiproc
 def test_fewer_rows_than_ranks_a_rank_holding_nothing_trains_and_inspects_like_one_process(toy, tmp_path):  # noqa: F811
     # One row, two ranks: rank 1's share is empty. It still runs every FSDP pass (fillers), counted
     # before any pass so both ranks meet each collective in the same order.

@@ -310,6 +310,7 @@ def test_sharded_load_and_filter_equal_one_process(tmp_path):
                     == whole.loss_mask[whole.response_offsets[i]:whole.response_offsets[i + 1]]).all()
 
 
+@pytest.mark.multiproc
 def test_two_ranks_train_and_inspect_with_token_versions_like_one(tmp_path):
     from safetensors.torch import load_file
     from test_distributed import INSPECT_ARGS, TRAIN_ARGS, assert_same_json, one_process, torchrun

@@ -65,6 +65,15 @@ def test_only_the_chosen_losses_hyperparameters_are_accepted(paths, loss):
     assert ok.loss_hparams() == {k: valid[k] for k in LOSS_HPARAMS[loss]}
 
 
+@pytest.mark.parametrize("loss", ["cispo", "ppo-clip", "gspo"])
+def test_eps_low_one_is_accepted_and_outside_zero_one_refused(paths, loss):
+    # ε_low = 1: lower bound 0, CISPO's own (default) setting; 0 and > 1 are no bound at all.
+    assert cfg(paths, loss=loss, eps_low=1.0).validate() == []
+    for bad in (0.0, 1.5):
+        assert cfg(paths, loss=loss, eps_low=bad).validate() == [
+            f"--eps-low must be in (0, 1] (1: no lower clip), got {bad}"]
+
+
 def test_loss_table_matches_the_loss_registry():
     from drpo_cli import losses
 
