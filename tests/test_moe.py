@@ -458,7 +458,7 @@ def test_two_ranks_train_with_replay_as_one_process(tmp_path):
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_two_ranks_audit_routing_as_one_process(tmp_path):
-    from test_distributed import assert_same_json, one_process, torchrun
+    from test_distributed import assert_same_json, one_process, torchrun, without_per_batch_whatifs
 
     model = tiny("qwen2_moe")
     model.save_pretrained(tmp_path / "model")
@@ -471,7 +471,7 @@ def test_two_ranks_audit_routing_as_one_process(tmp_path):
     r1, r2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert r1["model"]["routing"]["positions"] > 0 and r1["model"]["routing"]["mismatch_frac"] > 0
     assert_same_json(r1["model"]["routing"], r2["model"]["routing"])
-    assert_same_json(r1["metrics"], r2["metrics"])
+    assert_same_json(without_per_batch_whatifs(r1)["metrics"], without_per_batch_whatifs(r2)["metrics"])  # batches differ
 
 
 def test_sharded_loading_reads_each_ranks_rows_of_weights_converted_on_load(kind, tmp_path):

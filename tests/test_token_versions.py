@@ -313,7 +313,14 @@ def test_sharded_load_and_filter_equal_one_process(tmp_path):
 @pytest.mark.multiproc
 def test_two_ranks_train_and_inspect_with_token_versions_like_one(tmp_path):
     from safetensors.torch import load_file
-    from test_distributed import INSPECT_ARGS, TRAIN_ARGS, assert_same_json, one_process, torchrun
+    from test_distributed import (
+        INSPECT_ARGS,
+        TRAIN_ARGS,
+        assert_same_json,
+        one_process,
+        torchrun,
+        without_per_batch_whatifs,
+    )
 
     if not (TOY / "model").is_dir():
         pytest.skip("examples/toy not built (python examples/make_example.py)")
@@ -335,7 +342,7 @@ def test_two_ranks_train_and_inspect_with_token_versions_like_one(tmp_path):
     one_process("inspect", *inspect, "--json", str(tmp_path / "one.json"), "--per-token", str(tmp_path / "one.arrow"))
     j1, j2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert j1["data"]["staleness_filter"]["tokens_masked"] > 0
-    assert_same_json(j1, j2)
+    assert_same_json(without_per_batch_whatifs(j1), without_per_batch_whatifs(j2))  # two ranks audit other batches
     order = [("sample_id", "ascending"), ("position", "ascending")]
     t1, t2 = (pa.ipc.open_file(str(tmp_path / f"{n}.arrow")).read_all().sort_by(order) for n in ("one", "two"))
     assert t1.column("lag").equals(t2.column("lag")) and t1.column("loss_mask").equals(t2.column("loss_mask"))
