@@ -20,9 +20,12 @@ sys.path.insert(0, str(ROOT / "examples" / "real"))
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
-    """The shipped GGUF as a float32 Hugging Face directory (examples/real/convert_model.py)."""
+    """The shipped GGUF as a float32 Hugging Face directory (examples/real/convert_model.py); its
+    default output when already made (read only), else a fresh conversion."""
     import convert_model
 
+    if (convert_model.DEFAULT_OUT / convert_model.MARKER).is_file():
+        return convert_model.DEFAULT_OUT
     return convert_model.convert(tmp_path_factory.mktemp("smollm2") / "model")
 
 
