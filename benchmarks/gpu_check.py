@@ -10,6 +10,8 @@ Checks (each prints `ok`/`FAIL` and its figures on one line; the exit code is 1 
    on 4,096 tokens with a 151,936-token head (gradients agree to 1e-4 relative).
 4. attention: which implementation transformers picks (sdpa / flash_attention_2) and whether
    torch's flash or memory-efficient SDPA kernel runs for a bf16 causal batch.
+5. fp16 autocast log-probs vs fp32, check 1's tolerances scaled by ε (fp16 ε is 1/8 of bf16's), and a
+   `drpo train --dtype fp16` step with its loss scaler (exit 0, amp/loss_scale reported, the step applied).
 """
 
 from __future__ import annotations
@@ -47,6 +49,38 @@ def check_bf16_parity(torch) -> bool:
     ok = diff.max().item() <= 0.05 and diff.mean().item() <= 0.01
     return line("bf16 autocast log-prob parity", ok, f"max |Δ| {diff.max().item():.4f}, mean {diff.mean().item():.5f} "
                 f"nats over {diff.numel()} tokens (tolerance max 0.05, mean 0.01)")
+
+
+def check_fp16(torch) -> bool:
+    import json
+
+    import numpy as np
+    from train_step import build_model, make_rows
+
+    from drpo_cli.data import plan_micro_batches
+    from drpo_cli.logprobs import token_logprobs
+
+    model = build_model(32_000, 512, 4).cuda().eval()
+    rows = make_rows(64, 448, 8, 32_000)
+    mb = plan_micro_batches(rows, np.arange(rows.num_rows), 1 << 20)[0].to("cuda")
+    with torch.inference_mode():
+        diff = (token_logprobs(model, mb, dtype=torch.float16)[0] - token_logprobs(model, mb)[0]).abs()
+    scale = torch.finfo(torch.float16).eps / torch.finfo(torch.bfloat16).eps
+    parity = diff.max().item() <= 0.05 * scale and diff.mean().item() <= 0.01 * scale
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        command = [sys.executable, "-m", "drpo_cli", "train", "-r", str(TOY / "rollouts.arrow"), "-m",
+                   str(TOY / "model"), "--out", str(out), "--device", "cuda", "--dtype", "fp16", "--quiet",
+                   "--lr", "1e-3"]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        report = json.loads((out / "drpo_report.json").read_text()) if run.returncode == 0 else None
+    step = report["steps"][0] if report else {}
+    ok = parity and run.returncode == 0 and not step.get("skipped", True)
+    return line("fp16 autocast parity and loss-scaled train step", ok,
+                f"max |Δ| {diff.max().item():.5f}, mean {diff.mean().item():.6f} nats (tolerance "
+                f"{0.05 * scale:.5f}, {0.01 * scale:.6f}); train exit {run.returncode}, loss scale "
+                f"{step.get('metrics', {}).get('amp/loss_scale')}, skipped {step.get('skipped')}")
 
 
 def check_torchrun_step() -> bool:
@@ -127,7 +161,7 @@ def main() -> int:
     print(f"GPU: {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})", flush=True)
     results = []
     for check in (lambda: check_bf16_parity(torch), check_torchrun_step, lambda: check_fused_head(torch),
-                  lambda: check_attention(torch)):
+                  lambda: check_attention(torch), lambda: check_fp16(torch)):
         try:
             results.append(check())
         except Exception as err:  # noqa: BLE001 - one failing check must not hide the others

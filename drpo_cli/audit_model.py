@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from drpo_cli.config import LOSS_HPARAMS, InspectConfig
+from drpo_cli.config import LOSS_HPARAMS, InspectConfig, expand_correction
 from drpo_cli.data import filler_batch, plan_micro_batches
 from drpo_cli.divergence import Diagnostics, token_diagnostics
 from drpo_cli.errors import InputError
@@ -37,14 +37,16 @@ PER_TOKEN_SCHEMA = pa.schema([
     ("logp", pa.float32()), ("behavior_logp", pa.float32()), ("advantage", pa.float32()),
     ("ratio", pa.float32()), ("delta", pa.float32()), ("logr", pa.float32()), ("k3", pa.float32()),
     ("entropy", pa.float32()), ("outside", pa.bool_()), ("harmful", pa.bool_()), ("lag", pa.int64()),
+    ("policy_version", pa.int64()),
 ], metadata={ARROW_MARKER_KEY: b"per-token"})  # marks the file as drpo's (outputs.py: --overwrite may replace it)
-_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
+_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "k3")
 
 
 MODEL_COLUMNS = ("prompt_ids", "response_ids", "behavior_logprobs", "advantages", "advantage", "reward", "group_id",
-                 "loss_mask", "sample_id", "policy_version", "temperature")  # what the model pass reads
-PLAN_COLUMNS = ("policy_version", "temperature", "loss_mask")  # the light pass over every row
+                 "loss_mask", "sample_id", "policy_version", "temperature",
+                 "token_policy_versions", "routed_experts")  # what the model pass reads
+PLAN_COLUMNS = ("policy_version", "temperature", "loss_mask", "token_policy_versions", "routed_experts")  # the light pass over every row
 
 
 def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None, shard=None):
@@ -56,13 +58,21 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     plan (a few numbers per row) and the `--top` worst sequences. Under torchrun (`shard`) each rank
     streams only its share and every rank runs the same number of passes (FSDP needs it).
     """
-    from drpo_cli import distributed
+    from drpo_cli import distributed, moe
     from drpo_cli.checkpoint import load_model
     from drpo_cli.logprobs import pick_device
-    from drpo_cli.rollouts import file_temperature, group_advantage_table, rows_of_batch, stale_rows
+    from drpo_cli.rollouts import (
+        file_temperature,
+        group_advantage_table,
+        rows_of_batch,
+        staleness_filter,
+        too_stale,
+    )
     from drpo_cli.schema import RolloutSource, Shard
 
     start = time.perf_counter()
+    spec, routing_note = moe.plan_routing(cfg.model, source.columns(), replay=cfg.replay_routing,
+                                          allow_unsafe=cfg.allow_unsafe_weights)  # refused before any work
     device = distributed.init(pick_device(cfg.device))
     sharded = distributed.launched()
     if sharded:  # built on the meta device, each rank reads its shards only; the weights keep the loaded dtype
@@ -71,21 +81,30 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     else:
         model, info = load_model(cfg.model, device=str(device), dtype=_DTYPES[cfg.dtype],
                                  allow_unsafe=cfg.allow_unsafe_weights)
+    routing = None if spec is None else moe.MismatchCount(spec)
+    if spec is not None:
+        moe.install(model, spec, replay=cfg.replay_routing)
     layout = shard or Shard(0, 1)
     plan = _RowPlan.read(source, layout.piece_rows, cfg.temperature)
-    current, version_source = current_version(cfg.current_version, info.policy_version, plan.version)
-    keep = ~stale_rows(plan.version, current, max_lag=cfg.max_lag, min_version=cfg.min_version)  # (N,) as the data audit
-    known = plan.version >= 0
-    plan_lag = np.where(known, (current if current is not None else 0) - plan.version, -1)  # (N,)
-    notes = []
-    if current is not None and (plan_lag[keep & known] < 0).any():
-        notes.append(f"{int((plan_lag[keep & known] < 0).sum())} row(s) have a policy_version above the current "
-                     f"version {current}; their lag is counted as unknown")
+    current, version_source = current_version(cfg.current_version, info.policy_version, plan.newest)
+    filtering = cfg.max_lag is not None or cfg.min_version is not None
+    # (N,) as the data audit: a row drops when its newest trained token is too stale (rollouts.stale_tokens).
+    keep = ~too_stale(plan.newest, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
+    plan_lag = _lag(plan.oldest, current)  # (N,) oldest trained token's lag
+    notes = [routing_note] if routing_note else []
+    newer = keep & (plan.newest > current) if current is not None else np.zeros(0, dtype=bool)
+    if newer.any():
+        notes.append(f"{int(newer.sum())} row(s) have a policy_version (of the row or of some tokens) above the "
+                     f"current version {current}; their lag is counted as unknown")
     losses = {name: dict(hp) for name, hp in LOSS_HPARAMS.items()}
     losses["drpo"] = {"delta": cfg.chosen_delta()}
     deltas = cfg.deltas or WHAT_IF_DELTAS
-    diag = Diagnostics(cfg.tr_delta, losses, drpo_deltas=deltas, reject=cfg.reject_criteria())
-    check = LoggingCheck.plan(plan_lag, plan.temperature, plan.trained, keep)  # fed by the same passes
+    run = expand_correction(cfg)  # --correction spelled out: its rejection criteria, its weight
+    diag = Diagnostics(cfg.tr_delta, losses, drpo_deltas=deltas, reject=run.reject_criteria(), veto=run.is_veto,
+                       weight=run.behavior_weight_args() if run.is_batch_norm else None, reject_mode=run.reject_mode)
+    # Fed by the same passes. Fresh rows: every trained token at lag 0 (none newer, so none masked by the filters).
+    check_lag = np.where((plan_lag == 0) & (plan.newest != plan.oldest), 1, plan_lag)  # (N,)
+    check = LoggingCheck.plan(check_lag, plan.temperature, plan.trained, keep)
     picture = MuPiHistogram()
     worst = _Worst(cfg.top)
     writer = _PerTokenWriter(per_token_path) if per_token_path or cfg.per_token is not None else None
@@ -105,8 +124,11 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
             rows = rows if kept.all() else rows.select(np.flatnonzero(kept))
             if rows.num_rows == 0:
                 continue
+            if filtering:  # the kept rows' too-stale tokens leave the loss mask
+                rows, _ = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
             check_vocabulary(rows, info.vocab_size, cfg.model)
-            chunk = _Chunk(rows, plan_lag[rows.global_row], check)
+            rows = moe.check_routing(rows, spec, cfg.model)
+            chunk = _Chunk(rows, current, check)
             for mb in plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens):
                 yield chunk, mb
             worst.add(chunk)
@@ -133,6 +155,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 mu = torch.from_numpy(rows.behavior_logprobs[idx])  # (M,)
                 adv = torch.from_numpy(rows.advantages[idx])  # (M,)
                 mask = torch.from_numpy(rows.loss_mask[idx])  # (M,)
+                if routing is not None:
+                    routing.add(model, mb, mask)
                 lag = torch.from_numpy(chunk.token_lag[idx])  # (M,)
                 position = chunk.position[idx]
                 diag.update(logp, mu, adv, mask, lag=lag, position=torch.from_numpy(position), entropy=entropy,
@@ -142,7 +166,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 chunk.add(mb, logp.numpy(), mask.numpy(), t)
                 counts += (1, mb.positions, mb.real_positions)
                 if writer is not None:
-                    writer.gather(writer.batch(rows, idx, logp, entropy, t, chunk.token_lag[idx], position))
+                    writer.gather(writer.batch(rows, idx, logp, entropy, t, chunk, position))
                 if progress is not None:
                     progress("per-token log-probs (tokens)", mb.num_tokens, local_tokens)
     finally:
@@ -157,8 +181,14 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     notes += summary["notes"]
     metrics = {k: v for k, v in summary.items()
                if not isinstance(v, (dict, list)) and not k.startswith("data/")}
-    for key in ("reject/token_frac", "reject/seq_frac"):  # stable names: null without --reject
+    for key in ("reject/token_frac", "reject/seq_frac", "veto/token_frac", "veto/seq_frac",
+                "is/batch_norm_factor"):  # stable names: null without --reject / --is-veto / --is-batch-norm
         metrics.setdefault(key, None)
+    routing_section = None
+    if routing is not None:
+        frac, routing_section = routing.result(distributed.all_reduce_sum(torch.from_numpy(routing.counts)).numpy(),
+                                               replayed=cfg.replay_routing)
+        metrics["moe/routing_mismatch_frac"] = frac
     section = {
         "checkpoint": {"path": str(cfg.model), "policy_version": info.policy_version, "vocab_size": info.vocab_size},
         "device": str(device),
@@ -179,6 +209,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
         "mu_pi_histogram": picture.to_dict(),
         "worst_tokens": [c["tokens"] for c in top],
         "logging_checks": checks,
+        "routing": routing_section,
     }
     if checks is not None:
         notes += checks["findings"] if (checks["offset_suspected"] or checks["temperature_suspected"]) else []
@@ -189,7 +220,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
 class _RowPlan:
     """What the streamed model pass needs of every row before it starts: (N,) arrays in file order."""
 
-    version: np.ndarray  # int64, −1 unknown
+    oldest: np.ndarray  # int64, version of the oldest trained token (rollouts.version_range), −1 unknown
+    newest: np.ndarray  # int64, version of the newest trained token, −1 unknown
     temperature: np.ndarray  # float32
     trained: np.ndarray  # int64, loss_mask tokens
     tokens: np.ndarray  # int64, response tokens
@@ -197,15 +229,28 @@ class _RowPlan:
 
     @classmethod
     def read(cls, source, piece_rows: int, temperature: float | None) -> _RowPlan:
-        from drpo_cli.rollouts import file_temperature
+        from drpo_cli.rollouts import file_temperature, version_range
         from drpo_cli.schema import Shard
 
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("version", "temperature", "trained", "tokens", "piece")}
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("oldest", "newest", "temperature", "trained", "tokens",
+                                                              "piece")}
         for p, sb in enumerate(source.iter_batches(PLAN_COLUMNS, shard=Shard(0, 1, piece_rows))):
             b, n = sb.batch, sb.batch.num_rows
             names = b.schema.names
-            parts["version"].append(b.column("policy_version").fill_null(-1).to_numpy().astype(np.int64)
-                                    if "policy_version" in names else np.full(n, -1, dtype=np.int64))
+            version = (b.column("policy_version").fill_null(-1).to_numpy().astype(np.int64)
+                       if "policy_version" in names else np.full(n, -1, dtype=np.int64))  # (n,)
+            if "token_policy_versions" in names:  # validated by the data audit: as long as the response
+                tokens = b.column("token_policy_versions")
+                offsets = tokens.offsets.to_numpy().astype(np.int64)  # (n+1,)
+                offsets = offsets - offsets[0]
+                mask = (b.column("loss_mask").flatten().fill_null(False).to_numpy(zero_copy_only=False)
+                        if "loss_mask" in names else np.ones(int(offsets[-1]), dtype=bool))  # (T,)
+                oldest, newest = version_range(tokens.flatten().fill_null(-1).to_numpy(zero_copy_only=False), mask,
+                                               offsets, version)
+            else:
+                oldest = newest = version
+            parts["oldest"].append(oldest)
+            parts["newest"].append(newest)
             default = file_temperature(next(rf.metadata for rf in source.files if rf.path == sb.path), temperature)
             parts["temperature"].append(b.column("temperature").fill_null(default).to_numpy(zero_copy_only=False)
                                         .astype(np.float32) if "temperature" in names
@@ -236,10 +281,11 @@ class _Chunk:
     """One streamed record batch's rows: per-token lag and position, the log-probs and per-row sums
     (tokens, harmful, outside, Σ|Δ|, max |Δ|, k3 over trained tokens) as its passes run."""
 
-    def __init__(self, rows: RolloutRows, row_lag: np.ndarray, check: LoggingCheck | None):
-        self.rows, self.row_lag = rows, row_lag
-        token_row = rows.token_row()
-        self.token_lag = row_lag[token_row]  # (T,)
+    def __init__(self, rows: RolloutRows, current: int | None, check: LoggingCheck | None):
+        self.rows = rows
+        self.token_version = rows.token_versions()  # (T,) −1 unknown
+        self.token_lag = _lag(self.token_version, current)  # (T,)
+        self.row_lag = _lag(rows.version_range()[0], current)  # (n,) its oldest trained token's
         self.position = rows.token_position()  # (T,)
         self.logp = np.zeros(rows.num_tokens, dtype=np.float32)  # (T,)
         self.seq = np.zeros((rows.num_rows, len(_SEQ_FEATURES)), dtype=np.float64)  # (n, F)
@@ -248,6 +294,11 @@ class _Chunk:
     def add(self, mb, logp: np.ndarray, mask: np.ndarray, t: dict) -> None:
         self.logp[mb.token_index.numpy()] = logp
         _add_sequences(self.seq, mb.rows.numpy()[mb.seq_index.numpy()], mask, t)
+
+
+def _lag(version: np.ndarray, current: int | None) -> np.ndarray:
+    """current − version where the version is known, else −1 (negative lags count as unknown downstream)."""
+    return np.where(version >= 0, (current if current is not None else 0) - version, -1)
 
 
 class _Worst:
@@ -365,14 +416,15 @@ class _PerTokenWriter:
             if b is not None and self.writer is not None:
                 self.writer.write_batch(b)
 
-    def batch(self, r: RolloutRows, idx, logp, entropy, t, lag, position) -> pa.RecordBatch:
+    def batch(self, r: RolloutRows, idx, logp, entropy, t, chunk: _Chunk, position) -> pa.RecordBatch:
         """The per-token rows of tokens `idx` of the streamed batch `r`."""
         sample_ids = pa.array(r.sample_ids, pa.string()).take(pa.array(r.token_row()[idx]))
         columns = [
             sample_ids, position.astype(np.int32), r.response_ids[idx],
             r.loss_mask[idx], logp.numpy(), r.behavior_logprobs[idx], r.advantages[idx],
             t["ratio"].float().numpy(), t["delta"].float().numpy(), t["logr"].float().numpy(),
-            t["k3"].float().numpy(), entropy.numpy(), t["outside"].numpy(), t["harmful"].numpy(), lag,
+            t["k3"].float().numpy(), entropy.numpy(), t["outside"].numpy(), t["harmful"].numpy(), chunk.token_lag[idx],
+            chunk.token_version[idx],
         ]
         arrays = [c if isinstance(c, pa.Array) else pa.array(c, type=f.type) for c, f in zip(columns, PER_TOKEN_SCHEMA)]
         return pa.RecordBatch.from_arrays(arrays, schema=PER_TOKEN_SCHEMA)

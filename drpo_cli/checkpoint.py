@@ -447,9 +447,12 @@ def parse_size(size: int | str) -> int:
 class CheckpointWriter:
     """Streams tensors into safetensors shards inside a temporary sibling of `out_dir`; `commit()` renames it in.
 
-    Shards are flushed as soon as they reach `max_shard_size`, so at most one shard of tensors is
-    held (and serialised) at a time: a caller that gathers a sharded model parameter by parameter
-    (FSDP on rank 0) never needs the full model in memory. Use as a context manager: leaving the
+    Each tensor's bytes go to disk when it is added (no tensor is kept), so a caller that gathers
+    a sharded model parameter by parameter (FSDP on rank 0) holds one tensor at a time, never a
+    shard nor the model. A safetensors file starts with a header naming every tensor, so the bytes
+    wait in one scratch file per element size inside the temporary directory; a shard's file is
+    assembled (header, then the scratch files, largest elements first: every tensor stays aligned to
+    its element size) as soon as the shard reaches `max_shard_size`. Use as a context manager: leaving the
     block with an exception removes the temporary directory and leaves `out_dir` untouched.
     """
 
@@ -494,8 +497,9 @@ class CheckpointWriter:
                 )
         # A hidden sibling: same filesystem, so the final rename is atomic.
         self.tmp_dir = outputs.new_temp_dir(self.out_dir)
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, tuple[str, list[int], int, int]] = {}  # name -> dtype, shape, element size, offset
         self._pending_bytes = 0
+        self._scratch: dict[int, Any] = {}  # element size -> open scratch file of the current shard
         self._shards: list[list[str]] = []  # tensor names per written shard, in order
         self._total_bytes = 0
         self._names: set[str] = set()
@@ -508,40 +512,66 @@ class CheckpointWriter:
             self.abort()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; the current shard is written first when this one would overflow it."""
+        """Write one tensor's bytes; the current shard is assembled first when this one would overflow it."""
         if name in self._names:
             raise CheckpointError(f"tensor {name!r} written twice")
         self._names.add(name)
         tensor = tensor.detach()
         if self.dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(DTYPES[self.dtype])
+        if tensor.dtype not in _SAVED_DTYPES:
+            raise CheckpointError(f"tensor {name!r}: cannot save dtype {tensor.dtype} in safetensors")
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor
+        size = tensor.element_size()
+        try:
+            f = self._scratch.get(size)
+            if f is None:
+                f = self._scratch[size] = open(self.tmp_dir / f"scratch-{size}", "w+b")  # noqa: SIM115 - closed in _flush / abort
+            offset = f.tell()
+            _write_tensor(f, tensor)
+        except OSError as err:
+            raise write_error(err, self.out_dir, self.expected_bytes or self._total_bytes + nbytes) from err
+        self._pending[name] = (_SAVED_DTYPES[tensor.dtype], list(tensor.shape), size, offset)
         self._pending_bytes += nbytes
         self._total_bytes += nbytes
 
     def _flush(self) -> None:
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
-
-        # Moved to CPU here, one shard at a time; views are cloned because safetensors refuses
-        # tensors that share storage with anything else.
-        shard = {}
-        for name, t in self._pending.items():
-            t = t.to("cpu").contiguous()
-            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-                t = t.clone()
-            shard[name] = t
+        """Assemble the current shard's safetensors file from the header and the scratch files."""
+        sizes = sorted(self._scratch, reverse=True)
+        base, at = {}, 0  # element size -> where its scratch file's bytes start in the data section
+        for size in sizes:
+            base[size] = at
+            at += self._scratch[size].seek(0, os.SEEK_END)
+        header = {"__metadata__": {"format": "pt"}}
+        for name, (dtype, shape, size, offset) in self._pending.items():
+            n = math.prod(shape) * size
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [base[size] + offset, base[size] + offset + n]}
+        text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        text += b" " * (-len(text) % 8)  # the format's padding: tensor data starts 8-byte aligned
         path = self.tmp_dir / f"part-{len(self._shards):05d}.safetensors"
         try:
-            save_file(shard, str(path), metadata={"format": "pt"})
+            with open(path, "wb") as out:
+                out.write(len(text).to_bytes(8, "little") + text)
+                for size in sizes:
+                    scratch = self._scratch[size]
+                    scratch.flush()
+                    _copy_file(scratch, out)
             _fsync(path)
-        except (OSError, SafetensorError) as err:
+        except OSError as err:
             raise write_error(err, self.out_dir, self.expected_bytes or self._total_bytes) from err
-        self._shards.append(list(shard))
+        finally:
+            self._close_scratch()
+        self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
+
+    def _close_scratch(self) -> None:
+        for size, f in self._scratch.items():
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_dir / f"scratch-{size}")
+        self._scratch = {}
 
     def commit(self) -> Path:
         """Write the remaining shard, index, config, copied files and metadata; rename into `out_dir`."""
@@ -559,6 +589,7 @@ class CheckpointWriter:
         return outputs.publish_dir(self.tmp_dir, self.out_dir, "checkpoint", overwrite=self.overwrite)
 
     def abort(self) -> None:
+        self._close_scratch()
         outputs.discard(self.tmp_dir)
 
     def _finish_files(self) -> None:
@@ -672,6 +703,37 @@ def saved_format(model: torch.nn.Module):
         return [] if name in tied else list(_to_saved_format(model, {name: tensor}).items())
 
     return convert
+
+
+_SAVED_DTYPES = {v: k for k, v in _ST_DTYPES.items()} | {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_COPY_BLOCK = 64 * 1024 * 1024  # bytes per copy_file_range call
+
+
+def _write_tensor(f, tensor: torch.Tensor) -> None:
+    """Append a tensor's bytes (C order, little-endian as in memory) to an open file."""
+    t = tensor.to("cpu").contiguous().reshape(-1)
+    if t.numel():
+        f.write(memoryview(t.view(torch.uint8).numpy()))
+
+
+def _copy_file(src, dst) -> None:
+    """Append all of `src` to `dst` (open files) inside the kernel where it can; never the whole file in memory."""
+    src.flush()
+    size, at = os.fstat(src.fileno()).st_size, dst.seek(0, os.SEEK_END)
+    done = 0
+    copy_range = getattr(os, "copy_file_range", None)
+    try:
+        while copy_range is not None and done < size:
+            n = copy_range(src.fileno(), dst.fileno(), min(_COPY_BLOCK, size - done), done, at + done)
+            if n == 0:
+                break
+            done += n
+    except OSError as err:  # not across these filesystems, or not here: copied through a buffer below
+        if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    src.seek(done)
+    dst.seek(at + done)
+    shutil.copyfileobj(src, dst, _COPY_BLOCK)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -176,14 +176,22 @@ def convert_command(
     temperature: float | None = typer.Option(None, help="Sampling temperature (drpo.temperature metadata)."),
     top_p: float | None = typer.Option(None, help="Sampler top-p (drpo.top_p metadata)."),
     top_k: int | None = typer.Option(None, help="Sampler top-k (drpo.top_k metadata)."),
+    min_p: float | None = typer.Option(None, help="Sampler min-p (checks raw log-probs and SGLang truncation; not recorded)."),
     logprobs: str | None = typer.Option(
-        None, help="processed | raw: the log-probs' kind (required for vllm and openai; default processed)."
+        None, help="processed | raw: the log-probs' kind (required for vllm, openai and sglang; default processed)."
     ),
     sampler: str | None = typer.Option(None, help="Free text recorded as drpo.sampler, e.g. 'vllm 0.11'."),
     allow_raw_logprobs: bool = typer.Option(
         False, "--allow-raw-logprobs", help="Accept raw log-probs at T != 1 or with top-p/top-k (wrong μ)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    version_map: list[str] = typer.Option(
+        [], "--version-map", help="Map an engine weight-version label to a policy version: LABEL=N (repeatable)."
+    ),
+    run_prefix: list[str] = typer.Option(
+        [], "--run-prefix", help="Prefix sample ids, e.g. run-7: once for all inputs or once per input (vLLM offline "
+        "request ids count from 0 in every process)."
+    ),
 ) -> None:
     """Convert JSONL dumps (schema v1 fields, vLLM, OpenAI-compatible or SGLang responses) into a rollout file."""
 
@@ -192,7 +200,8 @@ def convert_command(
 
         cfg = ConvertConfig(inputs=tuple(inputs), out=out, format=fmt, columns=tuple(column),
                             temperature=temperature, top_p=top_p, top_k=top_k, logprobs=logprobs,
-                            sampler=sampler, allow_raw_logprobs=allow_raw_logprobs, overwrite=overwrite).check()
+                            sampler=sampler, allow_raw_logprobs=allow_raw_logprobs, overwrite=overwrite,
+                            min_p=min_p, version_map=tuple(version_map), run_prefix=tuple(run_prefix)).check()
         path, lines, rows = convert(cfg)
         typer.echo(f"wrote {path}: {rows:,} rows from {lines:,} lines (schema v1)")
 
@@ -226,11 +235,22 @@ def inspect_command(
     reject: list[str] = typer.Option(
         [], "--reject", help="Report what a rejection criterion LEVEL_kN>X would reject, e.g. seq_mean_k3>0.01 (repeatable)."
     ),
-    max_lag: int | None = typer.Option(None, "--max-lag", help="Leave out rows whose staleness lag exceeds N."),
-    min_version: int | None = typer.Option(None, "--min-version", help="Leave out rows whose policy_version is below V."),
+    is_veto: float | None = typer.Option(None, "--is-veto", help="Report what a veto at ρ = π/μ < THRESH would drop."),
+    correction: str = typer.Option("none", help="Report what a named correction would mask: none | seq-mask-tis."),
+    is_correction: str = typer.Option("none", help="Behavior weight for --is-batch-norm: none | is | tis | mis."),
+    is_cap: float | None = typer.Option(None, help="Cap of tis (2.0)."),
+    is_band: tuple[float, float] | None = typer.Option(None, help="Band LO HI of mis (0.5 2.0) / seq-mask-tis."),
+    is_level: str = typer.Option("token", help="ρ of the behavior weight: token | sequence | geometric."),
+    is_batch_norm: bool = typer.Option(False, "--is-batch-norm", help="Report the weights' batch mean (normaliser)."),
+    reject_mode: str | None = typer.Option(None, help="mask (rejected tokens leave the mean) | zero (weight 0)."),
+    max_lag: int | None = typer.Option(None, "--max-lag", help="Leave out rows (or tokens) whose staleness lag exceeds N."),
+    min_version: int | None = typer.Option(None, "--min-version", help="Leave out rows (or tokens) whose policy version is below V."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 weights."),
     micro_batch_tokens: int = typer.Option(4096, help="Token budget per forward pass."),
+    replay_routing: bool = typer.Option(
+        False, "--replay-routing", help="MoE: route through the experts the sampler logged (routed_experts column)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no tables."),
     allow_unsafe_weights: bool = typer.Option(False, "--allow-unsafe-weights", help="Allow pickle weights."),
 ) -> None:
@@ -251,6 +271,9 @@ def inspect_command(
             per_token=per_token, html=html, fail_above=tuple(fail_above), overwrite=overwrite, reject=tuple(reject),
             max_lag=max_lag, min_version=min_version, device=device, dtype=dtype,
             micro_batch_tokens=micro_batch_tokens, quiet=quiet, allow_unsafe_weights=allow_unsafe_weights,
+            is_veto=is_veto, correction=correction, is_correction=is_correction, is_cap=is_cap, is_band=is_band,
+            is_level=is_level, is_batch_norm=is_batch_norm, reject_mode=reject_mode,
+            replay_routing=replay_routing,
         ).check()
         from rich.console import Console
 
@@ -317,19 +340,29 @@ def train_command(
     dual_clip: float | None = typer.Option(None, help="Dual-clip c > 1 of ppo-clip (off)."),
     ratio_cap: float | None = typer.Option(None, help="Ratio cap C of dppo-tv / dppo-kl (20)."),
     anchor: str = typer.Option("behavior", help="Anchor log-probs: behavior | proximal."),
-    is_correction: str = typer.Option("none", help="Behavior correction with --anchor proximal: none | tis | mis."),
+    is_correction: str = typer.Option("none", help="Behavior correction with --anchor proximal: none | tis | mis | is."),
     is_cap: float | None = typer.Option(None, help="Cap of tis (2.0)."),
     is_band: tuple[float, float] | None = typer.Option(None, help="Kept band LO HI of mis (0.5 2.0)."),
     is_level: str = typer.Option("token", help="ρ of tis / mis per token | sequence (product) | geometric (mean)."),
     reject: list[str] = typer.Option(
         [], "--reject", help="Reject tokens/sequences by LEVEL_kN>X on π_old vs μ, e.g. seq_mean_k3>0.01 (repeatable)."
     ),
+    is_veto: float | None = typer.Option(
+        None, "--is-veto", help="Drop a sequence when a token has π_old/μ below THRESH (slime: 1e-4)."
+    ),
+    is_batch_norm: bool = typer.Option(
+        False, "--is-batch-norm", help="Self-normalise the behavior weights to mean 1 over each step."
+    ),
+    correction: str = typer.Option("none", help="Named correction: none | seq-mask-tis (needs --anchor proximal)."),
+    reject_mode: str | None = typer.Option(
+        None, help="Rejected/vetoed tokens: mask (leave the denominators; default) | zero (weight 0)."
+    ),
     ref_model: str | None = typer.Option(None, "--ref-model", help="Reference checkpoint for a KL(π‖π_ref) penalty."),
     kl_coef: float | None = typer.Option(None, help="β of the reference KL penalty (0.001 with --ref-model)."),
     kl_estimator: str = typer.Option("k3", help="Per-token KL estimator: k1 | k2 | k3."),
     entropy_coef: float = typer.Option(0.0, help="Entropy bonus c: each token's loss gets −c·H(π)."),
-    max_lag: int | None = typer.Option(None, "--max-lag", help="Drop rows whose staleness lag exceeds N."),
-    min_version: int | None = typer.Option(None, "--min-version", help="Drop rows whose policy_version is below V."),
+    max_lag: int | None = typer.Option(None, "--max-lag", help="Drop rows (or mask tokens) whose staleness lag exceeds N."),
+    min_version: int | None = typer.Option(None, "--min-version", help="Drop rows (or mask tokens) whose policy version is below V."),
     agg: str = typer.Option(
         "token-mean", help="token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."
     ),
@@ -344,8 +377,11 @@ def train_command(
     warmup_steps: int = typer.Option(0, help="Linear warmup steps."),
     seed: int = typer.Option(0, help="Shuffle seed."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    dtype: str = typer.Option("auto", help="auto | bf16 (CUDA autocast, fp32 master weights) | fp32."),
+    dtype: str = typer.Option("auto", help="auto | bf16 | fp16 (autocast, fp32 master weights; fp16 loss-scaled) | fp32."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations."),
+    replay_routing: bool = typer.Option(
+        False, "--replay-routing", help="MoE: route through the experts the sampler logged (routed_experts column)."
+    ),
     cpu_offload: bool = typer.Option(
         False, "--cpu-offload", help="Under torchrun on CUDA: keep sharded weights, grads and optimizer state in CPU memory."
     ),
@@ -379,6 +415,7 @@ def train_command(
             rollouts=tuple(rollouts), model=model, out=out, loss=loss, delta=delta, eps=eps,
             eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ratio_cap=ratio_cap, anchor=anchor,
             is_correction=is_correction, is_cap=is_cap, is_band=is_band, is_level=is_level, reject=tuple(reject),
+            is_veto=is_veto, is_batch_norm=is_batch_norm, correction=correction, reject_mode=reject_mode,
             ref_model=ref_model, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
             max_lag=max_lag, min_version=min_version, agg=agg, horizon=horizon,
             adv_norm=adv_norm, epochs=epochs, minibatches=minibatches, micro_batch_tokens=micro_batch_tokens,
@@ -387,7 +424,7 @@ def train_command(
             tr_delta=tr_delta, temperature=temperature, columns=tuple(column), overwrite=overwrite, resume=resume,
             quiet=quiet, tensorboard=tensorboard, allow_unsafe_weights=allow_unsafe_weights, lora_r=lora_r, lora_alpha=lora_alpha,
             lora_targets=tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip()), adapter=adapter,
-            merge=merge,
+            merge=merge, replay_routing=replay_routing,
         )
         if config is None:
             cfg = TrainConfig(**options).check()
@@ -455,6 +492,9 @@ def without_nproc(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    from drpo_cli.allocator import return_freed_memory
+
+    return_freed_memory()
     if _launched_rank() is None:
         app(prog_name="drpo")
         return

@@ -29,15 +29,18 @@ LOSS_HPARAMS: dict[str, dict[str, float | None]] = {
 HPARAM_NAMES = ("delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 ANCHORS = ("behavior", "proximal")
-IS_CORRECTIONS = ("none", "tis", "mis")
+IS_CORRECTIONS = ("none", "tis", "mis", "is")
 IS_LEVELS = ("token", "sequence", "geometric")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 DEFAULT_KL_COEF = 0.001  # verl's kl_loss_coef default
 REJECT_LEVELS = ("token", "seq_sum", "seq_mean", "seq_max")
 REJECT_EXAMPLE = "seq_mean_k3>0.01"
 ADV_NORMS = ("none", "std")
+CORRECTIONS = ("none", "seq-mask-tis")  # named compositions of --is-* and --reject (expand_correction)
+SEQ_MASK_TIS_BAND = (0.999, 1.002)  # NeMo-RL's recommended bounds (examples/configs/prorlv2_1_moe.v2.yaml)
+REJECT_MODES = ("mask", "zero")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "bf16", "fp32")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
 def _flag(name: str) -> str:
@@ -75,6 +78,46 @@ def parse_rejects(specs: tuple[str, ...]) -> tuple[list[tuple[str, str, str, flo
     """Every `--reject` criterion parsed, and a problem line for each bad one."""
     parsed = [parse_reject(spec) for spec in specs]
     return [c for c, _ in parsed if c is not None], [p for _, p in parsed if p is not None]
+
+
+def correction_problems(cfg) -> list[str]:
+    """Problems with --is-veto, --correction and --reject-mode (train and inspect configs alike)."""
+    p = []
+    if cfg.is_veto is not None and not (math.isfinite(cfg.is_veto) and 0 < cfg.is_veto < 1):
+        p.append(f"--is-veto must be in (0, 1) (a ratio π_old/μ below which the sequence is dropped), got {cfg.is_veto}")
+    _choice(p, "correction", cfg.correction, CORRECTIONS)
+    if cfg.reject_mode is not None:
+        _choice(p, "reject_mode", cfg.reject_mode, REJECT_MODES)
+    if cfg.correction == "seq-mask-tis":
+        if cfg.is_correction not in ("none", "is") or cfg.is_level != "token" or cfg.is_cap is not None:
+            p.append("--correction seq-mask-tis sets --is-correction is at --is-level token; leave those and --is-cap out")
+        if cfg.reject_mode == "mask":
+            p.append("--correction seq-mask-tis zeroes the masked sequences' weights (--reject-mode zero), not mask")
+    if cfg.is_band is not None and cfg.correction == "seq-mask-tis":
+        lo, hi = cfg.is_band
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+            p.append(f"--is-band must satisfy 0 <= lo < hi, got {lo} {hi}")
+    return p
+
+
+def expand_correction(cfg):
+    """`cfg` with --correction spelled out as the options it stands for (correction "none" afterwards).
+
+    seq-mask-tis (NeMo-RL's `truncated_importance_sampling_type: seq-mask-tis`): a sequence whose
+    geometric-mean ρ = exp(mean_t log ρ_t) is outside [lo, hi] (--is-band, default SEQ_MASK_TIS_BAND)
+    gets weight 0 and the others the raw token ρ_t. As options: --is-correction is, and --reject
+    seq_mean_k1>−log(lo) and seq_mean_k1<−log(hi) (mean k1 = −log of the geometric mean) in
+    --reject-mode zero (the masked sequences stay in the aggregation denominators, as in NeMo-RL).
+    """
+    from dataclasses import replace
+
+    reject_mode = cfg.reject_mode or "mask"
+    if cfg.correction != "seq-mask-tis":
+        return replace(cfg, reject_mode=reject_mode)
+    lo, hi = cfg.is_band if cfg.is_band is not None else SEQ_MASK_TIS_BAND
+    band = ((f"seq_mean_k1>{-math.log(lo)!r}",) if lo > 0 else ()) + (f"seq_mean_k1<{-math.log(hi)!r}",)
+    return replace(cfg, correction="none", is_correction="is", is_band=None, reject=tuple(cfg.reject) + band,
+                   reject_mode="zero")
 
 
 def staleness_problems(max_lag: int | None, min_version: int | None) -> list[str]:
@@ -122,6 +165,14 @@ class TrainConfig:
     """Level of ρ for tis / mis: token ρ_t, sequence Π_t ρ_t, geometric (Π_t ρ_t)^(1/n) per sequence."""
     reject: tuple[str, ...] = ()
     """Rejection criteria LEVEL_kN>X on log ρ = log π_old − log μ, e.g. seq_mean_k3>0.01 (any one rejects)."""
+    is_veto: float | None = None
+    """Veto: drop a whole sequence when any trained token has ρ = π_old/μ below this (slime: 1e-4; None: off)."""
+    is_batch_norm: bool = False
+    """Self-normalise the behavior weights to mean 1 over each optimizer step's trained tokens (or sequences)."""
+    correction: str = "none"
+    """Named correction: seq-mask-tis (NeMo-RL) = --is-correction is + geometric-mean ρ band as --reject, zero mode."""
+    reject_mode: str | None = None
+    """mask: rejected/vetoed tokens leave the loss mask and denominators (verl, slime); zero: weight 0, counted."""
     ref_model: str | None = None
     """Reference checkpoint for a KL(π‖π_ref) penalty; its log-probs are computed once, before training."""
     kl_coef: float | None = None
@@ -131,7 +182,8 @@ class TrainConfig:
     entropy_coef: float = 0.0
     """Entropy bonus c: each token's loss gets −c·H(π), gradient through the chunked head."""
     max_lag: int | None = None
-    """Drop rows whose staleness lag (current − policy_version) exceeds N (rows without a version are kept)."""
+    """Drop rows whose staleness lag (current − policy_version) exceeds N (rows without a version are kept);
+    with token_policy_versions, mask the too-stale tokens and drop rows left with no trained token."""
     min_version: int | None = None
     """Drop rows whose policy_version is below V (rows without a version are kept)."""
     agg: str = "token-mean"
@@ -159,9 +211,12 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     dtype: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU), bf16 (autocast, fp32 master weights; CUDA only) or fp32."""
+    """auto (bf16 on CUDA, fp32 on CPU), bf16 / fp16 (autocast and low-precision head GEMMs, fp32 master
+    weights, fp16 with a loss scaler; CPU or CUDA) or fp32."""
     grad_checkpointing: bool = False
     """Recompute transformer activations in backward to save memory."""
+    replay_routing: bool = False
+    """Mixture of experts: route every position through the experts the sampler logged (routed_experts, R3)."""
     cpu_offload: bool = False
     """Under torchrun (FSDP2) on CUDA: keep sharded parameters, gradients and optimizer state in CPU memory."""
     lora_r: int | None = None
@@ -212,7 +267,7 @@ class TrainConfig:
 
     def needs_old_logprobs(self) -> bool:
         """π_old is needed: the proximal anchor, or rejection criteria measured against it."""
-        return self.anchor == "proximal" or bool(self.reject)
+        return self.anchor == "proximal" or bool(self.reject) or self.is_veto is not None
 
     def uses_lora(self) -> bool:
         return self.lora_r is not None or self.adapter is not None
@@ -280,7 +335,7 @@ class TrainConfig:
             p.append(f"--ratio-cap must be >= 1, got {self.ratio_cap}")
         _choice(p, "anchor", self.anchor, ANCHORS)
         _choice(p, "is_correction", self.is_correction, IS_CORRECTIONS)
-        if self.is_correction in ("tis", "mis") and self.anchor != "proximal":
+        if self.is_correction in ("tis", "mis", "is") and self.anchor != "proximal":
             p.append(f"--is-correction {self.is_correction} needs --anchor proximal (with the behavior anchor ρ = 1)")
         if self.is_cap is not None:
             if self.is_correction != "tis":
@@ -289,14 +344,19 @@ class TrainConfig:
                 p.append(f"--is-cap must be > 0, got {self.is_cap}")
         if self.is_band is not None:
             lo, hi = self.is_band
-            if self.is_correction != "mis":
-                p.append("--is-band applies only to --is-correction mis")
+            if self.is_correction != "mis" and self.correction != "seq-mask-tis":
+                p.append("--is-band applies only to --is-correction mis and --correction seq-mask-tis")
             elif not 0 <= lo < hi:
                 p.append(f"--is-band must satisfy 0 <= lo < hi, got {lo} {hi}")
         _choice(p, "is_level", self.is_level, IS_LEVELS)
         if self.is_level != "token" and self.is_correction == "none":
             p.append(f"--is-level {self.is_level} applies to --is-correction tis or mis")
         p.extend(parse_rejects(self.reject)[1])
+        p.extend(correction_problems(self))
+        if self.correction == "seq-mask-tis" and self.anchor != "proximal":
+            p.append("--correction seq-mask-tis needs --anchor proximal (its token IS ρ = π_old/μ multiplies a π/π_old loss)")
+        if self.is_batch_norm and self.is_correction == "none" and self.correction == "none":
+            p.append("--is-batch-norm needs --is-correction is, tis or mis (or --correction): there is no weight to normalise")
         if self.ref_model is not None:
             if not os.path.isdir(self.ref_model):
                 p.append(f"--ref-model {self.ref_model}: not a directory (expected a Hugging Face checkpoint directory)")
@@ -321,8 +381,6 @@ class TrainConfig:
                 p.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         _choice(p, "device", self.device, DEVICES)
         _choice(p, "dtype", self.dtype, DTYPES)
-        if self.dtype == "bf16" and self.device == "cpu":
-            p.append("--dtype bf16 needs --device cuda (CPU training runs in fp32)")
         if not 0 < self.tr_delta <= 1:
             p.append(f"--tr-delta must be in (0, 1], got {self.tr_delta}")
         _positive(p, "temperature", self.temperature)
@@ -395,16 +453,35 @@ class InspectConfig:
     """Replace an existing --json / --per-token / --html file that drpo wrote; anything else is refused."""
     reject: tuple[str, ...] = ()
     """Rejection criteria LEVEL_kN>X (as train's --reject) whose rejected fractions the audit reports (needs a model)."""
+    is_veto: float | None = None
+    """Veto threshold on ρ = π/μ (the audited model as π_old) whose vetoed fractions the audit reports."""
+    correction: str = "none"
+    """Named correction (as train's --correction) whose masked fractions the audit reports."""
+    is_correction: str = "none"
+    """Behavior weight (is, tis, mis) whose batch-normalisation factor the audit reports with --is-batch-norm."""
+    is_cap: float | None = None
+    """Cap of tis (None: 2.0)."""
+    is_band: tuple[float, float] | None = None
+    """Band of mis (None: [0.5, 2.0]) or of --correction seq-mask-tis (None: [0.999, 1.002])."""
+    is_level: str = "token"
+    """Level of ρ of the behavior weight: token, sequence or geometric."""
+    is_batch_norm: bool = False
+    """Report is/batch_norm_factor: the mean behavior weight over the audited tokens (or sequences)."""
+    reject_mode: str | None = None
+    """mask or zero (as train's); decides which tokens the batch-normalisation mean runs over."""
     max_lag: int | None = None
-    """Leave out rows whose staleness lag exceeds N (rows without a version are kept)."""
+    """Leave out rows whose staleness lag exceeds N (rows without a version are kept); with
+    token_policy_versions, the too-stale tokens (a row left with no trained token drops)."""
     min_version: int | None = None
     """Leave out rows whose policy_version is below V (rows without a version are kept)."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     dtype: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32 model weights; log-softmax is always float32."""
+    """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32 model weights (CPU or CUDA); log-softmax is float32."""
     micro_batch_tokens: int = 4096
     """Token budget per forward pass (prompt + response, padded)."""
+    replay_routing: bool = False
+    """Mixture of experts: route every position through the experts the sampler logged (routed_experts, R3)."""
     quiet: bool = False
     """No progress bar and no tables (the JSON report and gates still work)."""
     allow_unsafe_weights: bool = False
@@ -417,6 +494,11 @@ class InspectConfig:
 
     def reject_criteria(self) -> list[tuple[str, str, str, float]]:
         return parse_rejects(self.reject)[0]
+
+    def behavior_weight_args(self) -> dict:
+        """behavior_weight's keywords for the what-if weight (after expand_correction)."""
+        return {"kind": self.is_correction, "cap": 2.0 if self.is_cap is None else self.is_cap,
+                "band": (0.5, 2.0) if self.is_band is None else self.is_band, "level": self.is_level}
 
     def paths(self) -> tuple[list[tuple[str, str | None]], list[Output]]:
         """(inputs, outputs) of this audit, for the one output rule (outputs.py)."""
@@ -480,13 +562,25 @@ class InspectConfig:
         p.extend(parse_rejects(self.reject)[1])
         if self.reject and self.model is None:
             p.append("--reject needs --model (the criteria compare the model with the sampler)")
+        p.extend(correction_problems(self))
+        _choice(p, "is_correction", self.is_correction, IS_CORRECTIONS)
+        _choice(p, "is_level", self.is_level, IS_LEVELS)
+        corrected = (self.is_veto is not None or self.correction != "none" or self.is_correction != "none"
+                     or self.is_batch_norm)
+        if corrected and self.model is None:
+            p.append("--is-veto, --correction, --is-correction and --is-batch-norm need --model")
+        if self.is_batch_norm and self.is_correction == "none" and self.correction == "none":
+            p.append("--is-batch-norm needs --is-correction is, tis or mis (or --correction)")
+        if self.is_band is not None and self.is_correction != "mis" and self.correction != "seq-mask-tis":
+            p.append("--is-band applies only to --is-correction mis and --correction seq-mask-tis")
+        if (self.is_correction != "none" or self.is_cap is not None or self.is_level != "token") and not self.is_batch_norm:
+            p.append("--is-correction, --is-cap and --is-level shape the weight --is-batch-norm reports: add it")
+        _positive(p, "is_cap", self.is_cap)
         p.extend(staleness_problems(self.max_lag, self.min_version))
         p.extend(output_problems(*self.paths(), overwrite=self.overwrite))
         p.extend(self._parse_gates()[1])
         _choice(p, "device", self.device, DEVICES)
         _choice(p, "dtype", self.dtype, DTYPES)
-        if self.dtype == "bf16" and self.device == "cpu":
-            p.append("--dtype bf16 needs --device cuda (CPU runs in fp32)")
         for name in ("micro_batch_tokens", "chunk_tokens"):
             if getattr(self, name) < 1:
                 p.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")

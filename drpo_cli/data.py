@@ -35,6 +35,7 @@ class MicroBatch:
     seq_index: torch.Tensor  # (M,) int64, row within this micro-batch (0..B-1)
     rows: torch.Tensor  # (B,) int64, row indices into RolloutRows
     real_positions: int  # non-padding positions, sum of input lengths
+    routed_experts: torch.Tensor | None = None  # (B, L, n_layers, k) int16 logged expert ids, −1 = none (moe.py)
 
     @property
     def num_rows(self) -> int:
@@ -153,6 +154,13 @@ def _build(rows: RolloutRows, group: np.ndarray, padding_side: str) -> MicroBatc
         tok.append(np.arange(rows.response_offsets[i], rows.response_offsets[i + 1]))
         seq.append(np.full(r_len[j], j))
     row_of_token = np.repeat(group, r_len)  # (M,)
+    routing = None
+    if rows.routed_experts is not None:  # each row's positions sit exactly where its input tokens sit
+        routing = np.full((b, seq_len, *rows.routed_experts.shape[1:]), -1, dtype=np.int16)  # (B, L, n_layers, k)
+        r_off = rows.routing_offsets()
+        for j, i in enumerate(group):
+            start = seq_len - n_in[j] if padding_side == "left" else 0
+            routing[j, start : start + n_in[j]] = rows.routed_experts[r_off[i] : r_off[i + 1]]
     return MicroBatch(
         input_ids=torch.from_numpy(ids),
         attention_mask=torch.from_numpy(mask),
@@ -164,4 +172,5 @@ def _build(rows: RolloutRows, group: np.ndarray, padding_side: str) -> MicroBatc
         seq_index=torch.from_numpy(np.concatenate(seq).astype(np.int64)),
         rows=torch.from_numpy(group.copy()),
         real_positions=int(n_in.sum()),
+        routed_experts=None if routing is None else torch.from_numpy(routing),
     )

@@ -37,6 +37,7 @@ FAIL_HOOK = "DRPO_TEST_FAIL_RANK"
 TIMEOUT_ENV = "DRPO_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 900  # one collective may wait this long for a slow peer (e.g. rank 0 writing a shard)
 ENGINE_METHOD = "drpo_engine"  # the log-prob engine's entry point on a sharded model (logprobs.run_engine)
+HEAD_METHOD = "drpo_head"  # its entry point on an untied output head sharded on its own (logprobs.run_head)
 
 
 # ---- process group ---------------------------------------------------------------------------
@@ -238,16 +239,23 @@ def check_test_failure(phase: str = "save") -> None:
 # ---- FSDP2 -----------------------------------------------------------------------------------
 
 
-def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool = False,
+def shard_model(model: torch.nn.Module, device: torch.device, *, param_dtype: torch.dtype | None = None,
                 cpu_offload: bool = False) -> torch.nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root; returns the model (sharded in place).
 
-    bf16: parameters gathered in bfloat16 for compute, gradients reduced in float32 (CUDA).
+    param_dtype (bf16 / fp16): parameters gathered in it for compute, gradients reduced in float32 (CUDA, or
+    CPU with gloo); the sharded fp32 parameters stay the master weights.
     cpu_offload: sharded parameters, gradients and optimizer state stay in CPU memory between uses.
     The log-prob engine runs the decoder body and the output head itself rather than
     `model.forward`, so it enters through a method registered with FSDP (ENGINE_METHOD): that is
-    what gathers the root's own parameters (embeddings, final norm, head, tied or not) and hooks
-    their gradient reduce-scatter.
+    what gathers the root's own parameters (final norm, tied embeddings) and hooks their gradient
+    reduce-scatter.
+
+    Untied input embeddings and output head are units of their own, so that no rank ever holds
+    both vocabulary matrices gathered (the root is gathered from the first forward to the end of
+    backward): the embedding is gathered for its forward only (its backward needs no weight), the
+    head through its own registered method (HEAD_METHOD) and kept until its gradient is
+    reduce-scattered. Tied, the one matrix stays in the root.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (
@@ -262,10 +270,23 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool = Fa
     if cpu_offload and device.type != "cuda":
         raise ConfigError(f"--cpu-offload: needs CUDA devices, found {device.type} (parameters already live in CPU memory)")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None
+          else MixedPrecisionPolicy())
     kwargs = {"mesh": mesh, "mp_policy": mp, "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    untied = (isinstance(head, torch.nn.Linear) and embeddings is not None
+              and head.weight is not getattr(embeddings, "weight", None))
+    if untied:
+        fully_shard(embeddings, **kwargs)
+        embeddings.set_unshard_in_backward(False)
+        # Kept gathered until its backward (the engine's may recompute with it); h goes in as it is.
+        head_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
+                                       cast_forward_inputs=False)
+        fully_shard(head, reshard_after_forward=False, **{**kwargs, "mp_policy": head_mp})
+        setattr(head, HEAD_METHOD, types.MethodType(_engine_entry, head))
+        register_fsdp_forward_method(head, HEAD_METHOD)
     fully_shard(model, **kwargs)
     for m in model.modules():
         if isinstance(m, FSDPModule):
@@ -279,7 +300,8 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool = Fa
 
 
 def load_sharded_model(path: str | os.PathLike, device: torch.device, *, dtype: str = "float32",
-                       allow_unsafe: bool = False, bf16: bool = False, cpu_offload: bool = False, prepare=None):
+                       allow_unsafe: bool = False, param_dtype: torch.dtype | None = None, cpu_offload: bool = False,
+                       prepare=None):
     """One weight copy per node: the model built on the meta device, sharded, then each rank reads its rows.
 
     Every rank builds the architecture with its parameters on the meta device (no memory), applies
@@ -319,7 +341,7 @@ def load_sharded_model(path: str | os.PathLike, device: torch.device, *, dtype: 
     extra_values = (prepare(model) if prepare is not None else None) or {}
     computed = {(mod_name, name): buf.detach().clone() for mod_name, mod in model.named_modules()
                 for name, buf in mod._buffers.items() if buf is not None and name in mod._non_persistent_buffers_set}
-    shard_model(model, device, bf16=bf16, cpu_offload=cpu_offload)
+    shard_model(model, device, param_dtype=param_dtype, cpu_offload=cpu_offload)
     model.to_empty(device="cpu" if cpu_offload else device)
     _fill_shards(model, path, entries, extra_values)
     with torch.no_grad():
@@ -333,6 +355,7 @@ def _fill_shards(model: torch.nn.Module, path: Path, entries: dict, extra_values
     from torch.distributed.tensor import DTensor
 
     from drpo_cli.checkpoint import read_rows
+    from drpo_cli.moe import read_converted_rows
 
     aliases: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
@@ -357,6 +380,8 @@ def _fill_shards(model: torch.nn.Module, path: Path, entries: dict, extra_values
             found = next((n for n in (m.replace(".base_layer.", ".") for m in names) if n in entries), None)
             if found is not None:
                 read_rows(entries[found], start, stop, local)
+            elif read_converted_rows(model, names[0], tuple(t.shape), entries, start, stop, local):
+                pass  # converted on load (MoE experts fused, renamed)
             elif names[0] in extra_values:
                 full = extra_values[names[0]]
                 local.copy_(full[start:stop] if full.dim() else full)

@@ -30,7 +30,17 @@ from drpo_cli.elementwise import (  # noqa: F401  (re-exported: the diagnostics 
     ratio,
 )
 from drpo_cli.errors import ConfigError
-from drpo_cli.losses import LOSS_NAMES, gradient_weight, reference_kl, rejection_mask, resolve_hparams
+from drpo_cli.losses import (
+    LOSS_NAMES,
+    behavior_weight,
+    gradient_weight,
+    reference_kl,
+    rejection_mask,
+    resolve_hparams,
+    veto_mask,
+    weight_mean,
+    weight_sum_parts,
+)
 
 
 def token_diagnostics(
@@ -174,6 +184,9 @@ class Diagnostics:
         drpo_deltas: Sequence[float] = (),
         lag_buckets: int = 8,
         reject: Sequence[tuple[str, str, str, float]] = (),
+        veto: float | None = None,
+        weight: dict | None = None,
+        reject_mode: str = "mask",
     ):
         if not (isinstance(tr_delta, (int, float)) and tr_delta > 0):
             raise ConfigError(f"tr_delta must be a number > 0, got {tr_delta!r}")
@@ -186,6 +199,9 @@ class Diagnostics:
         self.drpo_deltas = tuple(dict.fromkeys(deltas))  # duplicates dropped, order kept
         self.lag_buckets = lag_buckets
         self.reject = [tuple(c) for c in reject]
+        # What-if corrections with logp as π_old: the veto's fractions, the behavior weight's batch mean
+        # (`weight`: behavior_weight's kind, cap, band, level) over the tokens rejection and veto keep.
+        self.veto, self.weight, self.reject_mode = veto, dict(weight) if weight else None, reject_mode
         # (state key prefix, loss name, hyper-parameters) of every weight distribution tracked.
         self._weighted = [(name, name, hp) for name, hp in self.losses.items() if name in _WEIGHTED_LOSSES]
         self._weighted += [(f"drpo@{d!r}", "drpo", {"delta": d}) for d in self.drpo_deltas]
@@ -210,6 +226,10 @@ class Diagnostics:
         for key in ("n_ref", "sum_ref_k1", "sum_ref_k2", "sum_ref_k3", "reject/n", "reject/n_tokens",
                     "reject/n_seq", "reject/n_seq_rejected"):
             self._register(key, (), "sum")
+        for key in ("veto/n", "veto/n_tokens", "veto/n_seq", "veto/n_seq_vetoed"):
+            self._register(key, (), "sum")
+        self._register("is/parts", tuple(weight_sum_parts(torch.ones(0), torch.ones(0), torch.ones(0), "token").shape),
+                       "sum")
         for prefix, _, _ in self._weighted:
             for key in ("n_corrective", "n_attenuated", "sum_w"):
                 self._register(f"{prefix}/{key}", (), "sum")
@@ -235,6 +255,9 @@ class Diagnostics:
             "drpo_deltas": list(self.drpo_deltas),
             "lag_buckets": self.lag_buckets,
             "reject": [list(c) for c in self.reject],
+            "veto": self.veto,
+            "weight": self.weight and {k: list(v) if isinstance(v, tuple) else v for k, v in self.weight.items()},
+            "reject_mode": self.reject_mode,
         }
 
     # ---- accumulate -------------------------------------------------------------------------------
@@ -317,12 +340,27 @@ class Diagnostics:
                 part["n_ref"] = torch.tensor(float(lp.numel()))
                 for k in ("k1", "k2", "k3"):
                     part[f"sum_ref_{k}"] = reference_kl(k, lp, ref).sum()
+            kept = torch.ones_like(lp, dtype=torch.bool)  # (n,) by rejection and veto
             if self.reject and seq_index is not None:
                 seq = pick(seq_index)
                 kept = rejection_mask(self.reject, lp, mu_lp, torch.ones_like(lp, dtype=torch.bool), seq)
                 part.update({"reject/n": torch.tensor(float(lp.numel())), "reject/n_tokens": (~kept).sum(),
                              "reject/n_seq": torch.tensor(float(torch.unique(seq).numel())),
                              "reject/n_seq_rejected": torch.tensor(float(torch.unique(seq[~kept]).numel()))})
+            if self.veto is not None and seq_index is not None:
+                seq = pick(seq_index)
+                kept_v, bad = veto_mask(self.veto, lp, mu_lp, torch.ones_like(lp, dtype=torch.bool), seq)
+                kept = kept & kept_v
+                part.update({"veto/n": torch.tensor(float(lp.numel())), "veto/n_tokens": bad.sum(),
+                             "veto/n_seq": torch.tensor(float(torch.unique(seq).numel())),
+                             "veto/n_seq_vetoed": torch.tensor(float(torch.unique(seq[~kept_v]).numel()))})
+            if self.weight is not None and seq_index is not None:
+                seq = pick(seq_index)
+                w = behavior_weight(proximal_logp=lp, behavior_logp=mu_lp, seq_index=seq, **self.weight)
+                if self.reject_mode == "zero":
+                    w, kept = w * kept, torch.ones_like(kept)
+                level = "token" if self.weight["level"] == "token" else "sequence"
+                part["is/parts"] = weight_sum_parts(w, kept, seq, level).double()
             for prefix, name, hp in self._weighted:
                 w = gradient_weight(name, lp, mu_lp, adv, **hp)
                 part[f"{prefix}/n_corrective"] = (w < 0).sum()
@@ -477,6 +515,11 @@ class Diagnostics:
         if self.reject:
             out["reject/token_frac"] = ratio_of(s["reject/n_tokens"], float(s["reject/n"]))
             out["reject/seq_frac"] = ratio_of(s["reject/n_seq_rejected"], float(s["reject/n_seq"]))
+        if self.veto is not None:
+            out["veto/token_frac"] = ratio_of(s["veto/n_tokens"], float(s["veto/n"]))
+            out["veto/seq_frac"] = ratio_of(s["veto/n_seq_vetoed"], float(s["veto/n_seq"]))
+        if self.weight is not None:
+            out["is/batch_norm_factor"] = weight_mean(s["is/parts"].round().long())
         histograms, what_if, notes, unreachable = {}, [], [], set()
         for prefix, name, hp in self._weighted:
             stats = self._weight_stats(prefix, n)

@@ -61,9 +61,14 @@ def processed_logprobs(logits: np.ndarray, *, temperature: float = 1.0, top_k: i
         order = np.argsort(np.abs(-logp - entropy), kind="stable")
         ids, x = _keep_prefix(ids[order], x[order], p[order], typical_p, min_keep, strict=True)
     if top_p < 1.0:
-        order = np.argsort(-x, kind="stable")
-        ids, x = ids[order], x[order]
-        ids, x = _keep_prefix(ids, x, _softmax(x), top_p, min_keep, strict=False)
+        p = _softmax(x)
+        # As llama.cpp: sort only the 256 largest first; sort everything when they do not reach top_p.
+        order = np.argpartition(-x, 255)[:256] if len(x) > 1024 else np.arange(len(x))
+        order = order[np.argsort(-x[order], kind="stable")]
+        cum = np.cumsum(p[order])
+        if len(order) < len(x) and not (cum[min_keep - 1:] >= top_p).any():
+            order = np.argsort(-x, kind="stable")
+        ids, x = _keep_prefix(ids[order], x[order], p[order], top_p, min_keep, strict=False)
     if min_p > 0.0:
         keep = x >= x.max() + math.log(min_p)
         if keep.sum() >= min_keep:

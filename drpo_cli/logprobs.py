@@ -19,14 +19,15 @@ import contextlib
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from drpo_cli.data import MicroBatch
-from drpo_cli.distributed import ENGINE_METHOD
+from drpo_cli.distributed import ENGINE_METHOD, HEAD_METHOD
 from drpo_cli.errors import CheckpointError, ConfigError
+from drpo_cli.moe import feed as feed_routing
 
 LossFn = Callable[[torch.Tensor, slice], torch.Tensor]
 
@@ -55,6 +56,20 @@ class Head:
     bias: torch.Tensor | None  # (V,)
     multiplier: float = 1.0
     softcap: float | None = None
+    low: torch.Tensor | None = None  # (V, H) the fp32 weight in the autocast dtype: the GEMMs run in it
+
+
+def in_dtype(head: Head, dtype: torch.dtype | None) -> Head:
+    """Under autocast (`dtype` bf16/fp16): the head's GEMMs in that dtype too, float32 everything after.
+
+    fp32 master weights get one low-precision copy per engine call (as autocast caches its casts);
+    the logits land in the float32 chunk buffer, so log-sum-exp, softmax and entropy stay float32,
+    and the weight gradient is accumulated in float32. Weights already stored in low precision keep
+    their own path.
+    """
+    if dtype is None or head.weight.dtype != torch.float32:
+        return head
+    return replace(head, low=head.weight.detach().to(dtype))
 
 
 # model_type prefixes whose `logits_scaling` divides (Granite, MiniCPM3) or multiplies (HyperCLOVA X).
@@ -172,7 +187,11 @@ def _chunk_logits(h: torch.Tensor, head: Head, inv_temp: torch.Tensor, ws: _Work
     m = h.shape[0]
     # The head runs in the weight's own dtype even when the caller holds an autocast context.
     with torch.autocast(h.device.type, enabled=False):
-        if head.weight.dtype == torch.float32:
+        if head.low is not None:  # fp32 weights under autocast: GEMM in the low dtype, then float32
+            z = ws.logits[:m].copy_(torch.mm(h.to(head.low.dtype), head.low.t()))  # (m, V)
+            if head.bias is not None:
+                z.add_(head.bias)
+        elif head.weight.dtype == torch.float32:
             z = torch.mm(h.float(), head.weight.t(), out=ws.logits[:m])  # (m, V)
             if head.bias is not None:
                 z.add_(head.bias)
@@ -315,8 +334,16 @@ def _loss_grad(loss_fn, logp: torch.Tensor, sl: slice):
 def _accumulate_head_grads(gz, h, head: Head, grad_w, grad_b):
     """Gradient GEMMs of one chunk: returns dL/dh (m, H); adds into grad_w (V, H) and grad_b (V,).
 
-    grad_w/grad_b are float32 accumulators (None when not needed); the GEMMs run in the weight's dtype.
+    grad_w/grad_b are float32 accumulators (None when not needed); the GEMMs run in the weight's dtype,
+    or in the autocast dtype of `head.low`.
     """
+    if head.low is not None:
+        gz_l, h_l = gz.to(head.low.dtype), h.to(head.low.dtype)  # (m, V), (m, H)
+        if grad_w is not None:
+            grad_w.add_(torch.mm(gz_l.t(), h_l))  # (V, H), accumulated in float32
+        if grad_b is not None:
+            grad_b.add_(gz.sum(0))
+        return (gz_l @ head.low).to(h.dtype)  # (m, H)
     gz_w = gz.to(head.weight.dtype)  # (m, V)
     if grad_w is not None:
         h_w = h.to(head.weight.dtype)
@@ -507,6 +534,7 @@ def response_hidden_states(
     """
     device = mb.input_ids.device
     body = model.get_decoder()
+    feed_routing(model, mb)  # an MoE model with routing hooks (moe.install) routes this micro-batch as logged
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
         out = body(
@@ -560,8 +588,13 @@ def token_logprobs_at(
 
 
 def _token_logprobs(model, mb: MicroBatch, chunk_tokens: int, with_entropy: bool, dtype, temperatures, select):
-    head = output_head(model)
     h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
+    return run_head(model, _head_logprobs, h, mb, chunk_tokens, with_entropy, dtype, temperatures, select)
+
+
+def _head_logprobs(model, h: torch.Tensor, mb: MicroBatch, chunk_tokens: int, with_entropy: bool, dtype,
+                   temperatures, select):
+    head = in_dtype(output_head(model), dtype)
     inv_temp = 1.0 / mb.temperature.float()  # (M,)
     extra_inv = 1.0 / torch.tensor(temperatures, dtype=torch.float32, device=h.device)  # (K,), as a pass at τ'
     extra_sel = select.to(h.device) if temperatures else torch.zeros(0, dtype=torch.bool, device=h.device)
@@ -599,8 +632,13 @@ def fused_token_loss(
 
 def _fused_token_loss(model, mb: MicroBatch, loss_fn: LossFn, chunk_tokens: int, with_entropy: bool, dtype,
                       entropy_weight=None, whole=False):
-    head = output_head(model)
     h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
+    return run_head(model, _head_loss, h, mb, loss_fn, chunk_tokens, with_entropy, dtype, entropy_weight, whole)
+
+
+def _head_loss(model, h: torch.Tensor, mb: MicroBatch, loss_fn: LossFn, chunk_tokens: int, with_entropy: bool,
+               dtype, entropy_weight, whole):
+    head = in_dtype(output_head(model), dtype)
     inv_temp = 1.0 / mb.temperature.float()  # (M,)
     loss, logp, ent = _FusedHeadLoss.apply(
         h, head.weight, head.bias, mb.target_ids, inv_temp, head, chunk_tokens, loss_fn, with_entropy,
@@ -614,8 +652,9 @@ def run_engine(model: torch.nn.Module, fn: Callable, *args):
     """`fn(model, *args)`, entered through a sharded model's FSDP-registered method when it has one.
 
     The engine calls the decoder body and the output head itself, not `model.forward`, so FSDP2's
-    root hooks would not gather the root's own parameters (embeddings, final norm, head) nor reduce
-    their gradients; `distributed.shard_model` registers an entry point that does both.
+    root hooks would not gather the root's own parameters (final norm, tied embeddings and head) nor
+    reduce their gradients; `distributed.shard_model` registers an entry point that does both (and
+    one on an untied head: `run_head`).
     """
     entry = model.__dict__.get(ENGINE_METHOD)  # set on the instance by distributed.shard_model
     if entry is None:
@@ -631,6 +670,22 @@ def run_engine(model: torch.nn.Module, fn: Callable, *args):
             return entry(fn, *args)
         finally:
             model.reshard()
+            head = model.get_output_embeddings()
+            if head is not None and HEAD_METHOD in head.__dict__:  # kept gathered after its forward, for a backward
+                head.reshard()
+
+
+def run_head(model: torch.nn.Module, fn: Callable, h: torch.Tensor, *args):
+    """`fn(model, h, *args)`, inside the output head's own FSDP entry when it is sharded on its own.
+
+    That entry gathers the head's weight (and nothing else) and hooks its gradient reduce-scatter
+    to the backward of `h`; `fn` reads the gathered weight through `output_head(model)`.
+    """
+    head = model.get_output_embeddings()
+    entry = None if head is None else head.__dict__.get(HEAD_METHOD)
+    if entry is None:
+        return fn(model, h, *args)
+    return entry(lambda _head, *a: fn(model, *a), h, *args)
 
 
 def _check_chunk(chunk_tokens: int) -> None:

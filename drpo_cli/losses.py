@@ -498,7 +498,7 @@ def aggregate(
 
 # ---- behavior correction for the decoupled (proximal-anchor) mode --------------------------------------
 
-BEHAVIOR_KINDS = ("none", "tis", "mis")
+BEHAVIOR_KINDS = ("none", "tis", "mis", "is")
 IS_LEVELS = ("token", "sequence", "geometric")
 
 
@@ -533,7 +533,7 @@ def behavior_weight(
     """Detached per-token weight ρ-correction multiplying each token's loss, ρ = π_old/μ (SPEC.md §1).
 
     `none`: 1. `tis` (truncated IS): min(ρ, cap). `mis` (masked IS): ρ where lo ≤ ρ ≤ hi, else 0
-    (the token is dropped). `level` says which ρ (verl's rollout correction, rollout_corr_helper.py
+    (the token is dropped). `is`: ρ itself, not truncated. `level` says which ρ (verl's rollout correction, rollout_corr_helper.py
     compute_rollout_correction_weights): "token" ρ_t; "sequence" the product over the sequence's
     trained tokens, exp(Σ log ρ_t); "geometric" their geometric mean, exp(mean log ρ_t) (length-
     normalised, as GSPO's ratio). Sequence levels give every token of a sequence the same weight and
@@ -556,6 +556,8 @@ def behavior_weight(
         rho = torch.exp(log_rho)
         if kind == "none":
             weight = torch.ones_like(rho)
+        elif kind == "is":  # plain IS, not truncated (seq-mask-tis keeps it on its surviving sequences)
+            weight = rho
         elif kind == "tis":
             weight = rho.clamp(max=cap)
         else:
@@ -613,3 +615,79 @@ def reference_kl(estimator: str, logp: Tensor, ref_logp: Tensor) -> Tensor:
     if estimator not in REJECT_ESTIMATORS:
         raise ConfigError(f"unknown KL estimator {estimator!r} (choose one of: {', '.join(KL_ESTIMATORS)})")
     return REJECT_ESTIMATORS[estimator](ref_logp.detach(), logp)
+
+
+# ---- veto and batch self-normalised IS weights (corrections usable with every loss) ---------------
+
+
+def veto_mask(threshold: float, proximal_logp: Tensor, behavior_logp: Tensor, mask: Tensor,
+              seq_index: Tensor) -> tuple[Tensor, Tensor]:
+    """(kept, catastrophic): the trained tokens the veto keeps, and the tokens that trigger it; detached bools.
+
+    A sequence is dropped whole when any of its trained tokens has ρ_t = π_old/μ < threshold (slime's
+    `calculate_veto_mask`, examples/train_infer_mismatch_helper/mis.py, `rs_veto_threshold` 1e-4 there;
+    verl's former `rollout_token_veto_threshold`). Compared as log ρ_t < log threshold on the raw,
+    unclamped log ratio, as slime does. The same as the rejection criterion seq_max_k1 > −log threshold.
+    """
+    with torch.no_grad():
+        valid = mask.bool()
+        log_rho = torch.where(valid, proximal_logp.detach() - behavior_logp.detach(), torch.zeros_like(proximal_logp))
+        bad = valid & (log_rho < math.log(threshold))  # (…,)
+        hit = sequence_reduce(bad.double(), seq_index, valid, "amax") > 0  # (…,) its sequence has a bad token
+    return valid & ~hit, bad
+
+
+FLOAT32_MANTISSA = 24  # bits: a float32 mantissa times 2^24 is an integer
+_EXP_MIN, _EXP_MAX = -150, 129  # torch.frexp exponents of float32 values (subnormals included)
+
+
+def weight_sum_parts(weight: Tensor, mask: Tensor, seq_index: Tensor, level: str) -> Tensor:
+    """This micro-batch's (or rank's) exact additive share of Σ w and of the count, as an int64 vector.
+
+    `level` "token": over the trained tokens; "sequence" / "geometric": one weight per sequence with a
+    trained token (every token of a sequence carries the same weight). The float32 weights are summed
+    exactly: each is m·2^(e−24) with an integer m < 2^24 (torch.frexp), and the m are added per binary
+    exponent e in int64. The vector (one slot per float32 exponent, then the count) adds up over
+    micro-batches and ranks (all_reduce SUM) without rounding, so the factor `weight_mean(parts)` is
+    bit-identical for any micro-batch size, row order or world size.
+    """
+    with torch.no_grad():
+        valid = mask.bool().reshape(-1)
+        w = weight.detach().reshape(-1).float()
+        if level == "token":
+            values = w[valid]
+        else:
+            _, inv = torch.unique(seq_index.reshape(-1)[valid], return_inverse=True)  # (N,) in [0, S)
+            count = int(inv.max()) + 1 if inv.numel() else 0
+            values = torch.zeros(count, dtype=w.dtype, device=w.device).scatter_reduce(
+                0, inv, w[valid], reduce="amax", include_self=False)  # (S,)
+        mantissa, exponent = torch.frexp(values)  # values = mantissa · 2^exponent, 0.5 ≤ |mantissa| < 1
+        slots = _EXP_MAX - _EXP_MIN + 1
+        ints = (mantissa.double() * 2.0 ** FLOAT32_MANTISSA).long()  # exact
+        parts = torch.zeros(slots + 1, dtype=torch.int64, device=w.device)
+        parts.index_add_(0, (exponent.long() - _EXP_MIN).clamp(0, slots - 1), ints)
+        parts[slots] = values.numel()
+    return parts
+
+
+def weight_mean(parts: Tensor) -> float | None:
+    """Σ w / count of `weight_sum_parts` (summed over the step), correctly rounded; None without a weight."""
+    from fractions import Fraction
+
+    values = [int(v) for v in parts.cpu().tolist()]
+    count = values.pop()
+    if count == 0:
+        return None
+    total = sum(Fraction(m) * Fraction(2) ** (i + _EXP_MIN - FLOAT32_MANTISSA) for i, m in enumerate(values) if m)
+    return float(total / count)
+
+
+def batch_normalize(weight: Tensor, mean: float | None) -> tuple[Tensor, float]:
+    """(w / mean, factor): IS weights self-normalised to mean 1 over the batch the mean was taken over.
+
+    As verl's `rollout_is_batch_normalize` (rollout_corr_helper.py, compute_rollout_correction_weights)
+    and slime's `tis_batch_normalize`: the weights are left as they are (factor 1) when the mean is
+    ≤ 1e-8 or there is no weight.
+    """
+    factor = mean if mean is not None and mean > 1e-8 else 1.0
+    return weight / factor, factor

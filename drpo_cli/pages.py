@@ -331,6 +331,15 @@ def inspect_page(report: dict) -> str:
             sections.append(_section(f"Logging checks ({checks['scope']})", bars_svg(
                 [f"{f['temperature']:g}" for f in fit], [("mean |log r|", [f["abs_logr_mean"] for f in fit])],
                 "mean |log r| by temperature (lowest fits)"), _notes(checks["findings"])))
+        routing = model["routing"]
+        if routing is not None:
+            sections.append(_section(
+                f"MoE routing mismatch ({routing['architecture']}, top-{routing['top_k']} of {routing['num_experts']}"
+                f"{', replayed' if routing['replayed'] else ''}): {fmt_cell(routing['mismatch_frac'])} of "
+                f"{routing['positions']:,} trained positions × layers",
+                bars_svg([str(r["layer"]) for r in routing["by_layer"]],
+                         [("mismatch share", [r["mismatch_frac"] for r in routing["by_layer"]])],
+                         "share of positions whose top-k set differs, by layer")))
         sections.append(_section("Worst sequences", _records(model["worst_sequences"], "sample_id"),
                                  tokens_html(model["worst_tokens"], model["checkpoint"]["path"])))
     sections.append(_section("Notes", _notes(report["notes"]) or "<p class=sub>none</p>"))

@@ -137,16 +137,21 @@ _TRAIN_METRICS = {
 }
 STALENESS_FILTER_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "description": "Rows --max-lag / --min-version left out (rows without a policy_version are kept).",
-    "required": ["max_lag", "min_version", "current_version", "rows_dropped", "tokens_dropped", "rows_kept",
-                 "rows_without_version"],
+    "description": "Rows and tokens --max-lag / --min-version left out (rows without a policy_version are kept; "
+                   "with token_policy_versions, too-stale tokens leave the loss mask and a row with no trained "
+                   "token left drops).",
+    "required": ["max_lag", "min_version", "current_version", "rows_dropped", "tokens_dropped", "tokens_masked",
+                 "rows_kept", "rows_without_version"],
     "additionalProperties": False,
     "properties": {
         "max_lag": {"type": ["integer", "null"], "minimum": 0},
         "min_version": {"type": ["integer", "null"], "minimum": 0},
         "current_version": {"type": ["integer", "null"]},
         "rows_dropped": _INT,
-        "tokens_dropped": {"type": "integer", "minimum": 0, "description": "trained tokens (loss_mask 1) dropped"},
+        "tokens_dropped": {"type": "integer", "minimum": 0,
+                           "description": "trained tokens (loss_mask 1) of the dropped rows"},
+        "tokens_masked": {"type": "integer", "minimum": 0,
+                          "description": "too-stale trained tokens of kept rows, taken out of the loss mask"},
         "rows_kept": _INT,
         "rows_without_version": _INT,
     },
@@ -196,7 +201,7 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
                 "name": _STR,
                 "hparams": {"type": "object", "additionalProperties": _NUM},
                 "anchor": {"enum": ["behavior", "proximal"]},
-                "is_correction": {"enum": ["none", "tis", "mis"]},
+                "is_correction": {"enum": ["none", "tis", "mis", "is"]},
                 "is_level": {"enum": ["token", "sequence", "geometric"]},
                 "agg": _STR,
                 "reference_kl": {"oneOf": [{"type": "null"}, {
@@ -204,6 +209,10 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
                     "properties": {"model": _STR, "coef": {"type": "number", "minimum": 0},
                                    "estimator": {"enum": ["k1", "k2", "k3"]}}}]},
                 "entropy_coef": {"type": "number", "minimum": 0},
+                "correction": {"enum": ["none", "seq-mask-tis"], "description": "--correction as given"},
+                "reject_mode": {"enum": ["mask", "zero"]},
+                "is_veto": {"type": ["number", "null"]},
+                "is_batch_norm": {"type": "boolean"},
             },
         },
         "filters": {
@@ -216,7 +225,14 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
                 "required": ["criteria", "tokens_rejected", "token_frac", "sequences_rejected", "seq_frac"],
                 "additionalProperties": False,
                 "properties": {"criteria": {"type": "array", "items": _STR}, "tokens_rejected": _INT,
-                               "token_frac": _NUM, "sequences_rejected": _INT, "seq_frac": _NUM}}]}},
+                               "token_frac": _NUM, "sequences_rejected": _INT, "seq_frac": _NUM}}]},
+                "veto": {"oneOf": [{"type": "null"}, {
+                    "type": "object",
+                    "description": "Sequences --is-veto dropped (a trained token with π_old/μ below it), as rejection.",
+                    "required": ["criteria", "tokens_rejected", "token_frac", "sequences_rejected", "seq_frac"],
+                    "additionalProperties": False,
+                    "properties": {"criteria": {"type": "array", "items": _STR}, "tokens_rejected": _INT,
+                                   "token_frac": _NUM, "sequences_rejected": _INT, "seq_frac": _NUM}}]}},
         },
         "notes": {"type": "array", "items": _STR, "description": "Warnings worth reading."},
         "steps": {
@@ -285,8 +301,10 @@ def filter_lines(staleness: dict, rejection: dict | None) -> list[str]:
     if staleness["max_lag"] is not None or staleness["min_version"] is not None:
         given = ", ".join(f"--{k.replace('_', '-')} {staleness[k]}" for k in ("max_lag", "min_version")
                           if staleness[k] is not None)
+        masked = f", masked {staleness['tokens_masked']:,} tokens of kept rows" if staleness["tokens_masked"] else ""
         lines.append(f"{given}: dropped {staleness['rows_dropped']:,} rows ({staleness['tokens_dropped']:,} trained "
-                     f"tokens), kept {staleness['rows_kept']:,} (current version {staleness['current_version']})")
+                     f"tokens){masked}, kept {staleness['rows_kept']:,} (current version "
+                     f"{staleness['current_version']})")
     if rejection is not None:
         lines.append(f"--reject {' '.join(rejection['criteria'])}: rejected {rejection['tokens_rejected']:,} tokens "
                      f"({fmt(rejection['token_frac'])}) and {rejection['sequences_rejected']:,} sequences "
@@ -318,7 +336,12 @@ def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
         cols = ("harmful_frac", "outside_frac", "delta_abs_max", "tokens")
         console.print(number_table("worst samples (harmful fraction)", "sample_id", list(cols),
                                    [[w["sample_id"], *(fmt_cell(w[c]) for c in cols)] for w in final["worst_samples"]]))
-    for line in filter_lines(report["filters"]["staleness"], report["filters"]["rejection"]):
+    veto = report["filters"].get("veto")  # optional in the schema
+    lines = filter_lines(report["filters"]["staleness"], report["filters"]["rejection"])
+    if veto is not None:
+        lines.append(f"--is-veto {veto['criteria'][0].removeprefix('rho<')}: dropped {veto['sequences_rejected']:,} "
+                     f"sequences ({fmt(veto['seq_frac'])}), {veto['tokens_rejected']:,} tokens")
+    for line in lines:
         console.print(line, highlight=False, markup=False)
     for note in report["notes"]:
         console.print(f"note: {note}")
@@ -382,6 +405,9 @@ INSPECT_MODEL_METRICS: dict[str, str] = {
     "cispo/clip_frac": "share of tokens whose cispo IS weight is clipped (r > 1 + ε_high at its defaults)",
     "reject/token_frac": "share of tokens the --reject criteria reject (null without --reject)",
     "reject/seq_frac": "share of sequences with a token the --reject criteria reject",
+    "veto/token_frac": "share of tokens with ρ = π/μ below --is-veto (null without it)",
+    "veto/seq_frac": "share of sequences --is-veto drops (a token with ρ below the threshold)",
+    "is/batch_norm_factor": "mean behavior weight over the audited tokens (sequences): --is-batch-norm's divisor",
     "weight/drpo_corrective_frac": "share with DRPO weight w < 0 at the chosen δ (first --delta, else 12.5)",
     "weight/drpo_attenuated_frac": "share with DRPO weight w < 0.5 at the chosen δ",
     "weight/spo_corrective_frac": "share with SPO weight w < 0 at its default ε",
@@ -395,7 +421,7 @@ INSPECT_MODEL_METRICS: dict[str, str] = {
 INSPECT_HEADLINE = ("tr/outside_frac", "tr/harmful_frac", "delta/abs_mean", "delta/abs_p99", "delta/abs_max",
                     "ratio/min", "ratio/max", "logr/mean", "kl/k1_mean", "kl/k3_mean", "kl/binary_mean",
                     "entropy/mean", "ppo_clip/clip_frac", "dppo_tv/mask_frac", "weight/drpo_corrective_frac",
-                    "weight/drpo_attenuated_frac")
+                    "weight/drpo_attenuated_frac", "moe/routing_mismatch_frac")
 
 
 def inspect_metric_names(with_model: bool) -> list[str]:
@@ -496,6 +522,11 @@ _LOGGING_CHECKS = _object_schema({
     "temperature_suspected": {"type": "boolean"},
     "findings": {"type": "array", "items": _STR},
 })
+_ROUTING = _object_schema({  # mixture of experts with a routed_experts column (moe.py)
+    "architecture": _STR, "layers": _INT, "top_k": _INT, "num_experts": _INT, "replayed": {"type": "boolean"},
+    "positions": _INT, "unlogged_positions": _INT, "mismatch_frac": _NUM,
+    "by_layer": {"type": "array", "items": _object_schema({"layer": _INT, "mismatch_frac": _NUM})},
+})
 _MODEL_SECTION = _object_schema({
     "checkpoint": _object_schema({"path": _STR, "policy_version": {"type": ["integer", "null"]},
                              "vocab_size": _INT}),
@@ -521,6 +552,7 @@ _MODEL_SECTION = _object_schema({
     "mu_pi_histogram": SCHEMA_HISTOGRAM,
     "worst_tokens": SCHEMA_WORST_TOKENS,
     "logging_checks": {"oneOf": [{"type": "null"}, _LOGGING_CHECKS]},
+    "routing": {"oneOf": [{"type": "null"}, _ROUTING]},
 })
 INSPECT_REPORT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -600,6 +632,16 @@ def render_inspect(report: dict, console: Any) -> None:
             console.print(f"--reject {' '.join(report['settings']['reject'])} would reject "
                           f"{fmt(report['metrics']['reject/token_frac'])} of the tokens and "
                           f"{fmt(report['metrics']['reject/seq_frac'])} of the sequences", highlight=False, markup=False)
+        settings, m = report["settings"], report["metrics"]
+        if settings["correction"] != "none":
+            console.print(f"--correction {settings['correction']} would mask {fmt(m['reject/seq_frac'])} of the "
+                          "sequences", highlight=False, markup=False)
+        if settings["is_veto"] is not None:
+            console.print(f"--is-veto {settings['is_veto']:g} would drop {fmt(m['veto/seq_frac'])} of the sequences "
+                          f"({fmt(m['veto/token_frac'])} of the tokens below it)", highlight=False, markup=False)
+        if settings["is_batch_norm"]:
+            console.print(f"--is-batch-norm would divide the weights by {fmt(m['is/batch_norm_factor'])}",
+                          highlight=False, markup=False)
     for note in report["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     for gate in report["gates"]:
@@ -644,6 +686,15 @@ def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
             console.print("  " + line, highlight=False, markup=False)
         for finding in checks["findings"]:
             console.print(f"  • {finding}", highlight=False)
+    routing = model["routing"]
+    if routing is not None:
+        console.print(f"[bold]MoE routing[/bold] ({routing['architecture']}, {routing['layers']} MoE layers, top-"
+                      f"{routing['top_k']} of {routing['num_experts']}{', replayed' if routing['replayed'] else ''}): "
+                      f"the router's own top-k set differs from the logged one at {fmt(routing['mismatch_frac'])} of "
+                      f"{fmt(routing['positions'])} trained positions × layers")
+        for line in histogram_lines([f"layer {r['layer']}" for r in routing["by_layer"]],
+                                    [r["mismatch_frac"] or 0.0 for r in routing["by_layer"]], width=30, unit="share"):
+            console.print("  " + line, highlight=False, markup=False)
 
 
 def _records_table(title: str, records: list[dict], first: str) -> Any:

@@ -1,11 +1,13 @@
 """Canonical rollout rows in memory: flat CSR numpy arrays, ready for micro-batching. No torch.
 
 Row i's response tokens are `response_ids[response_offsets[i]:response_offsets[i+1]]`; every
-per-token array (behavior_logprobs, advantages, loss_mask, proximal_logprobs) shares those offsets.
+per-token array (behavior_logprobs, advantages, loss_mask, proximal_logprobs, token_version) shares
+those offsets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,9 @@ class RolloutRows:
     source_file: list[str]  # (N,) file each row came from
     source_row: np.ndarray  # (N,) int64 row index within that file
     global_row: np.ndarray | None = None  # (N,) int64 row index across all files (in order), when loaded
+    token_version: np.ndarray | None = None  # (T,) int64 token_policy_versions; None: no file has that column
+    # (S, n_layers, k) int16 logged expert ids, S = Σ (prompt + response − 1), −1 where not logged (moe.py)
+    routed_experts: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -55,9 +60,24 @@ class RolloutRows:
     def prompt_lengths(self) -> np.ndarray:
         return np.diff(self.prompt_offsets)  # (N,)
 
+    def routing_offsets(self) -> np.ndarray:
+        """(N+1,) offsets of each row's positions in `routed_experts` (prompt + response − 1 per row)."""
+        return _offsets(self.prompt_lengths() + self.response_lengths() - 1)
+
     def token_row(self) -> np.ndarray:
         """(T,) row index of every response token."""
         return np.repeat(np.arange(self.num_rows, dtype=np.int64), self.response_lengths())
+
+    def token_versions(self) -> np.ndarray:
+        """(T,) policy version of every response token: its token_policy_versions entry where the file
+        has that column, else its row's policy_version (−1 unknown)."""
+        if self.token_version is not None:
+            return self.token_version
+        return np.repeat(self.policy_version, self.response_lengths())
+
+    def version_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """(oldest (N,), newest (N,)) policy version among each row's trained tokens (version_range)."""
+        return version_range(self.token_versions(), self.loss_mask, self.response_offsets, self.policy_version)
 
     def token_position(self) -> np.ndarray:
         """(T,) index of every response token within its response."""
@@ -84,6 +104,9 @@ class RolloutRows:
             source_file=[self.source_file[i] for i in idx],
             source_row=self.source_row[idx],
             global_row=None if self.global_row is None else self.global_row[idx],
+            token_version=None if self.token_version is None else self.token_version[r_take],
+            routed_experts=None if self.routed_experts is None else
+            self.routed_experts[_gather_ranges(self.routing_offsets(), idx)[1]],
         )
 
 
@@ -160,10 +183,11 @@ def _assemble(batches, default_temp: dict[str, float], *, proximal: bool, group_
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
         "prompt_ids", "prompt_len", "response_ids", "response_len", "behavior_logprobs", "advantages",
         "loss_mask", "proximal_logprobs", "policy_version", "temperature", "source_row", "global_row",
-        "from_reward", "reward")}
+        "from_reward", "reward", "token_version", "routed_experts")}
     sample_ids: list[str] = []
     source_file: list[str] = []
     group_ids: list[pa.Array] = []
+    per_token = False  # some batch has token_policy_versions
     for sb in batches:
         b, n = sb.batch, sb.batch.num_rows
         has = set(b.schema.names)
@@ -192,14 +216,20 @@ def _assemble(batches, default_temp: dict[str, float], *, proximal: bool, group_
         group_ids.append(b.column("group_id") if from_reward else pa.nulls(n, pa.string()))
         cols["policy_version"].append(_np(b.column("policy_version")) if "policy_version" in has
                                       else np.full(n, -1, dtype=np.int64))
+        cols["token_version"].append(_flat(b.column("token_policy_versions"))[0] if "token_policy_versions" in has
+                                     else np.repeat(cols["policy_version"][-1], r_len))
+        per_token |= "token_policy_versions" in has
         cols["temperature"].append(_np(b.column("temperature")).astype(np.float32) if "temperature" in has
                                    else np.full(n, default_temp[sb.path], dtype=np.float32))
         cols["source_row"].append(np.arange(sb.row_offset, sb.row_offset + n, dtype=np.int64))
         cols["global_row"].append(np.arange(sb.global_offset, sb.global_offset + n, dtype=np.int64))
+        cols["routed_experts"].append((sb.path, _routing(b.column("routed_experts"))
+                                       if "routed_experts" in has else None))
         sample_ids.extend(b.column("sample_id").to_pylist() if "sample_id" in has
                           else [str(sb.global_offset + i) for i in range(n)])
         source_file.extend([sb.path] * n)
 
+    routing = _cat_routing(cols.pop("routed_experts"))
     cat = {k: _cat(v, k) for k, v in cols.items()}
     r_off = _offsets(cat["response_len"])
     advantages = cat["advantages"]
@@ -222,6 +252,8 @@ def _assemble(batches, default_temp: dict[str, float], *, proximal: bool, group_
         source_file=source_file,
         source_row=cat["source_row"],
         global_row=cat["global_row"],
+        token_version=cat["token_version"] if per_token else None,
+        routed_experts=routing,
     )
 
 
@@ -310,12 +342,44 @@ def _flat(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return _np(arr.flatten()), _np(arr.value_lengths()).astype(np.int64)
 
 
+def _routing(arr: pa.Array) -> np.ndarray:
+    """(S, n_layers, k) int16 of one validated batch's routed_experts; −1 at positions not logged."""
+    layers = arr.flatten()
+    n_layers = _np(layers.value_lengths()).astype(np.int64)  # (S,) 0 or L
+    sets = layers.flatten()
+    ids = _np(sets.flatten()).astype(np.int16)
+    logged = n_layers > 0
+    n_l = int(n_layers[logged][0]) if logged.any() else 0
+    k = int(_np(sets.value_lengths())[0]) if len(sets) else 0
+    out = np.full((len(n_layers), n_l, k), -1, dtype=np.int16)
+    out[logged] = ids.reshape(-1, n_l, k)
+    return out
+
+
+def _cat_routing(parts: list[tuple[str, np.ndarray | None]]) -> np.ndarray | None:
+    """The batches' routing as one array; InputError when only some files have it, or shapes differ."""
+    have = [(path, r) for path, r in parts if r is not None and r.shape[1] > 0]
+    if not any(r is not None for _, r in parts):
+        return None
+    missing = next((path for path, r in parts if r is None), None)
+    if missing is not None:
+        raise InputError(f"{missing}: column 'routed_experts' is missing but other files have it; "
+                         "give it in every file or in none")
+    shapes = {r.shape[1:] for _, r in have}
+    if len(shapes) > 1:
+        (p1, r1), (p2, r2) = have[0], next((p, r) for p, r in have if r.shape[1:] != have[0][1].shape[1:])
+        raise InputError(f"{p2}: column 'routed_experts': expected {r1.shape[1]} layers × {r1.shape[2]} ids per "
+                         f"position (as {p1}), found {r2.shape[1]} × {r2.shape[2]}")
+    n_l, k = shapes.pop() if shapes else (0, 0)
+    return np.concatenate([r if r.shape[1] else np.full((len(r), n_l, k), -1, np.int16) for _, r in parts])
+
+
 def _cat(parts: list[np.ndarray], name: str) -> np.ndarray:
     if parts:
         return np.concatenate(parts)
     dtype = {"prompt_ids": np.int64, "response_ids": np.int64, "loss_mask": bool, "from_reward": bool,
-             "policy_version": np.int64, "source_row": np.int64, "global_row": np.int64, "prompt_len": np.int64,
-             "response_len": np.int64, "reward": np.float64}.get(name, np.float32)
+             "policy_version": np.int64, "token_version": np.int64, "source_row": np.int64, "global_row": np.int64,
+             "prompt_len": np.int64, "response_len": np.int64, "reward": np.float64}.get(name, np.float32)
     return np.zeros(0, dtype=dtype)
 
 
@@ -349,37 +413,94 @@ def current_version(given: int | None, checkpoint_version: int | None,
     return (int(known.max()), "data-max") if known.size else (None, "unknown")
 
 
-def stale_rows(policy_version: np.ndarray, current: int | None, *, max_lag: int | None,
-               min_version: int | None) -> np.ndarray:
-    """(N,) bool: rows dropped by --max-lag N (lag = current − version > N) or --min-version V (version < V).
-
-    Rows without a version (−1) are never dropped (their staleness is unknown); so are all rows for
-    --max-lag when no current version is known.
+def too_stale(version: np.ndarray, current: int | None, *, max_lag: int | None,
+              min_version: int | None) -> np.ndarray:
+    """Elementwise bool: versions --max-lag N (lag = current − version > N) or --min-version V (version < V)
+    leave out. Unknown versions (−1) never are; nor is any version for --max-lag when no current version is known.
     """
-    known = policy_version >= 0
-    drop = np.zeros(policy_version.shape, dtype=bool)
-    if max_lag is not None and current is not None:
-        drop |= known & (current - policy_version > max_lag)
-    if min_version is not None:
-        drop |= known & (policy_version < min_version)
-    return drop
+    # lag > N  <=>  version < current − N: one threshold below which known versions are too stale.
+    bounds = ([current - max_lag] if max_lag is not None and current is not None else []) + \
+        ([min_version] if min_version is not None else [])
+    if not bounds:
+        return np.zeros(version.shape, dtype=bool)
+    return (version >= 0) & (version < max(bounds))
+
+
+def version_range(token_version: np.ndarray, trained: np.ndarray, offsets: np.ndarray,
+                  fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(oldest (n,), newest (n,)) version among each row's trained tokens; a row without a trained
+    token gets `fallback` (its policy_version) for both. A row's lag is that of its oldest token.
+
+    token_version (T,) int64, trained (T,) bool, offsets (n+1,) of the rows' tokens, fallback (n,).
+    """
+    has = _row_counts(trained, offsets) > 0  # (n,) rows with a trained token
+    oldest, newest = fallback.astype(np.int64), fallback.astype(np.int64)  # copies
+    if has.any():
+        # A segment of reduceat runs to the next start given: over rows without a trained token, whose
+        # entries are all the neutral value, so each result is exactly its row's.
+        starts = offsets[:-1][has]
+        every = bool(trained.all())  # then no neutral fill is needed
+        oldest[has] = np.minimum.reduceat(
+            token_version if every else np.where(trained, token_version, np.iinfo(np.int64).max), starts)
+        newest[has] = np.maximum.reduceat(token_version if every else np.where(trained, token_version, -1), starts)
+    return oldest, newest
+
+
+def _row_counts(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(n,) number of set flags (T,) bool in each row: positions of the rarer value, located by the
+    offsets (a cumulative sum over T int64 costs several times more)."""
+    if np.count_nonzero(flags) * 2 <= len(flags):
+        return np.diff(np.searchsorted(np.flatnonzero(flags), offsets))
+    return np.diff(offsets) - np.diff(np.searchsorted(np.flatnonzero(~flags), offsets))
+
+
+def stale_tokens(token_version: np.ndarray, loss_mask: np.ndarray, newest: np.ndarray, current: int | None, *,
+                 max_lag: int | None, min_version: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows dropped (n,), trained tokens masked (T,)) by --max-lag / --min-version (SPEC.md §1).
+
+    A trained token whose version is too stale leaves the loss mask; a row drops when no trained
+    token is left, i.e. its newest trained token (`newest`, of version_range) is too stale, or when
+    it has none and its policy_version is. Without token_policy_versions every token has the row's
+    version: all of a row's tokens go, or none.
+    """
+    masked = loss_mask & too_stale(token_version, current, max_lag=max_lag, min_version=min_version)  # (T,)
+    return too_stale(newest, current, max_lag=max_lag, min_version=min_version), masked
+
+
+def staleness_counts(drop: np.ndarray, masked: np.ndarray, loss_mask: np.ndarray, offsets: np.ndarray) -> list[int]:
+    """[rows dropped, their trained tokens, trained tokens masked in kept rows, rows kept] of a share of rows
+    (`masked` (T,), or empty for none)."""
+    trained = _row_counts(loss_mask, offsets)  # (n,)
+    masked_rows = _row_counts(masked, offsets) if masked.any() else np.zeros_like(trained)  # (n,)
+    return [int(drop.sum()), int(trained[drop].sum()), int(masked_rows[~drop].sum()), int((~drop).sum())]
+
+
+def staleness_report(max_lag: int | None, min_version: int | None, current: int | None, counts: list[int]) -> dict:
+    """The reports' `staleness_filter` (inspect's data section, train's `filters.staleness`) from the summed counts.
+
+    Raises InputError when every row is dropped (nothing left to train or audit)."""
+    rows_dropped, tokens_dropped, tokens_masked, rows_kept, without = counts
+    if rows_kept == 0 and rows_dropped:
+        raise InputError(f"--max-lag {max_lag} / --min-version {min_version}: every one of the {rows_dropped} rows is "
+                         f"too stale (current version {current}); nothing is left")
+    return {"max_lag": max_lag, "min_version": min_version, "current_version": current,
+            "rows_dropped": rows_dropped, "tokens_dropped": tokens_dropped, "tokens_masked": tokens_masked,
+            "rows_kept": rows_kept, "rows_without_version": without}
 
 
 def staleness_filter(rows: RolloutRows, current: int | None, *, max_lag: int | None,
                      min_version: int | None, exchange=None) -> tuple[RolloutRows, dict]:
-    """(rows kept, counts) for --max-lag / --min-version; counts as in the reports' `staleness_filter`.
+    """(rows kept, their too-stale trained tokens out of loss_mask; counts) for --max-lag / --min-version.
 
     With `exchange` (an all-gather under torchrun) the counts are over every rank's rows.
     Raises InputError when every row would be dropped (nothing left to train or audit).
     """
-    drop = stale_rows(rows.policy_version, current, max_lag=max_lag, min_version=min_version)
-    trained = np.diff(np.concatenate([[0], np.cumsum(rows.loss_mask, dtype=np.int64)])[rows.response_offsets])
-    local = [int(drop.sum()), int(trained[drop].sum()), int((~drop).sum()), int((rows.policy_version < 0).sum())]
-    total = local if exchange is None else [sum(x) for x in zip(*exchange(local))]
-    counts = {"max_lag": max_lag, "min_version": min_version, "current_version": current,
-              "rows_dropped": total[0], "tokens_dropped": total[1], "rows_kept": total[2],
-              "rows_without_version": total[3]}
-    if total[2] == 0 and total[0]:
-        raise InputError(f"--max-lag {max_lag} / --min-version {min_version}: every one of the {total[0]} rows is "
-                         f"too stale (current version {current}); nothing is left")
+    oldest, newest = rows.version_range()  # (N,), (N,)
+    drop, masked = stale_tokens(rows.token_versions(), rows.loss_mask, newest, current, max_lag=max_lag,
+                                min_version=min_version)
+    local = staleness_counts(drop, masked, rows.loss_mask, rows.response_offsets) + [int((oldest < 0).sum())]
+    counts = staleness_report(max_lag, min_version, current,
+                              local if exchange is None else [sum(x) for x in zip(*exchange(local))])
+    if masked.any():
+        rows = dataclasses.replace(rows, loss_mask=rows.loss_mask & ~masked)
     return (rows if not drop.any() else rows.select(np.flatnonzero(~drop))), counts

@@ -70,16 +70,26 @@ COLUMNS: tuple[ColumnSpec, ...] = (
                "string, large_string, string_view, dictionary<string> or any integer type"),
     ColumnSpec("policy_version", pa.int64(), "no",
                "trainer step of the sampling policy, for staleness (default: unknown, -1)", "any integer type"),
+    ColumnSpec("token_policy_versions", pa.list_(pa.int64()), "no",
+               "trainer step of the policy that sampled each response token (engines that update weights "
+               "mid-response); same length as response_ids; integers >= 0 wherever loss_mask is 1 (ignored "
+               "where it is 0); when given, it decides every lag and stale filter instead of policy_version",
+               _LIST_IDS),
     ColumnSpec("proximal_logprobs", pa.list_(pa.float32()), "no",
                "pi_old log-probs recomputed by a trainer; same length as response_ids", _LIST_FLOATS),
     ColumnSpec("temperature", pa.float32(), "no",
                "sampling temperature of this row (else drpo.temperature metadata, else --temperature, else 1.0)",
                "any float or integer type"),
+    ColumnSpec("routed_experts", pa.list_(pa.list_(pa.list_(pa.int16()))), "no",
+               "mixture of experts: per position the sampler ran forward on (prompt + response - 1 of them), "
+               "per MoE layer, the k expert ids it chose; an empty entry = not logged (SPEC.md §3)",
+               "list, large_list or fixed_size_list, three deep, of any integer type (uint8 is enough up to 256 "
+               "experts)"),
 )
 COLUMN_BY_NAME = {c.name: c for c in COLUMNS}
 REQUIRED = tuple(c.name for c in COLUMNS if c.required == "yes")
 # Per-token columns that must have exactly one entry per response token.
-TOKEN_COLUMNS = ("behavior_logprobs", "advantages", "loss_mask", "proximal_logprobs")
+TOKEN_COLUMNS = ("behavior_logprobs", "advantages", "loss_mask", "proximal_logprobs", "token_policy_versions")
 METADATA_KEYS = {
     "drpo.schema_version": 'schema version of the file, "1"',
     "drpo.temperature": "sampling temperature of every row without a temperature column",
@@ -172,7 +182,7 @@ def accepts(canonical: pa.DataType, found: pa.DataType) -> bool:
         found = found.value_type
     if pa.types.is_list(canonical):
         return _is_list(found) and accepts(canonical.value_type, found.value_type)
-    if pa.types.is_int64(canonical):
+    if pa.types.is_int64(canonical) or pa.types.is_int16(canonical):
         return pa.types.is_integer(found)
     if pa.types.is_float32(canonical):
         return pa.types.is_floating(found) or pa.types.is_integer(found)
@@ -716,6 +726,9 @@ def _check_batch(path: str, offset: int, b: pa.RecordBatch, out: Problems, ids: 
                "a finite temperature > 0", lambda i: f"{t[i]:.6g}")
     if sids is not None:
         ids.add(sids)
+    if "routed_experts" in names and {"prompt_ids", "response_ids"} <= set(lengths):
+        _check_routing(b.column("routed_experts"), lengths["prompt_ids"] + lengths["response_ids"] - 1,
+                       null_rows["prompt_ids"] | null_rows["response_ids"] | null_rows["routed_experts"], report)
 
     good = np.flatnonzero(~bad)
     if len(good) == 0:
@@ -747,6 +760,37 @@ def _check_batch(path: str, offset: int, b: pa.RecordBatch, out: Problems, ids: 
         bad_tok = ~np.isfinite(parts["advantages"][0])
         report_tokens("non-finite", "advantages", bad_tok if mask is None else bad_tok & mask,
                       "finite advantages where loss_mask is 1")
+    if "token_policy_versions" in parts:
+        bad_tok = parts["token_policy_versions"][0] < 0
+        report_tokens("negative-version", "token_policy_versions", bad_tok if mask is None else bad_tok & mask,
+                      "policy versions >= 0 where loss_mask is 1")
+
+
+def _check_routing(arr: pa.Array, positions: np.ndarray, skip: np.ndarray, report) -> None:
+    """routed_experts: prompt + response − 1 positions; each empty or the same number of layers,
+    each layer the same number k of ids >= 0, in the whole batch (the checkpoint's config is checked
+    against them when a model is loaded)."""
+    n_pos = _np(arr.value_lengths().fill_null(0)).astype(np.int64)  # (n,)
+    report("length-mismatch", "routed_experts", np.flatnonzero((n_pos != positions) & ~skip),
+           lambda i: f"length {positions[i]} (prompt + response - 1 positions)", lambda i: f"length {n_pos[i]}")
+    layers = arr.flatten()  # one list of layers per position
+    n_layers = _np(layers.value_lengths().fill_null(0)).astype(np.int64)  # (S,)
+    sets = layers.flatten()  # one list of ids per (position, layer)
+    k = _np(sets.value_lengths().fill_null(0)).astype(np.int64)  # (S·L,)
+    ids = _np(sets.flatten().fill_null(-1)).astype(np.int64)
+    pos_row = _row_of(np.arange(len(n_layers)), _offsets(n_pos))  # (S,)
+    logged = n_layers[n_layers > 0]
+    want_l = int(logged[0]) if logged.size else 0
+    bad_l = np.unique(pos_row[(n_layers != 0) & (n_layers != want_l)])
+    report("routing-shape", "routed_experts", bad_l, f"{want_l} layers (as the batch's first logged position) "
+           "or none at every position", "another number of layers")
+    want_k = int(k[0]) if k.size else 0
+    set_row = np.repeat(pos_row, n_layers)  # (S·L,)
+    bad_k = np.setdiff1d(np.unique(set_row[(k != want_k) | (k == 0)]), bad_l)
+    report("routing-shape", "routed_experts", bad_k, f"{want_k} expert ids per layer (as the batch's first)",
+           "another number")
+    neg = np.unique(np.repeat(set_row, k)[ids < 0])
+    report("negative-id", "routed_experts", neg, "expert ids >= 0", "a negative or null id")
 
 
 def _np(arr: pa.Array) -> np.ndarray:

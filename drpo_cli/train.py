@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from drpo_cli import __version__, distributed, outputs
+from drpo_cli import __version__, distributed, moe, outputs
 from drpo_cli.checkpoint import (
     CheckpointWriter,
     check_free_space,
@@ -45,7 +45,7 @@ from drpo_cli.checkpoint import (
     save_checkpoint,
     saved_format,
 )
-from drpo_cli.config import TrainConfig
+from drpo_cli.config import TrainConfig, expand_correction
 from drpo_cli.data import plan_micro_batches
 from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
 from drpo_cli.errors import ConfigError, InputError, Interrupted
@@ -53,11 +53,15 @@ from drpo_cli.logprobs import fused_token_loss, pick_device, reused_buffers, tok
 from drpo_cli.losses import (
     SEQUENCE_LOSSES,
     aggregation_denominator,
+    batch_normalize,
     behavior_weight,
     reference_kl,
     rejection_mask,
     token_coefficients,
     token_loss,
+    veto_mask,
+    weight_mean,
+    weight_sum_parts,
 )
 from drpo_cli.picture import MuPiHistogram, worst_tokens
 from drpo_cli.report import TRAIN_REPORT_VERSION, clean_number, fmt, print_train_summary, train_report_json
@@ -71,6 +75,7 @@ INTERRUPT_HOOK = "DRPO_INTERRUPT_AFTER_STEP"
 WORST_SAMPLES = 10
 # Options that may differ between an interrupted run and its --resume.
 _RESUME_FREE = ("resume", "overwrite", "quiet", "tensorboard")
+LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> TrainResult:
 
 def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     t0 = time.perf_counter()
+    preset, cfg = cfg.correction, expand_correction(cfg)  # --correction spelled out as the options it stands for
     hp = cfg.loss_hparams()
 
     # ---- output location: refused before anything is loaded ----
@@ -112,14 +118,19 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     if not adapter_only:  # an adapter's size is known once it is built (below)
         check_free_space(out_dir, out_bytes)
 
+    # Mixture of experts: --replay-routing needs the routed_experts column and an architecture moe.py routes.
+    routing_spec = moe.plan_routing(cfg.model, open_rollouts(cfg.rollouts, cfg.column_map()).columns(),
+                                    replay=True, allow_unsafe=cfg.allow_unsafe_weights)[0] if cfg.replay_routing else None
+
     # Under torchrun: join the process group; FSDP2 shards the model, rows are split by rank.
     device = distributed.init(pick_device(cfg.device))
     sharded = distributed.launched()
     if cfg.cpu_offload and not sharded:
         raise ConfigError("--cpu-offload: needs FSDP; run under torchrun or with --nproc N (N ≥ 1)")
-    if cfg.dtype == "bf16" and device.type != "cuda":
-        raise ConfigError(f"--dtype bf16 needs a CUDA device, found {device.type} (CPU training runs in fp32)")
-    autocast = torch.bfloat16 if device.type == "cuda" and cfg.dtype != "fp32" else None
+    # Mixed precision on CPU (torch's CPU autocast) and CUDA alike; fp32 master weights throughout.
+    autocast = LOW_DTYPES.get(cfg.dtype, torch.bfloat16 if cfg.dtype == "auto" and device.type == "cuda" else None)
+    # fp16's 5 exponent bits: the loss is scaled so that small gradients do not flush to zero.
+    scaler = torch.amp.GradScaler(device.type) if autocast is torch.float16 else None
     torch.manual_seed(cfg.seed)
 
     # ---- rows (minus the too stale ones), reference log-probs, model ----
@@ -130,11 +141,11 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         raise ConfigError(f"--minibatches {cfg.minibatches}: more than the {totals['rows']} rollout rows")
     # The reference model's log-probs, in one inference pass before the policy is loaded: one model at a time.
     ref_logp = _reference_logprobs(cfg, rows, device, sharded, autocast) if cfg.ref_model else None  # (T,)
-    # fp32 master weights; bf16 only inside autocast.
+    # fp32 master weights; bf16 / fp16 only inside autocast (and FSDP2's gathered parameters).
     prepare = None if lora_config is None else (lambda m: _add_lora(m, cfg, lora_config))
     if sharded:  # built on the meta device, each rank reads its shards only; bf16 compute / fp32 reduce on CUDA
         model, info = distributed.load_sharded_model(cfg.model, device, allow_unsafe=cfg.allow_unsafe_weights,
-                                                     bf16=autocast is not None, cpu_offload=cfg.cpu_offload,
+                                                     param_dtype=autocast, cpu_offload=cfg.cpu_offload,
                                                      prepare=prepare)
     else:
         model, info = load_model(cfg.model, device=str(device), dtype="float32", allow_unsafe=cfg.allow_unsafe_weights)
@@ -145,6 +156,9 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                     if name in values:
                         p.copy_(values[name])
     _check_vocabulary(rows, info.vocab_size, cfg.model)
+    rows = _check_routing(rows, routing_spec, cfg.model)  # without replay the column is dropped
+    if routing_spec is not None:
+        moe.install(model, routing_spec, replay=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # global numel for DTensors
     if adapter_only:
         out_bytes = 4 * trainable + 64 * 1024
@@ -168,10 +182,19 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         anchor = old
         rho = behavior_weight(cfg.is_correction, anchor, behavior, cap=cfg.resolved_is_cap(),
                               band=cfg.resolved_is_band(), mask=mask, level=cfg.is_level, seq_index=token_row)
-    rejection = None
+    rejection = veto = None
+    # Rejection and veto: the tokens leave the loss mask (--reject-mode mask) or keep it with weight 0 (zero).
+    flags = {"trained": mask}  # (T,) bools for the per-step fractions
     if cfg.reject:
-        kept = rejection_mask(cfg.reject_criteria(), old, behavior, mask, token_row)  # (T,) bool
-        rejection = _rejection_counts(cfg, rows, mask, kept)
+        flags["reject"] = rejection_mask(cfg.reject_criteria(), old, behavior, mask, token_row)  # (T,) bool
+        rejection = _rejection_counts(cfg.reject, rows, mask, flags["reject"])
+    if cfg.is_veto is not None:
+        flags["veto"], flags["catastrophic"] = veto_mask(cfg.is_veto, old, behavior, mask, token_row)  # (T,), (T,)
+        veto = _rejection_counts([f"rho<{cfg.is_veto!r}"], rows, mask, flags["veto"])
+    kept = flags.get("reject", mask) & flags.get("veto", mask)
+    if cfg.reject_mode == "zero":
+        rho = rho * kept
+    else:
         mask = kept
 
     # ---- optimizer, resumable state ----
@@ -186,7 +209,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     steps: list[dict] = []
     start = 0
     if cfg.resume:
-        start, steps = _load_state(state_dir, cfg, model, optimizer)
+        start, steps = _load_state(state_dir, cfg, model, optimizer, scaler)
 
     total_steps = cfg.epochs * cfg.minibatches
     progress = _progress(cfg, total_steps, start)
@@ -207,18 +230,26 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                 group["lr"] = lr
             t_step = time.perf_counter()
 
-            loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=rho,
+            step_rho, corrections = _step_corrections(cfg, rows, local, rho, mask, flags, device)
+            scale = _loss_scale(scaler, device)
+            if scaler is not None:
+                corrections["amp/loss_scale"] = scale
+            loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=step_rho,
                                                       behavior=behavior, advantages=advantages, mask=mask,
-                                                      autocast=autocast, ref_logp=ref_logp)
+                                                      autocast=autocast, ref_logp=ref_logp, scale=scale)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # the gradients back to their true size before the norm and clip
             # The global norm: FSDP2 gradients are DTensors, whose norm is reduced over ranks.
             grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
             if not skipped:  # a non-finite step is counted, never applied
                 optimizer.step()
+            if scaler is not None:
+                scaler.update()  # halved after an overflow (a skipped step), doubled after 2,000 clean ones
             optimizer.zero_grad(set_to_none=True)
 
             seconds = time.perf_counter() - t_step
-            metrics = _flat_metrics(diag.summary())
+            metrics = {**_flat_metrics(diag.summary()), **corrections, **moe.step_metrics(model)}
             steps.append({"step": step, "epoch": epoch, "minibatch": k, "loss": clean_number(loss.item()),
                           "grad_norm": clean_number(grad_norm.item()), "lr": lr, "tokens": tokens,
                           "skipped": skipped, "seconds": seconds, "metrics": metrics})
@@ -230,7 +261,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                 signal.raise_signal(signal.SIGTERM)
             stop.requested = distributed.any_rank(stop.requested)
             if stop.requested and step + 1 < total_steps:
-                _save_state(state_dir, cfg, model, optimizer, step + 1, steps)
+                _save_state(state_dir, cfg, model, optimizer, step + 1, steps, scaler)
                 raise Interrupted(f"interrupted after step {step + 1} of {total_steps}; state saved to {state_dir}; "
                                   "rerun the same command with --resume to continue")
 
@@ -257,8 +288,9 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                  "is_level": cfg.is_level, "agg": cfg.agg,
                  "reference_kl": ({"model": os.path.abspath(cfg.ref_model), "coef": cfg.resolved_kl_coef(),
                                    "estimator": cfg.kl_estimator} if cfg.ref_model else None),
-                 "entropy_coef": cfg.entropy_coef},
-        "filters": {"staleness": staleness, "rejection": rejection},
+                 "entropy_coef": cfg.entropy_coef, "correction": preset, "reject_mode": cfg.reject_mode,
+                 "is_veto": cfg.is_veto, "is_batch_norm": cfg.is_batch_norm},
+        "filters": {"staleness": staleness, "rejection": rejection, "veto": veto},
         "notes": notes,
         "steps": steps,
         "skipped_steps": sum(s["skipped"] for s in steps),
@@ -280,14 +312,17 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
 
 
 def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: TrainConfig, *, anchor, rho, behavior,
-                         advantages, mask, autocast=None, ref_logp=None) -> tuple[torch.Tensor, Diagnostics, int]:
+                         advantages, mask, autocast=None, ref_logp=None,
+                         scale: float = 1.0) -> tuple[torch.Tensor, Diagnostics, int]:
     """Backward of one optimizer step's loss over rows `row_idx`, micro-batch by micro-batch.
 
     The aggregation denominator is summed over every micro-batch (and rank) first, so the
     accumulated gradient equals that of the whole mini-batch in one piece, for any
     micro_batch_tokens. Each token's loss is c_t·(ρ_t·loss_t + β·KL_t − c_ent·H_t): the reference
     KL and the entropy bonus share the aggregation coefficients c_t, not the behavior weight ρ.
-    Returns (global loss, global diagnostics, global trained tokens).
+    `scale` (fp16's loss scale) multiplies every c_t, so the gradients, formed in the head's forward
+    from the per-token upstream gradient, are scaled before any cast to fp16; the loss is returned
+    unscaled. Returns (global loss, global diagnostics, global trained tokens).
     """
     device = distributed.model_device(model)
     hp = cfg.loss_hparams()
@@ -312,7 +347,7 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
             mb = mb.to(device)
             m, a, mu = mask[idx].to(device), advantages[idx].to(device), anchor[idx].to(device)  # (M,)
             # Per-token weight of the step loss: mask × global 1/denominator (aggregation) [× ρ (correction)].
-            agg = token_coefficients(cfg.agg, m, mb.seq_index, denom, horizon=cfg.horizon)  # (M,)
+            agg = token_coefficients(cfg.agg, m, mb.seq_index, denom, horizon=cfg.horizon) * scale  # (M,)
             coef = agg * rho[idx].to(device)
             ref = ref_logp[idx].to(device) if ref_logp is not None else None  # (M,)
 
@@ -332,6 +367,7 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
             total += loss.detach()
             tokens += m.sum()
             diag.update(logp, behavior[idx].to(device), a, m, entropy=ent, seq_index=mb.seq_index, ref_logp=ref)
+            moe.count_trained(model, mb, m)  # with --replay-routing: the router's own top-k ≠ the logged one
         for filler in fillers:
             zero, _, _ = fused_token_loss(model, filler.to(device), lambda logp, sl: logp.sum() * 0.0,
                                           chunk_tokens=cfg.chunk_tokens, dtype=autocast)
@@ -339,14 +375,14 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
     distributed.all_reduce_sum(total)
     distributed.all_reduce_sum(tokens)
     diag.all_reduce_()
-    return total, diag, int(tokens.item())
+    return total / scale, diag, int(tokens.item())
 
 
 def _reference_logprobs(cfg: TrainConfig, rows: RolloutRows, device, sharded: bool, autocast) -> torch.Tensor:
     """log π_ref (T,) of every response token, in one inference pass; the reference model is freed after."""
     if sharded:  # one weight copy per node, as for the policy
         ref, info = distributed.load_sharded_model(cfg.ref_model, device, allow_unsafe=cfg.allow_unsafe_weights,
-                                                   bf16=autocast is not None)
+                                                   param_dtype=autocast)
     else:
         ref, info = load_model(cfg.ref_model, device=str(device), dtype="float32", allow_unsafe=cfg.allow_unsafe_weights)
     _check_vocabulary(rows, info.vocab_size, cfg.ref_model)
@@ -357,16 +393,54 @@ def _reference_logprobs(cfg: TrainConfig, rows: RolloutRows, device, sharded: bo
     return logp
 
 
-def _rejection_counts(cfg: TrainConfig, rows: RolloutRows, mask: torch.Tensor, kept: torch.Tensor) -> dict:
-    """Tokens and sequences the --reject criteria removed from training (report `filters.rejection`)."""
+def _rejection_counts(criteria, rows: RolloutRows, mask: torch.Tensor, kept: torch.Tensor) -> dict:
+    """Tokens and sequences the --reject criteria (or the veto) remove (report `filters.rejection` / `.veto`)."""
     row = rows.token_row()
     trained_rows = np.unique(row[mask.numpy()])
     rejected = mask.numpy() & ~kept.numpy()
     local = [int(mask.sum()), int(trained_rows.size), int(np.unique(row[rejected]).size), int(rejected.sum())]
     n_tokens, n_seq, seq_rejected, tokens_rejected = (sum(x) for x in zip(*distributed.exchange(local)))
-    return {"criteria": list(cfg.reject), "tokens_rejected": tokens_rejected,
+    return {"criteria": list(criteria), "tokens_rejected": tokens_rejected,
             "token_frac": tokens_rejected / n_tokens if n_tokens else None,
             "sequences_rejected": seq_rejected, "seq_frac": seq_rejected / n_seq if n_seq else None}
+
+
+def _step_corrections(cfg: TrainConfig, rows: RolloutRows, local: np.ndarray, rho: torch.Tensor, mask: torch.Tensor,
+                      flags: dict, device) -> tuple[torch.Tensor, dict]:
+    """(behavior weights for this step, its correction metrics), over the step's rows on every rank.
+
+    Fractions are of the step's trained tokens and sequences before rejection: `reject/*` (--reject),
+    `veto/token_frac` (tokens with ρ below the veto threshold), `veto/seq_frac` (sequences vetoed).
+    --is-batch-norm: the weights divided by their mean over the step's trained tokens (sequences at a
+    sequence --is-level), summed exactly (losses.weight_sum_parts), so the factor `is/batch_norm_factor`
+    does not depend on micro-batch size or world size.
+    """
+    if len(flags) == 1 and not cfg.is_batch_norm:  # no rejection, no veto, no normalisation
+        return rho, {}
+    token_row = rows.token_row()  # (T,)
+    here = np.isin(token_row, local)  # (T,) this step's tokens on this rank
+    trained = flags["trained"].numpy() & here
+    counts = [trained.sum(), np.unique(token_row[trained]).size]
+    for name in ("reject", "veto"):
+        if name in flags:
+            removed = trained & ~flags[name].numpy()
+            cause = flags["catastrophic"].numpy() & here if name == "veto" else removed
+            counts += [cause.sum(), np.unique(token_row[removed]).size]
+    totals = distributed.all_reduce_sum(torch.tensor(np.array(counts, dtype=np.float64), device=device)).cpu().tolist()
+    metrics, (n_tok, n_seq), rest = {}, totals[:2], totals[2:]
+    for name in ("reject", "veto"):
+        if name in flags:
+            metrics[f"{name}/token_frac"] = rest[0] / n_tok if n_tok else None
+            metrics[f"{name}/seq_frac"] = rest[1] / n_seq if n_seq else None
+            rest = rest[2:]
+    if not cfg.is_batch_norm:
+        return rho, metrics
+    sel = torch.from_numpy(here)
+    level = "token" if cfg.is_level == "token" else "sequence"
+    parts = weight_sum_parts(rho[sel], mask[sel], torch.from_numpy(token_row)[sel], level)
+    normalized, metrics["is/batch_norm_factor"] = batch_normalize(
+        rho, weight_mean(distributed.all_reduce_sum(parts.to(device)).cpu()))
+    return normalized, metrics
 
 
 def _load_share(cfg: TrainConfig, in_version: int | None) -> tuple[RolloutRows, dict, np.ndarray, dict]:
@@ -381,7 +455,7 @@ def _load_share(cfg: TrainConfig, in_version: int | None) -> tuple[RolloutRows, 
     xch = distributed.exchange if distributed.is_distributed() else None
     rows = load_rows(source, adv_norm=cfg.adv_norm, temperature=cfg.temperature,
                      shard=distributed.data_shard(source), exchange=xch)
-    newest = rows.policy_version.max(initial=-1)
+    newest = rows.version_range()[1].max(initial=-1)  # the newest trained token's version
     if xch is not None:
         newest = max(xch(int(newest)))
     current, _ = current_version(None, in_version, np.array([newest], dtype=np.int64))
@@ -406,6 +480,17 @@ def _check_vocabulary(rows: RolloutRows, vocab_size: int, model_dir: str) -> Non
     distributed.agree(error, "checking token ids")
 
 
+def _check_routing(rows: RolloutRows, spec, model_dir: str) -> RolloutRows:
+    """moe.check_routing on this rank's rows; under torchrun every rank raises the first bad row's error."""
+    error = None
+    try:
+        rows = moe.check_routing(rows, spec, model_dir)
+    except InputError as err:
+        error = err
+    distributed.agree(error, "checking routed_experts")
+    return rows
+
+
 def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW, fused (one kernel over all parameters, CPU and CUDA) where every parameter allows it.
 
@@ -415,6 +500,13 @@ def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Ad
     fused = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
                 for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def _loss_scale(scaler, device) -> float:
+    """The GradScaler's current scale (1 without one); its first call sets the initial 2^16."""
+    if scaler is None:
+        return 1.0
+    return float(scaler.scale(torch.ones((), device=device)).item())
 
 
 def _warmup(step: int, warmup_steps: int) -> float:
@@ -608,7 +700,8 @@ def _signals_request_stop():
             signal.signal(sig, previous)
 
 
-def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: int, steps: list[dict]) -> None:
+def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: int, steps: list[dict],
+                scaler=None) -> None:
     """Everything --resume needs, written to a temporary sibling and renamed into place.
 
     Model and optimizer go through torch.distributed.checkpoint (`get_state_dict` + `dcp.save`): under
@@ -633,7 +726,8 @@ def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: 
     try:
         distributed.agree(error, "saving the resumable state")
         if distributed.rank() == 0:
-            torch.save({"torch_rng": torch.get_rng_state()}, tmp / "rng.pt")
+            # fp16's loss scale goes with the RNG: a resumed run scales its next step as the uninterrupted one.
+            torch.save({"torch_rng": torch.get_rng_state(), "scaler": scaler and scaler.state_dict()}, tmp / "rng.pt")
             outputs.write_marker(tmp, "state", {"next_step": next_step, "config": _resume_key(cfg), "steps": steps,
                                                 "world_size": distributed.world_size()})
             outputs.publish_dir(tmp, state_dir, "state", overwrite=True)  # the state replaced is drpo's own
@@ -643,7 +737,7 @@ def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: 
         raise
 
 
-def _load_state(state_dir: Path, cfg: TrainConfig, model, optimizer) -> tuple[int, list[dict]]:
+def _load_state(state_dir: Path, cfg: TrainConfig, model, optimizer, scaler=None) -> tuple[int, list[dict]]:
     """Read --resume's state into the (possibly sharded) model and optimizer; returns (next step, steps).
 
     DCP reshards on load: a state saved by N ranks resumes under M ranks or in one process.
@@ -673,6 +767,8 @@ def _load_state(state_dir: Path, cfg: TrainConfig, model, optimizer) -> tuple[in
                          f"{distributed.world_size()}: {type(err).__name__}: {first}") from err
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     torch.set_rng_state(rng["torch_rng"])
+    if scaler is not None and rng.get("scaler"):
+        scaler.load_state_dict(rng["scaler"])
     return int(meta["next_step"]), list(meta["steps"])
 
 

@@ -11,7 +11,8 @@ bad row, leaves no output behind.
 
 The log-prob kind (SPEC.md §3, `drpo.logprobs`) is checked up front: `raw` log-probs (the model's
 distribution before temperature / top-k / top-p, vLLM V1's default) at T != 1 or with truncation
-give every token a wrong behavior probability, and are refused unless `allow_raw_logprobs=True`.
+give every token a wrong behavior probability, and are refused unless `allow_raw_logprobs=True`; so are
+raw log-probs with min-p, or with no temperature known (none given and no temperature column).
 """
 
 from __future__ import annotations
@@ -41,21 +42,35 @@ from drpo_cli.schema import (
 )
 
 LOGPROB_KINDS = ("processed", "raw")
-# How to make each sampler log the distribution it sampled from (quoted by the refusal).
+# How to make each sampler log the distribution it sampled from (quoted by the refusals).
 RAW_FIX = ('vLLM: LLM(..., logprobs_mode="processed_logprobs") or vllm serve --logprobs-mode processed_logprobs; '
            "SGLang: unset SGLANG_RETURN_ORIGINAL_LOGPROB (its default logs after temperature)")
+# Under truncation SGLang's logged log-probs are before top-k/top-p/min-p whatever the setting.
+TRUNCATION_FIX = ('vLLM: LLM(..., logprobs_mode="processed_logprobs") or vllm serve --logprobs-mode '
+                  "processed_logprobs; SGLang: request return_sampling_mask=true (meta_info."
+                  "output_token_sampling_logprobs)")
+# Raw log-probs are also before penalties, logit bias, bad words and allowed_token_ids (vllm/v1/sample/sampler.py).
+RAW_ALSO = "raw log-probs are also before repetition/frequency/presence penalties and logit bias"
 
 
-def truncates(top_p: float | None, top_k: int | None) -> bool:
-    """Whether top-p / top-k cut the distribution (None, top_p >= 1 and top_k <= 0 mean off)."""
-    return (top_p is not None and top_p < 1.0) or (top_k is not None and top_k > 0)
+def truncates(top_p: float | None, top_k: int | None, min_p: float | None = None) -> bool:
+    """Whether top-p / top-k / min-p cut the distribution (None, top_p >= 1, top_k <= 0, min_p <= 0 mean off)."""
+    return (top_p is not None and top_p < 1.0) or (top_k is not None and top_k > 0) or \
+        (min_p is not None and min_p > 0.0)
 
 
 def check_logprobs_kind(kind: str, temperature: float | None, top_p: float | None = None,
-                        top_k: int | None = None, *, allow_raw: bool = False) -> None:
-    """ConfigError unless `kind` is a known log-prob kind and, when raw, equal to the sampled distribution."""
+                        top_k: int | None = None, *, min_p: float | None = None, allow_raw: bool = False) -> None:
+    """ConfigError unless `kind` is a known log-prob kind and, when raw, equal to the sampled distribution.
+
+    A temperature of None is checked later, against the rows (RolloutWriter: a per-row temperature column or
+    none at all, which is refused: vLLM's server takes T from the model's generation_config.json when a
+    request gives none, so an unsaid T is an unknown one).
+    """
     if kind not in LOGPROB_KINDS:
-        raise ConfigError(f"logprobs: expected one of {', '.join(LOGPROB_KINDS)}, found {kind!r}")
+        hint = (" (logits are not log-probs: log processed_logprobs)" if str(kind).endswith("_logits") else
+                f" (vLLM's {kind} is {kind.split('_')[0]})" if kind in ("processed_logprobs", "raw_logprobs") else "")
+        raise ConfigError(f"logprobs: expected one of {', '.join(LOGPROB_KINDS)}, found {kind!r}{hint}")
     if kind != "raw" or allow_raw:
         return
     if temperature is not None and temperature != 1.0:
@@ -63,10 +78,11 @@ def check_logprobs_kind(kind: str, temperature: float | None, top_p: float | Non
             f"raw log-probs at temperature {temperature:g} are not the sampler's distribution (it sampled from "
             f"softmax(logits / {temperature:g})): log processed log-probs ({RAW_FIX}), or override with "
             "allow_raw_logprobs / --allow-raw-logprobs")
-    if truncates(top_p, top_k):
+    if truncates(top_p, top_k, min_p):
+        cut = " ".join(f"{k}={v}" for k, v in (("top_p", top_p), ("top_k", top_k), ("min_p", min_p)) if v is not None)
         raise ConfigError(
-            f"raw log-probs with top_p={top_p} top_k={top_k} are not the sampler's (truncated) distribution: "
-            f"log processed log-probs ({RAW_FIX}), or override with allow_raw_logprobs / --allow-raw-logprobs")
+            f"raw log-probs with {cut} are not the sampler's (truncated) distribution: "
+            f"log processed log-probs ({TRUNCATION_FIX}), or override with allow_raw_logprobs / --allow-raw-logprobs")
 
 
 def sampling_metadata(temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
@@ -98,8 +114,8 @@ class RolloutWriter:
     def __init__(self, path: str | os.PathLike, *, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, logprobs: str = "processed", sampler: str | None = None,
                  allow_raw_logprobs: bool = False, overwrite: bool = False, batch_rows: int = 1024,
-                 flag: str = "RolloutWriter path"):
-        check_logprobs_kind(logprobs, temperature, top_p, top_k, allow_raw=allow_raw_logprobs)
+                 flag: str = "RolloutWriter path", min_p: float | None = None):
+        check_logprobs_kind(logprobs, temperature, top_p, top_k, min_p=min_p, allow_raw=allow_raw_logprobs)
         if batch_rows < 1:
             raise ConfigError(f"batch_rows: expected an integer >= 1, found {batch_rows}")
         self.path = Path(path)
@@ -238,6 +254,12 @@ class RolloutWriter:
             rf = RolloutFile(str(self.path), "ipc-file", batch.schema, self.metadata,
                              {n: i for i, n in enumerate(batch.schema.names)}, set(batch.schema.names))
             _check_file(rf, {}, out)
+            if self.raw and "drpo.temperature" not in self.metadata and "temperature" not in batch.schema.names:
+                out.add(Problem("raw-logprobs", str(self.path), "temperature", self.rows,
+                                "a temperature (temperature= / --temperature, or a temperature column) with raw "
+                                "log-probs", "none: raw log-probs equal the sampled distribution only at T = 1 "
+                                "(vLLM's server takes T from generation_config.json when a request gives none); "
+                                f"log processed log-probs ({RAW_FIX}); {RAW_ALSO}"))
         _check_batch(str(self.path), self.rows, batch, out, _IdHashes())
         if "sample_id" in batch.schema.names:
             for i, sid in enumerate(batch.column("sample_id").to_pylist()):

@@ -57,7 +57,7 @@ def test_openai_completion_and_chat():
                    "group_id": "chatcmpl-91c2", "sample_id": "chatcmpl-91c2/0"}
     chat["choices"][0]["logprobs"]["content"][0]["token"] = "5"
     with pytest.raises(InputError, match=r"field 'choices\[0\].logprobs.content\[\*\].token\[0\]': expected "
-                                         r"'token_id:N' \(request return_tokens_as_token_ids=true.*found '5'"):
+                                         r"'token_id:N', or token ids .*return_tokens_as_token_ids=true.*found '5'"):
         list(openai_rows(chat))
     del chat["prompt_token_ids"]
     chat["choices"][0]["token_ids"] = [37, 2]
@@ -70,15 +70,16 @@ def test_openai_completion_and_chat():
 
 
 def test_sglang_generate_batch():
-    rows = list(sglang_rows(fixture("sglang_0.5_generate.jsonl")))
+    rows = list(sglang_rows(fixture("sglang_0.5_generate.jsonl"), truncated=False))
+    # group_id: the first request id of the prompt (unique across calls, unlike a batch index)
     assert [(r["prompt_ids"], r["response_ids"], r["behavior_logprobs"], r["group_id"], r["sample_id"])
-            for r in rows] == [([1, 1841, 314], [216, 37], [-0.0123, -0.6512], "0", "a1"),
-                               ([1, 1841, 314], [216, 38], [-0.0123, -2.0], "0", "a2")]
+            for r in rows] == [([1, 1841, 314], [216, 37], [-0.0123, -0.6512], "a1", "a1"),
+                               ([1, 1841, 314], [216, 38], [-0.0123, -2.0], "a1", "a2")]
     single = fixture("sglang_0.5_generate.jsonl")[0]
     del single["meta_info"]["input_token_logprobs"]
     with pytest.raises(InputError, match=r"input_token_logprobs'.*logprob_start_len=0"):
-        list(sglang_rows(single))
-    assert next(sglang_rows(single, prompt_ids=[7]))["prompt_ids"] == [7]
+        list(sglang_rows(single, truncated=False))
+    assert next(sglang_rows(single, prompt_ids=[7], truncated=False))["prompt_ids"] == [7]
 
 
 # ---- Hugging Face generate, live on the toy model ------------------------------------------------

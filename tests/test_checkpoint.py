@@ -160,6 +160,35 @@ def test_streaming_writer_and_save_dtype(source, tmp_path):
         assert torch.equal(loaded.state_dict()[k], v.to(torch.bfloat16)), k
 
 
+def test_writer_files_read_back_as_safetensors_own_with_every_tensor_aligned(source, tmp_path):
+    # Mixed element sizes, odd counts (a 3-element bf16 tensor would misalign a following fp32 one),
+    # 0-dim and empty tensors, across two shards: what safetensors' own reader gives back.
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.bf16": torch.randn(3, generator=g).to(torch.bfloat16), "b.f32": torch.randn(5, 7, generator=g),
+               "c.i64": torch.arange(3), "d.bool": torch.tensor([True, False, True]), "e.scalar": torch.tensor(2.5),
+               "f.empty": torch.zeros(0, 4), "g.u8": torch.arange(5, dtype=torch.uint8),
+               "h.f16": torch.randn(2, 3, generator=g).half(), "i.f32": torch.randn(9, generator=g)[::2]}
+    with CheckpointWriter(tmp_path / "out", source_dir=source, policy_version=1, training_config={},
+                          max_shard_size=120) as writer:
+        for name, t in tensors.items():
+            writer.add(name, t)
+        out = writer.commit()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and sorted(p.name for p in out.iterdir() if "scratch" in p.name) == []
+    loaded = {}
+    for name in files:
+        loaded |= load_file(str(out / name))
+        header = checkpoint.safetensors_header(out / name)
+        for key, entry in header.items():
+            assert entry.offset % max(tensors[key].element_size(), 1) == 0, key  # aligned in the file
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
+
+
 # ---- atomicity --------------------------------------------------------------------------------------
 
 

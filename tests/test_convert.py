@@ -61,6 +61,27 @@ def test_every_bad_line_is_reported_and_nothing_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == [src]
 
 
+def test_jsonl_token_policy_versions_pass_through_and_are_checked(tmp_path):
+    src = jsonl(tmp_path / "in.jsonl", {**GOOD, "token_policy_versions": [6, 7]},
+                {**GOOD, "token_policy_versions": [7, 7]})
+    out = tmp_path / "out.arrow"
+    assert runner.invoke(app, ["convert", str(src), "--out", str(out)]).exit_code == 0
+    assert pa.ipc.open_file(str(out)).read_all().column("token_policy_versions").to_pylist() == [[6, 7], [7, 7]]
+    bad = jsonl(tmp_path / "bad.jsonl", {**GOOD, "token_policy_versions": [6]},
+                {**GOOD, "token_policy_versions": [6, -1]}, {**GOOD, "token_policy_versions": [6, "v7"]},
+                {**GOOD, "token_policy_versions": [6, 7.5]})
+    result = runner.invoke(app, ["convert", str(bad), "--out", str(tmp_path / "bad.arrow")])
+    assert result.exit_code == 2
+    assert [line.strip().removeprefix("error: 4 bad lines; no output written: ")
+            for line in result.output.strip().splitlines()] == [
+        f"{bad}:1: field 'token_policy_versions': expected length 2 (as response_ids), found length 1",
+        f"{bad}:2: field 'token_policy_versions[1]': expected a policy version (integer >= 0), found -1",
+        f"{bad}:3: field 'token_policy_versions[1]': expected a policy version (integer >= 0), found 'v7'",
+        f"{bad}:4: field 'token_policy_versions[1]': expected a policy version (integer >= 0), found 7.5",
+    ]
+    assert not (tmp_path / "bad.arrow").exists()
+
+
 def test_raw_logprobs_at_temperature_are_refused(tmp_path):
     src = jsonl(tmp_path / "in.jsonl", GOOD)
     result = runner.invoke(app, ["convert", str(src), "--out", str(tmp_path / "o.arrow"), "--logprobs", "raw",
@@ -87,7 +108,7 @@ def test_engine_dumps(tmp_path):
     for fmt, name, rows, extra in (("vllm", "vllm_0.11_request_outputs.jsonl", 2, ["--logprobs", "processed"]),
                                    ("openai", "openai_vllm_0.11_completion.jsonl", 2, ["--logprobs", "processed"]),
                                    ("openai", "openai_vllm_0.11_chat.jsonl", 1, ["--logprobs", "processed"]),
-                                   ("sglang", "sglang_0.5_generate.jsonl", 2, [])):
+                                   ("sglang", "sglang_0.5_generate.jsonl", 2, ["--logprobs", "processed"])):
         out = tmp_path / f"{name}.arrow"
         result = runner.invoke(app, ["convert", str(FIXTURES / name), "--out", str(out), "--format", fmt,
                                      "--temperature", "0.7", *extra])

@@ -257,7 +257,8 @@ def test_data_only_stale_row_filter_and_exact_error_rows(tmp_path):
     keep = (8 - versions <= 2) & (versions >= 7)
     assert report["data"]["staleness_filter"] == {
         "max_lag": 2, "min_version": 7, "current_version": 8, "rows_dropped": int((~keep).sum()),
-        "tokens_dropped": int(lengths[~keep].sum()), "rows_kept": int(keep.sum()), "rows_without_version": 0}
+        "tokens_dropped": int(lengths[~keep].sum()), "tokens_masked": 0, "rows_kept": int(keep.sum()),
+        "rows_without_version": 0}
     assert report["metrics"]["data/rows"] == keep.sum() and report["metrics"]["data/tokens"] == lengths[keep].sum()
     assert report["metrics"]["data/lag_max"] <= 1
     # A bad value in a kept row after dropped rows is still reported at its row in the file.

@@ -165,7 +165,8 @@ def test_rejection_fractions_and_stale_row_filter_equal_the_naive_recompute(tmp_
     dropped_rows = np.unique(naive["row"][~kept])
     assert report["data"]["staleness_filter"] == {
         "max_lag": 2, "min_version": 5, "current_version": CURRENT_VERSION, "rows_dropped": dropped_rows.size,
-        "tokens_dropped": int((~kept).sum()), "rows_kept": len(seq_mean), "rows_without_version": 0}
+        "tokens_dropped": int((~kept).sum()), "tokens_masked": 0, "rows_kept": len(seq_mean),
+        "rows_without_version": 0}
     assert report["data"]["rows"] == len(seq_mean) and dropped_rows.size > 0
 
 
@@ -275,3 +276,29 @@ def test_console_at_80_columns_elides_no_number_and_notes_once(run):
     assert text.count("12.5 >= 1") == 1
     for w in report["model"]["worst_sequences"]:  # every value printed whole (3 significant digits)
         assert f"{w['harmful_frac']:.3g}" in text
+
+
+def test_veto_seq_mask_and_batch_norm_what_if_equal_the_naive_recompute(tmp_path, naive):
+    # The audited model is π_old: ρ = π/μ. Veto at 0.3, seq-mask-tis at [0.9, 1.1] (zero mode), and the
+    # batch mean of its weight (raw token ρ on the kept sequences, 0 on the masked ones, all counted).
+    cfg = InspectConfig(rollouts=(str(ROLLOUTS),), model=str(MODEL), device="cpu", quiet=True, micro_batch_tokens=64,
+                        is_veto=0.3, correction="seq-mask-tis", is_band=(0.9, 1.1), is_batch_norm=True,
+                        json_out=str(tmp_path / "r.json")).check()
+    report = inspect_and_write(cfg)
+    lp, mu, row = naive["logp"], naive["mu"], naive["row"]
+    log_rho = lp - mu
+    bad = log_rho < np.log(0.3)
+    vetoed_rows = np.unique(row[bad])
+    geo = {i: np.exp(log_rho[row == i].mean()) for i in np.unique(row)}
+    masked_rows = [i for i, g in geo.items() if not 0.9 <= g <= 1.1]
+    vetoed = np.isin(row, vetoed_rows)
+    kept = ~np.isin(row, masked_rows) & ~vetoed
+    weight = np.where(kept, np.exp(np.clip(log_rho, -20, 20)), 0.0)
+    m = report["metrics"]
+    assert m["veto/token_frac"] == pytest.approx(bad.mean())
+    assert m["veto/seq_frac"] == pytest.approx(vetoed_rows.size / len(geo))
+    assert m["reject/seq_frac"] == pytest.approx(len(masked_rows) / len(geo))
+    assert 0 < m["veto/seq_frac"] < 1 and 0 < m["reject/seq_frac"] < 1
+    # The preset's --reject-mode zero applies to the veto too: vetoed tokens count, with weight 0.
+    assert m["is/batch_norm_factor"] == pytest.approx(weight.sum() / len(weight), rel=1e-5)
+    assert report["settings"]["correction"] == "seq-mask-tis" and report["settings"]["is_veto"] == 0.3

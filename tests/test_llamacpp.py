@@ -251,6 +251,16 @@ def test_processed_logprobs_equal_the_naive_chain(chain):
     assert math.isclose(np.exp(logp).sum(), 1.0, rel_tol=1e-12)
 
 
+@pytest.mark.parametrize("scale", [4.0, 0.05])  # peaked: the 256 largest reach top_p; flat: they do not
+def test_top_p_on_a_large_vocabulary(scale):
+    logits = np.random.default_rng(2).normal(0, scale, 5000).astype(np.float32)
+    ids, logp = processed_logprobs(logits, temperature=0.9, top_p=0.9)
+    want = naive_chain(logits, 0.9, 0, 1.0, 0.9, 0.0)
+    assert (len(ids) < 256) == (scale == 4.0)
+    assert sorted(ids.tolist()) == sorted(want)
+    np.testing.assert_allclose(logp, [want[i] for i in ids.tolist()], rtol=0, atol=1e-9)
+
+
 def test_chain_order_top_p_sees_the_untempered_distribution():
     """p = softmax([2, 1, 0]) = (.665, .245, .090): top_p 0.8 keeps 2 tokens at T = 1; at T = 3 first
     (transformers' order) the tempered (.418, .299, .284) would keep all 3. llama.cpp keeps 2."""

@@ -36,9 +36,23 @@ def gguf_path() -> Path:
 
 
 def load(**kw):
+    """Llama on the GGUF, without llama.cpp's extra weight buffers (AMX / repacked): on a machine whose
+    kernel does not grant the process AMX tile state their kernels die with SIGILL."""
+    import llama_cpp.llama_cpp as capi
     from llama_cpp import Llama
 
-    return Llama(model_path=str(gguf_path()), n_ctx=512, n_threads=2, verbose=False, **kw)
+    default = capi.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = params
+    try:
+        return Llama(model_path=str(gguf_path()), n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False, **kw)
+    finally:
+        capi.llama_model_default_params = default
 
 
 def chat_prompts(llm) -> list[list[int]]:
@@ -73,7 +87,7 @@ def test_logged_logprobs_match_drpo_model_path_and_eos_is_recorded(tmp_path, hf_
     path = tmp_path / "rollouts.arrow"
     with RolloutWriter(path, temperature=T, sampler="llama-cpp-python 0.3.36") as w:
         for r in rows:
-            w.write(**r, reward=float(r["response_ids"][-1] == eos))
+            w.write(**r, reward=float(r["response_ids"][-1] == eos), policy_version=0)  # fresh: lag 0
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
 
@@ -81,21 +95,27 @@ def test_logged_logprobs_match_drpo_model_path_and_eos_is_recorded(tmp_path, hf_
     result = runner.invoke(app, ["inspect", str(path), "--model", str(hf_model), "--per-token", str(per_token),
                                  "--json", str(tmp_path / "report.json"), "-q"])
     assert result.exit_code in (0, 3), result.output  # 3: a gate; none is set, so 0
-    table = pa.ipc.open_file(str(per_token)).read_all()
-    logp = np.asarray(table.column("logp").to_pylist(), np.float64)  # drpo's log π at T
-    logged = np.asarray(table.column("behavior_logp").to_pylist(), np.float64)  # the sampler's μ
-    assert len(logp) == sum(len(r["response_ids"]) for r in rows)
+    table = pa.ipc.open_file(str(per_token)).read_all().to_pydict()
+    # per-token rows come in the engine's order: put them back in the order of `rows`
+    at = {(s, p): i for i, (s, p) in enumerate(zip(table["sample_id"], table["position"]))}
+    order = [at[(r["sample_id"], t)] for r in rows for t in range(len(r["response_ids"]))]
+    assert len(order) == len(at)
+    logp = np.asarray(table["logp"], np.float64)[order]  # drpo's log π at T
+    logged = np.asarray(table["behavior_logp"], np.float64)[order]  # the sampler's μ
     np.testing.assert_allclose(logged, [x for r in rows for x in r["behavior_logprobs"]], rtol=1e-6)
     diff = np.abs(logp - logged)
-    # Q4_1 x Q8 arithmetic against float32: small per token, never a different distribution.
-    assert np.median(diff) < 0.05 and np.quantile(diff, 0.95) < 0.25, (np.median(diff), np.quantile(diff, 0.95))
-    assert abs(np.mean(logp - logged)) < 0.05
+    # llama.cpp's arithmetic (Q4_1 weights x Q8 activations, F16 KV cache) against float32 on the same
+    # dequantized weights: measured median 0.028, 95th percentile 0.23, mean signed -0.004 (315 tokens).
+    assert np.median(diff) < 0.06 and np.quantile(diff, 0.95) < 0.4, (np.median(diff), np.quantile(diff, 0.95))
+    assert abs(np.mean(logp - logged)) < 0.03
     # The EOS tokens' log-probs agree too (they are where the engine's own API logs nothing).
     ends = np.cumsum([len(r["response_ids"]) for r in rows]) - 1
     eos_rows = [i for i, r in enumerate(rows) if r["response_ids"][-1] == eos]
-    assert np.all(np.abs(logp[ends[eos_rows]] - logged[ends[eos_rows]]) < 0.25)
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["report"].startswith("drpo-")
+    assert np.all(np.abs(logp[ends[eos_rows]] - logged[ends[eos_rows]]) < 0.4)
+    # drpo's logging checks: the logged temperature fits best, no offset (a raw or T=1 log would not).
+    checks = json.loads((tmp_path / "report.json").read_text())["model"]["logging_checks"]
+    assert checks["best_temperature"] == pytest.approx(T) and not checks["temperature_suspected"]
+    assert not checks["offset_suspected"]
 
 
 def test_logits_all_reads_the_same_logits():
@@ -111,17 +131,18 @@ def test_logits_all_reads_the_same_logits():
 
 
 def test_cache_reuse_equals_a_fresh_evaluation():
-    """Samples after the prompt cache was cut back and reused log what one fresh pass over the sequence gives
-    (full temperature-scaled distribution: log-softmax(logits / T) at each position)."""
+    """Samples drawn after the cache was cut back to the prompt (and a prompt sharing a cached prefix)
+    log what a fresh context evaluating the same tokens one by one gives: log-softmax(logits / T)."""
+    from drpo_cli.llamacpp import _last_logits
+
     llm = load()
     rows = list(llamacpp_sample(llm, chat_prompts(llm), n=2, temperature=T, max_tokens=12, seed=1))
-    full = load(logits_all=True)
-    for row in (rows[1], rows[5]):  # a prompt's second sample; the last prompt's second sample
-        full.reset()
-        full.eval(row["prompt_ids"] + row["response_ids"][:-1])
-        z = full.scores[len(row["prompt_ids"]) - 1 : full.n_tokens].astype(np.float64) / T  # (S, V)
-        z -= z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # (S, V)
-        want = logp[np.arange(len(row["response_ids"])), row["response_ids"]]
-        # one token at a time vs one batch: llama.cpp's kernels differ slightly between the two
-        np.testing.assert_allclose(row["behavior_logprobs"], want, atol=2e-2)
+    for row in (rows[1], rows[3], rows[5]):  # each prompt's second sample
+        fresh = load()
+        fresh.eval(row["prompt_ids"])
+        want = []
+        for tok in row["response_ids"]:
+            z = _last_logits(fresh).astype(np.float64) / T  # (V,)
+            want.append(z[tok] - z.max() - np.log(np.exp(z - z.max()).sum()))
+            fresh.eval([tok])
+        np.testing.assert_allclose(row["behavior_logprobs"], want, rtol=0, atol=1e-4)

@@ -448,8 +448,8 @@ def test_behavior_weight_values():
 
 
 def test_behavior_weight_validation():
-    with pytest.raises(ConfigError, match="unknown behavior correction 'is'"):
-        L.behavior_weight("is", t(0.0), t(0.0))
+    with pytest.raises(ConfigError, match="unknown behavior correction 'cis'"):
+        L.behavior_weight("cis", t(0.0), t(0.0))
     assert L.validate_behavior("tis", cap=0.0) == ["behavior correction cap must be a number > 0, got 0.0"]
     assert L.validate_behavior("mis", band=(2.0, 0.5)) == [
         "behavior correction band must satisfy 0 <= lo < hi, got (2.0, 0.5)"

@@ -54,6 +54,9 @@ def canonical(paths, column_map=None) -> pa.Table:
     return pa.Table.from_batches([sb.batch for sb in source.iter_batches()])
 
 
+TOKEN_VERSIONS = ([[3, 3, 3], [3], [1, 2], [0, 1]], pa.list_(pa.int64()))
+
+
 def variant_table() -> pa.Table:
     """The valid table with every column in a non-canonical accepted type."""
     v = VALID_ROLLOUT_COLUMNS
@@ -66,11 +69,12 @@ def variant_table() -> pa.Table:
         "group_id": pa.array(["g0", "g0", "g1", "g1"]).dictionary_encode(),
         "sample_id": pa.array(v["sample_id"][0], pa.large_string()),
         "policy_version": pa.array(v["policy_version"][0], pa.int32()),
+        "token_policy_versions": pa.array(TOKEN_VERSIONS[0], pa.large_list(pa.uint8())),
     })
 
 
 def test_variants_cast_to_the_canonical_table(tmp_path):
-    want = canonical(write_rollout_table(valid_rollout_table(), tmp_path / "c.arrow"))
+    want = canonical(write_rollout_table(valid_rollout_table(token_policy_versions=TOKEN_VERSIONS), tmp_path / "c.arrow"))
     assert want.schema == pa.schema([pa.field(n, schema.COLUMN_BY_NAME[n].arrow_type) for n in want.column_names])
     got = canonical(write_rollout_table(variant_table(), tmp_path / "v.arrow"))
     assert got.equals(want)
@@ -85,7 +89,8 @@ def test_integer_group_and_sample_ids_become_strings(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["file", "stream", "parquet"])
 def test_formats_read_to_identical_data(tmp_path, fmt):
-    want = canonical(write_rollout_table(valid_rollout_table(), tmp_path / "want.arrow"))
+    want = canonical(write_rollout_table(valid_rollout_table(token_policy_versions=TOKEN_VERSIONS),
+                                         tmp_path / "want.arrow"))
     suffix = ".parquet" if fmt == "parquet" else ".arrow"
     got = canonical(write_rollout_table(variant_table(), tmp_path / f"got{suffix}", fmt=fmt, max_chunksize=3))
     assert got.equals(want)

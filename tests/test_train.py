@@ -275,8 +275,8 @@ def test_reference_kl_entropy_rejection_and_stale_filters_in_the_report(toy, tmp
     trained = rows.loss_mask[np.repeat(kept_rows, rows.response_lengths())]
     assert report["filters"]["staleness"] == {
         "max_lag": 2, "min_version": None, "current_version": 8, "rows_dropped": int((~kept_rows).sum()),
-        "tokens_dropped": int(rows.loss_mask.sum() - trained.sum()), "rows_kept": int(kept_rows.sum()),
-        "rows_without_version": 0}
+        "tokens_dropped": int(rows.loss_mask.sum() - trained.sum()), "tokens_masked": 0,
+        "rows_kept": int(kept_rows.sum()), "rows_without_version": 0}
     rejection = report["filters"]["rejection"]
     assert rejection["criteria"] == ["seq_mean_k3>0.02", "token_k2>0.5"] and 0 < rejection["seq_frac"] < 1
     # Trained tokens: kept rows minus rejected tokens, once over the single pass.

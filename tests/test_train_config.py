@@ -74,14 +74,14 @@ def test_combination_rules(paths):
         "--is-correction tis needs --anchor proximal (with the behavior anchor ρ = 1)"
     ]
     assert cfg(paths, anchor="proximal", is_correction="tis", is_band=(0.5, 2.0)).validate() == [
-        "--is-band applies only to --is-correction mis"
+        "--is-band applies only to --is-correction mis and --correction seq-mask-tis"
     ]
     assert cfg(paths, anchor="proximal", is_correction="mis", is_band=(2.0, 0.5)).validate() == [
         "--is-band must satisfy 0 <= lo < hi, got 2.0 0.5"
     ]
-    assert cfg(paths, dtype="bf16", device="cpu").validate() == [
-        "--dtype bf16 needs --device cuda (CPU training runs in fp32)"
-    ]
+    for dtype in ("bf16", "fp16", "fp32"):  # mixed precision runs on the CPU too (torch's CPU autocast)
+        assert cfg(paths, dtype=dtype, device="cpu").validate() == []
+    assert cfg(paths, dtype="fp8").validate() == ["--dtype 'fp8': expected one of auto, bf16, fp16, fp32"]
     assert cfg(paths, out=str(paths / "ckpt")).validate() == [
         (f"--out {paths / 'ckpt'}: is the input --model {paths / 'ckpt'} (an output may not be, contain or lie "
         "inside an input)")
@@ -211,7 +211,7 @@ def test_filter_lines_for_the_console():
     from drpo_cli.report import filter_lines
 
     staleness = {"max_lag": 2, "min_version": None, "current_version": 8, "rows_dropped": 72, "tokens_dropped": 656,
-                 "rows_kept": 120, "rows_without_version": 0}
+                 "tokens_masked": 0, "rows_kept": 120, "rows_without_version": 0}
     rejection = {"criteria": ["seq_mean_k3>0.02"], "tokens_rejected": 81, "token_frac": 0.125, "sequences_rejected": 15,
                  "seq_frac": 0.125}
     assert filter_lines(staleness, rejection) == [
@@ -219,3 +219,6 @@ def test_filter_lines_for_the_console():
         "--reject seq_mean_k3>0.02: rejected 81 tokens (0.125) and 15 sequences (0.125)",
     ]
     assert filter_lines({**staleness, "max_lag": None}, None) == []
+    assert filter_lines({**staleness, "tokens_masked": 1234}, None) == [  # token_policy_versions
+        ("--max-lag 2: dropped 72 rows (656 trained tokens), masked 1,234 tokens of kept rows, kept 120 "
+         "(current version 8)")]

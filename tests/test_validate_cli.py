@@ -91,7 +91,23 @@ ROW_CASES = {
         {"advantage": ([1.0, 0.0, math.inf, 0.0], pa.float32())}, "advantage", 2, "found inf"),
     "zero temperature": (
         {"temperature": ([1.0, 1.0, 1.0, 0.0], pa.float32())}, "temperature", 3, "a finite temperature > 0"),
+    "token versions length": (
+        {"token_policy_versions": ([[3, 3, 3], [3], [2, 2, 2], [1, 1]], I64)},
+        "token_policy_versions", 2, "expected length 2 (as response_ids), found length 3"),
+    "negative token version": (
+        {"token_policy_versions": ([[3, 3, 3], [3], [2, 2], [1, -1]], I64)},
+        "token_policy_versions", 3, "expected policy versions >= 0 where loss_mask is 1, found -1 at token 1"),
+    "null token version": (
+        {"token_policy_versions": ([[3, 3, 3], None, [2, 2], [1, 1]], I64)},
+        "token_policy_versions", 1, "expected a value, found null"),
 }
+
+
+def test_negative_token_version_where_loss_mask_is_0_is_ignored(tmp_path):
+    # row 0, token 2 has loss_mask 0 (e.g. a tool-output token no policy sampled).
+    versions = [[3, 3, -1], [3], [2, 2], [1, 2]]
+    path = write_rollout_table(valid_rollout_table(token_policy_versions=(versions, I64)), tmp_path / "ok.arrow")
+    assert validate(path).exit_code == 0
 
 
 @pytest.mark.parametrize("case", list(ROW_CASES))
@@ -123,6 +139,12 @@ SCHEMA_CASES = {
         {"behavior_logprobs": ([["a", "b", "c"], ["d"], ["e", "f"], ["g", "h"]], pa.list_(pa.string()))},
         "behavior_logprobs", "found list<string>"),
     "scalar reward as list": ({"reward": ([[1.0], [0.0], [2.0], [4.0]], F32)}, "reward", "found list<float32>"),
+    "float token versions": (
+        {"token_policy_versions": ([[3.0, 3.0, 3.0], [3.0], [2.0, 2.5], [1.0, 1.0]], pa.list_(pa.float64()))},
+        "token_policy_versions", ("expected list or large_list of any integer type (int32, int64, ...), "
+                                  "found list<float64>")),
+    "scalar token versions": (
+        {"token_policy_versions": ([3, 3, 2, 1], pa.int64())}, "token_policy_versions", "found int64"),
     "no advantage source": ({"reward": None, "group_id": None}, "advantages", "one advantage source"),
     "reward without group_id": ({"group_id": None}, "group_id", "found reward alone"),
 }

@@ -36,6 +36,32 @@ def test_round_trip_in_batches_with_metadata(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.arrow"]
 
 
+def test_token_policy_versions_round_trip_and_are_checked(tmp_path):
+    versions = [[3, 4, 4], [3], [1, 2], [0, 0]]
+    rows = [{**r, "token_policy_versions": v} for r, v in zip(ROWS, versions)]
+    with RolloutWriter(tmp_path / "r.arrow") as w:
+        w.write_rows(rows)
+    table = pa.ipc.open_file(str(tmp_path / "r.arrow")).read_all()
+    assert table.schema.field("token_policy_versions").type == pa.list_(pa.int64())
+    assert table.column("token_policy_versions").to_pylist() == versions
+    assert validate_rollouts(open_rollouts(tmp_path / "r.arrow")).total == 0
+    bad = [dict(r) for r in rows]
+    bad[1]["token_policy_versions"] = [3, 3]
+    with pytest.raises(InputError, match=r"column 'token_policy_versions', row 1 \(sample_id 's1'\): "
+                                         r"expected length 1 \(as response_ids\), found length 2"), \
+            RolloutWriter(tmp_path / "b.arrow") as w:
+        w.write_rows(bad)
+    bad[1]["token_policy_versions"] = [-2]
+    with pytest.raises(InputError, match=r"row 1 .*expected policy versions >= 0 where loss_mask is 1, found -2"), \
+            RolloutWriter(tmp_path / "b.arrow") as w:
+        w.write_rows(bad)
+    bad[1]["token_policy_versions"] = ["v3"]
+    with pytest.raises(InputError, match=r"column 'token_policy_versions', row 1: expected a value of type "
+                                         r"list<int64>, found \['v3'\]"), RolloutWriter(tmp_path / "b.arrow") as w:
+        w.write_rows(bad)
+    assert not (tmp_path / "b.arrow").exists()
+
+
 def test_exception_inside_with_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError), RolloutWriter(tmp_path / "r.arrow", batch_rows=1) as w:
         w.write(**ROWS[0])
@@ -83,13 +109,22 @@ def test_rows_must_keep_the_first_rows_columns(tmp_path):
 
 
 def test_raw_logprobs_at_temperature_or_truncation_are_refused(tmp_path):
-    for kwargs in ({"temperature": 0.7}, {"top_p": 0.9}, {"top_k": 20}):
+    for kwargs in ({"temperature": 0.7}, {"top_p": 0.9}, {"top_k": 20}, {"min_p": 0.05}):
         with pytest.raises(ConfigError, match='logprobs_mode="processed_logprobs"') as err:
             RolloutWriter(tmp_path / "r.arrow", logprobs="raw", **kwargs)
-        assert "SGLANG_RETURN_ORIGINAL_LOGPROB" in err.value.message
+        # SGLang's fix differs: after temperature by default, but before truncation whatever the setting
+        assert ("SGLANG_RETURN_ORIGINAL_LOGPROB" if "temperature" in kwargs else "return_sampling_mask=true") \
+            in err.value.message
     check_logprobs_kind("raw", 1.0, 1.0, 0)  # raw at T = 1 without truncation is the sampled distribution
     with pytest.raises(ConfigError, match="expected one of processed, raw"):
         check_logprobs_kind("logits", 1.0)
+    # Raw with no temperature known is refused when the first rows come; min-p truncates like top-p.
+    with pytest.raises(InputError, match=r"column 'temperature', row 0: expected a temperature .*generation_config"), \
+            RolloutWriter(tmp_path / "r.arrow", logprobs="raw") as w:
+        w.write(**ROWS[0])
+    with pytest.raises(ConfigError, match="raw log-probs with min_p=0.1"):
+        check_logprobs_kind("raw", 1.0, min_p=0.1)
+    check_logprobs_kind("raw", 1.0, min_p=0.0)
     # A per-row temperature column counts too.
     with pytest.raises(InputError, match="row 0.*temperature 1 with raw log-probs"), \
             RolloutWriter(tmp_path / "r.arrow", logprobs="raw") as w:
