@@ -539,7 +539,7 @@ def _round_floats(x):
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="the smoke size (1 seed, 4 rounds, 2 mismatch levels)")
+    p.add_argument("--quick", action="store_true", help="the smoke size (1 seed, 3 rounds, 2 mismatch levels)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default examples/results/)")
     for f in Settings.__dataclass_fields__.values():
         flag = "--" + f.name.replace("_", "-")
