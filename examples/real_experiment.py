@@ -183,7 +183,9 @@ def run_rounds(arm: str, k: int, level: str, seed: int, s: RealSettings, model_d
         run_dir.mkdir(parents=True, exist_ok=True)
         rollouts = run_dir / f"rollouts-{r}.arrow"
         toytask.write_arrow(table, rollouts)
-        # overwrite: a checkpoint of an interrupted round (saved, not yet recorded) is redone.
+        # overwrite: a checkpoint of an interrupted round (saved, not yet recorded) is redone, and so is a
+        # `drpo train` killed mid-round (its resume state dropped: the round restarts from ckpt(r)).
+        shutil.rmtree(ckpt(r + 1).with_name(ckpt(r + 1).name + ".partial-state"), ignore_errors=True)
         result = train(se.train_config(s, arm, rollouts, ckpt(r), ckpt(r + 1), round_seed, overwrite=True))
         t_trained = time.perf_counter()
         model, _ = load_model(result.out_dir)
