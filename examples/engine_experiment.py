@@ -6,6 +6,7 @@ drpo trains in float32, the new weights go back to llama.cpp as a GGUF of the sa
     python examples/engine_experiment.py      # the default grid; resumable
     nice -n 5 python examples/engine_experiment.py --threads 1 --part 0/2 &   # split over processes
     nice -n 5 python examples/engine_experiment.py --threads 1 --part 1/2 &
+    python examples/engine_experiment.py --report   # results.md from the rounds found so far; runs nothing
 
 Sampler ∈ {F32 (control: float32 GGUF and KV cache, the engine computes what the trainer does),
 Q8_0 (8-bit weights and activations, float16 KV cache: a deployed engine's mismatch)}; K ∈ {0, 4}:
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     raw = sys.argv[1:] if argv is None else argv
+    report_only = "--report" in raw  # rewrite results.json / results.md / plots from the rounds found; run none
+    raw = [a for a in raw if a != "--report"]
     s, model_dir, out, work = rx.parse_args(raw, defaults=DEFAULTS, levels=engine.KINDS, out=DEFAULT_OUT,
                                             work=DEFAULT_WORK)
     i, n = s.part_index()
@@ -118,7 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
     names = {"model": rx.MODEL_NAME, "engine": engine.engine_build(),
              "samplers": {k: f"{k} GGUF" + (" (control)" if k == "F32" else "") for k in s.mismatch}}
     write = rx.writer(s, out, command, start["start_reward"], levels, n, names,
-                      title="Engine-in-the-loop (llama.cpp) staleness × mismatch results, SmolLM2-135M-Instruct")
+                      title="Engine-in-the-loop (llama.cpp) staleness × mismatch results, SmolLM2-135M-Instruct",
+                      record_session=not report_only)
+    if report_only:
+        doc = write()
+        print("\n".join(se.verdicts(doc["runs"])))
+        return doc
     # K first: the K = 0 comparison of both samplers comes before the stale settings. Part i takes every
     # n-th run, so each part gets its share of the slower F32 sampler. K = 0 runs advance round by round
     # together (one checkpoint each); a K > 0 run keeps K + 1 checkpoints, so those runs go one at a time.

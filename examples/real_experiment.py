@@ -328,7 +328,7 @@ def grid_command(script: str, raw: list[str], n: int) -> str:
 
 
 def writer(s: RealSettings, out: Path, command: str, start_reward: float, levels: list[dict], n: int, names: dict,
-           title: str):
+           title: str, record_session: bool = True):
     """write(name=None, record=None): this session's entry in OUT/sessions.json and results.json /
     results.md / plots from every round found under OUT; `names` (model, engine...: names, never paths)
     go into results.json as they are."""
@@ -344,12 +344,12 @@ def writer(s: RealSettings, out: Path, command: str, start_reward: float, levels
         me.update(seconds=time.perf_counter() - t_session,
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         session = [x for x in _read_json(out / "sessions.json") or []
-                   if (x.get("started"), x.get("pid")) != (me["started"], me["pid"])] + [me]
+                   if (x.get("started"), x.get("pid")) != (me["started"], me["pid"])] + ([me] if record_session else [])
         _write_json(out / "sessions.json", session)
         done = sum(len(r["rounds"]) for r in runs)
         extra = {**names, "start_reward": start_reward, "sessions": session,
                  "rounds_done": done, "rounds_planned": len(jobs(s)) * s.rounds,
-                 "peak_rss_mb": max(sx.get("peak_rss_mb", 0) for sx in session),
+                 "peak_rss_mb": max((sx.get("peak_rss_mb", 0) for sx in session), default=0),
                  "cpu_seconds_of_rounds": sum(r["seconds"] for r in runs)}
         doc = se.write_outputs(out, replace(s, workers=n), runs, command, wall_seconds(session), levels,
                                title=title, extra=extra)

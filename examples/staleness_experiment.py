@@ -316,6 +316,95 @@ def markdown_tables(rows: list[dict]) -> str:
     return "\n".join(reward) + "\n\n" + "\n".join(tr)
 
 
+# Losses whose gradient weight is the importance ratio itself (clipped or not): the family the DRPO paper
+# says turns unstable under low-precision rollouts; dppo-tv and drpo bound a divergence instead.
+RATIO_ARMS = ("pg-is", "ppo-clip", "spo", "gspo", "cispo", "ppo-clip+opsm", "ppo-clip+m2po")
+LATE_ROUNDS = 3  # a run's reward = the mean of its last LATE_ROUNDS evaluations (one round alone is noisy)
+
+
+def _run_numbers(run: dict) -> dict:
+    rounds = run["rounds"]
+    norms = [x for rd in rounds for x in rd["grad_norms"] if x is not None]
+    return {"late": _mean([rd["reward"] for rd in rounds[-LATE_ROUNDS:]]),
+            "spike": _spike(norms), "grad_max": max(norms, default=0.0),
+            "collapsed": rounds[-1]["reward"] < run["start_reward"] - REWARD_COLLAPSE}
+
+
+def _band(xs: list[float]) -> tuple[float, float]:
+    return _mean(xs) or 0.0, _std(xs)
+
+
+def verdicts(runs: list[dict]) -> list[str]:
+    """What the numbers say, each claim against the seed spread (markdown lines).
+
+    Per setting, the arms' late reward (the mean of a run's last LATE_ROUNDS evaluations) as mean ± std
+    over seeds; two arms differ beyond the seed spread when their means are further apart than the sum
+    of their standard deviations (the mean ± std bands do not overlap). Then, per arm and K, the
+    low-precision sampler against the float32 control on late reward, gradient spikes (max / median
+    pre-clip norm) and collapses: the paper's "ratio-based methods become unstable under
+    low-precision rollouts" shows up only if a ratio-based arm spikes or collapses more under the
+    low-precision sampler than under the control, beyond the seed spread, while dppo-tv / drpo do not.
+    """
+    complete = [r for r in runs if r["rounds"]]
+    if not complete:
+        return []
+    lines = [(f"## What the numbers say (mean ± std over seeds; late reward = mean of the last {LATE_ROUNDS} "
+              "evaluations of a run)"), ""]
+    numbers = {id(r): _run_numbers(r) for r in complete}
+
+    def group(arm, level, k):
+        return [numbers[id(r)] for r in complete
+                if r["arm"] == arm and r.get("mismatch", "none") == level and r["staleness"] == k]
+
+    arms = list(dict.fromkeys(r["arm"] for r in complete))
+    for level, k in settings_of(complete):
+        bands = {a: _band([g["late"] for g in group(a, level, k)]) for a in arms if group(a, level, k)}
+        rounds = min(len(r["rounds"]) for r in complete if r.get("mismatch", "none") == level and r["staleness"] == k)
+        ranked = sorted(bands, key=lambda a: -bands[a][0])
+        apart = [(a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:]
+                 if bands[a][0] - bands[b][0] > bands[a][1] + bands[b][1]]
+        lines.append(f"- **{level}, K = {k}** (after {rounds} rounds): "
+                     + ", ".join(f"{a} {bands[a][0]:.3f} ± {bands[a][1]:.3f}" for a in ranked) + ". "
+                     + ("Beyond the seed spread: " + "; ".join(
+                         f"{a} > {b} by {bands[a][0] - bands[b][0]:.3f} (spreads {bands[a][1]:.3f} + "
+                         f"{bands[b][1]:.3f})" for a, b in apart) + "."
+                        if apart else "No difference between arms is larger than the seed spread."))
+    levels = list(dict.fromkeys(r.get("mismatch", "none") for r in complete))
+    control = next((lv for lv in levels if lv in ("F32", "none")), None)
+    if control is None or len(levels) < 2:
+        return lines
+    lines += ["", f"Low precision against the control ({control}), same arm and K:", ""]
+    unstable = []
+    for level in (lv for lv in levels if lv != control):
+        for k in sorted({r["staleness"] for r in complete}):
+            for arm in arms:
+                low, ctl = group(arm, level, k), group(arm, control, k)
+                if not low or not ctl:
+                    continue
+                (lr, lrs), (cr, crs) = _band([g["late"] for g in low]), _band([g["late"] for g in ctl])
+                (ls, lss), (cs, css) = (_band([g["spike"] or 1.0 for g in low]),
+                                        _band([g["spike"] or 1.0 for g in ctl]))
+                lc, cc = sum(g["collapsed"] for g in low), sum(g["collapsed"] for g in ctl)
+                worse = (ls - cs > lss + css) or (lc > cc) or (cr - lr > lrs + crs)
+                if worse:
+                    unstable.append((arm, level, k))
+                lines.append(f"- {arm}, K = {k}: late reward {level} {lr:.3f} ± {lrs:.3f} vs {control} {cr:.3f} ± "
+                             f"{crs:.3f}; grad spike {ls:.2f} ± {lss:.2f} vs {cs:.2f} ± {css:.2f}; collapses "
+                             f"{lc} of {len(low)} vs {cc} of {len(ctl)}"
+                             + (" — worse under low precision beyond the seed spread." if worse else "."))
+    ratio = [u for u in unstable if u[0] in RATIO_ARMS]
+    bounded = [u for u in unstable if u[0] not in RATIO_ARMS]
+    lines += ["", "**Ratio-based instability under low-precision rollouts:** "
+              + ("shows up: " + ", ".join(f"{a} ({lv}, K = {k})" for a, lv, k in ratio)
+                 + (" (and also in " + ", ".join(f"{a} ({lv}, K = {k})" for a, lv, k in bounded) + ")" if bounded
+                    else ", while no divergence-bounded arm is worse") + "."
+                 if ratio else "does not show up here: no ratio-based arm has larger gradient spikes, more "
+                 "collapses or a lower late reward with the low-precision sampler than with the control beyond "
+                 "the seed spread" + (" (divergence-bounded arms worse: " + ", ".join(
+                     f"{a} ({lv}, K = {k})" for a, lv, k in bounded) + ")" if bounded else "") + ".")]
+    return lines
+
+
 def levels_table(levels: list[dict]) -> str:
     """The measured size of each mismatch level (drpo inspect on lag-0 rollouts of the start checkpoint)."""
     lines = ["| mismatch level | sampler precision | mean \\|log r\\| | k3 | \\|Δ\\| mean | \\|Δ\\| max | outside |",
@@ -549,6 +638,7 @@ def write_outputs(out: Path, s, runs: list[dict], command: str, seconds: float, 
         "Mismatch levels, measured with `drpo inspect` on lag-0 rollouts of the start checkpoint:", "",
         levels_table(levels), "",
         markdown_tables(rows), "",
+        *verdicts(runs), "",
         *[f"![{p.stem}]({p.name})" for p in plots],
     ]
     (out / "results.md").write_text("\n".join(text) + "\n", encoding="utf-8")

@@ -148,6 +148,41 @@ def test_summarize_hand_computed():
     assert row["loss_fraction"] == pytest.approx(0.3)  # mean of the rounds that have one: (0.2 + 0.4) / 2
 
 
+def _run(arm, level, seed, rewards, norms):
+    return {"arm": arm, "mismatch": level, "staleness": 0, "seed": seed, "start_reward": 0.3,
+            "rounds": [_round(r, n) for r, n in zip(rewards, norms)]}
+
+
+def test_verdicts_compare_arms_and_samplers_against_the_seed_spread():
+    flat = [1.0, 1.0, 1.0]
+    runs = [
+        # F32 control: a and b within each other's spread (a 0.5 ± 0.1, b 0.45 ± 0.05).
+        _run("pg-is", "F32", 0, [0.2, 0.4, 0.5, 0.6], [flat] * 4),
+        _run("pg-is", "F32", 1, [0.2, 0.3, 0.4, 0.5], [flat] * 4),
+        _run("drpo", "F32", 0, [0.2, 0.5, 0.4, 0.5], [flat] * 4),
+        _run("drpo", "F32", 1, [0.2, 0.4, 0.4, 0.5], [flat] * 4),
+        # Q8_0: pg-is spikes (max / median 10 in both seeds) and falls below its start; drpo stays as under F32.
+        _run("pg-is", "Q8_0", 0, [0.2, 0.1, 0.1, 0.1], [flat, flat, [1.0, 10.0, 1.0], flat]),
+        _run("pg-is", "Q8_0", 1, [0.2, 0.1, 0.2, 0.1], [flat, [10.0, 1.0, 1.0], flat, flat]),
+        _run("drpo", "Q8_0", 0, [0.2, 0.5, 0.4, 0.5], [flat] * 4),
+        _run("drpo", "Q8_0", 1, [0.2, 0.4, 0.4, 0.5], [flat] * 4),
+    ]
+    text = "\n".join(se.verdicts(runs))
+    # Late reward = mean of the last 3 evaluations: F32 pg-is (0.5, 0.4) -> 0.45 ± 0.05; drpo (0.4667, 0.4333) -> 0.45 ± 0.0167.
+    assert "**F32, K = 0** (after 4 rounds): " in text
+    assert "No difference between arms is larger than the seed spread." in text.split("**F32")[1].split("\n")[0]
+    # Q8_0: drpo 0.45 ± 0.0167 against pg-is (0.1, 0.1333) -> 0.1167 ± 0.0167: 0.333 apart, spreads 0.033.
+    assert "drpo > pg-is by 0.333" in text
+    assert "- pg-is, K = 0: late reward Q8_0 0.117 ± 0.017 vs F32 0.450 ± 0.050; grad spike 10.00 ± 0.00 vs " \
+           "1.00 ± 0.00; collapses 2 of 2 vs 0 of 2 — worse under low precision beyond the seed spread." in text
+    assert "- drpo, K = 0: late reward Q8_0 0.450 ± 0.017 vs F32 0.450 ± 0.017; grad spike 1.00 ± 0.00 vs " \
+           "1.00 ± 0.00; collapses 0 of 2 vs 0 of 2." in text
+    assert text.endswith("shows up: pg-is (Q8_0, K = 0), while no divergence-bounded arm is worse.")
+    # Without the low-precision pg-is runs nothing is worse: the claim is said not to show up.
+    calm = "\n".join(se.verdicts([r for r in runs if not (r["arm"] == "pg-is" and r["mismatch"] == "Q8_0")]))
+    assert "does not show up here" in calm
+
+
 def test_arguments_pick_a_preset_and_override_it(tmp_path):
     s, out = se.parse_args(["--quick", "--seeds", "2", "--arms", "drpo", "pg-is", "--out", str(tmp_path)])
     assert s == replace(se.PRESETS["quick"], seeds=2, arms=("drpo", "pg-is"))
