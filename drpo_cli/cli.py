@@ -20,10 +20,9 @@ import typer
 
 from drpo_cli import __version__
 from drpo_cli.config import (
-    HARDWARE,
-    INPUTS,
     InspectConfig,
     TrainConfig,
+    TrainLaunch,
     command_line_fields,
     option_flags,
     option_help,
@@ -109,11 +108,11 @@ def _leave_process_group(ok: bool) -> None:
 # TrainConfig / InspectConfig (config.option: type, default, flags, help, panel), derived below.
 
 
-def config_parameters(cls) -> list[inspect.Parameter]:
-    """One Typer parameter per command-line field of config class `cls`, in declaration order."""
-    hints = typing.get_type_hints(cls)
+def config_parameters(*classes) -> list[inspect.Parameter]:
+    """One Typer parameter per command-line field of the config `classes` (command_line_fields' order)."""
+    hints = {name: kind for cls in classes for name, kind in typing.get_type_hints(cls).items()}
     params = []
-    for f in command_line_fields(cls):
+    for f in command_line_fields(*classes):
         meta, kind, default = f.metadata, hints[f.name], f.default
         if meta["cli"] is not None:
             kind = meta["cli"]
@@ -124,7 +123,8 @@ def config_parameters(cls) -> list[inspect.Parameter]:
         if meta["argument"]:
             info = typer.Argument(... if default is MISSING else default, help=option_help(f))
         else:
-            info = typer.Option(default, *option_flags(f), help=option_help(f), rich_help_panel=meta["panel"])
+            info = typer.Option(default, *option_flags(f), help=option_help(f), rich_help_panel=meta["panel"],
+                                min=meta["minimum"])
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind))
     return params
 
@@ -138,21 +138,18 @@ def config_values(cls, given: dict) -> dict:
     return values
 
 
-def with_options(cls, *before: inspect.Parameter, after: tuple[inspect.Parameter, ...] = ()):
-    """Give a command body `(**params)` the signature Typer reads: `before`, the fields of `cls`, `after`."""
+def with_options(*classes, context: bool = False):
+    """Give a command body `(**params)` the signature Typer reads: the fields of `classes` (and the context)."""
     def decorate(body: Callable[..., None]) -> Callable[..., None]:
         def command(**params) -> None:
             body(**params)
 
+        ctx = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)] if context else []
         command.__name__, command.__doc__ = body.__name__, body.__doc__
-        command.__signature__ = inspect.Signature([*before, *config_parameters(cls), *after])
+        command.__signature__ = inspect.Signature(ctx + config_parameters(*classes))
         return command
 
     return decorate
-
-
-def _param(name: str, annotation, info) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
 
 # ---- drpo schema / drpo validate --------------------------------------------------------------
@@ -324,16 +321,7 @@ class _ProgressBar:
 
 
 @app.command("train")
-@with_options(
-    TrainConfig,
-    _param("ctx", typer.Context, inspect.Parameter.empty),
-    _param("config", str | None, typer.Option(
-        None, "--config", help="TOML or JSON file of options (a drpo_checkpoint.json reruns its run); flags override it.",
-        rich_help_panel=INPUTS)),
-    after=(_param("nproc", int | None, typer.Option(
-        None, "--nproc", min=1, help="Run under torchrun with N processes on this machine (FSDP2; one per GPU).",
-        rich_help_panel=HARDWARE)),),
-)
+@with_options(TrainLaunch, TrainConfig, context=True)
 def train_command(ctx: typer.Context, config: str | None, nproc: int | None, **given) -> None:
     """Run off-policy update passes on rollouts and write an updated checkpoint with a trust-region report."""
 

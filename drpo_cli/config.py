@@ -49,13 +49,14 @@ def _flag(name: str) -> str:
 
 # ---- options: each declared once, as a config field; the command line and the docs are derived -------
 # Panels group `drpo train --help` / `drpo inspect --help`.
-INPUTS, OUTPUTS, LOSS, CORRECTIONS_PANEL, PENALTIES, DATA, OPTIMIZER, HARDWARE, LORA = (
+PANELS = INPUTS, OUTPUTS, LOSS, CORRECTIONS_PANEL, PENALTIES, DATA, OPTIMIZER, HARDWARE, LORA = (
     "Inputs", "Outputs", "Loss", "Off-policy corrections", "Penalties", "Data", "Optimizer", "Hardware", "LoRA")
 
 
 def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (), panel: str | None = None,
            choices: tuple[str, ...] | None = None, cli: Any = None, parse: Any = None,
-           argument: bool = False, hparam: bool = False, command_line: bool = True, repr: bool = True) -> Any:
+           argument: bool = False, hparam: bool = False, command_line: bool = True, minimum: int | None = None,
+           repr: bool = True) -> Any:
     """A config field that is also a command-line option (drpo_cli.cli derives the Typer parameter).
 
     `help`: the one-line help of the flag and the docs (`{}` in a loss hyper-parameter's help, `hparam`,
@@ -63,10 +64,10 @@ def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (
     (default --field-name). `choices`: the values validate() accepts. `cli` / `parse`: the command-line
     type when it is not the field's (e.g. "str | None" for a comma-separated list) and the function
     from that value to the field's; a tuple field takes a repeatable option. `argument`: positional.
-    `command_line=False`: a config-file key only.
+    `command_line=False`: a config-file key only. `minimum`: the least value the parser accepts.
     """
     meta = {"help": help, "flags": flags, "panel": panel, "choices": choices, "cli": cli, "parse": parse,
-            "argument": argument, "hparam": hparam, "command_line": command_line}
+            "argument": argument, "hparam": hparam, "command_line": command_line, "minimum": minimum}
     return field(default=default, repr=repr, metadata=meta)
 
 
@@ -86,9 +87,10 @@ def option_flags(f: Field) -> tuple[str, ...]:
     return f.metadata.get("flags") or (_flag(f.name),)
 
 
-def command_line_fields(cls) -> list[Field]:
-    """The fields of a config class that are command-line options, in declaration order."""
-    return [f for f in fields(cls) if f.metadata.get("command_line", False)]
+def command_line_fields(*classes) -> list[Field]:
+    """The fields of config classes that are command-line options, by panel (PANELS), then as declared."""
+    found = [f for cls in classes for f in fields(cls) if f.metadata.get("command_line", False)]
+    return sorted(found, key=lambda f: -1 if f.metadata["panel"] is None else PANELS.index(f.metadata["panel"]))
 
 
 def one_of(choices: tuple[str, ...]) -> str:
@@ -498,6 +500,17 @@ class TrainConfig:
         """Raise ConfigError listing every problem; return self when there is none."""
         _raise_problems(self.validate())
         return self
+
+
+@dataclass(frozen=True)
+class TrainLaunch:
+    """The options of `drpo train` that decide how it starts, not what it trains (not in its record)."""
+
+    config: str | None = option(
+        None, "TOML or JSON file of options (a drpo_checkpoint.json reruns its run); flags override it.",
+        panel=INPUTS)
+    nproc: int | None = option(None, "Run under torchrun with N processes on this machine (FSDP2; one per GPU).",
+                               minimum=1, panel=HARDWARE)
 
 
 @dataclass(frozen=True)
