@@ -12,14 +12,8 @@ import sys
 import typing
 from dataclasses import MISSING, Field, fields
 
-from drpo_cli.config import (
-    InspectConfig,
-    TrainConfig,
-    TrainLaunch,
-    command_line_fields,
-    option_flags,
-    option_help,
-)
+from drpo_cli import config
+from drpo_cli.config import command_line_fields, option_help
 
 _KINDS = {str: "text", int: "integer", float: "number", bool: "flag"}
 
@@ -62,7 +56,7 @@ def table(*classes, keys_of=None) -> list[str]:
     hints = {name: kind for cls in classes for name, kind in typing.get_type_hints(cls).items()}
     keys = {f.name for f in fields(keys_of)} if keys_of else set()
     for f in command_line_fields(*classes):
-        flags = "ROLLOUTS…" if f.metadata["argument"] else ", ".join(f"`{flag}`" for flag in option_flags(f))
+        flags = "ROLLOUTS…" if f.metadata["argument"] else ", ".join(f"`{flag}`" for flag in config.option_flags(f))
         cells = [flags, kind_name(hints[f.name]), default_text(f), _cell(option_help(f))]
         cells += [(f"`{f.name}`" if f.name in keys else "—")] if keys_of else []
         rows.setdefault(f.metadata["panel"] or "Options", []).append("| " + " | ".join(cells) + " |")
@@ -93,12 +87,12 @@ def render() -> str:
         "",
         "`drpo train --config FILE` reads TOML or JSON with the config keys below (a checkpoint's",
         "`drpo_checkpoint.json` reruns its run); flags given override the file. A key of the file only:",
-        f"{file_only(TrainConfig)}.",
+        f"{file_only(config.TrainConfig)}.",
         "",
-        *table(TrainLaunch, TrainConfig, keys_of=TrainConfig),
+        *table(config.TrainLaunch, config.TrainConfig, keys_of=config.TrainConfig),
         "## drpo inspect",
         "",
-        *table(InspectConfig),
+        *table(config.InspectConfig),
     ]
     return "\n".join(lines).rstrip("\n") + "\n"
 
