@@ -165,3 +165,17 @@ def test_docs_option_page_is_current():
     assert page == render(), "docs/options.md is out of date: python -m drpo_cli.options_doc docs/options.md"
     for f in command_line_fields(TrainLaunch, TrainConfig, InspectConfig):
         assert option_help(f).replace("|", "\\|") in page
+
+
+def test_spec_loss_table_states_each_default():
+    """SPEC.md §1's loss table: a row per registered loss whose defaults cell has every default (None: off)."""
+    cells = {}
+    for line in (ROOT / "docs" / "SPEC.md").read_text(encoding="utf-8").splitlines():
+        name = re.match(r"\| `([a-z0-9-]+)` \|", line)
+        if name and name.group(1) in LOSS_HPARAMS:
+            cells.setdefault(name.group(1), line.split(" | ")[3])
+    assert tuple(cells) == LOSS_NAMES
+    for loss, hp in LOSS_HPARAMS.items():
+        numbers = {float(x) for x in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?:e-?\d+)?", cells[loss])}
+        for name, value in hp.items():
+            assert (value in numbers) if value is not None else "off" in cells[loss], (loss, name, cells[loss])
