@@ -48,32 +48,38 @@ def _flag(name: str) -> str:
 
 
 # ---- options: each declared once, as a config field; the command line and the docs are derived -------
-# Panels group `drpo train --help` / `drpo inspect --help`.
+# Bounds an option's value must satisfy: (test, what the problem line says it must be).
+POSITIVE = (lambda v: v > 0, "> 0")  # `>` also refuses NaN
+NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, ">= 0")
+AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
+UNIT = (lambda v: 0 < v <= 1, "in (0, 1]")
+# Panels group `drpo train --help` / `drpo inspect --help`, in this order.
 PANELS = INPUTS, OUTPUTS, LOSS, CORRECTIONS_PANEL, PENALTIES, DATA, OPTIMIZER, HARDWARE, LORA = (
     "Inputs", "Outputs", "Loss", "Off-policy corrections", "Penalties", "Data", "Optimizer", "Hardware", "LoRA")
 
 
 def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (), panel: str | None = None,
            choices: tuple[str, ...] | None = None, cli: Any = None, parse: Any = None,
-           argument: bool = False, hparam: bool = False, command_line: bool = True, minimum: int | None = None,
-           repr: bool = True) -> Any:
+           bound: tuple[Any, str] | None = None, argument: bool = False, hparam: bool = False,
+           command_line: bool = True, minimum: int | None = None, repr: bool = True) -> Any:
     """A config field that is also a command-line option (drpo_cli.cli derives the Typer parameter).
 
     `help`: the one-line help of the flag and the docs (`{}` in a loss hyper-parameter's help, `hparam`,
     becomes its losses and defaults from loss_options.LOSS_HPARAMS). `flags`: the option's names
-    (default --field-name). `choices`: the values validate() accepts. `cli` / `parse`: the command-line
+    (default --field-name). `choices` / `bound`: the values validate() accepts, a tuple of choices or a
+    (test, "what it must be") pair such as POSITIVE (None, unset, always passes). `cli` / `parse`: the command-line
     type when it is not the field's (e.g. "str | None" for a comma-separated list) and the function
     from that value to the field's; a tuple field takes a repeatable option. `argument`: positional.
     `command_line=False`: a config-file key only. `minimum`: the least value the parser accepts.
     """
-    meta = {"help": help, "flags": flags, "panel": panel, "choices": choices, "cli": cli, "parse": parse,
+    meta = {"help": help, "flags": flags, "panel": panel, "choices": choices, "bound": bound, "cli": cli, "parse": parse,
             "argument": argument, "hparam": hparam, "command_line": command_line, "minimum": minimum}
     return field(default=default, repr=repr, metadata=meta)
 
 
-def hparam(help: str) -> Any:
+def hparam(help: str, bound: tuple[Any, str] | None = None) -> Any:
     """A loss hyper-parameter: None (the loss's default), help text with `{}` for its losses and defaults."""
-    return option(None, help, panel=LOSS, hparam=True)
+    return option(None, help, bound=bound, panel=LOSS, hparam=True)
 
 
 def option_help(f: Field) -> str:
@@ -184,36 +190,16 @@ def expand_correction(cfg):
                    reject_mode="zero")
 
 
-OBJECTIVE_OPTIONS = ("tau_pos", "tau_neg", "tau", "delta_low", "delta_high", "k_pos", "lambda_pos", "k_neg",
-                     "lambda_neg", "cov_ratio", "cov_lb", "cov_ub", "cov_kl_coef", "opsm_delta", "m2po_threshold")
-
-
-def objective_problems(values: dict[str, float | None]) -> list[str]:
-    """Problems with the later objectives' options and the OPSM / M2PO filters, given by name (None: unset)."""
+def objective_problems(cfg) -> list[str]:
+    """Problems with the later objectives' options and the OPSM / M2PO filters of `cfg` (those it has)."""
     p: list[str] = []
-    for name in ("tau_pos", "tau_neg", "delta_low", "delta_high", "lambda_pos", "lambda_neg", "m2po_threshold"):
-        _positive(p, name, values.get(name))
-    for name in ("tau", "k_pos", "k_neg", "cov_kl_coef", "opsm_delta"):
-        value = values.get(name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            p.append(f"{_flag(name)} must be >= 0, got {value}")
-    ratio = values.get("cov_ratio")
-    if ratio is not None and not 0 < ratio <= 1:
-        p.append(f"--cov-ratio must be in (0, 1], got {ratio}")
+    _bounds(p, cfg, "tau_pos", "tau_neg", "delta_low", "delta_high", "lambda_pos", "lambda_neg", "m2po_threshold",
+            "tau", "k_pos", "k_neg", "cov_kl_coef", "opsm_delta", "cov_ratio")
     defaults = LOSS_HPARAMS["clip-cov"]
-    lb = defaults["cov_lb"] if values.get("cov_lb") is None else values["cov_lb"]
-    ub = defaults["cov_ub"] if values.get("cov_ub") is None else values["cov_ub"]
+    lb = defaults["cov_lb"] if getattr(cfg, "cov_lb", None) is None else cfg.cov_lb
+    ub = defaults["cov_ub"] if getattr(cfg, "cov_ub", None) is None else cfg.cov_ub
     if not (math.isfinite(lb) and math.isfinite(ub) and lb < ub):
         p.append(f"--cov-lb must be below --cov-ub, got {lb} and {ub}")
-    return p
-
-
-def staleness_problems(max_lag: int | None, min_version: int | None) -> list[str]:
-    """Problems with --max-lag / --min-version (both commands)."""
-    p = []
-    for name, value in (("max_lag", max_lag), ("min_version", min_version)):
-        if value is not None and value < 0:
-            p.append(f"{_flag(name)} must be >= 0, got {value}")
     return p
 
 
@@ -231,36 +217,37 @@ class TrainConfig:
     out: str | None = option(None, "Output directory (default: a sibling MODEL-v<N+1>).", flags=("--out", "-o"),
                              panel=OUTPUTS)
     loss: str = option("drpo", one_of(LOSS_NAMES) + ".", choices=LOSS_NAMES, panel=LOSS)
-    delta: float | None = hparam("δ of {}.")
-    eps: float | None = hparam("ε of {}.")
-    eps_low: float | None = hparam("ε_low of {}.")
-    eps_high: float | None = hparam("ε_high of {}.")
-    dual_clip: float | None = hparam("Dual-clip c > 1 of {}.")
-    ratio_cap: float | None = hparam("Ratio cap C of {}.")
-    tau_pos: float | None = hparam("Gate temperature where A > 0 of {}.")
-    tau_neg: float | None = hparam("Gate temperature where A ≤ 0 of {}.")
-    tau: float | None = hparam("Squared-log-ratio coefficient of {}.")
-    delta_low: float | None = hparam("Binary-TV threshold for A < 0 of {}.")
-    delta_high: float | None = hparam("Binary-TV threshold for A > 0 of {}.")
-    k_pos: float | None = hparam("Power k where A ≥ 0 of {}.")
-    lambda_pos: float | None = hparam("Decay λ where A ≥ 0 of {}.")
-    k_neg: float | None = hparam("Power k where A < 0 of {}.")
-    lambda_neg: float | None = hparam("Decay λ where A < 0 of {}.")
-    cov_ratio: float | None = hparam("Share of the step's tokens selected by {}.")
+    delta: float | None = hparam("δ of {}.", POSITIVE)
+    eps: float | None = hparam("ε of {}.", POSITIVE)
+    eps_low: float | None = hparam("ε_low of {}.", (lambda v: 0 < v <= 1, "in (0, 1] (1: no lower clip)"))
+    eps_high: float | None = hparam("ε_high of {}.", POSITIVE)
+    dual_clip: float | None = hparam("Dual-clip c > 1 of {}.", (lambda v: v > 1, "> 1 (e.g. 3)"))
+    ratio_cap: float | None = hparam("Ratio cap C of {}.", AT_LEAST_ONE)
+    tau_pos: float | None = hparam("Gate temperature where A > 0 of {}.", POSITIVE)
+    tau_neg: float | None = hparam("Gate temperature where A ≤ 0 of {}.", POSITIVE)
+    tau: float | None = hparam("Squared-log-ratio coefficient of {}.", NON_NEGATIVE)
+    delta_low: float | None = hparam("Binary-TV threshold for A < 0 of {}.", POSITIVE)
+    delta_high: float | None = hparam("Binary-TV threshold for A > 0 of {}.", POSITIVE)
+    k_pos: float | None = hparam("Power k where A ≥ 0 of {}.", NON_NEGATIVE)
+    lambda_pos: float | None = hparam("Decay λ where A ≥ 0 of {}.", POSITIVE)
+    k_neg: float | None = hparam("Power k where A < 0 of {}.", NON_NEGATIVE)
+    lambda_neg: float | None = hparam("Decay λ where A < 0 of {}.", POSITIVE)
+    cov_ratio: float | None = hparam("Share of the step's tokens selected by {}.", UNIT)
     cov_lb: float | None = hparam("Lower covariance bound of a selected candidate of {}.")
     cov_ub: float | None = hparam("Upper covariance bound of a selected candidate of {}.")
-    cov_kl_coef: float | None = hparam("|log r| penalty coefficient on the selected tokens of {}.")
+    cov_kl_coef: float | None = hparam(
+        "|log r| penalty coefficient on the selected tokens of {}.", NON_NEGATIVE)
     opsm_delta: float | None = option(
         None, "OPSM filter (any loss): drop A < 0 tokens of sequences whose mean log(μ/π) exceeds δ (off).",
-        panel=CORRECTIONS_PANEL)
+        panel=CORRECTIONS_PANEL, bound=NON_NEGATIVE)
     m2po_threshold: float | None = option(
         None, "M2PO filter (any loss): mask the step's largest (log μ − log π_old)² until their mean < τ (off).",
-        panel=CORRECTIONS_PANEL)
+        panel=CORRECTIONS_PANEL, bound=POSITIVE)
     anchor: str = option("behavior", f"Anchor log-probs: {one_of(ANCHORS)}.", choices=ANCHORS,
                          panel=CORRECTIONS_PANEL)
     is_correction: str = option("none", f"Behavior correction with --anchor proximal: {one_of(IS_CORRECTIONS)}.",
                                 choices=IS_CORRECTIONS, panel=CORRECTIONS_PANEL)
-    is_cap: float | None = option(None, f"Cap of tis ({IS_CAP}).", panel=CORRECTIONS_PANEL)
+    is_cap: float | None = option(None, f"Cap of tis ({IS_CAP}).", panel=CORRECTIONS_PANEL, bound=POSITIVE)
     is_band: tuple[float, float] | None = option(
         None, f"Kept band LO HI of mis ({IS_BAND[0]} {IS_BAND[1]}).", panel=CORRECTIONS_PANEL)
     is_level: str = option("token", "ρ of tis / mis per token | sequence (product) | geometric (mean).",
@@ -279,25 +266,29 @@ class TrainConfig:
         choices=REJECT_MODES, panel=CORRECTIONS_PANEL)
     ref_model: str | None = option(None, "Reference checkpoint for a KL(π‖π_ref) penalty.", panel=PENALTIES)
     kl_coef: float | None = option(
-        None, f"β of the reference KL penalty ({number(DEFAULT_KL_COEF)} with --ref-model).", panel=PENALTIES)
+        None, f"β of the reference KL penalty ({number(DEFAULT_KL_COEF)} with --ref-model).", panel=PENALTIES,
+        bound=NON_NEGATIVE)
     kl_estimator: str = option("k3", f"Per-token KL estimator: {one_of(KL_ESTIMATORS)}.", choices=KL_ESTIMATORS,
                                panel=PENALTIES)
-    entropy_coef: float = option(0.0, "Entropy bonus c: each token's loss gets −c·H(π).", panel=PENALTIES)
-    max_lag: int | None = option(None, "Drop rows (or mask tokens) whose staleness lag exceeds N.", panel=DATA)
+    entropy_coef: float = option(
+        0.0, "Entropy bonus c: each token's loss gets −c·H(π).", panel=PENALTIES, bound=NON_NEGATIVE)
+    max_lag: int | None = option(
+        None, "Drop rows (or mask tokens) whose staleness lag exceeds N.", panel=DATA, bound=NON_NEGATIVE)
     min_version: int | None = option(None, "Drop rows (or mask tokens) whose policy version is below V.",
-                                     panel=DATA)
+                                     panel=DATA, bound=NON_NEGATIVE)
     agg: str = option("token-mean", one_of(AGG_MODES) + ".", choices=AGG_MODES, panel=LOSS)
-    horizon: int = option(DEFAULT_HORIZON, "Horizon of seq-mean-token-sum-norm.", panel=LOSS)
+    horizon: int = option(DEFAULT_HORIZON, "Horizon of seq-mean-token-sum-norm.", panel=LOSS, bound=POSITIVE)
     adv_norm: str = option("none", f"Group advantages from reward: {one_of(ADV_NORMS)}.", choices=ADV_NORMS,
                            panel=LOSS)
-    epochs: int = option(1, "Passes over the rollouts.", panel=OPTIMIZER)
-    minibatches: int = option(1, "Optimizer steps per pass.", panel=OPTIMIZER)
-    micro_batch_tokens: int = option(4096, "Token budget per forward/backward.", panel=OPTIMIZER)
-    lr: float = option(1e-6, "AdamW learning rate.", panel=OPTIMIZER)
-    weight_decay: float = option(0.0, "AdamW weight decay.", panel=OPTIMIZER)
-    max_grad_norm: float = option(1.0, "Gradient-norm clip.", panel=OPTIMIZER)
-    warmup_steps: int = option(0, "Linear warmup steps.", panel=OPTIMIZER)
-    seed: int = option(0, "Shuffle seed.", panel=OPTIMIZER)
+    epochs: int = option(1, "Passes over the rollouts.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
+    minibatches: int = option(1, "Optimizer steps per pass.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
+    micro_batch_tokens: int = option(
+        4096, "Token budget per forward/backward.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
+    lr: float = option(1e-6, "AdamW learning rate.", panel=OPTIMIZER, bound=POSITIVE)
+    weight_decay: float = option(0.0, "AdamW weight decay.", panel=OPTIMIZER, bound=NON_NEGATIVE)
+    max_grad_norm: float = option(1.0, "Gradient-norm clip.", panel=OPTIMIZER, bound=POSITIVE)
+    warmup_steps: int = option(0, "Linear warmup steps.", panel=OPTIMIZER, bound=NON_NEGATIVE)
+    seed: int = option(0, "Shuffle seed.", panel=OPTIMIZER, bound=NON_NEGATIVE)
     device: str = option("auto", f"{one_of(DEVICES)}.", choices=DEVICES, panel=HARDWARE)
     dtype: str = option("auto", "auto | bf16 | fp16 (autocast, fp32 master weights; fp16 loss-scaled) | fp32.",
                         choices=DTYPES, panel=HARDWARE)
@@ -307,15 +298,19 @@ class TrainConfig:
     cpu_offload: bool = option(
         False, "Under torchrun on CUDA: keep sharded weights, grads and optimizer state in CPU memory.",
         panel=HARDWARE)
-    lora_r: int | None = option(None, "Train a LoRA adapter of rank R (peft; head frozen).", panel=LORA)
-    lora_alpha: float | None = option(None, "LoRA alpha: update (alpha / r)·BA (2R).", panel=LORA)
+    lora_r: int | None = option(
+        None, "Train a LoRA adapter of rank R (peft; head frozen).", panel=LORA, bound=AT_LEAST_ONE)
+    lora_alpha: float | None = option(
+        None, "LoRA alpha: update (alpha / r)·BA (2R).", panel=LORA, bound=POSITIVE)
     lora_targets: tuple[str, ...] = option(
         (), "Comma-separated module names (default: attention and MLP projections).", cli=str | None,
         parse=parse_names, panel=LORA)
     adapter: str | None = option(None, "Continue training this peft LoRA adapter directory.", panel=LORA)
     merge: bool = option(False, "With LoRA: write merged full weights instead of the adapter.", panel=LORA)
-    tr_delta: float = option(0.2, "Trust-region yardstick of the diagnostics: |π − μ| > tr_delta.", panel=DATA)
-    temperature: float | None = option(None, "Sampling temperature when the rollouts give none.", panel=DATA)
+    tr_delta: float = option(
+        0.2, "Trust-region yardstick of the diagnostics: |π − μ| > tr_delta.", panel=DATA, bound=UNIT)
+    temperature: float | None = option(
+        None, "Sampling temperature when the rollouts give none.", panel=DATA, bound=POSITIVE)
     columns: tuple[str, ...] = option((), "Rename a rollout column: LOGGED=DRPO (repeatable).", flags=("--column",),
                                       panel=INPUTS)
     overwrite: bool = option(False, "Replace an existing --out that drpo wrote.", panel=OUTPUTS)
@@ -325,7 +320,7 @@ class TrainConfig:
         None, "Write every step's metrics as TensorBoard events to DIR (rounds form one curve).", panel=OUTPUTS)
     allow_unsafe_weights: bool = option(False, "Allow pickle weights.", panel=INPUTS)
     chunk_tokens: int = option(1024, "Tokens per output-head chunk (memory O(chunk × V)).", command_line=False,
-                               repr=False)
+                               repr=False, bound=AT_LEAST_ONE)
 
     def loss_hparams(self) -> dict[str, float | None]:
         """The chosen loss's hyper-parameters: given values over SPEC.md defaults."""
@@ -404,16 +399,8 @@ class TrainConfig:
                 if getattr(self, name) is not None and name not in valid:
                     hint = ", ".join(_flag(v) for v in valid) or "none"
                     p.append(f"{_flag(name)} does not apply to --loss {self.loss} (its options: {hint})")
-        _positive(p, "delta", self.delta)
-        _positive(p, "eps", self.eps)
-        if self.eps_low is not None and not 0 < self.eps_low <= 1:  # 1: lower bound 0, i.e. no lower clip
-            p.append(f"--eps-low must be in (0, 1] (1: no lower clip), got {self.eps_low}")
-        _positive(p, "eps_high", self.eps_high)
-        if self.dual_clip is not None and not self.dual_clip > 1:
-            p.append(f"--dual-clip must be > 1 (e.g. 3), got {self.dual_clip}")
-        if self.ratio_cap is not None and not self.ratio_cap >= 1:
-            p.append(f"--ratio-cap must be >= 1, got {self.ratio_cap}")
-        p.extend(objective_problems({name: getattr(self, name) for name in OBJECTIVE_OPTIONS}))
+        _bounds(p, self, "delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap")  # eps_low 1: no lower clip
+        p.extend(objective_problems(self))
         _choice(p, self, "anchor")
         _choice(p, self, "is_correction")
         if self.is_correction in ("tis", "mis", "is") and self.anchor != "proximal":
@@ -421,8 +408,8 @@ class TrainConfig:
         if self.is_cap is not None:
             if self.is_correction != "tis":
                 p.append("--is-cap applies only to --is-correction tis")
-            elif not self.is_cap > 0:
-                p.append(f"--is-cap must be > 0, got {self.is_cap}")
+            else:
+                _bounds(p, self, "is_cap")
         if self.is_band is not None:
             lo, hi = self.is_band
             if self.is_correction != "mis" and self.correction != "seq-mask-tis":
@@ -443,28 +430,17 @@ class TrainConfig:
                 p.append(f"--ref-model {self.ref_model}: not a directory (expected a Hugging Face checkpoint directory)")
         elif self.kl_coef is not None:
             p.append("--kl-coef needs --ref-model (the KL penalty is to a reference model)")
-        if self.kl_coef is not None and not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
-            p.append(f"--kl-coef must be >= 0, got {self.kl_coef}")
+        _bounds(p, self, "kl_coef")
         _choice(p, self, "kl_estimator")
-        if not (math.isfinite(self.entropy_coef) and self.entropy_coef >= 0):
-            p.append(f"--entropy-coef must be >= 0, got {self.entropy_coef}")
-        p.extend(staleness_problems(self.max_lag, self.min_version))
+        _bounds(p, self, "entropy_coef", "max_lag", "min_version")
         _choice(p, self, "agg")
-        _positive(p, "horizon", self.horizon)
+        _bounds(p, self, "horizon")
         _choice(p, self, "adv_norm")
-        for name in ("epochs", "minibatches", "micro_batch_tokens", "chunk_tokens"):
-            if getattr(self, name) < 1:
-                p.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        _positive(p, "lr", self.lr)
-        _positive(p, "max_grad_norm", self.max_grad_norm)
-        for name in ("weight_decay", "warmup_steps", "seed"):
-            if getattr(self, name) < 0:
-                p.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        _bounds(p, self, "epochs", "minibatches", "micro_batch_tokens", "chunk_tokens", "lr", "max_grad_norm",
+                "weight_decay", "warmup_steps", "seed")
         _choice(p, self, "device")
         _choice(p, self, "dtype")
-        if not 0 < self.tr_delta <= 1:
-            p.append(f"--tr-delta must be in (0, 1], got {self.tr_delta}")
-        _positive(p, "temperature", self.temperature)
+        _bounds(p, self, "tr_delta", "temperature")
         p.extend(parse_columns(self.columns)[1])
         if self.tensorboard is not None:
             import importlib.util
@@ -478,9 +454,7 @@ class TrainConfig:
 
     def _lora_problems(self) -> list[str]:
         p: list[str] = []
-        if self.lora_r is not None and self.lora_r < 1:
-            p.append(f"--lora-r must be >= 1, got {self.lora_r}")
-        _positive(p, "lora_alpha", self.lora_alpha)
+        _bounds(p, self, "lora_r", "lora_alpha")
         if self.adapter is not None:
             if not os.path.isdir(self.adapter):
                 p.append(f"--adapter {self.adapter}: not a directory (expected a peft LoRA adapter directory)")
@@ -517,18 +491,23 @@ class TrainLaunch:
 class InspectConfig:
     """Everything `drpo inspect` does is decided by these fields (SPEC.md §2, §4); one option each."""
 
-    rollouts: tuple[str, ...] = option(help="Rollout files or directories (Arrow IPC or Parquet).", argument=True)
+    rollouts: tuple[str, ...] = option(
+        help="Rollout files or directories (Arrow IPC or Parquet).", argument=True)
     model: str | None = option(None, "Checkpoint for per-token diagnostics (else data-only).",
                                flags=("--model", "-m"))
     current_version: int | None = option(
-        None, "Policy version of the current model (default: the checkpoint's, else the data's max).")
+        None, "Policy version of the current model (default: the checkpoint's, else the data's max).",
+        bound=NON_NEGATIVE)
     deltas: tuple[float, ...] = option(
         (), "DRPO δ values for a what-if table, e.g. 0.1,0.2,12.5.", flags=("--delta",), cli=list[str],
         parse=parse_deltas)
-    tr_delta: float = option(0.2, "Trust-region yardstick: a token is outside when |π − μ| > tr_delta.")
-    temperature: float | None = option(None, "Sampling temperature when the rollouts give none.")
-    columns: tuple[str, ...] = option((), "Rename a rollout column: LOGGED=DRPO (repeatable).", flags=("--column",))
-    top: int = option(10, "Worst sequences to list by sample_id.")
+    tr_delta: float = option(
+        0.2, "Trust-region yardstick: a token is outside when |π − μ| > tr_delta.", bound=UNIT)
+    temperature: float | None = option(
+        None, "Sampling temperature when the rollouts give none.", bound=POSITIVE)
+    columns: tuple[str, ...] = option(
+        (), "Rename a rollout column: LOGGED=DRPO (repeatable).", flags=("--column",))
+    top: int = option(10, "Worst sequences to list by sample_id.", bound=NON_NEGATIVE)
     json_out: str | None = option(None, "Write the JSON report to PATH ('-': stdout only).", flags=("--json",),
                                   panel=OUTPUTS)
     per_token: str | None = option(None, "Write per-token diagnostics (Arrow IPC) to PATH.", panel=OUTPUTS)
@@ -546,32 +525,36 @@ class InspectConfig:
                              choices=CORRECTIONS, panel=CORRECTIONS_PANEL)
     is_correction: str = option("none", f"Behavior weight for --is-batch-norm: {one_of(IS_CORRECTIONS)}.",
                                 choices=IS_CORRECTIONS, panel=CORRECTIONS_PANEL)
-    is_cap: float | None = option(None, f"Cap of tis ({IS_CAP}).", panel=CORRECTIONS_PANEL)
+    is_cap: float | None = option(None, f"Cap of tis ({IS_CAP}).", panel=CORRECTIONS_PANEL, bound=POSITIVE)
     is_band: tuple[float, float] | None = option(
         None, f"Band LO HI of mis ({IS_BAND[0]} {IS_BAND[1]}) / seq-mask-tis.",
         panel=CORRECTIONS_PANEL)
     is_level: str = option("token", f"ρ of the behavior weight: {one_of(IS_LEVELS)}.", choices=IS_LEVELS,
                            panel=CORRECTIONS_PANEL)
-    is_batch_norm: bool = option(False, "Report the weights' batch mean (normaliser).", panel=CORRECTIONS_PANEL)
+    is_batch_norm: bool = option(
+        False, "Report the weights' batch mean (normaliser).", panel=CORRECTIONS_PANEL)
     reject_mode: str | None = option(None, "mask (rejected tokens leave the mean) | zero (weight 0).",
                                      choices=REJECT_MODES, panel=CORRECTIONS_PANEL)
     opsm_delta: float | None = option(None, f"δ of the OPSM what-if ({number(OPSM_WHAT_IF)}; needs --model).",
-                                      panel=CORRECTIONS_PANEL)
+                                      panel=CORRECTIONS_PANEL, bound=NON_NEGATIVE)
     m2po_threshold: float | None = option(
         None, f"τ of the M2PO what-if, π_old = the model ({number(M2PO_WHAT_IF)}; needs --model).",
-        panel=CORRECTIONS_PANEL)
-    max_lag: int | None = option(None, "Leave out rows (or tokens) whose staleness lag exceeds N.")
-    min_version: int | None = option(None, "Leave out rows (or tokens) whose policy version is below V.")
+        panel=CORRECTIONS_PANEL, bound=POSITIVE)
+    max_lag: int | None = option(
+        None, "Leave out rows (or tokens) whose staleness lag exceeds N.", bound=NON_NEGATIVE)
+    min_version: int | None = option(
+        None, "Leave out rows (or tokens) whose policy version is below V.", bound=NON_NEGATIVE)
     device: str = option("auto", f"{one_of(DEVICES)}.", choices=DEVICES, panel=HARDWARE)
     dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 weights.", choices=DTYPES,
                         panel=HARDWARE)
-    micro_batch_tokens: int = option(4096, "Token budget per forward pass.", panel=HARDWARE)
+    micro_batch_tokens: int = option(
+        4096, "Token budget per forward pass.", panel=HARDWARE, bound=AT_LEAST_ONE)
     replay_routing: bool = option(
         False, "MoE: route through the experts the sampler logged (routed_experts column).", panel=HARDWARE)
     quiet: bool = option(False, "No progress bar and no tables.", flags=("--quiet", "-q"), panel=OUTPUTS)
     allow_unsafe_weights: bool = option(False, "Allow pickle weights.")
     chunk_tokens: int = option(1024, "Tokens per output-head chunk (memory O(chunk × V)).", command_line=False,
-                               repr=False)
+                               repr=False, bound=AT_LEAST_ONE)
 
     def column_map(self) -> dict[str, str]:
         return parse_columns(self.columns)[0]
@@ -636,17 +619,13 @@ class InspectConfig:
                 p.append(f"{path}: no such file or directory")
         if self.model is not None and not os.path.isdir(self.model):
             p.append(f"--model {self.model}: not a directory (expected a Hugging Face checkpoint directory)")
-        if self.current_version is not None and self.current_version < 0:
-            p.append(f"--current-version must be >= 0, got {self.current_version}")
+        _bounds(p, self, "current_version")
         for d in self.deltas:
             if not d > 0:
                 p.append(f"--delta values must be > 0, got {d}")
-        if not 0 < self.tr_delta <= 1:
-            p.append(f"--tr-delta must be in (0, 1], got {self.tr_delta}")
-        _positive(p, "temperature", self.temperature)
+        _bounds(p, self, "tr_delta", "temperature")
         p.extend(parse_columns(self.columns)[1])
-        if self.top < 0:
-            p.append(f"--top must be >= 0, got {self.top}")
+        _bounds(p, self, "top")
         if self.per_token is not None and self.model is None:
             p.append("--per-token needs --model (per-token diagnostics compare the model with the sampler)")
         p.extend(parse_rejects(self.reject)[1])
@@ -665,19 +644,17 @@ class InspectConfig:
             p.append("--is-band applies only to --is-correction mis and --correction seq-mask-tis")
         if (self.is_correction != "none" or self.is_cap is not None or self.is_level != "token") and not self.is_batch_norm:
             p.append("--is-correction, --is-cap and --is-level shape the weight --is-batch-norm reports: add it")
-        _positive(p, "is_cap", self.is_cap)
-        p.extend(objective_problems({"opsm_delta": self.opsm_delta, "m2po_threshold": self.m2po_threshold}))
+        _bounds(p, self, "is_cap")
+        p.extend(objective_problems(self))
         for name in ("opsm_delta", "m2po_threshold"):
             if getattr(self, name) is not None and self.model is None:
                 p.append(f"{_flag(name)} needs --model (the what-if compares the model with the sampler)")
-        p.extend(staleness_problems(self.max_lag, self.min_version))
+        _bounds(p, self, "max_lag", "min_version")
         p.extend(output_problems(*self.paths(), overwrite=self.overwrite))
         p.extend(self._parse_gates()[1])
         _choice(p, self, "device")
         _choice(p, self, "dtype")
-        for name in ("micro_batch_tokens", "chunk_tokens"):
-            if getattr(self, name) < 1:
-                p.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        _bounds(p, self, "micro_batch_tokens", "chunk_tokens")
         return p
 
     def check(self) -> InspectConfig:
@@ -700,6 +677,10 @@ def _choice(problems: list[str], cfg, name: str) -> None:
         problems.append(f"{_flag(name)} {value!r}: expected one of {', '.join(choices)}")
 
 
-def _positive(problems: list[str], name: str, value: float | None) -> None:
-    if value is not None and not value > 0:  # `not >` also rejects NaN
-        problems.append(f"{_flag(name)} must be > 0, got {value}")
+def _bounds(problems: list[str], cfg, *names: str) -> None:
+    """A problem for each named field of `cfg` (that it has and is set) outside the bound its option declares."""
+    declared = {f.name: f.metadata.get("bound") for f in fields(cfg)}
+    for name in names:
+        value, bound = getattr(cfg, name, None), declared.get(name)
+        if value is not None and bound is not None and not bound[0](value):
+            problems.append(f"{_flag(name)} must be {bound[1]}, got {value}")

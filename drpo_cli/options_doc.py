@@ -42,6 +42,15 @@ def default_text(f: Field) -> str:
     return f"`{f.default}`"
 
 
+def valid_text(f: Field) -> str:
+    """What validate() accepts, as the field's option declares it: its choices or its bound."""
+    if f.metadata.get("choices"):
+        return ", ".join(f"`{c}`" for c in f.metadata["choices"])
+    if f.metadata.get("minimum") is not None:
+        return f">= {f.metadata['minimum']}"
+    return _cell(f.metadata["bound"][1]) if f.metadata.get("bound") else ""
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -51,13 +60,13 @@ def table(*classes, keys_of=None) -> list[str]:
 
     `keys_of`: the class whose fields are also config-file keys (a column of its own).
     """
-    head = ["option", "type", "default", "meaning"] + (["config key"] if keys_of else [])
+    head = ["option", "type", "default", "valid", "meaning"] + (["config key"] if keys_of else [])
     rows: dict[str, list[str]] = {}
     hints = {name: kind for cls in classes for name, kind in typing.get_type_hints(cls).items()}
     keys = {f.name for f in fields(keys_of)} if keys_of else set()
     for f in command_line_fields(*classes):
         flags = "ROLLOUTS…" if f.metadata["argument"] else ", ".join(f"`{flag}`" for flag in config.option_flags(f))
-        cells = [flags, kind_name(hints[f.name]), default_text(f), _cell(option_help(f))]
+        cells = [flags, kind_name(hints[f.name]), default_text(f), valid_text(f), _cell(option_help(f))]
         cells += [(f"`{f.name}`" if f.name in keys else "—")] if keys_of else []
         rows.setdefault(f.metadata["panel"] or "Options", []).append("| " + " | ".join(cells) + " |")
     out = []

@@ -144,6 +144,23 @@ def test_each_declared_choice_is_what_validate_accepts(cls, tmp_path):
         assert f"{refused}'bogus': expected one of {', '.join(choices)}" in cls(**base, **{f.name: "bogus"}).validate()
 
 
+@pytest.mark.parametrize("cls", [TrainConfig, InspectConfig])
+def test_each_declared_bound_is_what_validate_checks(cls, tmp_path):
+    base = {"rollouts": (str(tmp_path),)}
+    if cls is TrainConfig:
+        base["loss"] = "pg-is"  # a hyper-parameter of another loss is refused, and checked against its bound
+    hints = typing.get_type_hints(cls)
+    bounded = [f for f in fields(cls) if f.metadata.get("bound")]
+    assert len(bounded) >= 10
+    for f in bounded:
+        test, text = f.metadata["bound"]
+        number_type = int if int in (hints[f.name], *typing.get_args(hints[f.name])) else float
+        bad = next(number_type(v) for v in (-1, 0, 1.5, 0.5) if not test(number_type(v)))
+        context = {"anchor": "proximal", "is_correction": "tis"} if (cls, f.name) == (TrainConfig, "is_cap") else {}
+        problems = cls(**base, **context, **{f.name: bad}).validate()
+        assert f"{option_flags(f)[0]} must be {text}, got {bad}" in problems, (f.name, bad, problems)
+
+
 def test_loss_registry_and_options_share_one_table():
     # The registry's losses, in order, are the table's; each loss function takes exactly its table entry.
     assert tuple(losses.LOSSES) == LOSS_NAMES and losses.DEFAULTS == LOSS_HPARAMS
