@@ -139,13 +139,9 @@ def config_values(cls, given: dict) -> dict:
 
 
 def with_options(*classes, context: bool = False):
-    """Give a command body `(**params)` the signature Typer reads: the fields of `classes` (and the context)."""
-    def decorate(body: Callable[..., None]) -> Callable[..., None]:
-        def command(**params) -> None:
-            body(**params)
-
+    """Give a command `(**params)` the signature Typer reads: the fields of `classes` (and the context)."""
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
         ctx = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)] if context else []
-        command.__name__, command.__doc__ = body.__name__, body.__doc__
         command.__signature__ = inspect.Signature(ctx + config_parameters(*classes))
         return command
 

@@ -64,16 +64,19 @@ def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (
            command_line: bool = True, minimum: int | None = None, repr: bool = True) -> Any:
     """A config field that is also a command-line option (drpo_cli.cli derives the Typer parameter).
 
-    `help`: the one-line help of the flag and the docs (`{}` in a loss hyper-parameter's help, `hparam`,
-    becomes its losses and defaults from loss_options.LOSS_HPARAMS). `flags`: the option's names
-    (default --field-name). `choices` / `bound`: the values validate() accepts, a tuple of choices or a
-    (test, "what it must be") pair such as POSITIVE (None, unset, always passes). `cli` / `parse`: the command-line
-    type when it is not the field's (e.g. "str | None" for a comma-separated list) and the function
-    from that value to the field's; a tuple field takes a repeatable option. `argument`: positional.
-    `command_line=False`: a config-file key only. `minimum`: the least value the parser accepts.
+    help: the flag's one-line help and its docs/options.md row; in a loss hyper-parameter's (`hparam`),
+      `{}` becomes the losses that take it with their defaults (loss_options.LOSS_HPARAMS).
+    flags: the option's names (default --field-name). panel: its group in --help (PANELS).
+    choices / bound: what validate() accepts: a tuple of values, or a (test, "what it must be") pair
+      such as POSITIVE (None, unset, always passes).
+    cli / parse: the command-line type when it is not the field's (`str | None` for a comma-separated
+      list) and the function from that value to the field's; a tuple field is a repeatable option.
+    argument: positional. command_line=False: a config-file key only. minimum: the least value the
+      command-line parser accepts.
     """
-    meta = {"help": help, "flags": flags, "panel": panel, "choices": choices, "bound": bound, "cli": cli, "parse": parse,
-            "argument": argument, "hparam": hparam, "command_line": command_line, "minimum": minimum}
+    meta = {"help": help, "flags": flags, "panel": panel, "choices": choices, "bound": bound, "cli": cli,
+            "parse": parse, "argument": argument, "hparam": hparam, "command_line": command_line,
+            "minimum": minimum}
     return field(default=default, repr=repr, metadata=meta)
 
 
