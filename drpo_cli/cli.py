@@ -8,14 +8,25 @@ and `drpo schema` stay fast. Every DrpoError becomes one line on stderr and its 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
+import typing
 from collections.abc import Callable
+from dataclasses import MISSING
 from typing import TypeVar
 
 import typer
 
 from drpo_cli import __version__
+from drpo_cli.config import (
+    InspectConfig,
+    TrainConfig,
+    TrainLaunch,
+    command_line_fields,
+    option_flags,
+    option_help,
+)
 from drpo_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DrpoError
 from drpo_cli.launch import launched, launched_rank, leads, rank_exit
 
@@ -93,7 +104,48 @@ def _leave_process_group(ok: bool) -> None:
 
 # ---- commands -------------------------------------------------------------------------------
 # Each command parses options, builds its config (validated before any heavy import) and calls
-# into the library inside run_guarded().
+# into the library inside run_guarded(). `drpo train` and `drpo inspect` take one option per field of
+# TrainConfig / InspectConfig (config.option: type, default, flags, help, panel), derived below.
+
+
+def config_parameters(*classes) -> list[inspect.Parameter]:
+    """One Typer parameter per command-line field of the config `classes` (command_line_fields' order)."""
+    hints = {name: kind for cls in classes for name, kind in typing.get_type_hints(cls).items()}
+    params = []
+    for f in command_line_fields(*classes):
+        meta, kind, default = f.metadata, hints[f.name], f.default
+        if meta["cli"] is not None:
+            kind = meta["cli"]
+        elif typing.get_origin(kind) is tuple and typing.get_args(kind)[1:] == (Ellipsis,):
+            kind = list[typing.get_args(kind)[0]]  # a tuple field: a repeatable option
+        if isinstance(default, tuple):  # a repeatable option, or one text that the field's `parse` splits
+            default = list(default) if typing.get_origin(kind) is list else None
+        if meta["argument"]:
+            info = typer.Argument(... if default is MISSING else default, help=option_help(f))
+        else:
+            info = typer.Option(default, *option_flags(f), help=option_help(f), rich_help_panel=meta["panel"],
+                                min=meta["minimum"])
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind))
+    return params
+
+
+def config_values(cls, given: dict) -> dict:
+    """The command-line values of config class `cls`'s fields, as the fields hold them."""
+    values = {}
+    for f in command_line_fields(cls):
+        value, parse = given[f.name], f.metadata["parse"]
+        values[f.name] = parse(value) if parse is not None else tuple(value) if isinstance(value, list) else value
+    return values
+
+
+def with_options(*classes, context: bool = False):
+    """Give a command `(**params)` the signature Typer reads: the fields of `classes` (and the context)."""
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        ctx = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)] if context else []
+        command.__signature__ = inspect.Signature(ctx + config_parameters(*classes))
+        return command
+
+    return decorate
 
 
 # ---- drpo schema / drpo validate --------------------------------------------------------------
@@ -207,71 +259,15 @@ def convert_command(
 
 
 @app.command("inspect")
-def inspect_command(
-    rollouts: list[str] = typer.Argument(..., help="Rollout files or directories (Arrow IPC or Parquet)."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint for per-token diagnostics (else data-only)."),
-    current_version: int | None = typer.Option(
-        None, help="Policy version of the current model (default: the checkpoint's, else the data's max)."
-    ),
-    delta: list[str] = typer.Option([], "--delta", help="DRPO δ values for a what-if table, e.g. 0.1,0.2,12.5."),
-    tr_delta: float = typer.Option(0.2, help="Trust-region yardstick: a token is outside when |π − μ| > tr_delta."),
-    temperature: float | None = typer.Option(None, help="Sampling temperature when the rollouts give none."),
-    column: list[str] = typer.Option([], "--column", help="Rename a rollout column: LOGGED=DRPO (repeatable)."),
-    top: int = typer.Option(10, help="Worst sequences to list by sample_id."),
-    json_out: str | None = typer.Option(None, "--json", help="Write the JSON report to PATH ('-': stdout only)."),
-    per_token: str | None = typer.Option(None, "--per-token", help="Write per-token diagnostics (Arrow IPC) to PATH."),
-    html: str | None = typer.Option(None, "--html", help="Write a self-contained HTML page of the report to PAGE."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace an existing --json/--per-token/--html file drpo wrote."
-    ),
-    fail_above: list[str] = typer.Option(
-        [], "--fail-above", help="Gate METRIC=VALUE: exit 3 when the metric exceeds VALUE (repeatable)."
-    ),
-    reject: list[str] = typer.Option(
-        [], "--reject", help="Report what a rejection criterion LEVEL_kN>X would reject, e.g. seq_mean_k3>0.01 (repeatable)."
-    ),
-    is_veto: float | None = typer.Option(None, "--is-veto", help="Report what a veto at ρ = π/μ < THRESH would drop."),
-    correction: str = typer.Option("none", help="Report what a named correction would mask: none | seq-mask-tis."),
-    is_correction: str = typer.Option("none", help="Behavior weight for --is-batch-norm: none | is | tis | mis."),
-    is_cap: float | None = typer.Option(None, help="Cap of tis (2.0)."),
-    is_band: tuple[float, float] | None = typer.Option(None, help="Band LO HI of mis (0.5 2.0) / seq-mask-tis."),
-    is_level: str = typer.Option("token", help="ρ of the behavior weight: token | sequence | geometric."),
-    is_batch_norm: bool = typer.Option(False, "--is-batch-norm", help="Report the weights' batch mean (normaliser)."),
-    reject_mode: str | None = typer.Option(None, help="mask (rejected tokens leave the mean) | zero (weight 0)."),
-    opsm_delta: float | None = typer.Option(None, help="δ of the OPSM what-if (0.5; needs --model)."),
-    m2po_threshold: float | None = typer.Option(None, help="τ of the M2PO what-if, π_old = the model (0.04; needs --model)."),
-    max_lag: int | None = typer.Option(None, "--max-lag", help="Leave out rows (or tokens) whose staleness lag exceeds N."),
-    min_version: int | None = typer.Option(None, "--min-version", help="Leave out rows (or tokens) whose policy version is below V."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 weights."),
-    micro_batch_tokens: int = typer.Option(4096, help="Token budget per forward pass."),
-    replay_routing: bool = typer.Option(
-        False, "--replay-routing", help="MoE: route through the experts the sampler logged (routed_experts column)."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no tables."),
-    allow_unsafe_weights: bool = typer.Option(False, "--allow-unsafe-weights", help="Allow pickle weights."),
-) -> None:
+@with_options(InspectConfig)
+def inspect_command(**options) -> None:
     """Audit rollouts for staleness and trust-region violations (data-only, or per token with --model)."""
+    quiet, json_out = options["quiet"], options["json_out"]
 
     def body() -> None:
-        from drpo_cli.config import InspectConfig
-        from drpo_cli.errors import ConfigError, GateError
+        from drpo_cli.errors import GateError
 
-        try:
-            deltas = tuple(float(d) for spec in delta for d in spec.split(",") if d.strip())
-        except ValueError:
-            raise ConfigError(f"--delta {','.join(delta)!r}: expected numbers separated by commas, "
-                              "e.g. 0.1,0.2,12.5") from None
-        cfg = InspectConfig(
-            rollouts=tuple(rollouts), model=model, current_version=current_version, deltas=deltas,
-            tr_delta=tr_delta, temperature=temperature, columns=tuple(column), top=top, json_out=json_out,
-            per_token=per_token, html=html, fail_above=tuple(fail_above), overwrite=overwrite, reject=tuple(reject),
-            opsm_delta=opsm_delta, m2po_threshold=m2po_threshold, max_lag=max_lag, min_version=min_version, device=device, dtype=dtype,
-            micro_batch_tokens=micro_batch_tokens, quiet=quiet, allow_unsafe_weights=allow_unsafe_weights,
-            is_veto=is_veto, correction=correction, is_correction=is_correction, is_cap=is_cap, is_band=is_band,
-            is_level=is_level, is_batch_norm=is_batch_norm, reject_mode=reject_mode,
-            replay_routing=replay_routing,
-        ).check()
+        cfg = InspectConfig(**config_values(InspectConfig, options)).check()
         from rich.console import Console
 
         from drpo_cli.audit import inspect_and_write, run_inspect
@@ -321,137 +317,18 @@ class _ProgressBar:
 
 
 @app.command("train")
-def train_command(
-    ctx: typer.Context,
-    config: str | None = typer.Option(
-        None, "--config", help="TOML or JSON file of options (a drpo_checkpoint.json reruns its run); flags override it."
-    ),
-    rollouts: list[str] = typer.Option([], "--rollouts", "-r", help="Rollout file or directory (repeatable)."),
-    model: str = typer.Option("", "--model", "-m", help="Input Hugging Face checkpoint directory."),
-    out: str | None = typer.Option(None, "--out", "-o", help="Output directory (default: a sibling MODEL-v<N+1>)."),
-    loss: str = typer.Option("drpo", help="pg-is | ppo-clip | spo | dppo-tv | dppo-kl | drpo | gspo | cispo | sapo | "
-                             "gmpo | topr | kimi15 | dppo-tv-sq | vespo | clip-cov | kl-cov."),
-    delta: float | None = typer.Option(None, help="δ of drpo (12.5), dppo-tv (0.15), dppo-kl (0.05)."),
-    eps: float | None = typer.Option(None, help="ε of spo (0.2)."),
-    eps_low: float | None = typer.Option(None, help="ε_low of ppo-clip (0.2), gspo (3e-4), cispo (off)."),
-    eps_high: float | None = typer.Option(None, help="ε_high of ppo-clip (0.28), gspo (4e-4), cispo (4)."),
-    dual_clip: float | None = typer.Option(None, help="Dual-clip c > 1 of ppo-clip (off)."),
-    ratio_cap: float | None = typer.Option(None, help="Ratio cap C of dppo-tv / dppo-kl (20)."),
-    tau_pos: float | None = typer.Option(None, help="SAPO gate temperature where A > 0 (1.0)."),
-    tau_neg: float | None = typer.Option(None, help="SAPO gate temperature where A ≤ 0 (1.05)."),
-    tau: float | None = typer.Option(None, help="Squared-log-ratio coefficient of kimi15 (0.1) and dppo-tv-sq (1e-3)."),
-    delta_low: float | None = typer.Option(None, help="dppo-tv-sq Binary-TV threshold for A < 0 (0.2)."),
-    delta_high: float | None = typer.Option(None, help="dppo-tv-sq Binary-TV threshold for A > 0 (0.2)."),
-    k_pos: float | None = typer.Option(None, help="VESPO power k where A ≥ 0 (2)."),
-    lambda_pos: float | None = typer.Option(None, help="VESPO decay λ where A ≥ 0 (3)."),
-    k_neg: float | None = typer.Option(None, help="VESPO power k where A < 0 (3)."),
-    lambda_neg: float | None = typer.Option(None, help="VESPO decay λ where A < 0 (2)."),
-    cov_ratio: float | None = typer.Option(None, help="Share of the step's tokens clip-cov / kl-cov select (2e-4)."),
-    cov_lb: float | None = typer.Option(None, help="clip-cov: lower covariance bound of a candidate (1)."),
-    cov_ub: float | None = typer.Option(None, help="clip-cov: upper covariance bound of a candidate (5)."),
-    cov_kl_coef: float | None = typer.Option(None, help="kl-cov: |log r| penalty coefficient on selected tokens (0.1)."),
-    opsm_delta: float | None = typer.Option(
-        None, help="OPSM filter (any loss): drop A < 0 tokens of sequences whose mean log(μ/π) exceeds δ (off)."
-    ),
-    m2po_threshold: float | None = typer.Option(
-        None, help="M2PO filter (any loss): mask the step's largest (log μ − log π_old)² until their mean < τ (off)."
-    ),
-    anchor: str = typer.Option("behavior", help="Anchor log-probs: behavior | proximal."),
-    is_correction: str = typer.Option("none", help="Behavior correction with --anchor proximal: none | tis | mis | is."),
-    is_cap: float | None = typer.Option(None, help="Cap of tis (2.0)."),
-    is_band: tuple[float, float] | None = typer.Option(None, help="Kept band LO HI of mis (0.5 2.0)."),
-    is_level: str = typer.Option("token", help="ρ of tis / mis per token | sequence (product) | geometric (mean)."),
-    reject: list[str] = typer.Option(
-        [], "--reject", help="Reject tokens/sequences by LEVEL_kN>X on π_old vs μ, e.g. seq_mean_k3>0.01 (repeatable)."
-    ),
-    is_veto: float | None = typer.Option(
-        None, "--is-veto", help="Drop a sequence when a token has π_old/μ below THRESH (slime: 1e-4)."
-    ),
-    is_batch_norm: bool = typer.Option(
-        False, "--is-batch-norm", help="Self-normalise the behavior weights to mean 1 over each step."
-    ),
-    correction: str = typer.Option("none", help="Named correction: none | seq-mask-tis (needs --anchor proximal)."),
-    reject_mode: str | None = typer.Option(
-        None, help="Rejected/vetoed tokens: mask (leave the denominators; default) | zero (weight 0)."
-    ),
-    ref_model: str | None = typer.Option(None, "--ref-model", help="Reference checkpoint for a KL(π‖π_ref) penalty."),
-    kl_coef: float | None = typer.Option(None, help="β of the reference KL penalty (0.001 with --ref-model)."),
-    kl_estimator: str = typer.Option("k3", help="Per-token KL estimator: k1 | k2 | k3."),
-    entropy_coef: float = typer.Option(0.0, help="Entropy bonus c: each token's loss gets −c·H(π)."),
-    max_lag: int | None = typer.Option(None, "--max-lag", help="Drop rows (or mask tokens) whose staleness lag exceeds N."),
-    min_version: int | None = typer.Option(None, "--min-version", help="Drop rows (or mask tokens) whose policy version is below V."),
-    agg: str = typer.Option(
-        "token-mean", help="token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."
-    ),
-    horizon: int = typer.Option(8192, help="Horizon of seq-mean-token-sum-norm."),
-    adv_norm: str = typer.Option("none", help="Group advantages from reward: none | std."),
-    epochs: int = typer.Option(1, help="Passes over the rollouts."),
-    minibatches: int = typer.Option(1, help="Optimizer steps per pass."),
-    micro_batch_tokens: int = typer.Option(4096, help="Token budget per forward/backward."),
-    lr: float = typer.Option(1e-6, help="AdamW learning rate."),
-    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
-    max_grad_norm: float = typer.Option(1.0, help="Gradient-norm clip."),
-    warmup_steps: int = typer.Option(0, help="Linear warmup steps."),
-    seed: int = typer.Option(0, help="Shuffle seed."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    dtype: str = typer.Option("auto", help="auto | bf16 | fp16 (autocast, fp32 master weights; fp16 loss-scaled) | fp32."),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations."),
-    replay_routing: bool = typer.Option(
-        False, "--replay-routing", help="MoE: route through the experts the sampler logged (routed_experts column)."
-    ),
-    cpu_offload: bool = typer.Option(
-        False, "--cpu-offload", help="Under torchrun on CUDA: keep sharded weights, grads and optimizer state in CPU memory."
-    ),
-    nproc: int | None = typer.Option(
-        None, "--nproc", min=1, help="Run under torchrun with N processes on this machine (FSDP2; one per GPU)."
-    ),
-    lora_r: int | None = typer.Option(None, "--lora-r", help="Train a LoRA adapter of rank R (peft; head frozen)."),
-    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha: update (alpha / r)·BA (2R)."),
-    lora_targets: str | None = typer.Option(
-        None, "--lora-targets", help="Comma-separated module names (default: attention and MLP projections)."
-    ),
-    adapter: str | None = typer.Option(None, "--adapter", help="Continue training this peft LoRA adapter directory."),
-    merge: bool = typer.Option(False, "--merge", help="With LoRA: write merged full weights instead of the adapter."),
-    tr_delta: float = typer.Option(0.2, help="Trust-region yardstick of the diagnostics: |π − μ| > tr_delta."),
-    temperature: float | None = typer.Option(None, help="Sampling temperature when the rollouts give none."),
-    column: list[str] = typer.Option([], "--column", help="Rename a rollout column: LOGGED=DRPO (repeatable)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out that drpo wrote."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (OUT.partial-state/)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary tables."),
-    tensorboard: str | None = typer.Option(
-        None, "--tensorboard", help="Write every step's metrics as TensorBoard events to DIR (rounds form one curve)."
-    ),
-    allow_unsafe_weights: bool = typer.Option(False, "--allow-unsafe-weights", help="Allow pickle weights."),
-) -> None:
+@with_options(TrainLaunch, TrainConfig, context=True)
+def train_command(ctx: typer.Context, config: str | None, nproc: int | None, **given) -> None:
     """Run off-policy update passes on rollouts and write an updated checkpoint with a trust-region report."""
 
     def body() -> None:
-        from drpo_cli.config import TrainConfig
-
-        options = dict(  # noqa: C408 -- the keyword form TrainConfig(...) takes
-            rollouts=tuple(rollouts), model=model, out=out, loss=loss, delta=delta, eps=eps,
-            eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ratio_cap=ratio_cap, anchor=anchor,
-            tau_pos=tau_pos, tau_neg=tau_neg, tau=tau, delta_low=delta_low, delta_high=delta_high, k_pos=k_pos,
-            lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg, cov_ratio=cov_ratio, cov_lb=cov_lb,
-            cov_ub=cov_ub, cov_kl_coef=cov_kl_coef, opsm_delta=opsm_delta, m2po_threshold=m2po_threshold,
-            is_correction=is_correction, is_cap=is_cap, is_band=is_band, is_level=is_level, reject=tuple(reject),
-            is_veto=is_veto, is_batch_norm=is_batch_norm, correction=correction, reject_mode=reject_mode,
-            ref_model=ref_model, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-            max_lag=max_lag, min_version=min_version, agg=agg, horizon=horizon,
-            adv_norm=adv_norm, epochs=epochs, minibatches=minibatches, micro_batch_tokens=micro_batch_tokens,
-            lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, warmup_steps=warmup_steps,
-            seed=seed, device=device, dtype=dtype, grad_checkpointing=grad_checkpointing, cpu_offload=cpu_offload,
-            tr_delta=tr_delta, temperature=temperature, columns=tuple(column), overwrite=overwrite, resume=resume,
-            quiet=quiet, tensorboard=tensorboard, allow_unsafe_weights=allow_unsafe_weights, lora_r=lora_r, lora_alpha=lora_alpha,
-            lora_targets=tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip()), adapter=adapter,
-            merge=merge, replay_routing=replay_routing,
-        )
+        options = config_values(TrainConfig, given)
         if config is None:
             cfg = TrainConfig(**options).check()
         else:
             from drpo_cli.config_file import train_config
 
-            cfg = train_config(config, _given(ctx, options, {"column": "columns"})).check()
+            cfg = train_config(config, _given(ctx, options)).check()
         if nproc is not None and not launched():  # not yet under a launcher: start one
             from drpo_cli.distributed import run_torchrun
 
@@ -485,14 +362,13 @@ def report_command(
     run_guarded(body)
 
 
-def _given(ctx: typer.Context, options: dict, renames: dict[str, str]) -> dict:
+def _given(ctx: typer.Context, options: dict) -> dict:
     """The entries of `options` (field name -> value) set on the command line or by environment variable."""
     def explicit(param: str) -> bool:  # by name: typer may bring its own copy of click's enum
         source = ctx.get_parameter_source(param)
         return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
-    return {renames.get(p, p): options[renames.get(p, p)] for p in ctx.params
-            if renames.get(p, p) in options and explicit(p)}
+    return {p: options[p] for p in ctx.params if p in options and explicit(p)}
 
 
 def without_nproc(argv: list[str]) -> list[str]:

@@ -9,43 +9,31 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import Any
 
 from drpo_cli.errors import ConfigError
+from drpo_cli.loss_options import (
+    AGG_MODES,
+    DEFAULT_HORIZON,
+    HPARAM_NAMES,
+    IS_BAND,
+    IS_CAP,
+    IS_CORRECTIONS,
+    IS_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_HPARAMS,
+    LOSS_NAMES,
+    REJECT_LEVELS,
+    defaults_of,
+    number,
+)
 from drpo_cli.outputs import Output, output_problems, state_dir
 
-# Hyper-parameters each loss accepts and their defaults (SPEC.md §1). A test keeps this table equal to
-# losses.DEFAULTS, which cannot be imported here because losses imports torch.
-LOSS_HPARAMS: dict[str, dict[str, float | None]] = {
-    "pg-is": {},
-    "ppo-clip": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": None},
-    "spo": {"eps": 0.2},
-    "dppo-tv": {"delta": 0.15, "ratio_cap": 20.0},
-    "dppo-kl": {"delta": 0.05, "ratio_cap": 20.0},
-    "drpo": {"delta": 12.5},
-    "gspo": {"eps_low": 3e-4, "eps_high": 4e-4},
-    "cispo": {"eps_low": None, "eps_high": 4.0},
-    "sapo": {"tau_pos": 1.0, "tau_neg": 1.05},
-    "gmpo": {"eps_low": 0.4, "eps_high": 0.4},
-    "topr": {},
-    "kimi15": {"tau": 0.1},
-    "dppo-tv-sq": {"delta_low": 0.2, "delta_high": 0.2, "tau": 1e-3},
-    "vespo": {"k_pos": 2.0, "lambda_pos": 3.0, "k_neg": 3.0, "lambda_neg": 2.0},
-    "clip-cov": {"eps_low": 0.2, "eps_high": 0.2, "cov_ratio": 2e-4, "cov_lb": 1.0, "cov_ub": 5.0},
-    "kl-cov": {"cov_ratio": 2e-4, "cov_kl_coef": 0.1},
-}
-HPARAM_NAMES = ("delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap", "tau_pos", "tau_neg", "tau",
-                "delta_low", "delta_high", "k_pos", "lambda_pos", "k_neg", "lambda_neg", "cov_ratio", "cov_lb",
-                "cov_ub", "cov_kl_coef")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-ANCHORS = ("behavior", "proximal")
-IS_CORRECTIONS = ("none", "tis", "mis", "is")
-IS_LEVELS = ("token", "sequence", "geometric")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 DEFAULT_KL_COEF = 0.001  # verl's kl_loss_coef default
 OPSM_WHAT_IF = 0.5  # inspect's OPSM δ when none is given (TRL's example value of off_policy_mask_threshold)
 M2PO_WHAT_IF = 0.04  # inspect's M2PO τ when none is given (AReaL's examples/math/gsm8k_m2po.yaml)
-REJECT_LEVELS = ("token", "seq_sum", "seq_mean", "seq_max")
+ANCHORS = ("behavior", "proximal")
 REJECT_EXAMPLE = "seq_mean_k3>0.01"
 ADV_NORMS = ("none", "std")
 CORRECTIONS = ("none", "seq-mask-tis")  # named compositions of --is-* and --reject (expand_correction)
@@ -57,6 +45,79 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+# ---- options: each declared once, as a config field; the command line and the docs are derived -------
+# Bounds an option's value must satisfy: (test, what the problem line says it must be).
+POSITIVE = (lambda v: v > 0, "> 0")  # `>` also refuses NaN
+NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, ">= 0")
+AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
+UNIT = (lambda v: 0 < v <= 1, "in (0, 1]")
+# Panels group `drpo train --help` / `drpo inspect --help`, in this order.
+PANELS = INPUTS, OUTPUTS, LOSS, CORRECTIONS_PANEL, PENALTIES, DATA, OPTIMIZER, HARDWARE, LORA = (
+    "Inputs", "Outputs", "Loss", "Off-policy corrections", "Penalties", "Data", "Optimizer", "Hardware", "LoRA")
+
+
+def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (), panel: str | None = None,
+           choices: tuple[str, ...] | None = None, cli: Any = None, parse: Any = None,
+           bound: tuple[Any, str] | None = None, argument: bool = False, hparam: bool = False,
+           command_line: bool = True, minimum: int | None = None, repr: bool = True) -> Any:
+    """A config field that is also a command-line option (drpo_cli.cli derives the Typer parameter).
+
+    help: the flag's one-line help and its docs/options.md row; in a loss hyper-parameter's (`hparam`),
+      `{}` becomes the losses that take it with their defaults (loss_options.LOSS_HPARAMS).
+    flags: the option's names (default --field-name). panel: its group in --help (PANELS).
+    choices / bound: what validate() accepts: a tuple of values, or a (test, "what it must be") pair
+      such as POSITIVE (None, unset, always passes).
+    cli / parse: the command-line type when it is not the field's (`str | None` for a comma-separated
+      list) and the function from that value to the field's; a tuple field is a repeatable option.
+    argument: positional. command_line=False: a config-file key only. minimum: the least value the
+      command-line parser accepts.
+    """
+    meta = {"help": help, "flags": flags, "panel": panel, "choices": choices, "bound": bound, "cli": cli,
+            "parse": parse, "argument": argument, "hparam": hparam, "command_line": command_line,
+            "minimum": minimum}
+    return field(default=default, repr=repr, metadata=meta)
+
+
+def hparam(help: str, bound: tuple[Any, str] | None = None) -> Any:
+    """A loss hyper-parameter: None (the loss's default), help text with `{}` for its losses and defaults."""
+    return option(None, help, bound=bound, panel=LOSS, hparam=True)
+
+
+def option_help(f: Field) -> str:
+    """The help text of a config field, with a hyper-parameter's losses and defaults filled in."""
+    text = f.metadata.get("help", "")
+    return text.format(defaults_of(f.name)) if f.metadata.get("hparam") else text
+
+
+def option_flags(f: Field) -> tuple[str, ...]:
+    """The command-line names of a config field's option: its declared flags, else --field-name."""
+    return f.metadata.get("flags") or (_flag(f.name),)
+
+
+def command_line_fields(*classes) -> list[Field]:
+    """The fields of config classes that are command-line options, by panel (PANELS), then as declared."""
+    found = [f for cls in classes for f in fields(cls) if f.metadata.get("command_line", False)]
+    return sorted(found, key=lambda f: -1 if f.metadata["panel"] is None else PANELS.index(f.metadata["panel"]))
+
+
+def one_of(choices: tuple[str, ...]) -> str:
+    return " | ".join(choices)
+
+
+def parse_deltas(specs: list[str] | tuple[str, ...]) -> tuple[float, ...]:
+    """`--delta 0.1,0.2 --delta 12.5` -> (0.1, 0.2, 12.5) (ConfigError on anything but numbers)."""
+    try:
+        return tuple(float(d) for spec in specs for d in spec.split(",") if d.strip())
+    except ValueError:
+        raise ConfigError(f"--delta {','.join(specs)!r}: expected numbers separated by commas, "
+                          "e.g. 0.1,0.2,12.5") from None
+
+
+def parse_names(spec: str | None) -> tuple[str, ...]:
+    """`"q_proj, v_proj"` -> ("q_proj", "v_proj"); None -> ()."""
+    return tuple(t.strip() for t in (spec or "").split(",") if t.strip())
 
 
 def parse_columns(specs: tuple[str, ...] | list[str]) -> tuple[dict[str, str], list[str]]:
@@ -97,9 +158,9 @@ def correction_problems(cfg) -> list[str]:
     p = []
     if cfg.is_veto is not None and not (math.isfinite(cfg.is_veto) and 0 < cfg.is_veto < 1):
         p.append(f"--is-veto must be in (0, 1) (a ratio π_old/μ below which the sequence is dropped), got {cfg.is_veto}")
-    _choice(p, "correction", cfg.correction, CORRECTIONS)
+    _choice(p, cfg, "correction")
     if cfg.reject_mode is not None:
-        _choice(p, "reject_mode", cfg.reject_mode, REJECT_MODES)
+        _choice(p, cfg, "reject_mode")
     if cfg.correction == "seq-mask-tis":
         if cfg.is_correction not in ("none", "is") or cfg.is_level != "token" or cfg.is_cap is not None:
             p.append("--correction seq-mask-tis sets --is-correction is at --is-level token; leave those and --is-cap out")
@@ -132,187 +193,137 @@ def expand_correction(cfg):
                    reject_mode="zero")
 
 
-OBJECTIVE_OPTIONS = ("tau_pos", "tau_neg", "tau", "delta_low", "delta_high", "k_pos", "lambda_pos", "k_neg",
-                     "lambda_neg", "cov_ratio", "cov_lb", "cov_ub", "cov_kl_coef", "opsm_delta", "m2po_threshold")
-
-
-def objective_problems(values: dict[str, float | None]) -> list[str]:
-    """Problems with the later objectives' options and the OPSM / M2PO filters, given by name (None: unset)."""
+def objective_problems(cfg) -> list[str]:
+    """Problems with the later objectives' options and the OPSM / M2PO filters of `cfg` (those it has)."""
     p: list[str] = []
-    for name in ("tau_pos", "tau_neg", "delta_low", "delta_high", "lambda_pos", "lambda_neg", "m2po_threshold"):
-        _positive(p, name, values.get(name))
-    for name in ("tau", "k_pos", "k_neg", "cov_kl_coef", "opsm_delta"):
-        value = values.get(name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            p.append(f"{_flag(name)} must be >= 0, got {value}")
-    ratio = values.get("cov_ratio")
-    if ratio is not None and not 0 < ratio <= 1:
-        p.append(f"--cov-ratio must be in (0, 1], got {ratio}")
+    _bounds(p, cfg, "tau_pos", "tau_neg", "delta_low", "delta_high", "lambda_pos", "lambda_neg", "m2po_threshold",
+            "tau", "k_pos", "k_neg", "cov_kl_coef", "opsm_delta", "cov_ratio")
     defaults = LOSS_HPARAMS["clip-cov"]
-    lb = defaults["cov_lb"] if values.get("cov_lb") is None else values["cov_lb"]
-    ub = defaults["cov_ub"] if values.get("cov_ub") is None else values["cov_ub"]
+    lb = defaults["cov_lb"] if getattr(cfg, "cov_lb", None) is None else cfg.cov_lb
+    ub = defaults["cov_ub"] if getattr(cfg, "cov_ub", None) is None else cfg.cov_ub
     if not (math.isfinite(lb) and math.isfinite(ub) and lb < ub):
         p.append(f"--cov-lb must be below --cov-ub, got {lb} and {ub}")
     return p
 
 
-def staleness_problems(max_lag: int | None, min_version: int | None) -> list[str]:
-    """Problems with --max-lag / --min-version (both commands)."""
-    p = []
-    for name, value in (("max_lag", max_lag), ("min_version", min_version)):
-        if value is not None and value < 0:
-            p.append(f"{_flag(name)} must be >= 0, got {value}")
-    return p
-
-
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything `drpo train` does is decided by these fields (SPEC.md §1, §4)."""
+    """Everything `drpo train` does is decided by these fields (SPEC.md §1, §4).
 
-    rollouts: tuple[str, ...]
-    """Rollout files or directories (Arrow IPC file/stream or Parquet); one or more."""
-    model: str
-    """Input Hugging Face checkpoint directory (safetensors); never modified."""
-    out: str | None = None
-    """Output checkpoint directory; default: a sibling named after the input and the new policy version."""
-    loss: str = "drpo"
-    """Surrogate loss, one of SPEC.md §1: pg-is, ppo-clip, spo, dppo-tv, dppo-kl, drpo, gspo, cispo."""
-    delta: float | None = None
-    """Trust-region size δ of drpo / dppo-tv / dppo-kl (None: the loss's default)."""
-    eps: float | None = None
-    """SPO's ε (None: 0.2)."""
-    eps_low: float | None = None
-    """Lower clip ε_low of ppo-clip (None: 0.2), gspo (3e-4) and cispo (None: no lower clip)."""
-    eps_high: float | None = None
-    """Upper clip ε_high of ppo-clip (None: 0.28, DAPO clip-higher), gspo (4e-4) and cispo (4: weight ≤ 5)."""
-    dual_clip: float | None = None
-    """PPO dual-clip constant c > 1 for A < 0 (None: off)."""
-    ratio_cap: float | None = None
-    """DPPO's cap C on the detached ratio in the gradient (None: 20)."""
-    tau_pos: float | None = None
-    """SAPO's gate temperature where A > 0 (None: 1.0)."""
-    tau_neg: float | None = None
-    """SAPO's gate temperature where A ≤ 0 (None: 1.05)."""
-    tau: float | None = None
-    """Squared-log-ratio coefficient τ of kimi15 ((τ/2)·log²r, None: 0.1) and dppo-tv-sq (τ·log²r, None: 1e-3)."""
-    delta_low: float | None = None
-    """dppo-tv-sq's Binary-TV threshold for A < 0 (None: 0.2)."""
-    delta_high: float | None = None
-    """dppo-tv-sq's Binary-TV threshold for A > 0 (None: 0.2)."""
-    k_pos: float | None = None
-    """VESPO's power k where A ≥ 0 (None: 2)."""
-    lambda_pos: float | None = None
-    """VESPO's decay λ where A ≥ 0 (None: 3)."""
-    k_neg: float | None = None
-    """VESPO's power k where A < 0 (None: 3)."""
-    lambda_neg: float | None = None
-    """VESPO's decay λ where A < 0 (None: 2)."""
-    cov_ratio: float | None = None
-    """Share of the step's trained tokens clip-cov / kl-cov select (None: 2e-4)."""
-    cov_lb: float | None = None
-    """clip-cov: lower bound of the covariance of a candidate token (None: 1)."""
-    cov_ub: float | None = None
-    """clip-cov: upper bound of the covariance of a candidate token (None: 5)."""
-    cov_kl_coef: float | None = None
-    """kl-cov: coefficient of the |log r| penalty on the selected tokens (None: 0.1)."""
-    opsm_delta: float | None = None
-    """OPSM filter (any loss): drop A < 0 tokens of sequences whose mean log(μ/π) exceeds δ (None: off)."""
-    m2po_threshold: float | None = None
-    """M2PO filter (any loss): mask the step's largest (log μ − log π_old)² until their mean is below τ (None: off)."""
-    anchor: str = "behavior"
-    """Anchor log-probs μ: the sampler's (behavior) or π_old (proximal: column or recomputed once)."""
-    is_correction: str = "none"
-    """Behavior correction ρ = π_old/μ with the proximal anchor: none, tis (truncate), mis (mask)."""
-    is_cap: float | None = None
-    """Cap C_is of tis (None: 2.0)."""
-    is_band: tuple[float, float] | None = None
-    """Kept band [lo, hi] of mis (None: [0.5, 2.0])."""
-    is_level: str = "token"
-    """Level of ρ for tis / mis: token ρ_t, sequence Π_t ρ_t, geometric (Π_t ρ_t)^(1/n) per sequence."""
-    reject: tuple[str, ...] = ()
-    """Rejection criteria LEVEL_kN>X on log ρ = log π_old − log μ, e.g. seq_mean_k3>0.01 (any one rejects)."""
-    is_veto: float | None = None
-    """Veto: drop a whole sequence when any trained token has ρ = π_old/μ below this (slime: 1e-4; None: off)."""
-    is_batch_norm: bool = False
-    """Self-normalise the behavior weights to mean 1 over each optimizer step's trained tokens (or sequences)."""
-    correction: str = "none"
-    """Named correction: seq-mask-tis (NeMo-RL) = --is-correction is + geometric-mean ρ band as --reject, zero mode."""
-    reject_mode: str | None = None
-    """mask: rejected/vetoed tokens leave the loss mask and denominators (verl, slime); zero: weight 0, counted."""
-    ref_model: str | None = None
-    """Reference checkpoint for a KL(π‖π_ref) penalty; its log-probs are computed once, before training."""
-    kl_coef: float | None = None
-    """β of the reference KL penalty β·KL per token (None: 0.001 with --ref-model)."""
-    kl_estimator: str = "k3"
-    """Per-token KL(π‖π_ref) estimator: k1, k2 or k3 (= π_ref/π − log(π_ref/π) − 1)."""
-    entropy_coef: float = 0.0
-    """Entropy bonus c: each token's loss gets −c·H(π), gradient through the chunked head."""
-    max_lag: int | None = None
-    """Drop rows whose staleness lag (current − policy_version) exceeds N (rows without a version are kept);
-    with token_policy_versions, mask the too-stale tokens and drop rows left with no trained token."""
-    min_version: int | None = None
-    """Drop rows whose policy_version is below V (rows without a version are kept)."""
-    agg: str = "token-mean"
-    """Token aggregation, independent of the loss (SPEC.md §1); denominators global over the step."""
-    horizon: int = 8192
-    """Horizon H of seq-mean-token-sum-norm."""
-    adv_norm: str = "none"
-    """Group-relative advantages from reward: none (R − mean) or std (also divide by group std + 1e-6)."""
-    epochs: int = 1
-    """Passes over the rollouts."""
-    minibatches: int = 1
-    """Optimizer steps per pass: the shuffled rows are split into this many mini-batches."""
-    micro_batch_tokens: int = 4096
-    """Token budget per forward/backward (prompt + response, padded); gradients are accumulated."""
-    lr: float = 1e-6
-    """AdamW learning rate (after warmup)."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip."""
-    warmup_steps: int = 0
-    """Linear learning-rate warmup over this many optimizer steps."""
-    seed: int = 0
-    """Seeds the per-pass shuffle (and torch); same seed and inputs give identical weights on CPU."""
-    device: str = "auto"
-    """auto (cuda when available), cpu or cuda."""
-    dtype: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU), bf16 / fp16 (autocast and low-precision head GEMMs, fp32 master
-    weights, fp16 with a loss scaler; CPU or CUDA) or fp32."""
-    grad_checkpointing: bool = False
-    """Recompute transformer activations in backward to save memory."""
-    replay_routing: bool = False
-    """Mixture of experts: route every position through the experts the sampler logged (routed_experts, R3)."""
-    cpu_offload: bool = False
-    """Under torchrun (FSDP2) on CUDA: keep sharded parameters, gradients and optimizer state in CPU memory."""
-    lora_r: int | None = None
-    """LoRA rank: train a peft LoRA adapter of this rank, base weights and head frozen (None: every weight)."""
-    lora_alpha: float | None = None
-    """LoRA scaling numerator: the update is (alpha / r) · B A (None: 2 × lora_r)."""
-    lora_targets: tuple[str, ...] = ()
-    """Module names LoRA adapts (empty: every linear layer of attention and MLP, not the output head)."""
-    adapter: str | None = None
-    """A peft LoRA adapter directory to continue training on top of --model (its rank, alpha and targets)."""
-    merge: bool = False
-    """With LoRA: write a full checkpoint with the adapter merged into the weights instead of the adapter."""
-    tr_delta: float = 0.2
-    """Trust-region yardstick for diagnostics: a token is outside when |π − μ| > tr_delta."""
-    temperature: float | None = None
-    """Sampling temperature when rows and file metadata give none (None: 1.0)."""
-    columns: tuple[str, ...] = ()
-    """Column renames LOGGED=DRPO for rollout files with other names."""
-    overwrite: bool = False
-    """Replace an existing --out that drpo wrote (atomically); anything else is refused."""
-    resume: bool = False
-    """Continue an interrupted run from OUT.partial-state/ (same options required)."""
-    quiet: bool = False
-    """No progress bar and no summary tables."""
-    tensorboard: str | None = None
-    """Write every step's metrics as TensorBoard events here; global step = policy version × steps + step."""
-    allow_unsafe_weights: bool = False
-    """Allow pickle (.bin) weights; safetensors only otherwise."""
-    chunk_tokens: int = field(default=1024, repr=False)
-    """Tokens per output-head chunk (memory O(chunk × V)); not a command-line option."""
+    Each field is one option: its `help` is the flag's help and its row in docs/options.md; the same
+    names are the keys of a `--config` file.
+    """
+
+    rollouts: tuple[str, ...] = option((), "Rollout file or directory (repeatable).", flags=("--rollouts", "-r"),
+                                       panel=INPUTS)
+    model: str = option("", "Input Hugging Face checkpoint directory.", flags=("--model", "-m"), panel=INPUTS)
+    out: str | None = option(None, "Output directory (default: a sibling MODEL-v<N+1>).", flags=("--out", "-o"),
+                             panel=OUTPUTS)
+    loss: str = option("drpo", one_of(LOSS_NAMES) + ".", choices=LOSS_NAMES, panel=LOSS)
+    delta: float | None = hparam("δ of {}.", POSITIVE)
+    eps: float | None = hparam("ε of {}.", POSITIVE)
+    eps_low: float | None = hparam("ε_low of {}.", (lambda v: 0 < v <= 1, "in (0, 1] (1: no lower clip)"))
+    eps_high: float | None = hparam("ε_high of {}.", POSITIVE)
+    dual_clip: float | None = hparam("Dual-clip c > 1 of {}.", (lambda v: v > 1, "> 1 (e.g. 3)"))
+    ratio_cap: float | None = hparam("Ratio cap C of {}.", AT_LEAST_ONE)
+    tau_pos: float | None = hparam("Gate temperature where A > 0 of {}.", POSITIVE)
+    tau_neg: float | None = hparam("Gate temperature where A ≤ 0 of {}.", POSITIVE)
+    tau: float | None = hparam("Squared-log-ratio coefficient of {}.", NON_NEGATIVE)
+    delta_low: float | None = hparam("Binary-TV threshold for A < 0 of {}.", POSITIVE)
+    delta_high: float | None = hparam("Binary-TV threshold for A > 0 of {}.", POSITIVE)
+    k_pos: float | None = hparam("Power k where A ≥ 0 of {}.", NON_NEGATIVE)
+    lambda_pos: float | None = hparam("Decay λ where A ≥ 0 of {}.", POSITIVE)
+    k_neg: float | None = hparam("Power k where A < 0 of {}.", NON_NEGATIVE)
+    lambda_neg: float | None = hparam("Decay λ where A < 0 of {}.", POSITIVE)
+    cov_ratio: float | None = hparam("Share of the step's tokens selected by {}.", UNIT)
+    cov_lb: float | None = hparam("Lower covariance bound of a selected candidate of {}.")
+    cov_ub: float | None = hparam("Upper covariance bound of a selected candidate of {}.")
+    cov_kl_coef: float | None = hparam(
+        "|log r| penalty coefficient on the selected tokens of {}.", NON_NEGATIVE)
+    opsm_delta: float | None = option(
+        None, "OPSM filter (any loss): drop A < 0 tokens of sequences whose mean log(μ/π) exceeds δ (off).",
+        panel=CORRECTIONS_PANEL, bound=NON_NEGATIVE)
+    m2po_threshold: float | None = option(
+        None, "M2PO filter (any loss): mask the step's largest (log μ − log π_old)² until their mean < τ (off).",
+        panel=CORRECTIONS_PANEL, bound=POSITIVE)
+    anchor: str = option("behavior", f"Anchor log-probs: {one_of(ANCHORS)}.", choices=ANCHORS,
+                         panel=CORRECTIONS_PANEL)
+    is_correction: str = option("none", f"Behavior correction with --anchor proximal: {one_of(IS_CORRECTIONS)}.",
+                                choices=IS_CORRECTIONS, panel=CORRECTIONS_PANEL)
+    is_cap: float | None = option(None, f"Cap of tis ({IS_CAP}).", panel=CORRECTIONS_PANEL, bound=POSITIVE)
+    is_band: tuple[float, float] | None = option(
+        None, f"Kept band LO HI of mis ({IS_BAND[0]} {IS_BAND[1]}).", panel=CORRECTIONS_PANEL)
+    is_level: str = option("token", "ρ of tis / mis per token | sequence (product) | geometric (mean).",
+                           choices=IS_LEVELS, panel=CORRECTIONS_PANEL)
+    reject: tuple[str, ...] = option(
+        (), f"Reject tokens/sequences by LEVEL_kN>X on π_old vs μ, e.g. {REJECT_EXAMPLE} (repeatable).",
+        panel=CORRECTIONS_PANEL)
+    is_veto: float | None = option(
+        None, "Drop a sequence when a token has π_old/μ below THRESH (slime: 1e-4).", panel=CORRECTIONS_PANEL)
+    is_batch_norm: bool = option(False, "Self-normalise the behavior weights to mean 1 over each step.",
+                                 panel=CORRECTIONS_PANEL)
+    correction: str = option("none", f"Named correction: {one_of(CORRECTIONS)} (needs --anchor proximal).",
+                             choices=CORRECTIONS, panel=CORRECTIONS_PANEL)
+    reject_mode: str | None = option(
+        None, "Rejected/vetoed tokens: mask (leave the denominators; default) | zero (weight 0).",
+        choices=REJECT_MODES, panel=CORRECTIONS_PANEL)
+    ref_model: str | None = option(None, "Reference checkpoint for a KL(π‖π_ref) penalty.", panel=PENALTIES)
+    kl_coef: float | None = option(
+        None, f"β of the reference KL penalty ({number(DEFAULT_KL_COEF)} with --ref-model).", panel=PENALTIES,
+        bound=NON_NEGATIVE)
+    kl_estimator: str = option("k3", f"Per-token KL estimator: {one_of(KL_ESTIMATORS)}.", choices=KL_ESTIMATORS,
+                               panel=PENALTIES)
+    entropy_coef: float = option(
+        0.0, "Entropy bonus c: each token's loss gets −c·H(π).", panel=PENALTIES, bound=NON_NEGATIVE)
+    max_lag: int | None = option(
+        None, "Drop rows (or mask tokens) whose staleness lag exceeds N.", panel=DATA, bound=NON_NEGATIVE)
+    min_version: int | None = option(None, "Drop rows (or mask tokens) whose policy version is below V.",
+                                     panel=DATA, bound=NON_NEGATIVE)
+    agg: str = option("token-mean", one_of(AGG_MODES) + ".", choices=AGG_MODES, panel=LOSS)
+    horizon: int = option(DEFAULT_HORIZON, "Horizon of seq-mean-token-sum-norm.", panel=LOSS, bound=POSITIVE)
+    adv_norm: str = option("none", f"Group advantages from reward: {one_of(ADV_NORMS)}.", choices=ADV_NORMS,
+                           panel=LOSS)
+    epochs: int = option(1, "Passes over the rollouts.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
+    minibatches: int = option(1, "Optimizer steps per pass.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
+    micro_batch_tokens: int = option(
+        4096, "Token budget per forward/backward.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
+    lr: float = option(1e-6, "AdamW learning rate.", panel=OPTIMIZER, bound=POSITIVE)
+    weight_decay: float = option(0.0, "AdamW weight decay.", panel=OPTIMIZER, bound=NON_NEGATIVE)
+    max_grad_norm: float = option(1.0, "Gradient-norm clip.", panel=OPTIMIZER, bound=POSITIVE)
+    warmup_steps: int = option(0, "Linear warmup steps.", panel=OPTIMIZER, bound=NON_NEGATIVE)
+    seed: int = option(0, "Shuffle seed.", panel=OPTIMIZER, bound=NON_NEGATIVE)
+    device: str = option("auto", f"{one_of(DEVICES)}.", choices=DEVICES, panel=HARDWARE)
+    dtype: str = option("auto", "auto | bf16 | fp16 (autocast, fp32 master weights; fp16 loss-scaled) | fp32.",
+                        choices=DTYPES, panel=HARDWARE)
+    grad_checkpointing: bool = option(False, "Recompute activations.", panel=HARDWARE)
+    replay_routing: bool = option(
+        False, "MoE: route through the experts the sampler logged (routed_experts column).", panel=HARDWARE)
+    cpu_offload: bool = option(
+        False, "Under torchrun on CUDA: keep sharded weights, grads and optimizer state in CPU memory.",
+        panel=HARDWARE)
+    lora_r: int | None = option(
+        None, "Train a LoRA adapter of rank R (peft; head frozen).", panel=LORA, bound=AT_LEAST_ONE)
+    lora_alpha: float | None = option(
+        None, "LoRA alpha: update (alpha / r)·BA (2R).", panel=LORA, bound=POSITIVE)
+    lora_targets: tuple[str, ...] = option(
+        (), "Comma-separated module names (default: attention and MLP projections).", cli=str | None,
+        parse=parse_names, panel=LORA)
+    adapter: str | None = option(None, "Continue training this peft LoRA adapter directory.", panel=LORA)
+    merge: bool = option(False, "With LoRA: write merged full weights instead of the adapter.", panel=LORA)
+    tr_delta: float = option(
+        0.2, "Trust-region yardstick of the diagnostics: |π − μ| > tr_delta.", panel=DATA, bound=UNIT)
+    temperature: float | None = option(
+        None, "Sampling temperature when the rollouts give none.", panel=DATA, bound=POSITIVE)
+    columns: tuple[str, ...] = option((), "Rename a rollout column: LOGGED=DRPO (repeatable).", flags=("--column",),
+                                      panel=INPUTS)
+    overwrite: bool = option(False, "Replace an existing --out that drpo wrote.", panel=OUTPUTS)
+    resume: bool = option(False, "Continue an interrupted run (OUT.partial-state/).", panel=OUTPUTS)
+    quiet: bool = option(False, "No progress bar or summary tables.", flags=("--quiet", "-q"), panel=OUTPUTS)
+    tensorboard: str | None = option(
+        None, "Write every step's metrics as TensorBoard events to DIR (rounds form one curve).", panel=OUTPUTS)
+    allow_unsafe_weights: bool = option(False, "Allow pickle weights.", panel=INPUTS)
+    chunk_tokens: int = option(1024, "Tokens per output-head chunk (memory O(chunk × V)).", command_line=False,
+                               repr=False, bound=AT_LEAST_ONE)
 
     def loss_hparams(self) -> dict[str, float | None]:
         """The chosen loss's hyper-parameters: given values over SPEC.md defaults."""
@@ -345,10 +356,10 @@ class TrainConfig:
         return 2.0 * self.lora_r if self.lora_alpha is None else self.lora_alpha
 
     def resolved_is_cap(self) -> float:
-        return 2.0 if self.is_cap is None else self.is_cap
+        return IS_CAP if self.is_cap is None else self.is_cap
 
     def resolved_is_band(self) -> tuple[float, float]:
-        return (0.5, 2.0) if self.is_band is None else self.is_band
+        return IS_BAND if self.is_band is None else self.is_band
 
     def to_dict(self) -> dict:
         """JSON-ready record of the run (stored with the checkpoint and in the report)."""
@@ -384,39 +395,31 @@ class TrainConfig:
             p.append(f"--model {self.model}: not a directory (expected a Hugging Face checkpoint directory)")
         if self.out is not None and self.model:
             p.extend(output_problems(*self.paths(self.out), overwrite=self.overwrite))
-        _choice(p, "loss", self.loss, tuple(LOSS_HPARAMS))
+        _choice(p, self, "loss")
         if self.loss in LOSS_HPARAMS:
             valid = LOSS_HPARAMS[self.loss]
             for name in HPARAM_NAMES:
                 if getattr(self, name) is not None and name not in valid:
                     hint = ", ".join(_flag(v) for v in valid) or "none"
                     p.append(f"{_flag(name)} does not apply to --loss {self.loss} (its options: {hint})")
-        _positive(p, "delta", self.delta)
-        _positive(p, "eps", self.eps)
-        if self.eps_low is not None and not 0 < self.eps_low <= 1:  # 1: lower bound 0, i.e. no lower clip
-            p.append(f"--eps-low must be in (0, 1] (1: no lower clip), got {self.eps_low}")
-        _positive(p, "eps_high", self.eps_high)
-        if self.dual_clip is not None and not self.dual_clip > 1:
-            p.append(f"--dual-clip must be > 1 (e.g. 3), got {self.dual_clip}")
-        if self.ratio_cap is not None and not self.ratio_cap >= 1:
-            p.append(f"--ratio-cap must be >= 1, got {self.ratio_cap}")
-        p.extend(objective_problems({name: getattr(self, name) for name in OBJECTIVE_OPTIONS}))
-        _choice(p, "anchor", self.anchor, ANCHORS)
-        _choice(p, "is_correction", self.is_correction, IS_CORRECTIONS)
+        _bounds(p, self, "delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap")  # eps_low 1: no lower clip
+        p.extend(objective_problems(self))
+        _choice(p, self, "anchor")
+        _choice(p, self, "is_correction")
         if self.is_correction in ("tis", "mis", "is") and self.anchor != "proximal":
             p.append(f"--is-correction {self.is_correction} needs --anchor proximal (with the behavior anchor ρ = 1)")
         if self.is_cap is not None:
             if self.is_correction != "tis":
                 p.append("--is-cap applies only to --is-correction tis")
-            elif not self.is_cap > 0:
-                p.append(f"--is-cap must be > 0, got {self.is_cap}")
+            else:
+                _bounds(p, self, "is_cap")
         if self.is_band is not None:
             lo, hi = self.is_band
             if self.is_correction != "mis" and self.correction != "seq-mask-tis":
                 p.append("--is-band applies only to --is-correction mis and --correction seq-mask-tis")
             elif not 0 <= lo < hi:
                 p.append(f"--is-band must satisfy 0 <= lo < hi, got {lo} {hi}")
-        _choice(p, "is_level", self.is_level, IS_LEVELS)
+        _choice(p, self, "is_level")
         if self.is_level != "token" and self.is_correction == "none":
             p.append(f"--is-level {self.is_level} applies to --is-correction tis or mis")
         p.extend(parse_rejects(self.reject)[1])
@@ -430,28 +433,17 @@ class TrainConfig:
                 p.append(f"--ref-model {self.ref_model}: not a directory (expected a Hugging Face checkpoint directory)")
         elif self.kl_coef is not None:
             p.append("--kl-coef needs --ref-model (the KL penalty is to a reference model)")
-        if self.kl_coef is not None and not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
-            p.append(f"--kl-coef must be >= 0, got {self.kl_coef}")
-        _choice(p, "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        if not (math.isfinite(self.entropy_coef) and self.entropy_coef >= 0):
-            p.append(f"--entropy-coef must be >= 0, got {self.entropy_coef}")
-        p.extend(staleness_problems(self.max_lag, self.min_version))
-        _choice(p, "agg", self.agg, AGG_MODES)
-        _positive(p, "horizon", self.horizon)
-        _choice(p, "adv_norm", self.adv_norm, ADV_NORMS)
-        for name in ("epochs", "minibatches", "micro_batch_tokens", "chunk_tokens"):
-            if getattr(self, name) < 1:
-                p.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        _positive(p, "lr", self.lr)
-        _positive(p, "max_grad_norm", self.max_grad_norm)
-        for name in ("weight_decay", "warmup_steps", "seed"):
-            if getattr(self, name) < 0:
-                p.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        _choice(p, "device", self.device, DEVICES)
-        _choice(p, "dtype", self.dtype, DTYPES)
-        if not 0 < self.tr_delta <= 1:
-            p.append(f"--tr-delta must be in (0, 1], got {self.tr_delta}")
-        _positive(p, "temperature", self.temperature)
+        _bounds(p, self, "kl_coef")
+        _choice(p, self, "kl_estimator")
+        _bounds(p, self, "entropy_coef", "max_lag", "min_version")
+        _choice(p, self, "agg")
+        _bounds(p, self, "horizon")
+        _choice(p, self, "adv_norm")
+        _bounds(p, self, "epochs", "minibatches", "micro_batch_tokens", "chunk_tokens", "lr", "max_grad_norm",
+                "weight_decay", "warmup_steps", "seed")
+        _choice(p, self, "device")
+        _choice(p, self, "dtype")
+        _bounds(p, self, "tr_delta", "temperature")
         p.extend(parse_columns(self.columns)[1])
         if self.tensorboard is not None:
             import importlib.util
@@ -465,9 +457,7 @@ class TrainConfig:
 
     def _lora_problems(self) -> list[str]:
         p: list[str] = []
-        if self.lora_r is not None and self.lora_r < 1:
-            p.append(f"--lora-r must be >= 1, got {self.lora_r}")
-        _positive(p, "lora_alpha", self.lora_alpha)
+        _bounds(p, self, "lora_r", "lora_alpha")
         if self.adapter is not None:
             if not os.path.isdir(self.adapter):
                 p.append(f"--adapter {self.adapter}: not a directory (expected a peft LoRA adapter directory)")
@@ -490,76 +480,84 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class InspectConfig:
-    """Everything `drpo inspect` does is decided by these fields (SPEC.md §2, §4)."""
+class TrainLaunch:
+    """The options of `drpo train` that decide how it starts, not what it trains (not in its record)."""
 
-    rollouts: tuple[str, ...]
-    """Rollout files or directories (Arrow IPC file/stream or Parquet); one or more."""
-    model: str | None = None
-    """Checkpoint directory for per-token diagnostics; None: the data-only audit."""
-    current_version: int | None = None
-    """Policy version of the current model for staleness lags (None: checkpoint's, else the data's max)."""
-    deltas: tuple[float, ...] = ()
-    """DRPO δ values for the what-if table; the first is the chosen δ of weight/drpo_corrective_frac."""
-    tr_delta: float = 0.2
-    """Trust-region yardstick: a token is outside when |π − μ| > tr_delta."""
-    temperature: float | None = None
-    """Sampling temperature when rows and file metadata give none (None: 1.0)."""
-    columns: tuple[str, ...] = ()
-    """Column renames LOGGED=DRPO for rollout files with other names."""
-    top: int = 10
-    """Worst sequences listed by sample_id."""
-    json_out: str | None = None
-    """Write the JSON report here ("-" for stdout, then nothing else goes to stdout)."""
-    per_token: str | None = None
-    """Write per-token diagnostics here as an Arrow IPC file (needs a model)."""
-    html: str | None = None
-    """Write a self-contained HTML page of the report here (plots inline, nothing fetched)."""
-    fail_above: tuple[str, ...] = ()
-    """Gates METRIC=VALUE: exit 3 when a metric exceeds its value (after writing the report)."""
-    overwrite: bool = False
-    """Replace an existing --json / --per-token / --html file that drpo wrote; anything else is refused."""
-    reject: tuple[str, ...] = ()
-    """Rejection criteria LEVEL_kN>X (as train's --reject) whose rejected fractions the audit reports (needs a model)."""
-    is_veto: float | None = None
-    """Veto threshold on ρ = π/μ (the audited model as π_old) whose vetoed fractions the audit reports."""
-    correction: str = "none"
-    """Named correction (as train's --correction) whose masked fractions the audit reports."""
-    is_correction: str = "none"
-    """Behavior weight (is, tis, mis) whose batch-normalisation factor the audit reports with --is-batch-norm."""
-    is_cap: float | None = None
-    """Cap of tis (None: 2.0)."""
-    is_band: tuple[float, float] | None = None
-    """Band of mis (None: [0.5, 2.0]) or of --correction seq-mask-tis (None: [0.999, 1.002])."""
-    is_level: str = "token"
-    """Level of ρ of the behavior weight: token, sequence or geometric."""
-    is_batch_norm: bool = False
-    """Report is/batch_norm_factor: the mean behavior weight over the audited tokens (or sequences)."""
-    reject_mode: str | None = None
-    """mask or zero (as train's); decides which tokens the batch-normalisation mean runs over."""
-    opsm_delta: float | None = None
-    """OPSM what-if: the share of tokens / sequences train's --opsm-delta δ would drop (needs a model; None: 0.5)."""
-    m2po_threshold: float | None = None
-    """M2PO what-if: the share train's --m2po-threshold τ would mask, π_old = the model (needs a model; None: 0.04)."""
-    max_lag: int | None = None
-    """Leave out rows whose staleness lag exceeds N (rows without a version are kept); with
-    token_policy_versions, the too-stale tokens (a row left with no trained token drops)."""
-    min_version: int | None = None
-    """Leave out rows whose policy_version is below V (rows without a version are kept)."""
-    device: str = "auto"
-    """auto (cuda when available), cpu or cuda."""
-    dtype: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32 model weights (CPU or CUDA); log-softmax is float32."""
-    micro_batch_tokens: int = 4096
-    """Token budget per forward pass (prompt + response, padded)."""
-    replay_routing: bool = False
-    """Mixture of experts: route every position through the experts the sampler logged (routed_experts, R3)."""
-    quiet: bool = False
-    """No progress bar and no tables (the JSON report and gates still work)."""
-    allow_unsafe_weights: bool = False
-    """Allow pickle (.bin) weights; safetensors only otherwise."""
-    chunk_tokens: int = field(default=1024, repr=False)
-    """Tokens per output-head chunk (memory O(chunk × V)); not a command-line option."""
+    config: str | None = option(
+        None, "TOML or JSON file of options (a drpo_checkpoint.json reruns its run); flags override it.",
+        panel=INPUTS)
+    nproc: int | None = option(None, "Run under torchrun with N processes on this machine (FSDP2; one per GPU).",
+                               minimum=1, panel=HARDWARE)
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """Everything `drpo inspect` does is decided by these fields (SPEC.md §2, §4); one option each."""
+
+    rollouts: tuple[str, ...] = option(
+        help="Rollout files or directories (Arrow IPC or Parquet).", argument=True)
+    model: str | None = option(None, "Checkpoint for per-token diagnostics (else data-only).",
+                               flags=("--model", "-m"))
+    current_version: int | None = option(
+        None, "Policy version of the current model (default: the checkpoint's, else the data's max).",
+        bound=NON_NEGATIVE)
+    deltas: tuple[float, ...] = option(
+        (), "DRPO δ values for a what-if table, e.g. 0.1,0.2,12.5.", flags=("--delta",), cli=list[str],
+        parse=parse_deltas)
+    tr_delta: float = option(
+        0.2, "Trust-region yardstick: a token is outside when |π − μ| > tr_delta.", bound=UNIT)
+    temperature: float | None = option(
+        None, "Sampling temperature when the rollouts give none.", bound=POSITIVE)
+    columns: tuple[str, ...] = option(
+        (), "Rename a rollout column: LOGGED=DRPO (repeatable).", flags=("--column",))
+    top: int = option(10, "Worst sequences to list by sample_id.", bound=NON_NEGATIVE)
+    json_out: str | None = option(None, "Write the JSON report to PATH ('-': stdout only).", flags=("--json",),
+                                  panel=OUTPUTS)
+    per_token: str | None = option(None, "Write per-token diagnostics (Arrow IPC) to PATH.", panel=OUTPUTS)
+    html: str | None = option(None, "Write a self-contained HTML page of the report to PAGE.", panel=OUTPUTS)
+    fail_above: tuple[str, ...] = option(
+        (), "Gate METRIC=VALUE: exit 3 when the metric exceeds VALUE (repeatable).", panel=OUTPUTS)
+    overwrite: bool = option(False, "Replace an existing --json/--per-token/--html file drpo wrote.",
+                             panel=OUTPUTS)
+    reject: tuple[str, ...] = option(
+        (), f"Report what a rejection criterion LEVEL_kN>X would reject, e.g. {REJECT_EXAMPLE} (repeatable).",
+        panel=CORRECTIONS_PANEL)
+    is_veto: float | None = option(None, "Report what a veto at ρ = π/μ < THRESH would drop.",
+                                   panel=CORRECTIONS_PANEL)
+    correction: str = option("none", f"Report what a named correction would mask: {one_of(CORRECTIONS)}.",
+                             choices=CORRECTIONS, panel=CORRECTIONS_PANEL)
+    is_correction: str = option("none", f"Behavior weight for --is-batch-norm: {one_of(IS_CORRECTIONS)}.",
+                                choices=IS_CORRECTIONS, panel=CORRECTIONS_PANEL)
+    is_cap: float | None = option(None, f"Cap of tis ({IS_CAP}).", panel=CORRECTIONS_PANEL, bound=POSITIVE)
+    is_band: tuple[float, float] | None = option(
+        None, f"Band LO HI of mis ({IS_BAND[0]} {IS_BAND[1]}) / seq-mask-tis.",
+        panel=CORRECTIONS_PANEL)
+    is_level: str = option("token", f"ρ of the behavior weight: {one_of(IS_LEVELS)}.", choices=IS_LEVELS,
+                           panel=CORRECTIONS_PANEL)
+    is_batch_norm: bool = option(
+        False, "Report the weights' batch mean (normaliser).", panel=CORRECTIONS_PANEL)
+    reject_mode: str | None = option(None, "mask (rejected tokens leave the mean) | zero (weight 0).",
+                                     choices=REJECT_MODES, panel=CORRECTIONS_PANEL)
+    opsm_delta: float | None = option(None, f"δ of the OPSM what-if ({number(OPSM_WHAT_IF)}; needs --model).",
+                                      panel=CORRECTIONS_PANEL, bound=NON_NEGATIVE)
+    m2po_threshold: float | None = option(
+        None, f"τ of the M2PO what-if, π_old = the model ({number(M2PO_WHAT_IF)}; needs --model).",
+        panel=CORRECTIONS_PANEL, bound=POSITIVE)
+    max_lag: int | None = option(
+        None, "Leave out rows (or tokens) whose staleness lag exceeds N.", bound=NON_NEGATIVE)
+    min_version: int | None = option(
+        None, "Leave out rows (or tokens) whose policy version is below V.", bound=NON_NEGATIVE)
+    device: str = option("auto", f"{one_of(DEVICES)}.", choices=DEVICES, panel=HARDWARE)
+    dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 weights.", choices=DTYPES,
+                        panel=HARDWARE)
+    micro_batch_tokens: int = option(
+        4096, "Token budget per forward pass.", panel=HARDWARE, bound=AT_LEAST_ONE)
+    replay_routing: bool = option(
+        False, "MoE: route through the experts the sampler logged (routed_experts column).", panel=HARDWARE)
+    quiet: bool = option(False, "No progress bar and no tables.", flags=("--quiet", "-q"), panel=OUTPUTS)
+    allow_unsafe_weights: bool = option(False, "Allow pickle weights.")
+    chunk_tokens: int = option(1024, "Tokens per output-head chunk (memory O(chunk × V)).", command_line=False,
+                               repr=False, bound=AT_LEAST_ONE)
 
     def column_map(self) -> dict[str, str]:
         return parse_columns(self.columns)[0]
@@ -569,8 +567,8 @@ class InspectConfig:
 
     def behavior_weight_args(self) -> dict:
         """behavior_weight's keywords for the what-if weight (after expand_correction)."""
-        return {"kind": self.is_correction, "cap": 2.0 if self.is_cap is None else self.is_cap,
-                "band": (0.5, 2.0) if self.is_band is None else self.is_band, "level": self.is_level}
+        return {"kind": self.is_correction, "cap": IS_CAP if self.is_cap is None else self.is_cap,
+                "band": IS_BAND if self.is_band is None else self.is_band, "level": self.is_level}
 
     def paths(self) -> tuple[list[tuple[str, str | None]], list[Output]]:
         """(inputs, outputs) of this audit, for the one output rule (outputs.py)."""
@@ -624,25 +622,21 @@ class InspectConfig:
                 p.append(f"{path}: no such file or directory")
         if self.model is not None and not os.path.isdir(self.model):
             p.append(f"--model {self.model}: not a directory (expected a Hugging Face checkpoint directory)")
-        if self.current_version is not None and self.current_version < 0:
-            p.append(f"--current-version must be >= 0, got {self.current_version}")
+        _bounds(p, self, "current_version")
         for d in self.deltas:
             if not d > 0:
                 p.append(f"--delta values must be > 0, got {d}")
-        if not 0 < self.tr_delta <= 1:
-            p.append(f"--tr-delta must be in (0, 1], got {self.tr_delta}")
-        _positive(p, "temperature", self.temperature)
+        _bounds(p, self, "tr_delta", "temperature")
         p.extend(parse_columns(self.columns)[1])
-        if self.top < 0:
-            p.append(f"--top must be >= 0, got {self.top}")
+        _bounds(p, self, "top")
         if self.per_token is not None and self.model is None:
             p.append("--per-token needs --model (per-token diagnostics compare the model with the sampler)")
         p.extend(parse_rejects(self.reject)[1])
         if self.reject and self.model is None:
             p.append("--reject needs --model (the criteria compare the model with the sampler)")
         p.extend(correction_problems(self))
-        _choice(p, "is_correction", self.is_correction, IS_CORRECTIONS)
-        _choice(p, "is_level", self.is_level, IS_LEVELS)
+        _choice(p, self, "is_correction")
+        _choice(p, self, "is_level")
         corrected = (self.is_veto is not None or self.correction != "none" or self.is_correction != "none"
                      or self.is_batch_norm)
         if corrected and self.model is None:
@@ -653,19 +647,17 @@ class InspectConfig:
             p.append("--is-band applies only to --is-correction mis and --correction seq-mask-tis")
         if (self.is_correction != "none" or self.is_cap is not None or self.is_level != "token") and not self.is_batch_norm:
             p.append("--is-correction, --is-cap and --is-level shape the weight --is-batch-norm reports: add it")
-        _positive(p, "is_cap", self.is_cap)
-        p.extend(objective_problems({"opsm_delta": self.opsm_delta, "m2po_threshold": self.m2po_threshold}))
+        _bounds(p, self, "is_cap")
+        p.extend(objective_problems(self))
         for name in ("opsm_delta", "m2po_threshold"):
             if getattr(self, name) is not None and self.model is None:
                 p.append(f"{_flag(name)} needs --model (the what-if compares the model with the sampler)")
-        p.extend(staleness_problems(self.max_lag, self.min_version))
+        _bounds(p, self, "max_lag", "min_version")
         p.extend(output_problems(*self.paths(), overwrite=self.overwrite))
         p.extend(self._parse_gates()[1])
-        _choice(p, "device", self.device, DEVICES)
-        _choice(p, "dtype", self.dtype, DTYPES)
-        for name in ("micro_batch_tokens", "chunk_tokens"):
-            if getattr(self, name) < 1:
-                p.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        _choice(p, self, "device")
+        _choice(p, self, "dtype")
+        _bounds(p, self, "micro_batch_tokens", "chunk_tokens")
         return p
 
     def check(self) -> InspectConfig:
@@ -681,11 +673,17 @@ def _raise_problems(problems: list[str]) -> None:
         raise ConfigError(summary, details=problems if len(problems) > 1 else [])
 
 
-def _choice(problems: list[str], name: str, value: str, choices: tuple[str, ...]) -> None:
+def _choice(problems: list[str], cfg, name: str) -> None:
+    """A problem when field `name` of `cfg` is not one of the choices its option declares."""
+    value, choices = getattr(cfg, name), next(f for f in fields(cfg) if f.name == name).metadata["choices"]
     if value not in choices:
         problems.append(f"{_flag(name)} {value!r}: expected one of {', '.join(choices)}")
 
 
-def _positive(problems: list[str], name: str, value: float | None) -> None:
-    if value is not None and not value > 0:  # `not >` also rejects NaN
-        problems.append(f"{_flag(name)} must be > 0, got {value}")
+def _bounds(problems: list[str], cfg, *names: str) -> None:
+    """A problem for each named field of `cfg` (that it has and is set) outside the bound its option declares."""
+    declared = {f.name: f.metadata.get("bound") for f in fields(cfg)}
+    for name in names:
+        value, bound = getattr(cfg, name, None), declared.get(name)
+        if value is not None and bound is not None and not bound[0](value):
+            problems.append(f"{_flag(name)} must be {bound[1]}, got {value}")

@@ -15,7 +15,8 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from drpo_cli.config import HPARAM_NAMES, LOSS_HPARAMS, TrainConfig, _raise_problems
+from drpo_cli.config import TrainConfig, _raise_problems
+from drpo_cli.loss_options import HPARAM_NAMES, LOSS_HPARAMS
 
 DERIVED_KEYS = ("loss_hparams",)  # written by TrainConfig.to_dict, recomputed from the fields
 
@@ -73,9 +74,6 @@ def train_config(path: str, overrides: dict[str, Any]) -> TrainConfig:
         valid = LOSS_HPARAMS.get(overrides["loss"], {})
         values = {k: v for k, v in values.items() if k not in HPARAM_NAMES or k in valid}
     values.update(overrides)
-    for name in ("rollouts", "model"):
-        if name not in values:
-            values[name] = () if name == "rollouts" else ""
     return TrainConfig(**values)
 
 

@@ -30,11 +30,17 @@ from torch import Tensor
 from drpo_cli import losses_extra as X
 from drpo_cli.elementwise import LOGR_CLAMP, binary_kl, k1, k2, k3, log_ratio, prob_delta
 from drpo_cli.errors import ConfigError
-
-HP_NAMES = ("delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap", "tau_pos", "tau_neg", "tau",
-            "delta_low", "delta_high", "k_pos", "lambda_pos", "k_neg", "lambda_neg", "cov_ratio", "cov_lb",
-            "cov_ub", "cov_kl_coef")
-
+from drpo_cli.loss_options import (
+    AGG_MODES,
+    DEFAULT_HORIZON,
+    IS_BAND,
+    IS_CAP,
+    IS_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_HPARAMS,
+)
+from drpo_cli.loss_options import HPARAM_NAMES as HP_NAMES  # noqa: F401 -- the registry's names for callers
+from drpo_cli.loss_options import IS_CORRECTIONS as BEHAVIOR_KINDS
 
 # ---- the losses: (logp, anchor, adv, **hp) -> per-token loss; anchor and adv already detached ----
 
@@ -278,30 +284,25 @@ class LossSpec:
     reinforce: bool = False
 
 
+D = LOSS_HPARAMS  # each loss's defaults (loss_options.py)
 LOSSES: dict[str, LossSpec] = {
-    "pg-is": LossSpec(pg_is, _w_pg_is, {}),
-    "ppo-clip": LossSpec(ppo_clip, _w_ppo_clip, {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": None}),
-    "spo": LossSpec(spo, _w_spo, {"eps": 0.2}),
-    "dppo-tv": LossSpec(dppo_tv, _w_dppo_tv, {"delta": 0.15, "ratio_cap": 20.0}),
-    "dppo-kl": LossSpec(dppo_kl, _w_dppo_kl, {"delta": 0.05, "ratio_cap": 20.0}),
-    "drpo": LossSpec(drpo, _w_drpo, {"delta": 12.5}),
-    "gspo": LossSpec(gspo, _w_gspo, {"eps_low": 3e-4, "eps_high": 4e-4}, level="sequence", contract="sequence",
-                     seq_ratio=_gspo_ratio),
-    "cispo": LossSpec(cispo, _w_cispo, {"eps_low": None, "eps_high": 4.0}, reinforce=True),
+    "pg-is": LossSpec(pg_is, _w_pg_is, D["pg-is"]),
+    "ppo-clip": LossSpec(ppo_clip, _w_ppo_clip, D["ppo-clip"]),
+    "spo": LossSpec(spo, _w_spo, D["spo"]),
+    "dppo-tv": LossSpec(dppo_tv, _w_dppo_tv, D["dppo-tv"]),
+    "dppo-kl": LossSpec(dppo_kl, _w_dppo_kl, D["dppo-kl"]),
+    "drpo": LossSpec(drpo, _w_drpo, D["drpo"]),
+    "gspo": LossSpec(gspo, _w_gspo, D["gspo"], level="sequence", contract="sequence", seq_ratio=_gspo_ratio),
+    "cispo": LossSpec(cispo, _w_cispo, D["cispo"], reinforce=True),
     # The later objectives (losses_extra.py; SPEC.md §1 cites each reference implementation).
-    "sapo": LossSpec(X.sapo, X._w_sapo, {"tau_pos": 1.0, "tau_neg": 1.05}),
-    "gmpo": LossSpec(X.gmpo, X._w_gmpo, {"eps_low": 0.4, "eps_high": 0.4}, level="sequence", contract="geometric",
-                     seq_ratio=X.gmpo_ratio),
-    "topr": LossSpec(X.topr, X._w_topr, {}, reinforce=True),
-    "kimi15": LossSpec(X.kimi15, X._w_reinforce, {"tau": 0.1}, penalty=X._g_kimi15, reinforce=True),
-    "dppo-tv-sq": LossSpec(X.dppo_tv_sq, X._w_dppo_tv_sq, {"delta_low": 0.2, "delta_high": 0.2, "tau": 1e-3},
-                           penalty=X._g_dppo_tv_sq),
-    "vespo": LossSpec(X.vespo, X._w_vespo, {"k_pos": 2.0, "lambda_pos": 3.0, "k_neg": 3.0, "lambda_neg": 2.0},
-                      level="sequence", reinforce=True),
-    "clip-cov": LossSpec(X.clip_cov, X._w_clip_cov, {"eps_low": 0.2, "eps_high": 0.2, "cov_ratio": 2e-4,
-                                                    "cov_lb": 1.0, "cov_ub": 5.0}, level="batch"),
-    "kl-cov": LossSpec(X.kl_cov, X._w_ones, {"cov_ratio": 2e-4, "cov_kl_coef": 0.1}, level="batch",
-                       penalty=X._g_kl_cov),
+    "sapo": LossSpec(X.sapo, X._w_sapo, D["sapo"]),
+    "gmpo": LossSpec(X.gmpo, X._w_gmpo, D["gmpo"], level="sequence", contract="geometric", seq_ratio=X.gmpo_ratio),
+    "topr": LossSpec(X.topr, X._w_topr, D["topr"], reinforce=True),
+    "kimi15": LossSpec(X.kimi15, X._w_reinforce, D["kimi15"], penalty=X._g_kimi15, reinforce=True),
+    "dppo-tv-sq": LossSpec(X.dppo_tv_sq, X._w_dppo_tv_sq, D["dppo-tv-sq"], penalty=X._g_dppo_tv_sq),
+    "vespo": LossSpec(X.vespo, X._w_vespo, D["vespo"], level="sequence", reinforce=True),
+    "clip-cov": LossSpec(X.clip_cov, X._w_clip_cov, D["clip-cov"], level="batch"),
+    "kl-cov": LossSpec(X.kl_cov, X._w_ones, D["kl-cov"], level="batch", penalty=X._g_kl_cov),
 }
 SEQUENCE_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.level == "sequence")
 BATCH_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.level == "batch")
@@ -511,9 +512,6 @@ def loss_gradient(
 
 # ---- token aggregation (global denominators) --------------------------------------------------------
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-DEFAULT_HORIZON = 8192
-
 
 def validate_aggregation(mode: str, horizon: float = DEFAULT_HORIZON) -> list[str]:
     """Every problem with an aggregation mode and horizon (empty list = valid)."""
@@ -603,12 +601,9 @@ def aggregate(
 
 # ---- behavior correction for the decoupled (proximal-anchor) mode --------------------------------------
 
-BEHAVIOR_KINDS = ("none", "tis", "mis", "is")
-IS_LEVELS = ("token", "sequence", "geometric")
-
 
 def validate_behavior(
-    kind: str, cap: float = 2.0, band: tuple[float, float] = (0.5, 2.0), level: str = "token"
+    kind: str, cap: float = IS_CAP, band: tuple[float, float] = IS_BAND, level: str = "token"
 ) -> list[str]:
     """Every problem with a behavior-correction setting (empty list = valid)."""
     problems = []
@@ -628,8 +623,8 @@ def behavior_weight(
     kind: str,
     proximal_logp: Tensor,
     behavior_logp: Tensor,
-    cap: float = 2.0,
-    band: tuple[float, float] = (0.5, 2.0),
+    cap: float = IS_CAP,
+    band: tuple[float, float] = IS_BAND,
     *,
     mask: Tensor | None = None,
     level: str = "token",
@@ -673,7 +668,6 @@ def behavior_weight(
 
 # ---- rejection of tokens / sequences by divergence (verl's rollout rejection sampling) -----------------
 
-REJECT_LEVELS = ("token", "seq_sum", "seq_mean", "seq_max")
 REJECT_ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}
 
 
@@ -705,8 +699,6 @@ def rejection_mask(
 
 
 # ---- reference-model KL penalty -------------------------------------------------------------------
-
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def reference_kl(estimator: str, logp: Tensor, ref_logp: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ import json
 import math
 from typing import Any
 
+from drpo_cli.config import ANCHORS, CORRECTIONS, REJECT_MODES
+from drpo_cli.loss_options import IS_CORRECTIONS, IS_LEVELS, KL_ESTIMATORS
 from drpo_cli.picture import SCHEMA_HISTOGRAM, SCHEMA_WORST_TOKENS
 
 # ---- shared: JSON numbers, validation, atomic writes, console formatting ----------------------
@@ -232,17 +234,17 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
             "properties": {
                 "name": _STR,
                 "hparams": {"type": "object", "additionalProperties": _NUM},
-                "anchor": {"enum": ["behavior", "proximal"]},
-                "is_correction": {"enum": ["none", "tis", "mis", "is"]},
-                "is_level": {"enum": ["token", "sequence", "geometric"]},
+                "anchor": {"enum": list(ANCHORS)},
+                "is_correction": {"enum": list(IS_CORRECTIONS)},
+                "is_level": {"enum": list(IS_LEVELS)},
                 "agg": _STR,
                 "reference_kl": {"oneOf": [{"type": "null"}, {
                     "type": "object", "required": ["model", "coef", "estimator"], "additionalProperties": False,
                     "properties": {"model": _STR, "coef": {"type": "number", "minimum": 0},
-                                   "estimator": {"enum": ["k1", "k2", "k3"]}}}]},
+                                   "estimator": {"enum": list(KL_ESTIMATORS)}}}]},
                 "entropy_coef": {"type": "number", "minimum": 0},
-                "correction": {"enum": ["none", "seq-mask-tis"], "description": "--correction as given"},
-                "reject_mode": {"enum": ["mask", "zero"]},
+                "correction": {"enum": list(CORRECTIONS), "description": "--correction as given"},
+                "reject_mode": {"enum": list(REJECT_MODES)},
                 "is_veto": {"type": ["number", "null"]},
                 "is_batch_norm": {"type": "boolean"},
             },

@@ -162,16 +162,6 @@ def test_registry_names_and_defaults():
     assert all(set(d) <= set(L.HP_NAMES) for d in L.DEFAULTS.values())
 
 
-def test_torch_free_config_tables_match():
-    # config.py validates options before torch is imported, so it keeps its own copy of these tables.
-    from drpo_cli import config
-
-    assert config.LOSS_HPARAMS == L.DEFAULTS
-    assert config.HPARAM_NAMES == L.HP_NAMES
-    assert config.AGG_MODES == L.AGG_MODES
-    assert config.IS_CORRECTIONS == L.BEHAVIOR_KINDS
-
-
 @pytest.mark.parametrize("name", L.LOSS_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_contract_shape_finite_grad_and_pg_at_pi_equals_mu(name, dtype):

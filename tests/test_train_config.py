@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
-from drpo_cli.config import AGG_MODES, LOSS_HPARAMS, TrainConfig
+from drpo_cli.config import LOSS_HPARAMS, TrainConfig
 from drpo_cli.report import TRAIN_REPORT_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,13 +72,6 @@ def test_eps_low_one_is_accepted_and_outside_zero_one_refused(paths, loss):
     for bad in (0.0, 1.5):
         assert cfg(paths, loss=loss, eps_low=bad).validate() == [
             f"--eps-low must be in (0, 1] (1: no lower clip), got {bad}"]
-
-
-def test_loss_table_matches_the_loss_registry():
-    from drpo_cli import losses
-
-    assert LOSS_HPARAMS == losses.DEFAULTS
-    assert AGG_MODES == losses.AGG_MODES
 
 
 def test_combination_rules(paths):
