@@ -16,7 +16,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
@@ -42,11 +42,21 @@ from drpo_cli.rollouts import (
     too_stale,
     version_range,
 )
-from drpo_cli.schema import REQUIRED, Problem, RolloutSource, SourceBatch, file_problems, open_rollouts
+from drpo_cli.schema import (
+    EMPTY_RESPONSE,
+    NULL_VALUE,
+    REQUIRED,
+    ROW_RULES,
+    Problem,
+    RolloutSource,
+    SourceBatch,
+    file_problems,
+    length_problem,
+    open_rollouts,
+)
 
 RARE_MU = 0.01  # "rare sampled token": μ ≤ 0.01 (SPEC.md §2)
 LOG_RARE_MU = math.log(RARE_MU)
-ADV_SOURCES = ("advantages", "advantage", "reward+group_id")
 DATA_COLUMNS = ("prompt_ids", "response_ids", "behavior_logprobs", "advantages", "advantage", "reward",
                 "group_id", "loss_mask", "sample_id", "policy_version", "temperature", "token_policy_versions")
 VERSION_COLUMNS = ("policy_version", "token_policy_versions", "loss_mask")
@@ -110,10 +120,6 @@ class Moments:
             self.sabs += float(np.dot(w, np.abs(x64)))
             self.lo, self.hi = min(self.lo, float(x[keep].min())), max(self.hi, float(x[keep].max()))
 
-    def merge_(self, o: Moments) -> None:
-        self.n, self.s, self.s2, self.sabs = self.n + o.n, self.s + o.s, self.s2 + o.s2, self.sabs + o.sabs
-        self.lo, self.hi = min(self.lo, o.lo), max(self.hi, o.hi)
-
     def stats(self) -> dict:
         if self.n == 0:
             return {"count": 0, "mean": None, "std": None, "min": None, "max": None, "abs_mean": None}
@@ -139,35 +145,48 @@ def length_stats(hist: np.ndarray) -> dict:
             "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
 
 
+def stat(op: str, default: float = 0):
+    """A DataAudit number and how shards combine it: "sum" or "max". The other ops, declared with the
+    same metadata key: "moments" (Moments: sums, then min / max), "hist" (a length histogram, summed bin
+    by bin), "counter" ({key: count}, summed)."""
+    return field(default=default, metadata={"merge": op})
+
+
+def _length_hist() -> np.ndarray:
+    return np.zeros(1, dtype=np.int64)
+
+
 @dataclass
 class DataAudit:
     """Streaming data-only audit (SPEC.md §2): exact, mergeable statistics over masked tokens."""
 
-    rows: int = 0
-    response_tokens: int = 0
-    masked_tokens: int = 0
-    prompt_tokens: int = 0
-    rare_tokens: int = 0
-    neg_logmu_sum: float = 0.0
-    zero_adv_tokens: int = 0
-    zero_adv_rows: int = 0
-    token_id_max: int = -1
-    adv: Moments = field(default_factory=Moments)
-    reward: Moments = field(default_factory=Moments)
-    response_len_hist: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
-    prompt_len_hist: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
-    version_rows: Counter = field(default_factory=Counter)  # row's oldest trained token's version (-1 unknown) -> rows
-    version_tokens: Counter = field(default_factory=Counter)  # token's policy version -> masked tokens
-    temperature_rows: Counter = field(default_factory=Counter)
+    # Each statistic is declared once with the way shards combine (all_reduce_): its metadata's "merge".
+    rows: int = stat("sum")
+    response_tokens: int = stat("sum")
+    masked_tokens: int = stat("sum")
+    prompt_tokens: int = stat("sum")
+    rare_tokens: int = stat("sum")
+    neg_logmu_sum: float = stat("sum", 0.0)
+    zero_adv_tokens: int = stat("sum")
+    zero_adv_rows: int = stat("sum")
+    token_id_max: int = stat("max", -1)
+    adv: Moments = field(default_factory=Moments, metadata={"merge": "moments"})
+    reward: Moments = field(default_factory=Moments, metadata={"merge": "moments"})
+    response_len_hist: np.ndarray = field(default_factory=_length_hist, metadata={"merge": "hist"})
+    prompt_len_hist: np.ndarray = field(default_factory=_length_hist, metadata={"merge": "hist"})
+    # row's oldest trained token's version (-1 unknown) -> rows; token's policy version -> masked tokens
+    version_rows: Counter = field(default_factory=Counter, metadata={"merge": "counter"})
+    version_tokens: Counter = field(default_factory=Counter, metadata={"merge": "counter"})
+    temperature_rows: Counter = field(default_factory=Counter, metadata={"merge": "counter"})
     sample_ids: list[pa.Array] = field(default_factory=list)  # chunks, only for the duplicate check
     # reward + group_id: per-row values kept until the group means are known.
     group_ids: list[pa.Array] = field(default_factory=list)
     group_rewards: list[np.ndarray] = field(default_factory=list)
     group_tokens: list[np.ndarray] = field(default_factory=list)
     adv_sources: set = field(default_factory=set)  # advantage source of each file, SPEC.md §3
-    dropped_rows: int = 0  # left out by --max-lag / --min-version
-    dropped_tokens: int = 0  # their trained tokens
-    stale_masked_tokens: int = 0  # too-stale trained tokens of kept rows, out of the loss mask
+    dropped_rows: int = stat("sum")  # left out by --max-lag / --min-version
+    dropped_tokens: int = stat("sum")  # their trained tokens
+    stale_masked_tokens: int = stat("sum")  # too-stale trained tokens of kept rows, out of the loss mask
     reduced_duplicates: dict | None = None  # duplicate ids over all ranks (set by all_reduce_)
 
     def drop_stale(self, sb: SourceBatch, current: int | None, max_lag: int | None,
@@ -223,18 +242,13 @@ class DataAudit:
             mask = m_vals.fill_null(False).to_numpy(zero_copy_only=False)  # (T,) bool
         row_masked = lengths if mask is None else _row_sums(mask, off)  # (n,) masked tokens per row
         lm = logmu if mask is None else logmu[mask]  # (M,) masked behavior log-probs
-        bad = ~(np.isfinite(lm) & (lm <= 0))
-        if bad.any():
-            _raise_token(sb, "behavior_logprobs", off, mask, int(np.flatnonzero(bad)[0]),
-                         "finite log-probs <= 0 where loss_mask is 1", lm[bad][0])
+        _apply_rule(sb, "behavior_logprobs", lm, off, mask)
         ids_np = ids.to_numpy(zero_copy_only=False)  # (T,) int64
-        if ids_np.size and ids_np.min() < 0:
-            _raise_token(sb, "response_ids", off, None, int(np.argmin(ids_np)), "token ids >= 0", ids_np.min())
+        _apply_rule(sb, "response_ids", ids_np, off, None)
         p_off, p_vals = _list_parts(b.column("prompt_ids"))
         p_min = pc.min(p_vals).as_py()
-        if p_min is not None and p_min < 0:
-            _raise_row(sb, "prompt_ids", int(np.searchsorted(p_off, int(np.argmin(p_vals.to_numpy())), "right") - 1),
-                       "token ids >= 0", p_min)
+        if p_min is not None and p_min < 0:  # (the minimum first: no copy of the prompts when none is negative)
+            _apply_rule(sb, "prompt_ids", p_vals.to_numpy(zero_copy_only=False), p_off, None)
 
         self.rows += n
         self.response_tokens += int(off[-1])
@@ -261,9 +275,7 @@ class DataAudit:
                 inverse, weights=row_masked).astype(np.int64).tolist())))
         temps = (b.column("temperature").fill_null(default_temperature).to_numpy(zero_copy_only=False)
                  if "temperature" in cols else np.full(n, default_temperature, dtype=np.float32))
-        if not (np.isfinite(temps) & (temps > 0)).all():
-            r = int(np.flatnonzero(~(np.isfinite(temps) & (temps > 0)))[0])
-            _raise_row(sb, "temperature", r, "a finite temperature > 0", temps[r])
+        _apply_rule(sb, "temperature", temps)
         t_uniq, t_counts = np.unique(temps, return_counts=True)
         self.temperature_rows.update(dict(zip(t_uniq.tolist(), t_counts.tolist())))
         if "sample_id" in cols:
@@ -279,9 +291,7 @@ class DataAudit:
             _check_same_lengths(sb, "advantages", a_off, lengths)
             adv = a_vals.fill_null(math.nan).to_numpy(zero_copy_only=False)  # (T,)
             am = adv if mask is None else adv[mask]  # (M,)
-            if not np.isfinite(am).all():
-                _raise_token(sb, "advantages", off, mask, int(np.flatnonzero(~np.isfinite(am))[0]),
-                             "finite advantages where loss_mask is 1", am[~np.isfinite(am)][0])
+            _apply_rule(sb, "advantages", am, off, mask)
             self.adv.add(am)
             zero = am == 0  # (M,)
             self.zero_adv_tokens += int(np.count_nonzero(zero))
@@ -290,10 +300,10 @@ class DataAudit:
             self.zero_adv_rows += int(np.count_nonzero(_row_sums(~zero, m_off) == 0))
             return
         if source == "advantage":
-            values = _scalar(sb, "advantage", "a finite advantage")  # (n,)
+            values = _scalar(sb, "advantage")  # (n,)
             self._add_row_advantages(values, row_masked)
             return
-        reward = _scalar(sb, "reward", "a finite reward")  # (n,)
+        reward = _scalar(sb, "reward")  # (n,)
         group = b.column("group_id")
         if group.null_count:
             _raise_row(sb, "group_id", int(np.flatnonzero(group.is_null().to_numpy(zero_copy_only=False))[0]),
@@ -333,29 +343,37 @@ class DataAudit:
         self._add_row_advantages((rewards - mean_of_row).astype(np.float32), np.concatenate(self.group_tokens))
         self.group_ids, self.group_rewards, self.group_tokens = [], [], []
 
-    def merge_(self, o: DataAudit) -> None:
-        """Add another shard's audit (exact)."""
-        for name in ("rows", "response_tokens", "masked_tokens", "prompt_tokens", "rare_tokens", "neg_logmu_sum",
-                     "zero_adv_tokens", "zero_adv_rows", "dropped_rows", "dropped_tokens", "stale_masked_tokens"):
-            setattr(self, name, getattr(self, name) + getattr(o, name))
-        self.token_id_max = max(self.token_id_max, o.token_id_max)
-        self.adv.merge_(o.adv)
-        self.reward.merge_(o.reward)
-        self.response_len_hist = _grow_add(self.response_len_hist, np.repeat(np.arange(len(o.response_len_hist)),
-                                                                             o.response_len_hist))
-        self.prompt_len_hist = _grow_add(self.prompt_len_hist, np.repeat(np.arange(len(o.prompt_len_hist)),
-                                                                         o.prompt_len_hist))
-        for name in ("version_rows", "version_tokens", "temperature_rows"):
-            getattr(self, name).update(getattr(o, name))
-        self.adv_sources |= o.adv_sources
-        for name in ("sample_ids", "group_ids", "group_rewards", "group_tokens"):
-            getattr(self, name).extend(getattr(o, name))
+    @classmethod
+    def statistics(cls, op: str) -> list[str]:
+        """The names of the statistics that combine with `op`, in declaration order."""
+        return [f.name for f in fields(cls) if f.metadata.get("merge") == op]
+
+    def flat(self, op: str) -> list[float]:
+        """The values that combine by "sum" or by "max": the numbers of that op, then each Moments' part
+        (its four sums; −min and max, so that every part combines by max)."""
+        values = [float(getattr(self, name)) for name in self.statistics(op)]
+        for m in (getattr(self, name) for name in self.statistics("moments")):
+            values += [m.n, m.s, m.s2, m.sabs] if op == "sum" else [-m.lo, m.hi]
+        return values
+
+    def set_flat(self, op: str, values: list[float]) -> None:
+        """The inverse of flat(op): the combined values back into the statistics."""
+        names = self.statistics(op)
+        for name, v in zip(names, values):
+            setattr(self, name, type(getattr(self, name))(v))
+        rest = iter(values[len(names):])
+        for m in (getattr(self, name) for name in self.statistics("moments")):
+            if op == "sum":
+                m.n, m.s, m.s2, m.sabs = next(rest), next(rest), next(rest), next(rest)
+            else:
+                m.lo, m.hi = -next(rest), next(rest)
 
     def all_reduce_(self) -> None:
         """Sum this rank's audit with every other rank's in place (one call; no-op in one process).
 
         Exact whatever the split of rows: group means are taken over every rank's rows of the group
-        (call it before finish_groups), and duplicate sample ids are found across ranks.
+        (call it before finish_groups), and duplicate sample ids are found across ranks. Every
+        statistic combines by the op it is declared with (`stat`).
         """
         from drpo_cli.distributed import is_distributed
 
@@ -368,31 +386,16 @@ class DataAudit:
         self.finish_groups(exchange)
         self.reduced_duplicates = self._duplicates_across(exchange)
         self.sample_ids = []
-        sums = torch.tensor([self.rows, self.response_tokens, self.masked_tokens, self.prompt_tokens,
-                             self.rare_tokens, self.neg_logmu_sum, self.zero_adv_tokens, self.zero_adv_rows,
-                             self.adv.n, self.adv.s, self.adv.s2, self.adv.sabs,
-                             self.reward.n, self.reward.s, self.reward.s2, self.reward.sabs,
-                             self.dropped_rows, self.dropped_tokens, self.stale_masked_tokens], dtype=torch.float64)
-        all_reduce_sum(sums)
-        maxes = torch.tensor([self.token_id_max, -self.adv.lo, self.adv.hi, -self.reward.lo, self.reward.hi,
-                              len(self.response_len_hist), len(self.prompt_len_hist)], dtype=torch.float64)
-        all_reduce_max(maxes)
-        v = sums.tolist()
-        (self.rows, self.response_tokens, self.masked_tokens, self.prompt_tokens, self.rare_tokens) = map(int, v[:5])
-        self.neg_logmu_sum = v[5]
-        self.zero_adv_tokens, self.zero_adv_rows = int(v[6]), int(v[7])
-        self.adv.n, self.adv.s, self.adv.s2, self.adv.sabs = v[8:12]
-        self.reward.n, self.reward.s, self.reward.s2, self.reward.sabs = v[12:16]
-        self.dropped_rows, self.dropped_tokens, self.stale_masked_tokens = int(v[16]), int(v[17]), int(v[18])
-        m = maxes.tolist()
-        self.token_id_max = int(m[0])
-        self.adv.lo, self.adv.hi, self.reward.lo, self.reward.hi = -m[1], m[2], -m[3], m[4]
-        for name, size in (("response_len_hist", int(m[5])), ("prompt_len_hist", int(m[6]))):
+        for op, reduce in (("sum", all_reduce_sum), ("max", all_reduce_max)):
+            self.set_flat(op, reduce(torch.tensor(self.flat(op), dtype=torch.float64)).tolist())
+        hists = self.statistics("hist")
+        sizes = all_reduce_max(torch.tensor([len(getattr(self, name)) for name in hists], dtype=torch.int64))
+        for name, size in zip(hists, sizes.tolist()):
             h = torch.zeros(size, dtype=torch.int64)
             own = getattr(self, name)
             h[: len(own)] = torch.from_numpy(own)
             setattr(self, name, all_reduce_sum(h).numpy())
-        for name in ("version_rows", "version_tokens", "temperature_rows"):
+        for name in self.statistics("counter"):
             setattr(self, name, Counter(_all_reduce_counter(dict(getattr(self, name)))))
 
     def _duplicates_across(self, exchange, examples: int = 5) -> dict:
@@ -511,14 +514,14 @@ def _check_batch(sb: SourceBatch, off: np.ndarray, lengths: np.ndarray) -> None:
     for name in REQUIRED:
         col = b.column(name)
         if col.null_count:
-            _raise_row(sb, name, int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]),
-                       "a list", "null")
+            _raise_row(sb, name, int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]), *NULL_VALUE)
     if lengths.size and lengths.min() < 1:
-        _raise_row(sb, "response_ids", int(np.argmin(lengths)), "at least 1 response token", "0")
+        _raise_row(sb, "response_ids", int(np.argmin(lengths)), *EMPTY_RESPONSE)
     if b.column("response_ids").values.null_count:
         ids = _list_parts(b.column("response_ids"))[1]
         flat = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
-        _raise_row(sb, "response_ids", int(np.searchsorted(off, flat, "right") - 1), "token ids", "null")
+        _raise_row(sb, "response_ids", int(np.searchsorted(off, flat, "right") - 1), "no null entries",
+                   "a null entry")
 
 
 def _loss_mask(sb: SourceBatch, off: np.ndarray) -> np.ndarray:
@@ -549,9 +552,7 @@ def _row_versions(sb: SourceBatch) -> np.ndarray:
     b = sb.batch
     pv = (b.column("policy_version").fill_null(-1).to_numpy() if "policy_version" in b.schema.names
           else np.full(b.num_rows, -1, dtype=np.int64))  # (n,)
-    if pv.min(initial=0) < -1:
-        r = int(np.argmin(pv))
-        _raise_row(sb, "policy_version", r, "policy versions >= 0 (or null/-1 for unknown)", pv[r])
+    _apply_rule(sb, "policy_version", pv)
     return pv
 
 
@@ -566,28 +567,44 @@ def _versions(sb: SourceBatch, off: np.ndarray, mask: np.ndarray) -> tuple[np.nd
         v_off, v_vals = _list_parts(b.column("token_policy_versions"))
         _check_same_lengths(sb, "token_policy_versions", v_off, np.diff(off))
         tv = v_vals.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)  # (T,)
-        bad = mask & (tv < 0)
-        if bad.any():
-            _raise_token(sb, "token_policy_versions", off, mask, int(np.flatnonzero(bad[mask])[0]),
-                         "policy versions >= 0 where loss_mask is 1", tv[bad][0])
+        _apply_rule(sb, "token_policy_versions", tv[mask], off, mask)
     oldest, newest = version_range(tv, mask, off, pv)
     return tv, oldest, newest
 
 
 def _check_same_lengths(sb: SourceBatch, column: str, other_off: np.ndarray, lengths: np.ndarray) -> None:
+    col = sb.batch.column(column)
+    if col.null_count:  # a null list: named as such, not as a list of length 0
+        _raise_row(sb, column, int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]), *NULL_VALUE)
     other = np.diff(other_off)
     if not np.array_equal(other, lengths):
         r = int(np.flatnonzero(other != lengths)[0])
-        _raise_row(sb, column, r, f"{lengths[r]} entries (one per response token)", f"{other[r]}")
+        _raise_row(sb, column, r, *length_problem("response_ids", lengths[r], other[r]))
 
 
-def _scalar(sb: SourceBatch, column: str, expected: str) -> np.ndarray:
+def _scalar(sb: SourceBatch, column: str) -> np.ndarray:
     values = sb.batch.column(column).fill_null(math.nan).to_numpy(zero_copy_only=False)  # (n,)
-    bad = ~np.isfinite(values)
+    bad = ROW_RULES[column].bad(values)
     if bad.any():
         r = int(np.flatnonzero(bad)[0])
-        _raise_row(sb, column, r, expected, "null" if sb.batch.column(column)[r].as_py() is None else values[r])
+        if sb.batch.column(column)[r].as_py() is None:
+            _raise_row(sb, column, r, *NULL_VALUE)
+        _raise_row(sb, column, r, ROW_RULES[column].expected, values[r])
     return values
+
+
+def _apply_rule(sb: SourceBatch, column: str, values: np.ndarray, off: np.ndarray | None = None,
+                mask: np.ndarray | None = None) -> None:
+    """Raise for the first value breaking the column's rule (schema.ROW_RULES): per row without `off`,
+    else per token (`values` are the masked tokens when `mask` is given)."""
+    rule = ROW_RULES[column]
+    bad = rule.bad(values)
+    if not bad.any():
+        return
+    k = int(np.flatnonzero(bad)[0])
+    if off is None:
+        _raise_row(sb, column, k, rule.expected, values[k])
+    _raise_token(sb, column, off, mask, k, rule.expected, values[k])
 
 
 def _all_reduce_counter(counts: dict) -> dict:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from drpo_cli.errors import ConfigError, InputError
@@ -90,6 +89,56 @@ COLUMN_BY_NAME = {c.name: c for c in COLUMNS}
 REQUIRED = tuple(c.name for c in COLUMNS if c.required == "yes")
 # Per-token columns that must have exactly one entry per response token.
 TOKEN_COLUMNS = ("behavior_logprobs", "advantages", "loss_mask", "proximal_logprobs", "token_policy_versions")
+
+
+@dataclass(frozen=True)
+class RowRule:
+    """One rule on rollout values, the single definition `drpo validate` (every problem) and the audits of
+    inspect and train (the first problem, as they stream) both apply: which values break it, and the message."""
+
+    kind: str  # the problem kind drpo validate counts under
+    expected: str
+    bad: Callable[[np.ndarray], np.ndarray]  # values -> bool mask of the values that break the rule
+    masked: bool = False  # per-token values held to it only where loss_mask is 1
+
+
+def _not_logprob(v: np.ndarray) -> np.ndarray:
+    return ~(np.isfinite(v) & (v <= 0))
+
+
+def _not_finite(v: np.ndarray) -> np.ndarray:
+    return ~np.isfinite(v)
+
+
+def _negative(v: np.ndarray) -> np.ndarray:
+    return v < 0
+
+
+def _not_temperature(v: np.ndarray) -> np.ndarray:
+    return ~(np.isfinite(v) & (v > 0))
+
+
+ROW_RULES: dict[str, RowRule] = {
+    "behavior_logprobs": RowRule("logprob", "finite log-probs <= 0 where loss_mask is 1", _not_logprob, True),
+    "proximal_logprobs": RowRule("logprob", "finite log-probs <= 0 where loss_mask is 1", _not_logprob, True),
+    "advantages": RowRule("non-finite", "finite advantages where loss_mask is 1", _not_finite, True),
+    "token_policy_versions": RowRule("negative-version", "policy versions >= 0 where loss_mask is 1", _negative,
+                                     True),
+    "policy_version": RowRule("negative-version", "policy versions >= 0 (or null/-1 for unknown)",
+                              lambda v: v < -1),
+    "advantage": RowRule("non-finite", "a finite number", _not_finite),
+    "reward": RowRule("non-finite", "a finite number", _not_finite),
+    "temperature": RowRule("temperature", "a finite temperature > 0", _not_temperature),
+    "prompt_ids": RowRule("negative-id", "token ids >= 0", _negative),
+    "response_ids": RowRule("negative-id", "token ids >= 0", _negative),
+}
+NULL_VALUE = ("a value", "null")  # (expected, found) of a null where a value is required
+EMPTY_RESPONSE = ("at least one response token", "an empty list")
+
+
+def length_problem(reference: str, want: int, found: int) -> tuple[str, str]:
+    """(expected, found) of a per-token column whose length is not its reference column's."""
+    return f"length {want} (as {reference})", f"length {found}"
 METADATA_KEYS = {
     "drpo.schema_version": 'schema version of the file, "1"',
     "drpo.temperature": "sampling temperature of every row without a temperature column",
@@ -683,7 +732,7 @@ def _check_batch(path: str, offset: int, b: pa.RecordBatch, out: Problems, ids: 
     for name in b.schema.names:
         arr = b.column(name)
         null_rows[name] = _np(arr.is_null()) if arr.null_count else np.zeros(n, dtype=bool)
-        report("null", name, np.flatnonzero(null_rows[name]), "a value", "null")
+        report("null", name, np.flatnonzero(null_rows[name]), *NULL_VALUE)
         if name not in _LIST_COLUMNS:
             continue
         bad |= null_rows[name]
@@ -694,12 +743,12 @@ def _check_batch(path: str, offset: int, b: pa.RecordBatch, out: Problems, ids: 
             report("null", name, np.unique(rows), "no null entries", "a null entry")
             bad[rows] = True
         if name in ("prompt_ids", "response_ids"):
-            neg = np.flatnonzero(_np(pc.less(flat, 0).fill_null(False)))
+            neg = np.flatnonzero(ROW_RULES[name].bad(_np(flat.fill_null(0))))
             if len(neg):
                 offs = _offsets(lengths[name])
                 rows, first = np.unique(_row_of(neg, offs), return_index=True)
                 at = dict(zip(rows.tolist(), neg[first].tolist()))
-                report("negative-id", name, rows, "token ids >= 0",
+                report(ROW_RULES[name].kind, name, rows, ROW_RULES[name].expected,
                        lambda i, f=flat, o=offs, at=at: f"{f[at[i]].as_py()} at token {at[i] - o[i]}")
 
     ref = next((c for c in ("response_ids",) + TOKEN_COLUMNS if c in lengths), None)
@@ -707,25 +756,29 @@ def _check_batch(path: str, offset: int, b: pa.RecordBatch, out: Problems, ids: 
         ref_len = lengths[ref]
         if ref == "response_ids":
             out.tokens += int(ref_len.sum())
-            report("empty-response", ref, np.flatnonzero((ref_len == 0) & ~null_rows[ref]),
-                   "at least one response token", "an empty list")
+            report("empty-response", ref, np.flatnonzero((ref_len == 0) & ~null_rows[ref]), *EMPTY_RESPONSE)
         for name in TOKEN_COLUMNS:
             if name == ref or name not in lengths:
                 continue
             mismatch = (lengths[name] != ref_len) & ~null_rows[name] & ~null_rows[ref]
             rows = np.flatnonzero(mismatch)
-            report("length-mismatch", name, rows, lambda i, r=ref: f"length {ref_len[i]} (as {r})",
-                   lambda i, c=name: f"length {lengths[c][i]}")
+            report("length-mismatch", name, rows, lambda i, r=ref: length_problem(r, ref_len[i], 0)[0],
+                   lambda i, c=name: length_problem(ref, 0, lengths[c][i])[1])
             bad |= mismatch
 
     for name in ("advantage", "reward"):
         if name in names:
             v = _np(b.column(name).fill_null(0.0))
-            report("non-finite", name, np.flatnonzero(~np.isfinite(v)), "a finite number", lambda i, v=v: f"{v[i]:.6g}")
+            rule = ROW_RULES[name]
+            report(rule.kind, name, np.flatnonzero(rule.bad(v)), rule.expected, lambda i, v=v: f"{v[i]:.6g}")
+    if "policy_version" in names:
+        v = _np(b.column("policy_version").fill_null(-1))
+        rule = ROW_RULES["policy_version"]
+        report(rule.kind, "policy_version", np.flatnonzero(rule.bad(v)), rule.expected, lambda i, v=v: str(v[i]))
     if "temperature" in names:
         t = _np(b.column("temperature").fill_null(1.0))
-        report("temperature", "temperature", np.flatnonzero(~(np.isfinite(t) & (t > 0))),
-               "a finite temperature > 0", lambda i: f"{t[i]:.6g}")
+        rule = ROW_RULES["temperature"]
+        report(rule.kind, "temperature", np.flatnonzero(rule.bad(t)), rule.expected, lambda i: f"{t[i]:.6g}")
     if sids is not None:
         ids.add(sids)
     if "routed_experts" in names and {"prompt_ids", "response_ids"} <= set(lengths):
@@ -752,20 +805,11 @@ def _check_batch(path: str, offset: int, b: pa.RecordBatch, out: Problems, ids: 
                lambda i: f"{values[at[_local(good, i)]]:.6g} at token {at[_local(good, i)] - offs[_local(good, i)]}")
 
     mask = parts["loss_mask"][0] if "loss_mask" in parts else None  # (T,) bool
-    for name in ("behavior_logprobs", "proximal_logprobs"):
+    for name in ("behavior_logprobs", "proximal_logprobs", "advantages", "token_policy_versions"):
         if name in parts:
-            v = parts[name][0]
-            bad_tok = ~(np.isfinite(v) & (v <= 0))
-            report_tokens("logprob", name, bad_tok if mask is None else bad_tok & mask,
-                          "finite log-probs <= 0 where loss_mask is 1")
-    if "advantages" in parts:
-        bad_tok = ~np.isfinite(parts["advantages"][0])
-        report_tokens("non-finite", "advantages", bad_tok if mask is None else bad_tok & mask,
-                      "finite advantages where loss_mask is 1")
-    if "token_policy_versions" in parts:
-        bad_tok = parts["token_policy_versions"][0] < 0
-        report_tokens("negative-version", "token_policy_versions", bad_tok if mask is None else bad_tok & mask,
-                      "policy versions >= 0 where loss_mask is 1")
+            rule = ROW_RULES[name]
+            bad_tok = rule.bad(parts[name][0])
+            report_tokens(rule.kind, name, bad_tok if mask is None else bad_tok & mask, rule.expected)
 
 
 def _check_routing(arr: pa.Array, positions: np.ndarray, skip: np.ndarray, report) -> None:

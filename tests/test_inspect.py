@@ -243,9 +243,42 @@ def test_data_audit_merge_equals_one_pass(tmp_path):
     for i, sb in enumerate(batches):
         whole.update(sb, 1.0)
         (first if i % 2 else second).update(sb, 1.0)
-    first.merge_(second)
+    combine_as_all_reduce(first, second)
     first.all_reduce_()  # one process: a no-op
     assert first.section(None, "unknown") == whole.section(None, "unknown")
+
+
+def combine_as_all_reduce(a, b) -> None:
+    """Fold audit `b` into `a` with the ops its statistics are declared with (what all_reduce_ does across
+    ranks), plus the per-row group values finish_groups exchanges."""
+    from collections import Counter
+
+    for op, combine in (("sum", lambda x, y: x + y), ("max", max)):
+        a.set_flat(op, [combine(x, y) for x, y in zip(a.flat(op), b.flat(op))])
+    for name in a.statistics("hist"):
+        x, y = getattr(a, name), getattr(b, name)
+        h = np.zeros(max(len(x), len(y)), dtype=np.int64)
+        h[: len(x)] += x
+        h[: len(y)] += y
+        setattr(a, name, h)
+    for name in a.statistics("counter"):
+        counts = Counter(getattr(a, name))
+        counts.update(getattr(b, name))  # (not `+`: it would drop keys counted 0)
+        setattr(a, name, counts)
+    a.adv_sources |= b.adv_sources
+    for name in ("sample_ids", "group_ids", "group_rewards", "group_tokens"):
+        getattr(a, name).extend(getattr(b, name))
+
+
+def test_every_data_audit_field_is_a_declared_statistic_or_exchanged_rows():
+    from dataclasses import fields as dc_fields
+
+    from drpo_cli.audit import DataAudit
+
+    declared = {f.name for f in dc_fields(DataAudit) if "merge" in f.metadata}
+    per_row = {"sample_ids", "group_ids", "group_rewards", "group_tokens", "adv_sources", "reduced_duplicates"}
+    assert declared | per_row == {f.name for f in dc_fields(DataAudit)} and not declared & per_row
+    assert len(DataAudit().flat("sum")) == len(DataAudit.statistics("sum")) + 4 * 2  # two Moments, four sums each
 
 
 def test_data_only_stale_row_filter_and_exact_error_rows(tmp_path):

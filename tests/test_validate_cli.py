@@ -328,3 +328,24 @@ def test_malformed_tables_never_give_a_traceback(tmp_path, table_fmt):
     else:
         with pytest.raises(InputError):
             load_rows(path)
+
+
+@pytest.mark.parametrize("case", [c for c in ROW_CASES if c not in ("duplicate sample id", "null token",
+                                                                    "proximal length", "positive proximal log-prob")])
+def test_the_audit_applies_the_same_rule_with_the_same_message(tmp_path, case):
+    """inspect's streaming audit stops at the first problem; drpo validate lists them all. Both name the
+    same column and row, and the same expectation (schema.ROW_RULES), for every row rule."""
+    import re
+
+    from drpo_cli.audit import DataAudit
+    from drpo_cli.schema import open_rollouts
+
+    replace, column, row, _ = ROW_CASES[case]
+    path = write_rollout_table(valid_rollout_table(**replace), tmp_path / "bad.arrow")
+    line = problem_line(validate(path).output, f"column '{column}'", f"row {row} ")
+    expected = re.search(r"expected (.*), found", line).group(1)
+    with pytest.raises(InputError) as err:
+        for sb in open_rollouts(str(path)).iter_batches():
+            DataAudit().update(sb, 1.0)
+    assert f"column '{column}', row {row} " in err.value.message
+    assert re.search(r"expected (.*?)( \(token \d+\))?, found", err.value.message).group(1) == expected
