@@ -16,7 +16,7 @@ Saving: `save_full_checkpoint` takes the sharded state dict from torch.distribut
 `full_state_dict=True` would hold the whole model on rank 0 at once) and rank 0 streams it into a
 `CheckpointWriter`; the rename into place happens only after every rank has reported success.
 
-Test hook: with DRPO_TEST_FAIL_RANK=r, rank r raises right before the save's success vote.
+Its test hook (DRPO_TEST_FAIL_RANK) is documented in hooks.py.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from drpo_cli import hooks
 from drpo_cli.errors import CheckpointError, ConfigError, DrpoError, InputError
 from drpo_cli.launch import RANK_EXIT_DIR, launched, launcher_exit_code
 
-FAIL_HOOK = "DRPO_TEST_FAIL_RANK"
 TIMEOUT_ENV = "DRPO_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 900  # one collective may wait this long for a slow peer (e.g. rank 0 writing a shard)
 ENGINE_METHOD = "drpo_engine"  # the log-prob engine's entry point on a sharded model (logprobs.run_engine)
@@ -133,11 +133,6 @@ def filler_passes(local_passes: int) -> list:
     return [filler_batch()] * (max_count(local_passes) - local_passes)
 
 
-def shard_rows(indices):
-    """This rank's share of `indices` (`indices[rank::world]`): deterministic and disjoint."""
-    return indices[rank() :: world_size()]
-
-
 def exchange(obj) -> list:
     """Every rank's `obj`, in rank order, on every rank (`[obj]` in one process): a collective."""
     if not is_distributed():
@@ -227,10 +222,10 @@ def _comm_device() -> torch.device:
 
 
 def check_test_failure(phase: str = "save") -> None:
-    """The documented test hook: DRPO_TEST_FAIL_RANK=r makes rank r fail here."""
-    target = os.environ.get(FAIL_HOOK)
+    """The test hook DRPO_TEST_FAIL_RANK=r (hooks.py) makes rank r fail here."""
+    target = hooks.failing_rank()
     if target is not None and launched() and target == os.environ.get("RANK"):
-        raise RuntimeError(f"failure injected by {FAIL_HOOK}={target} during {phase}")
+        raise RuntimeError(f"failure injected by {hooks.FAIL_RANK}={target} during {phase}")
 
 
 # ---- FSDP2 -----------------------------------------------------------------------------------

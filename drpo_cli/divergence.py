@@ -178,7 +178,7 @@ class Diagnostics:
     0..lag_buckets−1 get their own breakdown bucket, larger lags share "{lag_buckets}+".
 
     State is only sums, counts, maxima and fixed-bin histograms (float64, on the CPU), so
-    merge_ / all_reduce_ of several accumulators equal one accumulator fed every token: exactly
+    all_reduce_ of several ranks' accumulators equals one accumulator fed every token: exactly
     for counts, histograms, maxima and quantiles, up to float rounding for sums of values.
     """
 
@@ -264,7 +264,7 @@ class Diagnostics:
         self._ops[key] = op
 
     def config(self) -> dict:
-        """The settings this accumulator was built with (recorded in state_dict, checked on merge)."""
+        """The settings this accumulator was built with (accumulators combine only with equal settings)."""
         return {
             "tr_delta": self.tr_delta,
             "losses": {name: dict(hp) for name, hp in self.losses.items()},
@@ -451,14 +451,7 @@ class Diagnostics:
             else:
                 torch.maximum(state, chunk, out=state)
 
-    # ---- merge, distributed, resume -----------------------------------------------------------------
-
-    def merge_(self, other: Diagnostics) -> Diagnostics:
-        """Fold another accumulator (same config) into this one, in place."""
-        if other.config() != self.config():
-            raise ConfigError(f"cannot merge diagnostics with config {other.config()} into {self.config()}")
-        self._fold(other._state)
-        return self
+    # ---- distributed -----------------------------------------------------------------
 
     def all_reduce_(self) -> Diagnostics:
         """Combine the accumulators of every rank in place (SUM / MAX); a no-op without torch.distributed.
@@ -478,17 +471,6 @@ class Diagnostics:
             for key, chunk in zip(keys, flat.cpu().split([self._state[k].numel() for k in keys])):
                 self._state[key] = chunk.reshape(self._state[key].shape).clone()
         return self
-
-    def state_dict(self) -> dict:
-        return {"config": self.config(), "state": {k: v.clone() for k, v in self._state.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("config") != self.config():
-            raise ConfigError(
-                f"saved diagnostics were recorded with {state.get('config')}, not {self.config()}; "
-                "resume with the same settings"
-            )
-        self._state = {k: v.clone().to(torch.float64) for k, v in state["state"].items()}
 
     # ---- report -----------------------------------------------------------------------------------
 

@@ -6,7 +6,6 @@ Exit codes (SPEC.md §4): 0 success, 1 runtime failure, 2 bad usage or bad input
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_GATE = 3

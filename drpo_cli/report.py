@@ -393,7 +393,7 @@ def _is_loss_metric(key: str, loss: str) -> bool:
 # ---- drpo inspect report ------------------------------------------------------------------------
 # `drpo inspect --json`; schemas/inspect-report.schema.json is INSPECT_REPORT_SCHEMA, kept equal by a
 # test. Stable metric names (all over response tokens with loss_mask 1) are documented in the
-# README's "Auditing rollouts" section; gates (`--fail-above`) accept exactly these names.
+# docs/inspect.md; gates (`--fail-above`) accept exactly these names.
 
 INSPECT_DATA_METRICS: dict[str, str] = {
     "data/rows": "rollout rows",
@@ -609,8 +609,8 @@ INSPECT_REPORT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "https://github.com/drpo/drpo/schemas/inspect-report.schema.json",
     "title": "drpo inspect report",
-    "description": "Written by `drpo inspect --json` (SPEC.md §2, §4); metric names are stable (README, "
-                   "'Auditing rollouts'). Non-finite numbers are null.",
+    "description": "Written by `drpo inspect --json` (SPEC.md §2, §4); metric names are stable (docs/inspect.md). "
+                   "Non-finite numbers are null.",
     "type": "object",
     "required": ["report", "report_version", "drpo_version", "mode", "inputs", "settings", "metrics", "data",
                  "model", "notes", "gates"],

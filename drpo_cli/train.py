@@ -12,8 +12,7 @@ state goes to `OUT.partial-state/` (model + optimizer + step counter + report so
 the run exits 130. `--resume` reloads it and reaches the same final weights as an uninterrupted
 run: the shuffle of pass e is a pure function of (seed, e) and the learning rate of step s is a
 pure function of s, so the step counter is all the "scheduler" there is. A second signal aborts
-at once. Test hook: with the environment variable DRPO_INTERRUPT_AFTER_STEP=k the process sends
-itself SIGTERM right after step k (0-based), exercising the real handler.
+at once. Its test hook (DRPO_INTERRUPT_AFTER_STEP) is documented in hooks.py.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from drpo_cli import __version__, distributed, moe, outputs
+from drpo_cli import __version__, distributed, hooks, moe, outputs
 from drpo_cli.checkpoint import (
     CheckpointWriter,
     check_free_space,
@@ -80,7 +79,6 @@ from drpo_cli.schema import open_rollouts
 REPORT_NAME = "drpo_report.json"
 PAGE_NAME = "report.html"
 STATE_DCP = "dcp"  # the resumable state's model + optimizer (torch.distributed.checkpoint)
-INTERRUPT_HOOK = "DRPO_INTERRUPT_AFTER_STEP"
 WORST_SAMPLES = 10
 # Options that may differ between an interrupted run and its --resume.
 _RESUME_FREE = ("resume", "overwrite", "quiet", "tensorboard")
@@ -267,7 +265,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                             outside=fmt(metrics.get("tr/outside_frac")))
             if board is not None:
                 board.step(steps[-1])
-            if os.environ.get(INTERRUPT_HOOK) == str(step):
+            if hooks.interrupt_requested(step):
                 signal.raise_signal(signal.SIGTERM)
             stop.requested = distributed.any_rank(stop.requested)
             if stop.requested and step + 1 < total_steps:

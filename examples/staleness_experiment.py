@@ -1,7 +1,7 @@
 """Staleness × training–inference mismatch: how each loss copes with rollouts that are stale and
 sampled by a numerically different copy of the policy (FP8 / BF16 inference engines).
 
-    python examples/staleness_experiment.py            # default size (see README), ≤ 30 min on 2 CPU cores
+    python examples/staleness_experiment.py            # default size (docs/experiments.md), ≤ 30 min on 2 CPU cores
     python examples/staleness_experiment.py --quick    # smoke size, about 1 min
     python examples/staleness_experiment.py --out DIR --seeds 5 --rounds 20 --mismatch none fp8-w8a8
 

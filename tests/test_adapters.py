@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import TOY_MODEL
 from transformers import AutoModelForCausalLM
 
 from drpo_cli import RolloutWriter
@@ -19,7 +20,7 @@ from drpo_cli.logprobs import token_logprobs
 from drpo_cli.rollouts import load_rows
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-TOY = Path(__file__).resolve().parent.parent / "examples" / "toy" / "model"
+TOY = TOY_MODEL
 
 
 def fixture(name: str):

@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST_TRAIN, TOY
 from typer.testing import CliRunner
 
 from drpo_cli import checkpoint, train
 from drpo_cli.cli import app
 from drpo_cli.errors import CheckpointError
 
-TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
-FAST = ["--quiet", "--device", "cpu", "--lr", "1e-3", "--micro-batch-tokens", "512"]
+FAST = [*FAST_TRAIN, "--device", "cpu"]
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import FAST_TRAIN
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -13,7 +14,7 @@ from drpo_cli.config import TrainConfig
 from drpo_cli.config_file import train_config
 from drpo_cli.errors import ConfigError
 
-FAST = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512", "--minibatches", "2"]
+FAST = [*FAST_TRAIN, "--minibatches", "2"]
 
 
 def test_toml_fields_flags_override_and_types(tmp_path, toy):

@@ -14,6 +14,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from conftest import FAST_TRAIN
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
@@ -31,7 +32,7 @@ from drpo_cli.losses import (
     weight_sum_parts,
 )
 
-FAST = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512"]
+FAST = FAST_TRAIN
 
 
 def _random_case(seed: int, n_seq: int = 12, length: int = 9):

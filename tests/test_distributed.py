@@ -22,14 +22,14 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import TOY
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 from typer.testing import CliRunner
 
-from drpo_cli import distributed
+from drpo_cli import distributed, hooks
 from drpo_cli.cli import app, without_nproc
 
-TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
 ROWS = 64  # a slice of the example keeps the runs short; process start-up dominates anyway
 TRAIN_ARGS = ["--quiet", "--device", "cpu", "--lr", "1e-3", "--minibatches", "2", "--micro-batch-tokens", "256",
               # clipping active (global norm ≈ 0.1): the weights then depend on the gradient's scale,
@@ -145,7 +145,6 @@ def test_reductions_are_identities_in_one_process():
     assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.5, -2.0]
     assert distributed.all_reduce_max(t).tolist() == [1.5, -2.0]
     assert distributed.max_count(3) == 3
-    assert distributed.shard_rows(np.arange(5)).tolist() == [0, 1, 2, 3, 4]
     assert distributed.gather_to_rank0("x") == ["x"]
 
 
@@ -342,7 +341,7 @@ def test_two_ranks_train_clip_cov_with_m2po_and_opsm_like_one(toy, tmp_path):
 
 @pytest.mark.multiproc
 def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy, tmp_path):
-    from drpo_cli.train import INTERRUPT_HOOK
+    from drpo_cli.hooks import INTERRUPT_AFTER_STEP as INTERRUPT_HOOK
 
     common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--epochs", "2"]  # 4 steps
     one_process("train", *common, "--out", str(tmp_path / "straight"))
@@ -489,7 +488,7 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(toy, tmp_path):
     command = [sys.executable, "-m", "drpo_cli", "train", "--nproc", "2", "-r", str(toy / "rollouts.arrow"),
                "-m", str(toy / "model"), "--out", str(tmp_path / "out"), *TRAIN_ARGS]
     run = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", distributed.FAIL_HOOK: "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", hooks.FAIL_RANK: "1"})
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     injected = "RuntimeError: failure injected by DRPO_TEST_FAIL_RANK=1 during save"

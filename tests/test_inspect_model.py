@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import TOY
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -23,7 +24,6 @@ from drpo_cli.report import (
     validate_report,
 )
 
-TOY = Path(__file__).resolve().parent.parent / "examples" / "toy"
 MODEL, ROLLOUTS = TOY / "model", TOY / "rollouts.arrow"
 CURRENT_VERSION = 8  # examples/toy/model/drpo_checkpoint.json
 

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import valid_rollout_table, write_rollout_table
+from conftest import FAST_TRAIN, TOY, valid_rollout_table, write_rollout_table
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
 
-TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
-FAST = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512"]
+FAST = FAST_TRAIN
 
 # Paths (relative to the layout's root) that commands may be pointed at. The layout:
 #   data/r.arrow, data/more/r2.arrow        rollouts (inputs)      notes/notes.txt   the user's own file

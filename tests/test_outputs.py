@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import valid_rollout_table, write_rollout_table
+from conftest import FAST_TRAIN, TOY, valid_rollout_table, write_rollout_table
 from typer.testing import CliRunner
 
 from drpo_cli import outputs
 from drpo_cli.cli import app
 from drpo_cli.errors import ConfigError
 
-TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
-FAST = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512"]
+FAST = FAST_TRAIN
 
 
 @pytest.fixture(scope="module")

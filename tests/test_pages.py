@@ -11,13 +11,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import TOY
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
 from drpo_cli.pages import decode_tokens
 from drpo_cli.report import fmt_cell
 
-TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
 VOID = {"meta", "br", "img", "input", "link", "hr", "line", "rect", "circle", "polyline"}
 
 

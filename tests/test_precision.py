@@ -15,6 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import FAST_TRAIN
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -27,7 +28,7 @@ from drpo_cli.rollouts import load_rows
 from drpo_cli.train import accumulate_gradients
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
-FAST = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512", "--device", "cpu"]
+FAST = [*FAST_TRAIN, "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_train_and_inspect_run_in_every_dtype_on_cpu(toy, tmp_path, dtype):
 
 
 def test_fp16_resume_keeps_the_loss_scale(toy, tmp_path):
-    from drpo_cli.train import INTERRUPT_HOOK
+    from drpo_cli.hooks import INTERRUPT_AFTER_STEP as INTERRUPT_HOOK
 
     args = ["--dtype", "fp16", "--minibatches", "3", *FAST]
     runner = CliRunner()

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import write_rollout_table
+from conftest import TOY, write_rollout_table
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
 
-TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
 MODEL = TOY / "model"
 VOCAB = 21  # the example model's vocabulary (config.json)
 runner = CliRunner()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import write_rollout_table
+from conftest import TOY, require_toy, write_rollout_table
 from test_inspect_model import naive, table  # noqa: F401 - the toy's naive recompute
 from typer.testing import CliRunner
 
@@ -155,7 +155,6 @@ def test_tokens_newer_than_the_current_version_show_a_negative_lag_and_a_note(fi
 
 # ---- with a model: the bundled example (examples/toy, checkpoint version 8) ------------------------
 
-TOY = Path(__file__).resolve().parent.parent / "examples" / "toy"
 CURRENT = 8
 RUN_DETAILS = {"seconds", "micro_batches", "padding_frac", "device", "rollouts"}
 
@@ -192,8 +191,7 @@ def stale_masked_table(rollouts: pa.Table, threshold: int) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def toy_files(tmp_path_factory) -> dict[str, Path]:
-    if not (TOY / "model").is_dir():
-        pytest.skip("examples/toy not built (python examples/make_example.py)")
+    require_toy()
     d = tmp_path_factory.mktemp("versions")
     rollouts = toy_table()
     # --max-lag 3 at version 8 leaves out versions below 5.
@@ -322,8 +320,7 @@ def test_two_ranks_train_and_inspect_with_token_versions_like_one(tmp_path):
         without_per_batch_whatifs,
     )
 
-    if not (TOY / "model").is_dir():
-        pytest.skip("examples/toy not built (python examples/make_example.py)")
+    require_toy()
     path = write_rollout_table(toy_table(rows=64), tmp_path / "r.arrow")
     common = ["-r", str(path), "-m", str(TOY / "model"), *TRAIN_ARGS, "--max-lag", "3"]
     run = torchrun("train", *common, "--out", str(tmp_path / "two"))

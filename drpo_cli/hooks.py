@@ -1,0 +1,27 @@
+"""The environment variables drpo reads that exist for its tests: fault injection, nothing a user sets.
+
+- DRPO_INTERRUPT_AFTER_STEP=k: `drpo train` sends itself SIGTERM right after optimizer step k (0-based),
+  so tests exercise the real preemption handler (a partial state saved, exit 130, `--resume` continues).
+- DRPO_TEST_FAIL_RANK=r: under torchrun, rank r raises right before the save's success vote, so tests see
+  every rank agree on the failure and nothing half-written.
+
+Every other DRPO_* variable is a user setting, documented where it is read (DRPO_DIST_TIMEOUT_S in
+distributed.py; DRPO_RANK_EXIT_DIR, set by `drpo train --nproc` for its ranks, in launch.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+INTERRUPT_AFTER_STEP = "DRPO_INTERRUPT_AFTER_STEP"
+FAIL_RANK = "DRPO_TEST_FAIL_RANK"
+
+
+def interrupt_requested(step: int) -> bool:
+    """True when the DRPO_INTERRUPT_AFTER_STEP hook names this step."""
+    return os.environ.get(INTERRUPT_AFTER_STEP) == str(step)
+
+
+def failing_rank() -> str | None:
+    """The rank DRPO_TEST_FAIL_RANK names, if any."""
+    return os.environ.get(FAIL_RANK)
