@@ -79,8 +79,8 @@ def bare_worker() -> None:
     import torch
     from transformers import LlamaForCausalLM  # noqa: F401 - the modelling code is part of the bare footprint
 
-    import drpo_cli.audit
     import drpo_cli.cli
+    import drpo_cli.inspect_data
     import drpo_cli.train  # noqa: F401
     from drpo_cli import distributed
 

@@ -36,7 +36,7 @@ def check_bf16_parity(torch) -> bool:
     import numpy as np
     from train_step import build_model, make_rows
 
-    from drpo_cli.data import plan_micro_batches
+    from drpo_cli.batching import plan_micro_batches
     from drpo_cli.logprobs import token_logprobs
 
     model = build_model(32_000, 512, 4).cuda().eval()
@@ -57,7 +57,7 @@ def check_fp16(torch) -> bool:
     import numpy as np
     from train_step import build_model, make_rows
 
-    from drpo_cli.data import plan_micro_batches
+    from drpo_cli.batching import plan_micro_batches
     from drpo_cli.logprobs import token_logprobs
 
     model = build_model(32_000, 512, 4).cuda().eval()
@@ -102,7 +102,7 @@ def check_fused_head(torch) -> bool:
     import numpy as np
     from train_step import build_model, make_rows, naive_logprobs
 
-    from drpo_cli.data import plan_micro_batches
+    from drpo_cli.batching import plan_micro_batches
     from drpo_cli.logprobs import fused_token_loss
 
     model = build_model(151_936, 512, 2).cuda()

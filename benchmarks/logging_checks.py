@@ -28,10 +28,10 @@ import pyarrow as pa
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from drpo_cli import audit_model
-from drpo_cli.audit import run_inspect
+from drpo_cli import inspect_model
+from drpo_cli.batching import plan_micro_batches
 from drpo_cli.config import InspectConfig
-from drpo_cli.data import plan_micro_batches
+from drpo_cli.inspect_data import run_inspect
 from drpo_cli.logprobs import token_logprobs
 
 
@@ -81,7 +81,7 @@ def separate_passes(cfg: InspectConfig) -> dict:
     rows = load_rows(list(cfg.rollouts))
     model, _ = load_model(cfg.model)
     every = np.ones(rows.num_rows, dtype=bool)
-    check = audit_model.LoggingCheck.plan(np.zeros(rows.num_rows, dtype=np.int64), rows.temperature,
+    check = inspect_model.LoggingCheck.plan(np.zeros(rows.num_rows, dtype=np.int64), rows.temperature,
                                           np.diff(np.concatenate([[0], np.cumsum(rows.loss_mask)])[rows.response_offsets]),
                                           every).chunk(rows)
     fit_rows = np.unique(rows.token_row()[check.fitted])
@@ -111,14 +111,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         model_dir, rollouts = write_workload(Path(d), args.rows, args.vocab, args.hidden)
         cfg = InspectConfig(rollouts=(str(rollouts),), model=str(model_dir), quiet=True, device="cpu").check()
-        plan = audit_model.LoggingCheck.plan
+        plan = inspect_model.LoggingCheck.plan
 
         def no_checks():
-            audit_model.LoggingCheck.plan = staticmethod(lambda *args: None)
+            inspect_model.LoggingCheck.plan = staticmethod(lambda *args: None)
             try:
                 return run_inspect(cfg)
             finally:
-                audit_model.LoggingCheck.plan = plan
+                inspect_model.LoggingCheck.plan = plan
 
         def separate():
             no_checks()

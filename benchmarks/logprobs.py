@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from drpo_cli.data import padding_fraction, plan_micro_batches
+from drpo_cli.batching import padding_fraction, plan_micro_batches
 from drpo_cli.logprobs import fused_token_loss, token_logprobs
 from drpo_cli.rollouts import RolloutRows
 

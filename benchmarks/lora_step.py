@@ -22,8 +22,8 @@ import torch
 from train_step import build_model, make_rows
 
 from drpo_cli import lora
+from drpo_cli.batching import plan_micro_batches
 from drpo_cli.config import TrainConfig
-from drpo_cli.data import plan_micro_batches
 from drpo_cli.logprobs import fused_token_loss
 from drpo_cli.train import accumulate_gradients
 

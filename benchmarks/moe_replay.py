@@ -96,7 +96,7 @@ def sample(sampler, args, path: Path, *, with_routing: bool = True) -> None:
 def audit(model, rows, args, device, *, replay: bool) -> dict:
     """k3, mean |log r| and the routing mismatch over response tokens, through drpo's engine."""
     from drpo_cli import moe
-    from drpo_cli.data import plan_micro_batches
+    from drpo_cli.batching import plan_micro_batches
     from drpo_cli.logprobs import reused_buffers, token_logprobs
 
     spec = moe.MoeSpec.of(model.config)
@@ -120,7 +120,7 @@ def timed_passes(model, rows, args, device, *, train: bool) -> tuple[dict, float
     replay / plain ratios) of an inference pass (an audit) or a forward + backward pass (a training
     step), the two arms interleaved run by run (a shared machine's load drifts between runs)."""
     from drpo_cli import moe
-    from drpo_cli.data import plan_micro_batches
+    from drpo_cli.batching import plan_micro_batches
     from drpo_cli.logprobs import fused_token_loss, reused_buffers, token_logprobs
 
     batches = [mb.to(device) for mb in plan_micro_batches(rows, np.arange(rows.num_rows), args.micro_batch_tokens)]
@@ -170,7 +170,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
-    from drpo_cli.data import plan_micro_batches
+    from drpo_cli.batching import plan_micro_batches
     from drpo_cli.rollouts import load_rows
 
     torch.set_num_threads(args.threads)

@@ -28,8 +28,8 @@ sys.path.insert(0, str(HERE))
 
 from logprobs import build_model, make_rows, pg_is_loss  # benchmarks/logprobs.py
 
+from drpo_cli.batching import plan_micro_batches
 from drpo_cli.checkpoint import load_model
-from drpo_cli.data import plan_micro_batches
 from drpo_cli.logprobs import fused_token_loss, reused_buffers, token_logprobs
 from drpo_cli.rollouts import load_rows
 

@@ -30,8 +30,8 @@ import time
 import numpy as np
 import torch
 
+from drpo_cli.batching import plan_micro_batches
 from drpo_cli.config import TrainConfig
-from drpo_cli.data import plan_micro_batches
 from drpo_cli.losses import aggregate, aggregation_denominator, token_loss
 from drpo_cli.rollouts import RolloutRows
 from drpo_cli.train import accumulate_gradients

@@ -270,8 +270,8 @@ def inspect_command(**options) -> None:
         cfg = InspectConfig(**config_values(InspectConfig, options)).check()
         from rich.console import Console
 
-        from drpo_cli.audit import inspect_and_write, run_inspect
-        from drpo_cli.report import render_inspect
+        from drpo_cli.inspect_data import inspect_and_write, run_inspect
+        from drpo_cli.report_format import render_inspect
 
         lead = leads()  # under torchrun every rank audits, rank 0 alone writes
         err = Console(stderr=True)
@@ -352,7 +352,7 @@ def report_command(
 
     def body() -> None:
         from drpo_cli import outputs
-        from drpo_cli.pages import read_run, runs_page
+        from drpo_cli.html_pages import read_run, runs_page
 
         outputs.check_paths([("RUNS", r) for r in runs], [outputs.Output("--out", out, "html")], overwrite=overwrite)
         reports = [(r, read_run(r)) for r in runs]

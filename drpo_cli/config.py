@@ -594,7 +594,9 @@ class InspectConfig:
         return self._parse_gates()[0]
 
     def _parse_gates(self) -> tuple[list[tuple[str, float]], list[str]]:
-        from drpo_cli.report import resolve_metric  # no torch there; keeps this module's imports minimal
+        from drpo_cli.report_format import (
+            resolve_metric,  # no torch there; keeps this module's imports minimal
+        )
 
         gates, problems = [], []
         for spec in self.fail_above:

@@ -128,7 +128,7 @@ def filler_passes(local_passes: int) -> list:
     A collective: call it before the rank's first pass, never between passes (another rank would be
     in a pass's parameter gather).
     """
-    from drpo_cli.data import filler_batch
+    from drpo_cli.batching import filler_batch
 
     return [filler_batch()] * (max_count(local_passes) - local_passes)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from drpo_cli.data import MicroBatch
+from drpo_cli.batching import MicroBatch
 from drpo_cli.distributed import ENGINE_METHOD, HEAD_METHOD
 from drpo_cli.errors import CheckpointError, ConfigError
 from drpo_cli.moe import feed as feed_routing

@@ -10,7 +10,7 @@ Which loss is separate from how tokens are averaged: `token_loss` returns unredu
 losses, `aggregate` / `token_coefficients` turn them into the step loss with global denominators.
 
 Sequence-level losses (GSPO) see each token's sequence (`seq_index`): their per-token loss is the
-loss of its sequence, so they need whole sequences, which every micro-batch holds (data.py never
+loss of its sequence, so they need whole sequences, which every micro-batch holds (batching.py never
 splits a row). Their gradient contract is stated per sequence (gradient_weight's docstring).
 Batch-level losses (Clip-Cov, KL-Cov) take `selected`, tokens picked by a statistic over the whole
 optimizer step (losses_extra.covariance_selection). The later objectives (SAPO, GMPO, TOPR, the

@@ -34,6 +34,7 @@ import torch
 from rich.console import Console
 
 from drpo_cli import __version__, distributed, hooks, moe, outputs
+from drpo_cli.batching import plan_micro_batches
 from drpo_cli.checkpoint import (
     CheckpointWriter,
     check_free_space,
@@ -45,9 +46,9 @@ from drpo_cli.checkpoint import (
     saved_format,
 )
 from drpo_cli.config import TrainConfig, expand_correction
-from drpo_cli.data import plan_micro_batches
 from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
 from drpo_cli.errors import ConfigError, InputError, Interrupted, ReportError
+from drpo_cli.histograms import MuPiHistogram, worst_tokens
 from drpo_cli.logprobs import fused_token_loss, pick_device, reused_buffers, token_logprobs
 from drpo_cli.losses import (
     BATCH_LOSSES,
@@ -64,8 +65,7 @@ from drpo_cli.losses import (
     weight_sum_parts,
 )
 from drpo_cli.losses_extra import covariance_selection, m2po_keep, opsm_keep
-from drpo_cli.picture import MuPiHistogram, worst_tokens
-from drpo_cli.report import (
+from drpo_cli.report_format import (
     TRAIN_REPORT_VERSION,
     clean_number,
     finite_or_null,
@@ -328,7 +328,7 @@ def _report_files(report: dict) -> tuple[dict[str, str], list[str]]:
 
     Each is made on its own; one that fails is left out and named, so that it never costs the weights.
     """
-    from drpo_cli.pages import train_page
+    from drpo_cli.html_pages import train_page
 
     files, unwritten = {}, []
     for name, make in ((REPORT_NAME, train_report_json), (PAGE_NAME, train_page)):

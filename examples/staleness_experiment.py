@@ -13,7 +13,7 @@ on them in fp32 (the library entry point drpo_cli.train.train, in-process; Dr.GR
 behavior anchor, one pass of 4 mini-batches) -> the next checkpoint, whose mean reward is measured
 by sampling from it in fp32 (toytask.evaluate). Runs cover every (loss arm, staleness K, mismatch
 level, seed); a run's rounds share one temporary directory of checkpoints and rollout files.
-Before the runs, each mismatch level's size is measured with `drpo inspect` (drpo_cli.audit) on
+Before the runs, each mismatch level's size is measured with `drpo inspect` (drpo_cli.inspect_data) on
 lag-0 rollouts of the start checkpoint: mean |log r|, k3 and |Δ|.
 
 `--real` runs the same loop on a real chat model (examples/real_experiment.py).
@@ -517,13 +517,13 @@ def _value(run: dict, rd: dict | None, metric: str) -> float | None:
 
 def measure_level(model, model_dir: str | Path, level: str, sample, tmp: Path, precision: str | None = None) -> dict:
     """`level`'s mismatch on lag-0 rollouts: `sample(sampler)` -> a table, audited by drpo inspect
-    (drpo_cli.audit.run_inspect, `drpo inspect ROLLOUTS --model MODEL_DIR --per-token T`) against
+    (drpo_cli.inspect_data.run_inspect, `drpo inspect ROLLOUTS --model MODEL_DIR --per-token T`) against
     the fp32 model. Mean |log r| comes from the per-token file, the rest from the report.
     `precision`: the sampler's description when it is not a mismatch.LEVELS copy (then sample(None))."""
     import numpy as np
     import pyarrow as pa
 
-    from drpo_cli.audit import run_inspect
+    from drpo_cli.inspect_data import run_inspect
 
     rollouts, per_token = tmp / f"lag0-{level}.arrow", tmp / f"lag0-{level}.tokens.arrow"
     toytask.write_arrow(sample(None if precision else mismatch.sampler_copy(model, level)), rollouts)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from drpo_cli import RolloutWriter
 from drpo_cli.adapters import hf_rows, openai_rows, sglang_rows, vllm_rows
-from drpo_cli.data import plan_micro_batches
+from drpo_cli.batching import plan_micro_batches
 from drpo_cli.errors import InputError
 from drpo_cli.logprobs import token_logprobs
 from drpo_cli.rollouts import load_rows

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from drpo_cli.data import padding_fraction, plan_micro_batches
+from drpo_cli.batching import padding_fraction, plan_micro_batches
 from drpo_cli.errors import ConfigError, InputError
 from drpo_cli.rollouts import RolloutRows
 

@@ -111,7 +111,7 @@ def assert_same_json(a, b, path: str = "") -> None:
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same_json(x, y, f"{path}[{i}]")
     elif isinstance(a, float) or isinstance(b, float):
-        # worst_tokens' Δ are rounded to 5 decimals (picture.py): noise can move the last digit
+        # worst_tokens' Δ are rounded to 5 decimals (histograms.py): noise can move the last digit
         tol = 1.01e-5 if ".worst_tokens" in path else 1e-6
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=tol), f"{path}: {a} vs {b}"
     else:
@@ -167,8 +167,8 @@ def one_rank_group(monkeypatch):
 def test_sharded_engine_gives_the_plain_models_loss_and_gradients(which, request, one_rank_group):
     from torch.distributed.fsdp import FSDPModule
 
+    from drpo_cli.batching import plan_micro_batches
     from drpo_cli.checkpoint import load_model
-    from drpo_cli.data import plan_micro_batches
     from drpo_cli.logprobs import fused_token_loss, token_logprobs
     from drpo_cli.rollouts import load_rows
 

@@ -10,7 +10,7 @@ import torch
 from test_data import make_rows  # tests/ is on sys.path under pytest
 from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig, LlamaConfig, Qwen2Config
 
-from drpo_cli.data import plan_micro_batches
+from drpo_cli.batching import plan_micro_batches
 from drpo_cli.errors import CheckpointError, ConfigError
 from drpo_cli.logprobs import fused_token_loss, output_head, pick_device, token_logprobs, token_logprobs_at
 

@@ -122,7 +122,7 @@ def test_merge_of_a_stream_is_w_plus_scaled_ba():
 
 
 def test_frozen_head_skips_its_gradient_and_leaves_the_others_unchanged(toy):
-    from drpo_cli.data import plan_micro_batches
+    from drpo_cli.batching import plan_micro_batches
     from drpo_cli.logprobs import fused_token_loss
     from drpo_cli.rollouts import load_rows
 

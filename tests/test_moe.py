@@ -20,8 +20,8 @@ from transformers.models.qwen3_5_moe import Qwen3_5MoeTextConfig
 from typer.testing import CliRunner
 
 from drpo_cli import moe
+from drpo_cli.batching import plan_micro_batches
 from drpo_cli.cli import app
-from drpo_cli.data import plan_micro_batches
 from drpo_cli.errors import ConfigError, InputError
 from drpo_cli.logprobs import token_logprobs
 from drpo_cli.rollouts import load_rows

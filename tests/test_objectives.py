@@ -469,7 +469,7 @@ STEP_CASES = [
 def _naive_step_grads(model, rows, idx, cfg, old_logp, seed):
     """One pad-to-longest forward with full logits; the step-wide selection / masks over the step's tokens in
     row-then-position order, computed directly; the same aggregation."""
-    from drpo_cli.data import plan_micro_batches
+    from drpo_cli.batching import plan_micro_batches
 
     mb = plan_micro_batches(rows, idx, 10**9)[0]
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids).logits
@@ -551,7 +551,7 @@ def test_train_cli_runs_and_reports_the_fraction(toy, tmp_path, args, metric):
     from typer.testing import CliRunner
 
     from drpo_cli.cli import app
-    from drpo_cli.report import TRAIN_REPORT_SCHEMA
+    from drpo_cli.report_format import TRAIN_REPORT_SCHEMA
 
     out = tmp_path / "out"
     argv = ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), "--out", str(out), *args,

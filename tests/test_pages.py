@@ -15,8 +15,8 @@ from conftest import TOY
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
-from drpo_cli.pages import decode_tokens
-from drpo_cli.report import fmt_cell
+from drpo_cli.html_pages import decode_tokens
+from drpo_cli.report_format import fmt_cell
 
 VOID = {"meta", "br", "img", "input", "link", "hr", "line", "rect", "circle", "polyline"}
 

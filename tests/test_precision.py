@@ -19,10 +19,10 @@ from conftest import FAST_TRAIN
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from drpo_cli.batching import plan_micro_batches
 from drpo_cli.checkpoint import load_model
 from drpo_cli.cli import app
 from drpo_cli.config import TrainConfig
-from drpo_cli.data import plan_micro_batches
 from drpo_cli.logprobs import fused_token_loss, in_dtype, output_head, response_hidden_states, token_logprobs
 from drpo_cli.rollouts import load_rows
 from drpo_cli.train import accumulate_gradients

@@ -17,13 +17,13 @@ from conftest import FAST_TRAIN
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from drpo_cli.batching import plan_micro_batches
 from drpo_cli.checkpoint import load_model
 from drpo_cli.cli import app
 from drpo_cli.config import AGG_MODES, TrainConfig
-from drpo_cli.data import plan_micro_batches
 from drpo_cli.hooks import INTERRUPT_AFTER_STEP as INTERRUPT_HOOK
 from drpo_cli.losses import aggregate, aggregation_denominator, reference_kl, token_loss
-from drpo_cli.report import TRAIN_REPORT_SCHEMA
+from drpo_cli.report_format import TRAIN_REPORT_SCHEMA
 from drpo_cli.rollouts import load_rows
 from drpo_cli.train import accumulate_gradients
 

@@ -337,7 +337,7 @@ def test_the_audit_applies_the_same_rule_with_the_same_message(tmp_path, case):
     same column and row, and the same expectation (schema.ROW_RULES), for every row rule."""
     import re
 
-    from drpo_cli.audit import DataAudit
+    from drpo_cli.inspect_data import DataAudit
     from drpo_cli.schema import open_rollouts
 
     replace, column, row, _ = ROW_CASES[case]

@@ -170,8 +170,8 @@ def test_writer_adapters_and_convert_import_without_torch():
 
 
 def test_validate_and_inspect_read_the_logprobs_kind(tmp_path):
-    from drpo_cli.audit import run_inspect
     from drpo_cli.config import InspectConfig
+    from drpo_cli.inspect_data import run_inspect
 
     bad = write_rollout_table(valid_rollout_table(), tmp_path / "bad.arrow", metadata={"drpo.logprobs": "logits"})
     (problem,) = validate_rollouts(open_rollouts(bad))

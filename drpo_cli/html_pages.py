@@ -20,7 +20,7 @@ from typing import Any
 
 from drpo_cli.config import LOSS_HPARAMS
 from drpo_cli.outputs import HTML_MARKER
-from drpo_cli.report import INSPECT_HEADLINE, fmt_cell
+from drpo_cli.report_format import INSPECT_HEADLINE, fmt_cell
 
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 _CSS = """
@@ -357,7 +357,7 @@ def _step_series(steps: list[dict], key: str, base: int = 0) -> tuple[list, list
 
 def _metric_keys(steps: list[dict], loss: str) -> tuple[list[str], list[str]]:
     """(the headline keys: loss, grad norm, lr, SPEC.md §2 metrics, what the loss does; every other metric)."""
-    from drpo_cli.report import TRAIN_METRICS, _is_loss_metric
+    from drpo_cli.report_format import TRAIN_METRICS, _is_loss_metric
 
     present = []
     for s in steps:

@@ -19,13 +19,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from drpo_cli.batching import filler_batch, plan_micro_batches
 from drpo_cli.config import LOSS_HPARAMS, InspectConfig, expand_correction
-from drpo_cli.data import filler_batch, plan_micro_batches
 from drpo_cli.divergence import Diagnostics, token_diagnostics
 from drpo_cli.errors import InputError
+from drpo_cli.histograms import MuPiHistogram, worst_tokens
 from drpo_cli.logprobs import reused_buffers
 from drpo_cli.outputs import ARROW_MARKER_KEY
-from drpo_cli.picture import MuPiHistogram, worst_tokens
 from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version
 
 WHAT_IF_DELTAS = (0.1, 0.2, 0.5, 12.5)  # DRPO δ sweep shown when --delta is not given (SPEC.md §1)

@@ -4,7 +4,7 @@ Data-only mode streams canonical record batches and reduces each one with numpy 
 values and offsets (no per-row Python), so memory is bounded by one batch and any file size works.
 `DataAudit` holds only sums, extrema, histograms and the per-row values some statistics need at
 the end (sample ids; reward and group for group-relative advantages); `merge_` and `all_reduce_`
-combine shards exactly. Model mode (audit_model.py) adds the per-token diagnostics.
+combine shards exactly. Model mode (inspect_model.py) adds the per-token diagnostics.
 
 The module is not called `inspect` so that no script run from this directory can shadow the
 standard library's `inspect`.
@@ -26,7 +26,7 @@ from drpo_cli import __version__
 from drpo_cli.config import InspectConfig
 from drpo_cli.errors import InputError
 from drpo_cli.outputs import atomic_file, write_file
-from drpo_cli.report import (
+from drpo_cli.report_format import (
     INSPECT_REPORT_SCHEMA,
     clean_number,
     evaluate_gates,
@@ -721,7 +721,7 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
     model_section, model_metrics = None, {}
     current, version_source = cfg.current_version, "--current-version"
     if cfg.model is not None:
-        from drpo_cli.audit_model import audit_model
+        from drpo_cli.inspect_model import audit_model
 
         model_section, model_metrics, current, version_source, model_notes = audit_model(
             cfg, source, progress, per_token_path, shard)
@@ -787,7 +787,7 @@ def inspect_and_write(cfg: InspectConfig, progress: Progress | None = None) -> d
     if cfg.json_out is not None:
         write_report(report, cfg.json_out, overwrite=cfg.overwrite)
     if cfg.html is not None:
-        from drpo_cli.pages import inspect_page
+        from drpo_cli.html_pages import inspect_page
 
         write_file(cfg.html, inspect_page(report), "html", overwrite=cfg.overwrite)
     return report

@@ -12,8 +12,8 @@ import math
 from typing import Any
 
 from drpo_cli.config import ANCHORS, CORRECTIONS, REJECT_MODES
+from drpo_cli.histograms import SCHEMA_HISTOGRAM, SCHEMA_WORST_TOKENS
 from drpo_cli.loss_options import IS_CORRECTIONS, IS_LEVELS, KL_ESTIMATORS
-from drpo_cli.picture import SCHEMA_HISTOGRAM, SCHEMA_WORST_TOKENS
 
 # ---- shared: JSON numbers, validation, atomic writes, console formatting ----------------------
 
