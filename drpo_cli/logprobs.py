@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from drpo_cli import vocab_parallel
 from drpo_cli.batching import MicroBatch
 from drpo_cli.distributed import ENGINE_METHOD, HEAD_METHOD
 from drpo_cli.errors import CheckpointError, ConfigError
@@ -536,9 +537,12 @@ def response_hidden_states(
     body = model.get_decoder()
     feed_routing(model, mb)  # an MoE model with routing hooks (moe.install) routes this micro-batch as logged
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    # Without gradients, a sharded untied embedding is read vocabulary-parallel (never gathered whole).
+    emb = None if torch.is_grad_enabled() else vocab_parallel.sharded_embedding(model)
     with autocast:
         out = body(
-            input_ids=mb.input_ids,
+            input_ids=None if emb is not None else mb.input_ids,
+            inputs_embeds=vocab_parallel.embed(emb, mb.input_ids) if emb is not None else None,
             attention_mask=mb.attention_mask,
             position_ids=mb.position_ids,
             use_cache=False,
@@ -589,6 +593,13 @@ def token_logprobs_at(
 
 def _token_logprobs(model, mb: MicroBatch, chunk_tokens: int, with_entropy: bool, dtype, temperatures, select):
     h = response_hidden_states(model, mb, dtype=dtype)  # (M, H)
+    head = None if torch.is_grad_enabled() else vocab_parallel.sharded_head(model)
+    if head is not None:  # without gradients a sharded untied head runs vocabulary-parallel: never gathered
+        extra_inv = 1.0 / torch.tensor(temperatures, dtype=torch.float32, device=h.device)
+        extra_sel = select.to(h.device) if temperatures else torch.zeros(0, dtype=torch.bool, device=h.device)
+        logp, ent, extra = vocab_parallel.head_logprobs(model, head, h, mb.target_ids, 1.0 / mb.temperature.float(),
+                                                        with_entropy, dtype, extra_inv, extra_sel)
+        return logp, ent, extra
     return run_head(model, _head_logprobs, h, mb, chunk_tokens, with_entropy, dtype, temperatures, select)
 
 

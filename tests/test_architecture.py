@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("rollouts in", {"rollouts", "writer", "checkpoint", "adapters", "adapters.common", "adapters.hf",
                      "adapters.openai_compat", "adapters.sglang", "adapters.vllm", "llamacpp", "convert"}),
     ("objectives", {"losses", "losses_extra", "divergence"}),
-    ("model runtime", {"batching", "distributed", "moe", "logprobs", "lora", "histograms"}),
+    ("model runtime", {"batching", "distributed", "moe", "logprobs", "lora", "histograms", "vocab_parallel"}),
     ("options and reports", {"config", "config_file", "report_format", "options_doc", "html_pages"}),
     ("commands", {"inspect_data", "inspect_model", "train"}),
     ("entry points", {"cli", "__main__", "__init__"}),
