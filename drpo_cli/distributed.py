@@ -232,12 +232,14 @@ def check_test_failure(phase: str = "save") -> None:
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, *, param_dtype: torch.dtype | None = None,
-                cpu_offload: bool = False) -> torch.nn.Module:
+                cpu_offload: bool = False, inference: bool = False) -> torch.nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root; returns the model (sharded in place).
 
     param_dtype (bf16 / fp16): parameters gathered in it for compute, gradients reduced in float32 (CUDA, or
     CPU with gloo); the sharded fp32 parameters stay the master weights.
     cpu_offload: sharded parameters, gradients and optimizer state stay in CPU memory between uses.
+    inference (passes without gradients only, e.g. inspect): each decoder layer's large children (its
+    attention, its MLP or experts) are units of their own, so a rank gathers one of them at a time.
     The log-prob engine runs the decoder body and the output head itself rather than
     `model.forward`, so it enters through a method registered with FSDP (ENGINE_METHOD): that is
     what gathers the root's own parameters (final norm, tied embeddings) and hooks their gradient
@@ -266,6 +268,11 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, param_dtype: to
           else MixedPrecisionPolicy())
     kwargs = {"mesh": mesh, "mp_policy": mp, "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
     for layer in decoder_layers(model):
+        if inference:  # no backward to overlap with: gather a layer's attention, then its MLP, not both at once
+            size = sum(p.numel() for p in layer.parameters())
+            for child in layer.children():
+                if 8 * sum(p.numel() for p in child.parameters()) >= size:
+                    fully_shard(child, **kwargs)
         fully_shard(layer, **kwargs)
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     untied = (isinstance(head, torch.nn.Linear) and embeddings is not None
@@ -293,7 +300,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, param_dtype: to
 
 def load_sharded_model(path: str | os.PathLike, device: torch.device, *, dtype: str = "float32",
                        allow_unsafe: bool = False, param_dtype: torch.dtype | None = None, cpu_offload: bool = False,
-                       prepare=None):
+                       prepare=None, inference: bool = False):
     """One weight copy per node: the model built on the meta device, sharded, then each rank reads its rows.
 
     Every rank builds the architecture with its parameters on the meta device (no memory), applies
@@ -333,7 +340,7 @@ def load_sharded_model(path: str | os.PathLike, device: torch.device, *, dtype: 
     extra_values = (prepare(model) if prepare is not None else None) or {}
     computed = {(mod_name, name): buf.detach().clone() for mod_name, mod in model.named_modules()
                 for name, buf in mod._buffers.items() if buf is not None and name in mod._non_persistent_buffers_set}
-    shard_model(model, device, param_dtype=param_dtype, cpu_offload=cpu_offload)
+    shard_model(model, device, param_dtype=param_dtype, cpu_offload=cpu_offload, inference=inference)
     model.to_empty(device="cpu" if cpu_offload else device)
     _fill_shards(model, path, entries, extra_values)
     with torch.no_grad():

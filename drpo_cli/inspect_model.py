@@ -77,7 +77,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     sharded = distributed.launched()
     if sharded:  # built on the meta device, each rank reads its shards only; the weights keep the loaded dtype
         model, info = distributed.load_sharded_model(cfg.model, device, dtype=_DTYPES[cfg.dtype],
-                                                     allow_unsafe=cfg.allow_unsafe_weights)
+                                                     allow_unsafe=cfg.allow_unsafe_weights, inference=True)
     else:
         model, info = load_model(cfg.model, device=str(device), dtype=_DTYPES[cfg.dtype],
                                  allow_unsafe=cfg.allow_unsafe_weights)
