@@ -118,11 +118,16 @@ def main(argv: list[str] | None = None) -> dict:
     with rx.locked(out):
         start = measure(s, model_dir, out, tokenizer, sampler)
     levels = [start["levels"][k] for k in s.mismatch]
+    load_average = None
+    if report_only:  # the grid's command, worker count and load as recorded when its rounds ran, not this call's
+        ran = rx._read_json(out / "results.json") or {}
+        command, n = ran.get("command", command), ran.get("settings", {}).get("workers", n)
+        load_average = ran.get("load_average")
     names = {"model": rx.MODEL_NAME, "engine": engine.engine_build(),
              "samplers": {k: f"{k} GGUF" + (" (control)" if k == "F32" else "") for k in s.mismatch}}
     write = rx.writer(s, out, command, start["start_reward"], levels, n, names,
                       title="Engine-in-the-loop (llama.cpp) staleness × mismatch results, SmolLM2-135M-Instruct",
-                      record_session=not report_only)
+                      record_session=not report_only, load_average=load_average)
     if report_only:
         doc = write()
         print("\n".join(se.verdicts(doc["runs"])))

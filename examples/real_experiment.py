@@ -328,7 +328,7 @@ def grid_command(script: str, raw: list[str], n: int) -> str:
 
 
 def writer(s: RealSettings, out: Path, command: str, start_reward: float, levels: list[dict], n: int, names: dict,
-           title: str, record_session: bool = True):
+           title: str, record_session: bool = True, load_average: list[float] | None = None):
     """write(name=None, record=None): this session's entry in OUT/sessions.json and results.json /
     results.md / plots from every round found under OUT; `names` (model, engine...: names, never paths)
     go into results.json as they are."""
@@ -352,7 +352,7 @@ def writer(s: RealSettings, out: Path, command: str, start_reward: float, levels
                  "peak_rss_mb": max((sx.get("peak_rss_mb", 0) for sx in session), default=0),
                  "cpu_seconds_of_rounds": sum(r["seconds"] for r in runs)}
         doc = se.write_outputs(out, replace(s, workers=n), runs, command, wall_seconds(session), levels,
-                               title=title, extra=extra)
+                               title=title, extra=extra, load_average=load_average)
         if _name is not None:
             print(f"{_name} round {_record['round']}: reward {_record['reward']:.3f} "
                   f"({_record['seconds']:.0f} s; {done} of {extra['rounds_planned']} rounds done)", flush=True)

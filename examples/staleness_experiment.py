@@ -316,6 +316,36 @@ def markdown_tables(rows: list[dict]) -> str:
     return "\n".join(reward) + "\n\n" + "\n".join(tr)
 
 
+def curve_tables(runs: list[dict]) -> str:
+    """Per round, mean ± std over seeds of each arm and setting: the evaluated reward, and the k3 the
+    round's first optimizer step starts from (the sampler's mismatch plus the staleness, as trained)."""
+    runs = [r for r in runs if r["rounds"]]
+    if not runs:
+        return ""
+    width = max(len(r["rounds"]) for r in runs)
+    head = "| loss | mismatch | K | " + " | ".join(f"round {i}" for i in range(1, width + 1)) + " |"
+    rule = "|---|---|---|" + "---|" * width
+    tables = {"reward": [head, rule], "k3": [head, rule]}
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    for level, k in settings_of(runs):
+        for arm in arms:
+            group = [r for r in runs if r["arm"] == arm and r.get("mismatch", "none") == level and r["staleness"] == k]
+            if not group:
+                continue
+            key = f"| {arm} | {level} | {k} |"
+            cells = {"reward": [], "k3": []}
+            for i in range(width):
+                rounds = [g["rounds"][i] for g in group if len(g["rounds"]) > i]
+                reward = [rd["reward"] for rd in rounds]
+                k3 = [x for x in ((rd.get("start") or {}).get("kl/k3_mean") for rd in rounds) if x is not None]
+                cells["reward"].append(f"{_mean(reward):.2f} ± {_std(reward):.2f}" if reward else "–")
+                cells["k3"].append(f"{_mean(k3):.2g} ± {_std(k3):.1g}" if k3 else "–")
+            for name, lines in tables.items():
+                lines.append(key + " " + " | ".join(cells[name]) + " |")
+    return ("Reward after each round (mean ± std over seeds):\n\n" + "\n".join(tables["reward"])
+            + "\n\nk3 at each round's first step (mean ± std over seeds):\n\n" + "\n".join(tables["k3"]))
+
+
 # Losses whose gradient weight is the importance ratio itself (clipped or not): the family the DRPO paper
 # says turns unstable under low-precision rollouts; dppo-tv and drpo bound a divergence instead.
 RATIO_ARMS = ("pg-is", "ppo-clip", "spo", "gspo", "cispo", "ppo-clip+opsm", "ppo-clip+m2po")
@@ -327,7 +357,9 @@ def _run_numbers(run: dict) -> dict:
     norms = [x for rd in rounds for x in rd["grad_norms"] if x is not None]
     return {"late": _mean([rd["reward"] for rd in rounds[-LATE_ROUNDS:]]),
             "spike": _spike(norms), "grad_max": max(norms, default=0.0),
-            "collapsed": rounds[-1]["reward"] < run["start_reward"] - REWARD_COLLAPSE}
+            "collapsed": rounds[-1]["reward"] < run["start_reward"] - REWARD_COLLAPSE,
+            "entropy_collapsed": ((rounds[-1]["final"]["entropy/mean"] or 1.0) < ENTROPY_COLLAPSE
+                                  and rounds[-1]["reward"] < 0.9)}
 
 
 def _band(xs: list[float]) -> tuple[float, float]:
@@ -344,6 +376,9 @@ def verdicts(runs: list[dict]) -> list[str]:
     pre-clip norm) and collapses: the paper's "ratio-based methods become unstable under
     low-precision rollouts" shows up only if a ratio-based arm spikes or collapses more under the
     low-precision sampler than under the control, beyond the seed spread, while dppo-tv / drpo do not.
+    Reward collapses count in that test; entropy collapses (a policy gone near-deterministic while
+    still wrong on some prompts) are shown beside them but do not, being premature convergence, not
+    instability.
     """
     complete = [r for r in runs if r["rounds"]]
     if not complete:
@@ -385,12 +420,14 @@ def verdicts(runs: list[dict]) -> list[str]:
                 (ls, lss), (cs, css) = (_band([g["spike"] or 1.0 for g in low]),
                                         _band([g["spike"] or 1.0 for g in ctl]))
                 lc, cc = sum(g["collapsed"] for g in low), sum(g["collapsed"] for g in ctl)
+                le, ce = sum(g["entropy_collapsed"] for g in low), sum(g["entropy_collapsed"] for g in ctl)
                 worse = (ls - cs > lss + css) or (lc > cc) or (cr - lr > lrs + crs)
                 if worse:
                     unstable.append((arm, level, k))
                 lines.append(f"- {arm}, K = {k}: late reward {level} {lr:.3f} ± {lrs:.3f} vs {control} {cr:.3f} ± "
-                             f"{crs:.3f}; grad spike {ls:.2f} ± {lss:.2f} vs {cs:.2f} ± {css:.2f}; collapses "
-                             f"{lc} of {len(low)} vs {cc} of {len(ctl)}"
+                             f"{crs:.3f}; grad spike {ls:.2f} ± {lss:.2f} vs {cs:.2f} ± {css:.2f}; reward collapses "
+                             f"{lc} of {len(low)} vs {cc} of {len(ctl)}; entropy collapses {le} of {len(low)} vs "
+                             f"{ce} of {len(ctl)}"
                              + (" — worse under low precision beyond the seed spread." if worse else "."))
     ratio = [u for u in unstable if u[0] in RATIO_ARMS]
     bounded = [u for u in unstable if u[0] not in RATIO_ARMS]
@@ -608,16 +645,18 @@ DEFINITIONS = {
 
 def write_outputs(out: Path, s, runs: list[dict], command: str, seconds: float, levels: list[dict],
                   title: str = "Staleness × mismatch experiment results", extra: dict | None = None,
-                  partial_of: int | None = None) -> dict:
-    """results.json, results.md, reward.png, harmful.png, instability.png and command.txt under `out`."""
+                  partial_of: int | None = None, load_average: list[float] | None = None) -> dict:
+    """results.json, results.md, reward.png, harmful.png, instability.png and command.txt under `out`;
+    `load_average`: the one recorded when the rounds ran (a report written later), else now's."""
     out.mkdir(parents=True, exist_ok=True)
+    load_average = list(load_average or os.getloadavg())
     rows = summarize(runs)
     plots = [p for p in (plot(runs, out, "reward", "mean reward (eval samples)", "reward.png"),
                          plot(runs, out, "tr/harmful_frac", "tr/harmful_frac after training", "harmful.png"),
                          plot_instability(rows, out))
              if p is not None]
     doc = {"command": command, "settings": asdict(s), "seconds": seconds, "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()), "partial_of": partial_of,
+           "cpu_count": os.cpu_count(), "load_average": load_average, "partial_of": partial_of,
            "mismatch_levels": levels,
            **(extra or {}), "summary": rows, "runs": runs, "definitions": DEFINITIONS}
     doc = _round_floats(doc)
@@ -634,10 +673,11 @@ def write_outputs(out: Path, s, runs: list[dict], command: str, seconds: float, 
          f"{s.prompts} prompts × {s.samples} samples per round, lr {s.lr:g}, "
          f"{s.epochs} epoch(s) × {s.minibatches} mini-batches, Dr.GRPO advantages, behavior anchor; wall time "
          f"{seconds / 60:.1f} min on {s.workers} worker(s) × {s.threads} thread(s), load average at the end "
-         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs."), "",
+         f"{load_average[0]:.1f} on {os.cpu_count()} CPUs."), "",
         "Mismatch levels, measured with `drpo inspect` on lag-0 rollouts of the start checkpoint:", "",
         levels_table(levels), "",
         markdown_tables(rows), "",
+        curve_tables(runs), "",
         *verdicts(runs), "",
         *[f"![{p.stem}]({p.name})" for p in plots],
     ]

@@ -167,6 +167,7 @@ def test_verdicts_compare_arms_and_samplers_against_the_seed_spread():
         _run("drpo", "Q8_0", 0, [0.2, 0.5, 0.4, 0.5], [flat] * 4),
         _run("drpo", "Q8_0", 1, [0.2, 0.4, 0.4, 0.5], [flat] * 4),
     ]
+    runs[-1]["rounds"][-1]["final"]["entropy/mean"] = 0.05  # an entropy collapse: shown, not counted as instability
     text = "\n".join(se.verdicts(runs))
     # Late reward = mean of the last 3 evaluations: F32 pg-is (0.5, 0.4) -> 0.45 ± 0.05; drpo (0.4667, 0.4333) -> 0.45 ± 0.0167.
     assert "**F32, K = 0** (after 4 rounds): " in text
@@ -174,13 +175,25 @@ def test_verdicts_compare_arms_and_samplers_against_the_seed_spread():
     # Q8_0: drpo 0.45 ± 0.0167 against pg-is (0.1, 0.1333) -> 0.1167 ± 0.0167: 0.333 apart, spreads 0.033.
     assert "drpo > pg-is by 0.333" in text
     assert "- pg-is, K = 0: late reward Q8_0 0.117 ± 0.017 vs F32 0.450 ± 0.050; grad spike 10.00 ± 0.00 vs " \
-           "1.00 ± 0.00; collapses 2 of 2 vs 0 of 2 — worse under low precision beyond the seed spread." in text
+           "1.00 ± 0.00; reward collapses 2 of 2 vs 0 of 2; entropy collapses 0 of 2 vs 0 of 2 — worse under low precision beyond the seed spread." in text
     assert "- drpo, K = 0: late reward Q8_0 0.450 ± 0.017 vs F32 0.450 ± 0.017; grad spike 1.00 ± 0.00 vs " \
-           "1.00 ± 0.00; collapses 0 of 2 vs 0 of 2." in text
+           "1.00 ± 0.00; reward collapses 0 of 2 vs 0 of 2; entropy collapses 1 of 2 vs 0 of 2." in text
     assert text.endswith("shows up: pg-is (Q8_0, K = 0), while no divergence-bounded arm is worse.")
     # Without the low-precision pg-is runs nothing is worse: the claim is said not to show up.
     calm = "\n".join(se.verdicts([r for r in runs if not (r["arm"] == "pg-is" and r["mismatch"] == "Q8_0")]))
     assert "does not show up here" in calm
+
+
+def test_curve_tables_hand_computed():
+    runs = [_run("drpo", "Q8_0", 0, [0.2, 0.6], [[1.0]] * 2), _run("drpo", "Q8_0", 1, [0.4, 0.8, 0.5], [[1.0]] * 3),
+            _run("pg-is", "Q8_0", 0, [0.3], [[1.0]])]
+    runs[0]["rounds"][0]["start"] = {"kl/k3_mean": 0.01}
+    runs[1]["rounds"][0]["start"] = {"kl/k3_mean": 0.03}
+    reward, k3 = se.curve_tables(runs).split("k3 at each round's first step")
+    # Round 1 of drpo: seeds 0.2 and 0.4 -> 0.30 ± 0.10 (population std); round 3 has seed 1 alone.
+    assert "| drpo | Q8_0 | 0 | 0.30 ± 0.10 | 0.70 ± 0.10 | 0.50 ± 0.00 |" in reward
+    assert "| pg-is | Q8_0 | 0 | 0.30 ± 0.00 | – | – |" in reward
+    assert "| drpo | Q8_0 | 0 | 0.02 ± 0.01 | – | – |" in k3  # k3 0.01 and 0.03; rounds without a start record: –
 
 
 def test_arguments_pick_a_preset_and_override_it(tmp_path):
