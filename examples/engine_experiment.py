@@ -12,7 +12,7 @@ Sampler ∈ {F32 (control: float32 GGUF and KV cache, the engine computes what t
 Q8_0 (8-bit weights and activations, float16 KV cache: a deployed engine's mismatch)}; K ∈ {0, 4}:
 round r samples from the GGUF of the checkpoint entering round max(0, r − K). Arms: pg-is, ppo-clip,
 dppo-tv and drpo at the paper's δ; 3 seeds; 8 rounds of 8 prompts × 4 samples, 2 optimizer steps each
-(384 rounds, about 2.3 hours on 2 cores). The task is realtask's one-digit additions with
+(384 rounds, about 2.5 hours on 2 cores). The task is realtask's one-digit additions with
 the reward of examples/real/run.py (the first number of the reply other than A and B is the sum;
 realtask.score_first), 16 new tokens; the evaluation is the float32 checkpoint on all 100 pairs.
 Each round: GGUF of the sampler checkpoint (examples/real/to_gguf.py, cached next to it) ->
