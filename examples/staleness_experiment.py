@@ -249,12 +249,26 @@ def settings_of(runs: list[dict]) -> list[tuple[str, int]]:
     return [(m, k) for m in levels for k in sorted({r["staleness"] for r in runs if r.get("mismatch", "none") == m})]
 
 
+def runs_of(runs: list[dict], arm: str, level: str, k: int) -> list[dict]:
+    """The runs (one per seed) of `arm` at mismatch `level` and staleness `k`."""
+    return [r for r in runs if r["arm"] == arm and r.get("mismatch", "none") == level and r["staleness"] == k]
+
+
+def reward_collapsed(run: dict) -> bool:
+    return run["rounds"][-1]["reward"] < run["start_reward"] - REWARD_COLLAPSE
+
+
+def entropy_collapsed(run: dict) -> bool:
+    last = run["rounds"][-1]
+    return (last["final"]["entropy/mean"] or 1.0) < ENTROPY_COLLAPSE and last["reward"] < 0.9
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     """One row per (arm, mismatch, staleness): means over seeds of the run-level numbers."""
     rows = []
     for level, k in settings_of(runs):
         for arm in dict.fromkeys(r["arm"] for r in runs):
-            group = [r for r in runs if r["arm"] == arm and r["staleness"] == k and r.get("mismatch", "none") == level]
+            group = runs_of(runs, arm, level, k)
             if not group or not all(g["rounds"] for g in group):
                 continue
             final = [g["rounds"][-1]["reward"] for g in group]
@@ -268,10 +282,8 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "final_reward": _mean(final), "final_reward_std": _std(final),
                 "mean_reward": _mean([_mean([rd["reward"] for rd in g["rounds"]]) for g in group]),
                 "min_reward": min(rd["reward"] for g in group for rd in g["rounds"]),
-                "reward_collapses": sum(g["rounds"][-1]["reward"] < g["start_reward"] - REWARD_COLLAPSE
-                                        for g in group),
-                "entropy_collapses": sum((rd["final"]["entropy/mean"] or 1.0) < ENTROPY_COLLAPSE
-                                         and rd["reward"] < 0.9 for rd in last),
+                "reward_collapses": sum(map(reward_collapsed, group)),
+                "entropy_collapses": sum(map(entropy_collapsed, group)),
                 **{k2: _mean([rd["final"][k2] for g in group for rd in g["rounds"]]) for k2 in TR_METRICS[:4]},
                 "final_entropy": _mean([rd["final"]["entropy/mean"] for rd in last]),
                 "start_k3": _mean([(rd.get("start") or {}).get("kl/k3_mean") for g in group for rd in g["rounds"]]),
@@ -329,7 +341,7 @@ def curve_tables(runs: list[dict]) -> str:
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     for level, k in settings_of(runs):
         for arm in arms:
-            group = [r for r in runs if r["arm"] == arm and r.get("mismatch", "none") == level and r["staleness"] == k]
+            group = runs_of(runs, arm, level, k)
             if not group:
                 continue
             key = f"| {arm} | {level} | {k} |"
@@ -357,9 +369,7 @@ def _run_numbers(run: dict) -> dict:
     norms = [x for rd in rounds for x in rd["grad_norms"] if x is not None]
     return {"late": _mean([rd["reward"] for rd in rounds[-LATE_ROUNDS:]]),
             "spike": _spike(norms), "grad_max": max(norms, default=0.0),
-            "collapsed": rounds[-1]["reward"] < run["start_reward"] - REWARD_COLLAPSE,
-            "entropy_collapsed": ((rounds[-1]["final"]["entropy/mean"] or 1.0) < ENTROPY_COLLAPSE
-                                  and rounds[-1]["reward"] < 0.9)}
+            "collapsed": reward_collapsed(run), "entropy_collapsed": entropy_collapsed(run)}
 
 
 def _band(xs: list[float]) -> tuple[float, float]:
@@ -388,8 +398,7 @@ def verdicts(runs: list[dict]) -> list[str]:
     numbers = {id(r): _run_numbers(r) for r in complete}
 
     def group(arm, level, k):
-        return [numbers[id(r)] for r in complete
-                if r["arm"] == arm and r.get("mismatch", "none") == level and r["staleness"] == k]
+        return [numbers[id(r)] for r in runs_of(complete, arm, level, k)]
 
     arms = list(dict.fromkeys(r["arm"] for r in complete))
     for level, k in settings_of(complete):
@@ -479,8 +488,7 @@ def plot(runs: list[dict], out: Path, metric: str, ylabel: str, filename: str) -
         for j, k in enumerate(ks):
             ax = axes[i][j]
             for arm in arms:
-                group = [r for r in runs if r["arm"] == arm and r["staleness"] == k
-                         and r.get("mismatch", "none") == level and r["rounds"]]
+                group = [r for r in runs_of(runs, arm, level, k) if r["rounds"]]
                 if not group:
                     continue
                 n = min(len(g["rounds"]) for g in group)
