@@ -40,6 +40,11 @@ CORRECTIONS = ("none", "seq-mask-tis")  # named compositions of --is-* and --rej
 SEQ_MASK_TIS_BAND = (0.999, 1.002)  # NeMo-RL's recommended bounds (examples/configs/prorlv2_1_moe.v2.yaml)
 REJECT_MODES = ("mask", "zero")
 DEVICES = ("auto", "cpu", "cuda")
+# What `inspect --worst-by` may rank the worst sequences by: each metric's value over one sequence
+# (inspect_model.WORST_BY_SCORES; chi2/seq, ppl/* and logr/abs_max by the sequence's own R, gap or extreme).
+WORST_BY = ("tr/harmful_frac", "tr/outside_frac", "delta/abs_mean", "delta/abs_max", "kl/k1_mean", "kl/k3_mean",
+            "kl/reverse_mean", "kl/js_mean", "chi2/token", "chi2/seq", "ppl/log_diff_mean", "ppl/log_abs_diff_mean",
+            "ppl/ratio_mean", "logr/abs_max", "is/catastrophic_token_frac")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -511,6 +516,13 @@ class InspectConfig:
     columns: tuple[str, ...] = option(
         (), "Rename a rollout column: LOGGED=DRPO (repeatable).", flags=("--column",))
     top: int = option(10, "Worst sequences to list by sample_id.", bound=NON_NEGATIVE)
+    worst_by: str = option("tr/harmful_frac", "Rank the worst sequences by this metric over each sequence.",
+                           choices=WORST_BY)
+    by: tuple[str, ...] = option(
+        (), "Break the audit down by the values of COLUMN (a string or integer column; repeatable).")
+    against: tuple[str, ...] = option(
+        (), "Compare the behavior log-probs with another sampler's rollouts of the same rows (matched by sample_id).",
+        flags=("--against",))
     json_out: str | None = option(None, "Write the JSON report to PATH ('-': stdout only).", flags=("--json",),
                                   panel=OUTPUTS)
     per_token: str | None = option(None, "Write per-token diagnostics (Arrow IPC) to PATH.", panel=OUTPUTS)
@@ -572,7 +584,8 @@ class InspectConfig:
 
     def paths(self) -> tuple[list[tuple[str, str | None]], list[Output]]:
         """(inputs, outputs) of this audit, for the one output rule (outputs.py)."""
-        inputs = [("rollouts", r) for r in self.rollouts] + [("--model", self.model)]
+        inputs = ([("rollouts", r) for r in self.rollouts] + [("--against", r) for r in self.against]
+                  + [("--model", self.model)])
         outs = [Output("--json", self.json_out, "json")] if self.json_out not in (None, "-") else []
         if self.per_token is not None:
             outs.append(Output("--per-token", self.per_token, "arrow"))
@@ -631,6 +644,14 @@ class InspectConfig:
         _bounds(p, self, "tr_delta", "temperature")
         p.extend(parse_columns(self.columns)[1])
         _bounds(p, self, "top")
+        _choice(p, self, "worst_by")
+        if self.worst_by != "tr/harmful_frac" and self.model is None:
+            p.append("--worst-by needs --model (the worst sequences compare the model with the sampler)")
+        for name in sorted({c for c in self.by if self.by.count(c) > 1}):
+            p.append(f"--by {name}: given twice")
+        for path in self.against:
+            if not os.path.exists(path):
+                p.append(f"--against {path}: no such file or directory")
         if self.per_token is not None and self.model is None:
             p.append("--per-token needs --model (per-token diagnostics compare the model with the sampler)")
         p.extend(parse_rejects(self.reject)[1])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,12 +23,15 @@ from drpo_cli.elementwise import (  # noqa: F401  (re-exported: the diagnostics 
     LOGR_CLAMP,
     binary_kl,
     binary_tv,
+    js_estimate,
     k1,
     k2,
     k3,
+    kl_reverse,
     log_ratio,
     prob_delta,
     ratio,
+    reverse_k3,
 )
 from drpo_cli.errors import ConfigError
 from drpo_cli.losses import (
@@ -41,7 +45,14 @@ from drpo_cli.losses import (
     weight_mean,
     weight_sum_parts,
 )
-from drpo_cli.losses_extra import EFFECT_METRICS, FILTER_METRICS, effect_counts, filter_counts
+from drpo_cli.losses_extra import (
+    EFFECT_METRICS,
+    FILTER_METRICS,
+    dropped_positive,
+    effect_counts,
+    filter_counts,
+)
+from drpo_cli.value_table import ValueTable
 
 
 def token_diagnostics(
@@ -49,8 +60,9 @@ def token_diagnostics(
 ) -> dict[str, Tensor]:
     """Detached per-token diagnostics of SPEC.md §2 (same shape as `logp`), e.g. for --per-token.
 
-    Keys: logr, ratio, delta (Δ), binary_kl, k1, k2, k3, outside (|Δ| > tr_delta), harmful
-    (outside in the advantage's direction: A>0 ∧ Δ>δ or A<0 ∧ Δ<−δ).
+    Keys: logr, ratio, delta (Δ), binary_kl, k1, k2, k3, kl_reverse (r·log r), reverse_k3 (1/r − 1 + log r),
+    js (NeMo-RL's Jensen-Shannon estimate), outside (|Δ| > tr_delta), harmful (outside in the advantage's
+    direction: A>0 ∧ Δ>δ or A<0 ∧ Δ<−δ).
     """
     with torch.no_grad():
         logp, mu_logp, adv = logp.detach(), behavior_logp.detach(), advantages.detach()
@@ -64,6 +76,9 @@ def token_diagnostics(
             "k1": -logr,
             "k2": 0.5 * logr.square(),
             "k3": torch.expm1(logr) - logr,
+            "kl_reverse": kl_reverse(logp, mu_logp),
+            "reverse_k3": reverse_k3(logp, mu_logp),
+            "js": js_estimate(logp, mu_logp),
             "outside": delta.abs() > tr_delta,
             "harmful": ((adv > 0) & (delta > tr_delta)) | ((adv < 0) & (delta < -tr_delta)),
         }
@@ -95,6 +110,13 @@ def sequence_scores(
             0, seq_index, values
         )
         return out / counts.clamp(min=1.0) if reduce == "mean" else out
+
+
+def _sum_by(features: Tensor, inverse: Tensor) -> Tensor:
+    """(K, F) sums of (n, F) features over the groups `inverse` (n,) in [0, K)."""
+    k = int(inverse.max()) + 1 if inverse.numel() else 0
+    return torch.zeros(k, features.shape[1], dtype=features.dtype, device=features.device).index_add_(0, inverse,
+                                                                                                     features)
 
 
 # ---- fixed-bin histograms ------------------------------------------------------------------------
@@ -167,6 +189,14 @@ _SEQ_STATE = ("n", "n_zero", "n_seq", "n_seq_zero")
 # audited batch in inspect), not token by token: merging accumulators adds their counts, so they equal
 # one accumulator's only when the updates were the same batches.
 PER_UPDATE_METRICS = ("clip_cov/selected_frac", "kl_cov/selected_frac", "m2po/masked_frac")  # gspo's would-be clipping (needs seq_index)
+# A "catastrophic" token has r < CATASTROPHIC_RHO (raw log r < log of it): verl's former rollout_token_veto_threshold
+# and slime's rs_veto_threshold examples; `--is-veto C` sets it to C.
+CATASTROPHIC_RHO = 1e-4
+# Per-row sums a sequence-level metric needs (merged by row key, folded once a row is whole): trained tokens,
+# Σ log r, Σ log π, Σ log μ, catastrophic tokens.
+_ROW_FEATURES = ("n", "logr", "logp", "logmu", "catastrophic")
+# The shares of what each mask drops that had A > 0 (NeMo-RL masked_correct_pct, prime-rl masked_advantage_positive).
+DROPPED_POS = "dropped_pos_adv_frac"
 
 
 class Diagnostics:
@@ -195,6 +225,8 @@ class Diagnostics:
         reject_mode: str = "mask",
         opsm_delta: float | None = None,
         m2po_threshold: float | None = None,
+        catastrophic: float | None = None,
+        by: Sequence[str] = (),
     ):
         if not (isinstance(tr_delta, (int, float)) and tr_delta > 0):
             raise ConfigError(f"tr_delta must be a number > 0, got {tr_delta!r}")
@@ -211,6 +243,12 @@ class Diagnostics:
         # (`weight`: behavior_weight's kind, cap, band, level) over the tokens rejection and veto keep.
         self.veto, self.weight, self.reject_mode = veto, dict(weight) if weight else None, reject_mode
         self.opsm_delta, self.m2po_threshold = opsm_delta, m2po_threshold
+        self.catastrophic = float(CATASTROPHIC_RHO if catastrophic is None else catastrophic)
+        # --by: the breakdown features per value of each column (ValueTable: merged by value, not by sum).
+        self.by_tables = {column: ValueTable(len(_BREAKDOWN_FEATURES)) for column in by}
+        # Rows not yet whole (update's `row`): keys (K,) and _ROW_FEATURES sums (K, R), folded by close_rows.
+        self._pending_keys = torch.zeros(0, dtype=torch.int64)
+        self._pending = torch.zeros(0, len(_ROW_FEATURES), dtype=torch.float64)
         # (state key prefix, loss name, hyper-parameters) of every weight distribution tracked.
         self._weighted = [(name, name, hp) for name, hp in self.losses.items() if name in _WEIGHTED_LOSSES]
         self._weighted += [(f"drpo@{d!r}", "drpo", {"delta": d}) for d in self.drpo_deltas]
@@ -218,8 +256,15 @@ class Diagnostics:
         self._ops: dict[str, str] = {}
         for key in ("n", "n_zero_adv", "n_rare", "n_outside", "n_harmful", "n_up", "n_down", "n_entropy"):
             self._register(key, (), "sum")
-        for key in ("abs_delta", "ratio", "logr", "logr_sq", "k1", "k2", "k3", "bkl", "nll", "entropy"):
+        for key in ("abs_delta", "ratio", "logr", "logr_sq", "k1", "k2", "k3", "bkl", "nll", "entropy",
+                    "ratio_sq", "kl_reverse", "reverse_k3", "js", "pi", "mu", "pi_sq", "mu_sq", "pi_mu",
+                    "abs_delta_sq", "abs_logr", "mult_error", "catastrophic"):
             self._register(f"sum_{key}", (), "sum")
+        for key in ("n", "R", "R_sq", "d", "abs_d", "exp_d", "catastrophic", "policy_log_ppl", "policy_ppl",
+                    "behavior_log_ppl", "behavior_ppl"):  # over rows, once each is whole
+            self._register(f"rows/sum_{key}", (), "sum")
+        for key in ("d", "neg_d"):
+            self._register(f"rows/max_{key}", (), "max")
         for key in ("abs_delta", "neg_abs_delta", "ratio", "neg_ratio", "logr", "neg_logr", "bkl"):
             self._register(f"max_{key}", (), "max")
         self._register("hist_abs_delta", (ABS_DELTA_EDGES.numel() + 1,), "sum")
@@ -236,6 +281,10 @@ class Diagnostics:
         self._fractions = [m for name in self.losses for m in EFFECT_METRICS.get(name, ())]
         self._fractions += [m for f, on in (("opsm", opsm_delta), ("m2po", m2po_threshold)) if on is not None
                             for m in FILTER_METRICS[f]]
+        # What a mask or rejection drops that had A > 0: (dropped with A > 0, dropped) per mask.
+        masks = [_ZEROING_METRICS[name].split("/")[0] for name in self.losses if name in _ZEROING_METRICS]
+        masks += ["gspo"] * ("gspo" in self.losses) + ["reject"] * bool(self.reject) + ["veto"] * (veto is not None)
+        self._fractions += [f"{ns}/{DROPPED_POS}" for ns in masks]
         for metric in self._fractions:
             self._register(f"{metric}#hits", (), "sum")
             self._register(f"{metric}#total", (), "sum")
@@ -276,6 +325,8 @@ class Diagnostics:
             "reject_mode": self.reject_mode,
             "opsm_delta": self.opsm_delta,
             "m2po_threshold": self.m2po_threshold,
+            "catastrophic": self.catastrophic,
+            "by": list(self.by_tables),
         }
 
     # ---- accumulate -------------------------------------------------------------------------------
@@ -294,8 +345,15 @@ class Diagnostics:
         ref_logp: Tensor | None = None,
         selected: Tensor | None = None,
         old_logp: Tensor | None = None,
+        row: Tensor | None = None,
+        by: dict[str, Tensor] | None = None,
     ) -> None:
         """Add the tokens where `mask` is True. All inputs flat (N,) (any equal shapes work).
+
+        Sequence-level metrics (is/ess_seq, chi2/seq, ppl/*, is/catastrophic_seq_frac) need each row
+        whole: with `row` (each token's global row id) a row's tokens may come over several calls and
+        are merged by row until close_rows(); without it the `seq_index` sequences are taken as whole in
+        this call. `by` = {column: each token's code from by_codes} for the --by breakdowns.
 
         `lag` = staleness per token (current − policy version; < 0 = unknown), `position` = index
         in the response, `entropy` = entropy of π, `seq_index` = each token's sequence label (whole
@@ -315,7 +373,8 @@ class Diagnostics:
             if lp.numel() == 0:
                 return
             t = token_diagnostics(lp, mu_lp, adv, tr_delta=self.tr_delta)
-            abs_d, logr, r, mu = t["delta"].abs(), t["logr"], t["ratio"], torch.exp(mu_lp)
+            abs_d, logr, r, mu, pi = t["delta"].abs(), t["logr"], t["ratio"], torch.exp(mu_lp), torch.exp(lp)
+            catastrophic = (lp - mu_lp) < math.log(self.catastrophic)  # (n,) the raw log r, as verl and slime
             part = {
                 "n": torch.tensor(float(lp.numel())),
                 "n_zero_adv": (adv == 0).sum(),
@@ -333,6 +392,19 @@ class Diagnostics:
                 "sum_k3": t["k3"].sum(),
                 "sum_bkl": t["binary_kl"].sum(),
                 "sum_nll": (-mu_lp).sum(),
+                "sum_ratio_sq": r.square().sum(),
+                "sum_kl_reverse": t["kl_reverse"].sum(),
+                "sum_reverse_k3": t["reverse_k3"].sum(),
+                "sum_js": t["js"].sum(),
+                "sum_pi": pi.sum(),
+                "sum_mu": mu.sum(),
+                "sum_pi_sq": pi.square().sum(),
+                "sum_mu_sq": mu.square().sum(),
+                "sum_pi_mu": (pi * mu).sum(),
+                "sum_abs_delta_sq": abs_d.square().sum(),
+                "sum_abs_logr": logr.abs().sum(),
+                "sum_mult_error": torch.exp(logr.abs()).sum(),
+                "sum_catastrophic": catastrophic.sum(),
                 "max_abs_delta": abs_d.max(),
                 "max_neg_abs_delta": (-abs_d).max(),
                 "max_ratio": r.max(),
@@ -346,28 +418,28 @@ class Diagnostics:
             if entropy is not None:
                 ent = pick(entropy).double()
                 part["n_entropy"], part["sum_entropy"] = torch.tensor(float(ent.numel())), ent.sum()
+            counts = {}
             for name, hp in self.losses.items():
                 if name in _ZEROING_METRICS:
-                    part[f"{name}/n_zero"] = (gradient_weight(name, lp, mu_lp, adv, **hp) == 0).sum()
+                    zero = gradient_weight(name, lp, mu_lp, adv, **hp) == 0
+                    part[f"{name}/n_zero"] = zero.sum()
+                    counts[f"{_ZEROING_METRICS[name].split('/')[0]}/{DROPPED_POS}"] = dropped_positive(zero, adv)
             if seq_index is not None and "gspo" in self.losses:
                 seq = pick(seq_index)
                 w = gradient_weight("gspo", lp, mu_lp, adv, seq_index=seq, **self.losses["gspo"])
                 part.update({"gspo/n": torch.tensor(float(lp.numel())), "gspo/n_zero": (w == 0).sum(),
                              "gspo/n_seq": torch.tensor(float(torch.unique(seq).numel())),
                              "gspo/n_seq_zero": torch.tensor(float(torch.unique(seq[w == 0]).numel()))})
+                counts[f"gspo/{DROPPED_POS}"] = dropped_positive(w == 0, adv)
             if "cispo" in self.losses:
                 part["cispo/n_clipped"] = (gradient_weight("cispo", lp, mu_lp, adv, **self.losses["cispo"]) != 1).sum()
             seq = pick(seq_index) if seq_index is not None else None
-            counts = {}
             for name, hp in self.losses.items():
                 sel = pick(selected) if selected is not None else None
                 counts.update(effect_counts(name, hp, lp, mu_lp, adv, seq, sel))
             counts.update(filter_counts(lp, mu_lp, adv, seq, opsm_delta=self.opsm_delta, m2po_threshold=(
                 self.m2po_threshold if old_logp is not None else None),
                 old_logp=None if old_logp is None else pick(old_logp).double()))
-            for metric, (hits, total) in counts.items():
-                if metric in self._fractions:
-                    part[f"{metric}#hits"], part[f"{metric}#total"] = hits, total
             if ref_logp is not None:
                 ref = pick(ref_logp).double()
                 part["n_ref"] = torch.tensor(float(lp.numel()))
@@ -380,6 +452,7 @@ class Diagnostics:
                 part.update({"reject/n": torch.tensor(float(lp.numel())), "reject/n_tokens": (~kept).sum(),
                              "reject/n_seq": torch.tensor(float(torch.unique(seq).numel())),
                              "reject/n_seq_rejected": torch.tensor(float(torch.unique(seq[~kept]).numel()))})
+                counts[f"reject/{DROPPED_POS}"] = dropped_positive(~kept, adv)
             if self.veto is not None and seq_index is not None:
                 seq = pick(seq_index)
                 kept_v, bad = veto_mask(self.veto, lp, mu_lp, torch.ones_like(lp, dtype=torch.bool), seq)
@@ -387,6 +460,10 @@ class Diagnostics:
                 part.update({"veto/n": torch.tensor(float(lp.numel())), "veto/n_tokens": bad.sum(),
                              "veto/n_seq": torch.tensor(float(torch.unique(seq).numel())),
                              "veto/n_seq_vetoed": torch.tensor(float(torch.unique(seq[~kept_v]).numel()))})
+                counts[f"veto/{DROPPED_POS}"] = dropped_positive(~kept_v, adv)
+            for metric, (hits, total) in counts.items():
+                if metric in self._fractions:
+                    part[f"{metric}#hits"], part[f"{metric}#total"] = hits, total
             if self.weight is not None and seq_index is not None:
                 seq = pick(seq_index)
                 w = behavior_weight(proximal_logp=lp, behavior_logp=mu_lp, seq_index=seq, **self.weight)
@@ -413,7 +490,47 @@ class Diagnostics:
             part["by_position"] = self._by(
                 features, self._position_bucket(position, pick, lp), len(POSITION_LABELS)
             )
+            for column, codes in (by or {}).items():
+                self.by_tables[column].add(pick(torch.as_tensor(codes)).numpy(), features.cpu().numpy())
+            row_features = torch.stack([torch.ones_like(lp), logr, lp, mu_lp, catastrophic.double()], dim=1)  # (n, R)
+            if row is not None:
+                self._pend(pick(row).long(), row_features)
+            elif seq is not None:
+                _, inverse = torch.unique(seq, return_inverse=True)
+                part.update(self._row_part(_sum_by(row_features, inverse)))
             self._fold(part)
+
+    def by_codes(self, column: str, values) -> np.ndarray:
+        """(n,) codes of a --by column's values (pyarrow, one per row), to pass per token to update's `by`."""
+        return self.by_tables[column].codes(values)
+
+    def _pend(self, keys: Tensor, features: Tensor) -> None:
+        """Merge per-token row features into the pending rows (sums by row key)."""
+        keys = torch.cat([self._pending_keys, keys.cpu()])
+        features = torch.cat([self._pending, features.cpu()])
+        self._pending_keys, inverse = torch.unique(keys, return_inverse=True)
+        self._pending = _sum_by(features, inverse)
+
+    def close_rows(self) -> None:
+        """Fold the pending rows (all whole now) into the sequence-level sums."""
+        if self._pending_keys.numel():
+            self._fold(self._row_part(self._pending))
+        self._pending_keys = torch.zeros(0, dtype=torch.int64)
+        self._pending = torch.zeros(0, len(_ROW_FEATURES), dtype=torch.float64)
+
+    @staticmethod
+    def _row_part(rows: Tensor) -> dict[str, Tensor]:
+        """The sequence-level sums of whole rows (K, R) of _ROW_FEATURES sums (SPEC.md §2)."""
+        n, logr, logp, logmu, catastrophic = rows.unbind(1)
+        log_big_r = logr.clamp(-LOGR_CLAMP, LOGR_CLAMP)  # log R = Σ_t log r_t, clamped like every log ratio
+        d = (logmu - logp) / n  # mean_t log μ − mean_t log π: verl's log_ppl_diff
+        policy, behavior = -logp / n, -logmu / n  # log-perplexities
+        return {"rows/sum_n": torch.tensor(float(n.numel())), "rows/sum_R": torch.exp(log_big_r).sum(),
+                "rows/sum_R_sq": torch.exp(2 * log_big_r).sum(), "rows/sum_d": d.sum(), "rows/sum_abs_d": d.abs().sum(),
+                "rows/sum_exp_d": torch.exp(d).sum(), "rows/max_d": d.max(), "rows/max_neg_d": (-d).max(),
+                "rows/sum_catastrophic": (catastrophic > 0).sum(), "rows/sum_policy_log_ppl": policy.sum(),
+                "rows/sum_policy_ppl": torch.exp(policy).sum(), "rows/sum_behavior_log_ppl": behavior.sum(),
+                "rows/sum_behavior_ppl": torch.exp(behavior).sum()}
 
     def add_counts(self, counts: dict[str, tuple[float, float]]) -> None:
         """Fold (hits, total) of fractions counted elsewhere (train's step-wide M2PO mask) into the state."""
@@ -461,7 +578,23 @@ class Diagnostics:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
+            self.close_rows()
             return self
+
+        def exchange(obj) -> list:
+            shares: list = [None] * dist.get_world_size()
+            dist.all_gather_object(shares, obj)
+            return shares
+
+        # A row split over ranks is merged by its key first; rank 0 folds the union (the others' sums stay 0).
+        pending = exchange((self._pending_keys, self._pending))
+        self._pending_keys, self._pending = torch.zeros(0, dtype=torch.int64), self._pending[:0]
+        if dist.get_rank() == 0:
+            for keys, rows in pending:
+                self._pend(keys, rows)
+        self.close_rows()
+        for table in self.by_tables.values():
+            table.merge(exchange)
         on_gpu = dist.get_backend() == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         for op, reduce_op in (("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX)):
@@ -477,6 +610,7 @@ class Diagnostics:
     def summary(self) -> dict:
         """Flat namespaced metrics (docs/losses.md) plus nested "breakdowns", "what_if",
         "weight_histograms", "notes" and "config". Fractions and means are None without tokens."""
+        self.close_rows()
         s = {k: v for k, v in self._state.items()}
         n = float(s["n"])
 
@@ -521,6 +655,7 @@ class Diagnostics:
         out["tv/binary_mean"] = out["delta/abs_mean"]
         if float(s["n_entropy"]) > 0:
             out["entropy/mean"] = ratio_of(s["sum_entropy"], float(s["n_entropy"]))
+        out.update(self._peer_metrics(n))
         for name in self.losses:
             if name in _ZEROING_METRICS:
                 out[_ZEROING_METRICS[name]] = ratio_of(s[f"{name}/n_zero"], n)
@@ -558,6 +693,8 @@ class Diagnostics:
                     "and no token is corrected"
                 )
         out["breakdowns"] = {
+            "by": {column: [{"value": value, **self._record(sums)} for value, sums in table.items()
+                            if sums[0] > 0] for column, table in self.by_tables.items()},
             "lag": self._breakdown(
                 s["by_lag"], [str(i) for i in range(self.lag_buckets)] + [f"{self.lag_buckets}+", "unknown"]
             ),
@@ -595,18 +732,57 @@ class Diagnostics:
         counts = self._state[f"{prefix}/coarse"]
         return {"edges": list(WEIGHT_COARSE_EDGES), "fracs": [float(c) / n if n else None for c in counts]}
 
+    @classmethod
+    def _breakdown(cls, table: Tensor, labels: Sequence[str]) -> dict[str, dict]:
+        return {label: cls._record(row) for label, row in zip(labels, table) if float(row[0]) > 0}
+
     @staticmethod
-    def _breakdown(table: Tensor, labels: Sequence[str]) -> dict[str, dict]:
-        out = {}
-        for label, row in zip(labels, table):
-            tokens, outside, harmful, delta_abs, k3_sum, logr_sum = (float(v) for v in row)
-            if tokens > 0:
-                out[label] = {
-                    "tokens": int(tokens),
-                    "outside_frac": outside / tokens,
-                    "harmful_frac": harmful / tokens,
-                    "delta_abs_mean": delta_abs / tokens,
-                    "k3_mean": k3_sum / tokens,
-                    "logr_mean": logr_sum / tokens,
-                }
+    def _record(row) -> dict:
+        """One breakdown entry from its _BREAKDOWN_FEATURES sums (tokens > 0)."""
+        tokens, outside, harmful, delta_abs, k3_sum, logr_sum = (float(v) for v in row)
+        return {"tokens": int(tokens), "outside_frac": outside / tokens, "harmful_frac": harmful / tokens,
+                "delta_abs_mean": delta_abs / tokens, "k3_mean": k3_sum / tokens, "logr_mean": logr_sum / tokens}
+
+    def _peer_metrics(self, n: float) -> dict[str, float | None]:
+        """The metrics other trainers' dashboards show (SPEC.md §2, each with its source), over trained tokens
+        (n) and over rows with a trained token (m)."""
+        s = {k: float(v) for k, v in self._state.items() if v.dim() == 0}
+        m = s["rows/sum_n"]
+
+        def mean(key: str, count: float) -> float | None:
+            return s[key] / count if count > 0 else None
+
+        out: dict[str, float | None] = {
+            "is/ess_token": s["sum_ratio"] ** 2 / (n * s["sum_ratio_sq"]) if n and s["sum_ratio_sq"] > 0 else None,
+            "is/ess_seq": s["rows/sum_R"] ** 2 / (m * s["rows/sum_R_sq"]) if m and s["rows/sum_R_sq"] > 0 else None,
+            "chi2/token": s["sum_ratio_sq"] / n - 1.0 if n else None,
+            "chi2/seq": s["rows/sum_R_sq"] / m - 1.0 if m else None,
+            "kl/reverse_mean": mean("sum_kl_reverse", n),
+            "kl/reverse_k3_mean": mean("sum_reverse_k3", n),
+            "kl/js_mean": mean("sum_js", n),
+            "prob/pearson": None,
+            "prob/mult_error_mean": mean("sum_mult_error", n),
+            "delta/abs_std": None,
+            "logr/abs_mean": mean("sum_abs_logr", n),
+            "is/catastrophic_token_frac": mean("sum_catastrophic", n),
+            "is/catastrophic_seq_frac": mean("rows/sum_catastrophic", m),
+            "ppl/log_diff_mean": mean("rows/sum_d", m),
+            "ppl/log_abs_diff_mean": mean("rows/sum_abs_d", m),
+            "ppl/log_diff_max": s["rows/max_d"] if m else None,
+            "ppl/log_diff_min": -s["rows/max_neg_d"] if m else None,
+            "ppl/ratio_mean": mean("rows/sum_exp_d", m),
+            "ppl/policy_mean": mean("rows/sum_policy_ppl", m),
+            "ppl/policy_log_mean": mean("rows/sum_policy_log_ppl", m),
+            "ppl/behavior_mean": mean("rows/sum_behavior_ppl", m),
+            "ppl/behavior_log_mean": mean("rows/sum_behavior_log_ppl", m),
+        }
+        if n:
+            var_pi = n * s["sum_pi_sq"] - s["sum_pi"] ** 2  # n²·variance of π, of μ; n²·covariance
+            var_mu = n * s["sum_mu_sq"] - s["sum_mu"] ** 2
+            cov = n * s["sum_pi_mu"] - s["sum_pi"] * s["sum_mu"]
+            out["prob/pearson"] = cov / math.sqrt(var_pi * var_mu) if var_pi > 0 and var_mu > 0 else None
+            abs_mean = s["sum_abs_delta"] / n
+            out["delta/abs_std"] = math.sqrt(max(s["sum_abs_delta_sq"] / n - abs_mean**2, 0.0))
+        entropy = s["sum_entropy"] / s["n_entropy"] if s["n_entropy"] > 0 else 0.0
+        out["kl/k3_over_entropy"] = s["sum_k3"] / n / entropy if n and entropy > 0 else None
         return out

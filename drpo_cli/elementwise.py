@@ -88,3 +88,26 @@ def k3(logp: Tensor, anchor_logp: Tensor) -> Tensor:
     """k3 = (r − 1) − log r ≥ 0, unbiased and non-negative; expm1 keeps it exact near r = 1."""
     logr = log_ratio(logp, anchor_logp)
     return torch.expm1(logr) - logr
+
+
+def kl_reverse(logp: Tensor, anchor_logp: Tensor) -> Tensor:
+    """r·log r: its mean over samples of μ estimates KL(π‖μ) = E_μ[r·log r] (unbiased; log r clamped)."""
+    logr = log_ratio(logp, anchor_logp)
+    return torch.exp(logr) * logr
+
+
+def reverse_k3(logp: Tensor, anchor_logp: Tensor) -> Tensor:
+    """k3 of the reversed ratio, 1/r − 1 + log r ≥ 0 (NeMo-RL's policy_kl_error): not importance-weighted, so
+    over samples of μ it is a biased estimate of KL(π‖μ); kl_reverse is the unbiased one."""
+    logr = log_ratio(logp, anchor_logp)
+    return torch.expm1(-logr) + logr
+
+
+def js_estimate(logp: Tensor, anchor_logp: Tensor) -> Tensor:
+    """NeMo-RL's per-token Jensen-Shannon estimate: ½·k3(π/m) + ½·k3(μ/m), m = (π + μ)/2, k3(x) = x − 1 − log x.
+
+    log m = logaddexp(log π, log μ) − log 2, so π/m and μ/m are at most 2: never overflows, no clamp needed.
+    """
+    log_m = torch.logaddexp(logp, anchor_logp) - math.log(2.0)
+    a, b = logp - log_m, anchor_logp - log_m
+    return 0.5 * (torch.expm1(a) - a) + 0.5 * (torch.expm1(b) - b)

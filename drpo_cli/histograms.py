@@ -2,8 +2,9 @@
 
 - `MuPiHistogram`: every masked token's (μ, π) in a BINS × BINS grid over [0, 1]², one grid per
   advantage sign (A > 0, A < 0; A = 0 carries no gradient and is left out). Mergeable, exact over ranks.
-- `worst_tokens(rows, row_ids, logp)`: per worst row, its response token ids with Δ = π − μ per token
-  (what the page decodes with the checkpoint's tokenizer and colors); null for an untrained token.
+- `worst_tokens(rows, row_ids, logp)`: per worst row, its response token ids with π, μ, Δ = π − μ and
+  r = π/μ per token (what the page decodes with the checkpoint's tokenizer and colors); null for an
+  untrained token.
 """
 
 from __future__ import annotations
@@ -45,22 +46,30 @@ class MuPiHistogram:
 
 
 def worst_tokens(rows, row_ids, logp: np.ndarray) -> list[dict]:
-    """[{sample_id, token_ids, delta, mask, advantage}] for rows `row_ids`; logp (T,) over all tokens."""
+    """[{sample_id, token_ids, delta, pi, mu, ratio, mask, advantage}] for rows `row_ids`; logp (T,) over all
+    tokens. The per-token trace: π, μ, Δ = π − μ and r = π/μ (log r clamped to ±20), null where loss_mask is 0."""
     out = []
     for i in row_ids:
         lo, hi = int(rows.response_offsets[i]), int(rows.response_offsets[i + 1])
         hi = min(hi, lo + MAX_TOKENS_SHOWN)
-        pi = np.exp(logp[lo:hi].astype(np.float64))
-        with np.errstate(invalid="ignore", over="ignore"):
-            mu = np.exp(rows.behavior_logprobs[lo:hi].astype(np.float64))
-            delta = np.round(pi - mu, 5)
         trained = rows.loss_mask[lo:hi]
-        # Δ is a trained token's: an untrained one (loss_mask 0) may log any log-prob, even NaN.
-        shown = [float(d) if m and math.isfinite(d) else None for d, m in zip(delta, trained)]
+        log_pi, log_mu = logp[lo:hi].astype(np.float64), rows.behavior_logprobs[lo:hi].astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            trace = {"delta": np.exp(log_pi) - np.exp(log_mu), "pi": np.exp(log_pi), "mu": np.exp(log_mu),
+                     "ratio": np.exp(np.clip(log_pi - log_mu, -20.0, 20.0))}
+        # Values are a trained token's: an untrained one (loss_mask 0) may log any log-prob, even NaN.
+        shown = {k: [_shown(x, m, 5 if k == "delta" else None) for x, m in zip(v, trained)] for k, v in trace.items()}
         adv = rows.advantages[lo:hi][trained]  # the first trained token's (per-token advantages differ)
-        out.append({"sample_id": rows.sample_ids[i], "token_ids": rows.response_ids[lo:hi].tolist(),
-                    "delta": shown, "mask": trained.tolist(), "advantage": float(adv[0]) if adv.size else None})
+        out.append({"sample_id": rows.sample_ids[i], "token_ids": rows.response_ids[lo:hi].tolist(), **shown,
+                    "mask": trained.tolist(), "advantage": float(adv[0]) if adv.size else None})
     return out
+
+
+def _shown(x: float, trained: bool, digits: int | None) -> float | None:
+    """A trained token's finite value (rounded to `digits` decimals, else 6 significant digits), else None."""
+    if not trained or not math.isfinite(x):
+        return None
+    return round(float(x), digits) if digits is not None else float(f"{x:.6g}")
 
 
 SCHEMA_HISTOGRAM: dict = {
@@ -78,12 +87,15 @@ SCHEMA_WORST_TOKENS: dict = {
     "type": "array",
     "items": {
         "type": "object",
-        "required": ["sample_id", "token_ids", "delta", "mask", "advantage"],
+        "required": ["sample_id", "token_ids", "delta", "pi", "mu", "ratio", "mask", "advantage"],
         "additionalProperties": False,
         "properties": {
             "sample_id": {"type": "string"},
             "token_ids": {"type": "array", "items": {"type": "integer"}},
             "delta": {"type": "array", "items": {"type": ["number", "null"]}},
+            "pi": {"type": "array", "items": {"type": ["number", "null"]}},
+            "mu": {"type": "array", "items": {"type": ["number", "null"]}},
+            "ratio": {"type": "array", "items": {"type": ["number", "null"]}},
             "mask": {"type": "array", "items": {"type": "boolean"}},
             "advantage": {"type": ["number", "null"]},
         },

@@ -20,7 +20,7 @@ from typing import Any
 
 from drpo_cli.config import LOSS_HPARAMS
 from drpo_cli.outputs import HTML_MARKER
-from drpo_cli.report_format import INSPECT_HEADLINE, fmt_cell
+from drpo_cli.report_format import INSPECT_HEADLINE, PEER_METRICS, fmt_cell
 
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 _CSS = """
@@ -268,8 +268,10 @@ def tokens_html(worst: list[dict], model_dir: str | None) -> str:
         for i, (tid, d, keep) in enumerate(zip(w["token_ids"], w["delta"], w["mask"])):
             text = texts[k][i] if texts is not None else f"#{tid} "
             cls = "tok" if keep else "tok masked"
+            values = ", ".join(f"{label} = {fmt_cell(w[key][i])}" for label, key in
+                               (("π", "pi"), ("μ", "mu"), ("Δ", "delta"), ("r", "ratio")) if key in w)
             spans.append(f'<span class="{cls}" style="background:{_delta_color(d)}" title="token {i}: id {tid}, '
-                         f'Δ = {_e(fmt_cell(d))}">{_e(text)}</span>')
+                         f'{_e(values)}">{_e(text)}</span>')
         out.append(f'<div class=card><b>{_e(w["sample_id"])}</b> <span class=legend>A = {_e(fmt_cell(w["advantage"]))}'
                    f'</span><div class=tokens>{"".join(spans)}</div></div>')
     return "".join(out)
@@ -313,6 +315,9 @@ def inspect_page(report: dict) -> str:
             f"<div class=card>{bars_svg([r['key'] for r in by_lag], [(name, [r.get(name) for r in by_lag])], title)}</div>"
             for name, title in (("delta_abs_mean", "mean |Δ| by lag"), ("logr_mean", "mean log r by lag"),
                                 ("harmful_frac", "harmful share by lag"))) + "</div>"))
+        sections.append(_section("Mismatch as other trainers report it", _table(
+            ["metric", "value"], [[k, metrics.get(k)] for k in PEER_METRICS if k in metrics]),
+            "<p class=legend>docs/inspect.md maps each to verl's, NeMo-RL's, slime's, prime-rl's and TRL's names.</p>"))
         sections.append(_section("Breakdowns", "<div class=grid>" + "".join(
             f"<div class=card><b>{_e(t)}</b>{_records(r, 'key')}</div>" for t, r in (
                 ("by staleness lag", by_lag), ("by behavior probability μ", model["by_mu_bucket"]),
@@ -340,13 +345,35 @@ def inspect_page(report: dict) -> str:
                 bars_svg([str(r["layer"]) for r in routing["by_layer"]],
                          [("mismatch share", [r["mismatch_frac"] for r in routing["by_layer"]])],
                          "share of positions whose top-k set differs, by layer")))
-        sections.append(_section("Worst sequences", _records(model["worst_sequences"], "sample_id"),
+        for name, records in model["by"].items():
+            sections.append(_section(f"Current model vs sampler by {name}", _by_chart(records, "k3_mean"),
+                                     _records(_by_rows(records), "value")))
+        sections.append(_section(f"Worst sequences by {model['worst_by']}",
+                                 _records(model["worst_sequences"], "sample_id"),
                                  tokens_html(model["worst_tokens"], model["checkpoint"]["path"])))
+    for name, records in data["by"].items():
+        sections.append(_section(f"Data by {name}", _records(_by_rows(records), "value")))
     sections.append(_section("Notes", _notes(report["notes"]) or "<p class=sub>none</p>"))
     sections.append(_all_metrics(metrics))
     subtitle = (f"{data['rows']:,} rows, {data['response_tokens']:,} response tokens"
                 + (f"; model {model['checkpoint']['path']}" if model else "; data only"))
     return _page("drpo inspect", subtitle, sections)
+
+
+BY_PAGE = 200  # values of a --by column on the page (the JSON report has every value)
+
+
+def _by_rows(records: list[dict]) -> list[dict]:
+    """A --by breakdown's rows for a page table: the BY_PAGE values with the most tokens, value as text."""
+    shown = sorted(sorted(records, key=lambda r: -r["tokens"])[:BY_PAGE], key=records.index)
+    return [{**r, "value": "null" if r["value"] is None else str(r["value"])} for r in shown]
+
+
+def _by_chart(records: list[dict], key: str) -> str:
+    """Bars of one metric per value (the 30 values with the most tokens)."""
+    shown = _by_rows(records)[:30] if len(records) <= 30 else sorted(_by_rows(records), key=lambda r: -r["tokens"])[:30]
+    return bars_svg([r["value"][:12] for r in shown], [(key, [r.get(key) for r in shown])], f"{key} by value",
+                    width=max(360, 24 * len(shown)))
 
 
 def _step_series(steps: list[dict], key: str, base: int = 0) -> tuple[list, list]:

@@ -54,12 +54,17 @@ from drpo_cli.schema import (
     length_problem,
     open_rollouts,
 )
+from drpo_cli.value_table import ValueTable, breakdown_type_problem
 
 RARE_MU = 0.01  # "rare sampled token": μ ≤ 0.01 (SPEC.md §2)
 LOG_RARE_MU = math.log(RARE_MU)
 DATA_COLUMNS = ("prompt_ids", "response_ids", "behavior_logprobs", "advantages", "advantage", "reward",
                 "group_id", "loss_mask", "sample_id", "policy_version", "temperature", "token_policy_versions")
 VERSION_COLUMNS = ("policy_version", "token_policy_versions", "loss_mask")
+# Per-row sums of the data audit's --by breakdown (each value's rows): rows, trained tokens, response tokens,
+# Σ −log μ, rare tokens and zero-advantage tokens (trained), Σ |A| (trained), Σ reward, rows with a reward.
+DATA_BY_FEATURES = ("rows", "tokens", "response_tokens", "neg_logmu", "rare", "zero_adv", "adv_abs", "reward",
+                    "rewarded")
 Progress = Callable[..., None]  # (phase, advance, total | None), e.g. the CLI's progress bar
 
 
@@ -188,6 +193,16 @@ class DataAudit:
     dropped_tokens: int = stat("sum")  # their trained tokens
     stale_masked_tokens: int = stat("sum")  # too-stale trained tokens of kept rows, out of the loss mask
     reduced_duplicates: dict | None = None  # duplicate ids over all ranks (set by all_reduce_)
+    # --by: {column: the batch column to read} and a DATA_BY_FEATURES table per column, merged by value.
+    by_read: dict = field(default_factory=dict)
+    by: dict = field(default_factory=dict, metadata={"merge": "table"})
+    group_codes: list[dict] = field(default_factory=list)  # reward + group_id: each row's --by codes, until then
+
+    def break_down(self, read: dict[str, str]) -> DataAudit:
+        """Break the audit down by the values of these columns ({--by name: batch column}), before any update."""
+        self.by_read = dict(read)
+        self.by = {name: ValueTable(len(DATA_BY_FEATURES)) for name in read}
+        return self
 
     def drop_stale(self, sb: SourceBatch, current: int | None, max_lag: int | None,
                    min_version: int | None) -> SourceBatch | None:
@@ -262,7 +277,16 @@ class DataAudit:
         self.response_len_hist = _grow_add(self.response_len_hist, lengths)
         self.prompt_len_hist = _grow_add(self.prompt_len_hist, np.diff(p_off))
 
-        self._update_advantage(sb, cols, off, lengths, mask, row_masked)
+        codes = {name: table.codes(b.column(self.by_read[name])) for name, table in self.by.items()}  # (n,) each
+        if codes:
+            trained = np.ones(len(logmu), dtype=bool) if mask is None else mask  # (T,)
+            per_row = np.zeros((n, len(DATA_BY_FEATURES)))
+            per_row[:, 0], per_row[:, 1], per_row[:, 2] = 1.0, row_masked, lengths
+            per_row[:, 3] = _row_sums(np.where(trained, -logmu.astype(np.float64), 0.0), off)
+            per_row[:, 4] = _row_sums(trained & (logmu <= LOG_RARE_MU), off)
+            for name, table in self.by.items():
+                table.add(codes[name], per_row)
+        self._update_advantage(sb, cols, off, lengths, mask, row_masked, codes)
         # Lags per token: a row counts at its oldest trained token's version, each trained token at its own.
         if "token_policy_versions" in cols:
             tv, oldest, _ = _versions(sb, off, np.ones(len(logmu), dtype=bool) if mask is None else mask)  # (T,), (n,)
@@ -282,7 +306,7 @@ class DataAudit:
             self.sample_ids.append(pa.concat_arrays([b.column("sample_id").drop_null()]))  # own copy
         return n, m_total
 
-    def _update_advantage(self, sb, cols, off, lengths, mask, row_masked) -> None:
+    def _update_advantage(self, sb, cols, off, lengths, mask, row_masked, codes: dict) -> None:
         b = sb.batch
         source = advantage_source(cols)
         self.adv_sources.add(source)
@@ -298,10 +322,11 @@ class DataAudit:
             m_off = np.zeros(len(lengths) + 1, dtype=np.int64)
             np.cumsum(row_masked, out=m_off[1:])
             self.zero_adv_rows += int(np.count_nonzero(_row_sums(~zero, m_off) == 0))
+            self._add_by(codes, {5: _row_sums(zero, m_off), 6: _row_sums(np.abs(am.astype(np.float64)), m_off)})
             return
         if source == "advantage":
             values = _scalar(sb, "advantage")  # (n,)
-            self._add_row_advantages(values, row_masked)
+            self._add_row_advantages(values, row_masked, codes)
             return
         reward = _scalar(sb, "reward")  # (n,)
         group = b.column("group_id")
@@ -312,14 +337,25 @@ class DataAudit:
         self.group_ids.append(pa.concat_arrays([group]))
         self.group_rewards.append(reward)
         self.group_tokens.append(np.asarray(row_masked, dtype=np.int64))
+        self.group_codes.append(codes)
+        self._add_by(codes, {7: reward.astype(np.float64), 8: np.ones(len(reward))})
 
-    def _add_row_advantages(self, values: np.ndarray, row_masked: np.ndarray) -> None:
-        """Per-sequence advantages (n,), broadcast over each row's masked tokens (n,)."""
+    def _add_row_advantages(self, values: np.ndarray, row_masked: np.ndarray, codes: dict) -> None:
+        """Per-sequence advantages (n,), broadcast over each row's masked tokens (n,); `codes` their --by values."""
         w = row_masked.astype(np.float64)
         self.adv.add(values, w)
         zero = values == 0
         self.zero_adv_tokens += int(row_masked[zero].sum())
         self.zero_adv_rows += int(np.count_nonzero(zero | (row_masked == 0)))
+        self._add_by(codes, {5: np.where(zero, w, 0.0), 6: np.abs(values.astype(np.float64)) * w})
+
+    def _add_by(self, codes: dict, columns: dict[int, np.ndarray]) -> None:
+        """Add per-row values (n,) to the DATA_BY_FEATURES columns given ({index: values}) of every --by table."""
+        for name, table in self.by.items():
+            per_row = np.zeros((len(codes[name]), len(DATA_BY_FEATURES)))
+            for j, values in columns.items():
+                per_row[:, j] = values
+            table.add(codes[name], per_row)
 
     def finish_groups(self, exchange=None) -> None:
         """reward + group_id: A = R − mean of R over the group (SPEC.md §1), then the token statistics.
@@ -340,8 +376,9 @@ class DataAudit:
         at = pc.index_in(table.column("g"), value_set=means.column("g")).to_numpy()  # (N,)
         mean_of_row = (means.column("r_sum").to_numpy() / means.column("r_count").to_numpy())[at]  # (N,)
         rewards = table.column("r").to_numpy()
-        self._add_row_advantages((rewards - mean_of_row).astype(np.float32), np.concatenate(self.group_tokens))
-        self.group_ids, self.group_rewards, self.group_tokens = [], [], []
+        codes = {name: np.concatenate([c[name] for c in self.group_codes]) for name in self.by}
+        self._add_row_advantages((rewards - mean_of_row).astype(np.float32), np.concatenate(self.group_tokens), codes)
+        self.group_ids, self.group_rewards, self.group_tokens, self.group_codes = [], [], [], []
 
     @classmethod
     def statistics(cls, op: str) -> list[str]:
@@ -397,6 +434,8 @@ class DataAudit:
             setattr(self, name, all_reduce_sum(h).numpy())
         for name in self.statistics("counter"):
             setattr(self, name, Counter(_all_reduce_counter(dict(getattr(self, name)))))
+        for table in self.by.values():
+            table.merge(exchange)
 
     def _duplicates_across(self, exchange, examples: int = 5) -> dict:
         """duplicates() over every rank's ids: 8-byte hashes go to every rank, then only the ids whose
@@ -456,6 +495,7 @@ class DataAudit:
             "token_id_max": self.token_id_max if self.token_id_max >= 0 else None,
             "temperatures": [{"temperature": float(str(np.float32(t))), "rows": int(c)}
                              for t, c in sorted(self.temperature_rows.items())],
+            "by": {name: [_by_record(value, sums) for value, sums in table.items()] for name, table in self.by.items()},
         }
 
     def staleness_filter(self, cfg: InspectConfig, current: int | None) -> dict:
@@ -463,6 +503,19 @@ class DataAudit:
         return staleness_report(cfg.max_lag, cfg.min_version, current,
                                 [self.dropped_rows, self.dropped_tokens, self.stale_masked_tokens, self.rows,
                                  int(self.version_rows.get(-1, 0))])
+
+
+def _by_record(value, sums: np.ndarray) -> dict:
+    """One value's entry of `data.by.COLUMN` from its DATA_BY_FEATURES sums."""
+    rows, tokens, response, neg_logmu, rare, zero_adv, adv_abs, reward, rewarded = (float(x) for x in sums)
+
+    def per(x: float, n: float) -> float | None:
+        return x / n if n > 0 else None
+
+    return {"value": value, "rows": int(rows), "tokens": int(tokens), "response_len_mean": per(response, rows),
+            "neg_logmu_mean": per(neg_logmu, tokens), "rare_token_frac": per(rare, tokens),
+            "zero_adv_frac": per(zero_adv, tokens), "adv_abs_mean": per(adv_abs, tokens),
+            "reward_mean": per(reward, rewarded)}
 
 
 def data_metrics(section: dict) -> dict:
@@ -642,6 +695,39 @@ def check_source(source: RolloutSource) -> None:
         raise InputError(str(problems[0]), details=[str(p) for p in problems[1:]])
 
 
+def resolve_by(source: RolloutSource, names) -> dict[str, str]:
+    """{--by name: the batch column holding it}: a schema column (or one renamed to it with --column) by its
+    canonical name, any other column of the files as logged. InputError (one line: file, column, expected,
+    found) when a file lacks it or it is not a string or integer column, before any work."""
+    from drpo_cli.schema import COLUMN_BY_NAME
+
+    read = {}
+    for name in names:
+        canonical = source.column_map.get(name, name)
+        for rf in source.files:
+            if canonical in COLUMN_BY_NAME:
+                found = COLUMN_BY_NAME[canonical].arrow_type if canonical in rf.present else None
+            else:
+                index = rf.schema.get_field_index(name)  # −1 when missing (or named twice)
+                found = rf.schema.field(index).type if index >= 0 else None
+            expected = "a string or integer column to break the audit down by (--by)"
+            if found is None:
+                raise InputError(f"{rf.path}: column {name}: expected {expected}, found no such column "
+                                 f"(columns: {', '.join(rf.schema.names)})")
+            problem = breakdown_type_problem(found)
+            if problem is not None:
+                raise InputError(f"{rf.path}: column {name}: expected {expected}, found {problem}")
+        read[name] = canonical if canonical in COLUMN_BY_NAME else name
+    return read
+
+
+def extra_columns(read: dict[str, str]) -> tuple[str, ...]:
+    """The --by columns outside the schema (read as logged, iter_batches' `extra`)."""
+    from drpo_cli.schema import COLUMN_BY_NAME
+
+    return tuple(c for c in read.values() if c not in COLUMN_BY_NAME)
+
+
 def filter_version(source: RolloutSource, cfg: InspectConfig) -> int | None:
     """The current version --max-lag counts from, known before streaming: --current-version, else the
     checkpoint's recorded version, else the newest policy_version in the data (one pass over that column)."""
@@ -672,19 +758,20 @@ def filter_version(source: RolloutSource, cfg: InspectConfig) -> int | None:
 
 
 def audit_data(source: RolloutSource, cfg: InspectConfig, progress: Progress | None = None,
-               current: int | None = None, shard=None) -> DataAudit:
+               current: int | None = None, shard=None, by: dict[str, str] | None = None) -> DataAudit:
     """Stream every record batch through a DataAudit (bounded memory), minus the rows the stale-row filters drop.
 
     Under torchrun (`shard`: this rank's pieces, schema.Shard) each rank audits its share and the
     shares are merged exactly; a bad row found by one rank stops every rank with its error.
     """
     check_source(source)
-    audit = DataAudit()
+    by = by or {}
+    audit = DataAudit().break_down(by)
     temps = {rf.path: file_temperature(rf.metadata, cfg.temperature) for rf in source.files}
     filtering = cfg.max_lag is not None or cfg.min_version is not None
     error = None
     try:
-        for sb in source.iter_batches(DATA_COLUMNS, shard=shard):
+        for sb in source.iter_batches(DATA_COLUMNS, shard=shard, extra=extra_columns(by)):
             if filtering and (sb := audit.drop_stale(sb, current, cfg.max_lag, cfg.min_version)) is None:
                 continue
             _, tokens = audit.update(sb, temps[sb.path])
@@ -711,9 +798,10 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
     """
     start = time.perf_counter()
     source = open_rollouts(list(cfg.rollouts), cfg.column_map())
+    by = resolve_by(source, cfg.by)  # a missing or unusable --by column is refused before any work
     shard = _join_ranks(cfg, source)
     filter_current = filter_version(source, cfg)
-    audit = audit_data(source, cfg, progress, filter_current, shard)
+    audit = audit_data(source, cfg, progress, filter_current, shard, by)
     if audit.rows == 0 and audit.dropped_rows:
         raise InputError(f"--max-lag {cfg.max_lag} / --min-version {cfg.min_version}: every one of the "
                          f"{audit.dropped_rows} rows is too stale (current version {filter_current}); nothing is left")
@@ -724,7 +812,7 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
         from drpo_cli.inspect_model import audit_model
 
         model_section, model_metrics, current, version_source, model_notes = audit_model(
-            cfg, source, progress, per_token_path, shard)
+            cfg, source, progress, per_token_path, shard, by)
         notes += model_notes
         if model_section.get("logging_checks"):
             model_section["logging_checks"]["findings"].append(logprobs_kind_note(source.metadata))
@@ -744,7 +832,8 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
                      "reject": list(cfg.reject), "max_lag": cfg.max_lag, "min_version": cfg.min_version,
                      "is_veto": cfg.is_veto, "correction": cfg.correction, "is_correction": cfg.is_correction,
                      "is_cap": cfg.is_cap, "is_band": cfg.is_band and list(cfg.is_band), "is_level": cfg.is_level,
-                     "is_batch_norm": cfg.is_batch_norm, "reject_mode": cfg.reject_mode,
+                     "is_batch_norm": cfg.is_batch_norm, "reject_mode": cfg.reject_mode, "by": list(cfg.by),
+                     "worst_by": cfg.worst_by, "against": list(cfg.against),
                      "seconds": round(time.perf_counter() - start, 3)},
         "metrics": metrics,
         "data": data,

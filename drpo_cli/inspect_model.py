@@ -40,7 +40,35 @@ PER_TOKEN_SCHEMA = pa.schema([
     ("policy_version", pa.int64()),
 ], metadata={ARROW_MARKER_KEY: b"per-token"})  # marks the file as drpo's (outputs.py: --overwrite may replace it)
 _DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-_SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "k3")
+# Per-row sums over trained tokens (max_* the largest), what the worst sequences are ranked by and shown with.
+_SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "k3", "logr", "kl_reverse", "js",
+                 "ratio_sq", "logp", "logmu", "max_abs_logr", "catastrophic")
+_F = {name: j for j, name in enumerate(_SEQ_FEATURES)}
+
+
+def _per(seq: np.ndarray, feature: str) -> np.ndarray:
+    """(n,) the feature's mean over each row's trained tokens (rows without one: 0)."""
+    return seq[:, _F[feature]] / np.maximum(seq[:, 0], 1.0)
+
+
+# config.WORST_BY's metrics over one sequence (n, F) -> (n,): larger is worse.
+WORST_BY_SCORES = {
+    "tr/harmful_frac": lambda q: _per(q, "harmful"),
+    "tr/outside_frac": lambda q: _per(q, "outside"),
+    "delta/abs_mean": lambda q: _per(q, "abs_delta"),
+    "delta/abs_max": lambda q: q[:, _F["max_abs_delta"]],
+    "kl/k1_mean": lambda q: -_per(q, "logr"),
+    "kl/k3_mean": lambda q: _per(q, "k3"),
+    "kl/reverse_mean": lambda q: _per(q, "kl_reverse"),
+    "kl/js_mean": lambda q: _per(q, "js"),
+    "chi2/token": lambda q: _per(q, "ratio_sq") - 1.0,
+    "chi2/seq": lambda q: np.expm1(2.0 * np.clip(q[:, _F["logr"]], -20.0, 20.0)),  # R² − 1, R = exp(Σ log r)
+    "ppl/log_diff_mean": lambda q: _per(q, "logmu") - _per(q, "logp"),
+    "ppl/log_abs_diff_mean": lambda q: np.abs(_per(q, "logmu") - _per(q, "logp")),
+    "ppl/ratio_mean": lambda q: np.exp(_per(q, "logmu") - _per(q, "logp")),
+    "logr/abs_max": lambda q: q[:, _F["max_abs_logr"]],
+    "is/catastrophic_token_frac": lambda q: _per(q, "catastrophic"),
+}
 
 
 MODEL_COLUMNS = ("prompt_ids", "response_ids", "behavior_logprobs", "advantages", "advantage", "reward", "group_id",
@@ -49,7 +77,8 @@ MODEL_COLUMNS = ("prompt_ids", "response_ids", "behavior_logprobs", "advantages"
 PLAN_COLUMNS = ("policy_version", "temperature", "loss_mask", "token_policy_versions", "routed_experts")  # the light pass over every row
 
 
-def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None, shard=None):
+def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None, shard=None,
+                by: dict[str, str] | None = None):
     """Per-token diagnostics; returns (model section, metrics, current version, version source, notes).
 
     Streams: one light pass reads every row's version, temperature and trained-token count (what the
@@ -60,6 +89,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     """
     from drpo_cli import distributed, moe
     from drpo_cli.checkpoint import load_model
+    from drpo_cli.inspect_data import extra_columns
     from drpo_cli.logprobs import pick_device
     from drpo_cli.rollouts import (
         file_temperature,
@@ -102,12 +132,13 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     run = expand_correction(cfg)  # --correction spelled out: its rejection criteria, its weight
     diag = Diagnostics(cfg.tr_delta, losses, drpo_deltas=deltas, reject=run.reject_criteria(), veto=run.is_veto,
                        weight=run.behavior_weight_args() if run.is_batch_norm else None, reject_mode=run.reject_mode,
-                       opsm_delta=cfg.resolved_opsm_delta(), m2po_threshold=cfg.resolved_m2po_threshold())
+                       opsm_delta=cfg.resolved_opsm_delta(), m2po_threshold=cfg.resolved_m2po_threshold(),
+                       catastrophic=run.is_veto, by=tuple(by or ()))
     # Fed by the same passes. Fresh rows: every trained token at lag 0 (none newer, so none masked by the filters).
     check_lag = np.where((plan_lag == 0) & (plan.newest != plan.oldest), 1, plan_lag)  # (N,)
     check = LoggingCheck.plan(check_lag, plan.temperature, plan.trained, keep)
     picture = MuPiHistogram()
-    worst = _Worst(cfg.top)
+    worst = _Worst(cfg.top, cfg.worst_by)
     writer = _PerTokenWriter(per_token_path) if per_token_path or cfg.per_token is not None else None
     owned = plan.piece % layout.world == layout.rank  # (N,) this rank's rows
     local_tokens = int(plan.tokens[owned & keep].sum())
@@ -119,8 +150,9 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
 
     def micro_batches():
         """This rank's micro-batches, batch by batch; a batch's rows are scored once all its passes ran."""
-        for sb in source.iter_batches(MODEL_COLUMNS, shard=shard):
+        for sb in source.iter_batches(MODEL_COLUMNS, shard=shard, extra=extra_columns(by or {})):
             rows = rows_of_batch(sb, temps[sb.path], groups)
+            codes = {name: diag.by_codes(name, sb.batch.column(column)) for name, column in (by or {}).items()}
             kept = keep[rows.global_row]  # (n,)
             rows = rows if kept.all() else rows.select(np.flatnonzero(kept))
             if rows.num_rows == 0:
@@ -129,9 +161,11 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 rows, _ = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
             check_vocabulary(rows, info.vocab_size, cfg.model)
             rows = moe.check_routing(rows, spec, cfg.model)
-            chunk = _Chunk(rows, current, check)
+            chunk = _Chunk(rows, current, check, diag.catastrophic)
+            chunk.by = {name: c[rows.global_row - sb.global_offset] for name, c in codes.items()}  # (n,) per row
             for mb in plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens):
                 yield chunk, mb
+            diag.close_rows()  # the batch's rows are whole
             worst.add(chunk)
 
     passes = micro_batches()
@@ -160,10 +194,14 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                     routing.add(model, mb, mask)
                 lag = torch.from_numpy(chunk.token_lag[idx])  # (M,)
                 position = chunk.position[idx]
+                token_row = rows.token_row()[idx]  # (M,)
                 diag.update(logp, mu, adv, mask, lag=lag, position=torch.from_numpy(position), entropy=entropy,
-                            seq_index=mb.seq_index, old_logp=logp)  # M2PO what-if: π_old = the audited model
+                            seq_index=mb.seq_index, old_logp=logp,  # M2PO what-if: π_old = the audited model
+                            row=torch.from_numpy(rows.global_row[token_row]),
+                            by={name: torch.from_numpy(c[token_row]) for name, c in chunk.by.items()})
                 picture.update(logp.numpy(), mu.numpy(), adv.numpy(), mask.numpy())
                 t = token_diagnostics(logp.double(), mu.double(), adv.double(), tr_delta=cfg.tr_delta)
+                t.update(logp=logp.double(), logmu=mu.double(), raw_logr=logp.double() - mu.double())
                 chunk.add(mb, logp.numpy(), mask.numpy(), t)
                 counts += (1, mb.positions, mb.real_positions)
                 if writer is not None:
@@ -183,6 +221,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     metrics = {k: v for k, v in summary.items()
                if not isinstance(v, (dict, list)) and not k.startswith("data/")}
     for key in ("reject/token_frac", "reject/seq_frac", "veto/token_frac", "veto/seq_frac", "is/batch_norm_factor",
+                "reject/dropped_pos_adv_frac", "veto/dropped_pos_adv_frac",
                 "entropy/mean"):  # stable names: null without --reject / --is-veto / --is-batch-norm (entropy/mean:
         metrics.setdefault(key, None)  # without a trained token)
     routing_section = None
@@ -202,6 +241,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
         "by_lag": _records(summary["breakdowns"]["lag"]),
         "by_mu_bucket": _records(summary["breakdowns"]["mu"], "μ "),
         "by_position": _records(summary["breakdowns"]["position"]),
+        "by": summary["breakdowns"]["by"],
+        "worst_by": cfg.worst_by,
         "losses": _loss_effects(summary, losses) + _filter_effects(summary, cfg),
         "drpo_what_if": [{"delta": w["delta"], "reachable": w["boundary_reachable"],
                           **{k: v for k, v in w.items() if k not in ("delta", "boundary_reachable")}}
@@ -282,8 +323,9 @@ class _Chunk:
     """One streamed record batch's rows: per-token lag and position, the log-probs and per-row sums
     (tokens, harmful, outside, Σ|Δ|, max |Δ|, k3 over trained tokens) as its passes run."""
 
-    def __init__(self, rows: RolloutRows, current: int | None, check: LoggingCheck | None):
-        self.rows = rows
+    def __init__(self, rows: RolloutRows, current: int | None, check: LoggingCheck | None, catastrophic: float):
+        self.rows, self.log_catastrophic = rows, math.log(catastrophic)
+        self.by: dict[str, np.ndarray] = {}  # --by column -> (n,) each row's value code
         self.token_version = rows.token_versions()  # (T,) −1 unknown
         self.token_lag = _lag(self.token_version, current)  # (T,)
         self.row_lag = _lag(rows.version_range()[0], current)  # (n,) its oldest trained token's
@@ -293,8 +335,9 @@ class _Chunk:
         self.check = check.chunk(rows) if check is not None else None
 
     def add(self, mb, logp: np.ndarray, mask: np.ndarray, t: dict) -> None:
-        self.logp[mb.token_index.numpy()] = logp
-        _add_sequences(self.seq, mb.rows.numpy()[mb.seq_index.numpy()], mask, t)
+        idx = mb.token_index.numpy()
+        self.logp[idx] = logp
+        _add_sequences(self.seq, mb.rows.numpy()[mb.seq_index.numpy()], mask, t, self.log_catastrophic)
 
 
 def _lag(version: np.ndarray, current: int | None) -> np.ndarray:
@@ -303,24 +346,26 @@ def _lag(version: np.ndarray, current: int | None) -> np.ndarray:
 
 
 class _Worst:
-    """The `top` worst sequences seen so far (worst_rows' order; ties by row order across the file)."""
+    """The `top` worst sequences seen so far by `--worst-by` (worst_rows' order; ties by row order across the file)."""
 
-    def __init__(self, top: int):
-        self.top, self.kept = top, []
+    def __init__(self, top: int, by: str = "tr/harmful_frac"):
+        self.top, self.by, self.kept = top, by, []
 
     def add(self, chunk: _Chunk) -> None:
         rows, seq = chunk.rows, chunk.seq
         n = seq[:, 0]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            harmful = np.where(n > 0, seq[:, 1] / n, 0.0)
-        order = worst_rows(seq, self.top)
+        score = WORST_BY_SCORES[self.by](seq)  # (n,)
+        order = worst_rows(seq, self.top, score)
         for i, tokens in zip(order, worst_tokens(rows, order, chunk.logp)):
-            lag = chunk.row_lag[i]
+            lag, gap = chunk.row_lag[i], _per(seq, "logmu")[i] - _per(seq, "logp")[i]
             self.kept.append({
-                "key": (-float(harmful[i]), -float(seq[i, 4]), int(rows.global_row[i])),
-                "sequence": {"sample_id": rows.sample_ids[i], "tokens": int(n[i]), "harmful_frac": float(harmful[i]),
-                             "outside_frac": float(seq[i, 2] / n[i]), "delta_abs_mean": float(seq[i, 3] / n[i]),
-                             "delta_abs_max": float(seq[i, 4]), "k3_mean": float(seq[i, 5] / n[i]),
+                "key": (-float(score[i]), -float(seq[i, _F["max_abs_delta"]]), int(rows.global_row[i])),
+                "sequence": {"sample_id": rows.sample_ids[i], "tokens": int(n[i]), "score": float(score[i]),
+                             "harmful_frac": float(_per(seq, "harmful")[i]), "outside_frac": float(_per(seq, "outside")[i]),
+                             "delta_abs_mean": float(_per(seq, "abs_delta")[i]),
+                             "delta_abs_max": float(seq[i, _F["max_abs_delta"]]), "k3_mean": float(_per(seq, "k3")[i]),
+                             "k1_mean": float(-_per(seq, "logr")[i]), "chi2_token": float(_per(seq, "ratio_sq")[i] - 1),
+                             "log_ppl_diff": float(gap), "logr_abs_max": float(seq[i, _F["max_abs_logr"]]),
                              "lag": int(lag) if lag >= 0 else None},
                 "tokens": tokens})
         self.kept = sorted(self.kept, key=lambda c: c["key"])[: self.top]
@@ -345,23 +390,26 @@ def _logprobs(model, mb, device, cfg: InspectConfig, check: LoggingCheck | None 
     return logp, entropy
 
 
-def _add_sequences(seq: np.ndarray, token_rows: np.ndarray, mask: np.ndarray, t: dict) -> None:
-    """Per-row sums (tokens, harmful, outside, |Δ|, k3) and max |Δ| over masked tokens, in place."""
+def _add_sequences(seq: np.ndarray, token_rows: np.ndarray, mask: np.ndarray, t: dict, log_catastrophic: float) -> None:
+    """Per-row _SEQ_FEATURES over masked tokens (sums; max |Δ| and max |log r| the largest), in place."""
     r = token_rows[mask]  # (m,)
-    abs_d = t["delta"].abs().numpy()[mask]
-    for j, values in ((0, np.ones(r.size)), (1, t["harmful"].numpy()[mask]), (2, t["outside"].numpy()[mask]),
-                      (3, abs_d), (5, t["k3"].numpy()[mask])):
-        np.add.at(seq[:, j], r, values)
-    np.maximum.at(seq[:, 4], r, abs_d)
+    logr = t["logr"].numpy()[mask]
+    sums = {"tokens": np.ones(r.size), "harmful": t["harmful"].numpy()[mask], "outside": t["outside"].numpy()[mask],
+            "abs_delta": t["delta"].abs().numpy()[mask], "k3": t["k3"].numpy()[mask], "logr": logr,
+            "kl_reverse": t["kl_reverse"].numpy()[mask], "js": t["js"].numpy()[mask],
+            "ratio_sq": t["ratio"].numpy()[mask] ** 2, "logp": t["logp"].numpy()[mask],
+            "logmu": t["logmu"].numpy()[mask], "catastrophic": t["raw_logr"].numpy()[mask] < log_catastrophic}
+    for name, values in sums.items():
+        seq[:, _F[name]] += np.bincount(r, weights=values, minlength=len(seq))
+    np.maximum.at(seq[:, _F["max_abs_delta"]], r, sums["abs_delta"])
+    np.maximum.at(seq[:, _F["max_abs_logr"]], r, np.abs(logr))
 
 
-def worst_rows(seq: np.ndarray, top: int) -> np.ndarray:
-    """The `top` rows by harmful share, then max |Δ| (rows without masked tokens are left out)."""
-    n = seq[:, 0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        harmful = np.where(n > 0, seq[:, 1] / n, 0.0)
-    candidates = np.flatnonzero(n > 0)
-    return candidates[np.lexsort((-seq[candidates, 4], -harmful[candidates]))][:top]
+def worst_rows(seq: np.ndarray, top: int, score: np.ndarray | None = None) -> np.ndarray:
+    """The `top` rows by `score` (default: harmful share), then max |Δ| (rows without masked tokens left out)."""
+    score = _per(seq, "harmful") if score is None else score
+    candidates = np.flatnonzero(seq[:, 0] > 0)
+    return candidates[np.lexsort((-seq[candidates, _F["max_abs_delta"]], -score[candidates]))][:top]
 
 
 def _records(breakdown: dict, prefix: str = "") -> list[dict]:

@@ -348,7 +348,9 @@ EFFECT_METRICS: dict[str, tuple[str, ...]] = {
     "clip-cov": ("clip_cov/selected_frac",),
     "kl-cov": ("kl_cov/selected_frac",),
 }
-FILTER_METRICS = {"opsm": ("opsm/token_drop_frac", "opsm/seq_drop_frac"), "m2po": ("m2po/masked_frac",)}
+# Each filter's fractions; `…/dropped_pos_adv_frac` is the share of what it drops that had A > 0.
+FILTER_METRICS = {"opsm": ("opsm/token_drop_frac", "opsm/seq_drop_frac", "opsm/dropped_pos_adv_frac"),
+                  "m2po": ("m2po/masked_frac", "m2po/dropped_pos_adv_frac")}
 
 
 def _count(hit: Tensor, total: int | Tensor) -> tuple[Tensor, Tensor]:
@@ -401,7 +403,15 @@ def filter_counts(logp: Tensor, behavior: Tensor, adv: Tensor, seq: Tensor | Non
     if opsm_delta is not None and seq is not None:
         dropped = ~opsm_keep(logp, behavior, adv, seq, every, opsm_delta)
         out["opsm/token_drop_frac"], out["opsm/seq_drop_frac"] = _count(dropped, logp.numel()), _seq_count(dropped, seq)
+        out["opsm/dropped_pos_adv_frac"] = dropped_positive(dropped, adv)
     if m2po_threshold is not None:
         masked = ~m2po_keep(behavior, logp if old_logp is None else old_logp, every, m2po_threshold)
         out["m2po/masked_frac"] = _count(masked, logp.numel())
+        out["m2po/dropped_pos_adv_frac"] = dropped_positive(masked, adv)
     return out
+
+
+def dropped_positive(dropped: Tensor, adv: Tensor) -> tuple[Tensor, Tensor]:
+    """(dropped tokens with A > 0, dropped tokens): a mask that drops mostly good samples shows (NeMo-RL
+    `masked_correct_pct`, prime-rl `masked_advantage_positive`)."""
+    return _count(dropped & (adv > 0), dropped.sum())

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-from drpo_cli.config import ANCHORS, CORRECTIONS, REJECT_MODES
+from drpo_cli.config import ANCHORS, CORRECTIONS, REJECT_MODES, WORST_BY
 from drpo_cli.histograms import SCHEMA_HISTOGRAM, SCHEMA_WORST_TOKENS
 from drpo_cli.loss_options import IS_CORRECTIONS, IS_LEVELS, KL_ESTIMATORS
 
@@ -120,16 +120,18 @@ def number_table(title: str, first: str, columns: list[str], rows: list[list[str
     spaces (`_` shown as a space); the key column is the only flexible one and folds, so on a narrow
     terminal the labels give way, never the values.
     """
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left", **kw)
+    table = Table(title=escape(title), title_justify="left", **kw)
     table.add_column(first.replace("_", " "), overflow="fold")
     for j, c in enumerate(columns):
         header = c.replace("_", " ")
         width = max([len(r[j + 1]) for r in rows] + [len(w) for w in header.split()])
         table.add_column(header, justify="right", width=width, overflow="fold")
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*(Text(c) for c in r))  # cells are printed literally: sample ids and values come from data
     return table
 
 
@@ -465,6 +467,35 @@ INSPECT_MODEL_METRICS: dict[str, str] = {
     "opsm/token_drop_frac": "share of tokens OPSM drops at --opsm-delta (0.5): A < 0, sequence mean log(μ/π) > δ",
     "opsm/seq_drop_frac": "share of sequences OPSM drops a token of",
     "m2po/masked_frac": "share M2PO masks at --m2po-threshold (0.04), π_old = the model, over each audited batch",
+    # Other trainers' mismatch dashboards under drpo's names (docs/inspect.md maps them; SPEC.md §2 defines them).
+    # r = π/μ per trained token, R = exp(Σ_t log r_t) per row (log r, log R clamped to ±20).
+    "is/ess_token": "effective sample size of the token weights r, (Σr)² / (N·Σr²) in (0, 1]",
+    "is/ess_seq": "effective sample size of the sequence weights R, (ΣR)² / (M·ΣR²) over rows",
+    "chi2/token": "χ²(π‖μ) per token, mean(r²) − 1",
+    "chi2/seq": "χ² per sequence, mean over rows of R² − 1",
+    "kl/reverse_mean": "mean r·log r, estimates KL(π‖μ) from μ's samples",
+    "kl/reverse_k3_mean": "mean 1/r − 1 + log r (NeMo-RL policy_kl_error; not importance-weighted)",
+    "kl/js_mean": "NeMo-RL's Jensen-Shannon estimate, mean ½·k3(π/m) + ½·k3(μ/m), m = (π + μ)/2",
+    "kl/k3_over_entropy": "kl/k3_mean / entropy/mean (prime-rl kl_ent_ratio)",
+    "prob/pearson": "Pearson correlation of π and μ over tokens",
+    "prob/mult_error_mean": "mean exp(|log r|) (NeMo-RL token_mult_prob_error)",
+    "delta/abs_std": "standard deviation of |Δ| (population)",
+    "logr/abs_mean": "mean |log r|",
+    "is/catastrophic_token_frac": "share of tokens with r below the catastrophic threshold (--is-veto, else 1e-4)",
+    "is/catastrophic_seq_frac": "share of rows holding a catastrophic token",
+    "ppl/log_diff_mean": "mean over rows of mean_t log μ − mean_t log π (log of π's perplexity over μ's)",
+    "ppl/log_abs_diff_mean": "mean over rows of |mean_t log μ − mean_t log π|",
+    "ppl/log_diff_max": "largest row's mean_t log μ − mean_t log π",
+    "ppl/log_diff_min": "smallest row's mean_t log μ − mean_t log π",
+    "ppl/ratio_mean": "mean over rows of exp(mean_t log μ − mean_t log π): π's perplexity over μ's",
+    "ppl/policy_mean": "mean over rows of π's perplexity exp(−mean_t log π)",
+    "ppl/policy_log_mean": "mean over rows of −mean_t log π",
+    "ppl/behavior_mean": "mean over rows of μ's perplexity exp(−mean_t log μ)",
+    "ppl/behavior_log_mean": "mean over rows of −mean_t log μ",
+    **{f"{ns}/dropped_pos_adv_frac": f"share of the tokens {what} drops that have A > 0 (null when it drops none)"
+       for ns, what in (("ppo_clip", "ppo-clip"), ("dppo_tv", "dppo-tv"), ("dppo_kl", "dppo-kl"),
+                        ("dppo_tv_sq", "dppo-tv-sq"), ("gspo", "gspo's clip"), ("reject", "--reject"),
+                        ("veto", "--is-veto"), ("opsm", "OPSM"), ("m2po", "M2PO"))},
 }
 
 
@@ -473,6 +504,12 @@ INSPECT_HEADLINE = ("tr/outside_frac", "tr/harmful_frac", "delta/abs_mean", "del
                     "ratio/min", "ratio/max", "logr/mean", "kl/k1_mean", "kl/k3_mean", "kl/binary_mean",
                     "entropy/mean", "ppo_clip/clip_frac", "dppo_tv/mask_frac", "weight/drpo_corrective_frac",
                     "weight/drpo_attenuated_frac", "moe/routing_mismatch_frac")
+# The other trainers' dashboard metrics, in their own console table and page section.
+PEER_METRICS = ("is/ess_token", "is/ess_seq", "chi2/token", "chi2/seq", "kl/k1_mean", "kl/k3_mean", "kl/reverse_mean",
+                "kl/reverse_k3_mean", "kl/js_mean", "kl/k3_over_entropy", "prob/pearson", "prob/mult_error_mean",
+                "delta/abs_mean", "delta/abs_std", "delta/abs_max", "logr/abs_mean", "logr/abs_max",
+                "ppl/log_diff_mean", "ppl/log_abs_diff_mean", "ppl/log_diff_max", "ppl/log_diff_min", "ppl/ratio_mean",
+                "ppl/policy_mean", "ppl/behavior_mean", "is/catastrophic_token_frac", "is/catastrophic_seq_frac")
 
 
 def inspect_metric_names(with_model: bool) -> list[str]:
@@ -531,6 +568,7 @@ def _object_schema(props: dict, extra: dict | bool = False) -> dict:
     return {"type": "object", "required": list(props), "properties": props, "additionalProperties": extra}
 
 
+_BY_VALUE: dict = {"type": ["string", "integer", "null"]}
 _DATA_SECTION = _object_schema({
     "rows": _INT,
     "response_tokens": _INT,
@@ -557,6 +595,10 @@ _DATA_SECTION = _object_schema({
     "token_id_max": {"type": ["integer", "null"]},
     "temperatures": {"type": "array", "items": _object_schema({"temperature": _NUM, "rows": _INT})},
     "staleness_filter": STALENESS_FILTER_SCHEMA,
+    "by": {"type": "object", "description": "--by COLUMN: the data audit per value of the column (sorted, null last).",
+           "additionalProperties": {"type": "array", "items": {
+               "type": "object", "required": ["value", "rows", "tokens"], "additionalProperties": _NUM,
+               "properties": {"value": _BY_VALUE, "rows": _INT, "tokens": _INT}}}},
 })
 _LOGGING_CHECKS = _object_schema({
     "scope": _STR,
@@ -591,6 +633,11 @@ _MODEL_SECTION = _object_schema({
     "by_lag": _records_schema(_STR, ["key", "tokens"], tokens=_INT),
     "by_mu_bucket": _records_schema(_STR, ["key", "tokens"], tokens=_INT),
     "by_position": _records_schema(_STR, ["key", "tokens"], tokens=_INT),
+    "by": {"type": "object", "description": "--by COLUMN: the by-lag breakdown's metrics per value of the column.",
+           "additionalProperties": {"type": "array", "items": {
+               "type": "object", "required": ["value", "tokens"], "additionalProperties": _NUM,
+               "properties": {"value": _BY_VALUE, "tokens": _INT}}}},
+    "worst_by": {"enum": list(WORST_BY), "description": "the metric the worst sequences are ranked by"},
     "losses": {"type": "array", "items": _object_schema({
         "loss": _STR,
         "hparams": {"type": "object", "additionalProperties": _NUM},
@@ -641,6 +688,7 @@ INSPECT_REPORT_SCHEMA: dict[str, Any] = {
 
 def render_inspect(report: dict, console: Any) -> None:
     """Human view of an inspect report: rich tables and terminal histograms."""
+    from rich.markup import escape
     from rich.table import Table
 
     data, model = report["data"], report["model"]
@@ -677,6 +725,9 @@ def render_inspect(report: dict, console: Any) -> None:
             console.print(line, highlight=False, markup=False)
     for line in filter_lines(data["staleness_filter"], None):
         console.print(line, highlight=False, markup=False)
+    for name, records in data["by"].items():
+        for table in by_tables(f"Data by {name}", records):
+            console.print(table)
     if model is not None:
         _render_inspect_model(model, report["metrics"], console)
         if report["settings"]["reject"]:
@@ -694,7 +745,7 @@ def render_inspect(report: dict, console: Any) -> None:
             console.print(f"--is-batch-norm would divide the weights by {fmt(m['is/batch_norm_factor'])}",
                           highlight=False, markup=False)
     for note in report["notes"]:
-        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
     for gate in report["gates"]:
         verdict = "[green]pass[/green]" if gate["passed"] else "[red]FAIL[/red]"
         console.print(f"gate {gate['metric']} = {fmt(gate['value'])} (limit {fmt(gate['threshold'])}): {verdict}")
@@ -713,13 +764,20 @@ def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
                                     for name, q in model["distributions"].items()]))
     what_if = [{k: w.get(k) for k in ("delta", "reachable", "corrective_frac", "attenuated_frac", "min", "max")}
                for w in model["drpo_what_if"]]
+    console.print(number_table("Mismatch as other trainers report it (docs/inspect.md maps their names)", "metric",
+                               ["value"], [[name, fmt_cell(metrics.get(name))] for name in PEER_METRICS]))
     for title, records, first in [("By staleness lag", model["by_lag"], "key"),
                                   ("By behavior probability μ", model["by_mu_bucket"], "key"),
                                   ("By position in the response", model["by_position"], "key"),
                                   ("DRPO what-if over δ (w = 1 − sign(A)·Δ/δ)", what_if, "delta"),
-                                  ("Worst sequences", model["worst_sequences"], "sample_id")]:
+                                  (f"Worst sequences by {model['worst_by']}", [
+                                      {k: w.get(k) for k in WORST_SHOWN} for w in model["worst_sequences"]],
+                                   "sample_id")]:
         if records:
             console.print(_records_table(title, records, first))
+    for name, records in model["by"].items():
+        for table in by_tables(f"Current model vs sampler by {name}", records):
+            console.print(table)
     losses = Table(title="What each loss would do to these tokens", title_justify="left")
     for col in ("loss", "hyper-parameters", "effect"):
         losses.add_column(col)
@@ -736,7 +794,7 @@ def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
                                     [f["abs_logr_mean"] or 0.0 for f in fit], width=30, unit="nats"):
             console.print("  " + line, highlight=False, markup=False)
         for finding in checks["findings"]:
-            console.print(f"  • {finding}", highlight=False)
+            console.print(f"  • {finding}", highlight=False, markup=False)
     routing = model["routing"]
     if routing is not None:
         console.print(f"[bold]MoE routing[/bold] ({routing['architecture']}, {routing['layers']} MoE layers, top-"
@@ -746,6 +804,21 @@ def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
         for line in histogram_lines([f"layer {r['layer']}" for r in routing["by_layer"]],
                                     [r["mismatch_frac"] or 0.0 for r in routing["by_layer"]], width=30, unit="share"):
             console.print("  " + line, highlight=False, markup=False)
+
+
+WORST_SHOWN = ("sample_id", "tokens", "score", "harmful_frac", "delta_abs_max", "k3_mean", "log_ppl_diff", "lag")
+BY_SHOWN = 25  # values of a --by column shown on the console (the JSON report and the page have every value)
+
+
+def by_tables(title: str, records: list[dict]) -> list:
+    """A --by breakdown's console table: the BY_SHOWN values with the most tokens, in value order."""
+    if not records:
+        return []
+    shown = sorted(sorted(records, key=lambda r: -r["tokens"])[:BY_SHOWN], key=records.index)
+    more = f" ({len(records) - len(shown)} more values in the JSON report)" if len(shown) < len(records) else ""
+    rows = [{"value": "null" if r["value"] is None else str(r["value"]), **{k: v for k, v in r.items() if k != "value"}}
+            for r in shown]
+    return [_records_table(title + more, rows, "value")]
 
 
 def _records_table(title: str, records: list[dict], first: str) -> Any:

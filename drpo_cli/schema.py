@@ -350,11 +350,13 @@ class RolloutSource:
                                  f"{_one_line(err)}") from err
         return total
 
-    def iter_batches(self, columns: Iterable[str] | None = None, shard: Shard | None = None) -> Iterator[SourceBatch]:
+    def iter_batches(self, columns: Iterable[str] | None = None, shard: Shard | None = None,
+                     extra: Iterable[str] = ()) -> Iterator[SourceBatch]:
         """Stream every file's record batches with canonical names and types.
 
         `columns` restricts to those canonical columns (missing ones are simply absent); `shard`
-        to this rank's pieces (the others are skipped before any cast or copy).
+        to this rank's pieces (the others are skipped before any cast or copy); `extra` adds columns
+        outside the schema by their logged name, as they are (dictionaries decoded), e.g. `--by env`.
         Raises InputError if a file could not be opened, is truncated, or holds values that
         cannot be cast (run validate_rollouts first for the full list of problems).
         """
@@ -366,7 +368,7 @@ class RolloutSource:
         pieces = [0]  # running piece number across files (a shard's ownership)
         for rf in self.files:
             rows = 0
-            for row_offset, num_rows, batch, cast_problems in _read_canonical(rf, wanted, shard, pieces):
+            for row_offset, num_rows, batch, cast_problems in _read_canonical(rf, wanted, shard, pieces, tuple(extra)):
                 rows = row_offset + num_rows
                 if batch is None:  # another rank's piece
                     continue
@@ -505,7 +507,8 @@ def _raw_batches(rf: RolloutFile, indices: list[int]) -> Iterator[pa.RecordBatch
 
 
 def _read_canonical(rf: RolloutFile, wanted: set[str] | None, shard: Shard | None = None,
-                    pieces: list[int] | None = None) -> Iterator[tuple[int, int, pa.RecordBatch | None, list[Problem]]]:
+                    pieces: list[int] | None = None, extra: tuple[str, ...] = ()
+                    ) -> Iterator[tuple[int, int, pa.RecordBatch | None, list[Problem]]]:
     """(row offset in file, rows, canonical batch, cast problems) per batch of at most BATCH_ROWS rows.
 
     The row count is separate because a batch without any wanted column has no columns at all.
@@ -514,10 +517,12 @@ def _read_canonical(rf: RolloutFile, wanted: set[str] | None, shard: Shard | Non
     Raises InputError for a file that turns out truncated or corrupt while streaming.
     """
     step = BATCH_ROWS if shard is None else shard.piece_rows
-    names = [n for n in rf.fields if wanted is None or n in wanted]
+    index = {n: i for n, i in rf.fields.items() if wanted is None or n in wanted}
+    index.update({n: rf.schema.get_field_index(n) for n in extra if n not in index})
+    names = [n for n in index if index[n] >= 0]  # an extra column the file lacks is absent, as a canonical one
     # IPC projection returns fields in file order; Parquet in the requested order: sort to match.
-    names.sort(key=lambda n: rf.fields[n])
-    indices = [rf.fields[n] for n in names]
+    names.sort(key=lambda n: index[n])
+    indices = [index[n] for n in names]
     offset = 0
     if len(rf.schema) == 0:
         return
@@ -548,6 +553,10 @@ def _canonical(path: str, names: list[str], raw: pa.RecordBatch, offset: int
     """Rename and cast once to the canonical types; a column whose values do not fit is dropped."""
     arrays, fields, problems = [], [], []
     for name, column in zip(names, raw.columns):
+        if name not in COLUMN_BY_NAME:  # an extra column: passed on as logged
+            arrays.append(column.dictionary_decode() if pa.types.is_dictionary(column.type) else column)
+            fields.append(pa.field(name, arrays[-1].type))
+            continue
         target = COLUMN_BY_NAME[name].arrow_type
         try:
             if pa.types.is_dictionary(column.type):

@@ -368,7 +368,10 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
         kept = _step_wide(lambda b, o, v: m2po_keep(b, o, v, cfg.m2po_threshold), rows, step_idx,
                           behavior[step_idx], old_logp[step_idx], mask[step_idx])
         before = mask[step_idx]
-        diag.add_counts({"m2po/masked_frac": (float((before & ~kept).sum()), float(before.sum()))})
+        dropped = before & ~kept
+        diag.add_counts({"m2po/masked_frac": (float(dropped.sum()), float(before.sum())),
+                         "m2po/dropped_pos_adv_frac": (float((dropped & (advantages[step_idx] > 0)).sum()),
+                                                       float(dropped.sum()))})
         mask = mask.clone()
         mask[step_idx] = before & kept
     selected = None  # (T,) bool: the step's clip-cov / kl-cov tokens

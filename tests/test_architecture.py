@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "drpo_cli"
 # Lowest first. Within a layer modules may import each other; across layers only downward.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundations", {"errors", "hooks", "elementwise", "loss_options", "allocator", "launch", "routing"}),
+    ("foundations", {"errors", "hooks", "elementwise", "loss_options", "allocator", "launch", "routing", "value_table"}),
     ("files", {"outputs", "schema"}),
     ("rollouts in", {"rollouts", "writer", "checkpoint", "adapters", "adapters.common", "adapters.hf",
                      "adapters.openai_compat", "adapters.sglang", "adapters.vllm", "llamacpp", "convert"}),

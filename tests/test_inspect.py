@@ -281,7 +281,8 @@ def test_every_data_audit_field_is_a_declared_statistic_or_exchanged_rows():
     from drpo_cli.inspect_data import DataAudit
 
     declared = {f.name for f in dc_fields(DataAudit) if "merge" in f.metadata}
-    per_row = {"sample_ids", "group_ids", "group_rewards", "group_tokens", "adv_sources", "reduced_duplicates"}
+    per_row = {"sample_ids", "group_ids", "group_rewards", "group_tokens", "group_codes", "adv_sources",
+               "reduced_duplicates", "by_read"}  # by_read: the --by columns read, a setting
     assert declared | per_row == {f.name for f in dc_fields(DataAudit)} and not declared & per_row
     assert len(DataAudit().flat("sum")) == len(DataAudit.statistics("sum")) + 4 * 2  # two Moments, four sums each
 

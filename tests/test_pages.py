@@ -88,11 +88,13 @@ def test_inspect_page_draws_the_trust_region_and_the_worst_tokens(pages):
     assert "PPO-clip: π/μ = 0.8 and 1.28" in text and "DPPO Binary-TV: |π − μ| = 0.15" in text
     assert "DRPO δ = 12.5: unreachable" in text
     assert c.tags["svg"] >= 6 and "mean |Δ| by lag" in text and "by behavior probability μ" in text
-    # Worst sequences decoded by the checkpoint's tokenizer, one span per token, Δ on hover.
+    # Worst sequences decoded by the checkpoint's tokenizer, one span per token, its trace (π, μ, Δ, r) on hover.
     worst = report["model"]["worst_tokens"][0]
     decoded = decode_tokens(str(TOY / "model"), [worst["token_ids"]])[0]
-    for i, (tid, token, d) in enumerate(zip(worst["token_ids"], decoded, worst["delta"])):
-        assert f'title="token {i}: id {tid}, Δ = {fmt_cell(d)}">{html.escape(token)}</span>' in text
+    for i, (tid, token) in enumerate(zip(worst["token_ids"], decoded)):
+        trace = ", ".join(f"{label} = {fmt_cell(worst[key][i])}" for label, key in
+                          (("π", "pi"), ("μ", "mu"), ("Δ", "delta"), ("r", "ratio")))
+        assert f'title="token {i}: id {tid}, {html.escape(trace)}">{html.escape(token)}</span>' in text
 
 
 def test_train_page_and_the_history_of_rounds(pages):
