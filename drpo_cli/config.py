@@ -652,6 +652,8 @@ class InspectConfig:
         for path in self.against:
             if not os.path.exists(path):
                 p.append(f"--against {path}: no such file or directory")
+        if self.against and (self.max_lag is not None or self.min_version is not None):
+            p.append("--against compares every row of both files: leave out --max-lag and --min-version")
         if self.per_token is not None and self.model is None:
             p.append("--per-token needs --model (per-token diagnostics compare the model with the sampler)")
         p.extend(parse_rejects(self.reject)[1])

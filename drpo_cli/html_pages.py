@@ -20,7 +20,7 @@ from typing import Any
 
 from drpo_cli.config import LOSS_HPARAMS
 from drpo_cli.outputs import HTML_MARKER
-from drpo_cli.report_format import INSPECT_HEADLINE, PEER_METRICS, fmt_cell
+from drpo_cli.report_format import AGAINST_SHOWN, INSPECT_HEADLINE, PEER_METRICS, fmt_cell
 
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 _CSS = """
@@ -353,6 +353,15 @@ def inspect_page(report: dict) -> str:
                                  tokens_html(model["worst_tokens"], model["checkpoint"]["path"])))
     for name, records in data["by"].items():
         sections.append(_section(f"Data by {name}", _records(_by_rows(records), "value")))
+    against = report["against"]
+    if against is not None:
+        comps = against["comparisons"]
+        sections.append(_section(
+            f"Two samplers on the same tokens: A = the rollouts, B = {', '.join(against['files'])}",
+            _table(["metric", *(c["label"] for c in comps)], [["tokens", *(c["tokens"] for c in comps)]]
+                   + [[name, *(c["metrics"].get(name) for c in comps)] for name in AGAINST_SHOWN]),
+            f"<p class=legend>{against['rows']:,} rows matched by sample_id; {against['mask_differs']:,} tokens "
+            "trained in one file only are left out; every metric of each comparison is in the JSON report.</p>"))
     sections.append(_section("Notes", _notes(report["notes"]) or "<p class=sub>none</p>"))
     sections.append(_all_metrics(metrics))
     subtitle = (f"{data['rows']:,} rows, {data['response_tokens']:,} response tokens"

@@ -799,6 +799,11 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
     start = time.perf_counter()
     source = open_rollouts(list(cfg.rollouts), cfg.column_map())
     by = resolve_by(source, cfg.by)  # a missing or unusable --by column is refused before any work
+    against = None
+    if cfg.against:  # unmatched rows or other tokens are refused before any work too
+        from drpo_cli.inspect_against import Against
+
+        against = Against(source, cfg)
     shard = _join_ranks(cfg, source)
     filter_current = filter_version(source, cfg)
     audit = audit_data(source, cfg, progress, filter_current, shard, by)
@@ -806,16 +811,21 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
         raise InputError(f"--max-lag {cfg.max_lag} / --min-version {cfg.min_version}: every one of the "
                          f"{audit.dropped_rows} rows is too stale (current version {filter_current}); nothing is left")
     notes: list[str] = []
-    model_section, model_metrics = None, {}
+    model_section, model_metrics, against_section = None, {}, None
     current, version_source = cfg.current_version, "--current-version"
     if cfg.model is not None:
         from drpo_cli.inspect_model import audit_model
 
         model_section, model_metrics, current, version_source, model_notes = audit_model(
-            cfg, source, progress, per_token_path, shard, by)
+            cfg, source, progress, per_token_path, shard, by, against)
+        against_section = model_section.pop("against")
         notes += model_notes
         if model_section.get("logging_checks"):
             model_section["logging_checks"]["findings"].append(logprobs_kind_note(source.metadata))
+    elif against is not None:
+        from drpo_cli.inspect_against import compare_without_model
+
+        against_section = compare_without_model(cfg, source, against, shard)
     data = audit.section(current, version_source)
     data["staleness_filter"] = audit.staleness_filter(cfg, filter_current)
     notes = data_notes(data, source.metadata) + notes
@@ -838,6 +848,7 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
         "metrics": metrics,
         "data": data,
         "model": model_section,
+        "against": against_section,
         "notes": notes,
         "gates": evaluate_gates(metrics, cfg.gates()),
     }

@@ -78,7 +78,7 @@ PLAN_COLUMNS = ("policy_version", "temperature", "loss_mask", "token_policy_vers
 
 
 def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None, shard=None,
-                by: dict[str, str] | None = None):
+                by: dict[str, str] | None = None, against=None):
     """Per-token diagnostics; returns (model section, metrics, current version, version source, notes).
 
     Streams: one light pass reads every row's version, temperature and trained-token count (what the
@@ -139,6 +139,11 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     check = LoggingCheck.plan(check_lag, plan.temperature, plan.trained, keep)
     picture = MuPiHistogram()
     worst = _Worst(cfg.top, cfg.worst_by)
+    comparisons = None
+    if against is not None:  # --against: model vs A, model vs B and B vs A, fed by the same passes
+        from drpo_cli.inspect_against import Comparisons
+
+        comparisons = Comparisons(cfg, against, with_model=True)
     writer = _PerTokenWriter(per_token_path) if per_token_path or cfg.per_token is not None else None
     owned = plan.piece % layout.world == layout.rank  # (N,) this rank's rows
     local_tokens = int(plan.tokens[owned & keep].sum())
@@ -163,9 +168,12 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
             rows = moe.check_routing(rows, spec, cfg.model)
             chunk = _Chunk(rows, current, check, diag.catastrophic)
             chunk.by = {name: c[rows.global_row - sb.global_offset] for name, c in codes.items()}  # (n,) per row
+            chunk.against = against.behavior_of(rows) if against is not None else None  # B's (T,) log-probs, mask
             for mb in plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens):
                 yield chunk, mb
             diag.close_rows()  # the batch's rows are whole
+            if comparisons is not None:
+                comparisons.close_rows()
             worst.add(chunk)
 
     passes = micro_batches()
@@ -199,6 +207,8 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                             seq_index=mb.seq_index, old_logp=logp,  # M2PO what-if: π_old = the audited model
                             row=torch.from_numpy(rows.global_row[token_row]),
                             by={name: torch.from_numpy(c[token_row]) for name, c in chunk.by.items()})
+                if comparisons is not None:
+                    comparisons.update(rows, idx, *chunk.against, logp=logp, seq_index=mb.seq_index)
                 picture.update(logp.numpy(), mu.numpy(), adv.numpy(), mask.numpy())
                 t = token_diagnostics(logp.double(), mu.double(), adv.double(), tr_delta=cfg.tr_delta)
                 t.update(logp=logp.double(), logmu=mu.double(), raw_logr=logp.double() - mu.double())
@@ -213,6 +223,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
         if writer is not None:
             writer.close()
     summary = diag.all_reduce_().summary()
+    against_section = comparisons.section() if comparisons is not None else None
     checks = check.result() if check is not None else None
     picture.all_reduce_()
     top = worst.all_ranks()
@@ -255,6 +266,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     }
     if checks is not None:
         notes += checks["findings"] if (checks["offset_suspected"] or checks["temperature_suspected"]) else []
+    section["against"] = against_section  # moved to the report's top level by run_inspect
     return section, metrics, current, version_source, notes
 
 

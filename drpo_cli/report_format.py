@@ -504,6 +504,12 @@ INSPECT_HEADLINE = ("tr/outside_frac", "tr/harmful_frac", "delta/abs_mean", "del
                     "ratio/min", "ratio/max", "logr/mean", "kl/k1_mean", "kl/k3_mean", "kl/binary_mean",
                     "entropy/mean", "ppo_clip/clip_frac", "dppo_tv/mask_frac", "weight/drpo_corrective_frac",
                     "weight/drpo_attenuated_frac", "moe/routing_mismatch_frac")
+# The --against comparisons' rows on the console and the page (every metric is in the JSON report).
+AGAINST_SHOWN = ("kl/k1_mean", "kl/k3_mean", "kl/reverse_mean", "delta/abs_mean", "delta/abs_max", "logr/abs_max",
+                 "tr/outside_frac", "chi2/token", "is/ess_seq", "ppl/log_diff_mean", "ppo_clip/clip_frac",
+                 "dppo_tv/mask_frac", "dppo_kl/mask_frac", "gspo/seq_clip_frac", "cispo/clip_frac",
+                 "weight/drpo_corrective_frac", "opsm/token_drop_frac", "m2po/masked_frac",
+                 "is/catastrophic_seq_frac")
 # The other trainers' dashboard metrics, in their own console table and page section.
 PEER_METRICS = ("is/ess_token", "is/ess_seq", "chi2/token", "chi2/seq", "kl/k1_mean", "kl/k3_mean", "kl/reverse_mean",
                 "kl/reverse_k3_mean", "kl/js_mean", "kl/k3_over_entropy", "prob/pearson", "prob/mult_error_mean",
@@ -652,6 +658,16 @@ _MODEL_SECTION = _object_schema({
     "logging_checks": {"oneOf": [{"type": "null"}, _LOGGING_CHECKS]},
     "routing": {"oneOf": [{"type": "null"}, _ROUTING]},
 })
+_AGAINST_SECTION = _object_schema({
+    "files": {"type": "array", "items": _STR, "description": "--against: B, the other sampler's rollouts"},
+    "rows": _INT,
+    "mask_differs": {"type": "integer", "minimum": 0, "description": "tokens trained in one file, not the other"},
+    "comparisons": {"type": "array", "items": _object_schema({
+        "label": _STR, "pi": {"enum": ["model", "B"]}, "mu": {"enum": ["A", "B"]},
+        "tokens": {"type": "integer", "minimum": 0, "description": "tokens trained in both files"},
+        "metrics": {"type": "object", "additionalProperties": _NUM,
+                    "description": "the inspect metrics with π and μ as named (B vs A: π = B's log-probs)"}})},
+})
 INSPECT_REPORT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "https://github.com/drpo/drpo/schemas/inspect-report.schema.json",
@@ -660,7 +676,7 @@ INSPECT_REPORT_SCHEMA: dict[str, Any] = {
                    "Non-finite numbers are null.",
     "type": "object",
     "required": ["report", "report_version", "drpo_version", "mode", "inputs", "settings", "metrics", "data",
-                 "model", "notes", "gates"],
+                 "model", "against", "notes", "gates"],
     "additionalProperties": False,
     "properties": {
         "report": {"const": "drpo-inspect"},
@@ -675,6 +691,7 @@ INSPECT_REPORT_SCHEMA: dict[str, Any] = {
                     "propertyNames": {"pattern": "^[a-z0-9_]+/[a-z0-9_.@]+$"}},
         "data": _DATA_SECTION,
         "model": {"oneOf": [{"type": "null"}, _MODEL_SECTION]},
+        "against": {"oneOf": [{"type": "null"}, _AGAINST_SECTION]},
         "notes": {"type": "array", "items": _STR, "description": "Plain-language observations worth reading."},
         "gates": {"type": "array", "items": _object_schema({"metric": _STR, "threshold": {"type": "number"},
                                                         "value": _NUM, "passed": {"type": "boolean"}})},
@@ -744,6 +761,14 @@ def render_inspect(report: dict, console: Any) -> None:
         if settings["is_batch_norm"]:
             console.print(f"--is-batch-norm would divide the weights by {fmt(m['is/batch_norm_factor'])}",
                           highlight=False, markup=False)
+    against = report["against"]
+    if against is not None:
+        comps = against["comparisons"]
+        console.print(number_table(f"Two samplers on the same tokens: A = the rollouts, B = {', '.join(against['files'])}"
+                                   f" ({fmt(against['rows'])} rows)", "metric", [c["label"] for c in comps],
+                                   [["tokens", *(fmt_cell(c["tokens"]) for c in comps)]]
+                                   + [[name, *(fmt_cell(c["metrics"].get(name)) for c in comps)]
+                                      for name in AGAINST_SHOWN]))
     for note in report["notes"]:
         console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
     for gate in report["gates"]:

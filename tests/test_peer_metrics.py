@@ -346,3 +346,66 @@ def test_console_prints_column_values_and_sample_ids_literally(tmp_path, valid_r
     result = runner.invoke(app, ["inspect", str(path), "--by", "env"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "[red]x[/red]" in result.output
+
+
+# ---- --against: two samplers on the same tokens ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_samplers(tmp_path_factory):
+    """A = the toy rollouts; B = the same rows, shuffled, in batches of 50, with μ moved by noise."""
+    d = tmp_path_factory.mktemp("against")
+    a = pa.ipc.open_file(str(TOY / "rollouts.arrow")).read_all()
+    g = np.random.default_rng(1)
+    moved = [[min(0.0, x + 0.05 * g.standard_normal()) for x in row] for row in a.column("behavior_logprobs").to_pylist()]
+    b = a.set_column(a.schema.get_field_index("behavior_logprobs"), "behavior_logprobs",
+                     pa.array(moved, pa.list_(pa.float32())))
+    b = b.take(pa.array(g.permutation(b.num_rows)))
+    path_b = write_rollout_table(b, d / "b.arrow", max_chunksize=50)
+    return d, a, b, path_b
+
+
+def test_against_without_model_equals_a_numpy_reference(two_samplers):
+    _, a, b, path_b = two_samplers
+    report = run_inspect(InspectConfig(rollouts=(str(TOY / "rollouts.arrow"),), against=(str(path_b),)).check())
+    (ab,) = report["against"]["comparisons"]
+    assert ab["label"] == "B vs A" and report["against"]["rows"] == a.num_rows
+    mu_b_of = dict(zip(b.column("sample_id").to_pylist(), b.column("behavior_logprobs").to_pylist()))
+    mu_a = np.concatenate([np.array(x, np.float32) for x in a.column("behavior_logprobs").to_pylist()]).astype(float)
+    mu_b = np.concatenate([np.array(mu_b_of[s], np.float32) for s in a.column("sample_id").to_pylist()]).astype(float)
+    logr = np.clip(mu_b - mu_a, -20, 20)
+    assert ab["tokens"] == mu_a.size
+    assert ab["metrics"]["kl/k3_mean"] == pytest.approx((np.expm1(logr) - logr).mean(), rel=RTOL)
+    assert ab["metrics"]["kl/k1_mean"] == pytest.approx(-logr.mean(), rel=RTOL)
+    assert ab["metrics"]["delta/abs_max"] == pytest.approx(np.abs(np.exp(mu_b) - np.exp(mu_a)).max(), rel=RTOL)
+
+
+def test_against_with_model_is_a_three_way_table(two_samplers):
+    *_, path_b = two_samplers
+    report = run_inspect(InspectConfig(rollouts=(str(TOY / "rollouts.arrow"),), against=(str(path_b),),
+                                       model=str(TOY / "model"), device="cpu", micro_batch_tokens=64).check())
+    comps = {c["label"]: c for c in report["against"]["comparisons"]}
+    assert list(comps) == ["model vs A", "model vs B", "B vs A"]
+    for key in ("kl/k3_mean", "tr/harmful_frac", "is/ess_seq", "ppo_clip/clip_frac"):  # the same passes, sums
+        assert comps["model vs A"]["metrics"][key] == report["metrics"][key], key
+    assert comps["model vs B"]["metrics"]["kl/k3_mean"] != comps["model vs A"]["metrics"]["kl/k3_mean"]
+
+
+def test_against_refuses_unmatched_rows_and_other_tokens_before_any_work(two_samplers, tmp_path):
+    _, _, b, _ = two_samplers
+    bogus = tmp_path / "model"
+    bogus.mkdir()
+    other = b.set_column(b.schema.get_field_index("response_ids"), "response_ids",
+                         pa.array([[7] + r[1:] if i == 3 else r for i, r in enumerate(b.column("response_ids").to_pylist())],
+                                  pa.list_(pa.int32())))
+    cases = {"missing": (b.slice(1), "expected a row for every sample id of"),
+             "other tokens": (other, (f"expected the token ids of the same rows of {TOY / 'rollouts.arrow'}, found 1 "
+                                      f"row(s) that do not: sample_id {b.column('sample_id')[3].as_py()!r}"))}
+    for name, (table, message) in cases.items():
+        path = write_rollout_table(table, tmp_path / f"{name}.arrow")
+        out = tmp_path / "r.json"
+        result = runner.invoke(app, ["inspect", str(TOY / "rollouts.arrow"), "--against", str(path), "--model",
+                                     str(bogus), "--json", str(out)])
+        assert result.exit_code == 2 and message in result.output and not out.exists(), result.output
+    assert f"sample_id {b.column('sample_id')[0].as_py()!r}" in runner.invoke(app, [
+        "inspect", str(TOY / "rollouts.arrow"), "--against", str(tmp_path / "missing.arrow")]).output

@@ -1,0 +1,193 @@
+"""`drpo inspect A --against B`: two samplers' log-probs of the same tokens, side by side (SPEC.md §2).
+
+B's rows are matched to A's by `sample_id`; before any work both files are read once for their ids and a
+64-bit hash of each row's prompt and response token ids, and a row of either file without its match, an
+id given twice, or a matched row whose tokens differ is refused with its ids. Then, while A streams
+record batch by record batch (in the data audit's pass, or the model pass with `--model`), the matched
+B rows are read with a cursor over B's batches (one pass when both files list the rows in the same
+order; B is read again from its start for a row behind the cursor) and each comparison feeds its own
+`Diagnostics`: "B vs A" (π := B's log-probs, μ := A's), and with `--model` "model vs A" and "model vs B".
+Memory: the id maps (O(rows)) and one batch of each file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from drpo_cli.config import LOSS_HPARAMS, InspectConfig
+from drpo_cli.divergence import Diagnostics
+from drpo_cli.errors import InputError
+from drpo_cli.rollouts import RolloutRows
+from drpo_cli.schema import RolloutSource, open_rollouts
+
+_HASH_COLUMNS = ("sample_id", "prompt_ids", "response_ids")
+_B_COLUMNS = ("response_ids", "behavior_logprobs", "loss_mask")
+_PRIME = np.uint64(1099511628211)  # FNV-64's prime: multiplications wrap modulo 2⁶⁴
+EXAMPLES = 5  # ids named in a refusal
+
+
+def _row_hashes(batch: pa.RecordBatch) -> np.ndarray:
+    """(n,) uint64 hash of each row's prompt and response token ids (a polynomial in the ids, modulo 2⁶⁴)."""
+    out = np.zeros(batch.num_rows, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for name, salt in (("prompt_ids", 1), ("response_ids", 2)):
+            col = batch.column(name)
+            off = col.offsets.to_numpy().astype(np.int64)
+            ids = col.values.slice(int(off[0]), int(off[-1] - off[0])).to_numpy(zero_copy_only=False)
+            off = off - off[0]
+            lengths = np.diff(off)
+            pos = np.arange(len(ids), dtype=np.int64) - np.repeat(off[:-1], lengths)  # (T,) position in its row
+            powers = np.cumprod(np.full(int(lengths.max(initial=0)) + 1, _PRIME, dtype=np.uint64))
+            terms = (ids.astype(np.uint64) + np.uint64(salt)) * powers[pos]  # (T,)
+            sums = np.zeros(len(terms) + 1, dtype=np.uint64)
+            np.cumsum(terms, out=sums[1:])
+            out = out * _PRIME + (sums[off[1:]] - sums[off[:-1]]) + lengths.astype(np.uint64)
+    return out
+
+
+def _ids_and_hashes(source: RolloutSource, role: str) -> tuple[list, np.ndarray]:
+    """(sample ids in file order, their row hashes) of every row; InputError when a file has no sample_id."""
+    ids, hashes = [], []
+    for rf in source.files:
+        if "sample_id" not in rf.fields:
+            raise InputError(f"{rf.path}: column sample_id: expected sample ids to match the rows of {role} "
+                             "(--against), found no such column")
+    for sb in source.iter_batches(_HASH_COLUMNS):
+        ids += sb.batch.column("sample_id").to_pylist()
+        hashes.append(_row_hashes(sb.batch))
+    return ids, np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+
+
+def _refuse(what: str, ids: list, expected: str) -> None:
+    shown = ", ".join(repr(i) for i in ids[:EXAMPLES]) + (f" and {len(ids) - EXAMPLES} more" if len(ids) > EXAMPLES
+                                                          else "")
+    raise InputError(f"{what}: expected {expected}, found {len(ids)} row(s) that do not: sample_id {shown}")
+
+
+class Against:
+    """B's rows matched to A's: `b_row[a_global_row]`, and a reader of B's log-probs for A's streamed rows."""
+
+    def __init__(self, source_a: RolloutSource, cfg: InspectConfig):
+        self.files = list(cfg.against)
+        self.source = open_rollouts(self.files, cfg.column_map())
+        a_path, b_path = ", ".join(cfg.rollouts), ", ".join(self.files)
+        ids_a, hash_a = _ids_and_hashes(source_a, "--against")
+        ids_b, hash_b = _ids_and_hashes(self.source, "the audited rollouts")
+        for path, ids in ((a_path, ids_a), (b_path, ids_b)):
+            seen: set = set()
+            twice = [i for i in ids if i in seen or seen.add(i)]
+            if twice:
+                _refuse(f"{path}: column sample_id", twice, "each sample id once (rows are matched by it)")
+        where_b = {sid: k for k, sid in enumerate(ids_b)}
+        missing = [sid for sid in ids_a if sid not in where_b]
+        if missing:
+            _refuse(f"{b_path}: column sample_id", missing, f"a row for every sample id of {a_path}")
+        extra = sorted(set(ids_b) - set(ids_a))
+        if extra:
+            _refuse(f"{b_path}: column sample_id", extra, f"only the sample ids of {a_path}")
+        self.b_row = np.fromiter((where_b[sid] for sid in ids_a), dtype=np.int64, count=len(ids_a))  # (N,)
+        differ = [ids_a[k] for k in np.flatnonzero(hash_a != hash_b[self.b_row])]
+        if differ:
+            _refuse(f"{b_path}: columns prompt_ids, response_ids", differ, f"the token ids of the same rows of {a_path}")
+        self._batches, self._current = None, None
+
+    def _restart(self) -> None:
+        self._batches = self.source.iter_batches(_B_COLUMNS)
+        self._current = next(self._batches, None)
+
+    def _rows(self, wanted: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """{B global row: (log-probs (n,), loss_mask (n,))} of the sorted rows `wanted`."""
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if self._current is None or (wanted.size and wanted[0] < self._current.global_offset):
+            self._restart()
+        for g in wanted.tolist():
+            while self._current is not None and g >= self._current.global_offset + self._current.batch.num_rows:
+                self._current = next(self._batches, None)
+            if self._current is None or g < self._current.global_offset:  # behind the cursor: from the start
+                self._restart()
+                while g >= self._current.global_offset + self._current.batch.num_rows:
+                    self._current = next(self._batches)
+            b, k = self._current.batch, g - self._current.global_offset
+            logp = np.asarray(b.column("behavior_logprobs")[k].values.to_numpy(zero_copy_only=False), np.float32)
+            mask = (np.asarray(b.column("loss_mask")[k].values.to_numpy(zero_copy_only=False), bool)
+                    if "loss_mask" in b.schema.names else np.ones(len(logp), dtype=bool))
+            out[g] = (logp, mask)
+        return out
+
+    def behavior_of(self, rows: RolloutRows) -> tuple[np.ndarray, np.ndarray]:
+        """(B's log-probs (T,), B's loss_mask (T,)) laid out as A's streamed `rows`' tokens."""
+        b_rows = self.b_row[rows.global_row]  # (n,)
+        found = self._rows(np.unique(b_rows))
+        if rows.num_rows == 0:
+            return np.zeros(0, np.float32), np.zeros(0, bool)
+        logp = np.concatenate([found[int(g)][0] for g in b_rows])
+        mask = np.concatenate([found[int(g)][1] for g in b_rows])
+        return logp, mask
+
+
+class Comparisons:
+    """One Diagnostics per comparison: "B vs A" always, "model vs A" and "model vs B" with a model."""
+
+    def __init__(self, cfg: InspectConfig, against: Against, with_model: bool):
+        self.against = against
+        labels = (["model vs A", "model vs B"] if with_model else []) + ["B vs A"]
+        losses = {name: dict(hp) for name, hp in LOSS_HPARAMS.items()}
+        losses["drpo"] = {"delta": cfg.chosen_delta()}
+        self.diags = {label: Diagnostics(cfg.tr_delta, losses, catastrophic=cfg.is_veto,
+                                         opsm_delta=cfg.resolved_opsm_delta(),
+                                         m2po_threshold=cfg.resolved_m2po_threshold()) for label in labels}
+        self.mask_differs = 0
+
+    def update(self, rows: RolloutRows, idx: np.ndarray, mu_b: np.ndarray, mask_b: np.ndarray,
+               logp: torch.Tensor | None = None, seq_index: torch.Tensor | None = None) -> None:
+        """Add A's tokens `idx` of `rows` (B's `mu_b`, `mask_b` laid out as `rows`); `logp` the model's."""
+        mu_a = torch.from_numpy(rows.behavior_logprobs[idx])
+        mu_bt = torch.from_numpy(mu_b[idx])
+        adv = torch.from_numpy(rows.advantages[idx])
+        both = torch.from_numpy(rows.loss_mask[idx] & mask_b[idx])  # tokens trained in both files
+        self.mask_differs += int((rows.loss_mask[idx] != mask_b[idx]).sum())
+        row = torch.from_numpy(rows.global_row[rows.token_row()[idx]])
+        seq = seq_index if seq_index is not None else torch.from_numpy(rows.token_row()[idx])
+        pairs = {"B vs A": (mu_bt, mu_a)}
+        if logp is not None:
+            pairs.update({"model vs A": (logp, mu_a), "model vs B": (logp, mu_bt)})
+        for label, (pi, mu) in pairs.items():
+            self.diags[label].update(pi, mu, adv, both, row=row, seq_index=seq, old_logp=pi)
+
+    def close_rows(self) -> None:
+        for diag in self.diags.values():
+            diag.close_rows()
+
+    def section(self) -> dict:
+        """The report's `against` section (a collective under torchrun)."""
+        from drpo_cli import distributed
+
+        differs = int(distributed.all_reduce_sum(torch.tensor([self.mask_differs])).item())
+        out = []
+        for label, diag in self.diags.items():
+            s = diag.all_reduce_().summary()
+            metrics = {k: v for k, v in s.items() if not isinstance(v, (dict, list)) and not k.startswith("data/")}
+            out.append({"label": label, "pi": label.split(" vs ")[0], "mu": label.split(" vs ")[1],
+                        "tokens": int(s["data/tokens"]), "metrics": metrics})
+        return {"files": self.against.files, "rows": len(self.against.b_row), "mask_differs": differs,
+                "comparisons": out}
+
+
+def compare_without_model(cfg: InspectConfig, source: RolloutSource, against: Against, shard=None) -> dict:
+    """B vs A over every row of A (this rank's share under torchrun), streaming A batch by batch."""
+    from drpo_cli.rollouts import file_temperature, group_advantage_table, rows_of_batch
+
+    reward_files = [rf for rf in source.files if "advantages" not in rf.fields and "advantage" not in rf.fields]
+    groups = group_advantage_table(RolloutSource(reward_files, [], source.column_map)) if reward_files else None
+    temps = {rf.path: file_temperature(rf.metadata, cfg.temperature) for rf in source.files}
+    comparisons = Comparisons(cfg, against, with_model=False)
+    from drpo_cli.inspect_model import MODEL_COLUMNS
+
+    for sb in source.iter_batches(MODEL_COLUMNS, shard=shard):
+        rows = rows_of_batch(sb, temps[sb.path], groups)
+        mu_b, mask_b = against.behavior_of(rows)
+        comparisons.update(rows, np.arange(rows.num_tokens), mu_b, mask_b)
+        comparisons.close_rows()
+    return comparisons.section()
