@@ -4,8 +4,8 @@ audit without them (the code at `--base`), in one run.
     python benchmarks/peer_metrics.py                      # base: git merge-base HEAD main
     python benchmarks/peer_metrics.py --base 0fa867c --repeats 5
 
-The file is read_large.py's (128 prompt + 256..2047 response tokens per row, reward + group_id) with token ids
-below the vocabulary; the model a seeded random Llama with a 32k vocabulary (hidden 256, 2 layers), so that the
+The file is the first `--rows` rows of read_large.py's (128 prompt + 256..2047 response tokens per row,
+reward + group_id) with token ids below the vocabulary; the model a seeded random Llama with a 32k vocabulary (hidden 256, 2 layers), so that the
 output head weighs per token as a small real model's does (a tiny-vocabulary model would make the per-token
 statistics look expensive beside a forward that costs nothing). The base tree is `git archive REV` unpacked under
 --dir; each audit is its own process (peak RSS: the child's ru_maxrss), base and current alternate, and the
@@ -55,7 +55,7 @@ def child(tree: Path, argv: list[str]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", help="the revision without the metrics (default: git merge-base HEAD main)")
-    ap.add_argument("--size-gb", type=float, default=0.003)
+    ap.add_argument("--rows", type=int, default=48, help="rows of the file (about 1,150 response tokens each)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default="/tmp/drpo_peer_metrics")
     args = ap.parse_args()
@@ -71,16 +71,23 @@ def main() -> None:
     model = root / "model"
     if not (model / "config.json").exists():
         make_model(model)
-    path = str(root / f"rollouts-{args.size_gb:g}gb.arrow")
-    if not os.path.exists(path):
-        read_large.write_file(path, args.size_gb, vocab=VOCAB)
+    path = str(root / f"rollouts-{args.rows}rows.arrow")
+    if not os.path.exists(path):  # the first rows of one of read_large's record batches
+        import pyarrow as pa
+
+        whole = str(root / "batch.arrow")
+        read_large.write_file(whole, 0.0001, vocab=VOCAB)
+        with pa.OSFile(whole) as fh:
+            table = pa.ipc.open_stream(fh).read_all().slice(0, args.rows)
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
     argv = ["inspect", path, "--model", str(model), "--quiet", "--device", "cpu"]
     runs: dict[str, list[tuple[float, float]]] = {"base": [], "current": []}
     for _ in range(args.repeats):
         for name, where in (("base", tree), ("current", ROOT)):
             runs[name].append(child(where, argv))
     (b_s, b_rss), (c_s, c_rss) = (min(runs[n]) for n in ("base", "current"))
-    print(f"drpo inspect --model, {args.size_gb:g} GB file, random Llama (vocabulary {VOCAB}, hidden 256, 2 layers), "
+    print(f"drpo inspect --model, {args.rows} rows, random Llama (vocabulary {VOCAB}, hidden 256, 2 layers), "
           f"fastest of {args.repeats}; base {base}")
     print(f"{'':28}{'base':>10}{'current':>10}{'current / base':>16}")
     print(f"{'seconds':28}{b_s:>10.2f}{c_s:>10.2f}{c_s / b_s:>16.3f}")

@@ -402,12 +402,26 @@ def test_two_ranks_inspect_like_one(which, request, tmp_path):
             assert (x == y).all(), name
 
 
+@pytest.mark.multiproc
+def test_two_ranks_inspect_breakdowns_and_peer_metrics_like_one(toy, tmp_path):
+    # --by tables merge by value, sequence-level sums by row, the worst sequences by --worst-by across ranks.
+    common = [str(toy / "rollouts.arrow"), "--model", str(toy / "model"), *INSPECT_ARGS, "--by", "group_id",
+              "--by", "policy_version", "--worst-by", "chi2/seq", "--is-veto", "0.05", "--reject", "seq_max_k1>0.5"]
+    run = torchrun("inspect", *common, "--json", str(tmp_path / "two.json"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_process("inspect", *common, "--json", str(tmp_path / "one.json"))
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["model"]["by"]["group_id"] and one["data"]["by"]["policy_version"]
+    assert_same_json(without_per_batch_whatifs(one), without_per_batch_whatifs(two))
+
+
 def without_per_batch_whatifs(doc: dict) -> dict:
     """An inspect report without the clip-cov / kl-cov / M2PO what-ifs, which select over each audited batch
     (SPEC.md §1): the only metrics allowed to differ when the batches differ. They must be there."""
     from drpo_cli.divergence import PER_UPDATE_METRICS
 
     assert all(doc["metrics"].pop(m) is not None for m in PER_UPDATE_METRICS)
+    doc["metrics"].pop("m2po/dropped_pos_adv_frac")  # of what M2PO drops over each audited batch
     for entry in doc["model"]["losses"]:
         if entry["loss"] in ("clip-cov", "kl-cov", "m2po (filter)"):
             entry.pop("fractions")
