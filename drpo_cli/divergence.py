@@ -67,17 +67,19 @@ def token_diagnostics(
     with torch.no_grad():
         logp, mu_logp, adv = logp.detach(), behavior_logp.detach(), advantages.detach()
         logr = log_ratio(logp, mu_logp)
+        r = torch.exp(logr)
+        r_minus_1 = torch.expm1(logr)  # exact near r = 1, shared by k3 and its reverse
         delta = prob_delta(logp, mu_logp)
         return {
             "logr": logr,
-            "ratio": torch.exp(logr),
+            "ratio": r,
             "delta": delta,
             "binary_kl": binary_kl(logp, mu_logp),
             "k1": -logr,
             "k2": 0.5 * logr.square(),
-            "k3": torch.expm1(logr) - logr,
-            "kl_reverse": kl_reverse(logp, mu_logp),
-            "reverse_k3": reverse_k3(logp, mu_logp),
+            "k3": r_minus_1 - logr,
+            "kl_reverse": r * logr,  # elementwise.kl_reverse
+            "reverse_k3": logr - r_minus_1 / r,  # elementwise.reverse_k3: 1/r − 1 = −(r − 1)/r
             "js": js_estimate(logp, mu_logp),
             "outside": delta.abs() > tr_delta,
             "harmful": ((adv > 0) & (delta > tr_delta)) | ((adv < 0) & (delta < -tr_delta)),
@@ -347,8 +349,11 @@ class Diagnostics:
         old_logp: Tensor | None = None,
         row: Tensor | None = None,
         by: dict[str, Tensor] | None = None,
-    ) -> None:
+    ) -> dict[str, Tensor]:
         """Add the tokens where `mask` is True. All inputs flat (N,) (any equal shapes work).
+
+        Returns the masked tokens' token_diagnostics, with their float64 `logp` and `behavior_logp`, flat (n,)
+        in order, so that a caller's own per-row sums (inspect's worst sequences) reuse them.
 
         Sequence-level metrics (is/ess_seq, chi2/seq, ppl/*, is/catastrophic_seq_frac) need each row
         whole: with `row` (each token's global row id) a row's tokens may come over several calls and
@@ -364,16 +369,18 @@ class Diagnostics:
         positions are selected out before any math, so NaN there never reaches a statistic.
         """
         with torch.no_grad():
-            keep = mask.detach().reshape(-1).bool()
+            index = mask.detach().reshape(-1).nonzero().squeeze(1)  # (n,) found once, for every input
 
             def pick(x: Tensor) -> Tensor:
-                return x.detach().reshape(-1)[keep]
+                return x.detach().reshape(-1).index_select(0, index.to(x.device))
 
             lp, mu_lp, adv = pick(logp).double(), pick(behavior_logp).double(), pick(advantages).double()
-            if lp.numel() == 0:
-                return
             t = token_diagnostics(lp, mu_lp, adv, tr_delta=self.tr_delta)
-            abs_d, logr, r, mu, pi = t["delta"].abs(), t["logr"], t["ratio"], torch.exp(mu_lp), torch.exp(lp)
+            t.update(logp=lp, behavior_logp=mu_lp)
+            if lp.numel() == 0:
+                return t
+            abs_d, logr, r, mu = t["delta"].abs(), t["logr"], t["ratio"], torch.exp(mu_lp)
+            pi = mu + t["delta"]  # π = μ + Δ, exact up to rounding (Δ from log-space forms)
             catastrophic = (lp - mu_lp) < math.log(self.catastrophic)  # (n,) the raw log r, as verl and slime
             part = {
                 "n": torch.tensor(float(lp.numel())),
@@ -403,7 +410,7 @@ class Diagnostics:
                 "sum_pi_mu": (pi * mu).sum(),
                 "sum_abs_delta_sq": abs_d.square().sum(),
                 "sum_abs_logr": logr.abs().sum(),
-                "sum_mult_error": torch.exp(logr.abs()).sum(),
+                "sum_mult_error": torch.maximum(r, r.reciprocal()).sum(),  # exp(|log r|)
                 "sum_catastrophic": catastrophic.sum(),
                 "max_abs_delta": abs_d.max(),
                 "max_neg_abs_delta": (-abs_d).max(),
@@ -499,6 +506,7 @@ class Diagnostics:
                 _, inverse = torch.unique(seq, return_inverse=True)
                 part.update(self._row_part(_sum_by(row_features, inverse)))
             self._fold(part)
+            return t
 
     def by_codes(self, column: str, values) -> np.ndarray:
         """(n,) codes of a --by column's values (pyarrow, one per row), to pass per token to update's `by`."""

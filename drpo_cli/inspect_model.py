@@ -21,7 +21,7 @@ import torch
 
 from drpo_cli.batching import filler_batch, plan_micro_batches
 from drpo_cli.config import LOSS_HPARAMS, InspectConfig, expand_correction
-from drpo_cli.divergence import Diagnostics, token_diagnostics
+from drpo_cli.divergence import LOGR_CLAMP, Diagnostics, token_diagnostics
 from drpo_cli.errors import InputError
 from drpo_cli.histograms import MuPiHistogram, worst_tokens
 from drpo_cli.logprobs import reused_buffers
@@ -40,34 +40,47 @@ PER_TOKEN_SCHEMA = pa.schema([
     ("policy_version", pa.int64()),
 ], metadata={ARROW_MARKER_KEY: b"per-token"})  # marks the file as drpo's (outputs.py: --overwrite may replace it)
 _DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# Per-row sums over trained tokens (max_* the largest), what the worst sequences are ranked by and shown with.
-_SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "k3", "logr", "kl_reverse", "js",
-                 "ratio_sq", "logp", "logmu", "max_abs_logr", "catastrophic")
+# Per-row sums over trained tokens that every worst sequence is shown with (max_abs_delta: the largest |Δ|),
+# and `extra`: the one per-token value its --worst-by metric needs beyond them (WORST_BY_SCORES), if any.
+_SEQ_FEATURES = ("tokens", "harmful", "outside", "abs_delta", "max_abs_delta", "k3", "extra")
 _F = {name: j for j, name in enumerate(_SEQ_FEATURES)}
 
 
-def _per(seq: np.ndarray, feature: str) -> np.ndarray:
+def _mean(seq: np.ndarray, feature: str) -> np.ndarray:
     """(n,) the feature's mean over each row's trained tokens (rows without one: 0)."""
     return seq[:, _F[feature]] / np.maximum(seq[:, 0], 1.0)
 
 
-# config.WORST_BY's metrics over one sequence (n, F) -> (n,): larger is worse.
+# The per-token values a --worst-by metric may need, from Diagnostics.update's masked tokens `t` (float64);
+# `log_c` = log of the catastrophic threshold.
+_TOKEN_VALUES = {
+    "logr": lambda t, log_c: t["logr"],
+    "kl_reverse": lambda t, log_c: t["kl_reverse"],
+    "js": lambda t, log_c: t["js"],
+    "ratio_sq": lambda t, log_c: t["ratio"].square(),
+    "log_gap": lambda t, log_c: t["behavior_logp"] - t["logp"],  # log μ − log π, unclamped as verl's log-ppl
+    "abs_logr": lambda t, log_c: t["logr"].abs(),
+    "catastrophic": lambda t, log_c: ((t["logp"] - t["behavior_logp"]) < log_c).double(),
+}
+# config.WORST_BY's metrics over one sequence: (the per-token value kept in `extra`, or None; "sum" or "max" of
+# it per row; the score from the row sums (n, F) -> (n,), larger is worse).
 WORST_BY_SCORES = {
-    "tr/harmful_frac": lambda q: _per(q, "harmful"),
-    "tr/outside_frac": lambda q: _per(q, "outside"),
-    "delta/abs_mean": lambda q: _per(q, "abs_delta"),
-    "delta/abs_max": lambda q: q[:, _F["max_abs_delta"]],
-    "kl/k1_mean": lambda q: -_per(q, "logr"),
-    "kl/k3_mean": lambda q: _per(q, "k3"),
-    "kl/reverse_mean": lambda q: _per(q, "kl_reverse"),
-    "kl/js_mean": lambda q: _per(q, "js"),
-    "chi2/token": lambda q: _per(q, "ratio_sq") - 1.0,
-    "chi2/seq": lambda q: np.expm1(2.0 * np.clip(q[:, _F["logr"]], -20.0, 20.0)),  # R² − 1, R = exp(Σ log r)
-    "ppl/log_diff_mean": lambda q: _per(q, "logmu") - _per(q, "logp"),
-    "ppl/log_abs_diff_mean": lambda q: np.abs(_per(q, "logmu") - _per(q, "logp")),
-    "ppl/ratio_mean": lambda q: np.exp(_per(q, "logmu") - _per(q, "logp")),
-    "logr/abs_max": lambda q: q[:, _F["max_abs_logr"]],
-    "is/catastrophic_token_frac": lambda q: _per(q, "catastrophic"),
+    "tr/harmful_frac": (None, "sum", lambda q: _mean(q, "harmful")),
+    "tr/outside_frac": (None, "sum", lambda q: _mean(q, "outside")),
+    "delta/abs_mean": (None, "sum", lambda q: _mean(q, "abs_delta")),
+    "delta/abs_max": (None, "sum", lambda q: q[:, _F["max_abs_delta"]]),
+    "kl/k3_mean": (None, "sum", lambda q: _mean(q, "k3")),
+    "kl/k1_mean": ("logr", "sum", lambda q: -_mean(q, "extra")),
+    "kl/reverse_mean": ("kl_reverse", "sum", lambda q: _mean(q, "extra")),
+    "kl/js_mean": ("js", "sum", lambda q: _mean(q, "extra")),
+    "chi2/token": ("ratio_sq", "sum", lambda q: _mean(q, "extra") - 1.0),
+    # R² − 1 with R = exp(Σ_t log r_t), log R clamped as Diagnostics' is/ess_seq and chi2/seq
+    "chi2/seq": ("logr", "sum", lambda q: np.expm1(2.0 * np.clip(q[:, _F["extra"]], -LOGR_CLAMP, LOGR_CLAMP))),
+    "ppl/log_diff_mean": ("log_gap", "sum", lambda q: _mean(q, "extra")),
+    "ppl/log_abs_diff_mean": ("log_gap", "sum", lambda q: np.abs(_mean(q, "extra"))),
+    "ppl/ratio_mean": ("log_gap", "sum", lambda q: np.exp(_mean(q, "extra"))),
+    "logr/abs_max": ("abs_logr", "max", lambda q: q[:, _F["extra"]]),
+    "is/catastrophic_token_frac": ("catastrophic", "sum", lambda q: _mean(q, "extra")),
 }
 
 
@@ -166,7 +179,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 rows, _ = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
             check_vocabulary(rows, info.vocab_size, cfg.model)
             rows = moe.check_routing(rows, spec, cfg.model)
-            chunk = _Chunk(rows, current, check, diag.catastrophic)
+            chunk = _Chunk(rows, current, check, cfg.worst_by, diag.catastrophic)
             chunk.by = {name: c[rows.global_row - sb.global_offset] for name, c in codes.items()}  # (n,) per row
             chunk.against = against.behavior_of(rows) if against is not None else None  # B's (T,) log-probs, mask
             for mb in plan_micro_batches(rows, np.arange(rows.num_rows), cfg.micro_batch_tokens):
@@ -203,18 +216,18 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 lag = torch.from_numpy(chunk.token_lag[idx])  # (M,)
                 position = chunk.position[idx]
                 token_row = rows.token_row()[idx]  # (M,)
-                diag.update(logp, mu, adv, mask, lag=lag, position=torch.from_numpy(position), entropy=entropy,
-                            seq_index=mb.seq_index, old_logp=logp,  # M2PO what-if: π_old = the audited model
-                            row=torch.from_numpy(rows.global_row[token_row]),
-                            by={name: torch.from_numpy(c[token_row]) for name, c in chunk.by.items()})
+                trained = diag.update(logp, mu, adv, mask, lag=lag, position=torch.from_numpy(position),
+                                      entropy=entropy, seq_index=mb.seq_index,
+                                      old_logp=logp,  # M2PO what-if: π_old = the audited model
+                                      row=torch.from_numpy(rows.global_row[token_row]),
+                                      by={name: torch.from_numpy(c[token_row]) for name, c in chunk.by.items()})
                 if comparisons is not None:
                     comparisons.update(rows, idx, *chunk.against, logp=logp, seq_index=mb.seq_index)
                 picture.update(logp.numpy(), mu.numpy(), adv.numpy(), mask.numpy())
-                t = token_diagnostics(logp.double(), mu.double(), adv.double(), tr_delta=cfg.tr_delta)
-                t.update(logp=logp.double(), logmu=mu.double(), raw_logr=logp.double() - mu.double())
-                chunk.add(mb, logp.numpy(), mask.numpy(), t)
+                chunk.add(mb, logp.numpy(), mask.numpy(), trained)  # the trained tokens' diagnostics, reused
                 counts += (1, mb.positions, mb.real_positions)
-                if writer is not None:
+                if writer is not None:  # every response token's diagnostics, trained or not
+                    t = token_diagnostics(logp.double(), mu.double(), adv.double(), tr_delta=cfg.tr_delta)
                     writer.gather(writer.batch(rows, idx, logp, entropy, t, chunk, position))
                 if progress is not None:
                     progress("per-token log-probs (tokens)", mb.num_tokens, local_tokens)
@@ -332,11 +345,14 @@ class _RowPlan:
 
 
 class _Chunk:
-    """One streamed record batch's rows: per-token lag and position, the log-probs and per-row sums
-    (tokens, harmful, outside, Σ|Δ|, max |Δ|, k3 over trained tokens) as its passes run."""
+    """One streamed record batch's rows: per-token lag and position, the log-probs and the per-row sums of
+    _SEQ_FEATURES over trained tokens (`worst_by`'s extra value among them) as its passes run."""
 
-    def __init__(self, rows: RolloutRows, current: int | None, check: LoggingCheck | None, catastrophic: float):
-        self.rows, self.log_catastrophic = rows, math.log(catastrophic)
+    def __init__(self, rows: RolloutRows, current: int | None, check: LoggingCheck | None, worst_by: str,
+                 catastrophic: float):
+        self.rows = rows
+        self.extra, self.extra_reduce, _ = WORST_BY_SCORES[worst_by]
+        self.log_catastrophic = math.log(catastrophic)
         self.by: dict[str, np.ndarray] = {}  # --by column -> (n,) each row's value code
         self.token_version = rows.token_versions()  # (T,) −1 unknown
         self.token_lag = _lag(self.token_version, current)  # (T,)
@@ -347,9 +363,21 @@ class _Chunk:
         self.check = check.chunk(rows) if check is not None else None
 
     def add(self, mb, logp: np.ndarray, mask: np.ndarray, t: dict) -> None:
-        idx = mb.token_index.numpy()
-        self.logp[idx] = logp
-        _add_sequences(self.seq, mb.rows.numpy()[mb.seq_index.numpy()], mask, t, self.log_catastrophic)
+        """A micro-batch: logp (M,) of its tokens, mask (M,), `t` its trained tokens' diagnostics (Diagnostics.update)."""
+        self.logp[mb.token_index.numpy()] = logp
+        r = mb.rows.numpy()[mb.seq_index.numpy()][mask]  # (m,) each trained token's row in the batch
+        seq, n = self.seq, len(self.seq)
+        abs_d = t["delta"].abs().numpy()
+        for name, values in (("tokens", np.ones(r.size)), ("harmful", t["harmful"].numpy()),
+                             ("outside", t["outside"].numpy()), ("abs_delta", abs_d), ("k3", t["k3"].numpy())):
+            seq[:, _F[name]] += np.bincount(r, weights=values, minlength=n)
+        np.maximum.at(seq[:, _F["max_abs_delta"]], r, abs_d)
+        if self.extra is not None:
+            values = _TOKEN_VALUES[self.extra](t, self.log_catastrophic).numpy()
+            if self.extra_reduce == "max":
+                np.maximum.at(seq[:, _F["extra"]], r, values)
+            else:
+                seq[:, _F["extra"]] += np.bincount(r, weights=values, minlength=n)
 
 
 def _lag(version: np.ndarray, current: int | None) -> np.ndarray:
@@ -361,23 +389,21 @@ class _Worst:
     """The `top` worst sequences seen so far by `--worst-by` (worst_rows' order; ties by row order across the file)."""
 
     def __init__(self, top: int, by: str = "tr/harmful_frac"):
-        self.top, self.by, self.kept = top, by, []
+        self.top, self.score, self.kept = top, WORST_BY_SCORES[by][2], []
 
     def add(self, chunk: _Chunk) -> None:
         rows, seq = chunk.rows, chunk.seq
-        n = seq[:, 0]
-        score = WORST_BY_SCORES[self.by](seq)  # (n,)
+        score = self.score(seq)  # (n,)
+        means = {name: _mean(seq, name) for name in ("harmful", "outside", "abs_delta", "k3")}  # (n,) each
         order = worst_rows(seq, self.top, score)
         for i, tokens in zip(order, worst_tokens(rows, order, chunk.logp)):
-            lag, gap = chunk.row_lag[i], _per(seq, "logmu")[i] - _per(seq, "logp")[i]
+            lag = chunk.row_lag[i]
             self.kept.append({
                 "key": (-float(score[i]), -float(seq[i, _F["max_abs_delta"]]), int(rows.global_row[i])),
-                "sequence": {"sample_id": rows.sample_ids[i], "tokens": int(n[i]), "score": float(score[i]),
-                             "harmful_frac": float(_per(seq, "harmful")[i]), "outside_frac": float(_per(seq, "outside")[i]),
-                             "delta_abs_mean": float(_per(seq, "abs_delta")[i]),
-                             "delta_abs_max": float(seq[i, _F["max_abs_delta"]]), "k3_mean": float(_per(seq, "k3")[i]),
-                             "k1_mean": float(-_per(seq, "logr")[i]), "chi2_token": float(_per(seq, "ratio_sq")[i] - 1),
-                             "log_ppl_diff": float(gap), "logr_abs_max": float(seq[i, _F["max_abs_logr"]]),
+                "sequence": {"sample_id": rows.sample_ids[i], "tokens": int(seq[i, _F["tokens"]]),
+                             "score": float(score[i]), "harmful_frac": float(means["harmful"][i]),
+                             "outside_frac": float(means["outside"][i]), "delta_abs_mean": float(means["abs_delta"][i]),
+                             "delta_abs_max": float(seq[i, _F["max_abs_delta"]]), "k3_mean": float(means["k3"][i]),
                              "lag": int(lag) if lag >= 0 else None},
                 "tokens": tokens})
         self.kept = sorted(self.kept, key=lambda c: c["key"])[: self.top]
@@ -402,24 +428,9 @@ def _logprobs(model, mb, device, cfg: InspectConfig, check: LoggingCheck | None 
     return logp, entropy
 
 
-def _add_sequences(seq: np.ndarray, token_rows: np.ndarray, mask: np.ndarray, t: dict, log_catastrophic: float) -> None:
-    """Per-row _SEQ_FEATURES over masked tokens (sums; max |Δ| and max |log r| the largest), in place."""
-    r = token_rows[mask]  # (m,)
-    logr = t["logr"].numpy()[mask]
-    sums = {"tokens": np.ones(r.size), "harmful": t["harmful"].numpy()[mask], "outside": t["outside"].numpy()[mask],
-            "abs_delta": t["delta"].abs().numpy()[mask], "k3": t["k3"].numpy()[mask], "logr": logr,
-            "kl_reverse": t["kl_reverse"].numpy()[mask], "js": t["js"].numpy()[mask],
-            "ratio_sq": t["ratio"].numpy()[mask] ** 2, "logp": t["logp"].numpy()[mask],
-            "logmu": t["logmu"].numpy()[mask], "catastrophic": t["raw_logr"].numpy()[mask] < log_catastrophic}
-    for name, values in sums.items():
-        seq[:, _F[name]] += np.bincount(r, weights=values, minlength=len(seq))
-    np.maximum.at(seq[:, _F["max_abs_delta"]], r, sums["abs_delta"])
-    np.maximum.at(seq[:, _F["max_abs_logr"]], r, np.abs(logr))
-
-
 def worst_rows(seq: np.ndarray, top: int, score: np.ndarray | None = None) -> np.ndarray:
     """The `top` rows by `score` (default: harmful share), then max |Δ| (rows without masked tokens left out)."""
-    score = _per(seq, "harmful") if score is None else score
+    score = _mean(seq, "harmful") if score is None else score
     candidates = np.flatnonzero(seq[:, 0] > 0)
     return candidates[np.lexsort((-seq[candidates, _F["max_abs_delta"]], -score[candidates]))][:top]
 

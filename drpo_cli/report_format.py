@@ -831,7 +831,7 @@ def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
             console.print("  " + line, highlight=False, markup=False)
 
 
-WORST_SHOWN = ("sample_id", "tokens", "score", "harmful_frac", "delta_abs_max", "k3_mean", "log_ppl_diff", "lag")
+WORST_SHOWN = ("sample_id", "tokens", "score", "harmful_frac", "outside_frac", "delta_abs_max", "k3_mean", "lag")
 BY_SHOWN = 25  # values of a --by column shown on the console (the JSON report and the page have every value)
 
 
