@@ -2,20 +2,24 @@
 audit without them (the code at `--base`), in one run.
 
     python benchmarks/peer_metrics.py                      # base: git merge-base HEAD main
-    python benchmarks/peer_metrics.py --base 0fa867c --repeats 5
+    python benchmarks/peer_metrics.py --base 0fa867c --repeats 5 --profile
 
 The file is the first `--rows` rows of read_large.py's (128 prompt + 256..2047 response tokens per row,
-reward + group_id) with token ids below the vocabulary; the model a seeded random Llama with a 32k vocabulary (hidden 256, 2 layers), so that the
-output head weighs per token as a small real model's does (a tiny-vocabulary model would make the per-token
-statistics look expensive beside a forward that costs nothing). The base tree is `git archive REV` unpacked under
---dir; each audit is its own process (peak RSS: the child's ru_maxrss), base and current alternate, and the
-fastest of `--repeats` runs of each is compared.
+reward + group_id) with token ids below the vocabulary; the model a seeded random Llama with a 32k vocabulary
+(hidden 256, 2 layers), so that the output head weighs per token as a small real model's does (a tiny-vocabulary
+model would make the per-token statistics look expensive beside a forward that costs nothing). The base tree is
+`git archive REV` unpacked under --dir; each audit is its own process (peak RSS: the child's ru_maxrss). Base and
+current run in pairs, the order alternating from pair to pair, so that both see the same load on a shared machine;
+the ratios are per pair (current / base), reported as their minimum and median, beside each side's own minimum
+and median. `--profile` adds one cProfile run of each tree and splits its audit's time into the model's log-probs,
+the Diagnostics accumulator, the worst sequences' per-row sums and traces, the μ–π picture and the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +31,11 @@ sys.path.insert(0, str(HERE))
 import read_large
 
 VOCAB = 32000
+# (label, file name ending, function name) of the profile's parts; their cumulative times are inside audit_model's.
+PARTS = (("model log-probs", "inspect_model.py", "_logprobs"), ("Diagnostics.update", "divergence.py", "update"),
+         ("worst sequences (row sums, traces)", "inspect_model.py", "add"),  # _Chunk.add and _Worst.add
+         ("μ–π picture", "histograms.py", "update"),
+         ("token_diagnostics outside update", "divergence.py", "token_diagnostics"))
 
 
 def make_model(path: Path) -> None:
@@ -39,10 +48,10 @@ def make_model(path: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
-def child(tree: Path, argv: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS MB) of `python -m drpo_cli argv` run from the source tree `tree`."""
+def child(tree: Path, argv: list[str], prefix: tuple[str, ...] = ()) -> tuple[float, float]:
+    """(seconds, peak RSS MB) of `python [prefix] -m drpo_cli argv` run from the source tree `tree`."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "drpo_cli", *argv], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, *prefix, "-m", "drpo_cli", *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
@@ -52,11 +61,29 @@ def child(tree: Path, argv: list[str]) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024
 
 
+def profile_parts(path: Path) -> tuple[float, dict[str, float]]:
+    """(audit_model's cumulative seconds, {part: cumulative seconds}) of a cProfile output."""
+    import pstats
+
+    stats = pstats.Stats(str(path)).stats  # {(file, line, name): (calls, primitive, tottime, cumtime, callers)}
+    total, parts = 0.0, {}
+    for (file, _, name), (_, _, _, cumtime, callers) in stats.items():
+        if file.endswith("inspect_model.py") and name == "audit_model":
+            total += cumtime
+        for label, ending, function in PARTS:
+            if file.endswith(ending) and name == function:
+                if function == "token_diagnostics":  # only the calls that update does not make
+                    cumtime = sum(c[3] for (f, _, n), c in callers.items() if n != "update")
+                parts[label] = parts.get(label, 0.0) + cumtime
+    return total, parts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", help="the revision without the metrics (default: git merge-base HEAD main)")
     ap.add_argument("--rows", type=int, default=48, help="rows of the file (about 1,150 response tokens each)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="pairs of runs (base, current)")
+    ap.add_argument("--profile", action="store_true", help="also one cProfile run of each tree, split into parts")
     ap.add_argument("--dir", default="/tmp/drpo_peer_metrics")
     args = ap.parse_args()
     base = args.base or subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=ROOT, check=True,
@@ -82,16 +109,35 @@ def main() -> None:
         with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
     argv = ["inspect", path, "--model", str(model), "--quiet", "--device", "cpu"]
+    trees = {"base": tree, "current": ROOT}
     runs: dict[str, list[tuple[float, float]]] = {"base": [], "current": []}
-    for _ in range(args.repeats):
-        for name, where in (("base", tree), ("current", ROOT)):
-            runs[name].append(child(where, argv))
-    (b_s, b_rss), (c_s, c_rss) = (min(runs[n]) for n in ("base", "current"))
+    for i in range(args.repeats):
+        for name in ("base", "current") if i % 2 == 0 else ("current", "base"):
+            runs[name].append(child(trees[name], argv))
     print(f"drpo inspect --model, {args.rows} rows, random Llama (vocabulary {VOCAB}, hidden 256, 2 layers), "
-          f"fastest of {args.repeats}; base {base}")
-    print(f"{'':28}{'base':>10}{'current':>10}{'current / base':>16}")
-    print(f"{'seconds':28}{b_s:>10.2f}{c_s:>10.2f}{c_s / b_s:>16.3f}")
-    print(f"{'peak RSS (MB)':28}{b_rss:>10.0f}{c_rss:>10.0f}{c_rss / b_rss:>16.3f}")
+          f"{args.repeats} pairs of runs, order alternating; base {base}")
+    print(f"{'':16}{'base min':>10}{'median':>10}{'current min':>13}{'median':>10}"
+          f"{'current / base per pair: min':>30}{'median':>10}")
+    for j, (label, digits) in enumerate((("seconds", 2), ("peak RSS (MB)", 0))):
+        b, c = ([r[j] for r in runs[n]] for n in ("base", "current"))
+        ratios = [y / x for x, y in zip(b, c)]
+        print(f"{label:16}{min(b):>10.{digits}f}{statistics.median(b):>10.{digits}f}{min(c):>13.{digits}f}"
+              f"{statistics.median(c):>10.{digits}f}{min(ratios):>30.3f}{statistics.median(ratios):>10.3f}")
+    if args.profile:
+        print("\ncProfile, one run each: cumulative seconds inside audit_model (share of it)")
+        profiles = {}
+        for name in ("base", "current"):
+            out = root / f"profile-{name}.out"
+            child(trees[name], argv, ("-m", "cProfile", "-o", str(out)))
+            profiles[name] = profile_parts(out)
+        print(f"{'':34}{'base':>18}{'current':>18}")
+        print(f"{'audit_model':34}" + "".join(f"{t:>10.2f} (100%)" for t, _ in profiles.values()))
+        for label, _, _ in PARTS:
+            cells = [(parts.get(label, 0.0), parts.get(label, 0.0) / total) for total, parts in profiles.values()]
+            print(f"{label:34}" + "".join(f"{s:>10.2f} ({f:5.1%})" for s, f in cells))
+        rest = [total - sum(parts.values()) for total, parts in profiles.values()]
+        print(f"{'rest (model load, reading, ...)':34}" + "".join(
+            f"{r:>10.2f} ({r / total:5.1%})" for r, (total, _) in zip(rest, profiles.values())))
 
 
 if __name__ == "__main__":
