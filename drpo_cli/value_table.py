@@ -3,17 +3,20 @@
 A `ValueTable` maps each value of a string or integer column (null included, as None) to a row of
 float64 sums. Each record batch adds its rows by value (`codes` turns the batch's column into row
 numbers, growing the table for new values); tables of several ranks merge by value (`merge`), so the
-result equals one table fed every row whatever the split. Values come out sorted (None last), the
+result equals one table fed every row whatever the split. Values come out sorted (strings in natural order, None last), the
 same order on every rank and for any world size. No torch: the data audit and the per-token
 diagnostics both use it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
+
+_DIGITS = re.compile(r"(\d+)")  # split() puts the runs of digits at the odd positions
 
 
 def _is_breakdown_type(t: pa.DataType) -> bool:
@@ -83,6 +86,11 @@ class ValueTable:
 
 
 def _order(item: tuple) -> tuple:
-    """Sort key: integers, then strings, then None (a column may be integer in one file, string in another)."""
+    """Sort key: integers, then strings, then None (a column may be integer in one file, string in another).
+
+    Strings in natural order, their runs of digits compared as numbers ("g2" before "g10"; "2" before "10", as
+    group_id, a string column in drpo's schema, usually holds integers)."""
     value = item[0]
-    return (value is None, isinstance(value, str), 0 if value is None else value)
+    if isinstance(value, str):
+        return (False, True, tuple(int(p) if k % 2 else p for k, p in enumerate(_DIGITS.split(value))), value)
+    return (value is None, False, 0 if value is None else value)

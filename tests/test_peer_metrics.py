@@ -281,8 +281,9 @@ def test_by_env_and_worst_by_in_the_report(audited):
     data_by = {e["value"]: e for e in report["data"]["by"]["env"]}
     assert sum(e["rows"] for e in data_by.values()) == table.num_rows
     assert sum(e["tokens"] for e in data_by.values()) == report["data"]["masked_tokens"]
-    assert [e["value"] for e in report["model"]["by"]["group_id"]] == sorted({str(g) for g in
-                                                                               table.column("group_id").to_pylist()})
+    # group_id is a string column in drpo's schema: its integer ids come in natural order ("2" before "10").
+    groups = sorted(set(table.column("group_id").to_pylist()))
+    assert [e["value"] for e in report["model"]["by"]["group_id"]] == [str(g) for g in groups]
     # Worst sequences by chi2/seq: the rows of largest R² − 1, R = exp(Σ log r), from the per-token output.
     lp, mu = (tokens.column(k).to_numpy().astype(np.float64) for k in ("logp", "behavior_logp"))
     score = {s: np.expm1(2 * np.clip(np.clip(lp - mu, -20, 20)[trained & (sid == s)].sum(), -20, 20))
@@ -323,6 +324,17 @@ def test_bad_by_column_and_worst_by_are_refused_before_any_work(tmp_path, valid_
         assert f"{path}: {message}" in result.output and not out.exists()
     result = runner.invoke(app, ["inspect", str(path), "--model", str(bogus), "--worst-by", "ppl/nope"])
     assert result.exit_code == 2 and "--worst-by 'ppl/nope': expected one of tr/harmful_frac" in result.output
+
+
+def test_by_values_come_in_natural_order():
+    from drpo_cli.value_table import ValueTable
+
+    table = ValueTable(1)
+    table.codes(pa.array(["g10", None, "g2", "b", "10", "2", "g2a"]))
+    assert [v for v, _ in table.items()] == ["2", "10", "b", "g2", "g2a", "g10", None]
+    ints = ValueTable(1)
+    ints.codes(pa.array([10, None, -1, 2]))
+    assert [v for v, _ in ints.items()] == [-1, 2, 10, None]
 
 
 def test_data_only_by_hand_computed(tmp_path, valid_rollout_path):
