@@ -197,6 +197,10 @@ CATASTROPHIC_RHO = 1e-4
 # Per-row sums a sequence-level metric needs (merged by row key, folded once a row is whole): trained tokens,
 # Σ log r, Σ log π, Σ log μ, catastrophic tokens.
 _ROW_FEATURES = ("n", "logr", "logp", "logmu", "catastrophic")
+# The relative error of a float64 sum of n terms is about log2(n)·2⁻⁵³ per torch sum plus 2⁻⁵³ per fold (one per
+# micro-batch or rank): under 1e-11 for 1e5 folds. A variance from such sums, n·Σx² − (Σx)², below 1e-9 of n·Σx²
+# (a coefficient of variation under 3e-5) is noise.
+VARIANCE_NOISE = 1e-9
 # The shares of what each mask drops that had A > 0 (NeMo-RL masked_correct_pct, prime-rl masked_advantage_positive).
 DROPPED_POS = "dropped_pos_adv_frac"
 
@@ -788,7 +792,11 @@ class Diagnostics:
             var_pi = n * s["sum_pi_sq"] - s["sum_pi"] ** 2  # n²·variance of π, of μ; n²·covariance
             var_mu = n * s["sum_mu_sq"] - s["sum_mu"] ** 2
             cov = n * s["sum_pi_mu"] - s["sum_pi"] * s["sum_mu"]
-            out["prob/pearson"] = cov / math.sqrt(var_pi * var_mu) if var_pi > 0 and var_mu > 0 else None
+            # A constant π or μ leaves rounding noise of either sign in its variance, which would make the
+            # correlation depend on the summation order (micro-batches, ranks): below VARIANCE_NOISE·n·Σx² the
+            # variance counts as 0 and the correlation is undefined (None).
+            spread = var_pi > VARIANCE_NOISE * n * s["sum_pi_sq"] and var_mu > VARIANCE_NOISE * n * s["sum_mu_sq"]
+            out["prob/pearson"] = cov / math.sqrt(var_pi * var_mu) if spread else None
             abs_mean = s["sum_abs_delta"] / n
             out["delta/abs_std"] = math.sqrt(max(s["sum_abs_delta_sq"] / n - abs_mean**2, 0.0))
         entropy = s["sum_entropy"] / s["n_entropy"] if s["n_entropy"] > 0 else 0.0

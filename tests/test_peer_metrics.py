@@ -6,6 +6,7 @@ Hand-computed values, a naive NumPy reference, rows split over calls (merged by 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -128,6 +129,24 @@ def test_against_a_numpy_reference_with_rows_split_over_calls():
                entropy=torch.from_numpy(entropy))
     for key in ref:
         assert one.summary()[key] == pytest.approx(s[key], rel=RTOL, abs=ATOL), key
+
+
+def test_pearson_of_a_constant_mu_is_none_whatever_the_split():
+    # μ = e⁻¹ on every token (a sampler that logged one value): its variance is 0, but n·Σμ² − (Σμ)² from float64
+    # sums is rounding noise of either sign, so without a floor the result would depend on the split.
+    g = np.random.default_rng(2)
+    logp, mu = np.log(g.uniform(0.05, 1.0, 2001)), np.full(2001, -1.0)
+    adv, mask = g.standard_normal(2001), np.ones(2001, dtype=bool)
+    for cuts in ((0, 2001), tuple(range(0, 2001, 23)) + (2001,), tuple(range(0, 2001, 8)) + (2001,)):  # 0, < 0, > 0
+        diag = Diagnostics()
+        for a, b in itertools.pairwise(cuts):
+            diag.update(*(torch.from_numpy(x[a:b]) for x in (logp, mu, adv, mask)))
+        assert diag.summary()["prob/pearson"] is None, cuts
+    spread = mu + 1e-3 * g.standard_normal(2001)  # a small real spread is still a correlation
+    diag = Diagnostics()
+    diag.update(*(torch.from_numpy(x) for x in (logp, spread, adv, mask)))
+    ref = np.corrcoef(np.exp(logp), np.exp(spread))[0, 1]
+    assert diag.summary()["prob/pearson"] == pytest.approx(ref, rel=1e-6)  # raw moments: cancellation ~1e-10
 
 
 def test_dropped_positive_shares_against_the_masks():
