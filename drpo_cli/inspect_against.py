@@ -47,23 +47,26 @@ def _row_hashes(batch: pa.RecordBatch) -> np.ndarray:
     return out
 
 
-def _ids_and_hashes(source: RolloutSource, role: str) -> tuple[list, np.ndarray]:
-    """(sample ids in file order, their row hashes) of every row; InputError when a file has no sample_id."""
-    ids, hashes = [], []
+def _ids_and_hashes(source: RolloutSource, role: str) -> tuple[list, list[str], np.ndarray]:
+    """(sample ids in file order, where each row is ("FILE row K"), their row hashes); InputError when a file has
+    no sample_id."""
+    ids, where, hashes = [], [], []
     for rf in source.files:
         if "sample_id" not in rf.fields:
             raise InputError(f"{rf.path}: column sample_id: expected sample ids to match the rows of {role} "
                              "(--against), found no such column")
     for sb in source.iter_batches(_HASH_COLUMNS):
         ids += sb.batch.column("sample_id").to_pylist()
+        where += [f"{sb.path} row {sb.row_offset + k}" for k in range(sb.batch.num_rows)]
         hashes.append(_row_hashes(sb.batch))
-    return ids, np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+    return ids, where, np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
 
 
-def _refuse(what: str, ids: list, expected: str) -> None:
-    shown = ", ".join(repr(i) for i in ids[:EXAMPLES]) + (f" and {len(ids) - EXAMPLES} more" if len(ids) > EXAMPLES
-                                                          else "")
-    raise InputError(f"{what}: expected {expected}, found {len(ids)} row(s) that do not: sample_id {shown}")
+def _refuse(what: str, expected: str, found: str, rows: list[tuple[object, str]]) -> None:
+    """InputError naming the first EXAMPLES (sample id, "FILE row K") of `rows`."""
+    shown = ", ".join(f"{sid!r} ({at})" for sid, at in rows[:EXAMPLES])
+    more = f" and {len(rows) - EXAMPLES} more" if len(rows) > EXAMPLES else ""
+    raise InputError(f"{what}: expected {expected}, found {len(rows)} {found}: sample_id {shown}{more}")
 
 
 class Against:
@@ -73,24 +76,27 @@ class Against:
         self.files = list(cfg.against)
         self.source = open_rollouts(self.files, cfg.column_map())
         a_path, b_path = ", ".join(cfg.rollouts), ", ".join(self.files)
-        ids_a, hash_a = _ids_and_hashes(source_a, "--against")
-        ids_b, hash_b = _ids_and_hashes(self.source, "the audited rollouts")
-        for path, ids in ((a_path, ids_a), (b_path, ids_b)):
+        ids_a, where_a, hash_a = _ids_and_hashes(source_a, "--against")
+        ids_b, where_b, hash_b = _ids_and_hashes(self.source, "the audited rollouts")
+        for path, ids, where in ((a_path, ids_a, where_a), (b_path, ids_b, where_b)):
             seen: set = set()
-            twice = [i for i in ids if i in seen or seen.add(i)]
+            twice = [(i, at) for i, at in zip(ids, where) if i in seen or seen.add(i)]
             if twice:
-                _refuse(f"{path}: column sample_id", twice, "each sample id once (rows are matched by it)")
-        where_b = {sid: k for k, sid in enumerate(ids_b)}
-        missing = [sid for sid in ids_a if sid not in where_b]
+                _refuse(f"{path}: column sample_id", "each sample id once (rows are matched by it)",
+                        "repeated", twice)
+        row_of_b = {sid: k for k, sid in enumerate(ids_b)}
+        missing = [(sid, at) for sid, at in zip(ids_a, where_a) if sid not in row_of_b]
         if missing:
-            _refuse(f"{b_path}: column sample_id", missing, f"a row for every sample id of {a_path}")
-        extra = sorted(set(ids_b) - set(ids_a))
+            _refuse(f"{b_path}: column sample_id", f"a row for every sample id of {a_path}", "without one", missing)
+        in_a = set(ids_a)
+        extra = [(sid, at) for sid, at in zip(ids_b, where_b) if sid not in in_a]
         if extra:
-            _refuse(f"{b_path}: column sample_id", extra, f"only the sample ids of {a_path}")
-        self.b_row = np.fromiter((where_b[sid] for sid in ids_a), dtype=np.int64, count=len(ids_a))  # (N,)
-        differ = [ids_a[k] for k in np.flatnonzero(hash_a != hash_b[self.b_row])]
+            _refuse(f"{b_path}: column sample_id", f"only the sample ids of {a_path}", "others", extra)
+        self.b_row = np.fromiter((row_of_b[sid] for sid in ids_a), dtype=np.int64, count=len(ids_a))  # (N,)
+        differ = [(ids_a[k], where_b[self.b_row[k]]) for k in np.flatnonzero(hash_a != hash_b[self.b_row])]
         if differ:
-            _refuse(f"{b_path}: columns prompt_ids, response_ids", differ, f"the token ids of the same rows of {a_path}")
+            _refuse(f"{b_path}: columns prompt_ids, response_ids", f"the token ids of the same rows of {a_path}",
+                    "whose tokens differ", differ)
         self._batches, self._current = None, None
 
     def _restart(self) -> None:

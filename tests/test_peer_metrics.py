@@ -431,7 +431,8 @@ def test_against_refuses_unmatched_rows_and_other_tokens_before_any_work(two_sam
                                   pa.list_(pa.int32())))
     cases = {"missing": (b.slice(1), "expected a row for every sample id of"),
              "other tokens": (other, (f"expected the token ids of the same rows of {TOY / 'rollouts.arrow'}, found 1 "
-                                      f"row(s) that do not: sample_id {b.column('sample_id')[3].as_py()!r}"))}
+                                      f"whose tokens differ: sample_id {b.column('sample_id')[3].as_py()!r} "
+                                      f"({tmp_path / 'other tokens.arrow'} row 3)"))}
     for name, (table, message) in cases.items():
         path = write_rollout_table(table, tmp_path / f"{name}.arrow")
         out = tmp_path / "r.json"
