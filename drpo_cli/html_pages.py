@@ -357,7 +357,8 @@ def inspect_page(report: dict) -> str:
     if against is not None:
         comps = against["comparisons"]
         sections.append(_section(
-            f"Two samplers on the same tokens: A = the rollouts, B = {', '.join(against['files'])}",
+            f"Two samplers on the same tokens: A = {', '.join(report['inputs']['rollouts'])}, "
+            f"B = {', '.join(against['files'])}",
             _table(["metric", *(c["label"] for c in comps)], [["tokens", *(c["tokens"] for c in comps)]]
                    + [[name, *(c["metrics"].get(name) for c in comps)] for name in AGAINST_SHOWN]),
             f"<p class=legend>{against['rows']:,} rows matched by sample_id; {against['mask_differs']:,} tokens "

@@ -750,22 +750,29 @@ def render_inspect(report: dict, console: Any) -> None:
         if report["settings"]["reject"]:
             console.print(f"--reject {' '.join(report['settings']['reject'])} would reject "
                           f"{fmt(report['metrics']['reject/token_frac'])} of the tokens and "
-                          f"{fmt(report['metrics']['reject/seq_frac'])} of the sequences", highlight=False, markup=False)
+                          f"{fmt(report['metrics']['reject/seq_frac'])} of the sequences"
+                          f"{_positive_share(report['metrics']['reject/dropped_pos_adv_frac'])}", highlight=False,
+                          markup=False)
         settings, m = report["settings"], report["metrics"]
         if settings["correction"] != "none":
             console.print(f"--correction {settings['correction']} would mask {fmt(m['reject/seq_frac'])} of the "
                           "sequences", highlight=False, markup=False)
         if settings["is_veto"] is not None:
             console.print(f"--is-veto {settings['is_veto']:g} would drop {fmt(m['veto/seq_frac'])} of the sequences "
-                          f"({fmt(m['veto/token_frac'])} of the tokens below it)", highlight=False, markup=False)
+                          f"({fmt(m['veto/token_frac'])} of the tokens below it)"
+                          f"{_positive_share(m['veto/dropped_pos_adv_frac'])}", highlight=False, markup=False)
         if settings["is_batch_norm"]:
             console.print(f"--is-batch-norm would divide the weights by {fmt(m['is/batch_norm_factor'])}",
                           highlight=False, markup=False)
     against = report["against"]
     if against is not None:
         comps = against["comparisons"]
-        console.print(number_table(f"Two samplers on the same tokens: A = the rollouts, B = {', '.join(against['files'])}"
-                                   f" ({fmt(against['rows'])} rows)", "metric", [c["label"] for c in comps],
+        console.print(f"Two samplers on the same tokens: A = {', '.join(report['inputs']['rollouts'])}, "
+                      f"B = {', '.join(against['files'])}; {fmt(against['rows'])} rows matched by sample_id, "
+                      f"{fmt(against['mask_differs'])} tokens trained in one file only left out; every metric of "
+                      "each pair is in the JSON report", highlight=False, markup=False)
+        console.print(number_table("Each pair as π vs μ, r = π/μ", "metric",
+                                   [c["label"] for c in comps],
                                    [["tokens", *(fmt_cell(c["tokens"]) for c in comps)]]
                                    + [[name, *(fmt_cell(c["metrics"].get(name)) for c in comps)]
                                       for name in AGAINST_SHOWN]))
@@ -774,6 +781,11 @@ def render_inspect(report: dict, console: Any) -> None:
     for gate in report["gates"]:
         verdict = "[green]pass[/green]" if gate["passed"] else "[red]FAIL[/red]"
         console.print(f"gate {gate['metric']} = {fmt(gate['value'])} (limit {fmt(gate['threshold'])}): {verdict}")
+
+
+def _positive_share(frac: float | None) -> str:
+    """What a rejection drops that had A > 0, as a clause (empty when it drops nothing)."""
+    return "" if frac is None else f"; {fmt(frac)} of the tokens it drops have A > 0"
 
 
 def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
@@ -795,9 +807,7 @@ def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
                                   ("By behavior probability μ", model["by_mu_bucket"], "key"),
                                   ("By position in the response", model["by_position"], "key"),
                                   ("DRPO what-if over δ (w = 1 − sign(A)·Δ/δ)", what_if, "delta"),
-                                  (f"Worst sequences by {model['worst_by']}", [
-                                      {k: w.get(k) for k in WORST_SHOWN} for w in model["worst_sequences"]],
-                                   "sample_id")]:
+                                  (f"Worst sequences by {model['worst_by']}", _worst_rows(model), "sample_id")]:
         if records:
             console.print(_records_table(title, records, first))
     for name, records in model["by"].items():
@@ -832,6 +842,16 @@ def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
 
 
 WORST_SHOWN = ("sample_id", "tokens", "score", "harmful_frac", "outside_frac", "delta_abs_max", "k3_mean", "lag")
+# --worst-by metrics whose per-sequence value is one of WORST_SHOWN's columns already (no score column then).
+_WORST_COLUMN = {"tr/harmful_frac": "harmful_frac", "tr/outside_frac": "outside_frac",
+                 "delta/abs_max": "delta_abs_max", "kl/k3_mean": "k3_mean"}
+
+
+def _worst_rows(model: dict) -> list[dict]:
+    """The worst sequences' console rows: the score under its metric's name, unless a column shows it already."""
+    by = model["worst_by"]
+    return [{(by if k == "score" else k): w.get(k) for k in WORST_SHOWN if not (k == "score" and by in _WORST_COLUMN)}
+            for w in model["worst_sequences"]]
 BY_SHOWN = 25  # values of a --by column shown on the console (the JSON report and the page have every value)
 
 
