@@ -43,8 +43,9 @@ DEVICES = ("auto", "cpu", "cuda")
 # What `inspect --worst-by` may rank the worst sequences by: each metric's value over one sequence
 # (inspect_model.WORST_BY_SCORES; chi2/seq, ppl/* and logr/abs_max by the sequence's own R, gap or extreme).
 WORST_BY = ("tr/harmful_frac", "tr/outside_frac", "delta/abs_mean", "delta/abs_max", "kl/k1_mean", "kl/k3_mean",
-            "kl/reverse_mean", "kl/js_mean", "chi2/token", "chi2/seq", "ppl/log_diff_mean", "ppl/log_abs_diff_mean",
-            "ppl/ratio_mean", "logr/abs_max", "is/catastrophic_token_frac")
+            "kl/reverse_mean", "kl/reverse_k3_mean", "kl/js_mean", "chi2/token", "chi2/seq", "prob/mult_error_mean",
+            "ppl/log_diff_mean", "ppl/log_abs_diff_mean", "ppl/ratio_mean", "logr/abs_mean", "logr/abs_max",
+            "is/catastrophic_token_frac")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 

@@ -56,6 +56,8 @@ def _mean(seq: np.ndarray, feature: str) -> np.ndarray:
 _TOKEN_VALUES = {
     "logr": lambda t, log_c: t["logr"],
     "kl_reverse": lambda t, log_c: t["kl_reverse"],
+    "reverse_k3": lambda t, log_c: t["reverse_k3"],
+    "mult_error": lambda t, log_c: torch.maximum(t["ratio"], t["ratio"].reciprocal()),  # exp(|log r|)
     "js": lambda t, log_c: t["js"],
     "ratio_sq": lambda t, log_c: t["ratio"].square(),
     "log_gap": lambda t, log_c: t["behavior_logp"] - t["logp"],  # log μ − log π, unclamped as verl's log-ppl
@@ -72,13 +74,16 @@ WORST_BY_SCORES = {
     "kl/k3_mean": (None, "sum", lambda q: _mean(q, "k3")),
     "kl/k1_mean": ("logr", "sum", lambda q: -_mean(q, "extra")),
     "kl/reverse_mean": ("kl_reverse", "sum", lambda q: _mean(q, "extra")),
+    "kl/reverse_k3_mean": ("reverse_k3", "sum", lambda q: _mean(q, "extra")),
     "kl/js_mean": ("js", "sum", lambda q: _mean(q, "extra")),
     "chi2/token": ("ratio_sq", "sum", lambda q: _mean(q, "extra") - 1.0),
     # R² − 1 with R = exp(Σ_t log r_t), log R clamped as Diagnostics' is/ess_seq and chi2/seq
     "chi2/seq": ("logr", "sum", lambda q: np.expm1(2.0 * np.clip(q[:, _F["extra"]], -LOGR_CLAMP, LOGR_CLAMP))),
+    "prob/mult_error_mean": ("mult_error", "sum", lambda q: _mean(q, "extra")),
     "ppl/log_diff_mean": ("log_gap", "sum", lambda q: _mean(q, "extra")),
     "ppl/log_abs_diff_mean": ("log_gap", "sum", lambda q: np.abs(_mean(q, "extra"))),
     "ppl/ratio_mean": ("log_gap", "sum", lambda q: np.exp(_mean(q, "extra"))),
+    "logr/abs_mean": ("abs_logr", "sum", lambda q: _mean(q, "extra")),
     "logr/abs_max": ("abs_logr", "max", lambda q: q[:, _F["extra"]]),
     "is/catastrophic_token_frac": ("catastrophic", "sum", lambda q: _mean(q, "extra")),
 }

@@ -6,6 +6,7 @@ Hand-computed values, a naive NumPy reference, rows split over calls (merged by 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -322,6 +323,58 @@ def test_by_env_and_worst_by_in_the_report(audited):
 
 def test_every_worst_by_name_has_a_score():
     assert set(WORST_BY) == set(WORST_BY_SCORES)
+
+
+def worst_by_reference(lp, mu, adv, catastrophic: float, tr_delta: float = 0.2) -> dict:
+    """Each --worst-by metric over one row's trained tokens, naively in NumPy (float64)."""
+    d = lp - mu
+    logr = np.clip(d, -20, 20)
+    r, delta = np.exp(logr), np.exp(lp) - np.exp(mu)
+    return {
+        "tr/harmful_frac": (((adv > 0) & (delta > tr_delta)) | ((adv < 0) & (delta < -tr_delta))).mean(),
+        "tr/outside_frac": (np.abs(delta) > tr_delta).mean(), "delta/abs_mean": np.abs(delta).mean(),
+        "delta/abs_max": np.abs(delta).max(), "kl/k1_mean": -logr.mean(), "kl/k3_mean": (r - 1 - logr).mean(),
+        "kl/reverse_mean": (r * logr).mean(), "kl/reverse_k3_mean": (1 / r - 1 + logr).mean(),
+        "kl/js_mean": np.log(np.cosh(d / 2)).mean(), "chi2/token": (r**2).mean() - 1,
+        "chi2/seq": np.exp(2 * np.clip(logr.sum(), -20, 20)) - 1, "prob/mult_error_mean": np.exp(np.abs(logr)).mean(),
+        "ppl/log_diff_mean": -d.mean(), "ppl/log_abs_diff_mean": abs(d.mean()), "ppl/ratio_mean": np.exp(-d.mean()),
+        "logr/abs_mean": np.abs(logr).mean(), "logr/abs_max": np.abs(logr).max(),
+        "is/catastrophic_token_frac": (d < math.log(catastrophic)).mean(),
+    }
+
+
+def test_each_worst_by_score_per_row_equals_a_numpy_reference():
+    # The toy rows with a random loss mask (NaN μ under it) and a random π, fed micro-batch by micro-batch as
+    # inspect --model does: every --worst-by metric's per-row score against the NumPy reference of its row.
+    from drpo_cli.batching import plan_micro_batches
+    from drpo_cli.inspect_model import _Chunk
+    from drpo_cli.rollouts import load_rows
+
+    rows = load_rows(str(TOY / "rollouts.arrow"))
+    g = np.random.default_rng(7)
+    mask = g.uniform(size=rows.num_tokens) > 0.2
+    rows = dataclasses.replace(rows, loss_mask=mask,
+                               behavior_logprobs=np.where(mask, rows.behavior_logprobs, np.nan).astype(np.float32))
+    logp = np.minimum(rows.behavior_logprobs + 0.7 * g.standard_normal(rows.num_tokens), 0.0).astype(np.float32)
+    logp[np.flatnonzero(rows.loss_mask)[:2]] = (-25.0, 0.0)  # a |log r| beyond the clamp, and a likely one near it
+    for metric in WORST_BY:
+        diag, chunk = Diagnostics(catastrophic=0.05), _Chunk(rows, None, None, metric, 0.05)
+        for mb in plan_micro_batches(rows, np.arange(rows.num_rows), 64):
+            idx = mb.token_index.numpy()
+            f = torch.from_numpy
+            t = diag.update(f(logp[idx]), f(rows.behavior_logprobs[idx]), f(rows.advantages[idx]),
+                            f(rows.loss_mask[idx]), seq_index=mb.seq_index)
+            chunk.add(mb, logp[idx], rows.loss_mask[idx], t)
+        score = WORST_BY_SCORES[metric][2](chunk.seq)
+        for i in range(rows.num_rows):
+            lo, hi = rows.response_offsets[i], rows.response_offsets[i + 1]
+            on = rows.loss_mask[lo:hi]
+            if not on.any():
+                continue
+            ref = worst_by_reference(*(x[lo:hi][on].astype(np.float64) for x in (logp, rows.behavior_logprobs,
+                                                                                  rows.advantages)), 0.05)[metric]
+            # float64 sums of float32 inputs over one row (≤ 12 tokens): rounding ~1e-15 relative; 1e-9 is room.
+            assert score[i] == pytest.approx(ref, rel=RTOL, abs=ATOL), (metric, i)
 
 
 def test_bad_by_column_and_worst_by_are_refused_before_any_work(tmp_path, valid_rollout_path):
