@@ -348,8 +348,8 @@ def inspect_page(report: dict) -> str:
         for name, records in model["by"].items():
             sections.append(_section(f"Current model vs sampler by {name}", _by_chart(records, "k3_mean"),
                                      _records(_by_rows(records), "value")))
-        sections.append(_section(f"Worst sequences by {model['worst_by']}",
-                                 _records(model["worst_sequences"], "sample_id"),
+        worst = [{(model["worst_by"] if k == "score" else k): v for k, v in w.items()} for w in model["worst_sequences"]]
+        sections.append(_section(f"Worst sequences by {model['worst_by']}", _records(worst, "sample_id"),
                                  tokens_html(model["worst_tokens"], model["checkpoint"]["path"])))
     for name, records in data["by"].items():
         sections.append(_section(f"Data by {name}", _records(_by_rows(records), "value")))
