@@ -8,10 +8,13 @@ The file is the first `--rows` rows of read_large.py's (128 prompt + 256..2047 r
 reward + group_id) with token ids below the vocabulary; the model a seeded random Llama with a 32k vocabulary
 (hidden 256, 2 layers), so that the output head weighs per token as a small real model's does (a tiny-vocabulary
 model would make the per-token statistics look expensive beside a forward that costs nothing). The base tree is
-`git archive REV` unpacked under --dir; each audit is its own process (peak RSS: the child's ru_maxrss). Base and
-current run in pairs, the order alternating from pair to pair, so that both see the same load on a shared machine;
-the ratios are per pair (current / base), reported as their minimum and median, beside each side's own minimum
-and median. `--profile` adds one cProfile run of each tree and splits its audit's time into the model's log-probs,
+`git archive REV` unpacked under --dir; each audit is its own process (CPU seconds: the child's user + system
+time; peak RSS: its ru_maxrss). Base and current run in pairs, the order alternating from pair to pair, so that
+both see the same load on a shared machine; the ratios are per pair (current / base), reported as their minimum
+and median, beside each side's own minimum and median. On a machine shared with other jobs the wall time swings
+by tens of percent from run to run and torch's intra-op threads spin while they wait for a core (a few-thousand-
+element op can take milliseconds): `--threads 1` (OMP_NUM_THREADS for the children) makes CPU seconds a measure
+of the work done. `--profile` adds one cProfile run of each tree and splits its audit's time into the model's log-probs,
 the Diagnostics accumulator, the worst sequences' per-row sums and traces, the μ–π picture and the rest.
 """
 
@@ -48,17 +51,18 @@ def make_model(path: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
-def child(tree: Path, argv: list[str], prefix: tuple[str, ...] = ()) -> tuple[float, float]:
-    """(seconds, peak RSS MB) of `python [prefix] -m drpo_cli argv` run from the source tree `tree`."""
+def child(tree: Path, argv: list[str], env: dict, prefix: tuple[str, ...] = ()) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS MB) of `python [prefix] -m drpo_cli argv` run from the source tree `tree`."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *prefix, "-m", "drpo_cli", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
+                            stderr=subprocess.PIPE, text=True, cwd=tree,
+                            env={**os.environ, **env, "PYTHONPATH": str(tree)})
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     err = proc.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{tree}: drpo {' '.join(argv)} failed:\n{err[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def profile_parts(path: Path) -> tuple[float, dict[str, float]]:
@@ -84,6 +88,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=48, help="rows of the file (about 1,150 response tokens each)")
     ap.add_argument("--repeats", type=int, default=3, help="pairs of runs (base, current)")
     ap.add_argument("--profile", action="store_true", help="also one cProfile run of each tree, split into parts")
+    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the audits (default: torch's own choice)")
     ap.add_argument("--dir", default="/tmp/drpo_peer_metrics")
     args = ap.parse_args()
     base = args.base or subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=ROOT, check=True,
@@ -110,15 +115,17 @@ def main() -> None:
             writer.write_table(table)
     argv = ["inspect", path, "--model", str(model), "--quiet", "--device", "cpu"]
     trees = {"base": tree, "current": ROOT}
-    runs: dict[str, list[tuple[float, float]]] = {"base": [], "current": []}
+    env = {} if args.threads is None else {"OMP_NUM_THREADS": str(args.threads)}
+    runs: dict[str, list[tuple[float, float, float]]] = {"base": [], "current": []}
     for i in range(args.repeats):
         for name in ("base", "current") if i % 2 == 0 else ("current", "base"):
-            runs[name].append(child(trees[name], argv))
+            runs[name].append(child(trees[name], argv, env))
+    threads = "torch's default threads" if args.threads is None else f"OMP_NUM_THREADS={args.threads}"
     print(f"drpo inspect --model, {args.rows} rows, random Llama (vocabulary {VOCAB}, hidden 256, 2 layers), "
-          f"{args.repeats} pairs of runs, order alternating; base {base}")
+          f"{threads}, {args.repeats} pairs of runs, order alternating; base {base}")
     print(f"{'':16}{'base min':>10}{'median':>10}{'current min':>13}{'median':>10}"
           f"{'current / base per pair: min':>30}{'median':>10}")
-    for j, (label, digits) in enumerate((("seconds", 2), ("peak RSS (MB)", 0))):
+    for j, (label, digits) in enumerate((("wall seconds", 2), ("CPU seconds", 2), ("peak RSS (MB)", 0))):
         b, c = ([r[j] for r in runs[n]] for n in ("base", "current"))
         ratios = [y / x for x, y in zip(b, c)]
         print(f"{label:16}{min(b):>10.{digits}f}{statistics.median(b):>10.{digits}f}{min(c):>13.{digits}f}"
@@ -128,7 +135,7 @@ def main() -> None:
         profiles = {}
         for name in ("base", "current"):
             out = root / f"profile-{name}.out"
-            child(trees[name], argv, ("-m", "cProfile", "-o", str(out)))
+            child(trees[name], argv, env, ("-m", "cProfile", "-o", str(out)))
             profiles[name] = profile_parts(out)
         print(f"{'':34}{'base':>18}{'current':>18}")
         print(f"{'audit_model':34}" + "".join(f"{t:>10.2f} (100%)" for t, _ in profiles.values()))
