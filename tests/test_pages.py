@@ -10,8 +10,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
-from conftest import TOY
+from conftest import TOY, write_rollout_table
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
@@ -23,10 +25,18 @@ VOID = {"meta", "br", "img", "input", "link", "hr", "line", "rect", "circle", "p
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory) -> dict[str, Path]:
-    """The three pages of one pipeline: an audit, two rounds of training, the history of the rounds."""
+    """The three pages of one pipeline: an audit (broken down by group_id, the worst sequences by chi2/seq, against
+    a second sampler's log-probs of the same rows), two rounds of training, the history of the rounds."""
     d = tmp_path_factory.mktemp("pages")
     runner = CliRunner()
+    a = pa.ipc.open_file(str(TOY / "rollouts.arrow")).read_all()
+    moved = pc.cast(pc.min_element_wise(pc.add(a.column("behavior_logprobs").combine_chunks().flatten(), 0.01), 0.0),
+                    pa.float32())  # B: the same rows, each log-prob 0.01 higher (at most 0)
+    b = a.set_column(a.schema.get_field_index("behavior_logprobs"), "behavior_logprobs",
+                     pa.ListArray.from_arrays(a.column("behavior_logprobs").combine_chunks().offsets, moved))
+    write_rollout_table(b, d / "b.arrow")
     inspect = runner.invoke(app, ["inspect", str(TOY / "rollouts.arrow"), "--model", str(TOY / "model"), "-q",
+                                  "--by", "group_id", "--worst-by", "chi2/seq", "--against", str(d / "b.arrow"),
                                   "--html", str(d / "inspect.html"), "--json", str(d / "inspect.json")])
     assert inspect.exit_code == 0, inspect.output
     model = TOY / "model"
@@ -88,6 +98,14 @@ def test_inspect_page_draws_the_trust_region_and_the_worst_tokens(pages):
     assert "PPO-clip: π/μ = 0.8 and 1.28" in text and "DPPO Binary-TV: |π − μ| = 0.15" in text
     assert "DRPO δ = 12.5: unreachable" in text
     assert c.tags["svg"] >= 6 and "mean |Δ| by lag" in text and "by behavior probability μ" in text
+    # The peers' metrics, --by group_id (model and data), --worst-by's score column, the --against table.
+    assert "<h2>Mismatch as other trainers report it</h2>" in text and "<td class=t>is/ess_seq</td>" in text
+    for title in ("Current model vs sampler by group_id", "Data by group_id", "Worst sequences by chi2/seq"):
+        assert f"<h2>{title}</h2>" in text, title
+    assert "<th>chi2/seq</th>" in text and "k3_mean by value" in text
+    assert len(report["model"]["by"]["group_id"]) == len(report["data"]["by"]["group_id"]) == 24
+    assert "<h2>Two samplers on the same tokens: A = " in text
+    assert all(f"<th>{label}</th>" in text for label in ("model vs A", "model vs B", "B vs A"))
     # Worst sequences decoded by the checkpoint's tokenizer, one span per token, its trace (π, μ, Δ, r) on hover.
     worst = report["model"]["worst_tokens"][0]
     decoded = decode_tokens(str(TOY / "model"), [worst["token_ids"]])[0]
