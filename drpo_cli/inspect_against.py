@@ -19,11 +19,11 @@ import torch
 from drpo_cli.config import LOSS_HPARAMS, InspectConfig
 from drpo_cli.divergence import Diagnostics
 from drpo_cli.errors import InputError
-from drpo_cli.rollouts import RolloutRows
+from drpo_cli.rollouts import RolloutRows, file_temperature
 from drpo_cli.schema import RolloutSource, open_rollouts
 
 _HASH_COLUMNS = ("sample_id", "prompt_ids", "response_ids")
-_B_COLUMNS = ("response_ids", "behavior_logprobs", "loss_mask")
+_B_COLUMNS = ("response_ids", "behavior_logprobs", "loss_mask", "temperature")
 _PRIME = np.uint64(1099511628211)  # FNV-64's prime: multiplications wrap modulo 2⁶⁴
 EXAMPLES = 5  # ids named in a refusal
 
@@ -98,14 +98,16 @@ class Against:
             _refuse(f"{b_path}: columns prompt_ids, response_ids", f"the token ids of the same rows of {a_path}",
                     "whose tokens differ", differ)
         self._batches, self._current = None, None
+        self.default_temperature = {rf.path: file_temperature(rf.metadata, cfg.temperature) for rf in self.source.files}
+        self.temperature_differs = 0  # A's rows (this rank's) whose B row has another sampling temperature
 
     def _restart(self) -> None:
         self._batches = self.source.iter_batches(_B_COLUMNS)
         self._current = next(self._batches, None)
 
-    def _rows(self, wanted: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """{B global row: (log-probs (n,), loss_mask (n,))} of the sorted rows `wanted`."""
-        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    def _rows(self, wanted: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, float]]:
+        """{B global row: (log-probs (n,), loss_mask (n,), temperature)} of the sorted rows `wanted`."""
+        out: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         if self._current is None or (wanted.size and wanted[0] < self._current.global_offset):
             self._restart()
         for g in wanted.tolist():
@@ -119,17 +121,21 @@ class Against:
             logp = np.asarray(b.column("behavior_logprobs")[k].values.to_numpy(zero_copy_only=False), np.float32)
             mask = (np.asarray(b.column("loss_mask")[k].values.to_numpy(zero_copy_only=False), bool)
                     if "loss_mask" in b.schema.names else np.ones(len(logp), dtype=bool))
-            out[g] = (logp, mask)
+            temperature = b.column("temperature")[k].as_py() if "temperature" in b.schema.names else None
+            out[g] = (logp, mask, self.default_temperature[self._current.path] if temperature is None else temperature)
         return out
 
     def behavior_of(self, rows: RolloutRows) -> tuple[np.ndarray, np.ndarray]:
-        """(B's log-probs (T,), B's loss_mask (T,)) laid out as A's streamed `rows`' tokens."""
+        """(B's log-probs (T,), B's loss_mask (T,)) laid out as A's streamed `rows`' tokens; counts the rows whose
+        sampling temperature differs between the files (their log-probs are of other distributions)."""
         b_rows = self.b_row[rows.global_row]  # (n,)
         found = self._rows(np.unique(b_rows))
         if rows.num_rows == 0:
             return np.zeros(0, np.float32), np.zeros(0, bool)
         logp = np.concatenate([found[int(g)][0] for g in b_rows])
         mask = np.concatenate([found[int(g)][1] for g in b_rows])
+        temperature = np.array([found[int(g)][2] for g in b_rows], dtype=np.float32)  # (n,) as A's, float32
+        self.temperature_differs += int((temperature != rows.temperature).sum())
         return logp, mask
 
 
@@ -170,15 +176,16 @@ class Comparisons:
         """The report's `against` section (a collective under torchrun)."""
         from drpo_cli import distributed
 
-        differs = int(distributed.all_reduce_sum(torch.tensor([self.mask_differs])).item())
+        differs, temperatures = distributed.all_reduce_sum(
+            torch.tensor([self.mask_differs, self.against.temperature_differs])).tolist()
         out = []
         for label, diag in self.diags.items():
             s = diag.all_reduce_().summary()
             metrics = {k: v for k, v in s.items() if not isinstance(v, (dict, list)) and not k.startswith("data/")}
             out.append({"label": label, "pi": label.split(" vs ")[0], "mu": label.split(" vs ")[1],
                         "tokens": int(s["data/tokens"]), "metrics": metrics})
-        return {"files": self.against.files, "rows": len(self.against.b_row), "mask_differs": differs,
-                "comparisons": out}
+        return {"files": self.against.files, "rows": len(self.against.b_row), "mask_differs": int(differs),
+                "temperature_differs": int(temperatures), "comparisons": out}
 
 
 def compare_without_model(cfg: InspectConfig, source: RolloutSource, against: Against, shard=None) -> dict:

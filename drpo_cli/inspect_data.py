@@ -826,6 +826,10 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
         from drpo_cli.inspect_against import compare_without_model
 
         against_section = compare_without_model(cfg, source, against, shard)
+    if against_section is not None and against_section["temperature_differs"]:
+        notes.append(f"--against: {against_section['temperature_differs']} row(s) were sampled at another temperature "
+                     f"in {', '.join(cfg.against)} than in {', '.join(cfg.rollouts)}: their log-probs are of other "
+                     "distributions, so B vs A mixes the temperature's effect with the samplers' mismatch")
     data = audit.section(current, version_source)
     data["staleness_filter"] = audit.staleness_filter(cfg, filter_current)
     notes = data_notes(data, source.metadata) + notes

@@ -662,6 +662,8 @@ _AGAINST_SECTION = _object_schema({
     "files": {"type": "array", "items": _STR, "description": "--against: B, the other sampler's rollouts"},
     "rows": _INT,
     "mask_differs": {"type": "integer", "minimum": 0, "description": "tokens trained in one file, not the other"},
+    "temperature_differs": {"type": "integer", "minimum": 0,
+                            "description": "rows sampled at another temperature in B than in A (a note says so)"},
     "comparisons": {"type": "array", "items": _object_schema({
         "label": _STR, "pi": {"enum": ["model", "B"]}, "mu": {"enum": ["A", "B"]},
         "tokens": {"type": "integer", "minimum": 0, "description": "tokens trained in both files"},

@@ -464,6 +464,18 @@ def test_against_without_model_equals_a_numpy_reference(two_samplers):
     assert ab["metrics"]["delta/abs_max"] == pytest.approx(np.abs(np.exp(mu_b) - np.exp(mu_a)).max(), rel=RTOL)
 
 
+def test_against_names_rows_sampled_at_another_temperature(two_samplers, tmp_path):
+    _, _, b, path_b = two_samplers
+    same = run_inspect(InspectConfig(rollouts=(str(TOY / "rollouts.arrow"),), against=(str(path_b),)).check())
+    assert same["against"]["temperature_differs"] == 0 and not any("--against" in n for n in same["notes"])
+    hotter = b.set_column(b.schema.get_field_index("temperature"), "temperature",
+                          pa.array([1.0] * 3 + b.column("temperature").to_pylist()[3:], pa.float32()))
+    path = write_rollout_table(hotter, tmp_path / "hotter.arrow")
+    report = run_inspect(InspectConfig(rollouts=(str(TOY / "rollouts.arrow"),), against=(str(path),)).check())
+    assert report["against"]["temperature_differs"] == 3
+    assert any(n.startswith(f"--against: 3 row(s) were sampled at another temperature in {path}") for n in report["notes"])
+
+
 def test_against_with_model_is_a_three_way_table(two_samplers):
     *_, path_b = two_samplers
     report = run_inspect(InspectConfig(rollouts=(str(TOY / "rollouts.arrow"),), against=(str(path_b),),
