@@ -225,10 +225,24 @@ def round_record(report: dict, r: int, sampler_version: int, rollout_reward: flo
         "final": {k: final.get(k) for k in TR_METRICS},
         "start": {k: steps[0]["metrics"].get(k) for k in START_METRICS} if steps else None,
         "loss_fraction": {"name": frac_name, "mean": _mean(fracs)} if frac_name else None,
+        "weight": _weight_record(report["config"]["loss"], steps),
         "grad_norms": [st["grad_norm"] for st in steps],
         "skipped_steps": report["skipped_steps"],
         "train_seconds": report["seconds"],
     }
+
+
+def _weight_record(loss: str, steps: list[dict]) -> dict | None:
+    """A weighted loss's gradient weight over the round's steps (drpo, spo: SPEC.md §2): the mean
+    corrective (w < 0) and attenuated (w < 0.5) fractions and the smallest weight, so that a round
+    shows whether the boundary was reached; None for a loss without a gradient-weight diagnostic."""
+    prefix = f"weight/{loss}_"
+    if not steps or prefix + "corrective_frac" not in steps[0]["metrics"]:
+        return None
+    mins = [st["metrics"].get(prefix + "min") for st in steps]
+    return {"corrective_frac": _mean([st["metrics"].get(prefix + "corrective_frac") for st in steps]),
+            "attenuated_frac": _mean([st["metrics"].get(prefix + "attenuated_frac") for st in steps]),
+            "min": min((m for m in mins if m is not None and math.isfinite(m)), default=None)}
 
 
 # ---- summary -------------------------------------------------------------------------------------
