@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shlex
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -212,3 +213,62 @@ def test_quick_run_covers_every_arm_and_setting(tmp_path):
     doc = se.main(["--quick", "--out", str(tmp_path)])
     quick = se.PRESETS["quick"]
     assert len(doc["summary"]) == len(se.ARMS) * len(quick.staleness) * len(quick.mismatch)
+
+
+# ---- the boundary experiment's statistics (examples/boundary_verdict.py) ------------------------------
+
+
+def test_welch_matches_the_formula_by_hand():
+    import boundary_verdict as bv
+    from scipy import stats
+
+    a, b = [1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 4.0, 6.0]
+    # By hand: means 3 and 4, sample variances 2.5 and 4, so SE² = 2.5/5 + 4/3 = 11/6;
+    # t = −1 / √(11/6); df = (11/6)² / ((1/2)²/4 + (4/3)²/2) = (121/36) / (137/144) = 484/137.
+    se2 = 11 / 6
+    df = 484 / 137
+    got = bv.welch(a, b)
+    assert got["diff"] == -1.0
+    assert got["t"] == pytest.approx(-1 / se2**0.5, rel=1e-12)
+    assert got["df"] == pytest.approx(df, rel=1e-12)
+    assert got["p"] == pytest.approx(2 * stats.t.sf(1 / se2**0.5, df), rel=1e-9)
+    half = stats.t.ppf(0.975, df) * se2**0.5
+    assert got["ci"] == pytest.approx([-1 - half, -1 + half], rel=1e-9)
+
+
+def test_holm_steps_down_and_stops_at_the_first_kept_hypothesis():
+    import boundary_verdict as bv
+
+    # m = 4; sorted p: 0.01 (×4 = 0.04, ≤ α/4: rejected), 0.03 (×3 = 0.09 > α/3: kept, and every later one).
+    got = bv.holm([0.01, 0.04, 0.03, 0.2])
+    assert [g["p_holm"] for g in got] == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert [g["rejected"] for g in got] == [True, False, False, False]
+    assert [g["rejected"] for g in bv.holm([0.001, 0.012, 0.02])] == [True, True, True]  # 0.003, 0.024, 0.02 → 0.024
+
+
+def test_named_comparisons_test_only_complete_runs(tmp_path, monkeypatch):
+    import boundary_verdict as bv
+
+    def write(arm, k, seed, late):
+        for r in range(1, bv.ROUNDS + 1):
+            rd = {"round": r, "reward": late if r in bv.LATE else 0.1,
+                  "weight": {"corrective_frac": 0.01 * seed, "attenuated_frac": 0.02, "min": -1.0 - seed}}
+            path = tmp_path / "rounds" / f"{arm}_{bv.LEVEL}_k{k}_s{seed}" / f"round-{r:03d}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(rd))
+
+    for seed in range(bv.SEEDS):
+        write("drpo-d0.2", 4, seed, 0.5 + 0.01 * seed)
+        write("drpo", 4, seed, 0.4 + 0.02 * seed)
+    for seed in range(bv.SEEDS - 1):  # pg-is misses a seed: not tested
+        write("pg-is", 4, seed, 0.3)
+    rows = bv.compare({4: tmp_path})
+    assert [(r["a"], r["b"], "p" in r) for r in rows] == [("drpo-d0.2", "drpo", True), ("drpo-d0.2", "pg-is", False),
+                                                          ("drpo-d0.2", "dppo-tv", False)]
+    first = rows[0]
+    assert first["mean"] == pytest.approx([0.52, 0.44]) and first["diff"] == pytest.approx(0.08)
+    assert first["p_holm"] == pytest.approx(first["p"])  # the only one tested: Holm changes nothing
+    weights = bv.weight_rounds(tmp_path, "drpo-d0.2", 4)
+    assert weights[0]["corrective"] == pytest.approx([0.02, statistics.stdev([0.0, 0.01, 0.02, 0.03, 0.04])])
+    assert weights[0]["min"] == -5.0
+    assert "| drpo-d0.2 vs pg-is | 4 | 5 + 4 of 5 | incomplete |" in bv.markdown(rows, {})
