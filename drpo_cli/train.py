@@ -24,7 +24,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -73,15 +72,13 @@ from drpo_cli.report_format import (
     print_train_summary,
     train_report_json,
 )
+from drpo_cli.resume import load_state, save_state
 from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version, load_rows, staleness_filter
 from drpo_cli.schema import open_rollouts
 
 REPORT_NAME = "drpo_report.json"
 PAGE_NAME = "report.html"
-STATE_DCP = "dcp"  # the resumable state's model + optimizer (torch.distributed.checkpoint)
 WORST_SAMPLES = 10
-# Options that may differ between an interrupted run and its --resume.
-_RESUME_FREE = ("resume", "overwrite", "quiet", "tensorboard")
 LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -216,7 +213,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     steps: list[dict] = []
     start = 0
     if cfg.resume:
-        start, steps = _load_state(state_dir, cfg, model, optimizer, scaler)
+        start, steps = load_state(state_dir, cfg, model, optimizer, scaler)
 
     total_steps = cfg.epochs * cfg.minibatches
     progress = _progress(cfg, total_steps, start)
@@ -269,7 +266,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                 signal.raise_signal(signal.SIGTERM)
             stop.requested = distributed.any_rank(stop.requested)
             if stop.requested and step + 1 < total_steps:
-                _save_state(state_dir, cfg, model, optimizer, step + 1, steps, scaler)
+                save_state(state_dir, cfg, model, optimizer, step + 1, steps, scaler)
                 raise Interrupted(f"interrupted after step {step + 1} of {total_steps}; state saved to {state_dir}; "
                                   "rerun the same command with --resume to continue")
 
@@ -760,7 +757,7 @@ def _source_dtype(model_dir: str) -> str | None:
     return dtype if dtype in ("float32", "bfloat16", "float16") else None
 
 
-# ---- interrupts and resumable state ----------------------------------------------------------
+# ---- interrupts ----------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -785,93 +782,6 @@ def _signals_request_stop():
     finally:
         for sig, previous in saved.items():
             signal.signal(sig, previous)
-
-
-def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: int, steps: list[dict],
-                scaler=None) -> None:
-    """Everything --resume needs, written to a temporary sibling and renamed into place.
-
-    Model and optimizer go through torch.distributed.checkpoint (`get_state_dict` + `dcp.save`): under
-    torchrun every rank writes its own shards into the same directory (no gather), and the
-    checkpoint can be loaded back at another world size, or in one process. Rank 0 creates the
-    temporary directory and writes the marker (next step, options, report steps so far) last; it
-    is renamed into place only after every rank's shards are written.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    tmp, error = None, None
-    if distributed.rank() == 0:
-        tmp = outputs.new_temp_dir(state_dir)
-    tmp = distributed.broadcast_object(tmp)
-    try:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _one_process_dcp():
-            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / STATE_DCP))
-    except Exception as err:  # noqa: BLE001 - reported to every rank by agree()
-        error = err
-    try:
-        distributed.agree(error, "saving the resumable state")
-        if distributed.rank() == 0:
-            # fp16's loss scale goes with the RNG: a resumed run scales its next step as the uninterrupted one.
-            torch.save({"torch_rng": torch.get_rng_state(), "scaler": scaler and scaler.state_dict()}, tmp / "rng.pt")
-            outputs.write_marker(tmp, "state", {"next_step": next_step, "config": _resume_key(cfg), "steps": steps,
-                                                "world_size": distributed.world_size()})
-            outputs.publish_dir(tmp, state_dir, "state", overwrite=True)  # the state replaced is drpo's own
-    except BaseException:
-        if tmp is not None and distributed.rank() == 0:
-            outputs.discard(tmp)
-        raise
-
-
-def _load_state(state_dir: Path, cfg: TrainConfig, model, optimizer, scaler=None) -> tuple[int, list[dict]]:
-    """Read --resume's state into the (possibly sharded) model and optimizer; returns (next step, steps).
-
-    DCP reshards on load: a state saved by N ranks resumes under M ranks or in one process.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    try:
-        meta = json.loads((state_dir / outputs.DIR_MARKERS["state"]).read_text(encoding="utf-8"))
-        rng = torch.load(state_dir / "rng.pt", map_location="cpu", weights_only=True)
-        if not (state_dir / STATE_DCP).is_dir():
-            raise OSError(f"no {STATE_DCP}/ (written by an older drpo?)")
-    except (OSError, ValueError, RuntimeError) as err:
-        raise InputError(f"{state_dir}: unreadable resume state ({type(err).__name__}: {err})") from err
-    current = _resume_key(cfg)
-    changed = sorted(k for k in current if meta["config"].get(k) != current[k])
-    if changed:
-        raise ConfigError(f"--resume: options differ from the interrupted run: {', '.join('--' + k.replace('_', '-') for k in changed)}")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
-    try:
-        with _one_process_dcp():
-            dcp.load(state, checkpoint_id=str(state_dir / STATE_DCP))
-    except Exception as err:  # e.g. a layout DCP cannot reshard, or missing shard files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{state_dir}: cannot resume the run saved by {meta.get('world_size', '?')} rank(s) with "
-                         f"{distributed.world_size()}: {type(err).__name__}: {first}") from err
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    torch.set_rng_state(rng["torch_rng"])
-    if scaler is not None and rng.get("scaler"):
-        scaler.load_state_dict(rng["scaler"])
-    return int(meta["next_step"]), list(meta["steps"])
-
-
-@contextlib.contextmanager
-def _one_process_dcp():
-    """DCP warns on every call without a process group; in one process that is the intended use."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
-
-
-def _resume_key(cfg: TrainConfig) -> dict:
-    d = cfg.to_dict()
-    for k in _RESUME_FREE:
-        d.pop(k)
-    return json.loads(json.dumps(d))  # tuples -> lists, as read back from JSON
 
 
 # ---- progress ---------------------------------------------------------------------------------
