@@ -31,18 +31,15 @@ DRPO_META = outputs.DIR_MARKERS["checkpoint"]  # policy version, training record
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Files copied from the source directory: generation settings and everything a tokenizer needs.
-COPIED = (
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "*.tiktoken",
-    "chat_template*",
-    "preprocessor_config.json",
-)
+# Files copied from the source directory, by name: generation settings and what a tokenizer needs
+# (a `*.tiktoken` vocabulary is the one suffix). Nothing else is copied: a name like tokenizer.env is
+# no tokenizer file (docs/outputs.md, "Security model").
+COPIED = frozenset({
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+    "merges.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+})
+COPIED_SUFFIX = ".tiktoken"
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # peft's names (lora.py)
 _UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _VERSION_SUFFIX = re.compile(r"^(.*)-v\d+$")
@@ -54,6 +51,42 @@ class CheckpointInfo:
     policy_version: int | None  # from drpo_checkpoint.json; None when the directory has none
     vocab_size: int  # rows of the input embedding: token ids must be below this
     config: Any  # transformers PreTrainedConfig
+
+
+# ---- what drpo reads from a model directory -------------------------------------------------------
+
+
+def copied_files(source_dir: Path) -> list[tuple[str, Path]]:
+    """(name, real path) of each file a checkpoint written from `source_dir` copies from it (COPIED), `contained`."""
+    names = sorted(e.name for e in os.scandir(source_dir) if e.name in COPIED or e.name.endswith(COPIED_SUFFIX))
+    return [(name, contained(source_dir, name)) for name in names]
+
+
+def read_names(directory: Path) -> set[str]:
+    """The entries of a model directory that drpo reads or copies: config, weights, its marker, tokenizer files."""
+    return {e.name for e in os.scandir(directory)
+            if e.name in ("config.json", DRPO_META, WEIGHTS_INDEX, *_ADAPTER_FILES) or e.name.endswith(".safetensors")
+            or any(fnmatch(e.name, pat) for pat in _UNSAFE_WEIGHTS) or e.name in COPIED or e.name.endswith(COPIED_SUFFIX)}
+
+
+def contained(directory: Path, name: str) -> Path:
+    """The real path of `directory/name`, a regular file inside the directory, or CheckpointError.
+
+    A symlink may lead only inside the directory, or, for a Hugging Face hub snapshot
+    (`models--org--name/snapshots/REV/`, whose files are symlinks to `../../blobs/HASH`), into that
+    repository's `blobs/`: a model directory that someone else wrote cannot make drpo read (and copy
+    into a checkpoint it publishes) a file from elsewhere, e.g. /proc/self/environ.
+    """
+    root = outputs.real(directory)
+    path = directory / name
+    target = outputs.real(path)
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(a in target.parents for a in allowed):
+        raise CheckpointError(f"{path}: a symlink to {target}, outside the model directory (drpo reads only "
+                              "files inside it, or in its hub cache's blobs/)")
+    if not target.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    return target
 
 
 # ---- loading --------------------------------------------------------------------------------------
@@ -94,6 +127,8 @@ def _check_directory(path: Path, allow_unsafe: bool) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json; not a Hugging Face model directory")
+    for name in sorted(read_names(path)):
+        contained(path, name)
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -359,7 +394,7 @@ def weights_nbytes(path: str | os.PathLike, dtype: str | None = None) -> int:
 def output_nbytes(source: str | os.PathLike, dtype: str | None) -> int:
     """What a checkpoint written from `source` (weights in `dtype`, default float32) takes on disk, about."""
     source = Path(source)
-    copied = sum(p.stat().st_size for p in source.iterdir() if p.is_file() and any(fnmatch(p.name, pat) for pat in COPIED))
+    copied = sum(real.stat().st_size for _, real in copied_files(source))
     return weights_nbytes(source, dtype or "float32") + copied + 64 * 1024  # + config, index, metadata, report
 
 
@@ -625,10 +660,9 @@ class CheckpointWriter:
                 config.pop("torch_dtype", None)
             _write_json(self.tmp_dir / "config.json", config)
 
-        for src in sorted(self.source_dir.iterdir()):
-            if src.is_file() and any(fnmatch(src.name, pat) for pat in COPIED):
-                shutil.copyfile(src, self.tmp_dir / src.name)
-                _fsync(self.tmp_dir / src.name)
+        for name, real in copied_files(self.source_dir):  # checked again: the directory may have changed
+            shutil.copyfile(real, self.tmp_dir / name)
+            _fsync(self.tmp_dir / name)
 
         meta = {
             "policy_version": self.policy_version,

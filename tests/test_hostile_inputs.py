@@ -108,3 +108,67 @@ def test_a_valid_state_still_resumes_to_the_uninterrupted_weights(toy, interrupt
     a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same process, the same arithmetic, step for step
     assert not state.exists()
+
+
+# ---- symlinks in a model directory ------------------------------------------------------------------
+
+
+def _model_copy(toy: Path, where: Path) -> Path:
+    import shutil
+
+    shutil.copytree(toy / "model", where)
+    return where
+
+
+def test_a_symlink_named_like_a_tokenizer_file_is_not_copied_into_the_checkpoint(toy, tmp_path, monkeypatch):
+    monkeypatch.setenv("DRPO_TEST_SECRET", "hunter2")
+    model = _model_copy(toy, tmp_path / "model")
+    (model / "tokenizer.env").symlink_to("/proc/self/environ")
+    result = CliRunner().invoke(app, ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(model), "--out",
+                                      str(tmp_path / "out"), *FAST_TRAIN])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    assert not (out / "tokenizer.env").exists()
+    assert all(b"hunter2" not in p.read_bytes() for p in out.iterdir())
+
+
+@pytest.mark.parametrize("target", ["/proc/self/environ", "outside.json"])
+def test_a_file_drpo_reads_that_leads_out_of_the_model_directory_is_refused(toy, tmp_path, target):
+    model = _model_copy(toy, tmp_path / "model")
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"secret": "hunter2"}')
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.json").symlink_to(target if target.startswith("/") else outside)
+    real = os.path.realpath(model / "tokenizer.json")
+    for argv in (["train", "-r", str(toy / "rollouts.arrow"), "-m", str(model), "--out", str(tmp_path / "out"),
+                  *FAST_TRAIN],
+                 ["inspect", str(toy / "rollouts.arrow"), "--model", str(model), "--json", str(tmp_path / "a.json")]):
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.splitlines() == [
+            f"error: {model / 'tokenizer.json'}: a symlink to {real}, outside the model directory (drpo reads only "
+            "files inside it, or in its hub cache's blobs/)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "outside.json"]  # nothing written
+
+
+def test_a_hub_cache_snapshot_whose_files_are_symlinks_to_blobs_loads_and_copies_the_content(toy, tmp_path):
+    import shutil
+
+    repo = tmp_path / "hub" / "models--org--toy"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for p in sorted((toy / "model").iterdir()):
+        blob = repo / "blobs" / f"blob-{p.name}"
+        shutil.copyfile(p, blob)
+        (snapshot / p.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    (snapshot / "sub").mkdir()
+    inner = snapshot / "sub" / "chat_template.jinja"
+    inner.write_text("{{ messages }}")
+    (snapshot / "chat_template.jinja").symlink_to(Path("sub", "chat_template.jinja"))  # inside the directory
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(snapshot), "--out", str(out),
+                                      *FAST_TRAIN])
+    assert result.exit_code == 0, result.output
+    assert not (out / "chat_template.jinja").is_symlink() and (out / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert (out / "config.json").is_file() and not (out / "config.json").is_symlink()
