@@ -354,9 +354,11 @@ def report_command(
         from drpo_cli import outputs
         from drpo_cli.html_pages import read_run, runs_page
 
-        outputs.check_paths([("RUNS", r) for r in runs], [outputs.Output("--out", out, "html")], overwrite=overwrite)
-        reports = [(r, read_run(r)) for r in runs]
-        outputs.write_file(out, runs_page(reports), "html", overwrite=overwrite)
+        inputs, page = [("RUNS", r) for r in runs], [outputs.Output("--out", out, "html")]
+        with outputs.claimed(inputs, page):
+            outputs.check_paths(inputs, page, overwrite=overwrite)
+            reports = [(r, read_run(r)) for r in runs]
+            outputs.write_file(out, runs_page(reports), "html", overwrite=overwrite)
         typer.echo(f"wrote {out} ({len(reports)} run(s))")
 
     run_guarded(body)

@@ -377,9 +377,12 @@ class TrainConfig:
         inputs = [("--rollouts", r) for r in self.rollouts] + [("--model", self.model), ("--ref-model", self.ref_model)]
         if self.adapter is not None:
             inputs.append(("--adapter", self.adapter))
-        # The resumable state is an output too; whether it may exist is train's decision (--resume).
-        return inputs, [Output("--out", out, "checkpoint"),
-                        Output("state directory", state_dir(out), "state", check_existing=False)]
+        # The resumable state is an output too; whether it may exist is train's decision (--resume). The
+        # TensorBoard directory is one as well: it may exist (rounds of a pipeline append to one curve).
+        outs = [Output("--out", out, "checkpoint"), Output("state directory", state_dir(out), "state", check_existing=False)]
+        if self.tensorboard is not None:
+            outs.append(Output("--tensorboard", self.tensorboard, "events", check_existing=False))
+        return inputs, outs
 
     def validate(self) -> list[str]:
         """Every problem with these options, one line each, without touching a model or data."""

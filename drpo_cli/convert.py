@@ -19,7 +19,7 @@ from drpo_cli.adapters.common import parse_version_map
 from drpo_cli.adapters.sglang import has_sampling_logprobs
 from drpo_cli.errors import ConfigError, InputError
 from drpo_cli.llamacpp import llamacpp_server_rows
-from drpo_cli.outputs import Output, output_problems
+from drpo_cli.outputs import Output, claimed, output_problems
 from drpo_cli.schema import COLUMN_BY_NAME, TOKEN_COLUMNS, column_map_problems
 from drpo_cli.writer import RolloutWriter, check_logprobs_kind, truncates
 
@@ -88,6 +88,11 @@ class ConvertConfig:
 def convert(cfg: ConvertConfig) -> tuple[Path, int, int]:
     """Write cfg.out from every input line; returns (output path, lines read, rows written)."""
     cfg.check()
+    with claimed([("INPUT", p) for p in cfg.inputs], [Output("--out", cfg.out, "arrow")]):
+        return _convert(cfg)
+
+
+def _convert(cfg: ConvertConfig) -> tuple[Path, int, int]:
     mapping, _ = column_map_problems(cfg.columns)
     problems: list[str] = []
     total_bad = 0

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from drpo_cli import __version__
 from drpo_cli.config import InspectConfig
 from drpo_cli.errors import InputError
-from drpo_cli.outputs import atomic_file, write_file
+from drpo_cli.outputs import atomic_file, claimed, write_file
 from drpo_cli.report_format import (
     INSPECT_REPORT_SCHEMA,
     clean_number,
@@ -779,6 +779,11 @@ def inspect_and_write(cfg: InspectConfig, progress: Progress | None = None) -> d
     Gates are evaluated in the report; raising on a failed gate is the caller's job, after this
     returns, so the report is always written first.
     """
+    with claimed(*cfg.paths()):
+        return _inspect_and_write(cfg, progress)
+
+
+def _inspect_and_write(cfg: InspectConfig, progress: Progress | None) -> dict:
     if cfg.per_token is None:
         report = run_inspect(cfg, progress)
     else:

@@ -167,7 +167,7 @@ def load_state(state_dir: Path, cfg: TrainConfig, model, optimizer, scaler=None)
     reader = reader_class(str(state_dir / STATE_DCP))
     try:  # checked here first, so that a refusal is one line and not a CheckpointException from every rank
         reader.read_metadata()
-    except Exception as err:  # noqa: BLE001 - crafted bytes can raise anything unpickling does
+    except Exception as err:  # crafted bytes can raise anything unpickling does
         raise InputError(f"{state_dir / STATE_DCP / '.metadata'}: refused: {err} (a state drpo wrote holds only "
                          "DCP metadata and tensors; delete the directory and train again)") from err
     from torch.distributed.checkpoint.api import CheckpointException
@@ -175,7 +175,7 @@ def load_state(state_dir: Path, cfg: TrainConfig, model, optimizer, scaler=None)
     try:
         with _one_process_dcp():
             dcp.load(state, storage_reader=reader, planner=planner_class())
-    except (Exception, CheckpointException) as err:  # e.g. a layout DCP cannot reshard, missing shard files,
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - e.g. a layout DCP cannot reshard, missing shard files,
         # or a value torch.load(weights_only=True) refuses; CheckpointException is a BaseException
         cause = next(iter(err.failures.values()))[0] if isinstance(err, CheckpointException) and err.failures else err
         raise InputError(f"{state_dir}: cannot resume the run saved by {meta.get('world_size', '?')} rank(s) with "

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from drpo_cli import __version__, distributed, hooks, moe, outputs
+from drpo_cli import __version__, distributed, hooks, launch, moe, outputs
 from drpo_cli.batching import plan_micro_batches
 from drpo_cli.checkpoint import (
     CheckpointWriter,
@@ -91,12 +91,14 @@ class TrainResult:
 
 def train(cfg: TrainConfig, *, console: Console | None = None) -> TrainResult:
     """Run `drpo train` for a validated config; returns where the checkpoint went and the report."""
-    # Caught up to the final rename: a signal after the last step lets the run finish.
-    with _signals_request_stop() as stop:
-        return _train(cfg, stop, console or Console())
+    out_dir = outputs.real(cfg.out or default_out_dir(cfg.model, read_policy_version(cfg.model)))
+    # The outputs locked for the whole run, files no more readable than the inputs; then, caught up to
+    # the final rename, a signal after the last step lets the run finish.
+    with outputs.claimed(*cfg.paths(out_dir), lock=launch.leads()), _signals_request_stop() as stop:
+        return _train(cfg, out_dir, stop, console or Console())
 
 
-def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
+def _train(cfg: TrainConfig, out_dir: Path, stop, console: Console) -> TrainResult:
     t0 = time.perf_counter()
     preset, cfg = cfg.correction, expand_correction(cfg)  # --correction spelled out as the options it stands for
     hp = cfg.loss_hparams()
@@ -104,7 +106,6 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     # ---- output location: refused before anything is loaded ----
     in_version = read_policy_version(cfg.model)
     out_version = (in_version or 0) + 1
-    out_dir = outputs.real(cfg.out or default_out_dir(cfg.model, in_version))
     state_dir = outputs.state_dir(out_dir)
     outputs.check_paths(*cfg.paths(out_dir), overwrite=cfg.overwrite)  # validate() saw only an explicit --out
     if cfg.resume and not state_dir.is_dir():

@@ -172,3 +172,140 @@ def test_a_hub_cache_snapshot_whose_files_are_symlinks_to_blobs_loads_and_copies
     assert result.exit_code == 0, result.output
     assert not (out / "chat_template.jinja").is_symlink() and (out / "chat_template.jinja").read_text() == "{{ messages }}"
     assert (out / "config.json").is_file() and not (out / "config.json").is_symlink()
+
+
+# ---- modes: never more readable than the inputs ---------------------------------------------------------
+
+
+def test_a_private_model_gives_a_private_checkpoint_and_state(toy, tmp_path):
+    import stat
+
+    model = _model_copy(toy, tmp_path / "model")
+    for p in model.iterdir():
+        p.chmod(0o600)
+    model.chmod(0o700)
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        args = ["-r", str(toy / "rollouts.arrow"), "-m", str(model), "--out", str(out), *ARGS]
+        assert CliRunner().invoke(app, ["train", *args], env={INTERRUPT_AFTER_STEP: "0"}).exit_code == 130
+        state = tmp_path / "out.partial-state"
+        entries = [state, *state.rglob("*")]
+        assert {stat.S_IMODE(p.stat().st_mode) for p in entries if p.is_dir()} == {0o700}
+        assert {stat.S_IMODE(p.stat().st_mode) for p in entries if p.is_file()} == {0o600}
+        assert CliRunner().invoke(app, ["train", *args, "--resume"]).exit_code == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o700
+        assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o600}
+        # The same model, readable by all: the umask's modes, as before.
+        model.chmod(0o755)
+        for p in model.iterdir():
+            p.chmod(0o644)
+        public = tmp_path / "public"
+        assert CliRunner().invoke(app, ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(model), "--out",
+                                        str(public), *FAST_TRAIN]).exit_code == 0
+        assert stat.S_IMODE(public.stat().st_mode) == 0o755
+        assert {stat.S_IMODE(p.stat().st_mode) for p in public.iterdir()} == {0o644}
+        assert os.umask(0o022) == 0o022  # the command put the process's umask back
+    finally:
+        os.umask(old)
+
+
+def test_withheld_bits_follow_the_least_readable_input(tmp_path):
+    from drpo_cli.outputs import withheld_bits
+
+    a, d = tmp_path / "a", tmp_path / "d"
+    a.write_text("x")
+    d.mkdir()
+    (d / "f").write_text("y")
+    a.chmod(0o644)
+    d.chmod(0o755)
+    (d / "f").chmod(0o640)  # a file inside the directory that others may not read
+    assert withheld_bits([a]) == 0
+    assert withheld_bits([a, d]) == 0o007
+    d.chmod(0o711)  # group and others may enter, not list
+    assert withheld_bits([d]) == 0o077
+    a.chmod(0o600)
+    assert withheld_bits([a]) == 0o077
+
+
+# ---- locks: one run per output -------------------------------------------------------------------------
+
+
+def _holder(path: Path, kind: str):
+    """A second process holding drpo's lock on `path` until its stdin closes."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom drpo_cli import outputs\n"
+            f"with outputs.locked(outputs.Output('--out', {str(path)!r}, {kind!r})):\n"
+            "    print('held', flush=True)\n    sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_on_a_locked_output_is_refused_at_once_naming_the_holder(toy, tmp_path):
+    import time
+
+    out = tmp_path / "out"
+    holder = _holder(out, "checkpoint")
+    try:
+        t0 = time.perf_counter()
+        result = train(toy, out)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.splitlines() == [
+            f"error: --out {out}: in use by another drpo run (pid {holder.pid}); wait for it to end or choose "
+            "another path"]
+        assert time.perf_counter() - t0 < 10  # refused before any work
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".out.drpo-lock"]  # the holder's lock alone
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert not (tmp_path / ".out.drpo-lock").exists()  # released and removed with its holder
+    assert train(toy, out).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no lock file left by the run either
+
+
+@pytest.mark.parametrize("flag", ["--json", "--html"])
+def test_inspect_locks_its_report_targets(toy, tmp_path, flag):
+    target = tmp_path / "report"
+    holder = _holder(target, "json" if flag == "--json" else "html")
+    try:
+        result = CliRunner().invoke(app, ["inspect", str(toy / "rollouts.arrow"), flag, str(target), "--quiet"])
+        assert result.exit_code == 2 and f"(pid {holder.pid})" in result.stderr, result.output
+        assert not target.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_a_stale_lock_file_of_a_dead_process_locks_nothing(toy, tmp_path):
+    (tmp_path / ".out.drpo-lock").write_text("999999\n")  # its process died: the kernel released the lock
+    assert train(toy, tmp_path / "out").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_output_directory_that_cannot_be_written_is_found_before_any_work(toy, tmp_path):
+    # Root writes into a 0555 directory, so the unwritable parent here is a file (ENOTDIR); a read-only
+    # filesystem (EROFS) or a missing permission (EACCES) takes the same path: the lock file cannot be made.
+    parent = tmp_path / "file"
+    parent.write_text("")
+    result = train(toy, parent / "out")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [f"error: --out {parent / 'out'}: cannot write in {parent} (Not a directory)"]
+
+
+# ---- --tensorboard follows the output rule -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("where", "relation"), [("model/tb", "is inside the input --model"),
+                                                  ("out", "is --tensorboard")])
+def test_tensorboard_may_not_be_an_input_or_another_output(toy, tmp_path, where, relation):
+    model = _model_copy(toy, tmp_path / "model")
+    before = sorted(p.name for p in model.iterdir())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(model), "--out", str(out),
+                                      "--tensorboard", str(tmp_path / where), *FAST_TRAIN])
+    assert result.exit_code == 2, result.output
+    assert relation in result.stderr
+    assert sorted(p.name for p in model.iterdir()) == before and not out.exists()
