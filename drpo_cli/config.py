@@ -61,7 +61,8 @@ PANELS = INPUTS, OUTPUTS, LOSS, CORRECTIONS_PANEL, PENALTIES, DATA, OPTIMIZER, H
 def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (), panel: str | None = None,
            choices: tuple[str, ...] | None = None, cli: Any = None, parse: Any = None,
            bound: tuple[Any, str] | None = None, argument: bool = False, hparam: bool = False,
-           command_line: bool = True, minimum: int | None = None, repr: bool = True) -> Any:
+           command_line: bool = True, minimum: int | None = None, repr: bool = True,
+           file: bool = True) -> Any:
     """A config field that is also a command-line option (drpo_cli.cli derives the Typer parameter).
 
     help: the flag's one-line help and its docs/options.md row; in a loss hyper-parameter's (`hparam`),
@@ -72,11 +73,12 @@ def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (
     cli / parse: the command-line type when it is not the field's (`str | None` for a comma-separated
       list) and the function from that value to the field's; a tuple field is a repeatable option.
     argument: positional. command_line=False: a config-file key only. minimum: the least value the
-      command-line parser accepts.
+      command-line parser accepts. file=False: a destructive or unsafe switch, taken from the command
+      line only, never from a --config file (config_file.py).
     """
     meta = {"help": help, "flags": flags, "panel": panel, "choices": choices, "bound": bound, "cli": cli,
             "parse": parse, "argument": argument, "hparam": hparam, "command_line": command_line,
-            "minimum": minimum}
+            "minimum": minimum, "file": file}
     return field(default=default, repr=repr, metadata=meta)
 
 
@@ -316,12 +318,12 @@ class TrainConfig:
         None, "Sampling temperature when the rollouts give none.", panel=DATA, bound=POSITIVE)
     columns: tuple[str, ...] = option((), "Rename a rollout column: LOGGED=DRPO (repeatable).", flags=("--column",),
                                       panel=INPUTS)
-    overwrite: bool = option(False, "Replace an existing --out that drpo wrote.", panel=OUTPUTS)
+    overwrite: bool = option(False, "Replace an existing --out that drpo wrote.", panel=OUTPUTS, file=False)
     resume: bool = option(False, "Continue an interrupted run (OUT.partial-state/).", panel=OUTPUTS)
     quiet: bool = option(False, "No progress bar or summary tables.", flags=("--quiet", "-q"), panel=OUTPUTS)
     tensorboard: str | None = option(
         None, "Write every step's metrics as TensorBoard events to DIR (rounds form one curve).", panel=OUTPUTS)
-    allow_unsafe_weights: bool = option(False, "Allow pickle weights.", panel=INPUTS)
+    allow_unsafe_weights: bool = option(False, "Allow pickle weights.", panel=INPUTS, file=False)
     chunk_tokens: int = option(1024, "Tokens per output-head chunk (memory O(chunk × V)).", command_line=False,
                                repr=False, bound=AT_LEAST_ONE)
 

@@ -3,8 +3,10 @@ described, then what drpo does instead. Resume state, model-directory symlinks, 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,8 +57,8 @@ def test_a_pickle_payload_in_the_dcp_metadata_is_refused_unrun(toy, interrupted,
     assert result.exit_code == 2, result.output
     assert not flag.exists()  # the payload never ran
     assert result.stderr.splitlines() == [
-        f"error: {state / 'dcp' / '.metadata'}: refused: refers to posix.system, which a checkpoint's metadata "
-        "never holds (a state drpo wrote holds only DCP metadata and tensors; delete the directory and train again)"]
+        (f"error: {state / 'dcp' / '.metadata'}: refused: refers to posix.system, which a checkpoint's metadata "
+        "never holds (a state drpo wrote holds only DCP metadata and tensors; delete the directory and train again)")]
     assert not out.exists() and state.is_dir()  # nothing written, nothing removed
 
 
@@ -114,8 +116,6 @@ def test_a_valid_state_still_resumes_to_the_uninterrupted_weights(toy, interrupt
 
 
 def _model_copy(toy: Path, where: Path) -> Path:
-    import shutil
-
     shutil.copytree(toy / "model", where)
     return where
 
@@ -146,14 +146,12 @@ def test_a_file_drpo_reads_that_leads_out_of_the_model_directory_is_refused(toy,
         result = CliRunner().invoke(app, argv)
         assert result.exit_code == 2, result.output
         assert result.stderr.splitlines() == [
-            f"error: {model / 'tokenizer.json'}: a symlink to {real}, outside the model directory (drpo reads only "
-            "files inside it, or in its hub cache's blobs/)"]
+            (f"error: {model / 'tokenizer.json'}: a symlink to {real}, outside the model directory (drpo reads only "
+            "files inside it, or in its hub cache's blobs/)")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "outside.json"]  # nothing written
 
 
 def test_a_hub_cache_snapshot_whose_files_are_symlinks_to_blobs_loads_and_copies_the_content(toy, tmp_path):
-    import shutil
-
     repo = tmp_path / "hub" / "models--org--toy"
     snapshot = repo / "snapshots" / "0123abcd"
     (repo / "blobs").mkdir(parents=True)
@@ -254,8 +252,8 @@ def test_a_second_run_on_a_locked_output_is_refused_at_once_naming_the_holder(to
         result = train(toy, out)
         assert result.exit_code == 2, result.output
         assert result.stderr.splitlines() == [
-            f"error: --out {out}: in use by another drpo run (pid {holder.pid}); wait for it to end or choose "
-            "another path"]
+            (f"error: --out {out}: in use by another drpo run (pid {holder.pid}); wait for it to end or choose "
+            "another path")]
         assert time.perf_counter() - t0 < 10  # refused before any work
         assert sorted(p.name for p in tmp_path.iterdir()) == [".out.drpo-lock"]  # the holder's lock alone
     finally:
@@ -309,3 +307,36 @@ def test_tensorboard_may_not_be_an_input_or_another_output(toy, tmp_path, where,
     assert result.exit_code == 2, result.output
     assert relation in result.stderr
     assert sorted(p.name for p in model.iterdir()) == before and not out.exists()
+
+
+# ---- destructive and unsafe switches come from the command line only ----------------------------------------
+
+
+def test_a_recorded_run_replayed_with_config_never_overwrites(toy, tmp_path):
+    out = tmp_path / "out"
+    assert train(toy, out, "--overwrite").exit_code == 0  # the recorded run had --overwrite
+    recorded = out / "drpo_checkpoint.json"
+    assert json.loads(recorded.read_text())["training"]["overwrite"] is True
+    replay = tmp_path / "replay.json"
+    shutil.copy(recorded, replay)  # a copy outside --out: the checkpoint is the output here
+    before = (out / "model.safetensors").read_bytes()
+    result = CliRunner().invoke(app, ["train", "--config", str(replay)])
+    assert result.exit_code == 2, result.output
+    assert f"--out {out}: already exists (pass --overwrite to replace it)" in result.stderr
+    assert (out / "model.safetensors").read_bytes() == before
+    # Given on the command line, it replaces what drpo wrote, as asked.
+    assert CliRunner().invoke(app, ["train", "--config", str(replay), "--overwrite"]).exit_code == 0
+
+
+@pytest.mark.parametrize("key", ["overwrite", "allow_unsafe_weights"])
+def test_a_config_file_setting_a_destructive_or_unsafe_switch_is_refused(toy, tmp_path, key):
+    path = tmp_path / "run.toml"
+    path.write_text(f'rollouts = ["{toy / "rollouts.arrow"}"]\nmodel = "{toy / "model"}"\nout = "{tmp_path / "o"}"\n'
+                    f"{key} = true\n")
+    result = CliRunner().invoke(app, ["train", "--config", str(path)])
+    flag = "--" + key.replace("_", "-")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        (f"error: --config {path}: key {key!r}: {flag} is taken from the command line only (a destructive or unsafe "
+        f"switch); remove it from the file and pass {flag}")]
+    assert not (tmp_path / "o").exists()
