@@ -30,6 +30,7 @@ from drpo_cli.errors import CheckpointError, ConfigError, DrpoError
 DRPO_META = outputs.DIR_MARKERS["checkpoint"]  # policy version, training record, the files drpo wrote
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+MAX_SHARD_SIZE = "2GB"  # a checkpoint's safetensors files, as transformers' save_pretrained writes them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Files copied from the source directory, by name: generation settings and what a tokenizer needs
 # (a `*.tiktoken` vocabulary is the one suffix). Nothing else is copied: a name like tokenizer.env is
@@ -391,11 +392,20 @@ def weights_nbytes(path: str | os.PathLike, dtype: str | None = None) -> int:
     return total
 
 
-def output_nbytes(source: str | os.PathLike, dtype: str | None) -> int:
-    """What a checkpoint written from `source` (weights in `dtype`, default float32) takes on disk, about."""
+def output_nbytes(source: str | os.PathLike, dtype: str | None, steps: int = 0) -> int:
+    """What writing a checkpoint from `source` (weights in `dtype`, default float32) takes on disk at its
+    peak, about: the weights, plus the shard being assembled (its bytes sit in scratch files until the
+    shard's file is written: `CheckpointWriter`), the copied files and the report and page of `steps` steps."""
     source = Path(source)
     copied = sum(real.stat().st_size for _, real in copied_files(source))
-    return weights_nbytes(source, dtype or "float32") + copied + 64 * 1024  # + config, index, metadata, report
+    weights = weights_nbytes(source, dtype or "float32")
+    return weights + min(weights, parse_size(MAX_SHARD_SIZE)) + copied + report_nbytes(steps)
+
+
+def report_nbytes(steps: int) -> int:
+    """Room for a training report and its page: 4 MiB plus 32 KiB per optimizer step (the toy example's
+    report takes 60 KB and its page 131 KB after one step; a step adds about 4 KB to each)."""
+    return 4 * 2**20 + 32 * 2**10 * steps
 
 
 def check_shapes(path: Path, model: torch.nn.Module) -> None:
@@ -500,11 +510,12 @@ class CheckpointWriter:
         training_config: dict,
         config: Any = None,
         overwrite: bool = False,
-        max_shard_size: int | str = "2GB",
+        max_shard_size: int | str = MAX_SHARD_SIZE,
         dtype: str | None = None,
         extra_files: Mapping[str, str | bytes] | None = None,
         expected_bytes: int | None = None,
         adapter_config: str | None = None,
+        tmp_dir: Path | None = None,
     ):
         self.out_dir = outputs.real(out_dir)
         self.source_dir = Path(os.path.abspath(source_dir))
@@ -530,8 +541,9 @@ class CheckpointWriter:
                 raise CheckpointError(
                     f"extra file {name!r}: expected a plain file name not used by the checkpoint"
                 )
-        # A hidden sibling: same filesystem, so the final rename is atomic.
-        self.tmp_dir = outputs.new_temp_dir(self.out_dir)
+        # A hidden sibling: same filesystem, so the final rename is atomic. `tmp_dir`: one made earlier by
+        # outputs.new_temp_dir(out_dir) (train makes it before the first step: an unwritable --out fails then).
+        self.tmp_dir = tmp_dir if tmp_dir is not None else outputs.new_temp_dir(self.out_dir)
         self._pending: dict[str, tuple[str, list[int], int, int]] = {}  # name -> dtype, shape, element size, offset
         self._pending_bytes = 0
         self._scratch: dict[int, Any] = {}  # element size -> open scratch file of the current shard

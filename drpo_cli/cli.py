@@ -27,7 +27,7 @@ from drpo_cli.config import (
     option_flags,
     option_help,
 )
-from drpo_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DrpoError
+from drpo_cli.errors import EXIT_ABORTED, EXIT_RUNTIME, DrpoError
 from drpo_cli.launch import launched, launched_rank, leads, rank_exit
 
 app = typer.Typer(
@@ -72,14 +72,16 @@ def run_guarded(fn: Callable[[], T]) -> T:
         for line in err.details:
             typer.echo(f"  {line}", err=True)
         raise typer.Exit(err.exit_code) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a signal before anything resumable was saved (train's saved state is Interrupted)
         if _state["debug"]:
             raise
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except (typer.Exit, typer.Abort, SystemExit):
+        typer.echo(f"error: {_rank_tag()}interrupted: nothing was kept (no output written, nothing to resume); "
+                   "rerun the command", err=True)
+        raise typer.Exit(EXIT_ABORTED) from None
+    except (typer.Exit, typer.Abort, SystemExit, GeneratorExit):
         raise
-    except Exception as err:  # last line of defence: one line, exit 1
+    except BaseException as err:
+        # (CheckpointException): one line, exit 1
         if _state["debug"]:
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -110,6 +110,7 @@ def save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: i
     """
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     tmp, error = None, None
@@ -120,8 +121,9 @@ def save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: i
         model_sd, optim_sd = get_state_dict(model, optimizer)
         with _one_process_dcp():
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / STATE_DCP))
-    except Exception as err:  # noqa: BLE001 - reported to every rank by agree()
-        error = err
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - reported to every rank by agree();
+        # a full disk reaches here as DCP's CheckpointException, a BaseException
+        error = _cause(err)
     try:
         distributed.agree(error, "saving the resumable state")
         if distributed.rank() == 0:
@@ -177,14 +179,19 @@ def load_state(state_dir: Path, cfg: TrainConfig, model, optimizer, scaler=None)
             dcp.load(state, storage_reader=reader, planner=planner_class())
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - e.g. a layout DCP cannot reshard, missing shard files,
         # or a value torch.load(weights_only=True) refuses; CheckpointException is a BaseException
-        cause = next(iter(err.failures.values()))[0] if isinstance(err, CheckpointException) and err.failures else err
         raise InputError(f"{state_dir}: cannot resume the run saved by {meta.get('world_size', '?')} rank(s) with "
-                         f"{distributed.world_size()}: {distributed.one_line(cause)}") from None
+                         f"{distributed.world_size()}: {distributed.one_line(_cause(err))}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     torch.set_rng_state(rng)
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     return int(meta["next_step"]), list(meta["steps"])
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException (a BaseException), else `err`."""
+    failures = getattr(err, "failures", None)
+    return next(iter(failures.values()))[0] if isinstance(failures, dict) and failures else err
 
 
 @contextlib.contextmanager

@@ -41,12 +41,13 @@ from drpo_cli.checkpoint import (
     load_model,
     output_nbytes,
     read_policy_version,
+    report_nbytes,
     save_checkpoint,
     saved_format,
 )
 from drpo_cli.config import TrainConfig, expand_correction
 from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
-from drpo_cli.errors import ConfigError, InputError, Interrupted, ReportError
+from drpo_cli.errors import Aborted, ConfigError, InputError, Interrupted, ReportError
 from drpo_cli.histograms import MuPiHistogram, worst_tokens
 from drpo_cli.logprobs import fused_token_loss, pick_device, reused_buffers, token_logprobs
 from drpo_cli.losses import (
@@ -95,10 +96,31 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> TrainResult:
     # The outputs locked for the whole run, files no more readable than the inputs; then, caught up to
     # the final rename, a signal after the last step lets the run finish.
     with outputs.claimed(*cfg.paths(out_dir), lock=launch.leads()), _signals_request_stop() as stop:
-        return _train(cfg, out_dir, stop, console or Console())
+        outputs.check_paths(*cfg.paths(out_dir), overwrite=cfg.overwrite)  # validate() saw only an explicit --out
+        # The checkpoint's temporary directory, made now: an --out that cannot be written fails before any work.
+        tmp = _output_temp_dir(out_dir) if launch.leads() else None
+        try:
+            return _train(cfg, out_dir, tmp, stop, console or Console())
+        except KeyboardInterrupt:  # nothing saved by this run; a resumed run's earlier state may still be there
+            state = outputs.state_dir(out_dir)
+            if cfg.resume and state.is_dir() and outputs.foreign(state, "state") is None:
+                raise Interrupted(f"interrupted again before a new state was saved; the earlier state at {state} is "
+                                  "kept: rerun the same command with --resume to continue from it") from None
+            raise
+        finally:
+            if tmp is not None:
+                outputs.discard(tmp)  # gone already once the checkpoint was renamed into place
 
 
-def _train(cfg: TrainConfig, out_dir: Path, stop, console: Console) -> TrainResult:
+def _output_temp_dir(out_dir: Path) -> Path:
+    try:
+        return outputs.new_temp_dir(out_dir)
+    except OSError as err:
+        raise ConfigError(f"--out {out_dir}: cannot create its temporary directory in {out_dir.parent} "
+                          f"({err.strerror or err})") from None
+
+
+def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console: Console) -> TrainResult:
     t0 = time.perf_counter()
     preset, cfg = cfg.correction, expand_correction(cfg)  # --correction spelled out as the options it stands for
     hp = cfg.loss_hparams()
@@ -107,7 +129,6 @@ def _train(cfg: TrainConfig, out_dir: Path, stop, console: Console) -> TrainResu
     in_version = read_policy_version(cfg.model)
     out_version = (in_version or 0) + 1
     state_dir = outputs.state_dir(out_dir)
-    outputs.check_paths(*cfg.paths(out_dir), overwrite=cfg.overwrite)  # validate() saw only an explicit --out
     if cfg.resume and not state_dir.is_dir():
         raise ConfigError(f"--resume: no interrupted run at {state_dir}")
     if not cfg.resume and os.path.lexists(state_dir):
@@ -119,7 +140,7 @@ def _train(cfg: TrainConfig, out_dir: Path, stop, console: Console) -> TrainResu
     lora_config = _lora_config(cfg)
     adapter_only = lora_config is not None and not cfg.merge
     # A full disk is found now, not after the last step (the output keeps the source's dtype).
-    out_bytes = output_nbytes(cfg.model, _source_dtype(cfg.model))
+    out_bytes = output_nbytes(cfg.model, _source_dtype(cfg.model), steps=cfg.epochs * cfg.minibatches)
     if not adapter_only:  # an adapter's size is known once it is built (below)
         check_free_space(out_dir, out_bytes)
 
@@ -165,8 +186,10 @@ def _train(cfg: TrainConfig, out_dir: Path, stop, console: Console) -> TrainResu
     if routing_spec is not None:
         moe.install(model, routing_spec, replay=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # global numel for DTensors
+    for _ in range(hooks.interrupt_signals("load")):
+        signal.raise_signal(signal.SIGTERM)
     if adapter_only:
-        out_bytes = 4 * trainable + 64 * 1024
+        out_bytes = 2 * 4 * trainable + report_nbytes(cfg.epochs * cfg.minibatches)  # one shard: scratch + file
         check_free_space(out_dir, out_bytes)
     mask = torch.from_numpy(rows.loss_mask)  # (T,) bool
     # Values where loss_mask is 0 are unspecified (SPEC.md §3): zero them so 0-weighted tokens stay finite.
@@ -263,11 +286,16 @@ def _train(cfg: TrainConfig, out_dir: Path, stop, console: Console) -> TrainResu
                             outside=fmt(metrics.get("tr/outside_frac")))
             if board is not None:
                 board.step(steps[-1])
-            if hooks.interrupt_requested(step):
+            for _ in range(hooks.interrupt_signals(step)):
                 signal.raise_signal(signal.SIGTERM)
             stop.requested = distributed.any_rank(stop.requested)
             if stop.requested and step + 1 < total_steps:
-                save_state(state_dir, cfg, model, optimizer, step + 1, steps, scaler)
+                try:
+                    save_state(state_dir, cfg, model, optimizer, step + 1, steps, scaler)
+                except Exception as err:  # e.g. a full disk: said in one line, nothing half-written
+                    raise Aborted(f"interrupted after step {step + 1} of {total_steps}, but the resumable state could "
+                                  f"not be saved to {state_dir} ({distributed.one_line(err)}): nothing was kept; "
+                                  "rerun the command") from err
                 raise Interrupted(f"interrupted after step {step + 1} of {total_steps}; state saved to {state_dir}; "
                                   "rerun the same command with --resume to continue")
 
@@ -305,7 +333,7 @@ def _train(cfg: TrainConfig, out_dir: Path, stop, console: Console) -> TrainResu
     }
     report = finite_or_null(report)
     files, unwritten = _report_files(report)
-    _save_output(model, cfg, out_dir, out_version, files, out_bytes, lora_config)  # the weights, whatever else fails
+    _save_output(model, cfg, out_dir, out_tmp, out_version, files, out_bytes, lora_config)  # the weights, whatever else fails
     if distributed.rank() == 0:  # one remover: every rank's shards are in it
         outputs.remove_output(state_dir, "state")  # only drpo's own state; anything else stays
     if board is not None:
@@ -696,7 +724,7 @@ def _tensorboard(cfg: TrainConfig, *, base_step: int) -> _Board | None:
         raise ConfigError(f"--tensorboard needs the tensorboard package ({err}): pip install 'drpo[tensorboard]'") from None
 
 
-def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, files: dict[str, str],
+def _save_output(model, cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, version: int, files: dict[str, str],
                  expected_bytes: int, lora_config) -> None:
     """Checkpoint (or adapter), report and page appear together, in one atomic rename (--overwrite: an atomic swap, outputs.py).
 
@@ -704,7 +732,7 @@ def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, files: di
     With LoRA: the adapter alone in peft's format, or (--merge) full weights W + (alpha / r)·B A.
     """
     kw = {"source_dir": cfg.model, "policy_version": version, "training_config": cfg.to_dict(),
-          "overwrite": cfg.overwrite, "extra_files": files, "expected_bytes": expected_bytes}
+          "overwrite": cfg.overwrite, "extra_files": files, "expected_bytes": expected_bytes, "tmp_dir": out_tmp}
     sharded = distributed.is_sharded(model)
     keep = transform = convert = None
     if lora_config is not None:

@@ -438,7 +438,7 @@ def test_one_process_under_torchrun_inspects_like_a_plain_process(toy, tmp_path)
     assert_same_json(*(json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "rank")))
 
 
-def test_the_launchers_exit_code_is_130_when_the_ranks_were_interrupted(tmp_path):
+def test_the_launchers_exit_code_is_130_when_the_ranks_saved_their_state_and_4_when_not(tmp_path):
     from drpo_cli.launch import launcher_exit_code
 
     def code(torchrun_code: int, ranks: list[int]) -> int:
@@ -454,6 +454,9 @@ def test_the_launchers_exit_code_is_130_when_the_ranks_were_interrupted(tmp_path
     assert code(1, []) == 1  # ranks that never reported (killed): torchrun's code
     assert code(0, [0, 0]) == 0
     assert code(2, [2, 2]) == 2
+    assert code(1, [4, 4]) == 4  # interrupted with nothing kept: no --resume
+    assert code(1, [130, 4]) == 4  # a rank without its state: the run cannot resume
+    assert code(1, [4, 1]) == 1
 
 
 @pytest.mark.multiproc

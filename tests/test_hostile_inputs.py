@@ -340,3 +340,85 @@ def test_a_config_file_setting_a_destructive_or_unsafe_switch_is_refused(toy, tm
         (f"error: --config {path}: key {key!r}: {flag} is taken from the command line only (a destructive or unsafe "
         f"switch); remove it from the file and pass {flag}")]
     assert not (tmp_path / "o").exists()
+
+
+# ---- exit 130 means --resume works ------------------------------------------------------------------------
+
+NOTHING_KEPT = ("error: interrupted: nothing was kept (no output written, nothing to resume); rerun the command")
+
+
+@pytest.mark.parametrize("when", ["load", "0*2"])
+def test_an_interrupt_that_keeps_nothing_exits_4_not_130(toy, tmp_path, when):
+    # "load": SIGTERM while loading (nothing to save yet); "0*2": a second signal after step 0 aborts the save.
+    out = tmp_path / "out"
+    result = train(toy, out, env={INTERRUPT_AFTER_STEP: when})
+    assert result.exit_code == 4, result.output
+    assert result.stderr.splitlines() == [NOTHING_KEPT]
+    assert list(tmp_path.iterdir()) == []  # no output, no state, no temporary, no lock file
+    again = train(toy, out, "--resume")
+    assert again.exit_code == 2 and "no interrupted run" in again.stderr
+
+
+def test_a_resumed_run_interrupted_twice_keeps_its_earlier_state_and_exits_130(toy, interrupted, tmp_path):
+    from safetensors.torch import load_file
+
+    out, state = interrupted
+    second = train(toy, out, "--resume", env={INTERRUPT_AFTER_STEP: "1*2"})
+    assert second.exit_code == 130, second.output
+    assert second.stderr.splitlines() == [
+        (f"error: interrupted again before a new state was saved; the earlier state at {state} is kept: rerun the same "
+        "command with --resume to continue from it")]
+    assert train(toy, out, "--resume").exit_code == 0
+    assert train(toy, tmp_path / "straight").exit_code == 0
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inspect_interrupted_exits_4(toy, tmp_path, monkeypatch):
+    from drpo_cli import inspect_data
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect_data, "audit_data", interrupted)
+    result = CliRunner().invoke(app, ["inspect", str(toy / "rollouts.arrow"), "--json", str(tmp_path / "a.json")])
+    assert result.exit_code == 4 and result.stderr.splitlines() == [NOTHING_KEPT], result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- faults found before the work, or said in one line ----------------------------------------------------
+
+
+def test_a_full_disk_while_saving_the_state_exits_4_in_one_line_and_leaves_nothing(toy, tmp_path, monkeypatch):
+    # DCP reports a full disk as its CheckpointException, a BaseException that no `except Exception` catches.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def full(*args, **kwargs):
+        raise CheckpointException("save failed", {0: (OSError(28, "No space left on device"), None)})
+
+    monkeypatch.setattr(dcp, "save", full)
+    out = tmp_path / "out"
+    result = train(toy, out, env={INTERRUPT_AFTER_STEP: "0"})
+    assert result.exit_code == 4, result.output
+    assert result.stderr.splitlines() == [
+        f"error: interrupted after step 1 of 4, but the resumable state could not be saved to {tmp_path / 'out.partial-state'} "
+        "(OSError: [Errno 28] No space left on device): nothing was kept; rerun the command"]
+    assert list(tmp_path.iterdir()) == []  # no state, no temporary directory, no output
+
+
+def test_the_free_space_check_counts_the_shard_being_assembled_and_the_report(toy, tmp_path, monkeypatch):
+    import collections
+
+    from drpo_cli import checkpoint
+
+    weights = checkpoint.weights_nbytes(toy / "model", "float32")
+    need = checkpoint.output_nbytes(toy / "model", "float32", steps=4)
+    copied = sum((toy / "model" / n).stat().st_size for n in ("generation_config.json", "tokenizer.json",
+                                                               "tokenizer_config.json"))
+    assert need == 2 * weights + copied + 4 * 2**20 + 4 * 32 * 2**10
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(10**12, 0, need - 1))
+    result = train(toy, tmp_path / "out")
+    assert result.exit_code == 2 and "the output needs about" in result.stderr and f"({need:,} bytes)" in result.stderr
+    assert list(tmp_path.iterdir()) == []
