@@ -401,9 +401,10 @@ def test_a_full_disk_while_saving_the_state_exits_4_in_one_line_and_leaves_nothi
     out = tmp_path / "out"
     result = train(toy, out, env={INTERRUPT_AFTER_STEP: "0"})
     assert result.exit_code == 4, result.output
+    state = tmp_path / "out.partial-state"
     assert result.stderr.splitlines() == [
-        f"error: interrupted after step 1 of 4, but the resumable state could not be saved to {tmp_path / 'out.partial-state'} "
-        "(OSError: [Errno 28] No space left on device): nothing was kept; rerun the command"]
+        (f"error: interrupted after step 1 of 4, but the resumable state could not be saved to {state} "
+         "(OSError: [Errno 28] No space left on device): nothing was kept; rerun the command")]
     assert list(tmp_path.iterdir()) == []  # no state, no temporary directory, no output
 
 
