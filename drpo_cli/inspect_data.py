@@ -12,6 +12,7 @@ standard library's `inspect`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
@@ -25,12 +26,13 @@ import pyarrow.compute as pc
 from drpo_cli import __version__
 from drpo_cli.config import InspectConfig
 from drpo_cli.errors import InputError
-from drpo_cli.outputs import atomic_file, claimed, write_file
+from drpo_cli.outputs import atomic_file, claimed, write_together
 from drpo_cli.report_format import (
     INSPECT_REPORT_SCHEMA,
     clean_number,
     evaluate_gates,
     finite_or_null,
+    report_json,
     validate_report,
     write_report,
 )
@@ -784,17 +786,19 @@ def inspect_and_write(cfg: InspectConfig, progress: Progress | None = None) -> d
 
 
 def _inspect_and_write(cfg: InspectConfig, progress: Progress | None) -> dict:
-    if cfg.per_token is None:
-        report = run_inspect(cfg, progress)
-    else:
-        with atomic_file(cfg.per_token, "arrow", overwrite=cfg.overwrite) as tmp:
-            report = run_inspect(cfg, progress, str(tmp))
-    if cfg.json_out is not None:
-        write_report(report, cfg.json_out, overwrite=cfg.overwrite)
-    if cfg.html is not None:
-        from drpo_cli.html_pages import inspect_page
+    with contextlib.ExitStack() as together:  # every output renamed in at the end, or none (outputs.write_together)
+        tmp = together.enter_context(atomic_file(cfg.per_token, "arrow", overwrite=cfg.overwrite)) if cfg.per_token else None
+        report = run_inspect(cfg, progress, None if tmp is None else str(tmp))
+        files = []
+        if cfg.json_out not in (None, "-"):
+            files.append(("--json", cfg.json_out, report_json(report), "json"))
+        if cfg.html is not None:
+            from drpo_cli.html_pages import inspect_page
 
-        write_file(cfg.html, inspect_page(report), "html", overwrite=cfg.overwrite)
+            files.append(("--html", cfg.html, inspect_page(report), "html"))
+        write_together(files, overwrite=cfg.overwrite, stack=together)
+    if cfg.json_out == "-":
+        write_report(report, "-", overwrite=False)
     return report
 
 

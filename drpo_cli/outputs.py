@@ -250,6 +250,25 @@ def write_file(path: str | os.PathLike, data: str | bytes, kind: str, *, overwri
     return real(path)
 
 
+def write_together(files: Sequence[tuple[str, str | os.PathLike, str | bytes, str]], *, overwrite: bool,
+                   stack: contextlib.ExitStack) -> None:
+    """Write outputs (flag, path, data, kind) so that they appear together or not at all: each goes into
+    its temporary sibling now, and `stack` renames them in when it closes without an error (and removes
+    the temporaries otherwise). A write that fails (e.g. a full disk) names its output in one line."""
+    from drpo_cli.errors import DrpoError
+
+    for flag, path, data, kind in files:
+        tmp = stack.enter_context(atomic_file(path, kind, overwrite=overwrite))
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as err:
+            raise DrpoError(f"{_shown(flag, path)}: cannot write ({err.strerror or err}); none of the outputs "
+                            "was written") from None
+
+
 def new_temp_dir(path: str | os.PathLike) -> Path:
     """An empty hidden sibling of `path` to fill (parents of `path` are created); see `publish_dir`."""
     dest = real(path)

@@ -423,3 +423,29 @@ def test_the_free_space_check_counts_the_shard_being_assembled_and_the_report(to
     result = train(toy, tmp_path / "out")
     assert result.exit_code == 2 and "the output needs about" in result.stderr and f"({need:,} bytes)" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_under_inspect_writes_no_output_and_names_the_file(toy, tmp_path, monkeypatch):
+    import builtins
+
+    from drpo_cli import outputs
+
+    real_open = builtins.open
+    page = tmp_path / "audit.html"
+
+    def full_for_the_page(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if "w" in mode and Path(path).name.startswith(f".{page.name}.tmp-"):
+            def no_room(data):
+                raise OSError(28, "No space left on device")
+            handle.write = no_room
+        return handle
+
+    monkeypatch.setattr(outputs, "open", full_for_the_page, raising=False)
+    result = CliRunner().invoke(app, ["inspect", str(toy / "rollouts.arrow"), "--model", str(toy / "model"), "--quiet",
+                                      "--json", str(tmp_path / "audit.json"), "--html", str(page),
+                                      "--per-token", str(tmp_path / "tokens.arrow")])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [
+        f"error: --html {page}: cannot write (No space left on device); none of the outputs was written"]
+    assert list(tmp_path.iterdir()) == []  # neither the report, nor the per-token file, nor a temporary
