@@ -121,15 +121,18 @@ def number_table(title: str, first: str, columns: list[str], rows: list[list[str
     terminal the labels give way, never the values.
     """
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left", **kw)
-    table.add_column(first.replace("_", " "), overflow="fold")
+    # Every title, header and cell is Text: values from the data (sample ids, column values) print as they
+    # are, never as console markup.
+    table = Table(title=Text(title), title_justify="left", **kw)
+    table.add_column(Text(first.replace("_", " ")), overflow="fold")
     for j, c in enumerate(columns):
         header = c.replace("_", " ")
         width = max([len(r[j + 1]) for r in rows] + [len(w) for w in header.split()])
-        table.add_column(header, justify="right", width=width, overflow="fold")
+        table.add_column(Text(header), justify="right", width=width, overflow="fold")
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*(Text(str(cell)) for cell in r))
     return table
 
 
@@ -348,6 +351,7 @@ def filter_lines(staleness: dict, rejection: dict | None) -> list[str]:
 
 def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
     """One table, metrics × steps (first and last steps when there are many) + closing audit; worst samples."""
+    from rich.text import Text
 
     steps, final = report["steps"], report["final"]
     shown = steps if len(steps) <= max_steps else steps[: max_steps // 2] + steps[-max_steps // 2 :]
@@ -378,9 +382,9 @@ def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
     for line in lines:
         console.print(line, highlight=False, markup=False)
     for note in report["notes"]:
-        console.print(f"note: {note}")
+        console.print(Text(f"note: {note}"))
     if report["skipped_steps"]:
-        console.print(f"[yellow]{report['skipped_steps']} step(s) skipped: non-finite loss or gradient norm[/]")
+        console.print(Text(f"{report['skipped_steps']} step(s) skipped: non-finite loss or gradient norm", style="yellow"))
 
 
 def _is_loss_metric(key: str, loss: str) -> bool:
@@ -640,12 +644,13 @@ INSPECT_REPORT_SCHEMA: dict[str, Any] = {
 
 
 def render_inspect(report: dict, console: Any) -> None:
-    """Human view of an inspect report: rich tables and terminal histograms."""
+    """Human view of an inspect report: rich tables and terminal histograms (every value as Text: no markup)."""
     from rich.table import Table
+    from rich.text import Text
 
     data, model = report["data"], report["model"]
     rl, pl, adv = data["response_length"], data["prompt_length"], data["advantage"]
-    table = Table(title=f"drpo inspect: {fmt(data['rows'])} rows", show_header=False, title_justify="left")
+    table = Table(title=Text(f"drpo inspect: {fmt(data['rows'])} rows"), show_header=False, title_justify="left")
     rows = [
         ("response tokens (loss_mask 1)", f"{fmt(data['response_tokens'])} ({fmt(data['masked_tokens'])})"),
         ("prompt tokens", fmt(data["prompt_tokens"])),
@@ -665,13 +670,13 @@ def render_inspect(report: dict, console: Any) -> None:
         rows.append(("reward mean / std / min / max",
                      " / ".join(fmt(data["reward"].get(k)) for k in ("mean", "std", "min", "max"))))
     for label, value in rows:
-        table.add_row(label, value)
+        table.add_row(Text(label), Text(value))
     console.print(table)
 
     lag = data["lag"]
     if lag["histogram"]:
-        console.print(f"[bold]Staleness lag[/bold] (tokens; current version {lag['current_version']} "
-                      f"from {lag['version_source']})")
+        console.print(Text.assemble(("Staleness lag", "bold"), f" (tokens; current version {lag['current_version']} "
+                                    f"from {lag['version_source']})"))
         for line in histogram_lines([f"lag {h['lag']}" for h in lag["histogram"]],
                                     [h["tokens"] for h in lag["histogram"]]):
             console.print(line, highlight=False, markup=False)
@@ -694,14 +699,16 @@ def render_inspect(report: dict, console: Any) -> None:
             console.print(f"--is-batch-norm would divide the weights by {fmt(m['is/batch_norm_factor'])}",
                           highlight=False, markup=False)
     for note in report["notes"]:
-        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        console.print(Text.assemble(("note:", "yellow"), f" {note}"), highlight=False)
     for gate in report["gates"]:
-        verdict = "[green]pass[/green]" if gate["passed"] else "[red]FAIL[/red]"
-        console.print(f"gate {gate['metric']} = {fmt(gate['value'])} (limit {fmt(gate['threshold'])}): {verdict}")
+        verdict = ("pass", "green") if gate["passed"] else ("FAIL", "red")
+        console.print(Text.assemble(f"gate {gate['metric']} = {fmt(gate['value'])} (limit {fmt(gate['threshold'])}): ",
+                                    verdict))
 
 
 def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     console.print(number_table(f"Current model vs sampler: {fmt(model['tokens'])} tokens, lag from version "
                                f"{model['checkpoint']['policy_version']}", "metric", ["value"],
@@ -720,29 +727,30 @@ def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
                                   ("Worst sequences", model["worst_sequences"], "sample_id")]:
         if records:
             console.print(_records_table(title, records, first))
-    losses = Table(title="What each loss would do to these tokens", title_justify="left")
+    losses = Table(title=Text("What each loss would do to these tokens"), title_justify="left")
     for col in ("loss", "hyper-parameters", "effect"):
         losses.add_column(col)
     for entry in model["losses"]:
-        losses.add_row(entry["loss"], ", ".join(f"{k}={fmt(v)}" for k, v in entry["hparams"].items()) or "–",
-                       ", ".join(f"{k} {fmt(v)}" for k, v in entry["fractions"].items()) or "–")
+        losses.add_row(Text(entry["loss"]), Text(", ".join(f"{k}={fmt(v)}" for k, v in entry["hparams"].items()) or "–"),
+                       Text(", ".join(f"{k} {fmt(v)}" for k, v in entry["fractions"].items()) or "–"))
     console.print(losses)
     checks = model["logging_checks"]
     if checks is not None:
-        console.print(f"[bold]Logging checks[/bold] ({checks['scope']}: {fmt(checks['rows'])} rows, "
-                      f"{fmt(checks['tokens'])} tokens; mean |log r| by temperature, shorter is a better fit)")
+        console.print(Text.assemble(("Logging checks", "bold"), f" ({checks['scope']}: {fmt(checks['rows'])} rows, "
+                                    f"{fmt(checks['tokens'])} tokens; mean |log r| by temperature, shorter is a better fit)"))
         fit = checks["temperature_fit"]
         for line in histogram_lines([f"T={f['temperature']:g}" for f in fit],
                                     [f["abs_logr_mean"] or 0.0 for f in fit], width=30, unit="nats"):
             console.print("  " + line, highlight=False, markup=False)
         for finding in checks["findings"]:
-            console.print(f"  • {finding}", highlight=False)
+            console.print(Text(f"  • {finding}"), highlight=False)
     routing = model["routing"]
     if routing is not None:
-        console.print(f"[bold]MoE routing[/bold] ({routing['architecture']}, {routing['layers']} MoE layers, top-"
-                      f"{routing['top_k']} of {routing['num_experts']}{', replayed' if routing['replayed'] else ''}): "
-                      f"the router's own top-k set differs from the logged one at {fmt(routing['mismatch_frac'])} of "
-                      f"{fmt(routing['positions'])} trained positions × layers")
+        console.print(Text.assemble(
+            ("MoE routing", "bold"), f" ({routing['architecture']}, {routing['layers']} MoE layers, top-"
+            f"{routing['top_k']} of {routing['num_experts']}{', replayed' if routing['replayed'] else ''}): "
+            f"the router's own top-k set differs from the logged one at {fmt(routing['mismatch_frac'])} of "
+            f"{fmt(routing['positions'])} trained positions × layers"))
         for line in histogram_lines([f"layer {r['layer']}" for r in routing["by_layer"]],
                                     [r["mismatch_frac"] or 0.0 for r in routing["by_layer"]], width=30, unit="share"):
             console.print("  " + line, highlight=False, markup=False)

@@ -449,3 +449,28 @@ def test_a_full_disk_under_inspect_writes_no_output_and_names_the_file(toy, tmp_
     assert result.stderr.splitlines() == [
         f"error: --html {page}: cannot write (No space left on device); none of the outputs was written"]
     assert list(tmp_path.iterdir()) == []  # neither the report, nor the per-token file, nor a temporary
+
+
+# ---- values from the data print as they are ---------------------------------------------------------------
+
+
+def test_markup_in_sample_ids_prints_literally(toy, tmp_path):
+    import pyarrow as pa
+
+    table = pa.ipc.open_file(str(toy / "rollouts.arrow")).read_all()
+    ids = [f"[/]{i}" if i % 2 else f"[link=https://example.invalid]click-me[/link]{i}" for i in range(table.num_rows)]
+    table = table.set_column(table.schema.get_field_index("sample_id"), "sample_id", pa.array(ids, pa.string()))
+    rollouts = tmp_path / "marked.arrow"
+    with pa.OSFile(str(rollouts), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    runner = CliRunner(env={"COLUMNS": "250"})
+    audit = runner.invoke(app, ["inspect", str(rollouts), "--model", str(toy / "model"), "--top", "20",
+                                "--fail-above", "tr/outside_frac=0"])
+    assert audit.exit_code == 3, audit.output  # the gate's code, not a crash in the table
+    shown = [i for i in ids if i in audit.stdout]
+    assert any(i.startswith("[/]") for i in shown) and any(i.startswith("[link=") for i in shown), audit.stdout
+    assert "\x1b]8;" not in audit.stdout  # no terminal hyperlink
+    trained = runner.invoke(app, ["train", "-r", str(rollouts), "-m", str(toy / "model"), "--out", str(tmp_path / "out"),
+                                  "--lr", "1e-3", "--micro-batch-tokens", "512"])
+    assert trained.exit_code == 0, trained.output
+    assert any(i in trained.stdout for i in ids)  # the worst-samples table, literally
