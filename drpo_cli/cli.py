@@ -218,7 +218,8 @@ def validate_command(
 
 @app.command("convert")
 def convert_command(
-    inputs: list[str] = typer.Argument(..., help="JSONL files, one response (or rollout row) per line."),
+    inputs: list[str] = typer.Argument(..., help="JSONL files, one response (or rollout row, or with --stream one "
+                                       "stream event) per line."),
     out: str = typer.Option(..., "--out", "-o", help="Output Arrow IPC file (schema v1)."),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl (schema v1 fields) | vllm | openai | sglang | llamacpp."),
     column: list[str] = typer.Option([], "--column", help="Rename a JSON field: SRC=CANONICAL (repeatable)."),
@@ -241,8 +242,13 @@ def convert_command(
         [], "--run-prefix", help="Prefix sample ids, e.g. run-7: once for all inputs or once per input (vLLM offline "
         "request ids count from 0 in every process)."
     ),
+    stream: bool = typer.Option(
+        False, "--stream", help="Each line is one event of a streamed response (an SSE 'data:' line or its JSON): "
+        "each stream's events are joined into one row per response (see docs/rollouts.md)."
+    ),
 ) -> None:
-    """Convert JSONL dumps (schema v1 fields, vLLM, OpenAI-compatible or SGLang responses) into a rollout file."""
+    """Convert JSONL dumps (schema v1 fields, vLLM, OpenAI-compatible, SGLang or llama-server responses, or with
+    --stream their streamed events) into a rollout file."""
 
     def body() -> None:
         from drpo_cli.convert import ConvertConfig, convert
@@ -250,7 +256,8 @@ def convert_command(
         cfg = ConvertConfig(inputs=tuple(inputs), out=out, format=fmt, columns=tuple(column),
                             temperature=temperature, top_p=top_p, top_k=top_k, logprobs=logprobs,
                             sampler=sampler, allow_raw_logprobs=allow_raw_logprobs, overwrite=overwrite,
-                            min_p=min_p, version_map=tuple(version_map), run_prefix=tuple(run_prefix)).check()
+                            min_p=min_p, version_map=tuple(version_map), run_prefix=tuple(run_prefix),
+                            stream=stream).check()
         path, lines, rows = convert(cfg)
         typer.echo(f"wrote {path}: {rows:,} rows from {lines:,} lines (schema v1)")
 
