@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("objectives", {"losses", "losses_extra", "divergence"}),
     ("model runtime", {"batching", "distributed", "moe", "logprobs", "lora", "histograms", "vocab_parallel"}),
     ("options and reports", {"config", "config_file", "report_format", "options_doc", "html_pages"}),
-    ("commands", {"inspect_data", "inspect_model", "train"}),
+    ("commands", {"inspect_data", "inspect_model", "train", "resume"}),
     ("entry points", {"cli", "__main__", "__init__"}),
 ]
 LEVEL = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
