@@ -138,12 +138,12 @@ def _pct(ms) -> str:
 
 def markdown(rows: list[dict], weights: dict) -> str:
     lines = ["# The boundary experiment: named comparisons", "",
-             f"Late reward = the mean of the evaluations after rounds {', '.join(map(str, LATE))}; mean ± sample "
+             (f"Late reward = the mean of the evaluations after rounds {', '.join(map(str, LATE))}; mean ± sample "
              f"SD over seeds; Welch's t (two-sided), Holm's correction over the {len(rows)} comparisons run "
              f"(family-wise α = {ALPHA}), the difference's 95 % Welch interval (unadjusted); `detectable`: the "
-             "smallest true difference found with 80 % power at these SDs.", "",
-             "| comparison | K | seeds | late reward a | late reward b | a − b | 95 % interval | t (df) | p | "
-             "p (Holm) | beyond the noise | detectable |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "smallest true difference found with 80 % power at these SDs."), "",
+             ("| comparison | K | seeds | late reward a | late reward b | a − b | 95 % interval | t (df) | p | "
+             "p (Holm) | beyond the noise | detectable |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"{r['a']} vs {r['b']}"
         if "p" not in r:
@@ -156,8 +156,8 @@ def markdown(rows: list[dict], weights: dict) -> str:
     for (arm, k), table in weights.items():
         if not any(t["corrective"] for t in table):
             continue
-        lines += ["", f"**{arm}, K = {k}: the gradient weight per round** (mean ± sample SD over seeds, % of trained "
-                  "tokens; `min`: the smallest weight of any step of any seed)", "",
+        lines += ["", (f"**{arm}, K = {k}: the gradient weight per round** (mean ± sample SD over seeds, % of trained "
+                  "tokens; `min`: the smallest weight of any step of any seed)"), "",
                   "| round | corrective (w < 0) | attenuated (w < 0.5) | min w |", "|---|---|---|---|"]
         lines += [f"| {t['round']} | {_pct(t['corrective'])} | {_pct(t['attenuated'])} | "
                   f"{'–' if t['min'] is None else format(t['min'], '.3f')} |" for t in table]

@@ -7,6 +7,7 @@ drpo trains in float32, the new weights go back to llama.cpp as a GGUF of the sa
     nice -n 5 python examples/engine_experiment.py --threads 1 --part 0/2 &   # split over processes
     nice -n 5 python examples/engine_experiment.py --threads 1 --part 1/2 &
     python examples/engine_experiment.py --report   # results.md from the rounds found so far; runs nothing
+    python examples/engine_experiment.py --verify drpo_Q8_0_k4_s2/1   # rerun a committed round, compare
 
 Sampler ∈ {F32 (control: float32 GGUF and KV cache, the engine computes what the trainer does),
 Q8_0 (8-bit weights and activations, float16 KV cache: a deployed engine's mismatch)}; K ∈ {0, 4}:
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -98,6 +100,63 @@ def measure(s: rx.RealSettings, model_dir: Path, out: Path, tokenizer, sampler: 
     return cached
 
 
+# --verify: a rerun round's figures against the committed ones. A round is a chain of seeded draws
+# (llama.cpp's sampler, the mini-batch shuffle, the evaluation's sampler) through float32 arithmetic,
+# so on the CPU that ran it every figure comes back bit for bit. On a CPU whose llama.cpp kernels differ
+# (another SIMD width for the Q8_0 or F32 dot products), a sampled token can change where two
+# candidates' probabilities lie within rounding of the seeded draw; from there on the round's rollouts
+# differ, so its figures agree only as two draws of the same experiment do: within VERIFY_TOLERANCE
+# (absolute), about twice the per-round spread of reward over seeds in the committed grid.
+VERIFY_KEYS = ("rollout_reward", "reward", "response_len_mean", "start", "final", "grad_norms", "loss_fraction")
+VERIFY_TOLERANCE = {"rollout_reward": 0.15, "reward": 0.1, "response_len_mean": 2.0, "start": 0.05, "final": 0.2,
+                    "grad_norms": 1.0, "loss_fraction": 0.05}
+
+
+def _numbers(record: dict, key: str) -> list[float]:
+    value = record.get(key)
+    if isinstance(value, dict):
+        return [x for k in sorted(value) for x in _numbers(value, k)]
+    if isinstance(value, list):
+        return [float(x) for x in value if isinstance(x, (int, float))]
+    return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def compare_rounds(committed: list[dict], rerun: list[dict]) -> list[dict]:
+    """Per round and figure: the largest absolute difference, whether it is exact and within VERIFY_TOLERANCE."""
+    rows = []
+    for old, new in zip(committed, rerun):
+        for key in VERIFY_KEYS:
+            a, b = _numbers(old, key), _numbers(new, key)
+            diff = max((abs(x - y) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else float("inf")
+            rows.append({"round": old["round"], "figure": key, "max_abs_diff": diff, "exact": a == b,
+                         "within": diff <= VERIFY_TOLERANCE[key]})
+    return rows
+
+
+def verify(target: str, s: rx.RealSettings, model_dir: Path, out: Path, tokenizer, sampler: Sampler) -> list[dict]:
+    """Rerun rounds 1..R of run RUN (target 'RUN/R', e.g. 'drpo_Q8_0_k4_s2/3') from the recorded settings in
+    a scratch directory and compare each with the committed round files under `out`."""
+    import tempfile
+
+    name, _, upto = target.partition("/")
+    committed = rx.finished_rounds(out, name)
+    if not upto.isdigit() or not 1 <= int(upto) <= len(committed):
+        raise SystemExit(f"--verify {target}: expected RUN/ROUND with a committed round (RUN has {len(committed)})")
+    arm, level, k, seed = _parse_run(name)
+    with tempfile.TemporaryDirectory(prefix="verify-") as scratch:
+        rx.run_rounds(arm, k, level, seed, s, model_dir, Path(scratch) / "out", Path(scratch) / "work", tokenizer,
+                      int(upto), sample=sampler, rule=RULE)
+        rerun = rx.finished_rounds(Path(scratch) / "out", name)
+    return compare_rounds(committed[: int(upto)], rerun)
+
+
+def _parse_run(name: str) -> tuple[str, str, int, int]:
+    """run_name's inverse: 'drpo-d0.2_Q8_0_k4_s1' -> ('drpo-d0.2', 'Q8_0', 4, 1)."""
+    head, k, seed = name.rsplit("_", 2)
+    arm, level = next((head[: -len(kind) - 1], kind) for kind in engine.KINDS if head.endswith("_" + kind))
+    return arm, level, int(k.removeprefix("k")), int(seed.removeprefix("s"))
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoTokenizer
@@ -106,6 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
     raw = sys.argv[1:] if argv is None else argv
     report_only = "--report" in raw  # rewrite results.json / results.md / plots from the rounds found; run none
     raw = [a for a in raw if a != "--report"]
+    target = None
+    if "--verify" in raw:  # rerun one committed round (and the rounds before it) and compare; writes nothing
+        i = raw.index("--verify")
+        target, raw = raw[i + 1], raw[:i] + raw[i + 2:]
     s, model_dir, out, work = rx.parse_args(raw, defaults=DEFAULTS, levels=engine.KINDS, out=DEFAULT_OUT,
                                             work=DEFAULT_WORK)
     i, n = s.part_index()
@@ -115,6 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     work.mkdir(parents=True, exist_ok=True)
     sampler = Sampler(s, tokenizer, work)
+    if target is not None:
+        recorded = (rx._read_json(out / "results.json") or {}).get("settings", {})
+        s = replace(s, **{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k != "part"})
+        rows = verify(target, s, model_dir, out, tokenizer, sampler)
+        for r in rows:
+            print(f"round {r['round']} {r['figure']}: max |diff| {r['max_abs_diff']:.3g}"
+                  f"{' (bit for bit)' if r['exact'] else ''}{'' if r['within'] else ' — beyond the tolerance'}")
+        return {"verify": target, "rows": rows}
     with rx.locked(out):
         start = measure(s, model_dir, out, tokenizer, sampler)
     levels = [start["levels"][k] for k in s.mismatch]

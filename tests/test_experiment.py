@@ -135,7 +135,7 @@ def test_summarize_hand_computed():
     (row,) = se.summarize(runs)
     assert row["seeds"] == 2
     assert row["final_reward"] == pytest.approx((0.44 + 0.8) / 2)  # 0.62
-    assert row["final_reward_std"] == pytest.approx(0.18)  # population std of {0.44, 0.8}: |0.8 - 0.44| / 2
+    assert row["final_reward_std"] == pytest.approx(0.36 / 2**0.5)  # sample SD of {0.44, 0.8}: |0.8 - 0.44| / √2
     assert row["mean_reward"] == pytest.approx(((0.6 + 0.44) / 2 + (0.7 + 0.8) / 2) / 2)  # (0.52 + 0.75) / 2
     assert row["min_reward"] == 0.44
     assert row["reward_collapses"] == 1  # seed 0 ends at 0.44 < 0.5 - 0.05; seed 1 at 0.8 does not
@@ -170,15 +170,21 @@ def test_verdicts_compare_arms_and_samplers_against_the_seed_spread():
     ]
     runs[-1]["rounds"][-1]["final"]["entropy/mean"] = 0.05  # an entropy collapse: shown, not counted as instability
     text = "\n".join(se.verdicts(runs))
-    # Late reward = mean of the last 3 evaluations: F32 pg-is (0.5, 0.4) -> 0.45 ± 0.05; drpo (0.4667, 0.4333) -> 0.45 ± 0.0167.
+    # Late reward = mean of the last 3 evaluations, ± the sample SD (of two values: |a − b| / √2): F32 pg-is
+    # (0.5, 0.4) -> 0.45 ± 0.0707; drpo (0.4667, 0.4333) -> 0.45 ± 0.0236.
     assert "**F32, K = 0** (after 4 rounds): " in text
     assert "No difference between arms is larger than the seed spread." in text.split("**F32")[1].split("\n")[0]
-    # Q8_0: drpo 0.45 ± 0.0167 against pg-is (0.1, 0.1333) -> 0.1167 ± 0.0167: 0.333 apart, spreads 0.033.
+    # Q8_0: drpo 0.45 ± 0.0236 against pg-is (0.1, 0.1333) -> 0.1167 ± 0.0236: 0.333 apart, spreads 0.047.
     assert "drpo > pg-is by 0.333" in text
-    assert "- pg-is, K = 0: late reward Q8_0 0.117 ± 0.017 vs F32 0.450 ± 0.050; grad spike 10.00 ± 0.00 vs " \
-           "1.00 ± 0.00; reward collapses 2 of 2 vs 0 of 2; entropy collapses 0 of 2 vs 0 of 2 — worse under low precision beyond the seed spread." in text
-    assert "- drpo, K = 0: late reward Q8_0 0.450 ± 0.017 vs F32 0.450 ± 0.017; grad spike 1.00 ± 0.00 vs " \
+    assert "- pg-is, K = 0: late reward Q8_0 0.117 ± 0.024 vs F32 0.450 ± 0.071; grad spike 10.00 ± 0.00 vs " \
+           "1.00 ± 0.00; reward collapses 2 of 2 vs 0 of 2; entropy collapses 0 of 2 vs 0 of 2 — worse under low " \
+           "precision beyond the seed spread: its gradient spikes are larger and more runs collapse and its late " \
+           "reward is lower." in text
+    assert "- drpo, K = 0: late reward Q8_0 0.450 ± 0.024 vs F32 0.450 ± 0.024; grad spike 1.00 ± 0.00 vs " \
            "1.00 ± 0.00; reward collapses 0 of 2 vs 0 of 2; entropy collapses 1 of 2 vs 0 of 2." in text
+    # Spike ratios Q8_0 / F32: pg-is 10 / 1, drpo 1 / 1 -> larger in 1 cell of 2; geometric mean √10.
+    assert ("Gradient spikes are larger under low precision in 1 of the 2 arm × K cells (ratio of means: geometric "
+            "mean ×3.16, range ×1.00–×10.00).") in text
     assert text.endswith("shows up: pg-is (Q8_0, K = 0), while no divergence-bounded arm is worse.")
     # Without the low-precision pg-is runs nothing is worse: the claim is said not to show up.
     calm = "\n".join(se.verdicts([r for r in runs if not (r["arm"] == "pg-is" and r["mismatch"] == "Q8_0")]))
@@ -191,8 +197,8 @@ def test_curve_tables_hand_computed():
     runs[0]["rounds"][0]["start"] = {"kl/k3_mean": 0.01}
     runs[1]["rounds"][0]["start"] = {"kl/k3_mean": 0.03}
     reward, k3 = se.curve_tables(runs).split("k3 at each round's first step")
-    # Round 1 of drpo: seeds 0.2 and 0.4 -> 0.30 ± 0.10 (population std); round 3 has seed 1 alone.
-    assert "| drpo | Q8_0 | 0 | 0.30 ± 0.10 | 0.70 ± 0.10 | 0.50 ± 0.00 |" in reward
+    # Round 1 of drpo: seeds 0.2 and 0.4 -> 0.30 ± 0.14 (sample SD 0.2 / √2); round 3 has seed 1 alone.
+    assert "| drpo | Q8_0 | 0 | 0.30 ± 0.14 | 0.70 ± 0.14 | 0.50 ± 0.00 |" in reward
     assert "| pg-is | Q8_0 | 0 | 0.30 ± 0.00 | – | – |" in reward
     assert "| drpo | Q8_0 | 0 | 0.02 ± 0.01 | – | – |" in k3  # k3 0.01 and 0.03; rounds without a start record: –
 
