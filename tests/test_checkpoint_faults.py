@@ -73,9 +73,12 @@ def test_config_disagreeing_with_the_weights_gives_drpos_line_alone(toy):
 
 
 def test_too_little_free_space_is_refused_before_loading(toy, tmp_path, monkeypatch):
-    needed = checkpoint.output_nbytes(toy / "model", "float32")
-    weights = sum(p.stat().st_size for p in (toy / "model").glob("*.safetensors"))
-    assert weights < needed < weights + 128 * 1024  # weights + tokenizer files + the small JSON files
+    needed = checkpoint.output_nbytes(toy / "model", "float32", steps=1)  # FAST: one optimizer step
+    weights = checkpoint.weights_nbytes(toy / "model", "float32")  # the tensors' bytes (the file adds its header)
+    copied = sum((toy / "model" / n).stat().st_size for n in ("generation_config.json", "tokenizer.json",
+                                                               "tokenizer_config.json"))
+    # The weights, again while their one shard is assembled, the copied files and a report and page of one step.
+    assert needed == 2 * weights + copied + checkpoint.report_nbytes(1)
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
 
     def no_load(*a, **k):
@@ -99,7 +102,7 @@ def test_a_full_disk_while_writing_names_the_path_and_the_bytes_and_leaves_nothi
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"),
                                       "--out", str(out), *FAST])
-    needed = checkpoint.output_nbytes(toy / "model", "float32")
+    needed = checkpoint.output_nbytes(toy / "model", "float32", steps=1)
     assert result.exit_code == 1, result.output
     assert (f"{out}: cannot write (No space left on device); the output needs about "
             f"{checkpoint.human_bytes(needed)} ({needed:,} bytes) on its filesystem; nothing was left behind") in result.output
