@@ -186,9 +186,27 @@ def locked(o: Output) -> Iterator[None]:
     release; the kernel releases the lock of a process that dies, so a stale file locks nothing."""
     dest = real(o.path)
     path = dest.with_name(f".{dest.name}{LOCK_SUFFIX}")
+    made = []  # a directory output's missing parents, made as the output would make them; removed if left empty
     if o.kind in (*DIR_MARKERS, "events"):
-        with contextlib.suppress(OSError):  # a directory output's parents are made as it would make them
-            dest.parent.mkdir(parents=True, exist_ok=True)
+        missing, parent = [], dest.parent
+        while not os.path.lexists(parent) and parent != parent.parent:
+            missing.append(parent)
+            parent = parent.parent
+        with contextlib.suppress(OSError):
+            for d in reversed(missing):
+                d.mkdir()
+                made.append(d)
+    try:
+        yield from _held(o, dest, path)
+    finally:
+        for d in reversed(made):  # nothing was written into them (a failed run): as they were
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def _held(o: Output, dest: Path, path: Path) -> Iterator[None]:
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
