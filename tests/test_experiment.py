@@ -278,3 +278,28 @@ def test_named_comparisons_test_only_complete_runs(tmp_path, monkeypatch):
     assert weights[0]["corrective"] == pytest.approx([0.02, statistics.stdev([0.0, 0.01, 0.02, 0.03, 0.04])])
     assert weights[0]["min"] == -5.0
     assert "| drpo-d0.2 vs pg-is | 4 | 5 + 4 of 5 | incomplete |" in bv.markdown(rows, {})
+
+
+def test_verify_compares_a_rerun_round_with_the_committed_one_and_the_seeds_spread():
+    sys.path.insert(0, str(EXAMPLES / "real"))
+    import engine_experiment as ex
+
+    def rd(reward, k3, norms):
+        return {"round": 1, "reward": reward, "rollout_reward": 0.5, "response_len_mean": 10.0,
+                "start": {"kl/k3_mean": k3}, "final": {"entropy/mean": 1.0}, "grad_norms": norms,
+                "loss_fraction": None}
+
+    seeds = [[rd(0.30, 1e-11, [1.0, 2.0])], [rd(0.34, 2e-11, [1.2, 1.8])], [rd(0.38, 3e-11, [1.4, 1.6])]]
+    same = ex.compare_rounds([seeds[0][0]], [rd(0.30, 1e-11 + 3e-8, [1.0, 2.0])], seeds)
+    assert {r["figure"]: r["agreement"] for r in same} == {
+        "rollout_reward": "bit for bit", "reward": "bit for bit", "response_len_mean": "bit for bit",
+        "start.kl/k3_mean": "rounding", "final.entropy/mean": "bit for bit", "grad_norms[0]": "bit for bit",
+        "grad_norms[1]": "bit for bit"}
+    assert ex.verdict(same) == "reproduced"
+    # Another draw: reward 0.40 against seeds 0.34 ± 0.04 (within 3 SD); a norm of 3.0 against 1.2 ± 0.2 is not.
+    other = ex.compare_rounds([seeds[0][0]], [rd(0.40, 2e-11, [1.1, 2.1])], seeds)
+    assert {r["figure"]: r["agreement"] for r in other}["reward"] == "draw" and ex.verdict(other) == "another draw"
+    off = ex.compare_rounds([seeds[0][0]], [rd(0.30, 1e-11, [3.0, 2.0])], seeds)
+    assert {r["figure"]: r["agreement"] for r in off}["grad_norms[0]"] == "beyond"
+    assert ex.verdict(off) == "not reproduced"
+    assert ex._parse_run("drpo-d0.2_Q8_0_k4_s1") == ("drpo-d0.2", "Q8_0", 4, 1)
