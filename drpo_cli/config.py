@@ -50,6 +50,9 @@ def _flag(name: str) -> str:
 # ---- options: each declared once, as a config field; the command line and the docs are derived -------
 # Bounds an option's value must satisfy: (test, what the problem line says it must be).
 POSITIVE = (lambda v: v > 0, "> 0")  # `>` also refuses NaN
+# AdamW's first update moves each weight by lr / (1 − β1) = 10·lr: it must be a float32 (3.4e38), or the update
+# overflows (the fused kernel writes ±inf weights, the per-tensor one raises).
+LEARNING_RATE = (lambda v: 0 < v <= 3.4e37, "> 0 and <= 3.4e37 (AdamW's first update, 10·lr, is a float32)")
 NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, ">= 0")
 AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
 UNIT = (lambda v: 0 < v <= 1, "in (0, 1]")
@@ -287,7 +290,7 @@ class TrainConfig:
     minibatches: int = option(1, "Optimizer steps per pass.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
     micro_batch_tokens: int = option(
         4096, "Token budget per forward/backward.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
-    lr: float = option(1e-6, "AdamW learning rate.", panel=OPTIMIZER, bound=POSITIVE)
+    lr: float = option(1e-6, "AdamW learning rate.", panel=OPTIMIZER, bound=LEARNING_RATE)
     weight_decay: float = option(0.0, "AdamW weight decay.", panel=OPTIMIZER, bound=NON_NEGATIVE)
     max_grad_norm: float = option(1.0, "Gradient-norm clip.", panel=OPTIMIZER, bound=POSITIVE)
     warmup_steps: int = option(0, "Linear warmup steps.", panel=OPTIMIZER, bound=NON_NEGATIVE)

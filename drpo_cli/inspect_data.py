@@ -711,6 +711,10 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
     """
     start = time.perf_counter()
     source = open_rollouts(list(cfg.rollouts), cfg.column_map())
+    if cfg.model is not None:  # a broken model directory is found in seconds, before the data pass
+        from drpo_cli.checkpoint import check_model
+
+        check_model(cfg.model, cfg.allow_unsafe_weights)
     shard = _join_ranks(cfg, source)
     filter_current = filter_version(source, cfg)
     audit = audit_data(source, cfg, progress, filter_current, shard)

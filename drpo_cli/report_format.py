@@ -292,6 +292,12 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
             },
         },
         "skipped_steps": _INT,
+        "diverged": {"oneOf": [{"type": "null"}, {
+            "type": "object",
+            "description": "The step whose update made a weight NaN or ±inf: training stopped after it (exit 1).",
+            "required": ["step", "parameter"],
+            "additionalProperties": False,
+            "properties": {"step": _INT, "parameter": _STR}}]},
         "final": {
             "type": "object",
             "description": "Closing audit: the final weights against μ on the trained rollouts (inference mode).",
@@ -381,6 +387,9 @@ def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
         console.print(f"note: {note}")
     if report["skipped_steps"]:
         console.print(f"[yellow]{report['skipped_steps']} step(s) skipped: non-finite loss or gradient norm[/]")
+    if report.get("diverged"):  # absent from the reports of older versions
+        console.print(f"[red]diverged: the update of step {report['diverged']['step']} made "
+                      f"{report['diverged']['parameter']} non-finite; training stopped there[/]", highlight=False)
 
 
 def _is_loss_metric(key: str, loss: str) -> bool:

@@ -38,6 +38,7 @@ from drpo_cli.batching import plan_micro_batches
 from drpo_cli.checkpoint import (
     CheckpointWriter,
     check_free_space,
+    check_model,
     default_out_dir,
     load_model,
     output_nbytes,
@@ -47,7 +48,7 @@ from drpo_cli.checkpoint import (
 )
 from drpo_cli.config import TrainConfig, expand_correction
 from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
-from drpo_cli.errors import ConfigError, InputError, Interrupted, ReportError
+from drpo_cli.errors import ConfigError, DrpoError, InputError, Interrupted, ReportError
 from drpo_cli.histograms import MuPiHistogram, worst_tokens
 from drpo_cli.logprobs import fused_token_loss, pick_device, reused_buffers, token_logprobs
 from drpo_cli.losses import (
@@ -117,6 +118,10 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         raise ConfigError(f"{state_dir}: an interrupted run's state; pass --resume to continue it or delete it"
                           if why is None else f"{state_dir}: {why}; train keeps an interrupted run's state "
                           "there: move it or choose another --out")
+    # The model directories checked (headers, config.json against the weights) before any row is read.
+    check_model(cfg.model, cfg.allow_unsafe_weights)
+    if cfg.ref_model:
+        check_model(cfg.ref_model, cfg.allow_unsafe_weights)
     # LoRA: peft imported and the adapter's config read before anything is loaded.
     lora_config = _lora_config(cfg)
     adapter_only = lora_config is not None and not cfg.merge
@@ -219,6 +224,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         start, steps = _load_state(state_dir, cfg, model, optimizer, scaler)
 
     total_steps = cfg.epochs * cfg.minibatches
+    diverged = None  # (step, parameter) once an update made a weight non-finite
     progress = _progress(cfg, total_steps, start)
     # Rounds of a pipeline (policy version v -> v + 1) continue one TensorBoard curve.
     board = _tensorboard(cfg, base_step=(in_version or 0) * total_steps)
@@ -252,6 +258,8 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
             skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
             if not skipped:  # a non-finite step is counted, never applied
                 optimizer.step()
+                # An update can overflow finite weights (an absurd --lr): every later step would be NaN.
+                diverged = _non_finite_weight(model)
             if scaler is not None:
                 scaler.update()  # halved after an overflow (a skipped step), doubled after 2,000 clean ones
             optimizer.zero_grad(set_to_none=True)
@@ -265,6 +273,8 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                             outside=fmt(metrics.get("tr/outside_frac")))
             if board is not None:
                 board.step(steps[-1])
+            if diverged is not None:
+                break  # the checkpoint and report are still written; the run then exits 1
             if hooks.interrupt_requested(step):
                 signal.raise_signal(signal.SIGTERM)
             stop.requested = distributed.any_rank(stop.requested)
@@ -302,6 +312,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         "notes": notes,
         "steps": steps,
         "skipped_steps": sum(s["skipped"] for s in steps),
+        "diverged": None if diverged is None else {"step": step, "parameter": diverged},
         "final": final,
         "seconds": time.perf_counter() - t0,
     }
@@ -318,6 +329,10 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     if unwritten:
         raise ReportError(f"wrote {out_dir} (policy version {out_version}) but could not write "
                           + "; ".join(unwritten))
+    if diverged is not None:
+        raise DrpoError(f"wrote {out_dir} (policy version {out_version}) but training diverged: the update of step "
+                        f"{step} made {diverged} non-finite, so the run stopped there and drpo will refuse these "
+                        f"weights; lower --lr ({cfg.lr:g}) or --max-grad-norm ({cfg.max_grad_norm:g})")
     if not cfg.quiet and distributed.rank() == 0:
         print_train_summary(report, console)
     return TrainResult(out_dir=out_dir, policy_version=out_version, report=report)
@@ -581,6 +596,23 @@ def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Ad
     fused = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
                 for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def _non_finite_weight(model) -> str | None:
+    """The name of a parameter holding NaN or ±inf after an update (any rank's shard), else None.
+
+    One max-norm per parameter (no full-size temporary); under torchrun a collective.
+    """
+    from torch.distributed.tensor import DTensor
+
+    named = [(n, t) for n, p in model.named_parameters() if p.requires_grad
+             for t in [p.to_local() if isinstance(p, DTensor) else p] if t.numel()]
+    norms = torch.stack([torch.linalg.vector_norm(p.detach(), ord=float("inf")).float() for _, p in named]) \
+        if named else torch.zeros(0)
+    bad = [n for (n, _), ok in zip(named, torch.isfinite(norms).tolist()) if not ok]
+    if not distributed.any_rank(bool(bad)):
+        return None
+    return next(name for names in distributed.exchange(bad[:1]) for name in names)
 
 
 def _loss_scale(scaler, device) -> float:

@@ -254,6 +254,71 @@ def test_non_finite_steps_are_counted_and_never_applied(toy, tmp_path):
     assert all(torch.equal(new[k], old[k]) for k in old)
 
 
+def test_a_learning_rate_adamw_cannot_apply_is_refused_and_a_huge_one_skips_its_non_finite_steps(toy, tmp_path):
+    # Issue 32, point 7: --lr 1e38 trained every step, then lost the run in the histograms.
+    # AdamW's first update is lr / (1 − β1) = 10·lr: above the float32 range it cannot be applied at all.
+    refused = train(toy, tmp_path / "refused", *FAST, "--lr", "1e38")
+    assert refused.exit_code == 2
+    assert refused.stderr.splitlines() == [
+        "error: --lr must be > 0 and <= 3.4e37 (AdamW's first update, 10·lr, is a float32), got 1e+38"]
+    # Just inside it, step 0 moves the weights by ~3.4e38: every later gradient norm overflows, so those
+    # steps are skipped and counted, and the run ends with its checkpoint and report.
+    out = tmp_path / "o"
+    result = train(toy, out, "--lr", "3.4e37", "--minibatches", "4", "--quiet", "--micro-batch-tokens", "512")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "drpo_report.json").read_text())
+    jsonschema.validate(report, TRAIN_REPORT_SCHEMA)
+    assert [s["skipped"] for s in report["steps"]] == [False, True, True, True] and report["skipped_steps"] == 3
+    assert [s["grad_norm"] is None for s in report["steps"]] == [False, True, True, True]
+    assert report["diverged"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_an_update_that_makes_weights_non_finite_stops_the_run_which_still_writes_checkpoint_and_report(
+        toy, tmp_path, monkeypatch):
+    # Whatever the cause (here an optimizer that writes +inf), every later forward would be NaN: the run
+    # stops after that step, the closing audit leaves the NaN log-probs out of its statistics and its
+    # μ-π histogram (once an IndexError that lost the run), the checkpoint and report are written, and
+    # the exit code (1) and one line say what happened. The next round refuses the weights at load.
+    import drpo_cli.train as train_module
+
+    adamw = train_module._adamw
+
+    def poisoned(params, cfg):
+        optimizer = adamw(params, cfg)
+        step = optimizer.step
+
+        def step_then_overflow(*args, **kwargs):
+            out = step(*args, **kwargs)
+            with torch.no_grad():
+                params[0].fill_(float("inf"))  # the (tied) embedding: every log-prob NaN
+            return out
+
+        optimizer.step = step_then_overflow
+        return optimizer
+
+    monkeypatch.setattr(train_module, "_adamw", poisoned)
+    out = tmp_path / "o"
+    result = train(toy, out, "--minibatches", "4", *FAST)
+    assert result.exit_code == 1, result.output
+    report = json.loads((out / "drpo_report.json").read_text())
+    jsonschema.validate(report, TRAIN_REPORT_SCHEMA)
+    parameter = report["diverged"]["parameter"]
+    assert result.stderr.splitlines() == [
+        (f"error: wrote {out} (policy version 9) but training diverged: the update of step 0 made {parameter} "
+         "non-finite, so the run stopped there and drpo will refuse these weights; lower --lr (0.001) or "
+         "--max-grad-norm (1)")]
+    assert [(s["step"], s["skipped"]) for s in report["steps"]] == [(0, False)] and report["diverged"]["step"] == 0
+    trained = report["input"]["trained_tokens"]
+    assert (f"{trained} of {trained} trained tokens have a non-finite log-prob under the model (NaN or ±inf: "
+            f"diverged weights or an overflow); every statistic is over the other 0") in report["notes"]
+    histogram = report["final"]["mu_pi_histogram"]
+    assert sum(map(sum, histogram["positive"] + histogram["negative"])) == 0
+    assert report["final"]["metrics"]["kl/k3_mean"] is None
+    inspect = CliRunner().invoke(app, ["inspect", str(toy / "rollouts.arrow"), "--model", str(out), "--quiet"])
+    assert inspect.exit_code == 2 and "drpo refuses non-finite weights" in inspect.stderr  # the next round
+
+
 def test_gradient_checkpointing_changes_nothing_but_memory(toy, tmp_path):
     for name, extra in (("plain", []), ("ckpt", ["--grad-checkpointing"])):
         assert train(toy, tmp_path / name, "--minibatches", "2", *FAST, *extra).exit_code == 0
