@@ -220,9 +220,10 @@ class DataAudit:
             field_ = pa.field("loss_mask", new_mask.type)
             b = b.set_column(at, field_, new_mask) if at >= 0 else b.append_column(field_, new_mask)
         if not dropped_rows:
-            return SourceBatch(sb.path, sb.row_offset, b, sb.global_offset, source_rows=sb.source_rows)
+            return SourceBatch(sb.path, sb.row_offset, b, sb.global_offset, source_rows=sb.source_rows, piece=sb.piece)
         keep = np.flatnonzero(~drop)
-        return SourceBatch(sb.path, sb.row_offset, b.filter(pa.array(~drop)), sb.global_offset, source_rows=keep)
+        return SourceBatch(sb.path, sb.row_offset, b.filter(pa.array(~drop)), sb.global_offset, source_rows=keep,
+                           piece=sb.piece)
 
     def update(self, sb: SourceBatch, default_temperature: float) -> tuple[int, int]:
         """Add one canonical record batch; returns (rows, masked tokens) for progress."""

@@ -233,9 +233,9 @@ class _RowPlan:
         from drpo_cli.rollouts import file_temperature, version_range
         from drpo_cli.schema import Shard
 
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("oldest", "newest", "temperature", "trained", "tokens",
-                                                              "piece")}
-        for p, sb in enumerate(source.iter_batches(PLAN_COLUMNS, shard=Shard(0, 1, piece_rows))):
+        parts: dict[str, list] = {k: [] for k in ("oldest", "newest", "temperature", "trained", "tokens", "piece",
+                                                  "start")}
+        for sb in source.iter_batches(PLAN_COLUMNS, shard=Shard(0, 1, piece_rows)):
             b, n = sb.batch, sb.batch.num_rows
             names = b.schema.names
             version = (b.column("policy_version").fill_null(-1).to_numpy().astype(np.int64)
@@ -267,13 +267,16 @@ class _RowPlan:
             else:
                 parts["trained"].append(None)
                 parts["tokens"].append(None)
-            parts["piece"].append(np.full(n, p, dtype=np.int64))
+            parts["piece"].append(np.full(n, sb.piece, dtype=np.int64))
+            parts["start"].append(sb.global_offset)
         missing = [i for i, x in enumerate(parts["tokens"]) if x is None]
         if missing:  # files without loss_mask: every response token is trained; read their lengths
-            lengths = [np.diff(sb.batch.column("response_ids").offsets.to_numpy()).astype(np.int64)
-                       for sb in source.iter_batches(("response_ids",), shard=Shard(0, 1, piece_rows))]
+            lengths = np.concatenate([np.diff(sb.batch.column("response_ids").offsets.to_numpy()).astype(np.int64)
+                                      for sb in source.iter_batches(("response_ids",))])  # (N,) in file order
             for i in missing:
-                parts["trained"][i] = parts["tokens"][i] = lengths[i]
+                start = parts["start"][i]
+                parts["trained"][i] = parts["tokens"][i] = lengths[start : start + len(parts["piece"][i])]
+        del parts["start"]
         cat = {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in parts.items()}
         return cls(**cat)
 
