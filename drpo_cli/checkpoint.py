@@ -26,6 +26,7 @@ import torch
 
 from drpo_cli import __version__, outputs
 from drpo_cli.errors import CheckpointError, ConfigError, DrpoError
+from drpo_cli.rollouts import Context
 
 DRPO_META = outputs.DIR_MARKERS["checkpoint"]  # policy version, training record, the files drpo wrote
 WEIGHTS = "model.safetensors"
@@ -446,6 +447,37 @@ def check_weights(path: Path, config: Any) -> dict[str, TensorEntry]:
     _check_parameters(path, model, entries)
     _check_buffers(path, model, entries)
     return entries
+
+
+# Where configs state their context (vLLM's list for max_model_len; transformers maps GPT-2's n_positions).
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                  "max_sequence_length", "max_seq_length", "seq_len")
+_SCALED_ROPE = ("linear", "dynamic", "yarn")  # rope types whose factor extends max_position_embeddings (vLLM)
+
+
+def model_context(config: Any, model_dir: str | os.PathLike) -> Context | None:
+    """The most positions a model's input may hold and the config key(s) saying so, or None: no limit stated.
+
+    The least of the position keys the text config has, times the rope scaling factor where the rope
+    type extends the context past max_position_embeddings (linear, dynamic; yarn from its
+    original_max_position_embeddings), as vLLM derives max_model_len; llama3 and longrope configs
+    already state the extended length. Beyond it a learned position table has no row (GPT-2: an
+    IndexError) and a rotary model was never trained; a model without positions (Mamba) has no limit.
+    """
+    text = config.get_text_config()
+    stored = text.to_dict()  # the keys as config.json spells them (GPT-2: n_positions)
+    found = [(v, k) for k in _POSITION_KEYS
+             if isinstance(v := stored.get(k), int) and not isinstance(v, bool) and v > 0]
+    if not found:
+        return None
+    limit, key = min(found)
+    rope = stored.get("rope_parameters") or stored.get("rope_scaling")
+    rope = rope if isinstance(rope, dict) else {}
+    factor = rope.get("factor")
+    if rope.get("rope_type", rope.get("type")) in _SCALED_ROPE and isinstance(factor, (int, float)) and factor > 1:
+        base = rope.get("original_max_position_embeddings") if rope.get("rope_type", rope.get("type")) == "yarn" else None
+        limit, key = int((base if isinstance(base, int) and base > 0 else limit) * factor), f"{key} × rope factor {factor:g}"
+    return Context(limit, f"{key} of {model_dir}")
 
 
 def check_model(path: str | os.PathLike, allow_unsafe: bool = False) -> Any:

@@ -282,6 +282,8 @@ class TrainConfig:
         None, "Drop rows (or mask tokens) whose staleness lag exceeds N.", panel=DATA, bound=NON_NEGATIVE)
     min_version: int | None = option(None, "Drop rows (or mask tokens) whose policy version is below V.",
                                      panel=DATA, bound=NON_NEGATIVE)
+    truncate: bool = option(False, "Train a row longer than the model's context on its first tokens (else refused).",
+                            panel=DATA)
     agg: str = option("token-mean", one_of(AGG_MODES) + ".", choices=AGG_MODES, panel=LOSS)
     horizon: int = option(DEFAULT_HORIZON, "Horizon of seq-mean-token-sum-norm.", panel=LOSS, bound=POSITIVE)
     adv_norm: str = option("none", f"Group advantages from reward: {one_of(ADV_NORMS)}.", choices=ADV_NORMS,
@@ -550,6 +552,7 @@ class InspectConfig:
         None, "Leave out rows (or tokens) whose staleness lag exceeds N.", bound=NON_NEGATIVE)
     min_version: int | None = option(
         None, "Leave out rows (or tokens) whose policy version is below V.", bound=NON_NEGATIVE)
+    truncate: bool = option(False, "Audit a row longer than the model's context on its first tokens (else refused).")
     device: str = option("auto", f"{one_of(DEVICES)}.", choices=DEVICES, panel=HARDWARE)
     dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 weights.", choices=DTYPES,
                         panel=HARDWARE)
@@ -654,6 +657,8 @@ class InspectConfig:
             p.append("--is-correction, --is-cap and --is-level shape the weight --is-batch-norm reports: add it")
         _bounds(p, self, "is_cap")
         p.extend(objective_problems(self))
+        if self.truncate and self.model is None:
+            p.append("--truncate needs --model (the model's context decides what is cut)")
         for name in ("opsm_delta", "m2po_threshold"):
             if getattr(self, name) is not None and self.model is None:
                 p.append(f"{_flag(name)} needs --model (the what-if compares the model with the sampler)")

@@ -26,7 +26,7 @@ from drpo_cli.errors import InputError
 from drpo_cli.histograms import MuPiHistogram, worst_tokens
 from drpo_cli.logprobs import reused_buffers
 from drpo_cli.outputs import ARROW_MARKER_KEY
-from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version
+from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version, fit_context
 
 WHAT_IF_DELTAS = (0.1, 0.2, 0.5, 12.5)  # DRPO δ sweep shown when --delta is not given (SPEC.md §1)
 FIT_TOKENS = 256  # fresh tokens (evenly spread) whose log-probs the logging checks read at other temperatures
@@ -49,8 +49,13 @@ MODEL_COLUMNS = ("prompt_ids", "response_ids", "behavior_logprobs", "advantages"
 PLAN_COLUMNS = ("policy_version", "temperature", "loss_mask", "token_policy_versions", "routed_experts")  # the light pass over every row
 
 
-def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None, shard=None):
+def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None, shard=None,
+                context=None):
     """Per-token diagnostics; returns (model section, metrics, current version, version source, notes).
+
+    `context` (rollouts.Context): the model's, checked by the data audit; with --truncate each batch's
+    longer rows are cut to it here (rollouts.fit_context). The row plan counts their tokens before the
+    cut: the progress total and the logging checks' spread are then over a few more tokens than run.
 
     Streams: one light pass reads every row's version, temperature and trained-token count (what the
     staleness filter and the logging checks need up front), then record batch by record batch the
@@ -127,6 +132,9 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 continue
             if filtering:  # the kept rows' too-stale tokens leave the loss mask
                 rows, _ = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
+            rows, _ = fit_context(rows, context, truncate=cfg.truncate)  # counted by the data audit
+            if rows.num_rows == 0:
+                continue
             check_vocabulary(rows, info.vocab_size, cfg.model)
             rows = moe.check_routing(rows, spec, cfg.model)
             chunk = _Chunk(rows, current, check)

@@ -399,6 +399,27 @@ def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy,
 
 
 @pytest.mark.multiproc
+def test_two_ranks_stop_inside_a_step_before_the_same_pass_and_resume_to_the_uninterrupted_weights(toy, tmp_path):
+    # A signal inside step 1's first forward: every rank checks before each pass (one collective), so all
+    # stop before the same one, drop the step's gradients and save the state at its start.
+    from drpo_cli.hooks import INTERRUPT_IN_STEP
+
+    common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--epochs", "2",
+              "--micro-batch-tokens", "32"]  # 4 steps of several passes per rank
+    one_process("train", *common, "--out", str(tmp_path / "straight"))
+    run = torchrun("train", *common, "--out", str(tmp_path / "out"), env={INTERRUPT_IN_STEP: "1"})
+    state = tmp_path / "out.partial-state"
+    assert "exitcode  : 130" in run.stderr, run.stderr[-3000:]
+    assert run.stderr.count(f"interrupted during step 2 of 4; state saved to {state}") == 2, run.stderr[-3000:]
+    assert json.loads((state / "state.json").read_text())["next_step"] == 1
+    run = torchrun("train", *common, "--out", str(tmp_path / "out"), "--resume")
+    assert run.returncode == 0, run.stderr[-3000:]
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert max((resumed[k] - straight[k]).abs().max().item() for k in straight) <= 1e-5
+
+
+@pytest.mark.multiproc
 @pytest.mark.parametrize("which", ["toy", "untied"])
 def test_two_ranks_inspect_like_one(which, request, tmp_path):
     toy = request.getfixturevalue(which)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -22,6 +26,7 @@ from drpo_cli.checkpoint import load_model
 from drpo_cli.cli import app
 from drpo_cli.config import AGG_MODES, TrainConfig
 from drpo_cli.hooks import INTERRUPT_AFTER_STEP as INTERRUPT_HOOK
+from drpo_cli.hooks import INTERRUPT_IN_STEP
 from drpo_cli.losses import aggregate, aggregation_denominator, reference_kl, token_loss
 from drpo_cli.report_format import TRAIN_REPORT_SCHEMA
 from drpo_cli.rollouts import load_rows
@@ -190,6 +195,43 @@ def test_interrupt_then_resume_reaches_the_same_weights(toy, tmp_path):
     straight = json.loads((tmp_path / "straight" / "drpo_report.json").read_text())
     assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
     assert [s["loss"] for s in report["steps"]] == [s["loss"] for s in straight["steps"]]
+
+
+@pytest.mark.parametrize("extra", [[], ["--grad-checkpointing"]])
+def test_a_signal_inside_a_step_stops_it_between_layers_and_resume_reruns_it(toy, tmp_path, extra):
+    # Issue 32, point 8: a signal used to wait for the end of the step, however long. The hook sends
+    # SIGTERM from the first decoder layer's pre-hook of step 1; the next layer's stops the forward.
+    args = ["--minibatches", "3", *FAST, *extra]
+    assert train(toy, tmp_path / "straight", *args).exit_code == 0
+    out, state = tmp_path / "out", tmp_path / "out.partial-state"
+    first = train(toy, out, *args, env={INTERRUPT_IN_STEP: "1"})
+    assert first.exit_code == 130, first.output
+    assert first.stderr.splitlines() == [
+        f"error: interrupted during step 2 of 3; state saved to {state}; rerun the same command with --resume to continue"]
+    meta = json.loads((state / "state.json").read_text())
+    assert meta["next_step"] == 1 and [s["step"] for s in meta["steps"]] == [0]  # step 1's gradients dropped
+    second = train(toy, out, *args, "--resume")
+    assert second.exit_code == 0, second.output
+    a, b = weights(tmp_path / "straight"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_in_a_step_of_minutes_ends_the_run_in_seconds(toy, tmp_path):
+    # One step of 1,920 rows in 1,920 micro-batches (1 to 7 minutes here, with the closing audit as long):
+    # SIGTERM inside its first forward ends the process within seconds of loading, state saved.
+    table = pa.ipc.open_file(toy / "rollouts.arrow").read_all()
+    big = pa.concat_tables([table] * 10).drop_columns(["sample_id"])
+    with pa.ipc.new_file(tmp_path / "big.arrow", big.schema) as writer:
+        writer.write_table(big)
+    command = [sys.executable, "-m", "drpo_cli", "train", "-r", str(tmp_path / "big.arrow"), "-m", str(toy / "model"),
+               "--out", str(tmp_path / "out"), "--quiet", "--micro-batch-tokens", "8", "--device", "cpu"]
+    t0 = time.perf_counter()
+    run = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", INTERRUPT_IN_STEP: "0"})
+    assert run.returncode == 130, run.stderr
+    assert time.perf_counter() - t0 < 60, run.stderr  # imports and loading (about 10 s), then the signal
+    assert "interrupted during step 1 of 1; state saved to" in run.stderr
+    assert (tmp_path / "out.partial-state").is_dir() and not (tmp_path / "out").exists()
 
 
 def test_default_out_is_a_versioned_sibling(toy, tmp_path):
