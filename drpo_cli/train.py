@@ -236,7 +236,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         start, steps = _load_state(state_dir, cfg, model, optimizer, scaler)
 
     total_steps = cfg.epochs * cfg.minibatches
-    diverged = None  # (step, parameter) once an update made a weight non-finite
+    diverged = None  # the parameter an update made non-finite (the run stops after that step)
     progress = _progress(cfg, total_steps, start)
     # Rounds of a pipeline (policy version v -> v + 1) continue one TensorBoard curve.
     board = _tensorboard(cfg, base_step=(in_version or 0) * total_steps)
