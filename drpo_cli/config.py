@@ -50,6 +50,9 @@ def _flag(name: str) -> str:
 # ---- options: each declared once, as a config field; the command line and the docs are derived -------
 # Bounds an option's value must satisfy: (test, what the problem line says it must be).
 POSITIVE = (lambda v: v > 0, "> 0")  # `>` also refuses NaN
+# AdamW's first update moves each weight by lr / (1 − β1) = 10·lr: it must be a float32 (3.4e38), or the update
+# overflows (the fused kernel writes ±inf weights, the per-tensor one raises).
+LEARNING_RATE = (lambda v: 0 < v <= 3.4e37, "> 0 and <= 3.4e37 (AdamW's first update, 10·lr, is a float32)")
 NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, ">= 0")
 AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
 UNIT = (lambda v: 0 < v <= 1, "in (0, 1]")
@@ -281,6 +284,8 @@ class TrainConfig:
         None, "Drop rows (or mask tokens) whose staleness lag exceeds N.", panel=DATA, bound=NON_NEGATIVE)
     min_version: int | None = option(None, "Drop rows (or mask tokens) whose policy version is below V.",
                                      panel=DATA, bound=NON_NEGATIVE)
+    truncate: bool = option(False, "Train a row longer than the model's context on its first tokens (else refused).",
+                            panel=DATA)
     agg: str = option("token-mean", one_of(AGG_MODES) + ".", choices=AGG_MODES, panel=LOSS)
     horizon: int = option(DEFAULT_HORIZON, "Horizon of seq-mean-token-sum-norm.", panel=LOSS, bound=POSITIVE)
     adv_norm: str = option("none", f"Group advantages from reward: {one_of(ADV_NORMS)}.", choices=ADV_NORMS,
@@ -289,7 +294,7 @@ class TrainConfig:
     minibatches: int = option(1, "Optimizer steps per pass.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
     micro_batch_tokens: int = option(
         4096, "Token budget per forward/backward.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
-    lr: float = option(1e-6, "AdamW learning rate.", panel=OPTIMIZER, bound=POSITIVE)
+    lr: float = option(1e-6, "AdamW learning rate.", panel=OPTIMIZER, bound=LEARNING_RATE)
     weight_decay: float = option(0.0, "AdamW weight decay.", panel=OPTIMIZER, bound=NON_NEGATIVE)
     max_grad_norm: float = option(1.0, "Gradient-norm clip.", panel=OPTIMIZER, bound=POSITIVE)
     warmup_steps: int = option(0, "Linear warmup steps.", panel=OPTIMIZER, bound=NON_NEGATIVE)
@@ -552,6 +557,7 @@ class InspectConfig:
         None, "Leave out rows (or tokens) whose staleness lag exceeds N.", bound=NON_NEGATIVE)
     min_version: int | None = option(
         None, "Leave out rows (or tokens) whose policy version is below V.", bound=NON_NEGATIVE)
+    truncate: bool = option(False, "Audit a row longer than the model's context on its first tokens (else refused).")
     device: str = option("auto", f"{one_of(DEVICES)}.", choices=DEVICES, panel=HARDWARE)
     dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 weights.", choices=DTYPES,
                         panel=HARDWARE)
@@ -656,6 +662,8 @@ class InspectConfig:
             p.append("--is-correction, --is-cap and --is-level shape the weight --is-batch-norm reports: add it")
         _bounds(p, self, "is_cap")
         p.extend(objective_problems(self))
+        if self.truncate and self.model is None:
+            p.append("--truncate needs --model (the model's context decides what is cut)")
         for name in ("opsm_delta", "m2po_threshold"):
             if getattr(self, name) is not None and self.model is None:
                 p.append(f"{_flag(name)} needs --model (the what-if compares the model with the sampler)")

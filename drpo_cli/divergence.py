@@ -216,7 +216,8 @@ class Diagnostics:
         self._weighted += [(f"drpo@{d!r}", "drpo", {"delta": d}) for d in self.drpo_deltas]
         self._state: dict[str, Tensor] = {}
         self._ops: dict[str, str] = {}
-        for key in ("n", "n_zero_adv", "n_rare", "n_outside", "n_harmful", "n_up", "n_down", "n_entropy"):
+        for key in ("n", "n_zero_adv", "n_rare", "n_outside", "n_harmful", "n_up", "n_down", "n_entropy",
+                    "n_non_finite"):
             self._register(key, (), "sum")
         for key in ("abs_delta", "ratio", "logr", "logr_sq", "k1", "k2", "k3", "bkl", "nll", "entropy"):
             self._register(f"sum_{key}", (), "sum")
@@ -303,10 +304,15 @@ class Diagnostics:
         `ref_logp` = log π_ref (the kl/ref_* metrics of KL(π‖π_ref)), `selected` = the tokens the step's
         clip-cov / kl-cov selection picked (else selected over these tokens), `old_logp` = π_old of the M2PO
         what-if over these tokens (train counts its step-wide mask with add_counts instead). Masked
-        positions are selected out before any math, so NaN there never reaches a statistic.
+        positions are selected out before any math, so NaN there never reaches a statistic; so are
+        trained tokens whose log-prob is not finite (a diverged model), counted in a note.
         """
         with torch.no_grad():
             keep = mask.detach().reshape(-1).bool()
+            finite = torch.isfinite(logp.detach().reshape(-1))
+            if not bool(finite[keep].all()):  # a diverged model: no ratio, Δ or weight; counted, left out
+                self._fold({"n_non_finite": (keep & ~finite).sum()})
+                keep = keep & finite
 
             def pick(x: Tensor) -> Tensor:
                 return x.detach().reshape(-1)[keep]
@@ -566,6 +572,10 @@ class Diagnostics:
         }
         out["what_if"] = {"drpo": what_if}
         out["weight_histograms"] = histograms
+        bad = int(s["n_non_finite"])
+        if bad:
+            notes.append(f"{bad} of {bad + int(n)} trained tokens have a non-finite log-prob under the model (NaN or "
+                         f"±inf: diverged weights or an overflow); every statistic is over the other {int(n)}")
         out["notes"] = notes
         out["config"] = self.config()
         return out

@@ -37,7 +37,10 @@ from drpo_cli.report_format import (
     write_report,
 )
 from drpo_cli.rollouts import (
+    Context,
+    context_problem,
     file_temperature,
+    kept_response,
     stale_tokens,
     staleness_counts,
     staleness_report,
@@ -189,6 +192,11 @@ class DataAudit:
     dropped_rows: int = stat("sum")  # left out by --max-lag / --min-version
     dropped_tokens: int = stat("sum")  # their trained tokens
     stale_masked_tokens: int = stat("sum")  # too-stale trained tokens of kept rows, out of the loss mask
+    # --truncate (rollouts.fit_context): rows longer than the model's context and what the model pass leaves out
+    truncated_rows: int = stat("sum")
+    truncation_dropped_rows: int = stat("sum")
+    truncated_tokens: int = stat("sum")
+    truncated_trained_tokens: int = stat("sum")
     reduced_duplicates: dict | None = None  # duplicate ids over all ranks (set by all_reduce_)
 
     def drop_stale(self, sb: SourceBatch, current: int | None, max_lag: int | None,
@@ -222,9 +230,42 @@ class DataAudit:
             field_ = pa.field("loss_mask", new_mask.type)
             b = b.set_column(at, field_, new_mask) if at >= 0 else b.append_column(field_, new_mask)
         if not dropped_rows:
-            return SourceBatch(sb.path, sb.row_offset, b, sb.global_offset, source_rows=sb.source_rows)
+            return SourceBatch(sb.path, sb.row_offset, b, sb.global_offset, source_rows=sb.source_rows, piece=sb.piece)
         keep = np.flatnonzero(~drop)
-        return SourceBatch(sb.path, sb.row_offset, b.filter(pa.array(~drop)), sb.global_offset, source_rows=keep)
+        return SourceBatch(sb.path, sb.row_offset, b.filter(pa.array(~drop)), sb.global_offset, source_rows=keep,
+                           piece=sb.piece)
+
+    def fit_context(self, sb: SourceBatch, context: Context, truncate: bool) -> None:
+        """Rows whose model input exceeds the context: the first is an InputError without --truncate (before
+        any weight is loaded), else counted with the tokens the model pass will leave out."""
+        b = sb.batch
+        off, _ = _list_parts(b.column("response_ids"))  # (n+1,)
+        _check_batch(sb, off, np.diff(off))
+        prompt, response = np.diff(_list_parts(b.column("prompt_ids"))[0]), np.diff(off)  # (n,), (n,)
+        keep = kept_response(prompt, response, context.limit)  # (n,)
+        over = np.flatnonzero(keep < response)
+        if not over.size:
+            return
+        if not truncate:
+            r = int(over[0])
+            row = r if sb.source_rows is None else int(sb.source_rows[r])
+            raise InputError(str(context_problem(sb.path, sb.row_offset + row, _sample_id(sb, r), int(prompt[r]),
+                                                 int(response[r]), context)))
+        mask = _loss_mask(sb, off)  # (T,)
+        token_row = np.repeat(np.arange(len(keep)), response)  # (T,)
+        beyond = np.arange(int(off[-1])) - off[token_row] >= keep[token_row]  # (T,)
+        self.truncated_rows += int(((keep > 0) & (keep < response)).sum())
+        self.truncation_dropped_rows += int((keep == 0).sum())
+        self.truncated_tokens += int(beyond.sum())
+        self.truncated_trained_tokens += int((beyond & mask).sum())
+
+    def truncation(self, context: Context | None, truncate: bool) -> dict | None:
+        """The report's `data.truncation` (train's `filters.truncation`): what --truncate leaves out."""
+        if context is None or not truncate:
+            return None
+        return {"max_positions": context.limit, "rows_truncated": self.truncated_rows,
+                "rows_dropped": self.truncation_dropped_rows, "tokens_dropped": self.truncated_tokens,
+                "trained_tokens_dropped": self.truncated_trained_tokens}
 
     def update(self, sb: SourceBatch, default_temperature: float) -> tuple[int, int]:
         """Add one canonical record batch; returns (rows, masked tokens) for progress."""
@@ -674,8 +715,10 @@ def filter_version(source: RolloutSource, cfg: InspectConfig) -> int | None:
 
 
 def audit_data(source: RolloutSource, cfg: InspectConfig, progress: Progress | None = None,
-               current: int | None = None, shard=None) -> DataAudit:
+               current: int | None = None, shard=None, context: Context | None = None) -> DataAudit:
     """Stream every record batch through a DataAudit (bounded memory), minus the rows the stale-row filters drop.
+
+    With the model's `context` every kept row's length is checked against it (DataAudit.fit_context).
 
     Under torchrun (`shard`: this rank's pieces, schema.Shard) each rank audits its share and the
     shares are merged exactly; a bad row found by one rank stops every rank with its error.
@@ -689,6 +732,8 @@ def audit_data(source: RolloutSource, cfg: InspectConfig, progress: Progress | N
         for sb in source.iter_batches(DATA_COLUMNS, shard=shard):
             if filtering and (sb := audit.drop_stale(sb, current, cfg.max_lag, cfg.min_version)) is None:
                 continue
+            if context is not None:
+                audit.fit_context(sb, context, cfg.truncate)
             _, tokens = audit.update(sb, temps[sb.path])
             if progress is not None:
                 progress("reading rollouts (tokens)", tokens, None)
@@ -713,9 +758,14 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
     """
     start = time.perf_counter()
     source = open_rollouts(list(cfg.rollouts), cfg.column_map())
+    context = None
+    if cfg.model is not None:  # a broken model directory is found in seconds, before the data pass
+        from drpo_cli.checkpoint import check_model, model_context
+
+        context = model_context(check_model(cfg.model, cfg.allow_unsafe_weights), cfg.model)
     shard = _join_ranks(cfg, source)
     filter_current = filter_version(source, cfg)
-    audit = audit_data(source, cfg, progress, filter_current, shard)
+    audit = audit_data(source, cfg, progress, filter_current, shard, context)
     if audit.rows == 0 and audit.dropped_rows:
         raise InputError(f"--max-lag {cfg.max_lag} / --min-version {cfg.min_version}: every one of the "
                          f"{audit.dropped_rows} rows is too stale (current version {filter_current}); nothing is left")
@@ -726,12 +776,13 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
         from drpo_cli.inspect_model import audit_model
 
         model_section, model_metrics, current, version_source, model_notes = audit_model(
-            cfg, source, progress, per_token_path, shard)
+            cfg, source, progress, per_token_path, shard, context)
         notes += model_notes
         if model_section.get("logging_checks"):
             model_section["logging_checks"]["findings"].append(logprobs_kind_note(source.metadata))
     data = audit.section(current, version_source)
     data["staleness_filter"] = audit.staleness_filter(cfg, filter_current)
+    data["truncation"] = audit.truncation(context, cfg.truncate)
     notes = data_notes(data, source.metadata) + notes
     metrics = {k: clean_number(v) for k, v in {**data_metrics(data), **model_metrics}.items()}
     report = {

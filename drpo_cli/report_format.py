@@ -193,6 +193,19 @@ STALENESS_FILTER_SCHEMA: dict[str, Any] = {
         "rows_without_version": _INT,
     },
 }
+TRUNCATION_SCHEMA: dict[str, Any] = {"oneOf": [{"type": "null"}, {
+    "type": "object",
+    "description": "--truncate: rows longer than the model's context cut to their first max_positions − prompt + 1 "
+                   "response tokens (null without --truncate; without it such a row is refused).",
+    "required": ["max_positions", "rows_truncated", "rows_dropped", "tokens_dropped", "trained_tokens_dropped"],
+    "additionalProperties": False,
+    "properties": {
+        "max_positions": {"type": "integer", "minimum": 1},
+        "rows_truncated": {"type": "integer", "minimum": 0, "description": "rows that kept some response tokens"},
+        "rows_dropped": {"type": "integer", "minimum": 0, "description": "rows whose prompt alone is longer"},
+        "tokens_dropped": {"type": "integer", "minimum": 0, "description": "response tokens left out"},
+        "trained_tokens_dropped": {"type": "integer", "minimum": 0, "description": "of them, with loss_mask 1"},
+    }}]}
 TRAIN_REPORT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "https://github.com/drpo/drpo/schemas/train-report.schema.json",
@@ -256,7 +269,8 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
             "type": "object",
             "required": ["staleness", "rejection"],
             "additionalProperties": False,
-            "properties": {"staleness": STALENESS_FILTER_SCHEMA, "rejection": {"oneOf": [{"type": "null"}, {
+            "properties": {"staleness": STALENESS_FILTER_SCHEMA, "truncation": TRUNCATION_SCHEMA,
+                           "rejection": {"oneOf": [{"type": "null"}, {
                 "type": "object",
                 "description": "Tokens and sequences --reject removed from training (decided once, from π_old).",
                 "required": ["criteria", "tokens_rejected", "token_frac", "sequences_rejected", "seq_frac"],
@@ -295,6 +309,12 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
             },
         },
         "skipped_steps": _INT,
+        "diverged": {"oneOf": [{"type": "null"}, {
+            "type": "object",
+            "description": "The step whose update made a weight NaN or ±inf: training stopped after it (exit 1).",
+            "required": ["step", "parameter"],
+            "additionalProperties": False,
+            "properties": {"step": _INT, "parameter": _STR}}]},
         "final": {
             "type": "object",
             "description": "Closing audit: the final weights against μ on the trained rollouts (inference mode).",
@@ -332,9 +352,13 @@ def train_report_json(report: dict) -> str:
     return report_json(report)
 
 
-def filter_lines(staleness: dict, rejection: dict | None) -> list[str]:
-    """One line per active row filter (--max-lag / --min-version, --reject) for the console."""
+def filter_lines(staleness: dict, rejection: dict | None, truncation: dict | None = None) -> list[str]:
+    """One line per active row filter (--max-lag / --min-version, --truncate, --reject) for the console."""
     lines = []
+    if truncation is not None and (truncation["rows_truncated"] or truncation["rows_dropped"]):
+        lines.append(f"--truncate to {truncation['max_positions']:,} positions: cut {truncation['rows_truncated']:,} "
+                     f"rows, dropped {truncation['rows_dropped']:,}, {truncation['tokens_dropped']:,} response tokens "
+                     f"left out ({truncation['trained_tokens_dropped']:,} trained)")
     if staleness["max_lag"] is not None or staleness["min_version"] is not None:
         given = ", ".join(f"--{k.replace('_', '-')} {staleness[k]}" for k in ("max_lag", "min_version")
                           if staleness[k] is not None)
@@ -375,7 +399,8 @@ def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
         console.print(number_table("worst samples (harmful fraction)", "sample_id", list(cols),
                                    [[w["sample_id"], *(fmt_cell(w[c]) for c in cols)] for w in final["worst_samples"]]))
     veto = report["filters"].get("veto")  # optional in the schema
-    lines = filter_lines(report["filters"]["staleness"], report["filters"]["rejection"])
+    lines = filter_lines(report["filters"]["staleness"], report["filters"]["rejection"],
+                         report["filters"].get("truncation"))  # optional in the schema
     if veto is not None:
         lines.append(f"--is-veto {veto['criteria'][0].removeprefix('rho<')}: dropped {veto['sequences_rejected']:,} "
                      f"sequences ({fmt(veto['seq_frac'])}), {veto['tokens_rejected']:,} tokens")
@@ -385,6 +410,10 @@ def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
         console.print(Text(f"note: {note}"))
     if report["skipped_steps"]:
         console.print(Text(f"{report['skipped_steps']} step(s) skipped: non-finite loss or gradient norm", style="yellow"))
+    if report.get("diverged"):  # absent from the reports of older versions
+        console.print(Text(f"diverged: the update of step {report['diverged']['step']} made "
+                           f"{report['diverged']['parameter']} non-finite; training stopped there", style="red"),
+                      highlight=False)
 
 
 def _is_loss_metric(key: str, loss: str) -> bool:
@@ -561,6 +590,7 @@ _DATA_SECTION = _object_schema({
     "token_id_max": {"type": ["integer", "null"]},
     "temperatures": {"type": "array", "items": _object_schema({"temperature": _NUM, "rows": _INT})},
     "staleness_filter": STALENESS_FILTER_SCHEMA,
+    "truncation": TRUNCATION_SCHEMA,
 })
 _LOGGING_CHECKS = _object_schema({
     "scope": _STR,
@@ -680,7 +710,7 @@ def render_inspect(report: dict, console: Any) -> None:
         for line in histogram_lines([f"lag {h['lag']}" for h in lag["histogram"]],
                                     [h["tokens"] for h in lag["histogram"]]):
             console.print(line, highlight=False, markup=False)
-    for line in filter_lines(data["staleness_filter"], None):
+    for line in filter_lines(data["staleness_filter"], None, data["truncation"]):
         console.print(line, highlight=False, markup=False)
     if model is not None:
         _render_inspect_model(model, report["metrics"], console)

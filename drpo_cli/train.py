@@ -7,12 +7,14 @@ plans token-budget micro-batches, computes the aggregation denominators over the
 gradient does not depend on the micro-batch size. A closing audit measures the final weights
 against μ; the checkpoint and OUT/drpo_report.json are written in one atomic rename.
 
-Interrupts. SIGINT/SIGTERM set a flag; the current optimizer step finishes, then the resumable
-state goes to `OUT.partial-state/` (model + optimizer + step counter + report so far + RNG) and
-the run exits 130. `--resume` reloads it and reaches the same final weights as an uninterrupted
-run: the shuffle of pass e is a pure function of (seed, e) and the learning rate of step s is a
-pure function of s, so the step counter is all the "scheduler" there is. A second signal aborts
-at once. Its test hook (DRPO_INTERRUPT_AFTER_STEP) is documented in hooks.py.
+Interrupts. SIGINT/SIGTERM set a flag; the current optimizer step stops within seconds (checked
+before every forward pass, and in one process before every decoder layer), its gradients dropped,
+then the resumable state goes to `OUT.partial-state/` (model + optimizer + step counter + report
+so far + RNG) and the run exits 130. `--resume` reloads it and reaches the same final weights as
+an uninterrupted run: the shuffle of pass e is a pure function of (seed, e) and the learning rate
+of step s is a pure function of s, so the step counter is all the "scheduler" there is. A second
+signal aborts at once. Its test hooks (DRPO_INTERRUPT_AFTER_STEP, DRPO_INTERRUPT_IN_STEP) are
+documented in hooks.py.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from drpo_cli.batching import plan_micro_batches
 from drpo_cli.checkpoint import (
     CheckpointWriter,
     check_free_space,
+    check_model,
     default_out_dir,
     load_model,
+    model_context,
     output_nbytes,
     read_policy_version,
     report_nbytes,
@@ -47,7 +51,7 @@ from drpo_cli.checkpoint import (
 )
 from drpo_cli.config import TrainConfig, expand_correction
 from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
-from drpo_cli.errors import Aborted, ConfigError, InputError, Interrupted, ReportError
+from drpo_cli.errors import Aborted, ConfigError, DrpoError, InputError, Interrupted, ReportError
 from drpo_cli.histograms import MuPiHistogram, worst_tokens
 from drpo_cli.logprobs import fused_token_loss, pick_device, reused_buffers, token_logprobs
 from drpo_cli.losses import (
@@ -74,7 +78,15 @@ from drpo_cli.report_format import (
     train_report_json,
 )
 from drpo_cli.resume import load_state, save_state
-from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version, load_rows, staleness_filter
+from drpo_cli.rollouts import (
+    Context,
+    RolloutRows,
+    check_vocabulary,
+    current_version,
+    fit_context,
+    load_rows,
+    staleness_filter,
+)
 from drpo_cli.schema import open_rollouts
 
 REPORT_NAME = "drpo_report.json"
@@ -136,6 +148,11 @@ def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console:
         raise ConfigError(f"{state_dir}: an interrupted run's state; pass --resume to continue it or delete it"
                           if why is None else f"{state_dir}: {why}; train keeps an interrupted run's state "
                           "there: move it or choose another --out")
+    # The model directories checked (headers, config.json against the weights) before any row is read;
+    # its context is what every row must fit (or be cut to, with --truncate) before the weights are loaded.
+    context = model_context(check_model(cfg.model, cfg.allow_unsafe_weights), cfg.model)
+    if cfg.ref_model:
+        check_model(cfg.ref_model, cfg.allow_unsafe_weights)
     # LoRA: peft imported and the adapter's config read before anything is loaded.
     lora_config = _lora_config(cfg)
     adapter_only = lora_config is not None and not cfg.merge
@@ -162,7 +179,7 @@ def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console:
     # ---- rows (minus the too stale ones), reference log-probs, model ----
     # Under torchrun each rank loads only its share of the rows (schema.Shard); `local_of` maps a
     # row's index among all kept rows to this rank's copy of it (−1: another rank's).
-    rows, staleness, local_of, totals = _load_share(cfg, in_version)
+    rows, staleness, truncation, local_of, totals = _load_share(cfg, in_version, context)
     if totals["rows"] < cfg.minibatches:
         raise ConfigError(f"--minibatches {cfg.minibatches}: more than the {totals['rows']} rollout rows")
     # The reference model's log-probs, in one inference pass before the policy is loaded: one model at a time.
@@ -240,13 +257,15 @@ def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console:
         start, steps = load_state(state_dir, cfg, model, optimizer, scaler)
 
     total_steps = cfg.epochs * cfg.minibatches
+    diverged = None  # the parameter an update made non-finite (the run stops after that step)
     progress = _progress(cfg, total_steps, start)
     # Rounds of a pipeline (policy version v -> v + 1) continue one TensorBoard curve.
     board = _tensorboard(cfg, base_step=(in_version or 0) * total_steps)
-    # From here on a signal finishes the current step and saves a resumable state. Under torchrun the
-    # ranks agree after every step (the flag is max-reduced), so all stop after the same step.
+    # From here on a signal stops the current step within seconds (_interruptible: between passes, and in
+    # one process between decoder layers), drops its gradients and saves a resumable state at its start.
+    # Under torchrun the ranks agree before every pass and after every step (the flag is max-reduced).
     stop.defer = True
-    with progress:
+    with progress, _interruptible(model, stop, sharded) as check_stop:
         task = progress.add_task("train", total=total_steps, completed=start, loss="–", tps="–", outside="–")
         for step in range(start, total_steps):
             epoch, k = divmod(step, cfg.minibatches)
@@ -262,10 +281,18 @@ def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console:
             scale = _loss_scale(scaler, device)
             if scaler is not None:
                 corrections["amp/loss_scale"] = scale
-            loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=step_rho,
-                                                      behavior=behavior, advantages=advantages, mask=mask,
-                                                      autocast=autocast, ref_logp=ref_logp, scale=scale,
-                                                      old_logp=old, step=step)
+            stop.step = step
+            try:
+                loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=step_rho,
+                                                          behavior=behavior, advantages=advantages, mask=mask,
+                                                          autocast=autocast, ref_logp=ref_logp, scale=scale,
+                                                          old_logp=old, step=step, interrupt=check_stop)
+            except StepInterrupted:
+                optimizer.zero_grad(set_to_none=True)  # the step's partial gradients: it reruns on --resume
+                raise _interrupted(state_dir, cfg, model, optimizer, step, steps, scaler, total_steps,
+                                   f"during step {step + 1}") from None
+            finally:
+                stop.step = None
             if scaler is not None:
                 scaler.unscale_(optimizer)  # the gradients back to their true size before the norm and clip
             # The global norm: FSDP2 gradients are DTensors, whose norm is reduced over ranks.
@@ -273,6 +300,8 @@ def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console:
             skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
             if not skipped:  # a non-finite step is counted, never applied
                 optimizer.step()
+                # An update can overflow finite weights (an absurd --lr): every later step would be NaN.
+                diverged = _non_finite_weight(model)
             if scaler is not None:
                 scaler.update()  # halved after an overflow (a skipped step), doubled after 2,000 clean ones
             optimizer.zero_grad(set_to_none=True)
@@ -286,18 +315,14 @@ def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console:
                             outside=fmt(metrics.get("tr/outside_frac")))
             if board is not None:
                 board.step(steps[-1])
+            if diverged is not None:
+                break  # the checkpoint and report are still written; the run then exits 1
             for _ in range(hooks.interrupt_signals(step)):
                 signal.raise_signal(signal.SIGTERM)
             stop.requested = distributed.any_rank(stop.requested)
             if stop.requested and step + 1 < total_steps:
-                try:
-                    save_state(state_dir, cfg, model, optimizer, step + 1, steps, scaler)
-                except Exception as err:  # e.g. a full disk: said in one line, nothing half-written
-                    raise Aborted(f"interrupted after step {step + 1} of {total_steps}, but the resumable state could "
-                                  f"not be saved to {state_dir} ({distributed.one_line(err)}): nothing was kept; "
-                                  "rerun the command") from err
-                raise Interrupted(f"interrupted after step {step + 1} of {total_steps}; state saved to {state_dir}; "
-                                  "rerun the same command with --resume to continue")
+                raise _interrupted(state_dir, cfg, model, optimizer, step + 1, steps, scaler, total_steps,
+                                   f"after step {step + 1}")
 
     # ---- closing audit: the final weights against μ on the trained rollouts ----
     optimizer = None  # its moments (two weight copies) are not needed past the last step
@@ -324,10 +349,11 @@ def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console:
                                    "estimator": cfg.kl_estimator} if cfg.ref_model else None),
                  "entropy_coef": cfg.entropy_coef, "correction": preset, "reject_mode": cfg.reject_mode,
                  "is_veto": cfg.is_veto, "is_batch_norm": cfg.is_batch_norm},
-        "filters": {"staleness": staleness, "rejection": rejection, "veto": veto},
+        "filters": {"staleness": staleness, "rejection": rejection, "veto": veto, "truncation": truncation},
         "notes": notes,
         "steps": steps,
         "skipped_steps": sum(s["skipped"] for s in steps),
+        "diverged": None if diverged is None else {"step": step, "parameter": diverged},
         "final": final,
         "seconds": time.perf_counter() - t0,
     }
@@ -344,6 +370,10 @@ def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console:
     if unwritten:
         raise ReportError(f"wrote {out_dir} (policy version {out_version}) but could not write "
                           + "; ".join(unwritten))
+    if diverged is not None:
+        raise DrpoError(f"wrote {out_dir} (policy version {out_version}) but training diverged: the update of step "
+                        f"{step} made {diverged} non-finite, so the run stopped there and drpo will refuse these "
+                        f"weights; lower --lr ({cfg.lr:g}) or --max-grad-norm ({cfg.max_grad_norm:g})")
     if not cfg.quiet and distributed.rank() == 0:
         print_train_summary(report, console)
     return TrainResult(out_dir=out_dir, policy_version=out_version, report=report)
@@ -367,7 +397,7 @@ def _report_files(report: dict) -> tuple[dict[str, str], list[str]]:
 
 def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: TrainConfig, *, anchor, rho, behavior,
                          advantages, mask, autocast=None, ref_logp=None, old_logp=None,
-                         step: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, Diagnostics, int]:
+                         step: int = 0, scale: float = 1.0, interrupt=None) -> tuple[torch.Tensor, Diagnostics, int]:
     """Backward of one optimizer step's loss over rows `row_idx`, micro-batch by micro-batch.
 
     The aggregation denominator is summed over every micro-batch (and rank) first, so the
@@ -379,8 +409,9 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
     computed over the step's tokens of every rank in global order before any gradient pass; OPSM
     (--opsm-delta) is per sequence, inside the loss. `scale` (fp16's loss scale)
     multiplies every c_t, so the gradients, formed in the head's forward from the per-token upstream
-    gradient, are scaled before any cast to fp16; the loss is returned unscaled. Returns (global loss,
-    global diagnostics, global trained tokens).
+    gradient, are scaled before any cast to fp16; the loss is returned unscaled. `interrupt()` runs
+    before every pass (under torchrun a collective: every rank runs as many passes) and raises
+    StepInterrupted when a signal asks to stop. Returns (global loss, global diagnostics, global trained tokens).
     """
     device = distributed.model_device(model)
     hp = cfg.loss_hparams()
@@ -399,7 +430,7 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
         mask[step_idx] = before & kept
     selected = None  # (T,) bool: the step's clip-cov / kl-cov tokens
     if cfg.loss in BATCH_LOSSES:
-        logp_now = _sweep_logprobs(model, micro, cfg, device, autocast)  # (S,) π at this step's weights
+        logp_now = _sweep_logprobs(model, micro, cfg, device, autocast, interrupt)  # (S,) π at this step's weights
         sel = _step_wide(lambda lp, mu, a, v: covariance_selection(cfg.loss, lp, mu, a, v, seed=cfg.seed * 1_000_003 + step,
                                                                    **hp),
                          rows, step_idx, logp_now, anchor[step_idx], advantages[step_idx], mask[step_idx])
@@ -418,6 +449,8 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
     fillers = distributed.filler_passes(len(micro))
     with reused_buffers():  # the step's micro-batches share chunk buffers, freed before the optimizer step
         for mb in micro:
+            if interrupt is not None:
+                interrupt()
             idx = mb.token_index  # (M,) on the CPU, like the per-token arrays it indexes
             mb = mb.to(device)
             m, a, mu = mask[idx].to(device), advantages[idx].to(device), anchor[idx].to(device)  # (M,)
@@ -449,6 +482,8 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
             diag.update(logp, beh, a, m, entropy=ent, seq_index=mb.seq_index, ref_logp=ref, selected=sel)
             moe.count_trained(model, mb, m)  # with --replay-routing: the router's own top-k ≠ the logged one
         for filler in fillers:
+            if interrupt is not None:
+                interrupt()
             zero, _, _ = fused_token_loss(model, filler.to(device), lambda logp, sl: logp.sum() * 0.0,
                                           chunk_tokens=cfg.chunk_tokens, dtype=autocast)
             zero.backward()
@@ -458,11 +493,13 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
     return total / scale, diag, int(tokens.item())
 
 
-def _sweep_logprobs(model, micro, cfg: TrainConfig, device, autocast) -> torch.Tensor:
+def _sweep_logprobs(model, micro, cfg: TrainConfig, device, autocast, interrupt=None) -> torch.Tensor:
     """π of the step's tokens (S,) at the current weights, no gradient, micro-batch by micro-batch (with FSDP's fillers)."""
     out = [torch.zeros(0)]
     with torch.no_grad():  # not inference_mode: FSDP2's gathered buffers must serve the gradient passes next
         for i, mb in enumerate(micro + distributed.filler_passes(len(micro))):
+            if interrupt is not None:
+                interrupt()
             lp, _ = token_logprobs(model, mb.to(device), chunk_tokens=cfg.chunk_tokens, dtype=autocast)
             if i < len(micro):
                 out.append(lp.float().cpu())
@@ -550,8 +587,10 @@ def _step_corrections(cfg: TrainConfig, rows: RolloutRows, local: np.ndarray, rh
     return normalized, metrics
 
 
-def _load_share(cfg: TrainConfig, in_version: int | None) -> tuple[RolloutRows, dict, np.ndarray, dict]:
-    """(this rank's rows minus the too stale ones, staleness counts, local_of, global totals).
+def _load_share(cfg: TrainConfig, in_version: int | None, context: Context | None
+                ) -> tuple[RolloutRows, dict, dict | None, np.ndarray, dict]:
+    """(this rank's rows minus the too stale ones, within the model's context, staleness counts, truncation
+    counts (rollouts.fit_context; None without --truncate), local_of, global totals).
 
     In one process the rows are all of them and local_of is the identity. Under torchrun each rank
     loads its share (schema.Shard) and local_of (N,) maps each kept row's index among all N kept rows,
@@ -568,13 +607,14 @@ def _load_share(cfg: TrainConfig, in_version: int | None) -> tuple[RolloutRows, 
     current, _ = current_version(None, in_version, np.array([newest], dtype=np.int64))
     rows, staleness = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version,
                                        exchange=xch)
+    rows, truncation = fit_context(rows, context, truncate=cfg.truncate, exchange=xch)  # a row too long: refused
     kept = rows.global_row if xch is None else np.concatenate(xch(rows.global_row))  # increasing: file order
     kept = np.sort(kept)
     local_of = np.full(kept.size, -1, dtype=np.int64)
     local_of[np.searchsorted(kept, rows.global_row)] = np.arange(rows.num_rows)
     mine = [rows.num_rows, rows.num_tokens, int(rows.loss_mask.sum())]
     totals = dict(zip(("rows", "tokens", "trained_tokens"), (sum(x) for x in zip(*distributed.exchange(mine)))))
-    return rows, staleness, local_of, totals
+    return rows, staleness, truncation, local_of, totals
 
 
 def _check_vocabulary(rows: RolloutRows, vocab_size: int, model_dir: str) -> None:
@@ -607,6 +647,23 @@ def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Ad
     fused = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
                 for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def _non_finite_weight(model) -> str | None:
+    """The name of a parameter holding NaN or ±inf after an update (any rank's shard), else None.
+
+    One max-norm per parameter (no full-size temporary); under torchrun a collective.
+    """
+    from torch.distributed.tensor import DTensor
+
+    named = [(n, t) for n, p in model.named_parameters() if p.requires_grad
+             for t in [p.to_local() if isinstance(p, DTensor) else p] if t.numel()]
+    norms = torch.stack([torch.linalg.vector_norm(p.detach(), ord=float("inf")).float() for _, p in named]) \
+        if named else torch.zeros(0)
+    bad = [n for (n, _), ok in zip(named, torch.isfinite(norms).tolist()) if not ok]
+    if not distributed.any_rank(bool(bad)):
+        return None
+    return next(name for names in distributed.exchange(bad[:1]) for name in names)
 
 
 def _loss_scale(scaler, device) -> float:
@@ -795,7 +852,7 @@ def _signals_request_stop():
 
     Before that (loading: nothing to save) and on a second signal, the signal aborts at once.
     """
-    stop = SimpleNamespace(requested=False, defer=False)
+    stop = SimpleNamespace(requested=False, defer=False, step=None)  # step: the optimizer step in progress
 
     def handle(signum, frame):
         if stop.requested or not stop.defer:
@@ -811,6 +868,56 @@ def _signals_request_stop():
     finally:
         for sig, previous in saved.items():
             signal.signal(sig, previous)
+
+
+class StepInterrupted(Exception):
+    """A signal stopped an optimizer step in its middle (its gradients are dropped; it reruns on --resume)."""
+
+
+@contextlib.contextmanager
+def _interruptible(model, stop, sharded: bool):
+    """Yields the check accumulate_gradients runs before every pass: StepInterrupted once a signal set
+    `stop.requested`, so that a long step stops in seconds (the pass at work, not the whole step).
+
+    Under torchrun the check is a collective (any rank's flag), so every rank stops before the same
+    pass; in one process each decoder layer also checks before its forward (a pre-hook), so a long
+    forward stops between layers. The hook also serves DRPO_INTERRUPT_IN_STEP (hooks.py).
+    """
+    def check() -> None:
+        if distributed.any_rank(stop.requested) if sharded else stop.requested:
+            raise StepInterrupted
+
+    def before_layer(module, args) -> None:
+        if stop.step is None:
+            return  # the π_old, reference and closing passes: a signal there acts as before
+        if hooks.interrupt_in_step(stop.step) and not stop.requested:
+            signal.raise_signal(signal.SIGTERM)  # the test hook: a signal inside the step's forward
+        if stop.requested and not sharded:  # under FSDP every rank must stop before the same pass: check()
+            raise StepInterrupted
+
+    try:
+        layers = distributed.decoder_layers(model)
+    except ConfigError:  # an architecture without declared blocks: the checks between passes remain
+        layers = []
+    handles = [layer.register_forward_pre_hook(before_layer) for layer in layers]
+    try:
+        yield check
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _interrupted(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: int, steps: list[dict], scaler,
+                 total_steps: int, when: str) -> DrpoError:
+    """Save the resumable state (the next step to run: `next_step`) and return the error that says so:
+    Interrupted (exit 130), or Aborted (exit 4) when the state could not be saved (e.g. a full disk)."""
+    try:
+        save_state(state_dir, cfg, model, optimizer, next_step, steps, scaler)
+    except Exception as err:  # noqa: BLE001 - said in one line, nothing half-written (save_state cleans up)
+        return Aborted(f"interrupted {when} of {total_steps}, but the resumable state could not be saved to "
+                       f"{state_dir} ({distributed.one_line(err)}): nothing was kept; rerun the command")
+    return Interrupted(f"interrupted {when} of {total_steps}; state saved to {state_dir}; rerun the same command "
+                       "with --resume to continue")
 
 
 # ---- progress ---------------------------------------------------------------------------------

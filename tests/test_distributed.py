@@ -244,6 +244,26 @@ def test_sharded_load_names_a_missing_weight(toy, one_rank_group, tmp_path):
         distributed.load_sharded_model(tmp_path / "m", torch.device("cpu"))
 
 
+def poisoned(toy: Path, tmp_path: Path, row: int) -> Path:
+    """The toy model with one NaN in gate_proj (128 rows: rank 0 of 2 holds rows 0-63, rank 1 the rest)."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(toy / "model", tmp_path / "m")
+    tensors = load_file(str(toy / "model" / "model.safetensors"))
+    tensors["model.layers.0.mlp.gate_proj.weight"][row, 5] = float("nan")
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    return tmp_path / "m"
+
+
+def test_sharded_load_refuses_a_non_finite_weight_naming_it(toy, one_rank_group, tmp_path):
+    from drpo_cli.errors import CheckpointError
+
+    model = poisoned(toy, tmp_path, 100)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight holds "
+                                              r"nan at \[100, 5\]; drpo refuses non-finite weights"):
+        distributed.load_sharded_model(model, torch.device("cpu"))
+
+
 def test_streamed_save_of_a_sharded_model_equals_the_plain_save(toy, one_rank_group, tmp_path):
     from drpo_cli.checkpoint import load_model, save_checkpoint
 
@@ -379,6 +399,27 @@ def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy,
 
 
 @pytest.mark.multiproc
+def test_two_ranks_stop_inside_a_step_before_the_same_pass_and_resume_to_the_uninterrupted_weights(toy, tmp_path):
+    # A signal inside step 1's first forward: every rank checks before each pass (one collective), so all
+    # stop before the same one, drop the step's gradients and save the state at its start.
+    from drpo_cli.hooks import INTERRUPT_IN_STEP
+
+    common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--epochs", "2",
+              "--micro-batch-tokens", "32"]  # 4 steps of several passes per rank
+    one_process("train", *common, "--out", str(tmp_path / "straight"))
+    run = torchrun("train", *common, "--out", str(tmp_path / "out"), env={INTERRUPT_IN_STEP: "1"})
+    state = tmp_path / "out.partial-state"
+    assert "exitcode  : 130" in run.stderr, run.stderr[-3000:]
+    assert run.stderr.count(f"interrupted during step 2 of 4; state saved to {state}") == 2, run.stderr[-3000:]
+    assert json.loads((state / "state.json").read_text())["next_step"] == 1
+    run = torchrun("train", *common, "--out", str(tmp_path / "out"), "--resume")
+    assert run.returncode == 0, run.stderr[-3000:]
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert max((resumed[k] - straight[k]).abs().max().item() for k in straight) <= 1e-5
+
+
+@pytest.mark.multiproc
 @pytest.mark.parametrize("which", ["toy", "untied"])
 def test_two_ranks_inspect_like_one(which, request, tmp_path):
     toy = request.getfixturevalue(which)
@@ -500,6 +541,54 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(toy, tmp_path):
         f"error: [rank 1] {injected} (run with --debug for the traceback)",
     ], run.stderr[-3000:]
     assert list(tmp_path.iterdir()) == []  # no output directory, no temporary sibling
+
+
+@pytest.mark.multiproc
+def test_a_non_finite_weight_in_one_ranks_rows_stops_every_rank_with_its_line(toy, tmp_path):
+    # Row 100 is rank 1's: rank 0 never reads it, yet exits with the same line and code (bad input, 2).
+    model = poisoned(toy, tmp_path, 100)
+    run = torchrun("train", "-r", str(toy / "rollouts.arrow"), "-m", str(model), "--out", str(tmp_path / "out"),
+                   *TRAIN_ARGS)
+    line = (f"{model / 'model.safetensors'}: tensor model.layers.0.mlp.gate_proj.weight holds nan at [100, 5]; "
+            "drpo refuses non-finite weights (they make every log-prob and gradient NaN)")
+    errors = sorted(e for e in run.stderr.splitlines() if e.startswith("error: "))
+    assert errors == [f"error: [rank 0] {line}", f"error: [rank 1] {line}"], run.stderr[-3000:]
+    assert run.stderr.count("exitcode  : 2") == 2, run.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.multiproc
+def test_two_ranks_agree_on_skipping_non_finite_steps(toy, tmp_path):
+    # A = 3e38 overflows −A·r to −inf on some tokens of every step, not necessarily on every rank's
+    # rows: the loss and the gradient norm are global, so every rank skips the same steps.
+    table = pa.ipc.open_file(str(toy / "rollouts.arrow")).read_all()
+    table = table.drop_columns(["reward", "group_id"]).append_column(
+        "advantage", pa.array(np.full(table.num_rows, 3e38, dtype=np.float32)))
+    with pa.OSFile(str(tmp_path / "huge.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    run = torchrun("train", "-r", str(tmp_path / "huge.arrow"), "-m", str(toy / "model"), "--out",
+                   str(tmp_path / "skip"), "--loss", "pg-is", *TRAIN_ARGS)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "skip" / "drpo_report.json").read_text())
+    assert [s["skipped"] for s in report["steps"]] == [True, True]
+    old = load_file(str(toy / "model" / "model.safetensors"))
+    assert all(torch.equal(t, old[k]) for k, t in load_file(str(tmp_path / "skip" / "model.safetensors")).items())
+    # A learning rate whose first update leaves every later gradient norm non-finite: skipped on every rank.
+    run = torchrun("train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), "--out",
+                   str(tmp_path / "huge-lr"), *TRAIN_ARGS, "--lr", "3.4e37")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "huge-lr" / "drpo_report.json").read_text())
+    assert [s["skipped"] for s in report["steps"]] == [False, True]
+
+
+def test_a_non_finite_weight_after_an_update_is_found_in_any_ranks_shard(toy, one_rank_group):
+    from drpo_cli.train import _non_finite_weight
+
+    model, _ = distributed.load_sharded_model(toy / "model", torch.device("cpu"))
+    assert _non_finite_weight(model) is None
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.to_local()[2, 3] = float("-inf")
+    assert _non_finite_weight(model) == "model.layers.1.mlp.up_proj.weight"
 
 
 # ---- two nodes on this machine ---------------------------------------------------------------------

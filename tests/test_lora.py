@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -96,6 +97,23 @@ def test_continuing_an_adapter(toy, adapter_run, tmp_path):
     assert first.keys() == second.keys()
     assert max((first[k] - second[k]).abs().max().item() for k in first) > 1e-4  # trained further
     assert json.loads((tmp_path / "next" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_an_adapter_with_a_non_finite_weight_is_refused(toy, adapter_run, tmp_path):
+    from safetensors.torch import save_file
+
+    shutil.copytree(adapter_run, tmp_path / "bad")
+    tensors = load_file(str(adapter_run / "adapter_model.safetensors"))
+    key = min(tensors)
+    tensors[key][1, 2] = float("inf")
+    save_file(tensors, str(tmp_path / "bad" / "adapter_model.safetensors"))
+    result = CliRunner().invoke(app, ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"),
+                                      "--out", str(tmp_path / "out"), *TRAIN, "--adapter", str(tmp_path / "bad")])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        (f"error: {tmp_path / 'bad' / 'adapter_model.safetensors'}: tensor {key} holds inf at [1, 2]; drpo refuses "
+        "non-finite weights (they make every log-prob and gradient NaN)")]
+    assert not (tmp_path / "out").exists()
 
 
 def test_initial_values_are_peft_kaiming_a_and_zero_b():
