@@ -14,7 +14,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAIN
+from conftest import FAST_TRAIN, METRIC_ULPS, assert_reordered, assert_trained_alike
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
@@ -296,10 +296,12 @@ def test_batch_norm_factor_and_weights_do_not_depend_on_micro_batch_tokens(toy, 
     a = _train(toy, tmp_path / "a", *args, "--micro-batch-tokens", "64")
     b = _train(toy, tmp_path / "b", *args, "--micro-batch-tokens", "4096")
     fa = [s["metrics"]["is/batch_norm_factor"] for s in a["steps"]]
-    assert fa == [s["metrics"]["is/batch_norm_factor"] for s in b["steps"]] and all(f != 1.0 for f in fa)
-    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=2e-6)
+    fb = [s["metrics"]["is/batch_norm_factor"] for s in b["steps"]]
+    assert all(f != 1.0 for f in fa)
+    # The mean of the weights is exact, but π_old, which the weights come from, is computed through other
+    # micro-batch shapes: equal within the weights' rounding (METRIC_ULPS), not bit for bit.
+    assert_reordered(fa, fb, METRIC_ULPS, scale=np.maximum(1.0, np.abs(fb)), msg="is/batch_norm_factor")
+    assert_trained_alike(_weights(tmp_path / "a"), _weights(tmp_path / "b"), lr=1e-3, steps=2)
 
 
 def test_inspect_correction_options_are_checked(toy):
