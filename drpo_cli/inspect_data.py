@@ -4,7 +4,8 @@ Data-only mode streams canonical record batches and reduces each one with numpy 
 values and offsets (no per-row Python), so memory is bounded by one batch and any file size works.
 `DataAudit` holds only sums, extrema, histograms and the per-row values some statistics need at
 the end (sample ids; reward and group for group-relative advantages); `merge_` and `all_reduce_`
-combine shards: counts, extrema and histograms exactly, float64 sums to rounding. Model mode (inspect_model.py) adds the per-token diagnostics.
+combine shards: counts, extrema and histograms exactly, float64 sums to rounding. Model mode
+(inspect_model.py) adds the per-token diagnostics.
 
 The module is not called `inspect` so that no script run from this directory can shadow the
 standard library's `inspect`.
