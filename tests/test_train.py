@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import FAST_TRAIN, GRAD_ULPS, LOGP_ULPS, assert_reordered
+from conftest import EPS32, FAST_TRAIN, GRAD_ULPS, LOGP_ULPS, METRIC_ULPS, assert_reordered
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -288,6 +288,8 @@ def test_reference_kl_entropy_rejection_and_stale_filters_in_the_report(toy, tmp
     assert report["loss"]["reference_kl"] == {"model": str(toy / "model"), "coef": 0.5, "estimator": "k3"}
     assert report["loss"]["entropy_coef"] == 0.01 and report["loss"]["is_level"] == "sequence"
     first = report["steps"][0]["metrics"]
-    # π = π_ref at the first step (same checkpoint): every KL estimate is 0 up to float rounding.
-    assert abs(first["kl/ref_k1_mean"]) < 1e-5 and first["kl/ref_k3_mean"] < 1e-6 and first["entropy/mean"] > 0
+    # π = π_ref at the first step (same checkpoint): every KL estimate is 0 up to float rounding, the two passes'
+    # log-probs within METRIC_ULPS; k3 ≈ (log r)²/2 is below the square of that.
+    assert abs(first["kl/ref_k1_mean"]) <= METRIC_ULPS * EPS32 and first["entropy/mean"] > 0
+    assert first["kl/ref_k3_mean"] <= (METRIC_ULPS * EPS32) ** 2
     assert "cispo/clip_frac" in first and report["final"]["metrics"]["kl/ref_k3_mean"] > 0  # the weights moved
