@@ -112,7 +112,7 @@ def assert_same_json(a, b, path: str = "") -> None:
 
     The reports' floats come from log-probs that the ranks (or the streamed batches) compute on other
     micro-batches: equal to float32 rounding, not bit for bit. After an optimizer step the weights differ
-    too (ADAM_DRIFT), which on these runs moves the metrics by no more (measured: 8 after 2 steps).
+    too (ADAM_DRIFT), which on these runs moves the metrics by no more (measured: 25 after 2 steps).
     """
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
