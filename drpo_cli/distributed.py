@@ -9,7 +9,8 @@ Under torchrun (`WORLD_SIZE`, `RANK`, `LOCAL_RANK` in the environment) `init` jo
 group (nccl on CUDA, gloo on CPU) with a finite timeout, so a rank whose peer died fails instead
 of waiting forever, and `shard_model` applies FSDP2 (`fully_shard` per decoder layer, then the
 root). Gradients are SUMMED over ranks, not averaged: every loss is divided by its global
-denominator already (SPEC.md §1), so the sum of the ranks' gradients is the single-process one.
+denominator already (SPEC.md §1), so the sum of the ranks' gradients is the single-process one up to
+float summation order.
 
 Saving: `save_full_checkpoint` takes the sharded state dict from torch.distributed.checkpoint's
 `get_model_state_dict`, gathers one entry at a time (`DTensor.full_tensor`; the helper's own

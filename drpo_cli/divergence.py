@@ -6,8 +6,9 @@ shared with losses.py, and are re-exported here; the dependency runs elementwise
 divergence, never back.
 
 `Diagnostics` accumulates only sums, counts, maxima and fixed-bin histograms, so any number of
-tokens can be audited in constant memory, and two accumulators merge exactly (micro-batches,
-ranks, resumed runs). Metric names are documented in docs/losses.md.
+tokens can be audited in constant memory, and two accumulators merge (micro-batches, ranks,
+resumed runs): counts, histograms and maxima exactly, sums of values to float64 rounding. Metric
+names are documented in docs/losses.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Data-only mode streams canonical record batches and reduces each one with numpy 
 values and offsets (no per-row Python), so memory is bounded by one batch and any file size works.
 `DataAudit` holds only sums, extrema, histograms and the per-row values some statistics need at
 the end (sample ids; reward and group for group-relative advantages); `merge_` and `all_reduce_`
-combine shards exactly. Model mode (inspect_model.py) adds the per-token diagnostics.
+combine shards: counts, extrema and histograms exactly, float64 sums to rounding. Model mode
+(inspect_model.py) adds the per-token diagnostics.
 
 The module is not called `inspect` so that no script run from this directory can shadow the
 standard library's `inspect`.
@@ -96,7 +97,8 @@ def _grow_add(hist: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Moments:
-    """Weighted count, sum, sum of squares, |sum|, min and max: mergeable, exact in float64."""
+    """Weighted count, sum, sum of squares, |sum|, min and max: mergeable; the sums are float64, so a
+    merge in another order moves only their last bits (count, min and max are exact)."""
 
     n: float = 0.0
     s: float = 0.0
@@ -163,7 +165,7 @@ def _length_hist() -> np.ndarray:
 
 @dataclass
 class DataAudit:
-    """Streaming data-only audit (SPEC.md §2): exact, mergeable statistics over masked tokens."""
+    """Streaming data-only audit (SPEC.md §2): mergeable statistics over masked tokens."""
 
     # Each statistic is declared once with the way shards combine (all_reduce_): its metadata's "merge".
     rows: int = stat("sum")

@@ -9,7 +9,6 @@ one-rank gloo group to check the FSDP entry point and the streamed save without 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import socket
@@ -22,7 +21,16 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import TOY
+from conftest import (
+    ENTROPY_ULPS,
+    EPS32,
+    GRAD_ULPS,
+    LOGP_ULPS,
+    METRIC_ULPS,
+    TOY,
+    assert_reordered,
+    assert_trained_alike,
+)
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 from typer.testing import CliRunner
@@ -100,22 +108,51 @@ def one_process(*args: str):
 
 
 def assert_same_json(a, b, path: str = "") -> None:
-    """Equal structure; floats equal to summation-order noise; RUN_DETAILS keys skipped."""
+    """Equal structure; floats within METRIC_ULPS (conftest) of max(1, |value|); RUN_DETAILS keys skipped.
+
+    The reports' floats come from log-probs that the ranks (or the streamed batches) compute on other
+    micro-batches: equal to float32 rounding, not bit for bit. After an optimizer step the weights differ
+    too (ADAM_DRIFT), which on these runs moves the metrics by no more (measured: 25 after 2 steps).
+    """
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
+        ranked = next((k for k in RANKED if k in a), None)
         for k in a:
-            if k not in RUN_DETAILS:
+            if k == ranked:
+                assert_same_ranking(a, b, ranked, path)
+            elif k not in RUN_DETAILS and not (ranked and k == "worst_tokens"):
                 assert_same_json(a[k], b[k], f"{path}.{k}")
     elif isinstance(a, list):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same_json(x, y, f"{path}[{i}]")
     elif isinstance(a, float) or isinstance(b, float):
-        # worst_tokens' Δ are rounded to 5 decimals (histograms.py): noise can move the last digit
-        tol = 1.01e-5 if ".worst_tokens" in path else 1e-6
-        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=tol), f"{path}: {a} vs {b}"
+        # worst_tokens' Δ (|Δ| ≤ 1) are rounded to 5 decimals (histograms.py): noise can move them one step
+        step = 1e-5 / EPS32 if ".worst_tokens" in path else 0.0
+        assert_reordered(a, b, METRIC_ULPS + step, scale=max(1.0, abs(a), abs(b)), msg=path)
     else:
         assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+# Lists of sequences ranked by these keys (worst first), each with its entry of "worst_tokens" beside it.
+RANKED = {"worst_sequences": ("harmful_frac", "delta_abs_max"),  # inspect
+          "worst_samples": ("harmful_frac", "outside_frac", "delta_abs_max")}  # train's closing audit
+
+
+def assert_same_ranking(a: dict, b: dict, ranked: str, path: str) -> None:
+    """Position by position the ranking keys agree (assert_same_json's bound), and so does the entry, unless
+    it is another sequence: two sequences that tie in exact arithmetic (a shared prompt and first tokens give
+    the same max |Δ|) are ordered by the rounding of their keys, which other batches change."""
+    keys = RANKED[ranked]
+    assert len(a[ranked]) == len(b[ranked]) == len(a.get("worst_tokens", a[ranked])), f"{path}.{ranked}"
+    for i, (x, y) in enumerate(zip(a[ranked], b[ranked])):
+        where = f"{path}.{ranked}[{i}]"
+        for key in keys:
+            assert_same_json(x[key], y[key], f"{where}.{key}")
+        if x["sample_id"] == y["sample_id"]:
+            assert_same_json(x, y, where)
+            if "worst_tokens" in a:
+                assert_same_json(a["worst_tokens"][i], b["worst_tokens"][i], f"{path}.worst_tokens[{i}]")
 
 
 # ---- the command line, without processes --------------------------------------------------------
@@ -199,9 +236,13 @@ def test_sharded_engine_gives_the_plain_models_loss_and_gradients(which, request
         grads = {n: distributed.full_value(p.grad) for n, p in model.named_parameters()}
         results.append((lp_inf, loss.detach(), logp, grads))
     (lp_a, loss_a, logp_a, g_a), (lp_b, loss_b, logp_b, g_b) = results
-    torch.testing.assert_close(lp_b, lp_a, rtol=0, atol=1e-6)
-    torch.testing.assert_close(logp_b, logp_a, rtol=0, atol=1e-6)
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    # The same formulas; untied, FSDP2 computes the head vocabulary-parallel (its own log-sum-exp merge and
+    # gradient sums), so the results agree to rounding, not bit for bit.
+    assert_reordered(lp_b, lp_a, LOGP_ULPS, scale=1 + lp_a.abs(), msg="inference log-probs")
+    assert_reordered(logp_b, logp_a, LOGP_ULPS, scale=1 + logp_a.abs(), msg="log-probs")
+    # The loss Σ_t (t+1)·logp_t: the per-token bound summed, and as much again for the sum's own rounding.
+    weights = torch.arange(1, mb.num_tokens + 1, dtype=torch.float32)
+    assert_reordered(loss_b, loss_a, LOGP_ULPS, scale=2 * (weights * (1 + logp_a.abs())).sum(), msg="loss")
     assert g_a.keys() == g_b.keys()
     # The embedding (tied: and head) receives its gradients through the entry points.
     assert g_b["model.embed_tokens.weight"].abs().sum() > 0
@@ -209,7 +250,7 @@ def test_sharded_engine_gives_the_plain_models_loss_and_gradients(which, request
         assert g_b["lm_head.weight"].abs().sum() > 0
         assert not torch.equal(g_b["lm_head.weight"], g_b["model.embed_tokens.weight"])
     for name in g_a:
-        torch.testing.assert_close(g_b[name], g_a[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert_reordered(g_b[name], g_a[name], GRAD_ULPS, msg=name)
 
 
 def test_meta_device_sharded_load_equals_the_plain_load(toy, one_rank_group):
@@ -302,14 +343,15 @@ def test_two_ranks_train_the_same_weights_and_report_as_one(which, request, tmp_
     one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert one.keys() == two.keys() == source.keys()
     assert max((one[k] - source[k]).abs().max().item() for k in one) > 1e-4  # the weights did move
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
 
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
     r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
     assert [s["tokens"] for s in r1["steps"]] == [s["tokens"] for s in r2["steps"]]
     for s1, s2 in zip(r1["steps"], r2["steps"]):
         assert not s1["skipped"] and not s2["skipped"]
-        assert s2["grad_norm"] == pytest.approx(s1["grad_norm"], rel=1e-5)  # a sum over ranks, not a mean
+        # a sum over ranks, not a mean: the norm of gradients that agree within GRAD_ULPS (squares: no cancellation)
+        assert_reordered(s2["grad_norm"], s1["grad_norm"], GRAD_ULPS, scale=s1["grad_norm"], msg="grad_norm")
     for section in ("steps", "final", "input", "loss", "notes"):
         assert_same_json(r1[section], r2[section], section)
     r1["config"].pop("out"), r2["config"].pop("out")
@@ -330,7 +372,7 @@ def test_two_ranks_train_gspo_with_reference_kl_entropy_rejection_and_filters_li
     assert run.returncode == 0, run.stderr[-3000:]
     one_process("train", *common, "--out", str(tmp_path / "one"))
     one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
     r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
     assert r1["filters"]["staleness"]["rows_dropped"] > 0
@@ -350,7 +392,7 @@ def test_two_ranks_train_clip_cov_with_m2po_and_opsm_like_one(toy, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     one_process("train", *common, "--out", str(tmp_path / "one"))
     one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
     r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
     assert all(0 < s["metrics"][m] < 1 for s in r1["steps"]
@@ -392,7 +434,7 @@ def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy,
     for name in ("same", "other"):
         resumed = load_file(str(tmp_path / name / "model.safetensors"))
         assert resumed.keys() == straight.keys()
-        assert max((resumed[k] - straight[k]).abs().max().item() for k in straight) <= 1e-5, name
+        assert_trained_alike(resumed, straight, lr=1e-3, steps=4, msg=name)
         assert not (tmp_path / f"{name}.partial-state").exists()
     report = json.loads((tmp_path / "same" / "drpo_report.json").read_text())
     assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
@@ -435,11 +477,20 @@ def test_two_ranks_inspect_like_one(which, request, tmp_path):
     order = [("sample_id", "ascending"), ("position", "ascending")]
     t1, t2 = (pa.ipc.open_file(str(tmp_path / f"{n}.arrow")).read_all().sort_by(order) for n in ("one", "two"))
     assert t1.num_rows == t2.num_rows > 0  # every response token once, whichever rank computed it
+    # The ranks compute log π on other micro-batches (LOGP_ULPS); each other float column is a function of it
+    # (and of the logged μ, A), so its bound scales by that function's derivative, plus its own rounding.
+    c = {name: t1[name].to_numpy().astype(np.float64)
+         for name in ("logp", "behavior_logp", "logr", "ratio", "k3", "entropy")}
+    u = 1 + np.abs(c["logp"])
+    bounds = {"logp": (LOGP_ULPS, u), "logr": (LOGP_ULPS, u + np.abs(c["logr"])),
+              "ratio": (LOGP_ULPS, c["ratio"] * (1 + u)),
+              "delta": (LOGP_ULPS, np.exp(c["logp"]) * (1 + u) + np.exp(c["behavior_logp"])),
+              "k3": (LOGP_ULPS, np.abs(c["ratio"] - 1) * u + c["k3"]), "entropy": (ENTROPY_ULPS, 1 + c["entropy"])}
     for name in t1.schema.names:
         x, y = t1[name].to_numpy(), t2[name].to_numpy()
-        if x.dtype.kind == "f":
-            np.testing.assert_allclose(y, x, rtol=0, atol=1e-5, err_msg=name)
-        else:
+        if name in bounds:
+            assert_reordered(y, x, bounds[name][0], scale=bounds[name][1], msg=name)
+        else:  # ids, the logged μ and A, and decisions (|Δ| > δ): a flip would need a Δ within rounding of δ
             assert (x == y).all(), name
 
 
@@ -622,7 +673,7 @@ def test_two_nodes_write_only_from_global_rank_0_and_train_like_one_process(toy,
     one = load_file(str(tmp_path / "one" / "model.safetensors"))
     two = load_file(str(tmp_path / "node0" / "out" / "model.safetensors"))
     assert one.keys() == two.keys()
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
     assert sorted(p.name for p in (tmp_path / "node0" / "out").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
     r2 = json.loads((tmp_path / "node0" / "out" / "drpo_report.json").read_text())
@@ -632,18 +683,23 @@ def test_two_nodes_write_only_from_global_rank_0_and_train_like_one_process(toy,
 
 @pytest.mark.multiproc
 def test_two_ranks_batch_norm_veto_and_seq_mask_tis_like_one(toy, tmp_path):
-    # The step's weight mean is an exact integer sum over ranks: the same factor, bit for bit.
+    # The step's weight mean is an exact integer sum over ranks, but each rank recomputes π_old, which the
+    # weights come from, on its own micro-batches: the factor agrees to the weights' rounding (METRIC_ULPS).
     common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--anchor", "proximal",
               "--correction", "seq-mask-tis", "--is-band", "0.9", "1.1", "--is-veto", "0.3", "--is-batch-norm"]
     run = torchrun("train", *common, "--out", str(tmp_path / "two"))
     assert run.returncode == 0, run.stderr[-3000:]
     one_process("train", *common, "--out", str(tmp_path / "one"))
     one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
     r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
     factors = [s["metrics"]["is/batch_norm_factor"] for s in r1["steps"]]
-    assert factors == [s["metrics"]["is/batch_norm_factor"] for s in r2["steps"]] and 1.0 not in factors
+    assert 1.0 not in factors
+    assert_reordered([s["metrics"]["is/batch_norm_factor"] for s in r2["steps"]], factors, METRIC_ULPS,
+                     scale=np.maximum(1.0, np.abs(factors)), msg="is/batch_norm_factor")
+    # Counts of decisions on π_old (ρ < C, the band): equal unless a token sits within π_old's rounding of
+    # a threshold, and one token more or less would move a fraction far beyond any rounding bound.
     for key in ("veto/seq_frac", "reject/seq_frac"):
         assert [s["metrics"][key] for s in r1["steps"]] == [s["metrics"][key] for s in r2["steps"]]
     assert_same_json(r1["filters"], r2["filters"], "filters")

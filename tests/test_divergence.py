@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import EPS64, assert_reordered
 
 from drpo_cli import divergence as D
 from drpo_cli.errors import ConfigError
@@ -322,9 +323,9 @@ def test_merged_equals_unmerged():
         if key.split("#")[0] in D.PER_UPDATE_METRICS:  # a selection over each update's tokens, by definition
             continue
         if key.startswith(("sum_", "by_")) or key.endswith("sum_w"):
-            torch.testing.assert_close(
-                a[key], b[key], rtol=1e-12, atol=1e-12
-            )  # sums of values: rounding only
+            # float64 sums of 4,000 values in five parts instead of one: rounding only, within log2(n) ε64 of
+            # the tensor's largest sum (measured: 1.3 with every kernel set)
+            assert_reordered(b[key], a[key], 16, eps=EPS64, msg=key)
         else:
             assert torch.equal(a[key], b[key]), key  # counts, histograms, maxima: exact
     sa, sb = whole32.summary(), merged.summary()
