@@ -26,23 +26,22 @@ import torch
 
 from drpo_cli import __version__, outputs
 from drpo_cli.errors import CheckpointError, ConfigError, DrpoError
+from drpo_cli.rollouts import Context
 
 DRPO_META = outputs.DIR_MARKERS["checkpoint"]  # policy version, training record, the files drpo wrote
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+MAX_SHARD_SIZE = "2GB"  # a checkpoint's safetensors files, as transformers' save_pretrained writes them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Files copied from the source directory: generation settings and everything a tokenizer needs.
-COPIED = (
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "*.tiktoken",
-    "chat_template*",
-    "preprocessor_config.json",
-)
+# Files copied from the source directory, by name: generation settings and what a tokenizer needs
+# (a `*.tiktoken` vocabulary is the one suffix). Nothing else is copied: a name like tokenizer.env is
+# no tokenizer file (docs/outputs.md, "Security model").
+COPIED = frozenset({
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+    "merges.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+})
+COPIED_SUFFIX = ".tiktoken"
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # peft's names (lora.py)
 _UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _VERSION_SUFFIX = re.compile(r"^(.*)-v\d+$")
@@ -54,6 +53,42 @@ class CheckpointInfo:
     policy_version: int | None  # from drpo_checkpoint.json; None when the directory has none
     vocab_size: int  # rows of the input embedding: token ids must be below this
     config: Any  # transformers PreTrainedConfig
+
+
+# ---- what drpo reads from a model directory -------------------------------------------------------
+
+
+def copied_files(source_dir: Path) -> list[tuple[str, Path]]:
+    """(name, real path) of each file a checkpoint written from `source_dir` copies from it (COPIED), `contained`."""
+    names = sorted(e.name for e in os.scandir(source_dir) if e.name in COPIED or e.name.endswith(COPIED_SUFFIX))
+    return [(name, contained(source_dir, name)) for name in names]
+
+
+def read_names(directory: Path) -> set[str]:
+    """The entries of a model directory that drpo reads or copies: config, weights, its marker, tokenizer files."""
+    return {e.name for e in os.scandir(directory)
+            if e.name in ("config.json", DRPO_META, WEIGHTS_INDEX, *_ADAPTER_FILES) or e.name.endswith(".safetensors")
+            or any(fnmatch(e.name, pat) for pat in _UNSAFE_WEIGHTS) or e.name in COPIED or e.name.endswith(COPIED_SUFFIX)}
+
+
+def contained(directory: Path, name: str) -> Path:
+    """The real path of `directory/name`, a regular file inside the directory, or CheckpointError.
+
+    A symlink may lead only inside the directory, or, for a Hugging Face hub snapshot
+    (`models--org--name/snapshots/REV/`, whose files are symlinks to `../../blobs/HASH`), into that
+    repository's `blobs/`: a model directory that someone else wrote cannot make drpo read (and copy
+    into a checkpoint it publishes) a file from elsewhere, e.g. /proc/self/environ.
+    """
+    root = outputs.real(directory)
+    path = directory / name
+    target = outputs.real(path)
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(a in target.parents for a in allowed):
+        raise CheckpointError(f"{path}: a symlink to {target}, outside the model directory (drpo reads only "
+                              "files inside it, or in its hub cache's blobs/)")
+    if not target.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    return target
 
 
 # ---- loading --------------------------------------------------------------------------------------
@@ -94,10 +129,14 @@ def _check_directory(path: Path, allow_unsafe: bool) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json; not a Hugging Face model directory")
+    for name in sorted(read_names(path)):
+        contained(path, name)
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{config_file}: unreadable JSON ({err})")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object of model settings, found a {_json_kind(config)}")
     names = [p.name for p in path.iterdir() if p.is_file()]
     has_safe = any(n.endswith(".safetensors") for n in names)
     unsafe = sorted(n for n in names if any(fnmatch(n, pat) for pat in _UNSAFE_WEIGHTS))
@@ -112,7 +151,7 @@ def _check_directory(path: Path, allow_unsafe: bool) -> dict:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING_NAMES:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
         if "auto_map" in config:
             raise CheckpointError(
                 f"{config_file}: model type {model_type!r} needs remote code; drpo loads only architectures "
@@ -128,20 +167,25 @@ def _check_directory(path: Path, allow_unsafe: bool) -> dict:
     return config
 
 
+def _json_kind(value: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
+
+
 def load_model(
     path: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32", allow_unsafe: bool = False
 ) -> tuple[torch.nn.Module, CheckpointInfo]:
     """Load a causal LM from a local directory (never the Hub) in eval mode, with its CheckpointInfo.
 
-    Every file is checked first (truncated safetensors, tensor shapes against config.json), so a
-    bad checkpoint ends with one line naming the file and tensor, never transformers' own report.
+    Every file is checked first (check_weights: safetensors headers, config.json against the
+    weights), so a bad checkpoint ends with one line naming the file and tensor before anything is
+    allocated, never with transformers' own report; a weight holding NaN or ±inf is refused once read.
     """
     path = Path(path)
     torch_dtype = resolve_dtype(dtype, device)
     target = _target_device(device)
     config = read_config(path, allow_unsafe)
     policy_version = read_policy_version(path)
-    check_shapes(path, empty_model(config, torch_dtype))
+    entries = check_weights(path, config)
 
     from transformers import AutoModelForCausalLM
 
@@ -157,8 +201,7 @@ def load_model(
                 output_loading_info=True,
             )
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot load model: {first}") from err
+        raise CheckpointError(f"{path}: cannot load model: {_first_line(err)}") from err
     # transformers fills missing weights with random values and only warns; training on them would be silent garbage.
     problems = sorted(info.get("missing_keys", ())) + sorted(str(k) for k in info.get("mismatched_keys", ()))
     if problems:
@@ -166,6 +209,7 @@ def load_model(
             f"{path}: weights missing or of the wrong shape: {', '.join(problems[:3])}"
             + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
         )
+    check_finite(model, path, entries)
     model = model.to(target).eval()
     return model, checkpoint_info(path, policy_version, model)
 
@@ -193,9 +237,8 @@ def read_config(path: Path, allow_unsafe: bool = False):
     try:
         with quiet_transformers():
             return AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path / 'config.json'}: cannot read the model config: {first}") from err
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path / 'config.json'}: cannot read the model config: {_first_line(err)}") from err
 
 
 @contextlib.contextmanager
@@ -287,13 +330,19 @@ def read_rows(entry: TensorEntry, start: int, stop: int, out: torch.Tensor) -> N
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _SAFETENSORS_HEADER_MAX = 100 * 1024 * 1024  # the format's own limit on the JSON header
+# Bytes per element of every safetensors dtype drpo can read (sub-byte F4 / F6 ones it cannot).
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 
 
 def safetensors_header(file: Path) -> dict[str, TensorEntry]:
     """Tensor name -> entry from a safetensors file's header, or CheckpointError if it is truncated or corrupt.
 
-    Reads the 8-byte length and the JSON header only, and checks that the file holds every byte
-    the header promises (a copy cut short by a full disk or an interrupted download does not).
+    Reads the 8-byte length and the JSON header only, and checks everything the header promises
+    against itself and the file, as the safetensors library would when loading, but naming the file
+    and the tensor: every tensor's dtype is known and its data_offsets span exactly dtype × shape
+    bytes, the tensors tile the data section without gap or overlap, and the file holds every byte
+    of it (a copy cut short by a full disk or an interrupted download does not).
     """
     size = file.stat().st_size
     try:
@@ -309,40 +358,85 @@ def safetensors_header(file: Path) -> dict[str, TensorEntry]:
             header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{file}: unreadable safetensors header ({type(err).__name__}: {err})") from err
-    entries, end = {}, 0
-    try:
-        for name, t in header.items():
-            if name == "__metadata__":
-                continue
-            lo, hi = (int(x) for x in t["data_offsets"])
-            entries[name] = TensorEntry(file, str(t["dtype"]), tuple(int(d) for d in t["shape"]), hi - lo, 8 + n + lo)
-            end = max(end, hi)
-    except (TypeError, KeyError, ValueError) as err:
-        raise CheckpointError(f"{file}: corrupt safetensors header ({type(err).__name__}: {err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header: expected a JSON object, found {type(header).__name__}")
+    entries = {}
+    for name, t in header.items():
+        if name != "__metadata__":
+            entries[name] = _header_entry(file, 8 + n, name, t)
+    end = 0  # the tensors must tile the data section: each starts where the previous one ended
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].offset, item[1].nbytes)):
+        if e.offset - 8 - n != end:
+            what = "overlaps the tensor before it" if e.offset - 8 - n < end else "leaves a gap before it"
+            raise CheckpointError(f"{file}: corrupt safetensors header: tensor {name} starts at byte "
+                                  f"{e.offset - 8 - n} of the data, expected {end} ({what})")
+        end += e.nbytes
     if 8 + n + end > size:
         raise CheckpointError(
             f"{file}: truncated safetensors file: its header promises {8 + n + end} bytes, the file has {size}"
         )
+    if 8 + n + end < size:
+        raise CheckpointError(f"{file}: corrupt safetensors file: its header accounts for {8 + n + end} bytes, "
+                              f"the file has {size}")
     return entries
+
+
+def _header_entry(file: Path, data_start: int, name: str, t: Any) -> TensorEntry:
+    """One tensor of a safetensors header, its fields checked (dtype, shape, offsets that fit them)."""
+    where = f"{file}: tensor {name}"
+    if not isinstance(t, dict) or not {"dtype", "shape", "data_offsets"} <= set(t):
+        raise CheckpointError(f"{where}: corrupt safetensors header entry: expected dtype, shape and data_offsets, "
+                              f"found {str(t)[:80]}")
+    dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
+    if dtype not in _ST_ITEMSIZE:
+        raise CheckpointError(f"{where}: unsupported safetensors dtype {dtype!r} (expected one of "
+                              f"{', '.join(_ST_ITEMSIZE)})")
+    if not (isinstance(shape, list) and all(_count(d) for d in shape)):
+        raise CheckpointError(f"{where}: corrupt safetensors header: shape {shape!r} is not a list of sizes >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(x) for x in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: corrupt safetensors header: data_offsets {offsets!r} are not [begin, end] "
+                              "with 0 <= begin <= end")
+    need = math.prod(shape) * _ST_ITEMSIZE[dtype]
+    if offsets[1] - offsets[0] != need:
+        raise CheckpointError(f"{where}: its data_offsets span {offsets[1] - offsets[0]} bytes, but {dtype} × "
+                              f"{shape} needs {need}")
+    return TensorEntry(file, dtype, tuple(shape), need, data_start + offsets[0])
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def weight_entries(path: Path) -> dict[str, TensorEntry]:
-    """Every tensor of a checkpoint directory's safetensors weights (sharded or not), headers checked."""
+    """Every tensor of a checkpoint directory's safetensors weights (sharded or not), headers checked.
+
+    With an index, every shard it names is a plain file of the directory and holds the tensors the
+    index puts there.
+    """
     index = path / WEIGHTS_INDEX
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{index}: unreadable ({type(err).__name__}: {err}); expected a weight_map")
-        missing = [name for name in files if not (path / name).is_file()]
-        if missing:
-            raise CheckpointError(f"{index}: lists {missing[0]}, which is not in {path}")
-    else:
-        files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
-    entries: dict[str, TensorEntry] = {}
+    if not index.is_file():
+        entries: dict[str, TensorEntry] = {}
+        for name in sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(".safetensors")):
+            entries.update(safetensors_header(path / name))
+        return entries
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: unreadable ({type(err).__name__}: {err}); expected a weight_map")
+    if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+    files = sorted(set(weight_map.values()))
     for name in files:
-        entries.update(safetensors_header(path / name))
-    return entries
+        if Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"{index}: lists {name!r}, expected a file name in {path}")
+        if not (path / name).is_file():
+            raise CheckpointError(f"{index}: lists {name}, which is not in {path}")
+    headers = {name: safetensors_header(path / name) for name in files}
+    for tensor, name in weight_map.items():
+        if tensor not in headers[name]:
+            raise CheckpointError(f"{index}: puts tensor {tensor} in {name}, whose header has no such tensor")
+    return {tensor: entry for name in files for tensor, entry in headers[name].items()}
 
 
 def weights_nbytes(path: str | os.PathLike, dtype: str | None = None) -> int:
@@ -356,25 +450,207 @@ def weights_nbytes(path: str | os.PathLike, dtype: str | None = None) -> int:
     return total
 
 
-def output_nbytes(source: str | os.PathLike, dtype: str | None) -> int:
-    """What a checkpoint written from `source` (weights in `dtype`, default float32) takes on disk, about."""
+def output_nbytes(source: str | os.PathLike, dtype: str | None, steps: int = 0) -> int:
+    """What writing a checkpoint from `source` (weights in `dtype`, default float32) takes on disk at its
+    peak, about: the weights, plus the shard being assembled (its bytes sit in scratch files until the
+    shard's file is written: `CheckpointWriter`), the copied files and the report and page of `steps` steps."""
     source = Path(source)
-    copied = sum(p.stat().st_size for p in source.iterdir() if p.is_file() and any(fnmatch(p.name, pat) for pat in COPIED))
-    return weights_nbytes(source, dtype or "float32") + copied + 64 * 1024  # + config, index, metadata, report
+    copied = sum(real.stat().st_size for _, real in copied_files(source))
+    weights = weights_nbytes(source, dtype or "float32")
+    return weights + min(weights, parse_size(MAX_SHARD_SIZE)) + copied + report_nbytes(steps)
 
 
-def check_shapes(path: Path, model: torch.nn.Module) -> None:
-    """Every weight in the files has the shape the config gives it, or one line naming tensor, file and config."""
+def report_nbytes(steps: int) -> int:
+    """Room for a training report and its page: 4 MiB plus 32 KiB per optimizer step (the toy example's
+    report takes 60 KB and its page 131 KB after one step; a step adds about 4 KB to each)."""
+    return 4 * 2**20 + 32 * 2**10 * steps
+
+
+# Decoder layers in tensor names: model.layers.3. (Llama, Qwen, Mistral), transformer.h.3. (GPT-2, Falcon),
+# transformer.blocks.3. (MPT), encoder.layers / decoder.layers.
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_FLOAT_WEIGHTS = (*_FLOAT_DTYPES, "F8_E4M3", "F8_E5M2")  # what a trained parameter may be stored as
+_BUFFER_SLACK = 64 * 1024 * 1024  # computed buffers may outweigh tiny weights by this much
+
+
+def check_weights(path: Path, config: Any) -> dict[str, TensorEntry]:
+    """The weights' tensors (weight_entries), once config.json and the files are known to agree.
+
+    Found before anything is built or allocated, in seconds whatever the config claims, each as one
+    line naming the file, the tensor or the key, expected against found: every safetensors header
+    (safetensors_header, the index's shards), decoder layers in the config that the weights do not
+    hold, then, on the architecture built on the meta device (no memory): every parameter present
+    in the files, of its shape and of a floating-point dtype, and buffers the constructors would
+    compute that outweigh the weights (e.g. a position table of an absurd max_position_embeddings).
+    Pickle weights (--allow-unsafe-weights) have no headers: transformers checks them (returns {}).
+    """
     entries = weight_entries(path)
     if not entries:
-        return  # pickle weights (--allow-unsafe-weights): transformers checks them
+        return entries
+    _check_layers(path, config, entries)
+    model = meta_architecture(config, path)
+    _check_parameters(path, model, entries)
+    _check_buffers(path, model, entries)
+    return entries
+
+
+# Where configs state their context (vLLM's list for max_model_len; transformers maps GPT-2's n_positions).
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                  "max_sequence_length", "max_seq_length", "seq_len")
+_SCALED_ROPE = ("linear", "dynamic", "yarn")  # rope types whose factor extends max_position_embeddings (vLLM)
+
+
+def model_context(config: Any, model_dir: str | os.PathLike) -> Context | None:
+    """The most positions a model's input may hold and the config key(s) saying so, or None: no limit stated.
+
+    The least of the position keys the text config has, times the rope scaling factor where the rope
+    type extends the context past max_position_embeddings (linear, dynamic; yarn from its
+    original_max_position_embeddings), as vLLM derives max_model_len; llama3 and longrope configs
+    already state the extended length. Beyond it a learned position table has no row (GPT-2: an
+    IndexError) and a rotary model was never trained; a model without positions (Mamba) has no limit.
+    """
+    text = config.get_text_config()
+    stored = text.to_dict()  # the keys as config.json spells them (GPT-2: n_positions)
+    found = [(v, k) for k in _POSITION_KEYS
+             if isinstance(v := stored.get(k), int) and not isinstance(v, bool) and v > 0]
+    if not found:
+        return None
+    limit, key = min(found)
+    rope = stored.get("rope_parameters") or stored.get("rope_scaling")
+    rope = rope if isinstance(rope, dict) else {}
+    factor = rope.get("factor")
+    if rope.get("rope_type", rope.get("type")) in _SCALED_ROPE and isinstance(factor, (int, float)) and factor > 1:
+        base = rope.get("original_max_position_embeddings") if rope.get("rope_type", rope.get("type")) == "yarn" else None
+        limit, key = int((base if isinstance(base, int) and base > 0 else limit) * factor), f"{key} × rope factor {factor:g}"
+    return Context(limit, f"{key} of {model_dir}")
+
+
+def check_model(path: str | os.PathLike, allow_unsafe: bool = False) -> Any:
+    """The transformers config of a model directory whose files all check (read_config, check_weights).
+
+    Nothing is loaded: train and inspect run it before reading any row, so a broken directory costs
+    seconds, not a data pass.
+    """
+    path = Path(path)
+    config = read_config(path, allow_unsafe)
+    check_weights(path, config)
+    return config
+
+
+def _check_layers(path: Path, config: Any, entries: Mapping[str, TensorEntry]) -> None:
+    """num_hidden_layers within the layers the weights hold (building 100,000 layers is minutes of work)."""
+    layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    if not isinstance(layers, int) or isinstance(layers, bool):
+        return
+    indices = [int(m.group(1)) for name in entries for m in [_LAYER_INDEX.search(name)] if m]
+    held = max(indices) + 1 if indices else 0
+    if indices and layers > held:
+        example = next(name for name in entries if (m := _LAYER_INDEX.search(name)) and int(m.group(1)) == held - 1)
+        raise CheckpointError(f"{path / 'config.json'}: num_hidden_layers is {layers}, but the weights hold "
+                              f"{held} layer(s) (the last: {example})")
+    if layers > len(entries):  # whatever the tensors' names: every layer has at least one weight
+        raise CheckpointError(f"{path / 'config.json'}: num_hidden_layers is {layers}, but the weights hold "
+                              f"only {len(entries)} tensors")
+
+
+def meta_architecture(config: Any, path: Path | None = None) -> torch.nn.Module:
+    """The architecture with every parameter and buffer on the meta device: shapes, no memory, no init."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"), quiet_transformers():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as err:  # any failure to build from the config is a bad config
+        where = "config.json" if path is None else path / "config.json"
+        raise CheckpointError(f"{where}: cannot build the architecture from it: {type(err).__name__}: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_buffers(path: Path, model: torch.nn.Module, entries: Mapping[str, TensorEntry]) -> None:
+    """Buffers the constructors compute for real (empty_model, from_pretrained) no larger than the weights."""
+    weights = sum(e.nbytes for e in entries.values())
+    buffers = [(b.numel() * b.element_size(), name, list(b.shape)) for name, b in model.named_buffers()]
+    total = sum(n for n, _, _ in buffers)
+    if total > weights + _BUFFER_SLACK:
+        n, name, shape = max(buffers)
+        raise CheckpointError(f"{path / 'config.json'}: the architecture's buffers would take {human_bytes(total)} "
+                              f"({name}: {shape}, {human_bytes(n)}), more than its weights ({human_bytes(weights)}); "
+                              "e.g. max_position_embeddings too large")
+
+
+def _check_parameters(path: Path, model: torch.nn.Module, entries: Mapping[str, TensorEntry]) -> None:
+    """Every weight of the (meta) model in the files, with the shape the config gives it and a float dtype.
+
+    Names and shapes are the saved ones (tied copies left out, MoE experts that transformers fuses
+    on load split back), so each is compared with the tensor of that name in the files.
+    """
+    config_file = path / "config.json"
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or ())]
+    convert = saved_format(model)
+    missing = []
     for name, p in model.state_dict(keep_vars=True).items():
-        entry = entries.get(name)
-        if entry is not None and tuple(entry.shape) != tuple(p.shape):
-            raise CheckpointError(
-                f"{entry.file}: tensor {name} has shape {list(entry.shape)}, but {path / 'config.json'} "
-                f"implies {list(p.shape)} (e.g. vocab_size / hidden_size disagree with the weights)"
-            )
+        for saved, t in convert(name, p):
+            entry = entries.get(saved)
+            if entry is None:
+                if name in params and not any(pat.search(saved) for pat in ignored):
+                    missing.append(saved)
+                continue
+            if tuple(entry.shape) != tuple(t.shape):
+                raise CheckpointError(
+                    f"{entry.file}: tensor {saved} has shape {list(entry.shape)}, but {config_file} "
+                    f"implies {list(t.shape)} (e.g. vocab_size / hidden_size disagree with the weights)"
+                )
+            if name in params and entry.dtype not in _FLOAT_WEIGHTS:
+                raise CheckpointError(f"{entry.file}: tensor {saved} has dtype {entry.dtype}; a weight must be "
+                                      f"floating point ({', '.join(_FLOAT_WEIGHTS)})")
+    if missing:
+        raise CheckpointError(f"{path}: weights missing from the checkpoint: {', '.join(sorted(missing)[:3])}"
+                              + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+                              + f"; {config_file} implies them")
+
+
+_FINITE_BLOCK = 1 << 22  # elements checked at once: a 4 MB temporary, whatever the tensor's size
+
+
+def non_finite_at(t: torch.Tensor) -> tuple[int, float] | None:
+    """(flat index, value) of the first NaN or ±inf of a floating tensor, or None; block by block."""
+    if not t.is_floating_point():
+        return None
+    flat = t.detach().reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_BLOCK):
+        block = flat[start : start + _FINITE_BLOCK]
+        bad = ~torch.isfinite(block)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            return start + i, float(block[i])
+    return None
+
+
+def non_finite_error(where: str, name: str, shape: tuple[int, ...], found: tuple[int, float]) -> CheckpointError:
+    """The one line for a weight holding NaN or ±inf: the tensor, the first such element and its index."""
+    index, value = found
+    at = [int(i) for i in torch.unravel_index(torch.tensor(index), shape)] if shape else []
+    return CheckpointError(f"{where}: tensor {name} holds {value} at {at}; drpo refuses non-finite weights "
+                           "(they make every log-prob and gradient NaN)")
+
+
+def check_finite(model: torch.nn.Module, path: Path, entries: Mapping[str, TensorEntry]) -> None:
+    """CheckpointError naming the first floating weight of a loaded model that holds NaN or ±inf."""
+    seen = set()
+    for name, t in model.state_dict().items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        found = non_finite_at(t)
+        if found is not None:
+            where = entries[name].file if name in entries else path
+            raise non_finite_error(str(where), name, tuple(t.shape), found)
 
 
 def default_out_dir(model_dir: str | os.PathLike, policy_version: int | None) -> Path:
@@ -465,11 +741,12 @@ class CheckpointWriter:
         training_config: dict,
         config: Any = None,
         overwrite: bool = False,
-        max_shard_size: int | str = "2GB",
+        max_shard_size: int | str = MAX_SHARD_SIZE,
         dtype: str | None = None,
         extra_files: Mapping[str, str | bytes] | None = None,
         expected_bytes: int | None = None,
         adapter_config: str | None = None,
+        tmp_dir: Path | None = None,
     ):
         self.out_dir = outputs.real(out_dir)
         self.source_dir = Path(os.path.abspath(source_dir))
@@ -495,8 +772,9 @@ class CheckpointWriter:
                 raise CheckpointError(
                     f"extra file {name!r}: expected a plain file name not used by the checkpoint"
                 )
-        # A hidden sibling: same filesystem, so the final rename is atomic.
-        self.tmp_dir = outputs.new_temp_dir(self.out_dir)
+        # A hidden sibling: same filesystem, so the final rename is atomic. `tmp_dir`: one made earlier by
+        # outputs.new_temp_dir(out_dir) (train makes it before the first step: an unwritable --out fails then).
+        self.tmp_dir = tmp_dir if tmp_dir is not None else outputs.new_temp_dir(self.out_dir)
         self._pending: dict[str, tuple[str, list[int], int, int]] = {}  # name -> dtype, shape, element size, offset
         self._pending_bytes = 0
         self._scratch: dict[int, Any] = {}  # element size -> open scratch file of the current shard
@@ -625,10 +903,9 @@ class CheckpointWriter:
                 config.pop("torch_dtype", None)
             _write_json(self.tmp_dir / "config.json", config)
 
-        for src in sorted(self.source_dir.iterdir()):
-            if src.is_file() and any(fnmatch(src.name, pat) for pat in COPIED):
-                shutil.copyfile(src, self.tmp_dir / src.name)
-                _fsync(self.tmp_dir / src.name)
+        for name, real in copied_files(self.source_dir):  # checked again: the directory may have changed
+            shutil.copyfile(real, self.tmp_dir / name)
+            _fsync(self.tmp_dir / name)
 
         meta = {
             "policy_version": self.policy_version,

@@ -27,7 +27,7 @@ from drpo_cli.config import (
     option_flags,
     option_help,
 )
-from drpo_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DrpoError
+from drpo_cli.errors import EXIT_ABORTED, EXIT_RUNTIME, DrpoError
 from drpo_cli.launch import launched, launched_rank, leads, rank_exit
 
 app = typer.Typer(
@@ -72,14 +72,16 @@ def run_guarded(fn: Callable[[], T]) -> T:
         for line in err.details:
             typer.echo(f"  {line}", err=True)
         raise typer.Exit(err.exit_code) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a signal before anything resumable was saved (train's saved state is Interrupted)
         if _state["debug"]:
             raise
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except (typer.Exit, typer.Abort, SystemExit):
+        typer.echo(f"error: {_rank_tag()}interrupted: nothing was kept (no output written, nothing to resume); "
+                   "rerun the command", err=True)
+        raise typer.Exit(EXIT_ABORTED) from None
+    except (typer.Exit, typer.Abort, SystemExit, GeneratorExit):
         raise
-    except Exception as err:  # last line of defence: one line, exit 1
+    except BaseException as err:
+        # (CheckpointException): one line, exit 1
         if _state["debug"]:
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -216,7 +218,8 @@ def validate_command(
 
 @app.command("convert")
 def convert_command(
-    inputs: list[str] = typer.Argument(..., help="JSONL files, one response (or rollout row) per line."),
+    inputs: list[str] = typer.Argument(..., help="JSONL files, one response (or rollout row, or with --stream one "
+                                       "stream event) per line."),
     out: str = typer.Option(..., "--out", "-o", help="Output Arrow IPC file (schema v1)."),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl (schema v1 fields) | vllm | openai | sglang | llamacpp."),
     column: list[str] = typer.Option([], "--column", help="Rename a JSON field: SRC=CANONICAL (repeatable)."),
@@ -239,8 +242,13 @@ def convert_command(
         [], "--run-prefix", help="Prefix sample ids, e.g. run-7: once for all inputs or once per input (vLLM offline "
         "request ids count from 0 in every process)."
     ),
+    stream: bool = typer.Option(
+        False, "--stream", help="Each line is one event of a streamed response (an SSE 'data:' line or its JSON): "
+        "each stream's events are joined into one row per response (see docs/rollouts.md)."
+    ),
 ) -> None:
-    """Convert JSONL dumps (schema v1 fields, vLLM, OpenAI-compatible or SGLang responses) into a rollout file."""
+    """Convert JSONL dumps (schema v1 fields, vLLM, OpenAI-compatible, SGLang or llama-server responses, or with
+    --stream their streamed events) into a rollout file."""
 
     def body() -> None:
         from drpo_cli.convert import ConvertConfig, convert
@@ -248,7 +256,8 @@ def convert_command(
         cfg = ConvertConfig(inputs=tuple(inputs), out=out, format=fmt, columns=tuple(column),
                             temperature=temperature, top_p=top_p, top_k=top_k, logprobs=logprobs,
                             sampler=sampler, allow_raw_logprobs=allow_raw_logprobs, overwrite=overwrite,
-                            min_p=min_p, version_map=tuple(version_map), run_prefix=tuple(run_prefix)).check()
+                            min_p=min_p, version_map=tuple(version_map), run_prefix=tuple(run_prefix),
+                            stream=stream).check()
         path, lines, rows = convert(cfg)
         typer.echo(f"wrote {path}: {rows:,} rows from {lines:,} lines (schema v1)")
 
@@ -354,9 +363,11 @@ def report_command(
         from drpo_cli import outputs
         from drpo_cli.html_pages import read_run, runs_page
 
-        outputs.check_paths([("RUNS", r) for r in runs], [outputs.Output("--out", out, "html")], overwrite=overwrite)
-        reports = [(r, read_run(r)) for r in runs]
-        outputs.write_file(out, runs_page(reports), "html", overwrite=overwrite)
+        inputs, page = [("RUNS", r) for r in runs], [outputs.Output("--out", out, "html")]
+        with outputs.claimed(inputs, page):
+            outputs.check_paths(inputs, page, overwrite=overwrite)
+            reports = [(r, read_run(r)) for r in runs]
+            outputs.write_file(out, runs_page(reports), "html", overwrite=overwrite)
         typer.echo(f"wrote {out} ({len(reports)} run(s))")
 
     run_guarded(body)

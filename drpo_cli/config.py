@@ -56,6 +56,9 @@ def _flag(name: str) -> str:
 # ---- options: each declared once, as a config field; the command line and the docs are derived -------
 # Bounds an option's value must satisfy: (test, what the problem line says it must be).
 POSITIVE = (lambda v: v > 0, "> 0")  # `>` also refuses NaN
+# AdamW's first update moves each weight by lr / (1 − β1) = 10·lr: it must be a float32 (3.4e38), or the update
+# overflows (the fused kernel writes ±inf weights, the per-tensor one raises).
+LEARNING_RATE = (lambda v: 0 < v <= 3.4e37, "> 0 and <= 3.4e37 (AdamW's first update, 10·lr, is a float32)")
 NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, ">= 0")
 AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
 UNIT = (lambda v: 0 < v <= 1, "in (0, 1]")
@@ -67,7 +70,8 @@ PANELS = INPUTS, OUTPUTS, LOSS, CORRECTIONS_PANEL, PENALTIES, DATA, OPTIMIZER, H
 def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (), panel: str | None = None,
            choices: tuple[str, ...] | None = None, cli: Any = None, parse: Any = None,
            bound: tuple[Any, str] | None = None, argument: bool = False, hparam: bool = False,
-           command_line: bool = True, minimum: int | None = None, repr: bool = True) -> Any:
+           command_line: bool = True, minimum: int | None = None, repr: bool = True,
+           file: bool = True) -> Any:
     """A config field that is also a command-line option (drpo_cli.cli derives the Typer parameter).
 
     help: the flag's one-line help and its docs/options.md row; in a loss hyper-parameter's (`hparam`),
@@ -78,11 +82,12 @@ def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (
     cli / parse: the command-line type when it is not the field's (`str | None` for a comma-separated
       list) and the function from that value to the field's; a tuple field is a repeatable option.
     argument: positional. command_line=False: a config-file key only. minimum: the least value the
-      command-line parser accepts.
+      command-line parser accepts. file=False: a destructive or unsafe switch, taken from the command
+      line only, never from a --config file (config_file.py).
     """
     meta = {"help": help, "flags": flags, "panel": panel, "choices": choices, "bound": bound, "cli": cli,
             "parse": parse, "argument": argument, "hparam": hparam, "command_line": command_line,
-            "minimum": minimum}
+            "minimum": minimum, "file": file}
     return field(default=default, repr=repr, metadata=meta)
 
 
@@ -285,6 +290,8 @@ class TrainConfig:
         None, "Drop rows (or mask tokens) whose staleness lag exceeds N.", panel=DATA, bound=NON_NEGATIVE)
     min_version: int | None = option(None, "Drop rows (or mask tokens) whose policy version is below V.",
                                      panel=DATA, bound=NON_NEGATIVE)
+    truncate: bool = option(False, "Train a row longer than the model's context on its first tokens (else refused).",
+                            panel=DATA)
     agg: str = option("token-mean", one_of(AGG_MODES) + ".", choices=AGG_MODES, panel=LOSS)
     horizon: int = option(DEFAULT_HORIZON, "Horizon of seq-mean-token-sum-norm.", panel=LOSS, bound=POSITIVE)
     adv_norm: str = option("none", f"Group advantages from reward: {one_of(ADV_NORMS)}.", choices=ADV_NORMS,
@@ -293,7 +300,7 @@ class TrainConfig:
     minibatches: int = option(1, "Optimizer steps per pass.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
     micro_batch_tokens: int = option(
         4096, "Token budget per forward/backward.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
-    lr: float = option(1e-6, "AdamW learning rate.", panel=OPTIMIZER, bound=POSITIVE)
+    lr: float = option(1e-6, "AdamW learning rate.", panel=OPTIMIZER, bound=LEARNING_RATE)
     weight_decay: float = option(0.0, "AdamW weight decay.", panel=OPTIMIZER, bound=NON_NEGATIVE)
     max_grad_norm: float = option(1.0, "Gradient-norm clip.", panel=OPTIMIZER, bound=POSITIVE)
     warmup_steps: int = option(0, "Linear warmup steps.", panel=OPTIMIZER, bound=NON_NEGATIVE)
@@ -322,12 +329,12 @@ class TrainConfig:
         None, "Sampling temperature when the rollouts give none.", panel=DATA, bound=POSITIVE)
     columns: tuple[str, ...] = option((), "Rename a rollout column: LOGGED=DRPO (repeatable).", flags=("--column",),
                                       panel=INPUTS)
-    overwrite: bool = option(False, "Replace an existing --out that drpo wrote.", panel=OUTPUTS)
+    overwrite: bool = option(False, "Replace an existing --out that drpo wrote.", panel=OUTPUTS, file=False)
     resume: bool = option(False, "Continue an interrupted run (OUT.partial-state/).", panel=OUTPUTS)
     quiet: bool = option(False, "No progress bar or summary tables.", flags=("--quiet", "-q"), panel=OUTPUTS)
     tensorboard: str | None = option(
         None, "Write every step's metrics as TensorBoard events to DIR (rounds form one curve).", panel=OUTPUTS)
-    allow_unsafe_weights: bool = option(False, "Allow pickle weights.", panel=INPUTS)
+    allow_unsafe_weights: bool = option(False, "Allow pickle weights.", panel=INPUTS, file=False)
     chunk_tokens: int = option(1024, "Tokens per output-head chunk (memory O(chunk × V)).", command_line=False,
                                repr=False, bound=AT_LEAST_ONE)
 
@@ -383,9 +390,12 @@ class TrainConfig:
         inputs = [("--rollouts", r) for r in self.rollouts] + [("--model", self.model), ("--ref-model", self.ref_model)]
         if self.adapter is not None:
             inputs.append(("--adapter", self.adapter))
-        # The resumable state is an output too; whether it may exist is train's decision (--resume).
-        return inputs, [Output("--out", out, "checkpoint"),
-                        Output("state directory", state_dir(out), "state", check_existing=False)]
+        # The resumable state is an output too; whether it may exist is train's decision (--resume). The
+        # TensorBoard directory is one as well: it may exist (rounds of a pipeline append to one curve).
+        outs = [Output("--out", out, "checkpoint"), Output("state directory", state_dir(out), "state", check_existing=False)]
+        if self.tensorboard is not None:
+            outs.append(Output("--tensorboard", self.tensorboard, "events", check_existing=False))
+        return inputs, outs
 
     def validate(self) -> list[str]:
         """Every problem with these options, one line each, without touching a model or data."""
@@ -560,6 +570,7 @@ class InspectConfig:
         None, "Leave out rows (or tokens) whose staleness lag exceeds N.", bound=NON_NEGATIVE)
     min_version: int | None = option(
         None, "Leave out rows (or tokens) whose policy version is below V.", bound=NON_NEGATIVE)
+    truncate: bool = option(False, "Audit a row longer than the model's context on its first tokens (else refused).")
     device: str = option("auto", f"{one_of(DEVICES)}.", choices=DEVICES, panel=HARDWARE)
     dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 weights.", choices=DTYPES,
                         panel=HARDWARE)
@@ -675,6 +686,8 @@ class InspectConfig:
             p.append("--is-correction, --is-cap and --is-level shape the weight --is-batch-norm reports: add it")
         _bounds(p, self, "is_cap")
         p.extend(objective_problems(self))
+        if self.truncate and self.model is None:
+            p.append("--truncate needs --model (the model's context decides what is cut)")
         for name in ("opsm_delta", "m2po_threshold"):
             if getattr(self, name) is not None and self.model is None:
                 p.append(f"{_flag(name)} needs --model (the what-if compares the model with the sampler)")

@@ -6,6 +6,10 @@ past run reruns as it was (`loss_hparams`, which drpo records next to the fields
 them and ignored). Command-line flags override the file. Unknown keys and wrong types are refused,
 all at once, naming the file, the key and the valid keys. Relative paths are relative to the
 working directory, as on the command line.
+
+Destructive and unsafe switches (`overwrite`, `allow_unsafe_weights`: fields declared `file=False`)
+come only from the command line: a file that sets one is refused, except a checkpoint's recorded
+run, where they are dropped (a replay never replaces an output nobody asked to replace).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from drpo_cli.loss_options import HPARAM_NAMES, LOSS_HPARAMS
 DERIVED_KEYS = ("loss_hparams",)  # written by TrainConfig.to_dict, recomputed from the fields
 
 
-def load_document(path: str) -> dict[str, Any]:
-    """The file's top-level table: TOML for *.toml, else JSON (ConfigError naming the file and line)."""
+def load_document(path: str) -> tuple[dict[str, Any], bool]:
+    """(the file's options, whether it is a run drpo recorded): TOML for *.toml, else JSON; a JSON
+    document's `training` object when it has one (ConfigError naming the file and line)."""
     from drpo_cli.errors import ConfigError
 
     try:
@@ -49,16 +54,23 @@ def load_document(path: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ConfigError(f"--config {path}: expected an object of option names, found {type(doc).__name__}")
     training = doc.get("training")
-    return training if isinstance(training, dict) and "rollouts" in training else doc
+    recorded = isinstance(training, dict) and "rollouts" in training
+    return (training if recorded else doc), recorded
 
 
 def train_config(path: str, overrides: dict[str, Any]) -> TrainConfig:
     """TrainConfig from the file's values with `overrides` (the flags given) on top, not yet checked."""
-    doc = load_document(path)
+    doc, recorded = load_document(path)
     specs = {f.name: f for f in fields(TrainConfig)}
     problems, values = [], {}
     for key, value in doc.items():
         if key in DERIVED_KEYS:
+            continue
+        if key in specs and not specs[key].metadata.get("file", True):
+            if not recorded and value not in (False, None):
+                flag = "--" + key.replace("_", "-")
+                problems.append(f"--config {path}: key {key!r}: {flag} is taken from the command line only "
+                                f"(a destructive or unsafe switch); remove it from the file and pass {flag}")
             continue
         if key not in specs:
             problems.append(f"--config {path}: unknown key {key!r}; valid keys: {', '.join(specs)}")

@@ -9,7 +9,8 @@ Under torchrun (`WORLD_SIZE`, `RANK`, `LOCAL_RANK` in the environment) `init` jo
 group (nccl on CUDA, gloo on CPU) with a finite timeout, so a rank whose peer died fails instead
 of waiting forever, and `shard_model` applies FSDP2 (`fully_shard` per decoder layer, then the
 root). Gradients are SUMMED over ranks, not averaged: every loss is divided by its global
-denominator already (SPEC.md §1), so the sum of the ranks' gradients is the single-process one.
+denominator already (SPEC.md §1), so the sum of the ranks' gradients is the single-process one up to
+float summation order.
 
 Saving: `save_full_checkpoint` takes the sharded state dict from torch.distributed.checkpoint's
 `get_model_state_dict`, gathers one entry at a time (`DTensor.full_tensor`; the helper's own
@@ -203,8 +204,9 @@ def agree_any(error: BaseException | None, what: str, flag: bool) -> bool:
     if error is not None:
         raise error
     r, (kind, m) = failed[0]
-    if kind in ("InputError", "ConfigError"):  # a bad input found in one rank's share: the same error everywhere
-        raise (InputError if kind == "InputError" else ConfigError)(m)
+    bad_input = {"InputError": InputError, "ConfigError": ConfigError, "CheckpointError": CheckpointError}
+    if kind in bad_input:  # a bad input found in one rank's share: the same error everywhere
+        raise bad_input[kind](m)
     raise DrpoError(f"{what} stopped: rank {r} of {world_size()} failed: {m}")
 
 
@@ -318,25 +320,23 @@ def load_sharded_model(path: str | os.PathLike, device: torch.device, *, dtype: 
     Returns (model, CheckpointInfo).
     """
     from drpo_cli.checkpoint import (
-        check_shapes,
+        check_weights,
         checkpoint_info,
         empty_model,
         read_config,
         read_policy_version,
         resolve_dtype,
-        weight_entries,
     )
 
     path = Path(path)
     torch_dtype = resolve_dtype(dtype, device.type)
     config = read_config(path, allow_unsafe)
-    entries = weight_entries(path)
+    entries = check_weights(path, config)  # config.json against the files, before anything is built
     if not entries:
         raise CheckpointError(f"{path}: sharded loading (torchrun) reads safetensors weights only; convert the "
                               "pickle weights to safetensors first")
     policy_version = read_policy_version(path)
     model = empty_model(config, torch_dtype)
-    check_shapes(path, model)
     extra_values = (prepare(model) if prepare is not None else None) or {}
     computed = {(mod_name, name): buf.detach().clone() for mod_name, mod in model.named_modules()
                 for name, buf in mod._buffers.items() if buf is not None and name in mod._non_persistent_buffers_set}
@@ -353,7 +353,7 @@ def _fill_shards(model: torch.nn.Module, path: Path, entries: dict, extra_values
     """Copy each rank's rows of every parameter (and persistent buffer) from the files, in place."""
     from torch.distributed.tensor import DTensor
 
-    from drpo_cli.checkpoint import read_rows
+    from drpo_cli.checkpoint import non_finite_at, non_finite_error, read_rows
     from drpo_cli.moe import read_converted_rows
 
     aliases: dict[int, list[str]] = {}
@@ -362,7 +362,7 @@ def _fill_shards(model: torch.nn.Module, path: Path, entries: dict, extra_values
         aliases.setdefault(id(t), []).append(name)
         tensors[id(t)] = t
     persistent = set(model.state_dict(keep_vars=True))
-    missing = []
+    missing, non_finite = [], None
     with torch.no_grad():
         for key, names in aliases.items():
             t = tensors[key]
@@ -386,9 +386,16 @@ def _fill_shards(model: torch.nn.Module, path: Path, entries: dict, extra_values
                 local.copy_(full[start:stop] if full.dim() else full)
             else:
                 missing.append(names[0])
+                continue
+            bad = non_finite_at(local) if non_finite is None else None  # the rows just read
+            if bad is not None:
+                row = local[0].numel() if local.dim() and len(local) else 0
+                non_finite = non_finite_error(str(entries[found].file if found else path), names[0], tuple(t.shape),
+                                              (bad[0] + start * row, bad[1]))  # its index in the full tensor
     if missing:
         raise CheckpointError(f"{path}: weights missing from the checkpoint: {', '.join(sorted(missing)[:3])}"
                               + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
+    agree(non_finite, "reading the weights")  # only the rank holding the bad rows saw it
 
 
 def _engine_entry(self, fn, *args, **kwargs):

@@ -6,8 +6,9 @@ shared with losses.py, and are re-exported here; the dependency runs elementwise
 divergence, never back.
 
 `Diagnostics` accumulates only sums, counts, maxima and fixed-bin histograms, so any number of
-tokens can be audited in constant memory, and two accumulators merge exactly (micro-batches,
-ranks, resumed runs). Metric names are documented in docs/losses.md.
+tokens can be audited in constant memory, and two accumulators merge (micro-batches, ranks,
+resumed runs): counts, histograms and maxima exactly, sums of values to float64 rounding. Metric
+names are documented in docs/losses.md.
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ class Diagnostics:
         self._weighted += [(f"drpo@{d!r}", "drpo", {"delta": d}) for d in self.drpo_deltas]
         self._state: dict[str, Tensor] = {}
         self._ops: dict[str, str] = {}
-        for key in ("n", "n_zero_adv", "n_rare", "n_outside", "n_harmful", "n_up", "n_down", "n_entropy"):
+        for key in ("n", "n_zero_adv", "n_rare", "n_outside", "n_harmful", "n_up", "n_down", "n_entropy",
+                    "n_non_finite"):
             self._register(key, (), "sum")
         for key in ("abs_delta", "ratio", "logr", "logr_sq", "k1", "k2", "k3", "bkl", "nll", "entropy",
                     "ratio_sq", "kl_reverse", "reverse_k3", "js", "pi", "mu", "pi_sq", "mu_sq", "pi_mu",
@@ -370,10 +372,16 @@ class Diagnostics:
         `ref_logp` = log π_ref (the kl/ref_* metrics of KL(π‖π_ref)), `selected` = the tokens the step's
         clip-cov / kl-cov selection picked (else selected over these tokens), `old_logp` = π_old of the M2PO
         what-if over these tokens (train counts its step-wide mask with add_counts instead). Masked
-        positions are selected out before any math, so NaN there never reaches a statistic.
+        positions are selected out before any math, so NaN there never reaches a statistic; so are
+        trained tokens whose log-prob is not finite (a diverged model), counted in a note.
         """
         with torch.no_grad():
-            index = mask.detach().reshape(-1).nonzero().squeeze(1)  # (n,) found once, for every input
+            keep = mask.detach().reshape(-1).bool()
+            finite = torch.isfinite(logp.detach().reshape(-1))
+            if not bool(finite[keep].all()):  # a diverged model: no ratio, Δ or weight; counted, left out
+                self._fold({"n_non_finite": (keep & ~finite).sum()})
+                keep = keep & finite
+            index = keep.nonzero().squeeze(1)  # (n,) found once, for every input
 
             def pick(x: Tensor) -> Tensor:
                 return x.detach().reshape(-1).index_select(0, index.to(x.device))
@@ -715,6 +723,10 @@ class Diagnostics:
         }
         out["what_if"] = {"drpo": what_if}
         out["weight_histograms"] = histograms
+        bad = int(s["n_non_finite"])
+        if bad:
+            notes.append(f"{bad} of {bad + int(n)} trained tokens have a non-finite log-prob under the model (NaN or "
+                         f"±inf: diverged weights or an overflow); every statistic is over the other {int(n)}")
         out["notes"] = notes
         out["config"] = self.config()
         return out

@@ -1,7 +1,8 @@
 """Domain errors. Library code raises these; the CLI turns each into one line and an exit code.
 
 Exit codes (SPEC.md §4): 0 success, 1 runtime failure, 2 bad usage or bad input,
-3 a gate failed, 130 interrupted (state kept, resumable).
+3 a gate failed, 4 interrupted with nothing kept (no output, nothing to resume: rerun the command),
+130 interrupted with the state kept (`drpo train --resume` continues).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_GATE = 3
+EXIT_ABORTED = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -50,6 +52,12 @@ class GateError(DrpoError):
 
 class ReportError(DrpoError):
     """The checkpoint was written but a report file (or TensorBoard's events) could not be. Exit 1."""
+
+
+class Aborted(DrpoError):
+    """Interrupted, and nothing was kept (no output, no resumable state): rerun the command. Exit 4."""
+
+    exit_code = EXIT_ABORTED
 
 
 class Interrupted(DrpoError):

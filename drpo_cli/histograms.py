@@ -23,8 +23,9 @@ class MuPiHistogram:
         self.counts = np.zeros((2, bins, bins), dtype=np.int64)  # (sign: A>0, A<0; μ bin; π bin)
 
     def update(self, logp: np.ndarray, behavior_logp: np.ndarray, advantages: np.ndarray, mask: np.ndarray) -> None:
-        """Add tokens (each (M,)): only masked ones with a non-zero advantage."""
-        keep = mask & (advantages != 0)
+        """Add tokens (each (M,)): only masked ones with a non-zero advantage and a finite π (a diverged
+        model's NaN log-probs have no bin; the reports count them as non-finite elsewhere)."""
+        keep = mask & (advantages != 0) & np.isfinite(logp)
         mu = np.exp(behavior_logp[keep].astype(np.float64))
         pi = np.exp(logp[keep].astype(np.float64))
         i = np.minimum((mu * self.bins).astype(np.int64), self.bins - 1)

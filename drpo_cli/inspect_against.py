@@ -126,14 +126,16 @@ class Against:
         return out
 
     def behavior_of(self, rows: RolloutRows) -> tuple[np.ndarray, np.ndarray]:
-        """(B's log-probs (T,), B's loss_mask (T,)) laid out as A's streamed `rows`' tokens; counts the rows whose
-        sampling temperature differs between the files (their log-probs are of other distributions)."""
+        """(B's log-probs (T,), B's loss_mask (T,)) laid out as A's streamed `rows`' tokens (a row --truncate cut
+        keeps B's first tokens as A's); counts the rows whose sampling temperature differs between the files
+        (their log-probs are of other distributions)."""
         b_rows = self.b_row[rows.global_row]  # (n,)
         found = self._rows(np.unique(b_rows))
         if rows.num_rows == 0:
             return np.zeros(0, np.float32), np.zeros(0, bool)
-        logp = np.concatenate([found[int(g)][0] for g in b_rows])
-        mask = np.concatenate([found[int(g)][1] for g in b_rows])
+        lengths = rows.response_lengths()  # (n,) A's, shorter than B's where --truncate cut the row
+        logp = np.concatenate([found[int(g)][0][:n] for g, n in zip(b_rows, lengths)])
+        mask = np.concatenate([found[int(g)][1][:n] for g, n in zip(b_rows, lengths)])
         temperature = np.array([found[int(g)][2] for g in b_rows], dtype=np.float32)  # (n,) as A's, float32
         self.temperature_differs += int((temperature != rows.temperature).sum())
         return logp, mask

@@ -4,7 +4,8 @@ Data-only mode streams canonical record batches and reduces each one with numpy 
 values and offsets (no per-row Python), so memory is bounded by one batch and any file size works.
 `DataAudit` holds only sums, extrema, histograms and the per-row values some statistics need at
 the end (sample ids; reward and group for group-relative advantages); `merge_` and `all_reduce_`
-combine shards exactly. Model mode (inspect_model.py) adds the per-token diagnostics.
+combine shards: counts, extrema and histograms exactly, float64 sums to rounding. Model mode
+(inspect_model.py) adds the per-token diagnostics.
 
 The module is not called `inspect` so that no script run from this directory can shadow the
 standard library's `inspect`.
@@ -12,6 +13,7 @@ standard library's `inspect`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
@@ -25,17 +27,21 @@ import pyarrow.compute as pc
 from drpo_cli import __version__
 from drpo_cli.config import InspectConfig
 from drpo_cli.errors import InputError
-from drpo_cli.outputs import atomic_file, write_file
+from drpo_cli.outputs import atomic_file, claimed, write_together
 from drpo_cli.report_format import (
     INSPECT_REPORT_SCHEMA,
     clean_number,
     evaluate_gates,
     finite_or_null,
+    report_json,
     validate_report,
     write_report,
 )
 from drpo_cli.rollouts import (
+    Context,
+    context_problem,
     file_temperature,
+    kept_response,
     stale_tokens,
     staleness_counts,
     staleness_report,
@@ -96,7 +102,8 @@ def _grow_add(hist: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Moments:
-    """Weighted count, sum, sum of squares, |sum|, min and max: mergeable, exact in float64."""
+    """Weighted count, sum, sum of squares, |sum|, min and max: mergeable; the sums are float64, so a
+    merge in another order moves only their last bits (count, min and max are exact)."""
 
     n: float = 0.0
     s: float = 0.0
@@ -163,7 +170,7 @@ def _length_hist() -> np.ndarray:
 
 @dataclass
 class DataAudit:
-    """Streaming data-only audit (SPEC.md §2): exact, mergeable statistics over masked tokens."""
+    """Streaming data-only audit (SPEC.md §2): mergeable statistics over masked tokens."""
 
     # Each statistic is declared once with the way shards combine (all_reduce_): its metadata's "merge".
     rows: int = stat("sum")
@@ -192,6 +199,11 @@ class DataAudit:
     dropped_rows: int = stat("sum")  # left out by --max-lag / --min-version
     dropped_tokens: int = stat("sum")  # their trained tokens
     stale_masked_tokens: int = stat("sum")  # too-stale trained tokens of kept rows, out of the loss mask
+    # --truncate (rollouts.fit_context): rows longer than the model's context and what the model pass leaves out
+    truncated_rows: int = stat("sum")
+    truncation_dropped_rows: int = stat("sum")
+    truncated_tokens: int = stat("sum")
+    truncated_trained_tokens: int = stat("sum")
     reduced_duplicates: dict | None = None  # duplicate ids over all ranks (set by all_reduce_)
     # --by: {column: the batch column to read} and a DATA_BY_FEATURES table per column, merged by value.
     by_read: dict = field(default_factory=dict)
@@ -235,9 +247,42 @@ class DataAudit:
             field_ = pa.field("loss_mask", new_mask.type)
             b = b.set_column(at, field_, new_mask) if at >= 0 else b.append_column(field_, new_mask)
         if not dropped_rows:
-            return SourceBatch(sb.path, sb.row_offset, b, sb.global_offset, source_rows=sb.source_rows)
+            return SourceBatch(sb.path, sb.row_offset, b, sb.global_offset, source_rows=sb.source_rows, piece=sb.piece)
         keep = np.flatnonzero(~drop)
-        return SourceBatch(sb.path, sb.row_offset, b.filter(pa.array(~drop)), sb.global_offset, source_rows=keep)
+        return SourceBatch(sb.path, sb.row_offset, b.filter(pa.array(~drop)), sb.global_offset, source_rows=keep,
+                           piece=sb.piece)
+
+    def fit_context(self, sb: SourceBatch, context: Context, truncate: bool) -> None:
+        """Rows whose model input exceeds the context: the first is an InputError without --truncate (before
+        any weight is loaded), else counted with the tokens the model pass will leave out."""
+        b = sb.batch
+        off, _ = _list_parts(b.column("response_ids"))  # (n+1,)
+        _check_batch(sb, off, np.diff(off))
+        prompt, response = np.diff(_list_parts(b.column("prompt_ids"))[0]), np.diff(off)  # (n,), (n,)
+        keep = kept_response(prompt, response, context.limit)  # (n,)
+        over = np.flatnonzero(keep < response)
+        if not over.size:
+            return
+        if not truncate:
+            r = int(over[0])
+            row = r if sb.source_rows is None else int(sb.source_rows[r])
+            raise InputError(str(context_problem(sb.path, sb.row_offset + row, _sample_id(sb, r), int(prompt[r]),
+                                                 int(response[r]), context)))
+        mask = _loss_mask(sb, off)  # (T,)
+        token_row = np.repeat(np.arange(len(keep)), response)  # (T,)
+        beyond = np.arange(int(off[-1])) - off[token_row] >= keep[token_row]  # (T,)
+        self.truncated_rows += int(((keep > 0) & (keep < response)).sum())
+        self.truncation_dropped_rows += int((keep == 0).sum())
+        self.truncated_tokens += int(beyond.sum())
+        self.truncated_trained_tokens += int((beyond & mask).sum())
+
+    def truncation(self, context: Context | None, truncate: bool) -> dict | None:
+        """The report's `data.truncation` (train's `filters.truncation`): what --truncate leaves out."""
+        if context is None or not truncate:
+            return None
+        return {"max_positions": context.limit, "rows_truncated": self.truncated_rows,
+                "rows_dropped": self.truncation_dropped_rows, "tokens_dropped": self.truncated_tokens,
+                "trained_tokens_dropped": self.truncated_trained_tokens}
 
     def update(self, sb: SourceBatch, default_temperature: float) -> tuple[int, int]:
         """Add one canonical record batch; returns (rows, masked tokens) for progress."""
@@ -758,8 +803,11 @@ def filter_version(source: RolloutSource, cfg: InspectConfig) -> int | None:
 
 
 def audit_data(source: RolloutSource, cfg: InspectConfig, progress: Progress | None = None,
-               current: int | None = None, shard=None, by: dict[str, str] | None = None) -> DataAudit:
+               current: int | None = None, shard=None, by: dict[str, str] | None = None,
+               context: Context | None = None) -> DataAudit:
     """Stream every record batch through a DataAudit (bounded memory), minus the rows the stale-row filters drop.
+
+    With the model's `context` every kept row's length is checked against it (DataAudit.fit_context).
 
     Under torchrun (`shard`: this rank's pieces, schema.Shard) each rank audits its share and the
     shares are merged exactly; a bad row found by one rank stops every rank with its error.
@@ -774,6 +822,8 @@ def audit_data(source: RolloutSource, cfg: InspectConfig, progress: Progress | N
         for sb in source.iter_batches(DATA_COLUMNS, shard=shard, extra=extra_columns(by)):
             if filtering and (sb := audit.drop_stale(sb, current, cfg.max_lag, cfg.min_version)) is None:
                 continue
+            if context is not None:
+                audit.fit_context(sb, context, cfg.truncate)
             _, tokens = audit.update(sb, temps[sb.path])
             if progress is not None:
                 progress("reading rollouts (tokens)", tokens, None)
@@ -804,9 +854,14 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
         from drpo_cli.inspect_against import Against
 
         against = Against(source, cfg)
+    context = None
+    if cfg.model is not None:  # a broken model directory is found in seconds, before the data pass
+        from drpo_cli.checkpoint import check_model, model_context
+
+        context = model_context(check_model(cfg.model, cfg.allow_unsafe_weights), cfg.model)
     shard = _join_ranks(cfg, source)
     filter_current = filter_version(source, cfg)
-    audit = audit_data(source, cfg, progress, filter_current, shard, by)
+    audit = audit_data(source, cfg, progress, filter_current, shard, by, context)
     if audit.rows == 0 and audit.dropped_rows:
         raise InputError(f"--max-lag {cfg.max_lag} / --min-version {cfg.min_version}: every one of the "
                          f"{audit.dropped_rows} rows is too stale (current version {filter_current}); nothing is left")
@@ -817,7 +872,7 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
         from drpo_cli.inspect_model import audit_model
 
         model_section, model_metrics, current, version_source, model_notes = audit_model(
-            cfg, source, progress, per_token_path, shard, by, against)
+            cfg, source, progress, per_token_path, shard, by, against, context)
         against_section = model_section.pop("against")
         notes += model_notes
         if model_section.get("logging_checks"):
@@ -832,6 +887,7 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
                      "distributions, so B vs A mixes the temperature's effect with the samplers' mismatch")
     data = audit.section(current, version_source)
     data["staleness_filter"] = audit.staleness_filter(cfg, filter_current)
+    data["truncation"] = audit.truncation(context, cfg.truncate)
     notes = data_notes(data, source.metadata) + notes
     metrics = {k: clean_number(v) for k, v in {**data_metrics(data), **model_metrics}.items()}
     report = {
@@ -883,17 +939,24 @@ def inspect_and_write(cfg: InspectConfig, progress: Progress | None = None) -> d
     Gates are evaluated in the report; raising on a failed gate is the caller's job, after this
     returns, so the report is always written first.
     """
-    if cfg.per_token is None:
-        report = run_inspect(cfg, progress)
-    else:
-        with atomic_file(cfg.per_token, "arrow", overwrite=cfg.overwrite) as tmp:
-            report = run_inspect(cfg, progress, str(tmp))
-    if cfg.json_out is not None:
-        write_report(report, cfg.json_out, overwrite=cfg.overwrite)
-    if cfg.html is not None:
-        from drpo_cli.html_pages import inspect_page
+    with claimed(*cfg.paths()):
+        return _inspect_and_write(cfg, progress)
 
-        write_file(cfg.html, inspect_page(report), "html", overwrite=cfg.overwrite)
+
+def _inspect_and_write(cfg: InspectConfig, progress: Progress | None) -> dict:
+    with contextlib.ExitStack() as together:  # every output renamed in at the end, or none (outputs.write_together)
+        tmp = together.enter_context(atomic_file(cfg.per_token, "arrow", overwrite=cfg.overwrite)) if cfg.per_token else None
+        report = run_inspect(cfg, progress, None if tmp is None else str(tmp))
+        files = []
+        if cfg.json_out not in (None, "-"):
+            files.append(("--json", cfg.json_out, report_json(report), "json"))
+        if cfg.html is not None:
+            from drpo_cli.html_pages import inspect_page
+
+            files.append(("--html", cfg.html, inspect_page(report), "html"))
+        write_together(files, overwrite=cfg.overwrite, stack=together)
+    if cfg.json_out == "-":
+        write_report(report, "-", overwrite=False)
     return report
 
 

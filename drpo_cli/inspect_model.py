@@ -26,7 +26,7 @@ from drpo_cli.errors import InputError
 from drpo_cli.histograms import MuPiHistogram, worst_tokens
 from drpo_cli.logprobs import reused_buffers
 from drpo_cli.outputs import ARROW_MARKER_KEY
-from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version
+from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version, fit_context
 
 WHAT_IF_DELTAS = (0.1, 0.2, 0.5, 12.5)  # DRPO δ sweep shown when --delta is not given (SPEC.md §1)
 FIT_TOKENS = 256  # fresh tokens (evenly spread) whose log-probs the logging checks read at other temperatures
@@ -96,8 +96,12 @@ PLAN_COLUMNS = ("policy_version", "temperature", "loss_mask", "token_policy_vers
 
 
 def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str | None = None, shard=None,
-                by: dict[str, str] | None = None, against=None):
+                by: dict[str, str] | None = None, against=None, context=None):
     """Per-token diagnostics; returns (model section, metrics, current version, version source, notes).
+
+    `context` (rollouts.Context): the model's, checked by the data audit; with --truncate each batch's
+    longer rows are cut to it here (rollouts.fit_context). The row plan counts their tokens before the
+    cut: the progress total and the logging checks' spread are then over a few more tokens than run.
 
     Streams: one light pass reads every row's version, temperature and trained-token count (what the
     staleness filter and the logging checks need up front), then record batch by record batch the
@@ -182,6 +186,9 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
                 continue
             if filtering:  # the kept rows' too-stale tokens leave the loss mask
                 rows, _ = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version)
+            rows, _ = fit_context(rows, context, truncate=cfg.truncate)  # counted by the data audit
+            if rows.num_rows == 0:
+                continue
             check_vocabulary(rows, info.vocab_size, cfg.model)
             rows = moe.check_routing(rows, spec, cfg.model)
             chunk = _Chunk(rows, current, check, cfg.worst_by, diag.catastrophic)
@@ -304,9 +311,9 @@ class _RowPlan:
         from drpo_cli.rollouts import file_temperature, version_range
         from drpo_cli.schema import Shard
 
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("oldest", "newest", "temperature", "trained", "tokens",
-                                                              "piece")}
-        for p, sb in enumerate(source.iter_batches(PLAN_COLUMNS, shard=Shard(0, 1, piece_rows))):
+        parts: dict[str, list] = {k: [] for k in ("oldest", "newest", "temperature", "trained", "tokens", "piece",
+                                                  "start")}
+        for sb in source.iter_batches(PLAN_COLUMNS, shard=Shard(0, 1, piece_rows)):
             b, n = sb.batch, sb.batch.num_rows
             names = b.schema.names
             version = (b.column("policy_version").fill_null(-1).to_numpy().astype(np.int64)
@@ -338,13 +345,16 @@ class _RowPlan:
             else:
                 parts["trained"].append(None)
                 parts["tokens"].append(None)
-            parts["piece"].append(np.full(n, p, dtype=np.int64))
+            parts["piece"].append(np.full(n, sb.piece, dtype=np.int64))
+            parts["start"].append(sb.global_offset)
         missing = [i for i, x in enumerate(parts["tokens"]) if x is None]
         if missing:  # files without loss_mask: every response token is trained; read their lengths
-            lengths = [np.diff(sb.batch.column("response_ids").offsets.to_numpy()).astype(np.int64)
-                       for sb in source.iter_batches(("response_ids",), shard=Shard(0, 1, piece_rows))]
+            lengths = np.concatenate([np.diff(sb.batch.column("response_ids").offsets.to_numpy()).astype(np.int64)
+                                      for sb in source.iter_batches(("response_ids",))])  # (N,) in file order
             for i in missing:
-                parts["trained"][i] = parts["tokens"][i] = lengths[i]
+                start = parts["start"][i]
+                parts["trained"][i] = parts["tokens"][i] = lengths[start : start + len(parts["piece"][i])]
+        del parts["start"]
         cat = {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in parts.items()}
         return cls(**cat)
 
@@ -370,6 +380,7 @@ class _Chunk:
     def add(self, mb, logp: np.ndarray, mask: np.ndarray, t: dict) -> None:
         """A micro-batch: logp (M,) of its tokens, mask (M,), `t` its trained tokens' diagnostics (Diagnostics.update)."""
         self.logp[mb.token_index.numpy()] = logp
+        mask = mask & np.isfinite(logp)  # as Diagnostics.update: a diverged model's tokens are left out
         r = mb.rows.numpy()[mb.seq_index.numpy()][mask]  # (m,) each trained token's row in the batch
         seq, n = self.seq, len(self.seq)
         abs_d = t["delta"].abs().numpy()

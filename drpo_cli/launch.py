@@ -5,8 +5,8 @@ process: `drpo train` then shards with FSDP2 (e.g. for --cpu-offload on one GPU)
 loads the model the same way and splits the rows, and only rank 0 writes and prints.
 
 `drpo train --nproc N` runs torchrun itself and gives it RANK_EXIT_DIR: each rank leaves its exit
-code there (`rank_exit`), so that the launching process can tell a preempted run (every rank 130,
-torchrun 1) from a failure (`launcher_exit_code`).
+code there (`rank_exit`), so that the launching process can tell a preempted run (every rank 130 with
+its state saved, or 4 with nothing kept; torchrun 1) from a failure (`launcher_exit_code`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from drpo_cli.errors import EXIT_INTERRUPTED
+from drpo_cli.errors import EXIT_ABORTED, EXIT_INTERRUPTED
 
 RANK_EXIT_DIR = "DRPO_RANK_EXIT_DIR"
 
@@ -47,14 +47,16 @@ def rank_exit(code: int) -> None:
 
 
 def launcher_exit_code(torchrun_code: int, where: str | os.PathLike) -> int:
-    """What `drpo train --nproc` exits with: 130 when the ranks that ended did so interrupted (and
-    none failed otherwise), else torchrun's own code (torchrun exits 1 whenever a rank exits non-zero)."""
+    """What `drpo train --nproc` exits with: 130 when the ranks that ended did so interrupted with their
+    state saved, 4 when some were interrupted with nothing kept (and none failed otherwise), else
+    torchrun's own code (torchrun exits 1 whenever a rank exits non-zero)."""
     codes = []
     for f in Path(where).glob("rank*"):
         try:
             codes.append(int(f.read_text(encoding="utf-8")))
         except (OSError, ValueError):
             return torchrun_code
-    if torchrun_code != 0 and EXIT_INTERRUPTED in codes and set(codes) <= {0, EXIT_INTERRUPTED}:
-        return EXIT_INTERRUPTED
-    return torchrun_code
+    interrupted = set(codes) - {0}
+    if torchrun_code == 0 or not interrupted or not interrupted <= {EXIT_ABORTED, EXIT_INTERRUPTED}:
+        return torchrun_code
+    return EXIT_ABORTED if EXIT_ABORTED in interrupted else EXIT_INTERRUPTED

@@ -14,7 +14,7 @@ log-prob. μ is right by construction, EOS included.
 Field names and semantics follow llama.cpp commit 0c1e57098 (vendored by llama-cpp-python 0.3.36):
 tools/server/server-task.cpp (`probs_vector_to_json`, `to_json_non_oaicompat`,
 `task_params::to_json`), tools/server/server-context.cpp (`process_token`, `populate_token_probs`,
-`send_final_response`), src/llama-sampler.cpp (the samplers reproduced below).
+`send_final_response`, `send_partial_response`), src/llama-sampler.cpp (the samplers reproduced below).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from drpo_cli.adapters import Row, Text, _ids, _logprob, bad
+from drpo_cli.adapters.streams import Streams, assemble, event_object, fragment
 from drpo_cli.errors import ConfigError, InputError
 
 # ---- the truncation chain of llama.cpp (src/llama-sampler.cpp), on one logits row --------------------
@@ -227,6 +228,9 @@ def llamacpp_server_rows(response: Any, prompt_ids: Sequence[int] | Sequence[Seq
         where = f"[{i}]." if isinstance(response, list) else ""
         if not isinstance(result, Mapping):
             raise bad(f"{where or '(response)'}", "a /completion result object", Text(type(result).__name__))
+        if result.get("stop") is False:
+            raise fragment(f"{where}stop", "a finished result (true)", "false",
+                           'the event of one token of a streamed answer ("stream": true)')
         prompt = prompts[i // per_prompt] if prompts[0] is not None else result.get("prompt_ids")
         if prompt is None:
             raise bad(f"{where}prompt_ids", "the prompt ids sent (pass prompt_ids, or add a prompt_ids field)", None)
@@ -267,8 +271,8 @@ def _server_tokens(result: Mapping, where: str) -> tuple[list[int], list[float],
         raise bad(f"{where}generation_settings", "the sampling settings of the result (do not filter them "
                   "out with response_fields)", settings)
     if settings.get("stream"):
-        raise bad(f"{where}generation_settings.stream", "false (a streamed answer's final result carries no "
-                  "tokens or probabilities: dump non-streamed results)", True)
+        raise fragment(f"{where}generation_settings.stream", "false (an unstreamed result)", "true",
+                       "the final event of a streamed answer, which carries no tokens or probabilities")
     temperature = _setting(settings, "temperature", where)
     if temperature <= 0:
         raise bad(f"{where}generation_settings.temperature", "a temperature > 0 (greedy decoding logs no "
@@ -356,3 +360,81 @@ def _refuse_samplers(settings: Mapping, where: str) -> None:
     if settings.get("backend_sampling"):
         raise bad(f"{field}.backend_sampling", "false (the probabilities of backend sampling are not those "
                   "checked here)", True)
+
+
+# ---- llama-server /completion streams ----------------------------------------------------------------------
+
+
+class LlamacppStreams(Streams):
+    """Events of llama-server's streamed `/completion` (`"stream": true`), one stream per (id_slot, index).
+
+    Each token is one event (server-context.cpp `process_token` -> `send_partial_response`): `tokens` [id],
+    `content`, one `completion_probabilities` entry (with n_probs > 0), `tokens_predicted` (tokens so far),
+    `"stop": false`; the final event (`send_final_response`) has `"stop": true`, `stop_type`,
+    `generation_settings` and no tokens or probabilities. A token that ends inside a UTF-8 character gets no
+    event (`process_token` sends only complete text): `tokens_predicted` then runs ahead of the tokens
+    streamed, and the stream is refused. `return_progress` events (`prompt_progress`) carry no token.
+    """
+
+    final_event = 'its final event ("stop": true)'
+
+    def describe(self, key: Any) -> str:
+        return f"stream of slot {key[0]} index {key[1]}"
+
+    def pieces(self, data: Any) -> list:
+        data = event_object(data, "a /completion stream event")
+        if "prompt_progress" in data:
+            return []
+        return [((data.get("id_slot"), data.get("index", 0)), data)]
+
+    def start(self, key: Any, piece: Any) -> dict:
+        state = {"key": key, "tokens": [], "probs": [], "text": [], "events": 0, "final": piece}
+        return self.extend(state, piece)
+
+    def extend(self, state: dict, piece: Any) -> dict:
+        state["final"] = piece
+        if piece.get("stop") is True:
+            if state["events"]:
+                _check_predicted(piece, len(state["tokens"]))
+            return state
+        state["tokens"] += _ids(piece.get("tokens"), "tokens")
+        probs = piece.get("completion_probabilities")
+        state["probs"] += probs if isinstance(probs, list) else []
+        state["text"].append(str(piece.get("content") or ""))
+        state["events"] += 1
+        _check_predicted(piece, len(state["tokens"]))
+        return state
+
+    def last(self, piece: Any) -> bool:
+        return piece.get("stop") is True
+
+    def whole(self, state: dict) -> Any:
+        final = state["final"]
+        if not state["events"]:  # an unstreamed result: already whole
+            return final
+        settings = final.get("generation_settings")
+        if isinstance(settings, Mapping):
+            settings = {**settings, "stream": False}
+        return {**final, "content": "".join(state["text"]), "tokens": state["tokens"],
+                "completion_probabilities": state["probs"], "generation_settings": settings}
+
+
+def _check_predicted(event: Mapping, streamed: int) -> None:
+    predicted = event.get("tokens_predicted")
+    if isinstance(predicted, int) and not isinstance(predicted, bool) and predicted != streamed:
+        raise bad("tokens_predicted", f"{streamed} (the tokens streamed so far)", Text(
+            f"{predicted}: llama-server sends no event for a token that ends inside a UTF-8 character (sample "
+            "such text with llamacpp_sample), or events are missing from the log"))
+
+
+def assemble_stream(events: Iterable[Any]) -> Iterator[dict]:
+    """Whole `/completion` results from a streamed answer's events, one per (id_slot, index).
+
+    `events`: the SSE lines of `/completion` with `"stream": true` (`data: {...}`), or their JSON, in
+    order. Each result is yielded when its final event arrives, in the unstreamed shape, for
+    `llamacpp_server_rows(result, prompt_ids)`. With a stop string the streamed tokens include the stop
+    string's (each streamed with its probability), so the row keeps them; an unstreamed answer drops their
+    probabilities and its row ends before them. A stream whose final event never comes is refused at the
+    end (InputError naming it).
+    """
+    return assemble(LlamacppStreams(), events)

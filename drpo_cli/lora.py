@@ -110,7 +110,7 @@ def read_adapter(adapter_dir: str | Path, model: torch.nn.Module) -> dict[str, t
     from safetensors.torch import load_file
 
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
-    from drpo_cli.checkpoint import safetensors_header
+    from drpo_cli.checkpoint import non_finite_at, non_finite_error, safetensors_header
 
     safetensors_header(path)  # a truncated file is named, not a SafetensorError
     stored = load_file(str(path))
@@ -124,6 +124,9 @@ def read_adapter(adapter_dir: str | Path, model: torch.nn.Module) -> dict[str, t
         if tuple(stored[key].shape) != shape:
             raise CheckpointError(f"{path}: tensor {key} has shape {list(stored[key].shape)}, the base model "
                                   f"needs {list(shape)}")
+        found = non_finite_at(stored[key])
+        if found is not None:
+            raise non_finite_error(str(path), key, shape, found)
         values[name] = stored[key].float()
     return values
 

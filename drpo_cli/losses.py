@@ -562,7 +562,8 @@ def token_coefficients(
       seq-mean-token-sum       c = 1/S
       seq-mean-token-sum-norm  c = 1/(S·H)
     Because `denom` is global, c of a token does not depend on how the step is split, so the
-    sum over micro-batches equals the full-batch value for any split (and so do the gradients).
+    sum over micro-batches equals the full-batch value for any split up to float summation order
+    (each token's c and its gradient c·∂loss are the full-batch ones bit for bit).
     A step with no trained token (denom = 0) gets c = 0.
     """
     _check_aggregation(mode, horizon)
@@ -745,8 +746,8 @@ def weight_sum_parts(weight: Tensor, mask: Tensor, seq_index: Tensor, level: str
     trained token (every token of a sequence carries the same weight). The float32 weights are summed
     exactly: each is m·2^(e−24) with an integer m < 2^24 (torch.frexp), and the m are added per binary
     exponent e in int64. The vector (one slot per float32 exponent, then the count) adds up over
-    micro-batches and ranks (all_reduce SUM) without rounding, so the factor `weight_mean(parts)` is
-    bit-identical for any micro-batch size, row order or world size.
+    micro-batches and ranks (all_reduce SUM) without rounding, so the factor `weight_mean(parts)` of the
+    same weights is bit-identical for any micro-batch size, row order or world size.
     """
     with torch.no_grad():
         valid = mask.bool().reshape(-1)

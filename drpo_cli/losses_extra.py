@@ -268,7 +268,8 @@ def covariance_selection(name: str, logp: Tensor, anchor: Tensor, adv: Tensor, v
     min(k, #candidates) chosen uniformly at random (a permutation from a generator seeded with `seed`;
     candidates in token order), k = max(1, int(cov_ratio·n)). verl computes this per micro-batch with
     the global RNG; drpo passes the whole optimizer step's tokens in global order (train.py), so the
-    choice depends neither on the micro-batch size nor on the world size, and a seed reproduces it.
+    choice depends neither on the micro-batch size nor on the world size (beyond the rounding of the
+    log-probs it reads), and a seed reproduces it.
     """
     with torch.no_grad():
         flat_valid = valid.reshape(-1).bool()

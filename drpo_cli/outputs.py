@@ -13,7 +13,10 @@
    (`atomic_file`, `atomic_dir`, `write_file`): at every instant the output is absent, old and
    complete, or new and complete; on failure the temporary is removed and the old output stays.
    Before the rename every file gets mode 0666 & ~umask and every directory 0777 & ~umask
-   (0644 / 0755 under umask 022), as `cp` would give.
+   (0644 / 0755 under umask 022), as `cp` would give; and never more readable than the command's
+   least readable input (`claimed`: a private model gives a private checkpoint, as `cp -r` keeps).
+4. For the whole command each output is locked (`claimed`): a second drpo run naming the same
+   output is refused at once with the holder's pid, before either does any work.
 
 No torch here: `config.validate()` calls `output_problems` in milliseconds.
 """
@@ -23,11 +26,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +48,7 @@ _WHAT = {"checkpoint": "a checkpoint directory drpo wrote", "state": "an interru
          "json": "a drpo JSON report", "arrow": "a drpo Arrow file", "html": "a drpo HTML page"}
 _HINT = "--overwrite replaces only what drpo wrote"
 _LISTED = 3  # foreign names shown in a message
+LOCK_SUFFIX = ".drpo-lock"  # a hidden sibling `.NAME.drpo-lock` of each output, held for the whole command
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,8 @@ class Output:
     path: str | os.PathLike
     """As given (relative, through symlinks or `..`: all resolved before any check)."""
     kind: str
-    """"checkpoint" or "state" (directories), "json", "arrow" or "html" (files)."""
+    """"checkpoint" or "state" (directories), "json", "arrow" or "html" (files), "events" (a TensorBoard
+    directory, appended to: only the overlap rules and the lock apply)."""
     check_existing: bool = True
     """False: only the overlap rules; the caller decides about an existing path (train's resumable state)."""
 
@@ -129,6 +135,107 @@ def foreign(path: str | os.PathLike, kind: str) -> str | None:
     return f"is a file drpo did not write (not {_WHAT[kind]})"
 
 
+# ---- for the whole command: locks and modes ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def claimed(inputs: Sequence[tuple[str, str | os.PathLike | None]], outs: Sequence[Output], *,
+            lock: bool = True) -> Iterator[None]:
+    """Hold for the whole command: a lock on each output (`locked`), and a umask under which nothing
+    drpo creates is more readable than the least readable input (`withheld_bits`). `lock=False`:
+    the modes only (torchrun's ranks but the first: one process locks)."""
+    withheld = withheld_bits(p for _, p in inputs if p is not None)
+    old = os.umask(0)
+    os.umask(old | withheld)
+    try:
+        with contextlib.ExitStack() as stack:
+            if lock:
+                for o in outs:
+                    stack.enter_context(locked(o))
+            yield
+    finally:
+        os.umask(old)
+
+
+def withheld_bits(paths: Iterable[str | os.PathLike]) -> int:
+    """Permission bits (group and other) that some input withholds: a class that cannot read an input
+    file, or list and enter an input directory (or read a file directly inside it), gets none of
+    rwx on the outputs. The owner's bits are the umask's business."""
+    withheld = 0
+    for path in paths:
+        try:
+            st = os.stat(path)
+            modes = [(st.st_mode, os.path.isdir(path))]
+            if modes[0][1]:
+                modes += [(e.stat().st_mode, False) for e in os.scandir(path) if e.is_file()]
+        except OSError:
+            continue  # a missing input is reported by the command's own checks
+        for mode, is_dir in modes:
+            for shift in (3, 0):  # group, other
+                need = 0o5 if is_dir else 0o4
+                if (mode >> shift) & need != need:
+                    withheld |= 0o7 << shift
+    return withheld
+
+
+@contextlib.contextmanager
+def locked(o: Output) -> Iterator[None]:
+    """An exclusive lock on output `o` (flock on its hidden sibling `.NAME.drpo-lock`, which holds the
+    holder's pid) until the block ends; ConfigError (exit 2) at once if another process holds it, or if
+    the output's directory cannot be written (read-only, no permission). The lock file is removed on
+    release; the kernel releases the lock of a process that dies, so a stale file locks nothing."""
+    dest = real(o.path)
+    path = dest.with_name(f".{dest.name}{LOCK_SUFFIX}")
+    made = []  # a directory output's missing parents, made as the output would make them; removed if left empty
+    if o.kind in (*DIR_MARKERS, "events"):
+        missing, parent = [], dest.parent
+        while not os.path.lexists(parent) and parent != parent.parent:
+            missing.append(parent)
+            parent = parent.parent
+        with contextlib.suppress(OSError):
+            for d in reversed(missing):
+                d.mkdir()
+                made.append(d)
+    try:
+        yield from _held(o, dest, path)
+    finally:
+        for d in reversed(made):  # nothing was written into them (a failed run): as they were
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def _held(o: Output, dest: Path, path: Path) -> Iterator[None]:
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise ConfigError(f"{_shown(o.flag, o.path)}: cannot write in {dest.parent} ({err.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"{_shown(o.flag, o.path)}: in use by another drpo run (pid {holder}); wait for it "
+                              "to end or choose another path") from None
+        try:  # the previous holder may have removed the file between our open and our lock
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still holding the lock: nobody else can hold this file now
+        os.close(fd)
+
+
 # ---- writing ------------------------------------------------------------------------------------
 
 
@@ -159,6 +266,25 @@ def write_file(path: str | os.PathLike, data: str | bytes, kind: str, *, overwri
         fh.flush()
         os.fsync(fh.fileno())
     return real(path)
+
+
+def write_together(files: Sequence[tuple[str, str | os.PathLike, str | bytes, str]], *, overwrite: bool,
+                   stack: contextlib.ExitStack) -> None:
+    """Write outputs (flag, path, data, kind) so that they appear together or not at all: each goes into
+    its temporary sibling now, and `stack` renames them in when it closes without an error (and removes
+    the temporaries otherwise). A write that fails (e.g. a full disk) names its output in one line."""
+    from drpo_cli.errors import DrpoError
+
+    for flag, path, data, kind in files:
+        tmp = stack.enter_context(atomic_file(path, kind, overwrite=overwrite))
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as err:
+            raise DrpoError(f"{_shown(flag, path)}: cannot write ({err.strerror or err}); none of the outputs "
+                            "was written") from None
 
 
 def new_temp_dir(path: str | os.PathLike) -> Path:

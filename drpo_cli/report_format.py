@@ -120,18 +120,19 @@ def number_table(title: str, first: str, columns: list[str], rows: list[list[str
     spaces (`_` shown as a space); the key column is the only flexible one and folds, so on a narrow
     terminal the labels give way, never the values.
     """
-    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=escape(title), title_justify="left", **kw)
-    table.add_column(first.replace("_", " "), overflow="fold")
+    # Every title, header and cell is Text: values from the data (sample ids, column values) print as they
+    # are, never as console markup.
+    table = Table(title=Text(title), title_justify="left", **kw)
+    table.add_column(Text(first.replace("_", " ")), overflow="fold")
     for j, c in enumerate(columns):
         header = c.replace("_", " ")
         width = max([len(r[j + 1]) for r in rows] + [len(w) for w in header.split()])
-        table.add_column(header, justify="right", width=width, overflow="fold")
+        table.add_column(Text(header), justify="right", width=width, overflow="fold")
     for r in rows:
-        table.add_row(*(Text(c) for c in r))  # cells are printed literally: sample ids and values come from data
+        table.add_row(*(Text(str(cell)) for cell in r))
     return table
 
 
@@ -192,6 +193,19 @@ STALENESS_FILTER_SCHEMA: dict[str, Any] = {
         "rows_without_version": _INT,
     },
 }
+TRUNCATION_SCHEMA: dict[str, Any] = {"oneOf": [{"type": "null"}, {
+    "type": "object",
+    "description": "--truncate: rows longer than the model's context cut to their first max_positions − prompt + 1 "
+                   "response tokens (null without --truncate; without it such a row is refused).",
+    "required": ["max_positions", "rows_truncated", "rows_dropped", "tokens_dropped", "trained_tokens_dropped"],
+    "additionalProperties": False,
+    "properties": {
+        "max_positions": {"type": "integer", "minimum": 1},
+        "rows_truncated": {"type": "integer", "minimum": 0, "description": "rows that kept some response tokens"},
+        "rows_dropped": {"type": "integer", "minimum": 0, "description": "rows whose prompt alone is longer"},
+        "tokens_dropped": {"type": "integer", "minimum": 0, "description": "response tokens left out"},
+        "trained_tokens_dropped": {"type": "integer", "minimum": 0, "description": "of them, with loss_mask 1"},
+    }}]}
 TRAIN_REPORT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "https://github.com/drpo/drpo/schemas/train-report.schema.json",
@@ -255,7 +269,8 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
             "type": "object",
             "required": ["staleness", "rejection"],
             "additionalProperties": False,
-            "properties": {"staleness": STALENESS_FILTER_SCHEMA, "rejection": {"oneOf": [{"type": "null"}, {
+            "properties": {"staleness": STALENESS_FILTER_SCHEMA, "truncation": TRUNCATION_SCHEMA,
+                           "rejection": {"oneOf": [{"type": "null"}, {
                 "type": "object",
                 "description": "Tokens and sequences --reject removed from training (decided once, from π_old).",
                 "required": ["criteria", "tokens_rejected", "token_frac", "sequences_rejected", "seq_frac"],
@@ -294,6 +309,12 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
             },
         },
         "skipped_steps": _INT,
+        "diverged": {"oneOf": [{"type": "null"}, {
+            "type": "object",
+            "description": "The step whose update made a weight NaN or ±inf: training stopped after it (exit 1).",
+            "required": ["step", "parameter"],
+            "additionalProperties": False,
+            "properties": {"step": _INT, "parameter": _STR}}]},
         "final": {
             "type": "object",
             "description": "Closing audit: the final weights against μ on the trained rollouts (inference mode).",
@@ -331,9 +352,13 @@ def train_report_json(report: dict) -> str:
     return report_json(report)
 
 
-def filter_lines(staleness: dict, rejection: dict | None) -> list[str]:
-    """One line per active row filter (--max-lag / --min-version, --reject) for the console."""
+def filter_lines(staleness: dict, rejection: dict | None, truncation: dict | None = None) -> list[str]:
+    """One line per active row filter (--max-lag / --min-version, --truncate, --reject) for the console."""
     lines = []
+    if truncation is not None and (truncation["rows_truncated"] or truncation["rows_dropped"]):
+        lines.append(f"--truncate to {truncation['max_positions']:,} positions: cut {truncation['rows_truncated']:,} "
+                     f"rows, dropped {truncation['rows_dropped']:,}, {truncation['tokens_dropped']:,} response tokens "
+                     f"left out ({truncation['trained_tokens_dropped']:,} trained)")
     if staleness["max_lag"] is not None or staleness["min_version"] is not None:
         given = ", ".join(f"--{k.replace('_', '-')} {staleness[k]}" for k in ("max_lag", "min_version")
                           if staleness[k] is not None)
@@ -350,6 +375,7 @@ def filter_lines(staleness: dict, rejection: dict | None) -> list[str]:
 
 def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
     """One table, metrics × steps (first and last steps when there are many) + closing audit; worst samples."""
+    from rich.text import Text
 
     steps, final = report["steps"], report["final"]
     shown = steps if len(steps) <= max_steps else steps[: max_steps // 2] + steps[-max_steps // 2 :]
@@ -373,16 +399,21 @@ def print_train_summary(report: dict, console, *, max_steps: int = 4) -> None:
         console.print(number_table("worst samples (harmful fraction)", "sample_id", list(cols),
                                    [[w["sample_id"], *(fmt_cell(w[c]) for c in cols)] for w in final["worst_samples"]]))
     veto = report["filters"].get("veto")  # optional in the schema
-    lines = filter_lines(report["filters"]["staleness"], report["filters"]["rejection"])
+    lines = filter_lines(report["filters"]["staleness"], report["filters"]["rejection"],
+                         report["filters"].get("truncation"))  # optional in the schema
     if veto is not None:
         lines.append(f"--is-veto {veto['criteria'][0].removeprefix('rho<')}: dropped {veto['sequences_rejected']:,} "
                      f"sequences ({fmt(veto['seq_frac'])}), {veto['tokens_rejected']:,} tokens")
     for line in lines:
         console.print(line, highlight=False, markup=False)
     for note in report["notes"]:
-        console.print(f"note: {note}")
+        console.print(Text(f"note: {note}"))
     if report["skipped_steps"]:
-        console.print(f"[yellow]{report['skipped_steps']} step(s) skipped: non-finite loss or gradient norm[/]")
+        console.print(Text(f"{report['skipped_steps']} step(s) skipped: non-finite loss or gradient norm", style="yellow"))
+    if report.get("diverged"):  # absent from the reports of older versions
+        console.print(Text(f"diverged: the update of step {report['diverged']['step']} made "
+                           f"{report['diverged']['parameter']} non-finite; training stopped there", style="red"),
+                      highlight=False)
 
 
 def _is_loss_metric(key: str, loss: str) -> bool:
@@ -605,6 +636,7 @@ _DATA_SECTION = _object_schema({
            "additionalProperties": {"type": "array", "items": {
                "type": "object", "required": ["value", "rows", "tokens"], "additionalProperties": _NUM,
                "properties": {"value": _BY_VALUE, "rows": _INT, "tokens": _INT}}}},
+    "truncation": TRUNCATION_SCHEMA,
 })
 _LOGGING_CHECKS = _object_schema({
     "scope": _STR,
@@ -706,13 +738,13 @@ INSPECT_REPORT_SCHEMA: dict[str, Any] = {
 
 
 def render_inspect(report: dict, console: Any) -> None:
-    """Human view of an inspect report: rich tables and terminal histograms."""
-    from rich.markup import escape
+    """Human view of an inspect report: rich tables and terminal histograms (every value as Text: no markup)."""
     from rich.table import Table
+    from rich.text import Text
 
     data, model = report["data"], report["model"]
     rl, pl, adv = data["response_length"], data["prompt_length"], data["advantage"]
-    table = Table(title=f"drpo inspect: {fmt(data['rows'])} rows", show_header=False, title_justify="left")
+    table = Table(title=Text(f"drpo inspect: {fmt(data['rows'])} rows"), show_header=False, title_justify="left")
     rows = [
         ("response tokens (loss_mask 1)", f"{fmt(data['response_tokens'])} ({fmt(data['masked_tokens'])})"),
         ("prompt tokens", fmt(data["prompt_tokens"])),
@@ -732,17 +764,17 @@ def render_inspect(report: dict, console: Any) -> None:
         rows.append(("reward mean / std / min / max",
                      " / ".join(fmt(data["reward"].get(k)) for k in ("mean", "std", "min", "max"))))
     for label, value in rows:
-        table.add_row(label, value)
+        table.add_row(Text(label), Text(value))
     console.print(table)
 
     lag = data["lag"]
     if lag["histogram"]:
-        console.print(f"[bold]Staleness lag[/bold] (tokens; current version {lag['current_version']} "
-                      f"from {lag['version_source']})")
+        console.print(Text.assemble(("Staleness lag", "bold"), f" (tokens; current version {lag['current_version']} "
+                                    f"from {lag['version_source']})"))
         for line in histogram_lines([f"lag {h['lag']}" for h in lag["histogram"]],
                                     [h["tokens"] for h in lag["histogram"]]):
             console.print(line, highlight=False, markup=False)
-    for line in filter_lines(data["staleness_filter"], None):
+    for line in filter_lines(data["staleness_filter"], None, data["truncation"]):
         console.print(line, highlight=False, markup=False)
     for name, records in data["by"].items():
         for table in by_tables(f"Data by {name}", records):
@@ -779,10 +811,11 @@ def render_inspect(report: dict, console: Any) -> None:
                                    + [[name, *(fmt_cell(c["metrics"].get(name)) for c in comps)]
                                       for name in AGAINST_SHOWN]))
     for note in report["notes"]:
-        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
+        console.print(Text.assemble(("note:", "yellow"), f" {note}"), highlight=False)
     for gate in report["gates"]:
-        verdict = "[green]pass[/green]" if gate["passed"] else "[red]FAIL[/red]"
-        console.print(f"gate {gate['metric']} = {fmt(gate['value'])} (limit {fmt(gate['threshold'])}): {verdict}")
+        verdict = ("pass", "green") if gate["passed"] else ("FAIL", "red")
+        console.print(Text.assemble(f"gate {gate['metric']} = {fmt(gate['value'])} (limit {fmt(gate['threshold'])}): ",
+                                    verdict))
 
 
 def _positive_share(frac: float | None) -> str:
@@ -792,6 +825,7 @@ def _positive_share(frac: float | None) -> str:
 
 def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     console.print(number_table(f"Current model vs sampler: {fmt(model['tokens'])} tokens, lag from version "
                                f"{model['checkpoint']['policy_version']}", "metric", ["value"],
@@ -815,29 +849,30 @@ def _render_inspect_model(model: dict, metrics: dict, console: Any) -> None:
     for name, records in model["by"].items():
         for table in by_tables(f"Current model vs sampler by {name}", records):
             console.print(table)
-    losses = Table(title="What each loss would do to these tokens", title_justify="left")
+    losses = Table(title=Text("What each loss would do to these tokens"), title_justify="left")
     for col in ("loss", "hyper-parameters", "effect"):
         losses.add_column(col)
     for entry in model["losses"]:
-        losses.add_row(entry["loss"], ", ".join(f"{k}={fmt(v)}" for k, v in entry["hparams"].items()) or "–",
-                       ", ".join(f"{k} {fmt(v)}" for k, v in entry["fractions"].items()) or "–")
+        losses.add_row(Text(entry["loss"]), Text(", ".join(f"{k}={fmt(v)}" for k, v in entry["hparams"].items()) or "–"),
+                       Text(", ".join(f"{k} {fmt(v)}" for k, v in entry["fractions"].items()) or "–"))
     console.print(losses)
     checks = model["logging_checks"]
     if checks is not None:
-        console.print(f"[bold]Logging checks[/bold] ({checks['scope']}: {fmt(checks['rows'])} rows, "
-                      f"{fmt(checks['tokens'])} tokens; mean |log r| by temperature, shorter is a better fit)")
+        console.print(Text.assemble(("Logging checks", "bold"), f" ({checks['scope']}: {fmt(checks['rows'])} rows, "
+                                    f"{fmt(checks['tokens'])} tokens; mean |log r| by temperature, shorter is a better fit)"))
         fit = checks["temperature_fit"]
         for line in histogram_lines([f"T={f['temperature']:g}" for f in fit],
                                     [f["abs_logr_mean"] or 0.0 for f in fit], width=30, unit="nats"):
             console.print("  " + line, highlight=False, markup=False)
         for finding in checks["findings"]:
-            console.print(f"  • {finding}", highlight=False, markup=False)
+            console.print(Text(f"  • {finding}"), highlight=False)
     routing = model["routing"]
     if routing is not None:
-        console.print(f"[bold]MoE routing[/bold] ({routing['architecture']}, {routing['layers']} MoE layers, top-"
-                      f"{routing['top_k']} of {routing['num_experts']}{', replayed' if routing['replayed'] else ''}): "
-                      f"the router's own top-k set differs from the logged one at {fmt(routing['mismatch_frac'])} of "
-                      f"{fmt(routing['positions'])} trained positions × layers")
+        console.print(Text.assemble(
+            ("MoE routing", "bold"), f" ({routing['architecture']}, {routing['layers']} MoE layers, top-"
+            f"{routing['top_k']} of {routing['num_experts']}{', replayed' if routing['replayed'] else ''}): "
+            f"the router's own top-k set differs from the logged one at {fmt(routing['mismatch_frac'])} of "
+            f"{fmt(routing['positions'])} trained positions × layers"))
         for line in histogram_lines([f"layer {r['layer']}" for r in routing["by_layer"]],
                                     [r["mismatch_frac"] or 0.0 for r in routing["by_layer"]], width=30, unit="share"):
             console.print("  " + line, highlight=False, markup=False)

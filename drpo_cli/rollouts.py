@@ -389,6 +389,91 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
     return offsets
 
 
+@dataclass(frozen=True)
+class Context:
+    """The most positions a model's input may hold (checkpoint.max_positions), and where that comes from."""
+
+    limit: int
+    source: str  # e.g. "max_position_embeddings of ckpt/"
+
+
+def kept_response(prompt_len: np.ndarray, response_len: np.ndarray, limit: int) -> np.ndarray:
+    """(n,) response tokens a row keeps within `limit` positions: its model input is prompt + response[:-1]
+    (batching.py), so at most limit − P + 1 of them; 0 when the prompt alone is longer."""
+    return np.minimum(response_len, np.maximum(limit - prompt_len + 1, 0))
+
+
+def context_problem(path: str, row: int, sample_id: str | None, prompt_len: int, response_len: int,
+                    context: Context) -> Problem:
+    """A row too long for the model, with what --truncate would do to it."""
+    keep = int(kept_response(np.array(prompt_len), np.array(response_len), context.limit))
+    would = (f"--truncate would keep its first {keep} response tokens" if keep
+             else "its prompt alone is longer: --truncate would drop the row")
+    return Problem("context", path, "response_ids", row,
+                   f"at most {context.limit} input positions, prompt + response - 1 ({context.source})",
+                   f"{prompt_len + response_len - 1} (prompt {prompt_len}, response {response_len}); {would}", sample_id)
+
+
+TRUNCATION_COUNTS = ("rows_truncated", "rows_dropped", "tokens_dropped", "trained_tokens_dropped")
+
+
+def fit_context(rows: RolloutRows, context: Context | None, *, truncate: bool,
+                exchange=None) -> tuple[RolloutRows, dict | None]:
+    """(rows within the model's context, the reports' `truncation` counts, None without --truncate).
+
+    Without `truncate` a row whose input (prompt + response − 1 positions) exceeds the limit is an
+    InputError naming the first one in file order (over every rank's rows with `exchange`, an
+    all-gather under torchrun). With it each such row keeps its first limit − P + 1 response tokens
+    (their log-probs are exactly those of the whole row: a causal model's position t sees only the
+    tokens up to t), the rest leave training, and a row whose prompt alone is longer is dropped.
+    Counts: rows truncated (some tokens kept), rows dropped, response tokens and trained tokens dropped.
+    """
+    if context is None:
+        return rows, None
+    keep = kept_response(rows.prompt_lengths(), rows.response_lengths(), context.limit)  # (N,)
+    over = np.flatnonzero(keep < rows.response_lengths())
+    if not truncate:
+        first = None
+        if over.size:
+            i = int(over[0])
+            first = (int(rows.global_row[i]) if rows.global_row is not None else i, str(context_problem(
+                rows.source_file[i], int(rows.source_row[i]), rows.sample_ids[i], int(rows.prompt_lengths()[i]),
+                int(rows.response_lengths()[i]), context)))
+        found = [f for f in ([first] if exchange is None else exchange(first)) if f is not None]
+        if found:
+            raise InputError(min(found)[1])
+        return rows, None
+    token_keep = rows.token_position() < keep[rows.token_row()]  # (T,)
+    local = [int(((keep > 0) & (keep < rows.response_lengths())).sum()), int((keep == 0).sum()),
+             int((~token_keep).sum()), int((rows.loss_mask & ~token_keep).sum()), int((keep > 0).sum())]
+    *counts, kept = local if exchange is None else [sum(x) for x in zip(*exchange(local))]
+    if kept == 0 and counts[1]:
+        raise InputError(f"--truncate: the prompt of every one of the {counts[1]} rows is longer than the model's "
+                         f"context ({context.limit} positions, {context.source}); nothing is left")
+    if over.size:
+        rows = _keep_tokens(rows, keep, token_keep)
+        if (keep == 0).any():
+            rows = rows.select(np.flatnonzero(keep > 0))
+    return rows, {"max_positions": context.limit, **dict(zip(TRUNCATION_COUNTS, counts))}
+
+
+def _keep_tokens(rows: RolloutRows, keep: np.ndarray, token_keep: np.ndarray) -> RolloutRows:
+    """`rows` with only the response tokens `token_keep` (T,): each row's first keep (N,) ones."""
+    routed = rows.routed_experts
+    if routed is not None:  # positions: prompt + kept response − 1 per row (all but the last input token)
+        per_row = rows.prompt_lengths() + keep - 1  # (N,)
+        off = rows.routing_offsets()
+        position = np.arange(len(routed)) - np.repeat(off[:-1], np.diff(off))
+        routed = routed[position < np.repeat(per_row, np.diff(off))]
+    def cut(x):
+        return None if x is None else x[token_keep]
+    return dataclasses.replace(
+        rows, response_ids=rows.response_ids[token_keep], response_offsets=_offsets(keep),
+        behavior_logprobs=rows.behavior_logprobs[token_keep], advantages=rows.advantages[token_keep],
+        loss_mask=rows.loss_mask[token_keep], proximal_logprobs=cut(rows.proximal_logprobs),
+        token_version=cut(rows.token_version), routed_experts=routed)
+
+
 def check_vocabulary(rows: RolloutRows, vocab_size: int, model_dir: str) -> None:
     """InputError naming the first row whose prompt or response holds an id outside [0, V)."""
     for column, ids, offsets in (("prompt_ids", rows.prompt_ids, rows.prompt_offsets),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,9 +25,11 @@ from drpo_cli.errors import ConfigError, InputError
 
 SCHEMA_VERSION = "1"
 ROLLOUT_SUFFIXES = (".arrow", ".feather", ".ipc", ".parquet")
-# Rows per streamed batch: bounds the working memory of casts and checks (a larger record
-# batch written by the producer is processed in zero-copy slices of this many rows).
+# Rows per streamed batch, and list values (tokens, over every per-token column) per streamed batch:
+# together they bound the working memory of casts and checks (a larger record batch written by the
+# producer, even one of a whole table, is processed in zero-copy slices within both).
 BATCH_ROWS = 4096
+BATCH_VALUES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -309,6 +312,7 @@ class SourceBatch:
     batch: pa.RecordBatch  # canonical names and types (only the schema columns the file has)
     global_offset: int = 0  # index of the batch's first row across all files, in order
     source_rows: np.ndarray | None = None  # (n,) rows' indices in the unfiltered batch, when rows were left out
+    piece: int = 0  # the Shard piece holding the rows (a piece may come as several batches)
 
 
 @dataclass
@@ -344,7 +348,7 @@ class RolloutSource:
                     with pa.OSFile(rf.path) as fh:
                         total += pa.ipc.open_file(fh).count_rows()
                 else:
-                    total += sum(n for _, n, _, _ in _read_canonical(rf, set()))
+                    total += sum(item[1] for item in _read_canonical(rf, set()))
             except (OSError, pa.ArrowException) as err:
                 raise InputError(f"{rf.path}: cannot read its row count (truncated or corrupt file): "
                                  f"{_one_line(err)}") from err
@@ -368,13 +372,14 @@ class RolloutSource:
         pieces = [0]  # running piece number across files (a shard's ownership)
         for rf in self.files:
             rows = 0
-            for row_offset, num_rows, batch, cast_problems in _read_canonical(rf, wanted, shard, pieces, tuple(extra)):
+            for row_offset, num_rows, batch, cast_problems, piece in _read_canonical(rf, wanted, shard, pieces,
+                                                                                      tuple(extra)):
                 rows = row_offset + num_rows
                 if batch is None:  # another rank's piece
                     continue
                 if cast_problems:
                     raise InputError(str(cast_problems[0]), details=[str(p) for p in cast_problems[1:]])
-                yield SourceBatch(rf.path, row_offset, batch, global_offset + row_offset)
+                yield SourceBatch(rf.path, row_offset, batch, global_offset + row_offset, piece=piece)
             global_offset += rows
 
 
@@ -490,30 +495,114 @@ def _one_line(err: BaseException) -> str:
 # ---- reading batches ---------------------------------------------------------------------------
 
 
-def _raw_batches(rf: RolloutFile, indices: list[int]) -> Iterator[pa.RecordBatch]:
-    """Raw record batches holding only the fields `indices` (in that order)."""
+def _raw_batches(rf: RolloutFile, indices: list[int]) -> Iterator[tuple[pa.RecordBatch, Callable[[], None]]]:
+    """(raw record batch holding only the fields `indices` (in that order), release) per record batch.
+
+    Arrow IPC files are memory-mapped: a record batch is then a view of the file (nothing is read
+    until a slice of it is used), so a producer's one huge batch costs no memory by itself, and
+    `release()` hands the pages read so far back to the page cache, so that the resident memory
+    stays that of the slice at work, not of the file. Parquet has no such view: its batches are
+    decoded, BATCH_VALUES list values' worth at a time (release does nothing).
+    """
     if rf.format == "parquet":
+        pf = pq.ParquetFile(rf.path, pre_buffer=False, buffer_size=1 << 20)  # column chunks streamed, not held
         names = [rf.schema.field(i).name for i in indices]
-        yield from pq.ParquetFile(rf.path).iter_batches(batch_size=BATCH_ROWS, columns=names)
+        for batch in pf.iter_batches(batch_size=_parquet_batch_rows(pf, names), columns=names):
+            yield batch, _nothing
         return
-    options = pa.ipc.IpcReadOptions(included_fields=indices)
-    with pa.OSFile(rf.path) as fh:
-        if rf.format == "ipc-file":
-            reader = pa.ipc.open_file(fh, options=options)
-            for i in range(reader.num_record_batches):
-                yield reader.get_batch(i)
+    with open(rf.path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)  # kept alive by the buffers that view it
+
+    def release() -> None:  # the pages stay in the page cache; a later access maps them again
+        if hasattr(mapped, "madvise"):
+            mapped.madvise(mmap.MADV_DONTNEED)
+
+    # Columns are selected from the mapped batch: IpcReadOptions(included_fields=...) would copy them.
+    source = pa.BufferReader(pa.py_buffer(mapped))
+    if rf.format == "ipc-file":
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i).select(indices), release
+    else:
+        for batch in pa.ipc.open_stream(source):
+            yield batch.select(indices), release
+
+
+def _nothing() -> None:
+    pass
+
+
+def _parquet_batch_rows(pf: pq.ParquetFile, names: list[str]) -> int:
+    """Rows per decoded Parquet batch: BATCH_ROWS, fewer where the row groups' rows average more than
+    BATCH_VALUES / BATCH_ROWS list values (from the footer: leaf values per column chunk)."""
+    meta, wanted = pf.metadata, set(names)
+    leaves = [j for j in range(meta.num_columns) if meta.schema.column(j).path.split(".")[0] in wanted]
+    per_row = max((sum(meta.row_group(g).column(j).num_values for j in leaves) / meta.row_group(g).num_rows
+                   for g in range(meta.num_row_groups) if meta.row_group(g).num_rows), default=0.0)
+    return max(1, min(BATCH_ROWS, int(BATCH_VALUES // max(per_row, 1.0))))
+
+
+def list_values(arr: pa.Array) -> np.ndarray:
+    """(n,) values each row of a column holds at its innermost level (tokens of a list column, ids of
+    routed_experts' lists of lists), read from the offsets alone; 0 for a scalar column."""
+    n = len(arr)
+    if pa.types.is_dictionary(arr.type) or not _is_list(arr.type):
+        return np.zeros(n, dtype=np.int64)
+    bounds = None  # (n+1,) the rows' bounds in the current child
+    while _is_list(arr.type):
+        if pa.types.is_fixed_size_list(arr.type):
+            own = (arr.offset + np.arange(len(arr) + 1, dtype=np.int64)) * arr.type.list_size
         else:
-            yield from pa.ipc.open_stream(fh, options=options)
+            own = arr.offsets.to_numpy().astype(np.int64)  # into `arr.values`, which ignores arr's offset
+        bounds = own if bounds is None else own[bounds]
+        arr = arr.values
+    return np.diff(bounds)
+
+
+def _own_values(arr: pa.Array) -> pa.Array:
+    """A sliced list array rebuilt (zero-copy) over only its own rows' values, at every level.
+
+    Arrow's list cast converts the child values from the start of the child up to the slice's last
+    row, so casting the k-th slice of a huge record batch would cost k slices: quadratic in the batch.
+    """
+    if not _is_list(arr.type):
+        return arr
+    n, mask = len(arr), (arr.is_null() if arr.null_count else None)
+    if pa.types.is_fixed_size_list(arr.type):
+        size = arr.type.list_size
+        values = _own_values(arr.values.slice(arr.offset * size, n * size))
+        return pa.FixedSizeListArray.from_arrays(values, type=arr.type, mask=mask)
+    offsets = arr.offsets.to_numpy()  # (n+1,) into arr.values
+    values = _own_values(arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0])))
+    return type(arr).from_arrays(pa.array(offsets - offsets[0]), values, type=arr.type, mask=mask)
+
+
+def value_slices(batch: pa.RecordBatch, budget: int) -> Iterator[pa.RecordBatch]:
+    """`batch` as consecutive zero-copy row slices of at most `budget` list values each (a row holding
+    more is a slice of its own), so that casting and checking a slice is bounded by tokens, not rows."""
+    weights = sum((list_values(col) for col in batch.columns), np.zeros(batch.num_rows, dtype=np.int64))
+    total = np.cumsum(weights)  # (n,)
+    if batch.num_rows == 0 or total[-1] <= budget:
+        yield batch
+        return
+    start = 0
+    while start < batch.num_rows:
+        before = total[start - 1] if start else 0
+        stop = max(int(np.searchsorted(total, before + budget, side="right")), start + 1)
+        yield batch.slice(start, stop - start)
+        start = stop
 
 
 def _read_canonical(rf: RolloutFile, wanted: set[str] | None, shard: Shard | None = None,
                     pieces: list[int] | None = None, extra: tuple[str, ...] = ()
-                    ) -> Iterator[tuple[int, int, pa.RecordBatch | None, list[Problem]]]:
-    """(row offset in file, rows, canonical batch, cast problems) per batch of at most BATCH_ROWS rows.
+                    ) -> Iterator[tuple[int, int, pa.RecordBatch | None, list[Problem], int]]:
+    """(row offset in file, rows, canonical batch, cast problems, piece) per batch of at most BATCH_ROWS rows
+    and BATCH_VALUES list values (value_slices: a producer's record batch may hold any number of tokens).
 
     The row count is separate because a batch without any wanted column has no columns at all.
-    With a `shard`, batches are its pieces (`pieces[0]` numbers them across files) and another
-    rank's piece comes as (offset, rows, None, []): counted, never cast.
+    Pieces (at most BATCH_ROWS, or the shard's piece_rows, consecutive rows of one record batch) are
+    numbered across files by `pieces[0]`; a piece may come as several slices. With a `shard`,
+    another rank's piece comes as (offset, rows, None, [], piece): counted, never cast.
     Raises InputError for a file that turns out truncated or corrupt while streaming.
     """
     step = BATCH_ROWS if shard is None else shard.piece_rows
@@ -524,25 +613,28 @@ def _read_canonical(rf: RolloutFile, wanted: set[str] | None, shard: Shard | Non
     names.sort(key=lambda n: index[n])
     indices = [index[n] for n in names]
     offset = 0
+    pieces = [0] if pieces is None else pieces
     if len(rf.schema) == 0:
         return
     # With no wanted column present, still read the first field so that row counts stay right.
     batches = _raw_batches(rf, indices or [0])
     try:
-        for raw in batches:
+        for raw, release in batches:
             for start in range(0, max(raw.num_rows, 1), step):
                 part = raw.slice(start, step)
                 if part.num_rows == 0:
                     continue
-                if shard is not None:
-                    pieces[0] += 1
-                    if not shard.owns(pieces[0] - 1):
-                        yield offset, part.num_rows, None, []
-                        offset += part.num_rows
-                        continue
-                batch, problems = _canonical(rf.path, names, part, offset)
-                yield offset, part.num_rows, batch, problems
-                offset += part.num_rows
+                piece = pieces[0]
+                pieces[0] += 1
+                if shard is not None and not shard.owns(piece):
+                    yield offset, part.num_rows, None, [], piece
+                    offset += part.num_rows
+                    continue
+                for sub in value_slices(part if names else part.select([]), BATCH_VALUES):
+                    batch, problems = _canonical(rf.path, names, sub, offset)
+                    yield offset, sub.num_rows, batch, problems, piece
+                    offset += sub.num_rows
+                    release()  # the caller is done with the slice
     except (OSError, pa.ArrowException) as err:
         raise InputError(f"{rf.path}: cannot read past row {offset} (truncated or corrupt file): "
                          f"{_one_line(err)}") from err
@@ -561,7 +653,7 @@ def _canonical(path: str, names: list[str], raw: pa.RecordBatch, offset: int
         try:
             if pa.types.is_dictionary(column.type):
                 column = column.dictionary_decode()
-            arrays.append(column if column.type == target else column.cast(target))
+            arrays.append(column if column.type == target else _own_values(column).cast(target))
             fields.append(pa.field(name, target))
         except pa.ArrowException as err:
             problems.append(Problem("type", path, name, None,
@@ -633,7 +725,7 @@ def validate_rollouts(source: RolloutSource, limit: int | None = None, *, shard:
             out.add(problem)
         _check_file(rf, source.column_map, out)
         try:
-            for offset, num_rows, batch, cast_problems in _read_canonical(rf, None, shard, pieces):
+            for offset, num_rows, batch, cast_problems, _ in _read_canonical(rf, None, shard, pieces):
                 if batch is None:  # another rank's piece
                     continue
                 for problem in cast_problems:
@@ -919,7 +1011,7 @@ class _IdHashes:
             if "sample_id" not in rf.fields:
                 continue
             try:
-                for offset, _, batch, _ in _read_canonical(rf, {"sample_id"}):
+                for offset, _, batch, _, _ in _read_canonical(rf, {"sample_id"}):
                     if "sample_id" not in batch.schema.names:
                         continue
                     sids = batch.column("sample_id")

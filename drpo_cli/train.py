@@ -7,12 +7,14 @@ plans token-budget micro-batches, computes the aggregation denominators over the
 gradient does not depend on the micro-batch size. A closing audit measures the final weights
 against μ; the checkpoint and OUT/drpo_report.json are written in one atomic rename.
 
-Interrupts. SIGINT/SIGTERM set a flag; the current optimizer step finishes, then the resumable
-state goes to `OUT.partial-state/` (model + optimizer + step counter + report so far + RNG) and
-the run exits 130. `--resume` reloads it and reaches the same final weights as an uninterrupted
-run: the shuffle of pass e is a pure function of (seed, e) and the learning rate of step s is a
-pure function of s, so the step counter is all the "scheduler" there is. A second signal aborts
-at once. Its test hook (DRPO_INTERRUPT_AFTER_STEP) is documented in hooks.py.
+Interrupts. SIGINT/SIGTERM set a flag; the current optimizer step stops within seconds (checked
+before every forward pass, and in one process before every decoder layer), its gradients dropped,
+then the resumable state goes to `OUT.partial-state/` (model + optimizer + step counter + report
+so far + RNG) and the run exits 130. `--resume` reloads it and reaches the same final weights as
+an uninterrupted run: the shuffle of pass e is a pure function of (seed, e) and the learning rate
+of step s is a pure function of s, so the step counter is all the "scheduler" there is. A second
+signal aborts at once. Its test hooks (DRPO_INTERRUPT_AFTER_STEP, DRPO_INTERRUPT_IN_STEP) are
+documented in hooks.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,21 +34,24 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from drpo_cli import __version__, distributed, hooks, moe, outputs
+from drpo_cli import __version__, distributed, hooks, launch, moe, outputs
 from drpo_cli.batching import plan_micro_batches
 from drpo_cli.checkpoint import (
     CheckpointWriter,
     check_free_space,
+    check_model,
     default_out_dir,
     load_model,
+    model_context,
     output_nbytes,
     read_policy_version,
+    report_nbytes,
     save_checkpoint,
     saved_format,
 )
 from drpo_cli.config import TrainConfig, expand_correction
 from drpo_cli.divergence import Diagnostics, sequence_scores, token_diagnostics
-from drpo_cli.errors import ConfigError, InputError, Interrupted, ReportError
+from drpo_cli.errors import Aborted, ConfigError, DrpoError, InputError, Interrupted, ReportError
 from drpo_cli.histograms import MuPiHistogram, worst_tokens
 from drpo_cli.logprobs import fused_token_loss, pick_device, reused_buffers, token_logprobs
 from drpo_cli.losses import (
@@ -73,15 +77,21 @@ from drpo_cli.report_format import (
     print_train_summary,
     train_report_json,
 )
-from drpo_cli.rollouts import RolloutRows, check_vocabulary, current_version, load_rows, staleness_filter
+from drpo_cli.resume import load_state, save_state
+from drpo_cli.rollouts import (
+    Context,
+    RolloutRows,
+    check_vocabulary,
+    current_version,
+    fit_context,
+    load_rows,
+    staleness_filter,
+)
 from drpo_cli.schema import open_rollouts
 
 REPORT_NAME = "drpo_report.json"
 PAGE_NAME = "report.html"
-STATE_DCP = "dcp"  # the resumable state's model + optimizer (torch.distributed.checkpoint)
 WORST_SAMPLES = 10
-# Options that may differ between an interrupted run and its --resume.
-_RESUME_FREE = ("resume", "overwrite", "quiet", "tensorboard")
 LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -94,12 +104,35 @@ class TrainResult:
 
 def train(cfg: TrainConfig, *, console: Console | None = None) -> TrainResult:
     """Run `drpo train` for a validated config; returns where the checkpoint went and the report."""
-    # Caught up to the final rename: a signal after the last step lets the run finish.
-    with _signals_request_stop() as stop:
-        return _train(cfg, stop, console or Console())
+    out_dir = outputs.real(cfg.out or default_out_dir(cfg.model, read_policy_version(cfg.model)))
+    # The outputs locked for the whole run, files no more readable than the inputs; then, caught up to
+    # the final rename, a signal after the last step lets the run finish.
+    with outputs.claimed(*cfg.paths(out_dir), lock=launch.leads()), _signals_request_stop() as stop:
+        outputs.check_paths(*cfg.paths(out_dir), overwrite=cfg.overwrite)  # validate() saw only an explicit --out
+        # The checkpoint's temporary directory, made now: an --out that cannot be written fails before any work.
+        tmp = _output_temp_dir(out_dir) if launch.leads() else None
+        try:
+            return _train(cfg, out_dir, tmp, stop, console or Console())
+        except KeyboardInterrupt:  # nothing saved by this run; a resumed run's earlier state may still be there
+            state = outputs.state_dir(out_dir)
+            if cfg.resume and state.is_dir() and outputs.foreign(state, "state") is None:
+                raise Interrupted(f"interrupted again before a new state was saved; the earlier state at {state} is "
+                                  "kept: rerun the same command with --resume to continue from it") from None
+            raise
+        finally:
+            if tmp is not None:
+                outputs.discard(tmp)  # gone already once the checkpoint was renamed into place
 
 
-def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
+def _output_temp_dir(out_dir: Path) -> Path:
+    try:
+        return outputs.new_temp_dir(out_dir)
+    except OSError as err:
+        raise ConfigError(f"--out {out_dir}: cannot create its temporary directory in {out_dir.parent} "
+                          f"({err.strerror or err})") from None
+
+
+def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console: Console) -> TrainResult:
     t0 = time.perf_counter()
     preset, cfg = cfg.correction, expand_correction(cfg)  # --correction spelled out as the options it stands for
     hp = cfg.loss_hparams()
@@ -107,9 +140,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     # ---- output location: refused before anything is loaded ----
     in_version = read_policy_version(cfg.model)
     out_version = (in_version or 0) + 1
-    out_dir = outputs.real(cfg.out or default_out_dir(cfg.model, in_version))
     state_dir = outputs.state_dir(out_dir)
-    outputs.check_paths(*cfg.paths(out_dir), overwrite=cfg.overwrite)  # validate() saw only an explicit --out
     if cfg.resume and not state_dir.is_dir():
         raise ConfigError(f"--resume: no interrupted run at {state_dir}")
     if not cfg.resume and os.path.lexists(state_dir):
@@ -117,11 +148,16 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
         raise ConfigError(f"{state_dir}: an interrupted run's state; pass --resume to continue it or delete it"
                           if why is None else f"{state_dir}: {why}; train keeps an interrupted run's state "
                           "there: move it or choose another --out")
+    # The model directories checked (headers, config.json against the weights) before any row is read;
+    # its context is what every row must fit (or be cut to, with --truncate) before the weights are loaded.
+    context = model_context(check_model(cfg.model, cfg.allow_unsafe_weights), cfg.model)
+    if cfg.ref_model:
+        check_model(cfg.ref_model, cfg.allow_unsafe_weights)
     # LoRA: peft imported and the adapter's config read before anything is loaded.
     lora_config = _lora_config(cfg)
     adapter_only = lora_config is not None and not cfg.merge
     # A full disk is found now, not after the last step (the output keeps the source's dtype).
-    out_bytes = output_nbytes(cfg.model, _source_dtype(cfg.model))
+    out_bytes = output_nbytes(cfg.model, _source_dtype(cfg.model), steps=cfg.epochs * cfg.minibatches)
     if not adapter_only:  # an adapter's size is known once it is built (below)
         check_free_space(out_dir, out_bytes)
 
@@ -143,7 +179,7 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     # ---- rows (minus the too stale ones), reference log-probs, model ----
     # Under torchrun each rank loads only its share of the rows (schema.Shard); `local_of` maps a
     # row's index among all kept rows to this rank's copy of it (−1: another rank's).
-    rows, staleness, local_of, totals = _load_share(cfg, in_version)
+    rows, staleness, truncation, local_of, totals = _load_share(cfg, in_version, context)
     if totals["rows"] < cfg.minibatches:
         raise ConfigError(f"--minibatches {cfg.minibatches}: more than the {totals['rows']} rollout rows")
     # The reference model's log-probs, in one inference pass before the policy is loaded: one model at a time.
@@ -167,8 +203,10 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     if routing_spec is not None:
         moe.install(model, routing_spec, replay=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # global numel for DTensors
+    for _ in range(hooks.interrupt_signals("load")):
+        signal.raise_signal(signal.SIGTERM)
     if adapter_only:
-        out_bytes = 4 * trainable + 64 * 1024
+        out_bytes = 2 * 4 * trainable + report_nbytes(cfg.epochs * cfg.minibatches)  # one shard: scratch + file
         check_free_space(out_dir, out_bytes)
     mask = torch.from_numpy(rows.loss_mask)  # (T,) bool
     # Values where loss_mask is 0 are unspecified (SPEC.md §3): zero them so 0-weighted tokens stay finite.
@@ -216,16 +254,18 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     steps: list[dict] = []
     start = 0
     if cfg.resume:
-        start, steps = _load_state(state_dir, cfg, model, optimizer, scaler)
+        start, steps = load_state(state_dir, cfg, model, optimizer, scaler)
 
     total_steps = cfg.epochs * cfg.minibatches
+    diverged = None  # the parameter an update made non-finite (the run stops after that step)
     progress = _progress(cfg, total_steps, start)
     # Rounds of a pipeline (policy version v -> v + 1) continue one TensorBoard curve.
     board = _tensorboard(cfg, base_step=(in_version or 0) * total_steps)
-    # From here on a signal finishes the current step and saves a resumable state. Under torchrun the
-    # ranks agree after every step (the flag is max-reduced), so all stop after the same step.
+    # From here on a signal stops the current step within seconds (_interruptible: between passes, and in
+    # one process between decoder layers), drops its gradients and saves a resumable state at its start.
+    # Under torchrun the ranks agree before every pass and after every step (the flag is max-reduced).
     stop.defer = True
-    with progress:
+    with progress, _interruptible(model, stop, sharded) as check_stop:
         task = progress.add_task("train", total=total_steps, completed=start, loss="–", tps="–", outside="–")
         for step in range(start, total_steps):
             epoch, k = divmod(step, cfg.minibatches)
@@ -241,10 +281,18 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
             scale = _loss_scale(scaler, device)
             if scaler is not None:
                 corrections["amp/loss_scale"] = scale
-            loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=step_rho,
-                                                      behavior=behavior, advantages=advantages, mask=mask,
-                                                      autocast=autocast, ref_logp=ref_logp, scale=scale,
-                                                      old_logp=old, step=step)
+            stop.step = step
+            try:
+                loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=step_rho,
+                                                          behavior=behavior, advantages=advantages, mask=mask,
+                                                          autocast=autocast, ref_logp=ref_logp, scale=scale,
+                                                          old_logp=old, step=step, interrupt=check_stop)
+            except StepInterrupted:
+                optimizer.zero_grad(set_to_none=True)  # the step's partial gradients: it reruns on --resume
+                raise _interrupted(state_dir, cfg, model, optimizer, step, steps, scaler, total_steps,
+                                   f"during step {step + 1}") from None
+            finally:
+                stop.step = None
             if scaler is not None:
                 scaler.unscale_(optimizer)  # the gradients back to their true size before the norm and clip
             # The global norm: FSDP2 gradients are DTensors, whose norm is reduced over ranks.
@@ -252,6 +300,8 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
             skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
             if not skipped:  # a non-finite step is counted, never applied
                 optimizer.step()
+                # An update can overflow finite weights (an absurd --lr): every later step would be NaN.
+                diverged = _non_finite_weight(model)
             if scaler is not None:
                 scaler.update()  # halved after an overflow (a skipped step), doubled after 2,000 clean ones
             optimizer.zero_grad(set_to_none=True)
@@ -265,13 +315,14 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                             outside=fmt(metrics.get("tr/outside_frac")))
             if board is not None:
                 board.step(steps[-1])
-            if hooks.interrupt_requested(step):
+            if diverged is not None:
+                break  # the checkpoint and report are still written; the run then exits 1
+            for _ in range(hooks.interrupt_signals(step)):
                 signal.raise_signal(signal.SIGTERM)
             stop.requested = distributed.any_rank(stop.requested)
             if stop.requested and step + 1 < total_steps:
-                _save_state(state_dir, cfg, model, optimizer, step + 1, steps, scaler)
-                raise Interrupted(f"interrupted after step {step + 1} of {total_steps}; state saved to {state_dir}; "
-                                  "rerun the same command with --resume to continue")
+                raise _interrupted(state_dir, cfg, model, optimizer, step + 1, steps, scaler, total_steps,
+                                   f"after step {step + 1}")
 
     # ---- closing audit: the final weights against μ on the trained rollouts ----
     optimizer = None  # its moments (two weight copies) are not needed past the last step
@@ -298,16 +349,17 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
                                    "estimator": cfg.kl_estimator} if cfg.ref_model else None),
                  "entropy_coef": cfg.entropy_coef, "correction": preset, "reject_mode": cfg.reject_mode,
                  "is_veto": cfg.is_veto, "is_batch_norm": cfg.is_batch_norm},
-        "filters": {"staleness": staleness, "rejection": rejection, "veto": veto},
+        "filters": {"staleness": staleness, "rejection": rejection, "veto": veto, "truncation": truncation},
         "notes": notes,
         "steps": steps,
         "skipped_steps": sum(s["skipped"] for s in steps),
+        "diverged": None if diverged is None else {"step": step, "parameter": diverged},
         "final": final,
         "seconds": time.perf_counter() - t0,
     }
     report = finite_or_null(report)
     files, unwritten = _report_files(report)
-    _save_output(model, cfg, out_dir, out_version, files, out_bytes, lora_config)  # the weights, whatever else fails
+    _save_output(model, cfg, out_dir, out_tmp, out_version, files, out_bytes, lora_config)  # the weights, whatever else fails
     if distributed.rank() == 0:  # one remover: every rank's shards are in it
         outputs.remove_output(state_dir, "state")  # only drpo's own state; anything else stays
     if board is not None:
@@ -318,6 +370,10 @@ def _train(cfg: TrainConfig, stop, console: Console) -> TrainResult:
     if unwritten:
         raise ReportError(f"wrote {out_dir} (policy version {out_version}) but could not write "
                           + "; ".join(unwritten))
+    if diverged is not None:
+        raise DrpoError(f"wrote {out_dir} (policy version {out_version}) but training diverged: the update of step "
+                        f"{step} made {diverged} non-finite, so the run stopped there and drpo will refuse these "
+                        f"weights; lower --lr ({cfg.lr:g}) or --max-grad-norm ({cfg.max_grad_norm:g})")
     if not cfg.quiet and distributed.rank() == 0:
         print_train_summary(report, console)
     return TrainResult(out_dir=out_dir, policy_version=out_version, report=report)
@@ -341,7 +397,7 @@ def _report_files(report: dict) -> tuple[dict[str, str], list[str]]:
 
 def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: TrainConfig, *, anchor, rho, behavior,
                          advantages, mask, autocast=None, ref_logp=None, old_logp=None,
-                         step: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, Diagnostics, int]:
+                         step: int = 0, scale: float = 1.0, interrupt=None) -> tuple[torch.Tensor, Diagnostics, int]:
     """Backward of one optimizer step's loss over rows `row_idx`, micro-batch by micro-batch.
 
     The aggregation denominator is summed over every micro-batch (and rank) first, so the
@@ -353,8 +409,9 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
     computed over the step's tokens of every rank in global order before any gradient pass; OPSM
     (--opsm-delta) is per sequence, inside the loss. `scale` (fp16's loss scale)
     multiplies every c_t, so the gradients, formed in the head's forward from the per-token upstream
-    gradient, are scaled before any cast to fp16; the loss is returned unscaled. Returns (global loss,
-    global diagnostics, global trained tokens).
+    gradient, are scaled before any cast to fp16; the loss is returned unscaled. `interrupt()` runs
+    before every pass (under torchrun a collective: every rank runs as many passes) and raises
+    StepInterrupted when a signal asks to stop. Returns (global loss, global diagnostics, global trained tokens).
     """
     device = distributed.model_device(model)
     hp = cfg.loss_hparams()
@@ -376,7 +433,7 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
         mask[step_idx] = before & kept
     selected = None  # (T,) bool: the step's clip-cov / kl-cov tokens
     if cfg.loss in BATCH_LOSSES:
-        logp_now = _sweep_logprobs(model, micro, cfg, device, autocast)  # (S,) π at this step's weights
+        logp_now = _sweep_logprobs(model, micro, cfg, device, autocast, interrupt)  # (S,) π at this step's weights
         sel = _step_wide(lambda lp, mu, a, v: covariance_selection(cfg.loss, lp, mu, a, v, seed=cfg.seed * 1_000_003 + step,
                                                                    **hp),
                          rows, step_idx, logp_now, anchor[step_idx], advantages[step_idx], mask[step_idx])
@@ -395,6 +452,8 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
     fillers = distributed.filler_passes(len(micro))
     with reused_buffers():  # the step's micro-batches share chunk buffers, freed before the optimizer step
         for mb in micro:
+            if interrupt is not None:
+                interrupt()
             idx = mb.token_index  # (M,) on the CPU, like the per-token arrays it indexes
             mb = mb.to(device)
             m, a, mu = mask[idx].to(device), advantages[idx].to(device), anchor[idx].to(device)  # (M,)
@@ -426,6 +485,8 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
             diag.update(logp, beh, a, m, entropy=ent, seq_index=mb.seq_index, ref_logp=ref, selected=sel)
             moe.count_trained(model, mb, m)  # with --replay-routing: the router's own top-k ≠ the logged one
         for filler in fillers:
+            if interrupt is not None:
+                interrupt()
             zero, _, _ = fused_token_loss(model, filler.to(device), lambda logp, sl: logp.sum() * 0.0,
                                           chunk_tokens=cfg.chunk_tokens, dtype=autocast)
             zero.backward()
@@ -435,11 +496,13 @@ def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: Tra
     return total / scale, diag, int(tokens.item())
 
 
-def _sweep_logprobs(model, micro, cfg: TrainConfig, device, autocast) -> torch.Tensor:
+def _sweep_logprobs(model, micro, cfg: TrainConfig, device, autocast, interrupt=None) -> torch.Tensor:
     """π of the step's tokens (S,) at the current weights, no gradient, micro-batch by micro-batch (with FSDP's fillers)."""
     out = [torch.zeros(0)]
     with torch.no_grad():  # not inference_mode: FSDP2's gathered buffers must serve the gradient passes next
         for i, mb in enumerate(micro + distributed.filler_passes(len(micro))):
+            if interrupt is not None:
+                interrupt()
             lp, _ = token_logprobs(model, mb.to(device), chunk_tokens=cfg.chunk_tokens, dtype=autocast)
             if i < len(micro):
                 out.append(lp.float().cpu())
@@ -496,8 +559,8 @@ def _step_corrections(cfg: TrainConfig, rows: RolloutRows, local: np.ndarray, rh
     Fractions are of the step's trained tokens and sequences before rejection: `reject/*` (--reject),
     `veto/token_frac` (tokens with ρ below the veto threshold), `veto/seq_frac` (sequences vetoed).
     --is-batch-norm: the weights divided by their mean over the step's trained tokens (sequences at a
-    sequence --is-level), summed exactly (losses.weight_sum_parts), so the factor `is/batch_norm_factor`
-    does not depend on micro-batch size or world size.
+    sequence --is-level), summed exactly (losses.weight_sum_parts), so for the same weights the factor
+    `is/batch_norm_factor` does not depend on micro-batch size or world size.
     """
     if len(flags) == 1 and not cfg.is_batch_norm:  # no rejection, no veto, no normalisation
         return rho, {}
@@ -527,8 +590,10 @@ def _step_corrections(cfg: TrainConfig, rows: RolloutRows, local: np.ndarray, rh
     return normalized, metrics
 
 
-def _load_share(cfg: TrainConfig, in_version: int | None) -> tuple[RolloutRows, dict, np.ndarray, dict]:
-    """(this rank's rows minus the too stale ones, staleness counts, local_of, global totals).
+def _load_share(cfg: TrainConfig, in_version: int | None, context: Context | None
+                ) -> tuple[RolloutRows, dict, dict | None, np.ndarray, dict]:
+    """(this rank's rows minus the too stale ones, within the model's context, staleness counts, truncation
+    counts (rollouts.fit_context; None without --truncate), local_of, global totals).
 
     In one process the rows are all of them and local_of is the identity. Under torchrun each rank
     loads its share (schema.Shard) and local_of (N,) maps each kept row's index among all N kept rows,
@@ -545,13 +610,14 @@ def _load_share(cfg: TrainConfig, in_version: int | None) -> tuple[RolloutRows, 
     current, _ = current_version(None, in_version, np.array([newest], dtype=np.int64))
     rows, staleness = staleness_filter(rows, current, max_lag=cfg.max_lag, min_version=cfg.min_version,
                                        exchange=xch)
+    rows, truncation = fit_context(rows, context, truncate=cfg.truncate, exchange=xch)  # a row too long: refused
     kept = rows.global_row if xch is None else np.concatenate(xch(rows.global_row))  # increasing: file order
     kept = np.sort(kept)
     local_of = np.full(kept.size, -1, dtype=np.int64)
     local_of[np.searchsorted(kept, rows.global_row)] = np.arange(rows.num_rows)
     mine = [rows.num_rows, rows.num_tokens, int(rows.loss_mask.sum())]
     totals = dict(zip(("rows", "tokens", "trained_tokens"), (sum(x) for x in zip(*distributed.exchange(mine)))))
-    return rows, staleness, local_of, totals
+    return rows, staleness, truncation, local_of, totals
 
 
 def _check_vocabulary(rows: RolloutRows, vocab_size: int, model_dir: str) -> None:
@@ -584,6 +650,23 @@ def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Ad
     fused = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
                 for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def _non_finite_weight(model) -> str | None:
+    """The name of a parameter holding NaN or ±inf after an update (any rank's shard), else None.
+
+    One max-norm per parameter (no full-size temporary); under torchrun a collective.
+    """
+    from torch.distributed.tensor import DTensor
+
+    named = [(n, t) for n, p in model.named_parameters() if p.requires_grad
+             for t in [p.to_local() if isinstance(p, DTensor) else p] if t.numel()]
+    norms = torch.stack([torch.linalg.vector_norm(p.detach(), ord=float("inf")).float() for _, p in named]) \
+        if named else torch.zeros(0)
+    bad = [n for (n, _), ok in zip(named, torch.isfinite(norms).tolist()) if not ok]
+    if not distributed.any_rank(bool(bad)):
+        return None
+    return next(name for names in distributed.exchange(bad[:1]) for name in names)
 
 
 def _loss_scale(scaler, device) -> float:
@@ -701,7 +784,7 @@ def _tensorboard(cfg: TrainConfig, *, base_step: int) -> _Board | None:
         raise ConfigError(f"--tensorboard needs the tensorboard package ({err}): pip install 'drpo[tensorboard]'") from None
 
 
-def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, files: dict[str, str],
+def _save_output(model, cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, version: int, files: dict[str, str],
                  expected_bytes: int, lora_config) -> None:
     """Checkpoint (or adapter), report and page appear together, in one atomic rename (--overwrite: an atomic swap, outputs.py).
 
@@ -709,7 +792,7 @@ def _save_output(model, cfg: TrainConfig, out_dir: Path, version: int, files: di
     With LoRA: the adapter alone in peft's format, or (--merge) full weights W + (alpha / r)·B A.
     """
     kw = {"source_dir": cfg.model, "policy_version": version, "training_config": cfg.to_dict(),
-          "overwrite": cfg.overwrite, "extra_files": files, "expected_bytes": expected_bytes}
+          "overwrite": cfg.overwrite, "extra_files": files, "expected_bytes": expected_bytes, "tmp_dir": out_tmp}
     sharded = distributed.is_sharded(model)
     keep = transform = convert = None
     if lora_config is not None:
@@ -763,7 +846,7 @@ def _source_dtype(model_dir: str) -> str | None:
     return dtype if dtype in ("float32", "bfloat16", "float16") else None
 
 
-# ---- interrupts and resumable state ----------------------------------------------------------
+# ---- interrupts ----------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -772,7 +855,7 @@ def _signals_request_stop():
 
     Before that (loading: nothing to save) and on a second signal, the signal aborts at once.
     """
-    stop = SimpleNamespace(requested=False, defer=False)
+    stop = SimpleNamespace(requested=False, defer=False, step=None)  # step: the optimizer step in progress
 
     def handle(signum, frame):
         if stop.requested or not stop.defer:
@@ -790,91 +873,54 @@ def _signals_request_stop():
             signal.signal(sig, previous)
 
 
-def _save_state(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: int, steps: list[dict],
-                scaler=None) -> None:
-    """Everything --resume needs, written to a temporary sibling and renamed into place.
-
-    Model and optimizer go through torch.distributed.checkpoint (`get_state_dict` + `dcp.save`): under
-    torchrun every rank writes its own shards into the same directory (no gather), and the
-    checkpoint can be loaded back at another world size, or in one process. Rank 0 creates the
-    temporary directory and writes the marker (next step, options, report steps so far) last; it
-    is renamed into place only after every rank's shards are written.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    tmp, error = None, None
-    if distributed.rank() == 0:
-        tmp = outputs.new_temp_dir(state_dir)
-    tmp = distributed.broadcast_object(tmp)
-    try:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _one_process_dcp():
-            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / STATE_DCP))
-    except Exception as err:  # noqa: BLE001 - reported to every rank by agree()
-        error = err
-    try:
-        distributed.agree(error, "saving the resumable state")
-        if distributed.rank() == 0:
-            # fp16's loss scale goes with the RNG: a resumed run scales its next step as the uninterrupted one.
-            torch.save({"torch_rng": torch.get_rng_state(), "scaler": scaler and scaler.state_dict()}, tmp / "rng.pt")
-            outputs.write_marker(tmp, "state", {"next_step": next_step, "config": _resume_key(cfg), "steps": steps,
-                                                "world_size": distributed.world_size()})
-            outputs.publish_dir(tmp, state_dir, "state", overwrite=True)  # the state replaced is drpo's own
-    except BaseException:
-        if tmp is not None and distributed.rank() == 0:
-            outputs.discard(tmp)
-        raise
-
-
-def _load_state(state_dir: Path, cfg: TrainConfig, model, optimizer, scaler=None) -> tuple[int, list[dict]]:
-    """Read --resume's state into the (possibly sharded) model and optimizer; returns (next step, steps).
-
-    DCP reshards on load: a state saved by N ranks resumes under M ranks or in one process.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    try:
-        meta = json.loads((state_dir / outputs.DIR_MARKERS["state"]).read_text(encoding="utf-8"))
-        rng = torch.load(state_dir / "rng.pt", map_location="cpu", weights_only=True)
-        if not (state_dir / STATE_DCP).is_dir():
-            raise OSError(f"no {STATE_DCP}/ (written by an older drpo?)")
-    except (OSError, ValueError, RuntimeError) as err:
-        raise InputError(f"{state_dir}: unreadable resume state ({type(err).__name__}: {err})") from err
-    current = _resume_key(cfg)
-    changed = sorted(k for k in current if meta["config"].get(k) != current[k])
-    if changed:
-        raise ConfigError(f"--resume: options differ from the interrupted run: {', '.join('--' + k.replace('_', '-') for k in changed)}")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
-    try:
-        with _one_process_dcp():
-            dcp.load(state, checkpoint_id=str(state_dir / STATE_DCP))
-    except Exception as err:  # e.g. a layout DCP cannot reshard, or missing shard files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{state_dir}: cannot resume the run saved by {meta.get('world_size', '?')} rank(s) with "
-                         f"{distributed.world_size()}: {type(err).__name__}: {first}") from err
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    torch.set_rng_state(rng["torch_rng"])
-    if scaler is not None and rng.get("scaler"):
-        scaler.load_state_dict(rng["scaler"])
-    return int(meta["next_step"]), list(meta["steps"])
+class StepInterrupted(Exception):
+    """A signal stopped an optimizer step in its middle (its gradients are dropped; it reruns on --resume)."""
 
 
 @contextlib.contextmanager
-def _one_process_dcp():
-    """DCP warns on every call without a process group; in one process that is the intended use."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
+def _interruptible(model, stop, sharded: bool):
+    """Yields the check accumulate_gradients runs before every pass: StepInterrupted once a signal set
+    `stop.requested`, so that a long step stops in seconds (the pass at work, not the whole step).
+
+    Under torchrun the check is a collective (any rank's flag), so every rank stops before the same
+    pass; in one process each decoder layer also checks before its forward (a pre-hook), so a long
+    forward stops between layers. The hook also serves DRPO_INTERRUPT_IN_STEP (hooks.py).
+    """
+    def check() -> None:
+        if distributed.any_rank(stop.requested) if sharded else stop.requested:
+            raise StepInterrupted
+
+    def before_layer(module, args) -> None:
+        if stop.step is None:
+            return  # the π_old, reference and closing passes: a signal there acts as before
+        if hooks.interrupt_in_step(stop.step) and not stop.requested:
+            signal.raise_signal(signal.SIGTERM)  # the test hook: a signal inside the step's forward
+        if stop.requested and not sharded:  # under FSDP every rank must stop before the same pass: check()
+            raise StepInterrupted
+
+    try:
+        layers = distributed.decoder_layers(model)
+    except ConfigError:  # an architecture without declared blocks: the checks between passes remain
+        layers = []
+    handles = [layer.register_forward_pre_hook(before_layer) for layer in layers]
+    try:
+        yield check
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def _resume_key(cfg: TrainConfig) -> dict:
-    d = cfg.to_dict()
-    for k in _RESUME_FREE:
-        d.pop(k)
-    return json.loads(json.dumps(d))  # tuples -> lists, as read back from JSON
+def _interrupted(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: int, steps: list[dict], scaler,
+                 total_steps: int, when: str) -> DrpoError:
+    """Save the resumable state (the next step to run: `next_step`) and return the error that says so:
+    Interrupted (exit 130), or Aborted (exit 4) when the state could not be saved (e.g. a full disk)."""
+    try:
+        save_state(state_dir, cfg, model, optimizer, next_step, steps, scaler)
+    except Exception as err:  # noqa: BLE001 - said in one line, nothing half-written (save_state cleans up)
+        return Aborted(f"interrupted {when} of {total_steps}, but the resumable state could not be saved to "
+                       f"{state_dir} ({distributed.one_line(err)}): nothing was kept; rerun the command")
+    return Interrupted(f"interrupted {when} of {total_steps}; state saved to {state_dir}; rerun the same command "
+                       "with --resume to continue")
 
 
 # ---- progress ---------------------------------------------------------------------------------

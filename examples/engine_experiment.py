@@ -7,6 +7,7 @@ drpo trains in float32, the new weights go back to llama.cpp as a GGUF of the sa
     nice -n 5 python examples/engine_experiment.py --threads 1 --part 0/2 &   # split over processes
     nice -n 5 python examples/engine_experiment.py --threads 1 --part 1/2 &
     python examples/engine_experiment.py --report   # results.md from the rounds found so far; runs nothing
+    python examples/engine_experiment.py --verify drpo_Q8_0_k4_s2/1   # rerun a committed round, compare
 
 Sampler ∈ {F32 (control: float32 GGUF and KV cache, the engine computes what the trainer does),
 Q8_0 (8-bit weights and activations, float16 KV cache: a deployed engine's mismatch)}; K ∈ {0, 4}:
@@ -28,7 +29,9 @@ found, so a partial run is a valid partial result; rerunning the same command re
 from __future__ import annotations
 
 import shutil
+import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -98,6 +101,82 @@ def measure(s: rx.RealSettings, model_dir: Path, out: Path, tokenizer, sampler: 
     return cached
 
 
+# --verify: a rerun round's figures against the committed ones. A round is a chain of seeded draws
+# (llama.cpp's sampler, the mini-batch shuffle, the evaluation's sampler) through float32 arithmetic, so
+# where llama.cpp's CPU kernels compute what they computed when the round was recorded, every figure
+# comes back bit for bit, or within ROUNDING where a figure depends on μ's last bits (the F32 sampler
+# here: its k3 at round start, about 1e-11, moved by 3e-8). Where they differ (the Q8_0 dot products of
+# another SIMD width), a sampled token can change where two candidates' probabilities lie within
+# rounding of the seeded draw; from there on the round's rollouts differ, and its figures agree only as
+# two draws of the same experiment do: within DRAW_SDS sample SDs of the committed seeds' mean for that
+# arm, setting and round.
+ROUNDING = 1e-6  # absolute; the round files keep 5 significant digits
+DRAW_SDS = 3.0
+
+
+def _leaves(record: dict) -> dict[str, float]:
+    """The round's figures: rewards, response length, start and final metrics, gradient norms, loss fraction."""
+    out = {k: record[k] for k in ("rollout_reward", "reward", "response_len_mean") if record.get(k) is not None}
+    for group in ("start", "final"):
+        out.update({f"{group}.{k}": v for k, v in (record.get(group) or {}).items() if v is not None})
+    out.update({f"grad_norms[{i}]": v for i, v in enumerate(record.get("grad_norms") or []) if v is not None})
+    if (record.get("loss_fraction") or {}).get("mean") is not None:
+        out["loss_fraction"] = record["loss_fraction"]["mean"]
+    return out
+
+
+def compare_rounds(committed: list[dict], rerun: list[dict], seeds: list[list[dict]]) -> list[dict]:
+    """Per round and figure: committed and rerun values, and how they agree — "bit for bit", "rounding"
+    (within ROUNDING), "draw" (within DRAW_SDS sample SDs of the mean of `seeds`, the committed runs of
+    the same arm and setting, one list of rounds per seed) or "beyond"."""
+    rows = []
+    for old, new in zip(committed, rerun):
+        r = old["round"]
+        band = [_leaves(run[r - 1]) for run in seeds if len(run) >= r]
+        for key, a in _leaves(old).items():
+            b = _leaves(new).get(key)
+            values = [x[key] for x in band if key in x]
+            mean = statistics.fmean(values) if values else a
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            how = ("bit for bit" if b == a else "rounding" if b is not None and abs(b - a) <= ROUNDING
+                   else "draw" if b is not None and abs(b - mean) <= DRAW_SDS * sd + ROUNDING else "beyond")
+            rows.append({"round": r, "figure": key, "committed": a, "rerun": b, "seeds_mean": mean, "seeds_sd": sd,
+                         "agreement": how})
+    return rows
+
+
+def verify(target: str, s: rx.RealSettings, model_dir: Path, out: Path, tokenizer, sampler: Sampler) -> list[dict]:
+    """Rerun rounds 1..R of run RUN (target 'RUN/R', e.g. 'drpo_Q8_0_k4_s2/3') from the recorded settings in
+    a scratch directory and compare each with the committed round files under `out`."""
+    import tempfile
+
+    name, _, upto = target.partition("/")
+    committed = rx.finished_rounds(out, name)
+    if not upto.isdigit() or not 1 <= int(upto) <= len(committed):
+        raise SystemExit(f"--verify {target}: expected RUN/ROUND with a committed round (RUN has {len(committed)})")
+    arm, level, k, seed = _parse_run(name)
+    seeds = [rx.finished_rounds(out, rx.run_name(arm, level, k, x)) for x in range(s.seeds)]
+    with tempfile.TemporaryDirectory(prefix="verify-") as scratch:
+        rx.run_rounds(arm, k, level, seed, s, model_dir, Path(scratch) / "out", Path(scratch) / "work", tokenizer,
+                      int(upto), sample=sampler, rule=RULE)
+        rerun = rx.finished_rounds(Path(scratch) / "out", name)
+    return compare_rounds(committed[: int(upto)], rerun, seeds)
+
+
+def verdict(rows: list[dict]) -> str:
+    """"reproduced" (every figure bit for bit or within rounding), "another draw" (within the seeds'
+    spread), or "not reproduced" (some figure beyond it)."""
+    kinds = {r["agreement"] for r in rows}
+    return ("not reproduced" if "beyond" in kinds else "another draw" if "draw" in kinds else "reproduced")
+
+
+def _parse_run(name: str) -> tuple[str, str, int, int]:
+    """run_name's inverse: 'drpo-d0.2_Q8_0_k4_s1' -> ('drpo-d0.2', 'Q8_0', 4, 1)."""
+    head, k, seed = name.rsplit("_", 2)
+    arm, level = next((head[: -len(kind) - 1], kind) for kind in engine.KINDS if head.endswith("_" + kind))
+    return arm, level, int(k.removeprefix("k")), int(seed.removeprefix("s"))
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoTokenizer
@@ -106,6 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
     raw = sys.argv[1:] if argv is None else argv
     report_only = "--report" in raw  # rewrite results.json / results.md / plots from the rounds found; run none
     raw = [a for a in raw if a != "--report"]
+    target = None
+    if "--verify" in raw:  # rerun one committed round (and the rounds before it) and compare; writes nothing
+        i = raw.index("--verify")
+        target, raw = raw[i + 1], raw[:i] + raw[i + 2:]
     s, model_dir, out, work = rx.parse_args(raw, defaults=DEFAULTS, levels=engine.KINDS, out=DEFAULT_OUT,
                                             work=DEFAULT_WORK)
     i, n = s.part_index()
@@ -115,6 +198,16 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     work.mkdir(parents=True, exist_ok=True)
     sampler = Sampler(s, tokenizer, work)
+    if target is not None:
+        recorded = (rx._read_json(out / "results.json") or {}).get("settings", {})
+        s = replace(s, **{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k != "part"})
+        rows = verify(target, s, model_dir, out, tokenizer, sampler)
+        for r in rows:
+            print(f"round {r['round']} {r['figure']}: committed {r['committed']:.6g}, rerun "
+                  f"{'–' if r['rerun'] is None else format(r['rerun'], '.6g')} ({r['agreement']}; seeds "
+                  f"{r['seeds_mean']:.4g} ± {r['seeds_sd']:.2g})")
+        print(f"{target}: {verdict(rows)}")
+        return {"verify": target, "rows": rows, "verdict": verdict(rows)}
     with rx.locked(out):
         start = measure(s, model_dir, out, tokenizer, sampler)
     levels = [start["levels"][k] for k in s.mismatch]

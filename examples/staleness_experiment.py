@@ -225,10 +225,24 @@ def round_record(report: dict, r: int, sampler_version: int, rollout_reward: flo
         "final": {k: final.get(k) for k in TR_METRICS},
         "start": {k: steps[0]["metrics"].get(k) for k in START_METRICS} if steps else None,
         "loss_fraction": {"name": frac_name, "mean": _mean(fracs)} if frac_name else None,
+        "weight": _weight_record(report["config"]["loss"], steps),
         "grad_norms": [st["grad_norm"] for st in steps],
         "skipped_steps": report["skipped_steps"],
         "train_seconds": report["seconds"],
     }
+
+
+def _weight_record(loss: str, steps: list[dict]) -> dict | None:
+    """A weighted loss's gradient weight over the round's steps (drpo, spo: SPEC.md §2): the mean
+    corrective (w < 0) and attenuated (w < 0.5) fractions and the smallest weight, so that a round
+    shows whether the boundary was reached; None for a loss without a gradient-weight diagnostic."""
+    prefix = f"weight/{loss}_"
+    if not steps or prefix + "corrective_frac" not in steps[0]["metrics"]:
+        return None
+    mins = [st["metrics"].get(prefix + "min") for st in steps]
+    return {"corrective_frac": _mean([st["metrics"].get(prefix + "corrective_frac") for st in steps]),
+            "attenuated_frac": _mean([st["metrics"].get(prefix + "attenuated_frac") for st in steps]),
+            "min": min((m for m in mins if m is not None and math.isfinite(m)), default=None)}
 
 
 # ---- summary -------------------------------------------------------------------------------------
@@ -240,7 +254,8 @@ def _mean(xs) -> float | None:
 
 
 def _std(xs) -> float:
-    return statistics.pstdev(xs) if len(xs) > 1 else 0.0
+    """The sample standard deviation (n − 1): what "±" means in every table here; 0 for one value."""
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
 def settings_of(runs: list[dict]) -> list[tuple[str, int]]:
@@ -309,7 +324,7 @@ def _fmt(x, spec=".3f") -> str:
 
 def markdown_tables(rows: list[dict]) -> str:
     """Two results tables: reward and collapse per (loss, setting); trust-region and gradient metrics."""
-    reward = [("| loss | mismatch | K | final reward | mean reward over rounds | min reward | reward collapses | "
+    reward = [("| loss | mismatch | K | final reward (± sample SD) | mean reward over rounds | min reward | reward collapses | "
                "entropy collapses | final entropy |"), "|---|---|---|---|---|---|---|---|---|"]
     tr = [("| loss | mismatch | K | k3 at round start | outside | harmful | \\|Δ\\| mean | k3 | clip / mask / corrective "
            "| max grad norm | grad spike | clipped steps |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -329,7 +344,7 @@ def markdown_tables(rows: list[dict]) -> str:
 
 
 def curve_tables(runs: list[dict]) -> str:
-    """Per round, mean ± std over seeds of each arm and setting: the evaluated reward, and the k3 the
+    """Per round, mean ± sample SD over seeds of each arm and setting: the evaluated reward, and the k3 the
     round's first optimizer step starts from (the sampler's mismatch plus the staleness, as trained)."""
     runs = [r for r in runs if r["rounds"]]
     if not runs:
@@ -354,8 +369,8 @@ def curve_tables(runs: list[dict]) -> str:
                 cells["k3"].append(f"{_mean(k3):.2g} ± {_std(k3):.1g}" if k3 else "–")
             for name, lines in tables.items():
                 lines.append(key + " " + " | ".join(cells[name]) + " |")
-    return ("Reward after each round (mean ± std over seeds):\n\n" + "\n".join(tables["reward"])
-            + "\n\nk3 at each round's first step (mean ± std over seeds):\n\n" + "\n".join(tables["k3"]))
+    return ("Reward after each round (mean ± sample SD over seeds):\n\n" + "\n".join(tables["reward"])
+            + "\n\nk3 at each round's first step (mean ± sample SD over seeds):\n\n" + "\n".join(tables["k3"]))
 
 
 # Losses whose gradient weight is the importance ratio itself (clipped or not): the family the DRPO paper
@@ -379,9 +394,9 @@ def _band(xs: list[float]) -> tuple[float, float]:
 def verdicts(runs: list[dict]) -> list[str]:
     """What the numbers say, each claim against the seed spread (markdown lines).
 
-    Per setting, the arms' late reward (the mean of a run's last LATE_ROUNDS evaluations) as mean ± std
-    over seeds; two arms differ beyond the seed spread when their means are further apart than the sum
-    of their standard deviations (the mean ± std bands do not overlap). Then, per arm and K, the
+    Per setting, the arms' late reward (the mean of a run's last LATE_ROUNDS evaluations) as mean ± sample
+    SD over seeds; two arms differ beyond the seed spread when their means are further apart than the sum
+    of their sample standard deviations (the mean ± SD bands do not overlap). Then, per arm and K, the
     low-precision sampler against the float32 control on late reward, gradient spikes (max / median
     pre-clip norm) and collapses: the paper's "ratio-based methods become unstable under
     low-precision rollouts" shows up only if a ratio-based arm spikes or collapses more under the
@@ -393,7 +408,7 @@ def verdicts(runs: list[dict]) -> list[str]:
     complete = [r for r in runs if r["rounds"]]
     if not complete:
         return []
-    lines = [(f"## What the numbers say (mean ± std over seeds; late reward = mean of the last {LATE_ROUNDS} "
+    lines = [(f"## What the numbers say (mean ± sample SD over seeds; late reward = mean of the last {LATE_ROUNDS} "
               "evaluations of a run)"), ""]
     numbers = {id(r): _run_numbers(r) for r in complete}
 
@@ -418,7 +433,7 @@ def verdicts(runs: list[dict]) -> list[str]:
     if control is None or len(levels) < 2:
         return lines
     lines += ["", f"Low precision against the control ({control}), same arm and K:", ""]
-    unstable = []
+    unstable, spike_ratios = [], []
     for level in (lv for lv in levels if lv != control):
         for k in sorted({r["staleness"] for r in complete}):
             for arm in arms:
@@ -430,14 +445,26 @@ def verdicts(runs: list[dict]) -> list[str]:
                                         _band([g["spike"] or 1.0 for g in ctl]))
                 lc, cc = sum(g["collapsed"] for g in low), sum(g["collapsed"] for g in ctl)
                 le, ce = sum(g["entropy_collapsed"] for g in low), sum(g["entropy_collapsed"] for g in ctl)
-                worse = (ls - cs > lss + css) or (lc > cc) or (cr - lr > lrs + crs)
-                if worse:
+                spike_ratios.append(ls / cs if cs > 0 else None)
+                why = [w for w, hit in (("its gradient spikes are larger", ls - cs > lss + css),
+                                        ("more runs collapse", lc > cc),
+                                        ("its late reward is lower", cr - lr > lrs + crs)) if hit]
+                if why:
                     unstable.append((arm, level, k))
+                reward_note = (f" (its late reward is {'higher' if lr > cr else 'lower'} with {level}, within the spread)"
+                               if why and "its late reward is lower" not in why else "")
                 lines.append(f"- {arm}, K = {k}: late reward {level} {lr:.3f} ± {lrs:.3f} vs {control} {cr:.3f} ± "
                              f"{crs:.3f}; grad spike {ls:.2f} ± {lss:.2f} vs {cs:.2f} ± {css:.2f}; reward collapses "
                              f"{lc} of {len(low)} vs {cc} of {len(ctl)}; entropy collapses {le} of {len(low)} vs "
                              f"{ce} of {len(ctl)}"
-                             + (" — worse under low precision beyond the seed spread." if worse else "."))
+                             + (f" — worse under low precision beyond the seed spread: {' and '.join(why)}{reward_note}."
+                                if why else "."))
+    ratios = [r for r in spike_ratios if r is not None]
+    if ratios:
+        geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        lines += ["", (f"Gradient spikes are larger under low precision in {sum(r > 1 for r in ratios)} of the "
+                  f"{len(ratios)} arm × K cells (ratio of means: geometric mean ×{geo:.2f}, range "
+                  f"×{min(ratios):.2f}–×{max(ratios):.2f}).")]
     ratio = [u for u in unstable if u[0] in RATIO_ARMS]
     bounded = [u for u in unstable if u[0] not in RATIO_ARMS]
     lines += ["", "**Ratio-based instability under low-precision rollouts:** "

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import EPS64, assert_reordered
 
 from drpo_cli import losses as L
 from drpo_cli.errors import ConfigError
@@ -117,7 +118,10 @@ def test_micro_batch_split_invariance(mode, num_parts, name):
         )
         share.backward()
         total = total + share.detach()
-    torch.testing.assert_close(total, full.detach(), rtol=1e-13, atol=1e-15)
+    # float64 sums of the same c_t·loss_t in another order (per part, then over parts): within log2(n) ε64 of
+    # the terms' magnitude (n ≤ 520 tokens; measured: 0.4 with every kernel set).
+    terms = (full_coef * L.token_loss(name, logp, anchor, adv, mask=mask).abs()).sum()
+    assert_reordered(total, full.detach(), 16, eps=EPS64, scale=terms, msg="loss")
     torch.testing.assert_close(x.grad, x_full.grad, rtol=0, atol=0)  # each token's gradient is c_t·∂loss_t
 
 

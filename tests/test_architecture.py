@@ -13,11 +13,12 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("foundations", {"errors", "hooks", "elementwise", "loss_options", "allocator", "launch", "routing", "value_table"}),
     ("files", {"outputs", "schema"}),
     ("rollouts in", {"rollouts", "writer", "checkpoint", "adapters", "adapters.common", "adapters.hf",
-                     "adapters.openai_compat", "adapters.sglang", "adapters.vllm", "llamacpp", "convert"}),
+                     "adapters.openai_compat", "adapters.sglang", "adapters.streams", "adapters.vllm", "llamacpp",
+                     "convert"}),
     ("objectives", {"losses", "losses_extra", "divergence"}),
     ("model runtime", {"batching", "distributed", "moe", "logprobs", "lora", "histograms", "vocab_parallel"}),
     ("options and reports", {"config", "config_file", "report_format", "options_doc", "html_pages"}),
-    ("commands", {"inspect_data", "inspect_model", "inspect_against", "train"}),
+    ("commands", {"inspect_data", "inspect_model", "inspect_against", "train", "resume"}),
     ("entry points", {"cli", "__main__", "__init__"}),
 ]
 LEVEL = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}

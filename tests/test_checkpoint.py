@@ -374,7 +374,7 @@ def test_load_error_paths(source, tmp_path):
     state = {k: v for k, v in load_model(source)[0].state_dict().items() if "layers.1.mlp" not in k}
     save_checkpoint(state, source_dir=source, out_dir=partial / "w", policy_version=0, training_config={})
     os.rename(partial / "w" / "model.safetensors", partial / "model.safetensors")
-    cases["weights missing or of the wrong shape: model.layers.1.mlp"] = (partial, {})
+    cases["weights missing from the checkpoint: model.layers.1.mlp"] = (partial, {})
     for expected, (path, kwargs) in cases.items():
         with pytest.raises(CheckpointError) as err:
             load_model(path, **kwargs)

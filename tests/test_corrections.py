@@ -14,7 +14,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAIN
+from conftest import FAST_TRAIN, METRIC_ULPS, assert_reordered, assert_trained_alike
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
@@ -159,8 +159,11 @@ def test_seq_mask_tis_composition_equals_nemo_rl_values_and_gradients():
     (g_ours,) = torch.autograd.grad(ours, logp)
     ref = _nemo_seq_mask_tis(logp, prox, beh, adv, mask, seq, lo, hi)
     (g_ref,) = torch.autograd.grad(ref, logp)
-    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-8)
+    # The same float32 terms summed in another order (≤ log2 n < 8 roundings of the terms' mean |ρ·loss|);
+    # each token's gradient is a product of a few rounded factors (c, ρ, A, r), no sum: within 4 ε of itself.
+    terms = (per_token.detach().abs() * mask).sum() / mask.sum()
+    assert_reordered(ours, ref, 8, scale=terms, msg="loss")
+    assert_reordered(g_ours, g_ref, 4, scale=g_ref.abs(), msg="gradient")
 
 
 def test_seq_mask_tis_band_is_the_geometric_mean_of_rho():
@@ -279,12 +282,13 @@ def test_batch_normalised_weights_have_mean_one_over_the_step_for_any_micro_batc
         if level == "token":
             exact = sum(Fraction(float(x)) for x in rho[on]) / int(on.sum())
             assert metrics["is/batch_norm_factor"] == float(exact)
-            assert normalized[on].double().mean().item() == pytest.approx(1.0, abs=1e-6)
+            # each normalised weight is ρ/m rounded to float32 (m too: two roundings of ε/2): mean 1 within ε32
+            assert_reordered(normalized[on].double().mean().item(), 1.0, 1, scale=1.0, msg="mean weight")
         else:
             per_seq = {int(r): float(rho[on & (row == r)][0]) for r in row[on].unique()}
             assert metrics["is/batch_norm_factor"] == pytest.approx(sum(per_seq.values()) / len(per_seq), rel=1e-12)
             means = [float(normalized[on & (row == r)][0]) for r in per_seq]
-            assert np.mean(means) == pytest.approx(1.0, abs=1e-6)
+            assert_reordered(np.mean(means), 1.0, 1, scale=1.0, msg="mean sequence weight")  # as at token level
         # Row order within the step changes nothing (the sum is exact).
         _, again = _step_corrections(cfg, rows, local[::-1].copy(), rho, mask, {"trained": mask}, torch.device("cpu"))
         assert again == metrics
@@ -296,10 +300,12 @@ def test_batch_norm_factor_and_weights_do_not_depend_on_micro_batch_tokens(toy, 
     a = _train(toy, tmp_path / "a", *args, "--micro-batch-tokens", "64")
     b = _train(toy, tmp_path / "b", *args, "--micro-batch-tokens", "4096")
     fa = [s["metrics"]["is/batch_norm_factor"] for s in a["steps"]]
-    assert fa == [s["metrics"]["is/batch_norm_factor"] for s in b["steps"]] and all(f != 1.0 for f in fa)
-    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=2e-6)
+    fb = [s["metrics"]["is/batch_norm_factor"] for s in b["steps"]]
+    assert all(f != 1.0 for f in fa)
+    # The mean of the weights is exact, but π_old, which the weights come from, is computed through other
+    # micro-batch shapes: equal within the weights' rounding (METRIC_ULPS), not bit for bit.
+    assert_reordered(fa, fb, METRIC_ULPS, scale=np.maximum(1.0, np.abs(fb)), msg="is/batch_norm_factor")
+    assert_trained_alike(_weights(tmp_path / "a"), _weights(tmp_path / "b"), lr=1e-3, steps=2)
 
 
 def test_inspect_correction_options_are_checked(toy):

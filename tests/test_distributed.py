@@ -9,7 +9,6 @@ one-rank gloo group to check the FSDP entry point and the streamed save without 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import socket
@@ -22,7 +21,16 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import TOY
+from conftest import (
+    ENTROPY_ULPS,
+    EPS32,
+    GRAD_ULPS,
+    LOGP_ULPS,
+    METRIC_ULPS,
+    TOY,
+    assert_reordered,
+    assert_trained_alike,
+)
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 from typer.testing import CliRunner
@@ -100,22 +108,51 @@ def one_process(*args: str):
 
 
 def assert_same_json(a, b, path: str = "") -> None:
-    """Equal structure; floats equal to summation-order noise; RUN_DETAILS keys skipped."""
+    """Equal structure; floats within METRIC_ULPS (conftest) of max(1, |value|); RUN_DETAILS keys skipped.
+
+    The reports' floats come from log-probs that the ranks (or the streamed batches) compute on other
+    micro-batches: equal to float32 rounding, not bit for bit. After an optimizer step the weights differ
+    too (ADAM_DRIFT), which on these runs moves the metrics by no more (measured: 25 after 2 steps).
+    """
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
+        ranked = next((k for k in RANKED if k in a), None)
         for k in a:
-            if k not in RUN_DETAILS:
+            if k == ranked:
+                assert_same_ranking(a, b, ranked, path)
+            elif k not in RUN_DETAILS and not (ranked and k == "worst_tokens"):
                 assert_same_json(a[k], b[k], f"{path}.{k}")
     elif isinstance(a, list):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same_json(x, y, f"{path}[{i}]")
     elif isinstance(a, float) or isinstance(b, float):
-        # worst_tokens' Δ are rounded to 5 decimals (histograms.py): noise can move the last digit
-        tol = 1.01e-5 if ".worst_tokens" in path else 1e-6
-        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=tol), f"{path}: {a} vs {b}"
+        # worst_tokens' Δ (|Δ| ≤ 1) are rounded to 5 decimals (histograms.py): noise can move them one step
+        step = 1e-5 / EPS32 if ".worst_tokens" in path else 0.0
+        assert_reordered(a, b, METRIC_ULPS + step, scale=max(1.0, abs(a), abs(b)), msg=path)
     else:
         assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+# Lists of sequences ranked by these keys (worst first), each with its entry of "worst_tokens" beside it.
+RANKED = {"worst_sequences": ("harmful_frac", "delta_abs_max"),  # inspect
+          "worst_samples": ("harmful_frac", "outside_frac", "delta_abs_max")}  # train's closing audit
+
+
+def assert_same_ranking(a: dict, b: dict, ranked: str, path: str) -> None:
+    """Position by position the ranking keys agree (assert_same_json's bound), and so does the entry, unless
+    it is another sequence: two sequences that tie in exact arithmetic (a shared prompt and first tokens give
+    the same max |Δ|) are ordered by the rounding of their keys, which other batches change."""
+    keys = RANKED[ranked]
+    assert len(a[ranked]) == len(b[ranked]) == len(a.get("worst_tokens", a[ranked])), f"{path}.{ranked}"
+    for i, (x, y) in enumerate(zip(a[ranked], b[ranked])):
+        where = f"{path}.{ranked}[{i}]"
+        for key in keys:
+            assert_same_json(x[key], y[key], f"{where}.{key}")
+        if x["sample_id"] == y["sample_id"]:
+            assert_same_json(x, y, where)
+            if "worst_tokens" in a:
+                assert_same_json(a["worst_tokens"][i], b["worst_tokens"][i], f"{path}.worst_tokens[{i}]")
 
 
 # ---- the command line, without processes --------------------------------------------------------
@@ -199,9 +236,13 @@ def test_sharded_engine_gives_the_plain_models_loss_and_gradients(which, request
         grads = {n: distributed.full_value(p.grad) for n, p in model.named_parameters()}
         results.append((lp_inf, loss.detach(), logp, grads))
     (lp_a, loss_a, logp_a, g_a), (lp_b, loss_b, logp_b, g_b) = results
-    torch.testing.assert_close(lp_b, lp_a, rtol=0, atol=1e-6)
-    torch.testing.assert_close(logp_b, logp_a, rtol=0, atol=1e-6)
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    # The same formulas; untied, FSDP2 computes the head vocabulary-parallel (its own log-sum-exp merge and
+    # gradient sums), so the results agree to rounding, not bit for bit.
+    assert_reordered(lp_b, lp_a, LOGP_ULPS, scale=1 + lp_a.abs(), msg="inference log-probs")
+    assert_reordered(logp_b, logp_a, LOGP_ULPS, scale=1 + logp_a.abs(), msg="log-probs")
+    # The loss Σ_t (t+1)·logp_t: the per-token bound summed, and as much again for the sum's own rounding.
+    weights = torch.arange(1, mb.num_tokens + 1, dtype=torch.float32)
+    assert_reordered(loss_b, loss_a, LOGP_ULPS, scale=2 * (weights * (1 + logp_a.abs())).sum(), msg="loss")
     assert g_a.keys() == g_b.keys()
     # The embedding (tied: and head) receives its gradients through the entry points.
     assert g_b["model.embed_tokens.weight"].abs().sum() > 0
@@ -209,7 +250,7 @@ def test_sharded_engine_gives_the_plain_models_loss_and_gradients(which, request
         assert g_b["lm_head.weight"].abs().sum() > 0
         assert not torch.equal(g_b["lm_head.weight"], g_b["model.embed_tokens.weight"])
     for name in g_a:
-        torch.testing.assert_close(g_b[name], g_a[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert_reordered(g_b[name], g_a[name], GRAD_ULPS, msg=name)
 
 
 def test_meta_device_sharded_load_equals_the_plain_load(toy, one_rank_group):
@@ -242,6 +283,26 @@ def test_sharded_load_names_a_missing_weight(toy, one_rank_group, tmp_path):
     save_file(tensors, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="weights missing from the checkpoint: model.norm.weight"):
         distributed.load_sharded_model(tmp_path / "m", torch.device("cpu"))
+
+
+def poisoned(toy: Path, tmp_path: Path, row: int) -> Path:
+    """The toy model with one NaN in gate_proj (128 rows: rank 0 of 2 holds rows 0-63, rank 1 the rest)."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(toy / "model", tmp_path / "m")
+    tensors = load_file(str(toy / "model" / "model.safetensors"))
+    tensors["model.layers.0.mlp.gate_proj.weight"][row, 5] = float("nan")
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    return tmp_path / "m"
+
+
+def test_sharded_load_refuses_a_non_finite_weight_naming_it(toy, one_rank_group, tmp_path):
+    from drpo_cli.errors import CheckpointError
+
+    model = poisoned(toy, tmp_path, 100)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight holds "
+                                              r"nan at \[100, 5\]; drpo refuses non-finite weights"):
+        distributed.load_sharded_model(model, torch.device("cpu"))
 
 
 def test_streamed_save_of_a_sharded_model_equals_the_plain_save(toy, one_rank_group, tmp_path):
@@ -282,14 +343,15 @@ def test_two_ranks_train_the_same_weights_and_report_as_one(which, request, tmp_
     one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert one.keys() == two.keys() == source.keys()
     assert max((one[k] - source[k]).abs().max().item() for k in one) > 1e-4  # the weights did move
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
 
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
     r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
     assert [s["tokens"] for s in r1["steps"]] == [s["tokens"] for s in r2["steps"]]
     for s1, s2 in zip(r1["steps"], r2["steps"]):
         assert not s1["skipped"] and not s2["skipped"]
-        assert s2["grad_norm"] == pytest.approx(s1["grad_norm"], rel=1e-5)  # a sum over ranks, not a mean
+        # a sum over ranks, not a mean: the norm of gradients that agree within GRAD_ULPS (squares: no cancellation)
+        assert_reordered(s2["grad_norm"], s1["grad_norm"], GRAD_ULPS, scale=s1["grad_norm"], msg="grad_norm")
     for section in ("steps", "final", "input", "loss", "notes"):
         assert_same_json(r1[section], r2[section], section)
     r1["config"].pop("out"), r2["config"].pop("out")
@@ -310,7 +372,7 @@ def test_two_ranks_train_gspo_with_reference_kl_entropy_rejection_and_filters_li
     assert run.returncode == 0, run.stderr[-3000:]
     one_process("train", *common, "--out", str(tmp_path / "one"))
     one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
     r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
     assert r1["filters"]["staleness"]["rows_dropped"] > 0
@@ -330,7 +392,7 @@ def test_two_ranks_train_clip_cov_with_m2po_and_opsm_like_one(toy, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     one_process("train", *common, "--out", str(tmp_path / "one"))
     one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
     r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
     assert all(0 < s["metrics"][m] < 1 for s in r1["steps"]
@@ -372,10 +434,31 @@ def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy,
     for name in ("same", "other"):
         resumed = load_file(str(tmp_path / name / "model.safetensors"))
         assert resumed.keys() == straight.keys()
-        assert max((resumed[k] - straight[k]).abs().max().item() for k in straight) <= 1e-5, name
+        assert_trained_alike(resumed, straight, lr=1e-3, steps=4, msg=name)
         assert not (tmp_path / f"{name}.partial-state").exists()
     report = json.loads((tmp_path / "same" / "drpo_report.json").read_text())
     assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
+
+
+@pytest.mark.multiproc
+def test_two_ranks_stop_inside_a_step_before_the_same_pass_and_resume_to_the_uninterrupted_weights(toy, tmp_path):
+    # A signal inside step 1's first forward: every rank checks before each pass (one collective), so all
+    # stop before the same one, drop the step's gradients and save the state at its start.
+    from drpo_cli.hooks import INTERRUPT_IN_STEP
+
+    common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--epochs", "2",
+              "--micro-batch-tokens", "32"]  # 4 steps of several passes per rank
+    one_process("train", *common, "--out", str(tmp_path / "straight"))
+    run = torchrun("train", *common, "--out", str(tmp_path / "out"), env={INTERRUPT_IN_STEP: "1"})
+    state = tmp_path / "out.partial-state"
+    assert "exitcode  : 130" in run.stderr, run.stderr[-3000:]
+    assert run.stderr.count(f"interrupted during step 2 of 4; state saved to {state}") == 2, run.stderr[-3000:]
+    assert json.loads((state / "state.json").read_text())["next_step"] == 1
+    run = torchrun("train", *common, "--out", str(tmp_path / "out"), "--resume")
+    assert run.returncode == 0, run.stderr[-3000:]
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert max((resumed[k] - straight[k]).abs().max().item() for k in straight) <= 1e-5
 
 
 @pytest.mark.multiproc
@@ -394,11 +477,20 @@ def test_two_ranks_inspect_like_one(which, request, tmp_path):
     order = [("sample_id", "ascending"), ("position", "ascending")]
     t1, t2 = (pa.ipc.open_file(str(tmp_path / f"{n}.arrow")).read_all().sort_by(order) for n in ("one", "two"))
     assert t1.num_rows == t2.num_rows > 0  # every response token once, whichever rank computed it
+    # The ranks compute log π on other micro-batches (LOGP_ULPS); each other float column is a function of it
+    # (and of the logged μ, A), so its bound scales by that function's derivative, plus its own rounding.
+    c = {name: t1[name].to_numpy().astype(np.float64)
+         for name in ("logp", "behavior_logp", "logr", "ratio", "k3", "entropy")}
+    u = 1 + np.abs(c["logp"])
+    bounds = {"logp": (LOGP_ULPS, u), "logr": (LOGP_ULPS, u + np.abs(c["logr"])),
+              "ratio": (LOGP_ULPS, c["ratio"] * (1 + u)),
+              "delta": (LOGP_ULPS, np.exp(c["logp"]) * (1 + u) + np.exp(c["behavior_logp"])),
+              "k3": (LOGP_ULPS, np.abs(c["ratio"] - 1) * u + c["k3"]), "entropy": (ENTROPY_ULPS, 1 + c["entropy"])}
     for name in t1.schema.names:
         x, y = t1[name].to_numpy(), t2[name].to_numpy()
-        if x.dtype.kind == "f":
-            np.testing.assert_allclose(y, x, rtol=0, atol=1e-5, err_msg=name)
-        else:
+        if name in bounds:
+            assert_reordered(y, x, bounds[name][0], scale=bounds[name][1], msg=name)
+        else:  # ids, the logged μ and A, and decisions (|Δ| > δ): a flip would need a Δ within rounding of δ
             assert (x == y).all(), name
 
 
@@ -452,7 +544,7 @@ def test_one_process_under_torchrun_inspects_like_a_plain_process(toy, tmp_path)
     assert_same_json(*(json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "rank")))
 
 
-def test_the_launchers_exit_code_is_130_when_the_ranks_were_interrupted(tmp_path):
+def test_the_launchers_exit_code_is_130_when_the_ranks_saved_their_state_and_4_when_not(tmp_path):
     from drpo_cli.launch import launcher_exit_code
 
     def code(torchrun_code: int, ranks: list[int]) -> int:
@@ -468,6 +560,9 @@ def test_the_launchers_exit_code_is_130_when_the_ranks_were_interrupted(tmp_path
     assert code(1, []) == 1  # ranks that never reported (killed): torchrun's code
     assert code(0, [0, 0]) == 0
     assert code(2, [2, 2]) == 2
+    assert code(1, [4, 4]) == 4  # interrupted with nothing kept: no --resume
+    assert code(1, [130, 4]) == 4  # a rank without its state: the run cannot resume
+    assert code(1, [4, 1]) == 1
 
 
 @pytest.mark.multiproc
@@ -513,6 +608,54 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(toy, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no output directory, no temporary sibling
 
 
+@pytest.mark.multiproc
+def test_a_non_finite_weight_in_one_ranks_rows_stops_every_rank_with_its_line(toy, tmp_path):
+    # Row 100 is rank 1's: rank 0 never reads it, yet exits with the same line and code (bad input, 2).
+    model = poisoned(toy, tmp_path, 100)
+    run = torchrun("train", "-r", str(toy / "rollouts.arrow"), "-m", str(model), "--out", str(tmp_path / "out"),
+                   *TRAIN_ARGS)
+    line = (f"{model / 'model.safetensors'}: tensor model.layers.0.mlp.gate_proj.weight holds nan at [100, 5]; "
+            "drpo refuses non-finite weights (they make every log-prob and gradient NaN)")
+    errors = sorted(e for e in run.stderr.splitlines() if e.startswith("error: "))
+    assert errors == [f"error: [rank 0] {line}", f"error: [rank 1] {line}"], run.stderr[-3000:]
+    assert run.stderr.count("exitcode  : 2") == 2, run.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.multiproc
+def test_two_ranks_agree_on_skipping_non_finite_steps(toy, tmp_path):
+    # A = 3e38 overflows −A·r to −inf on some tokens of every step, not necessarily on every rank's
+    # rows: the loss and the gradient norm are global, so every rank skips the same steps.
+    table = pa.ipc.open_file(str(toy / "rollouts.arrow")).read_all()
+    table = table.drop_columns(["reward", "group_id"]).append_column(
+        "advantage", pa.array(np.full(table.num_rows, 3e38, dtype=np.float32)))
+    with pa.OSFile(str(tmp_path / "huge.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    run = torchrun("train", "-r", str(tmp_path / "huge.arrow"), "-m", str(toy / "model"), "--out",
+                   str(tmp_path / "skip"), "--loss", "pg-is", *TRAIN_ARGS)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "skip" / "drpo_report.json").read_text())
+    assert [s["skipped"] for s in report["steps"]] == [True, True]
+    old = load_file(str(toy / "model" / "model.safetensors"))
+    assert all(torch.equal(t, old[k]) for k, t in load_file(str(tmp_path / "skip" / "model.safetensors")).items())
+    # A learning rate whose first update leaves every later gradient norm non-finite: skipped on every rank.
+    run = torchrun("train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), "--out",
+                   str(tmp_path / "huge-lr"), *TRAIN_ARGS, "--lr", "3.4e37")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "huge-lr" / "drpo_report.json").read_text())
+    assert [s["skipped"] for s in report["steps"]] == [False, True]
+
+
+def test_a_non_finite_weight_after_an_update_is_found_in_any_ranks_shard(toy, one_rank_group):
+    from drpo_cli.train import _non_finite_weight
+
+    model, _ = distributed.load_sharded_model(toy / "model", torch.device("cpu"))
+    assert _non_finite_weight(model) is None
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.to_local()[2, 3] = float("-inf")
+    assert _non_finite_weight(model) == "model.layers.1.mlp.up_proj.weight"
+
+
 # ---- two nodes on this machine ---------------------------------------------------------------------
 
 
@@ -544,7 +687,7 @@ def test_two_nodes_write_only_from_global_rank_0_and_train_like_one_process(toy,
     one = load_file(str(tmp_path / "one" / "model.safetensors"))
     two = load_file(str(tmp_path / "node0" / "out" / "model.safetensors"))
     assert one.keys() == two.keys()
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
     assert sorted(p.name for p in (tmp_path / "node0" / "out").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
     r2 = json.loads((tmp_path / "node0" / "out" / "drpo_report.json").read_text())
@@ -554,18 +697,23 @@ def test_two_nodes_write_only_from_global_rank_0_and_train_like_one_process(toy,
 
 @pytest.mark.multiproc
 def test_two_ranks_batch_norm_veto_and_seq_mask_tis_like_one(toy, tmp_path):
-    # The step's weight mean is an exact integer sum over ranks: the same factor, bit for bit.
+    # The step's weight mean is an exact integer sum over ranks, but each rank recomputes π_old, which the
+    # weights come from, on its own micro-batches: the factor agrees to the weights' rounding (METRIC_ULPS).
     common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--anchor", "proximal",
               "--correction", "seq-mask-tis", "--is-band", "0.9", "1.1", "--is-veto", "0.3", "--is-batch-norm"]
     run = torchrun("train", *common, "--out", str(tmp_path / "two"))
     assert run.returncode == 0, run.stderr[-3000:]
     one_process("train", *common, "--out", str(tmp_path / "one"))
     one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
     r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
     factors = [s["metrics"]["is/batch_norm_factor"] for s in r1["steps"]]
-    assert factors == [s["metrics"]["is/batch_norm_factor"] for s in r2["steps"]] and 1.0 not in factors
+    assert 1.0 not in factors
+    assert_reordered([s["metrics"]["is/batch_norm_factor"] for s in r2["steps"]], factors, METRIC_ULPS,
+                     scale=np.maximum(1.0, np.abs(factors)), msg="is/batch_norm_factor")
+    # Counts of decisions on π_old (ρ < C, the band): equal unless a token sits within π_old's rounding of
+    # a threshold, and one token more or less would move a fraction far beyond any rounding bound.
     for key in ("veto/seq_frac", "reject/seq_frac"):
         assert [s["metrics"][key] for s in r1["steps"]] == [s["metrics"][key] for s in r2["steps"]]
     assert_same_json(r1["filters"], r2["filters"], "filters")

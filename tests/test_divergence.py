@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import EPS64, assert_reordered
 
 from drpo_cli import divergence as D
 from drpo_cli.errors import ConfigError
@@ -238,6 +239,26 @@ def test_summary_against_direct_formulas():
     assert sum(coarse["fracs"]) == pytest.approx(1.0)
 
 
+def test_tokens_with_a_non_finite_log_prob_are_counted_and_left_out():
+    # A diverged model's NaN / inf log-probs: no statistic, no histogram bin; a note counts them.
+    import numpy as np
+
+    from drpo_cli.histograms import MuPiHistogram
+
+    lp = t(LN(0.5), math.nan, LN(0.25), -math.inf, math.inf)
+    mu, adv, mask = t(LN(0.4), LN(0.5), LN(0.5), LN(0.5), LN(0.5)), t(1, 1, -1, 1, 1), torch.ones(5, dtype=torch.bool)
+    d = D.Diagnostics(0.2, {"drpo": {}})
+    d.update(lp, mu, adv, mask)
+    s = d.summary()
+    assert s["data/tokens"] == 2 and s["delta/abs_mean"] == pytest.approx((0.1 + 0.25) / 2)
+    assert s["notes"][-1] == ("3 of 5 trained tokens have a non-finite log-prob under the model (NaN or ±inf: "
+                              "diverged weights or an overflow); every statistic is over the other 2")
+    picture = MuPiHistogram(bins=4)
+    picture.update(lp.numpy(), mu.numpy(), adv.numpy(), mask.numpy())
+    assert int(picture.counts.sum()) == 2 and picture.counts[0, 1, 2] == 1 and picture.counts[1, 2, 1] == 1
+    assert np.isfinite(picture.counts).all()
+
+
 def test_selected_losses_only_and_missing_lag_position():
     logp, mu_lp, adv, mask, *_ = audit_data(300)
     diag = D.Diagnostics(losses={"ppo-clip": {"dual_clip": 3.0}})
@@ -303,9 +324,9 @@ def test_merged_equals_unmerged():
         if key.split("#")[0] in D.PER_UPDATE_METRICS:  # a selection over each update's tokens, by definition
             continue
         if key.startswith(("sum_", "by_")) or key.endswith("sum_w"):
-            torch.testing.assert_close(
-                a[key], b[key], rtol=1e-12, atol=1e-12
-            )  # sums of values: rounding only
+            # float64 sums of 4,000 values in five parts instead of one: rounding only, within log2(n) ε64 of
+            # the tensor's largest sum (measured: 1.3 with every kernel set)
+            assert_reordered(b[key], a[key], 16, eps=EPS64, msg=key)
         else:
             assert torch.equal(a[key], b[key]), key  # counts, histograms, maxima: exact
     sa, sb = whole32.summary(), merged.summary()

@@ -68,3 +68,14 @@ def test_one_round_of_the_loop(tmp_path, hf_model):
                               "--prompts", "1", "--samples", "2", "--max-new-tokens", "6", "--minibatches", "1"])
     assert [r["round"] for r in res["rounds"]] == [0, 1]
     assert (work / "round-1" / "model.F32.gguf").is_file()
+
+
+def test_verify_reruns_a_committed_round_of_the_llamacpp_grid(hf_model):
+    # Round 1 of a committed F32 run, rerun from its recorded settings (examples/engine_experiment.py --verify).
+    # Where llama.cpp's F32 kernels compute what they did when it was recorded, it is reproduced (bit for
+    # bit, the start k3 within rounding); elsewhere it must still be another draw of the same experiment.
+    import engine_experiment as ex
+
+    doc = ex.main(["--model", str(hf_model), "--threads", "1", "--verify", "pg-is_F32_k0_s0/1"])
+    assert doc["verdict"] in ("reproduced", "another draw"), [r for r in doc["rows"] if r["agreement"] == "beyond"]
+    assert {r["figure"] for r in doc["rows"]} >= {"reward", "rollout_reward", "start.kl/k3_mean", "grad_norms[0]"}

@@ -102,6 +102,8 @@ def test_streaming_is_independent_of_batching_and_format(tmp_path, valid_rollout
     small_batches = audit(write_rollout_table(big, tmp_path / "b.arrow", fmt="stream", max_chunksize=3))
     parquet = audit(write_rollout_table(big, tmp_path / "c.parquet", fmt="parquet"))
     for other in (small_batches, parquet):
+        # Sums in another batching, compared exactly: the table's values are dyadic (−0.5, 0.25, ±1, ...),
+        # so every float64 partial sum is exact in any order.
         assert other["metrics"] == one["metrics"]
         assert other["data"]["lag"] == one["data"]["lag"]
     single = audit(valid_rollout_path)["metrics"]
@@ -250,6 +252,7 @@ def test_data_audit_merge_equals_one_pass(tmp_path):
         (first if i % 2 else second).update(sb, 1.0)
     combine_as_all_reduce(first, second)
     first.all_reduce_()  # one process: a no-op
+    # exact: the valid table's values are dyadic, so float64 sums in any order are exact
     assert first.section(None, "unknown") == whole.section(None, "unknown")
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import TOY
+from conftest import LOGP_ULPS, METRIC_ULPS, TOY, assert_reordered
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -78,13 +78,16 @@ def test_per_token_output_round_trips_the_naive_recompute(run, naive):
     ref = np.lexsort((np.arange(len(naive["row"])) - np.searchsorted(naive["row"], naive["row"]), naive["sample_id"]))
     assert t.num_rows == len(naive["logp"])
     assert t.column("sample_id").to_pylist() == naive["sample_id"][ref].tolist()
-    np.testing.assert_allclose(t.column("logp").to_numpy(), naive["logp"][ref], atol=2e-5)
+    # Micro-batches of 64 tokens against one row at a time: log π to rounding (LOGP_ULPS), and Δ = π − μ and
+    # r = π/μ as functions of it: scaled by their derivatives (π, r), plus the float32 rounding of π and μ.
+    lp, u = naive["logp"][ref], 1 + np.abs(naive["logp"][ref])
+    assert_reordered(t.column("logp").to_numpy(), lp, LOGP_ULPS, scale=u, msg="logp")
     np.testing.assert_allclose(t.column("behavior_logp").to_numpy(), naive["mu"][ref], atol=1e-7)
     np.testing.assert_allclose(t.column("advantage").to_numpy(), naive["adv"][ref], atol=1e-6)
     np.testing.assert_array_equal(t.column("lag").to_numpy(), naive["lag"][ref])
     pi, mu = np.exp(naive["logp"][ref]), np.exp(naive["mu"][ref])
-    np.testing.assert_allclose(t.column("delta").to_numpy(), pi - mu, atol=2e-5)
-    np.testing.assert_allclose(t.column("ratio").to_numpy(), pi / mu, rtol=1e-4)
+    assert_reordered(t.column("delta").to_numpy(), pi - mu, LOGP_ULPS, scale=pi * (1 + u) + mu, msg="delta")
+    assert_reordered(t.column("ratio").to_numpy(), pi / mu, LOGP_ULPS, scale=pi / mu * (1 + u), msg="ratio")
 
 
 def test_report_metrics_equal_the_naive_recompute(run, naive):
@@ -119,7 +122,9 @@ def test_report_metrics_equal_the_naive_recompute(run, naive):
     expected["gspo/seq_clip_frac"] = np.unique(naive["row"][gspo_clipped]).size / s_row.size
     expected["cispo/clip_frac"] = np.mean(np.exp(logr) > 5.0)
     for name, value in expected.items():
-        assert m[name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
+        # from log-probs of other batch shapes (METRIC_ULPS); the fractions are counts: equal unless a token
+        # sits within rounding of a threshold
+        assert_reordered(m[name], value, METRIC_ULPS, scale=max(1.0, abs(value)), msg=name)
     assert m["reject/token_frac"] is None and m["reject/seq_frac"] is None  # no --reject given
     assert [e["loss"] for e in report["model"]["losses"]] == [
         "pg-is", "ppo-clip", "spo", "dppo-tv", "dppo-kl", "drpo", "gspo", "cispo", "sapo", "gmpo", "topr", "kimi15",
@@ -234,6 +239,7 @@ def test_logging_check_fits_equal_a_separate_recompute_per_temperature(table):
     fresh = [r for r in table.to_pylist() if r["policy_version"] == CURRENT_VERSION]
     assert checks["rows"] == len(fresh) and len(checks["temperature_fit"]) >= 5
     logr = {f["temperature"]: [] for f in checks["temperature_fit"]}
+    logged = []  # μ of the fresh tokens, flat order
     with torch.no_grad():
         for row in fresh:
             ids = torch.tensor(row["prompt_ids"] + row["response_ids"][:-1])[None]  # (1, L)
@@ -241,6 +247,7 @@ def test_logging_check_fits_equal_a_separate_recompute_per_temperature(table):
             target = torch.tensor(row["response_ids"])[:, None]
             keep = np.array(row["loss_mask"], dtype=bool) if row.get("loss_mask") else slice(None)
             mu = np.array(row["behavior_logprobs"], dtype=np.float64)
+            logged.append(mu[keep])
             for temp, values in logr.items():
                 lp = torch.log_softmax(logits / np.float32(temp), dim=-1).gather(1, target)[:, 0].double().numpy()
                 values.append((lp - mu)[keep])
@@ -250,13 +257,18 @@ def test_logging_check_fits_equal_a_separate_recompute_per_temperature(table):
     assert checks["fit_tokens"] == spread.size
     for fit in checks["temperature_fit"]:
         x = np.concatenate(logr[fit["temperature"]])[spread]
-        assert fit["abs_logr_mean"] == pytest.approx(np.abs(x).mean(), abs=1e-6)
-        assert fit["logr_mean"] == pytest.approx(x.mean(), abs=1e-6)
+        # means of log r from the audit's batches against row-by-row log-probs (METRIC_ULPS; |log r| < 1 here)
+        assert_reordered(fit["abs_logr_mean"], np.abs(x).mean(), METRIC_ULPS, scale=1.0, msg="abs_logr_mean")
+        assert_reordered(fit["logr_mean"], x.mean(), METRIC_ULPS, scale=1.0, msg="logr_mean")
     x = np.concatenate(logr[round(checks["logged_temperature"], 4)])
     assert checks["tokens"] == x.size
-    assert checks["logr_mean"] == pytest.approx(x.mean(), abs=1e-6)
-    # log r on these rows is numerics only (≈ 1e-7 per token), so the spread compares at that level.
-    assert checks["logr_sem"] == pytest.approx(x.std(ddof=1) / np.sqrt(x.size), rel=1e-3, abs=1e-8)
+    assert_reordered(checks["logr_mean"], x.mean(), METRIC_ULPS, scale=1.0, msg="logr_mean")
+    # log r on these rows is numerics only (≈ 1e-7 per token), so the spread compares at that level: the two
+    # log r differ per token by LOGP_ULPS·ε32·(1 + |log π|) (log π ≈ log μ here), so their standard errors by
+    # at most the rms of that over √(n − 1).
+    u = 1 + np.abs(np.concatenate(logged))
+    assert_reordered(checks["logr_sem"], x.std(ddof=1) / np.sqrt(x.size), LOGP_ULPS,
+                     scale=np.sqrt(np.mean(u**2) / (x.size - 1)), msg="logr_sem")
 
 
 def test_console_at_80_columns_elides_no_number_and_notes_once(run):
@@ -300,5 +312,6 @@ def test_veto_seq_mask_and_batch_norm_what_if_equal_the_naive_recompute(tmp_path
     assert m["reject/seq_frac"] == pytest.approx(len(masked_rows) / len(geo))
     assert 0 < m["veto/seq_frac"] < 1 and 0 < m["reject/seq_frac"] < 1
     # The preset's --reject-mode zero applies to the veto too: vetoed tokens count, with weight 0.
-    assert m["is/batch_norm_factor"] == pytest.approx(weight.sum() / len(weight), rel=1e-5)
+    factor = weight.sum() / len(weight)  # the weights from log-probs of other batch shapes (METRIC_ULPS)
+    assert_reordered(m["is/batch_norm_factor"], factor, METRIC_ULPS, scale=max(1.0, factor), msg="factor")
     assert report["settings"]["correction"] == "seq-mask-tis" and report["settings"]["is_veto"] == 0.3

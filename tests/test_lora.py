@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import peft
 import pytest
 import torch
+from conftest import assert_reordered, assert_trained_alike
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -64,8 +66,9 @@ def test_adapter_output_loads_with_peft_and_matches_the_merged_run(toy, adapter_
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
     source = load_file(str(toy / "model" / "model.safetensors"))
     assert merged.keys() == source.keys()
-    for name, value in merged.items():
-        torch.testing.assert_close(value, merged_by_peft[name], rtol=0, atol=1e-6, msg=name)
+    for name, value in merged.items():  # the same adapter (the same runs), merged by other code: W + s·B·A
+        # rounds r + 2 = 6 times at most, each within ε32 of the tensor's largest entry
+        assert_reordered(value, merged_by_peft[name], 6, msg=name)
     # Frozen: the embedding (tied head) and norms are the source's; the projections moved.
     assert torch.equal(merged["model.embed_tokens.weight"], source["model.embed_tokens.weight"])
     assert torch.equal(merged["model.norm.weight"], source["model.norm.weight"])
@@ -85,7 +88,8 @@ def test_adapter_values_round_trip_through_the_peft_format(toy, adapter_run):
     reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy / "model"), str(adapter_run))
     ids = torch.tensor([[1, 5, 7, 3, 9, 2]])
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-6)
+        # peft's LoRA layers on the same base weights with the same values: the same arithmetic, bit for bit
+        assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
 def test_continuing_an_adapter(toy, adapter_run, tmp_path):
@@ -96,6 +100,23 @@ def test_continuing_an_adapter(toy, adapter_run, tmp_path):
     assert first.keys() == second.keys()
     assert max((first[k] - second[k]).abs().max().item() for k in first) > 1e-4  # trained further
     assert json.loads((tmp_path / "next" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_an_adapter_with_a_non_finite_weight_is_refused(toy, adapter_run, tmp_path):
+    from safetensors.torch import save_file
+
+    shutil.copytree(adapter_run, tmp_path / "bad")
+    tensors = load_file(str(adapter_run / "adapter_model.safetensors"))
+    key = min(tensors)
+    tensors[key][1, 2] = float("inf")
+    save_file(tensors, str(tmp_path / "bad" / "adapter_model.safetensors"))
+    result = CliRunner().invoke(app, ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"),
+                                      "--out", str(tmp_path / "out"), *TRAIN, "--adapter", str(tmp_path / "bad")])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        (f"error: {tmp_path / 'bad' / 'adapter_model.safetensors'}: tensor {key} holds inf at [1, 2]; drpo refuses "
+        "non-finite weights (they make every log-prob and gradient NaN)")]
+    assert not (tmp_path / "out").exists()
 
 
 def test_initial_values_are_peft_kaiming_a_and_zero_b():
@@ -138,7 +159,8 @@ def test_frozen_head_skips_its_gradient_and_leaves_the_others_unchanged(toy):
     assert grads[1]["model.embed_tokens.weight"] is None and grads[0]["model.embed_tokens.weight"] is not None
     for name, g in grads[1].items():
         if name != "model.embed_tokens.weight":
-            torch.testing.assert_close(g, grads[0][name], rtol=1e-6, atol=1e-7, msg=name)
+            # the head's own gradient GEMM is skipped; every other op is the same: bit for bit
+            assert torch.equal(g, grads[0][name]), name
 
 
 def test_lora_options_are_checked_before_any_work(tmp_path):
@@ -178,8 +200,7 @@ def test_two_ranks_train_the_same_adapter_as_one(toy, adapter_run, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = load_file(str(adapter_run / "adapter_model.safetensors")), load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     assert one.keys() == two.keys()
-    # Ranks sum the gradient in another order than one process; at lr 1e-2 AdamW's m/√v turns that
-    # float noise into at most ~2e-5 on weights of size ~0.1 (measured 1.8e-5), hence 5e-5.
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=5e-5, msg=name)
+    # Ranks sum the gradient in another order than one process; AdamW's m/√v turns that rounding into a
+    # fraction of the step lr (ADAM_DRIFT; measured 8.3e-4 of lr per step).
+    assert_trained_alike(two, one, lr=1e-2, steps=2)  # TRAIN: --lr 1e-2, --minibatches 2
     assert (tmp_path / "two" / "adapter_config.json").read_text() == (adapter_run / "adapter_config.json").read_text()

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import GRAD_ULPS, assert_reordered
 
 from drpo_cli import losses as L
 from drpo_cli import losses_extra as X
@@ -528,8 +529,10 @@ def test_step_gradient_does_not_depend_on_micro_batch_tokens(toy, loss, agg, ext
     model.zero_grad(set_to_none=True)
     reference = _naive_step_grads(model, rows, idx, cfg, old, seed=4 * 1_000_003 + 2)
     for g in grads:
-        for k in reference:
-            torch.testing.assert_close(g[k], reference[k], rtol=1e-4, atol=1e-7)
+        for k in reference:  # the same sums in another order: micro-batches, head chunks, one padded forward
+            assert_reordered(g[k], reference[k], GRAD_ULPS, msg=k)
+    # Counts of decisions on log-probs of other micro-batches: equal unless a token sits within their rounding
+    # of a threshold or a tie.
     assert fracs[0] == fracs[1] == fracs[2]
     # The statistic acted, not all-or-nothing (OPSM drops only A < 0 tokens: the A > 0 share of its drops is 0).
     acted = {k: v for k, v in fracs[0].items() if k != "opsm/dropped_pos_adv_frac"}

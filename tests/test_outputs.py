@@ -313,8 +313,8 @@ def test_the_resumable_state_is_drpo_s_and_honours_the_umask(work, tmp_path):
     assert res.exit_code == 130, res.output
     state = tmp_path / "out.partial-state"
     listed = json.loads((state / "state.json").read_text())["files"]
-    assert listed == ["dcp/", "rng.pt", "state.json"]  # dcp/: model + optimizer (torch.distributed.checkpoint)
-    assert sorted(p.name for p in state.iterdir()) == ["dcp", "rng.pt", "state.json"]
+    assert listed == ["dcp/", "rng.safetensors", "state.json"]  # dcp/: model + optimizer (torch.distributed.checkpoint)
+    assert sorted(p.name for p in state.iterdir()) == ["dcp", "rng.safetensors", "state.json"]
     assert {stat.S_IMODE(p.stat().st_mode) for p in state.rglob("*") if p.is_file()} == {0o644}
     assert {stat.S_IMODE(p.stat().st_mode) for p in [state, *state.rglob("*")] if p.is_dir()} == {0o755}
     line = error_line(train(work / "rollouts.arrow", work / "model", out))

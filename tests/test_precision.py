@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAIN
+from conftest import FAST_TRAIN, LOGP_ULPS, assert_reordered
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -76,7 +76,8 @@ def test_head_gemm_runs_in_the_low_dtype_and_log_sum_exp_in_float32(toy_model, d
         h = response_hidden_states(model, mb, dtype=dtype)  # (M, H) under autocast
         z = torch.mm(h.to(dtype), model.lm_head.weight.to(dtype).t()).float() / mb.temperature[:, None]  # (M, V)
         naive = torch.log_softmax(z, dim=-1).gather(1, mb.target_ids[:, None]).squeeze(1)
-    torch.testing.assert_close(ours, naive, rtol=0, atol=2e-6)
+    # The same low-dtype GEMM inputs, chunked or whole, and float32 log-softmax: other sums (LOGP_ULPS).
+    assert_reordered(ours, naive, LOGP_ULPS, scale=1 + naive.abs(), msg="log-probs")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -185,15 +186,16 @@ def test_fp16_resume_keeps_the_loss_scale(toy, tmp_path):
     assert run(tmp_path / "straight").exit_code == 0
     out, state = tmp_path / "out", tmp_path / "out.partial-state"
     assert run(out, env={INTERRUPT_HOOK: "0"}).exit_code == 130
-    saved = torch.load(state / "rng.pt", weights_only=True)
-    assert saved["scaler"]["scale"] == 65536.0
+    marker = json.loads((state / "state.json").read_text())
+    assert marker["scaler"]["scale"] == 65536.0
     assert run(out, "--resume").exit_code == 0
     a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # A scale lowered by overflows before the interrupt is the one the resumed steps use.
     shutil.rmtree(out)
     assert run(out, env={INTERRUPT_HOOK: "0"}).exit_code == 130
-    torch.save({**saved, "scaler": {**saved["scaler"], "scale": 1024.0}}, state / "rng.pt")
+    marker = json.loads((state / "state.json").read_text())
+    (state / "state.json").write_text(json.dumps({**marker, "scaler": {**marker["scaler"], "scale": 1024.0}}))
     assert run(out, "--resume").exit_code == 0
     steps = json.loads((out / "drpo_report.json").read_text())["steps"]
     assert [s["metrics"]["amp/loss_scale"] for s in steps] == [65536.0, 1024.0, 1024.0]

@@ -162,6 +162,45 @@ def test_large_batches_are_sliced_and_rows_numbered_across_batches(tmp_path, mon
         ("behavior_logprobs", 10, "s10", "0.25 at token 1")]
 
 
+def test_batches_are_sliced_by_list_values_too_and_a_long_row_is_a_slice_of_its_own(tmp_path, monkeypatch):
+    # Issue 32, point 13: the memory of a slice is bounded by its tokens, not its rows.
+    monkeypatch.setattr(schema, "BATCH_VALUES", 10)
+    lengths = [1, 2, 3, 12, 1, 1, 2]  # response tokens per row; 3 per-token columns hold 3 values per token
+    rows = [{"prompt_ids": [1], "response_ids": [5] * n, "behavior_logprobs": [-0.5] * n,
+             "loss_mask": [True] * n, "advantage": 1.0, "sample_id": f"s{i}"} for i, n in enumerate(lengths)]
+    rows[6]["behavior_logprobs"] = [-0.5, 0.25]
+    path = write_rollout_table(pa.Table.from_pylist(rows), tmp_path / "one.arrow")  # one record batch
+    source = open_rollouts(path)
+    sizes = [[len(r) for r in sb.batch.column("response_ids").to_pylist()] for sb in source.iter_batches()]
+    # values per row: 1 prompt + 3 per response token → 4, 7, 10, 37, 4, 4, 7
+    assert sizes == [[1], [2], [3], [12], [1, 1], [2]]
+    assert [sb.row_offset for sb in source.iter_batches()] == [0, 1, 2, 3, 4, 6]
+    problems = validate_rollouts(source)
+    assert [(p.row, p.sample_id, p.found) for p in problems] == [(6, "s6", "0.25 at token 1")]
+
+
+def test_list_values_counts_the_innermost_values_of_each_row_from_offsets():
+    nested = pa.array([[[1, 2], [3]], [], None, [[4, 5, 6]]], pa.list_(pa.list_(pa.int16())))
+    assert schema.list_values(nested).tolist() == [3, 0, 0, 3]
+    assert schema.list_values(nested.slice(1, 3)).tolist() == [0, 0, 3]
+    fixed = pa.array([[1, 2], [3, 4], [5, 6]], pa.list_(pa.int8(), 2))
+    assert schema.list_values(fixed.slice(1)).tolist() == [2, 2]
+    assert schema.list_values(pa.array([1.0, 2.0])).tolist() == [0, 0]
+
+
+def test_casting_a_slice_of_a_huge_batch_casts_only_its_rows():
+    # Arrow casts a sliced list array's child from its start: every later slice would cost more.
+    values = pa.array(np.arange(30, dtype=np.int32))
+    arr = pa.ListArray.from_arrays(pa.array([0, 10, 20, 30], pa.int32()), values)
+    nested = pa.array([[[1], [2, 3]], None, [[4, 5]], [[6]]], pa.list_(pa.list_(pa.int32())))
+    for column, target in ((arr, pa.list_(pa.int64())), (nested, pa.list_(pa.list_(pa.int16())))):
+        part = column.slice(2, 2)
+        own = schema._own_values(part)
+        assert own.equals(part) and own.offsets[0].as_py() == 0
+        cast = own.cast(target)
+        assert cast.equals(part.cast(target)) and len(cast.flatten()) == len(part.flatten())
+
+
 def test_iter_batches_projects_columns(valid_rollout_path):
     batches = list(open_rollouts(valid_rollout_path).iter_batches(columns=["reward", "group_id"]))
     assert batches[0].batch.schema.names == ["reward", "group_id"]

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import write_rollout_table
+from conftest import assert_reordered, assert_trained_alike, write_rollout_table
 from test_distributed import (  # noqa: F401
     INSPECT_ARGS,
     assert_same_json,
@@ -147,7 +147,10 @@ def test_sharded_load_holds_a_share_with_global_group_advantages(two_files, adv_
             wlo, whi = whole.response_offsets[g], whole.response_offsets[g + 1]
             assert s.sample_ids[j] == whole.sample_ids[g]
             assert (s.response_ids[lo:hi] == whole.response_ids[wlo:whi]).all()
-            np.testing.assert_allclose(s.advantages[lo:hi], whole.advantages[wlo:whi], rtol=0, atol=1e-6)
+            # group sums in float64 in another order, then one rounding to float32: within one ε32 (and the
+            # float64 rounding, far below it) of the advantages' scale
+            assert_reordered(s.advantages[lo:hi], whole.advantages[wlo:whi], 2,
+                             scale=np.abs(whole.advantages).max(), msg=s.sample_ids[j])
     assert np.abs(whole.advantages).sum() > 0
 
 
@@ -202,7 +205,7 @@ def test_fewer_rows_than_ranks_a_rank_holding_nothing_trains_and_inspects_like_o
     one_process("train", *common, "--out", str(tmp_path / "one"))
     one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
     assert one.keys() == two.keys()
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    assert_trained_alike(one, two, lr=1e-3, steps=1)
     reports = [json.loads((tmp_path / n / "drpo_report.json").read_text()) for n in ("one", "two")]
     assert reports[0]["input"]["rows"] == reports[1]["input"]["rows"] == 1
     assert_same_json(reports[0]["final"], reports[1]["final"])

@@ -126,7 +126,9 @@ def test_new_options_every_problem_listed_before_anything_loads(paths):
 
 
 def test_nan_is_rejected(paths):
-    assert cfg(paths, lr=float("nan")).validate() == ["--lr must be > 0, got nan"]
+    bound = "--lr must be > 0 and <= 3.4e37 (AdamW's first update, 10·lr, is a float32), got"
+    assert cfg(paths, lr=float("nan")).validate() == [f"{bound} nan"]
+    assert cfg(paths, lr=1e38).validate() == [f"{bound} 1e+38"]  # its update would overflow the weights
 
 
 def test_column_map(paths):

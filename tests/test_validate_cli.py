@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import valid_rollout_table, write_rollout_table
@@ -197,6 +198,41 @@ def test_truncated_file_exits_2(tmp_path, fmt):
     result = validate(_truncated(path, 0.6))
     assert result.exit_code == 2, result.output
     problem_line(result.output, str(path), "expected a")
+
+
+def _validate_peak_rss(path, cwd) -> tuple[int, int]:
+    """(exit code, peak RSS in bytes) of `drpo validate PATH` in a process of its own (the only child of a
+    fresh interpreter, so RUSAGE_CHILDREN is its peak alone)."""
+    code = ("import resource, subprocess, sys; r = subprocess.run([sys.executable, '-m', 'drpo_cli', 'validate', "
+            "sys.argv[1]], capture_output=True); print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True, text=True, cwd=cwd)
+    rc, kib = out.stdout.split()
+    return int(rc), int(kib) * 1024  # Linux reports KiB
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss units and mapped-page accounting are Linux's")
+def test_one_huge_record_batch_validates_in_memory_bounded_by_tokens(tmp_path):
+    # Issue 32, point 13: a table written with one write_table (here 512 rows × 65,536 tokens, 256 MB, one
+    # record batch) was read whole and cast whole: 0.95 GB above an empty run, 24 GB at the issue's size.
+    # Memory-mapped and cast in slices of at most BATCH_VALUES list values, the peak above the empty run
+    # stays within a few 8-byte copies of one slice, whatever the batch.
+    from drpo_cli.schema import BATCH_VALUES
+
+    rows, tokens = 512, 65_536
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * tokens)
+    table = pa.table({
+        "prompt_ids": pa.array([[1, 2]] * rows, pa.list_(pa.int32())),
+        "response_ids": pa.ListArray.from_arrays(offsets, pa.array(np.full(rows * tokens, 7, np.int32))),
+        "behavior_logprobs": pa.ListArray.from_arrays(offsets, pa.array(np.full(rows * tokens, -0.5, np.float32))),
+        "reward": pa.array(np.arange(rows, dtype=np.float32)), "group_id": pa.array(np.arange(rows) // 4)})
+    huge = write_rollout_table(table, tmp_path / "one.arrow")
+    assert pa.ipc.open_file(str(huge)).num_record_batches == 1
+    del table
+    empty = write_rollout_table(valid_rollout_table(), tmp_path / "small.arrow")
+    _, baseline = _validate_peak_rss(empty, tmp_path)  # the interpreter, pyarrow and drpo
+    rc, peak = _validate_peak_rss(huge, tmp_path)
+    assert rc == 0
+    assert peak - baseline < 3 * 8 * BATCH_VALUES, (peak - baseline) / 2**20  # ~60 MB here; 100 MB allowed
 
 
 def test_non_arrow_files_and_missing_paths_exit_2(tmp_path):

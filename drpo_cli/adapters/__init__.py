@@ -14,17 +14,23 @@ One module per engine, field names read from (and test fixtures built in the sha
 native /generate; `openai_compat`: its OpenAI-compatible server) and transformers 5 (`hf`). Every
 malformed input raises InputError `field 'x': expected ..., found ...`; `drpo convert` prefixes it with
 FILE:LINE.
+
+Streamed responses: a piece of a stream passed as a response is refused, naming the field that shows it;
+each engine module's `assemble_stream(events)` joins whole streams into the responses its adapter reads
+(`streams` holds what they share).
 """
 
 from __future__ import annotations
 
 from drpo_cli.adapters.common import Row, Text, _get, _ids, _logprob, bad
 from drpo_cli.adapters.hf import hf_rows
-from drpo_cli.adapters.openai_compat import openai_rows
-from drpo_cli.adapters.sglang import sglang_rows
-from drpo_cli.adapters.vllm import vllm_rows
+from drpo_cli.adapters.openai_compat import OpenAIStreams, openai_rows
+from drpo_cli.adapters.sglang import SglangStreams, sglang_rows
+from drpo_cli.adapters.streams import Streams
+from drpo_cli.adapters.vllm import VllmStreams, vllm_rows
 
 ADAPTERS = {"vllm": vllm_rows, "openai": openai_rows, "sglang": sglang_rows}
+STREAMS: dict[str, type[Streams]] = {"vllm": VllmStreams, "openai": OpenAIStreams, "sglang": SglangStreams}
 
-__all__ = ["ADAPTERS", "Row", "Text", "_get", "_ids", "_logprob", "bad", "hf_rows", "openai_rows", "sglang_rows",
-           "vllm_rows"]
+__all__ = ["ADAPTERS", "STREAMS", "Row", "Streams", "Text", "_get", "_ids", "_logprob", "bad", "hf_rows",
+           "openai_rows", "sglang_rows", "vllm_rows"]

@@ -11,6 +11,11 @@ prompts returns a list. In `meta_info` (same file, the loop that builds `meta_in
   "selected", the default) or a list aligned with `output_token_sampling_mask[t]` ("support");
 - `weight_version` (the label when the request finished) and `weight_versions`, [{version, start, end}]
   spans over the output tokens (sglang/srt/utils/weight_versions.py add_weight_versions_to_meta_info).
+
+Streams (`"stream": true`): each event holds every token so far (the default) or, with
+`--incremental-streaming-output`, only the new ones (tokenizer_manager.py _handle_batch_output); either way
+`meta_info.completion_tokens` counts all tokens so far and `finish_reason` is null until the last event. Such a
+piece is refused as a response; `assemble_stream` joins a stream's pieces.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from drpo_cli.adapters.common import (
     same_prompt,
     token_versions,
 )
+from drpo_cli.adapters.streams import Streams, assemble, fragment
 
 SAMPLING_MASK_FIX = ("request return_sampling_mask=true, whose meta_info.output_token_sampling_logprobs are the "
                   "sampled distribution's; output_token_logprobs are taken before top-k/top-p/min-p")
@@ -53,6 +59,7 @@ def sglang_rows(response: Any, prompt_ids: Iterable[int] | None = None, *, trunc
         meta = _get(item, "meta_info")
         if not isinstance(meta, Mapping):
             raise bad(f"{at}meta_info", "the response's meta_info object", meta)
+        check_whole(item, meta, at)
         tokens, values = _output(item, meta, at, truncated)
         prompt = same_prompt(prompt_ids, _prompt_ids(item, meta, at), f"{at}prompt_token_ids")
         if prompt is None:
@@ -65,6 +72,29 @@ def sglang_rows(response: Any, prompt_ids: Iterable[int] | None = None, *, trunc
         if versions is not None:
             row["token_policy_versions"] = versions
         yield row
+
+
+def check_whole(item: Any, meta: Mapping, at: str) -> None:
+    """Refuse a piece of a stream passed as a whole response: unfinished, or fewer ids than tokens generated."""
+    done, count = meta.get("completion_tokens"), len(_piece_ids(item, meta, at))
+    incremental = (f"one piece of an incremental stream (--incremental-streaming-output: {done} tokens so far, "
+                   f"{count} here)")
+    if "finish_reason" in meta and meta["finish_reason"] is None:
+        raise fragment(f"{at}meta_info.finish_reason", "why the request ended ({type: stop | length | abort})",
+                       "null", incremental if isinstance(done, int) and done > count else
+                       "an output streamed before the request ended (each holds every token so far: only the "
+                       "last is whole)")
+    if isinstance(done, int) and not isinstance(done, bool) and done > count:
+        raise fragment(f"{at}meta_info.completion_tokens", f"{count} (one per output id)", str(done),
+                       "the last " + incremental.removeprefix("one "))
+
+
+def _piece_ids(item: Any, meta: Mapping, at: str) -> list[int]:
+    """A piece's output ids: `output_ids`, else the ids of `output_token_logprobs`."""
+    if _get(item, "output_ids") is not None:
+        return _ids(_get(item, "output_ids"), f"{at}output_ids")
+    triples = meta.get("output_token_logprobs") or []
+    return [t[1] if isinstance(t, (list, tuple)) and len(t) >= 2 else t for t in triples]
 
 
 def untruncated(truncated: bool | None) -> str:
@@ -155,3 +185,91 @@ def meta_versions(meta: Mapping, n: int, field: str, version_map: Mapping[str, i
         raise bad(f"{field}.weight_version", "a version label (a string)", label)
     return token_versions([{"version": label, "start": 0, "end": n}], n, f"{field}.weight_version", version_map,
                           one_label=True)
+
+
+# ---- streams ----------------------------------------------------------------------------------------------
+
+# The per-token meta_info lists sliced to each piece of an incremental stream
+# (tokenizer_manager.py _INCREMENTAL_STREAMING_META_INFO_KEYS).
+PER_TOKEN = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs",
+             "output_token_sampling_mask", "output_token_sampling_logprobs")
+
+
+class SglangStreams(Streams):
+    """`/generate` stream events (`"stream": true`), one stream per request id (`meta_info.id`).
+
+    `meta_info.completion_tokens` counts every token so far, so each piece says which kind of stream it is
+    in: incremental (its ids are the new ones: completion_tokens = the ids so far + these) or cumulative
+    (its ids are all so far, the earlier ones unchanged). Incremental pieces are joined in order
+    (`output_ids`, `text` and the per-token meta_info lists); a cumulative piece replaces what came before.
+    The final piece (finish_reason set) gives the rest of meta_info (weight versions spanning the whole
+    output, finish_reason, prompt logprobs).
+    """
+
+    final_event = "its final piece (meta_info.finish_reason set)"
+
+    def describe(self, key: Any) -> str:
+        return f"request {key!r}"
+
+    def pieces(self, data: Any) -> list:
+        items = data if isinstance(data, list) else [data]
+        out = []
+        for k, item in enumerate(items):
+            at = f"[{k}]." if isinstance(data, list) else ""
+            meta = _get(item, "meta_info")
+            if not isinstance(meta, Mapping):
+                raise bad(f"{at}meta_info", "the response's meta_info object", meta)
+            out.append((str(meta.get("id")), (item, meta, at)))
+        return out
+
+    def start(self, key: Any, piece: Any) -> dict:
+        return self.extend({"key": key, "ids": [], "text": [], "lists": {}, "mode": None, "final": piece}, piece)
+
+    def extend(self, state: dict, piece: Any) -> dict:
+        item, meta, at = piece
+        ids, done, n = _piece_ids(item, meta, at), meta.get("completion_tokens"), len(state["ids"])
+        if not isinstance(done, int) or isinstance(done, bool):
+            raise bad(f"{at}meta_info.completion_tokens", "the number of tokens generated so far", done)
+        lists = {k: meta[k] for k in PER_TOKEN if isinstance(meta.get(k), list)}
+        if done == n + len(ids) and state["mode"] != "cumulative":
+            state["mode"] = "incremental" if n else None
+            state["ids"] += ids
+            state["text"].append(_get(item, "text") or "")
+            for k, values in lists.items():
+                state["lists"][k] = state["lists"].get(k, []) + list(values)
+        elif done == len(ids) and ids[:n] == state["ids"] and state["mode"] != "incremental":
+            state.update(mode="cumulative", ids=ids, text=[_get(item, "text") or ""], lists=dict(lists))
+        else:
+            raise bad(f"{at}meta_info.completion_tokens", f"{n + len(ids)} (incremental: {n} ids so far + {len(ids)} "
+                      f"here) or {len(ids)} (cumulative: these ids, starting with those so far)",
+                      Text(f"{done}: pieces of this stream are missing from the log, or out of order"))
+        state["final"] = piece
+        return state
+
+    def last(self, piece: Any) -> bool:
+        return piece[1].get("finish_reason") is not None
+
+    def whole(self, state: dict) -> dict:
+        item, meta, _ = state["final"]
+        meta = {**meta, **state["lists"]}
+        for k, length in (("output_token_logprobs", "output_token_logprobs_length"),
+                          ("output_token_sampling_mask", "output_token_sampling_mask_length")):
+            if length in meta and k in state["lists"]:
+                meta[length] = len(state["lists"][k])
+        return {**item, "text": "".join(state["text"]), "output_ids": state["ids"], "meta_info": meta}
+
+
+def assemble_stream(events: Iterable[Any]) -> Iterator[dict]:
+    """Whole `/generate` items from a stream's events, one per request id (`meta_info.id`).
+
+    `events`: the SSE lines of `/generate` with `"stream": true` (`data: {...}`, `data: [DONE]`), or their
+    JSON, in order; the requests of a batch or of n > 1 interleave (each sample has its own id). Each item
+    is yielded when its final event arrives, in the unstreamed shape, for `sglang_rows`; pass the items
+    of one request as a list to group its samples by prompt, as the unstreamed list is:
+
+        items = list(assemble_stream(lines_of_one_request))
+        rows = list(sglang_rows(items))
+
+    A request whose final event never comes is refused at the end (InputError naming it).
+    """
+    return assemble(SglangStreams(), events)

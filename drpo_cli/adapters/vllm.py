@@ -1,4 +1,10 @@
-"""vLLM offline: `LLM.generate` -> list[RequestOutput] (vllm/outputs.py, vLLM 0.33.0), objects or JSON dumps."""
+"""vLLM offline: `LLM.generate` -> list[RequestOutput] (vllm/outputs.py, vLLM 0.33.0), objects or JSON dumps.
+
+Streamed outputs (`AsyncLLM.generate`, `SamplingParams(output_kind=...)`): an output of an unfinished request
+(`finished: false`), a completion without `finish_reason`, or one whose `cumulative_logprob` is not the sum of
+its log-probs (a `RequestOutputKind.DELTA` piece holds only its new tokens; the sum runs over all) is refused;
+`assemble_stream` joins DELTA outputs (vllm/v1/engine/output_processor.py RequestState._new_completion_output).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from drpo_cli.adapters.common import (
     same_prompt,
     token_versions,
 )
+from drpo_cli.adapters.streams import Streams, assemble, fragment
 from drpo_cli.routing import routed_experts_from_vllm
 
 # vllm/logprobs.py FlatLogprobs, the column form of SampleLogprobs (LLM(..., flat_logprobs=True)): position t
@@ -44,6 +51,9 @@ def vllm_rows(outputs: Any, *, run: str | None = None, prompt_ids: Iterable[int]
     for n, request in enumerate(outputs):
         rid = _get(request, "request_id")
         rid = prefix + (str(n) if rid is None else str(rid))
+        if _get(request, "finished", True) is False:
+            raise fragment("finished", "a finished request (true)", "false", "an output streamed before the request "
+                           "ended (one RequestOutputKind.DELTA piece, or a CUMULATIVE output: only its last is whole)")
         prompt = same_prompt(prompt_ids, _get(request, "prompt_token_ids"), "prompt_token_ids")
         if prompt is None:
             raise bad("prompt_token_ids", "the prompt's token ids", None)
@@ -54,8 +64,12 @@ def vllm_rows(outputs: Any, *, run: str | None = None, prompt_ids: Iterable[int]
             where = f"outputs[{i}]"
             tokens = _ids(_get(completion, "token_ids"), f"{where}.token_ids")
             positions = _positions(_get(completion, "logprobs"), tokens, f"{where}.logprobs")
+            if _get(completion, "finish_reason", "") is None:
+                raise fragment(f"{where}.finish_reason", "why the output ended (stop, length, ...)", "null",
+                               "an output streamed before it ended")
             values = [_logprob(_sampled(positions[t], tok, f"{where}.logprobs[{t}]"), f"{where}.logprobs[{t}]")
                       for t, tok in enumerate(tokens)]
+            _check_cumulative(_get(completion, "cumulative_logprob"), values, where)
             _check_mask(_get(completion, "sampling_mask"), tokens, f"{where}.sampling_mask",
                         positions if processed else None)
             row = {"prompt_ids": prompt, "response_ids": tokens, "behavior_logprobs": values,
@@ -68,6 +82,27 @@ def vllm_rows(outputs: Any, *, run: str | None = None, prompt_ids: Iterable[int]
             if routed is not None:
                 row["routed_experts"] = routed
             yield row
+
+
+def _check_cumulative(cumulative: Any, values: list[float], where: str) -> None:
+    """vLLM sums the sampled log-probs of every token so far (vllm/v1/engine/logprobs.py): a whole output's
+    sum is its cumulative_logprob; a DELTA piece's is not (unless every earlier token had log-prob 0)."""
+    if not _finite(cumulative):
+        return
+    total = sum(values)
+    if not _same_sum(total, cumulative, len(values)):
+        raise fragment(f"{where}.cumulative_logprob", f"the sum of the output's log-probs ({total:.6g})",
+                       f"{cumulative:.6g}", "the output holds only the last tokens of a RequestOutputKind.DELTA "
+                       "stream")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _same_sum(total: float, cumulative: float, n: int) -> bool:
+    """Equal up to a logger's rounding (1e-6 per token); the engine's own sum is exact."""
+    return abs(total - cumulative) <= 1e-6 * max(1, n)
 
 
 def _positions(logprobs: Any, tokens: list[int], field: str) -> Any:
@@ -144,3 +179,109 @@ def _check_mask(mask: Any, tokens: list[int], field: str, processed_logprobs: An
                           Text(f"token {key} outside it at {value:g}: these are raw log-probs (record --logprobs "
                                "raw, or log with logprobs_mode=processed_logprobs)"))
 
+
+
+# ---- streams ----------------------------------------------------------------------------------------------
+
+
+class VllmStreams(Streams):
+    """`RequestOutputKind.DELTA` outputs, one stream per (request_id, output index).
+
+    A DELTA output holds the tokens new since the last one: `token_ids`, their `logprobs` and
+    `sampling_mask` rows; `cumulative_logprob` runs over all tokens so far; `weight_versions` (spans over the
+    whole output) and `routed_experts` (every position) come with the final output only
+    (vllm/v1/engine/output_processor.py _new_completion_output). The pieces are joined in order, each checked
+    against the running sum of log-probs (a missing or repeated piece shows), and the final one gives
+    `finish_reason`, `stop_reason` and the spans.
+    """
+
+    final_event = "its final output (finish_reason set)"
+
+    def describe(self, key: Any) -> str:
+        return f"request {key[0]!r} output {key[1]}"
+
+    def response_key(self, key: Any) -> Any:
+        return key[0]
+
+    def pieces(self, data: Any) -> list:
+        outputs = _get(data, "outputs")
+        if not isinstance(outputs, (list, tuple)):
+            raise bad("outputs", "a RequestOutput's list of CompletionOutputs", outputs)
+        rid = str(_get(data, "request_id"))
+        return [((rid, _get(c, "index", i)), (data, c, i)) for i, c in enumerate(outputs)]
+
+    def start(self, key: Any, piece: Any) -> dict:
+        prompt = _get(piece[0], "prompt_token_ids")
+        state = {"key": key, "prompt": None if prompt is None else _ids(prompt, "prompt_token_ids"), "tokens": [],
+                 "logprobs": [], "mask": None, "routed": [], "text": [], "sum": 0.0, "final": piece}
+        return self.extend(state, piece)
+
+    def extend(self, state: dict, piece: Any) -> dict:
+        data, completion, i = piece
+        where = f"outputs[{i}]"
+        prompt = _get(data, "prompt_token_ids")
+        if prompt is not None and state["prompt"] is not None and _ids(prompt, "prompt_token_ids") != state["prompt"]:
+            raise bad("prompt_token_ids", "the prompt ids of the request's first output", Text("other ids"))
+        tokens = _ids(_get(completion, "token_ids"), f"{where}.token_ids")
+        logprobs = _positions(_get(completion, "logprobs"), tokens, f"{where}.logprobs")
+        positions = [logprobs[t] for t in range(len(tokens))]
+        values = [_logprob(_sampled(p, tok, f"{where}.logprobs[{t}]"), f"{where}.logprobs[{t}]")
+                  for t, (p, tok) in enumerate(zip(positions, tokens))]
+        _check_running_sum(state, tokens, values, _get(completion, "cumulative_logprob"), where)
+        state["tokens"] += tokens
+        state["logprobs"] += positions
+        state["text"].append(_get(completion, "text") or "")
+        mask = _get(completion, "sampling_mask")
+        if mask is not None:
+            state["mask"] = (state["mask"] or []) + list(_get(mask, "token_ids") or [])
+        routed = _get(completion, "routed_experts")
+        if routed is not None:
+            state["routed"] += routed.tolist() if hasattr(routed, "tolist") else list(routed)
+        state["final"] = piece
+        return state
+
+    def last(self, piece: Any) -> bool:
+        return _get(piece[1], "finish_reason") is not None
+
+    def whole(self, state: dict) -> dict:
+        _, completion, _ = state["final"]
+        out = {"index": state["key"][1], "text": "".join(state["text"]), "token_ids": state["tokens"],
+               "cumulative_logprob": _get(completion, "cumulative_logprob"), "logprobs": state["logprobs"],
+               "routed_experts": state["routed"] or None, "finish_reason": _get(completion, "finish_reason"),
+               "stop_reason": _get(completion, "stop_reason"),
+               "sampling_mask": None if state["mask"] is None else {"token_ids": state["mask"]},
+               "weight_versions": _get(completion, "weight_versions")}
+        return {"request_id": state["key"][0], "prompt_token_ids": state["prompt"], "outputs": [out],
+                "finished": True}
+
+
+def _check_running_sum(state: dict, tokens: list[int], values: list[float], cumulative: Any, where: str) -> None:
+    if not _finite(cumulative):
+        return
+    total, n = state["sum"] + sum(values), len(state["tokens"]) + len(tokens)
+    if not _same_sum(total, cumulative, n):
+        so_far = state["tokens"]
+        if so_far and tokens[: len(so_far)] == so_far and _same_sum(sum(values), cumulative, len(tokens)):
+            raise bad(f"{where}.cumulative_logprob", f"the sum of the log-probs streamed so far ({total:.6g})", Text(
+                f"{cumulative:.6g}, the sum of this output's alone: a RequestOutputKind.CUMULATIVE stream (each "
+                "output holds every token so far): its final output is the whole response: convert it alone, "
+                "without --stream"))
+        raise bad(f"{where}.cumulative_logprob", f"the sum of the log-probs streamed so far ({total:.6g})", Text(
+            f"{cumulative:.6g}: outputs of this stream are missing from the log, or out of order"))
+    state["sum"] = total
+
+
+def assemble_stream(outputs: Iterable[Any]) -> Iterator[dict]:
+    """Whole RequestOutputs from streamed `RequestOutputKind.DELTA` ones, one per (request_id, output index).
+
+    `outputs`: what `AsyncLLM.generate(..., SamplingParams(output_kind=RequestOutputKind.DELTA, logprobs=0))`
+    yields (objects), or their JSON dumps, in order; requests may interleave. Each output's whole response
+    is yielded when its final piece arrives, for `vllm_rows`:
+
+        async for out in engine.generate(prompt, params, request_id):
+            outputs.append(out)
+        rows = [row for whole in assemble_stream(outputs) for row in vllm_rows(whole)]
+
+    An output whose final piece never comes is refused at the end (InputError naming it).
+    """
+    return assemble(VllmStreams(), outputs)
