@@ -21,7 +21,7 @@ The floor: inspect needs the weights (1 copy per node); train needs weights, gra
 two moments (4 copies per node, sharded over the ranks). Above it, each rank gathers one FSDP unit
 at a time (briefly twice: the all-gather buffer, then the parameter): in training a decoder layer
 and the 32,000 × 1,024 head (19.5% of the 670 MB model); without gradients an attention block or an
-MLP, the vocabulary matrices never (drpo_cli/vocab_parallel.py). Measured (2 cores, gloo): k =
+MLP, the vocabulary matrices never (drpo_cli/model/vocab_parallel.py). Measured (2 cores, gloo): k =
 1.04 / 1.22 / 1.39 copies per node for inspect at 1 / 2 / 4 ranks, 4.24 / 4.17 / 4.00 for train
 (docs/scale-out.md has the table).
 """
@@ -82,10 +82,10 @@ def bare_worker() -> None:
     import torch
     from transformers import LlamaForCausalLM  # noqa: F401 - the modelling code is part of the bare footprint
 
+    import drpo_cli.audit.inspect_data
     import drpo_cli.cli
-    import drpo_cli.inspect_data
-    import drpo_cli.train  # noqa: F401
-    from drpo_cli import distributed
+    import drpo_cli.training.train  # noqa: F401
+    from drpo_cli.model import distributed
 
     distributed.init(torch.device("cpu"))
     distributed.shutdown()

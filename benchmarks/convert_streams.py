@@ -25,7 +25,7 @@ HERE = Path("/tmp/drpo_convert_streams")
 PROMPT = [1, 1841, 314, 216, 34, 1232, 216, 35, 47]
 RUN = """
 import json, resource, sys, time
-from drpo_cli.convert import ConvertConfig, convert
+from drpo_cli.rollouts.convert import ConvertConfig, convert
 t = time.perf_counter()
 out, lines, rows = convert(ConvertConfig(inputs=(sys.argv[1],), out=sys.argv[2], format="openai", logprobs="processed",
                                          temperature=0.7, overwrite=True, stream=sys.argv[3] == "1"))

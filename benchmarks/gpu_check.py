@@ -36,8 +36,8 @@ def check_bf16_parity(torch) -> bool:
     import numpy as np
     from train_step import build_model, make_rows
 
-    from drpo_cli.batching import plan_micro_batches
-    from drpo_cli.logprobs import token_logprobs
+    from drpo_cli.model.batching import plan_micro_batches
+    from drpo_cli.model.logprobs import token_logprobs
 
     model = build_model(32_000, 512, 4).cuda().eval()
     rows = make_rows(64, 448, 8, 32_000)
@@ -57,8 +57,8 @@ def check_fp16(torch) -> bool:
     import numpy as np
     from train_step import build_model, make_rows
 
-    from drpo_cli.batching import plan_micro_batches
-    from drpo_cli.logprobs import token_logprobs
+    from drpo_cli.model.batching import plan_micro_batches
+    from drpo_cli.model.logprobs import token_logprobs
 
     model = build_model(32_000, 512, 4).cuda().eval()
     rows = make_rows(64, 448, 8, 32_000)
@@ -102,8 +102,8 @@ def check_fused_head(torch) -> bool:
     import numpy as np
     from train_step import build_model, make_rows, naive_logprobs
 
-    from drpo_cli.batching import plan_micro_batches
-    from drpo_cli.logprobs import fused_token_loss
+    from drpo_cli.model.batching import plan_micro_batches
+    from drpo_cli.model.logprobs import fused_token_loss
 
     model = build_model(151_936, 512, 2).cuda()
     rows = make_rows(64, 512, 8, 151_936)
@@ -133,7 +133,7 @@ def check_attention(torch) -> bool:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from drpo_cli.checkpoint import load_model
+    from drpo_cli.model.checkpoint import load_model
 
     model, _ = load_model(TOY / "model", device="cuda", dtype="bfloat16")
     impl = getattr(model.config, "_attn_implementation", "?")

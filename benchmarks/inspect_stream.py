@@ -56,7 +56,7 @@ def child(argv: list[str]) -> tuple[float, float]:
 
 
 def load_all(path: str) -> None:
-    from drpo_cli.rollouts import load_rows
+    from drpo_cli.rollouts.rows import load_rows
 
     rows = load_rows(path)
     print(rows.num_tokens)

@@ -5,7 +5,7 @@
 
 Three ways to draw the same workload (P chat prompts x n samples, T 0.7, the full distribution,
 up to max-tokens each, stopping at EOS) on the same CPU threads:
-- ours: `drpo_cli.llamacpp.llamacpp_sample` on llama-cpp-python's `Llama` (the engine evaluates,
+- ours: `drpo_cli.rollouts.llamacpp.llamacpp_sample` on llama-cpp-python's `Llama` (the engine evaluates,
   numpy applies the chain, draws and logs each token's log-prob; EOS included);
 - engine: `Llama.generate` with llama.cpp's own sampler (no log-probs logged: the floor for ours);
 - transformers: `generate(do_sample=True, num_return_sequences=n, output_logits=True)` + `hf_rows`
@@ -42,7 +42,7 @@ def prompts(llm, count: int) -> list[list[int]]:
 
 
 def ours(llm, ps, n, max_tokens) -> tuple[float, int]:
-    from drpo_cli.llamacpp import llamacpp_sample
+    from drpo_cli.rollouts.llamacpp import llamacpp_sample
 
     start = time.perf_counter()
     rows = list(llamacpp_sample(llm, ps, n=n, temperature=T, max_tokens=max_tokens, seed=0))
@@ -65,7 +65,7 @@ def transformers_way(ps, n, max_tokens, eos) -> tuple[float, int]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from drpo_cli.adapters import hf_rows
+    from drpo_cli.rollouts.adapters import hf_rows
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf().parent), gguf_file=GGUF_NAME, dtype=torch.float32).eval()
     width = max(len(p) for p in ps)
@@ -82,7 +82,7 @@ def transformers_way(ps, n, max_tokens, eos) -> tuple[float, int]:
 
 
 def chain_cost(row: np.ndarray, reps: int = 200) -> dict[str, float]:
-    from drpo_cli.llamacpp import processed_logprobs
+    from drpo_cli.rollouts.llamacpp import processed_logprobs
 
     out = {}
     for name, kw in (("full distribution", {"temperature": T}),
@@ -129,7 +129,7 @@ def main() -> None:
     for name, (wall, tokens) in results.items():
         rate = tokens / wall
         print(f"  {name:40s} {tokens:5d} tokens {wall:7.2f} s {rate:8.1f} tok/s   ours / this: {base_rate / rate:5.2f}x")
-    from drpo_cli.llamacpp import _last_logits
+    from drpo_cli.rollouts.llamacpp import _last_logits
 
     llm.reset()
     llm.eval(ps[0])

@@ -28,11 +28,11 @@ import pyarrow as pa
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from drpo_cli import inspect_model
-from drpo_cli.batching import plan_micro_batches
+from drpo_cli.audit import inspect_model
+from drpo_cli.audit.inspect_data import run_inspect
 from drpo_cli.config import InspectConfig
-from drpo_cli.inspect_data import run_inspect
-from drpo_cli.logprobs import token_logprobs
+from drpo_cli.model.batching import plan_micro_batches
+from drpo_cli.model.logprobs import token_logprobs
 
 
 def skewed_lengths(rows: int, max_len: int = 1024) -> np.ndarray:
@@ -75,8 +75,8 @@ def write_rollouts(path: Path, rows: int, vocab: int, seed: int = 0, *, max_len:
 
 def separate_passes(cfg: InspectConfig) -> dict:
     """The checks as before: the rows of the fitted tokens recomputed once per candidate temperature."""
-    from drpo_cli.checkpoint import load_model
-    from drpo_cli.rollouts import load_rows
+    from drpo_cli.model.checkpoint import load_model
+    from drpo_cli.rollouts.rows import load_rows
 
     rows = load_rows(list(cfg.rollouts))
     model, _ = load_model(cfg.model)

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from drpo_cli.batching import padding_fraction, plan_micro_batches
-from drpo_cli.logprobs import fused_token_loss, token_logprobs
-from drpo_cli.rollouts import RolloutRows
+from drpo_cli.model.batching import padding_fraction, plan_micro_batches
+from drpo_cli.model.logprobs import fused_token_loss, token_logprobs
+from drpo_cli.rollouts.rows import RolloutRows
 
 GB = 1024**3
 

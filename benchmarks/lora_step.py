@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from train_step import build_model, make_rows
 
-from drpo_cli import lora
-from drpo_cli.batching import plan_micro_batches
 from drpo_cli.config import TrainConfig
-from drpo_cli.logprobs import fused_token_loss
-from drpo_cli.train import accumulate_gradients
+from drpo_cli.model import lora
+from drpo_cli.model.batching import plan_micro_batches
+from drpo_cli.model.logprobs import fused_token_loss
+from drpo_cli.training.train import accumulate_gradients
 
 
 def step_stats(model, rows, cfg: TrainConfig, device, repeat: int) -> tuple[int, int, float]:

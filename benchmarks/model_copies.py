@@ -47,8 +47,8 @@ def rss_bytes() -> int:
 def worker(path: str, way: str, out: str) -> None:
     import torch
 
-    from drpo_cli import distributed
-    from drpo_cli.checkpoint import load_model
+    from drpo_cli.model import distributed
+    from drpo_cli.model.checkpoint import load_model
 
     torch.set_num_threads(1)
     device = distributed.init(torch.device("cpu"))

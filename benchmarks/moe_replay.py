@@ -32,7 +32,7 @@ import torch
 def build(args) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    from drpo_cli import moe
+    from drpo_cli.model import moe
 
     config = Qwen3MoeConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                             moe_intermediate_size=args.hidden // 2, num_hidden_layers=args.layers,
@@ -52,7 +52,7 @@ def build(args) -> torch.nn.Module:
 
 
 def sampler_of(model, noise: float, *, bf16_experts: bool, seed: int) -> torch.nn.Module:
-    from drpo_cli import moe
+    from drpo_cli.model import moe
 
     other = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
@@ -69,8 +69,8 @@ def sampler_of(model, noise: float, *, bf16_experts: bool, seed: int) -> torch.n
 @torch.no_grad()
 def sample(sampler, args, path: Path, *, with_routing: bool = True) -> None:
     """Rollouts of `sampler` at T = 1: behavior log-probs and (optionally) its routing, via RolloutWriter."""
-    from drpo_cli import moe
-    from drpo_cli.writer import RolloutWriter
+    from drpo_cli.model import moe
+    from drpo_cli.rollouts.writer import RolloutWriter
 
     spec = moe.MoeSpec.of(sampler.config)
     gen = torch.Generator().manual_seed(args.seed + 7)
@@ -95,9 +95,10 @@ def sample(sampler, args, path: Path, *, with_routing: bool = True) -> None:
 
 def audit(model, rows, args, device, *, replay: bool) -> dict:
     """k3, mean |log r| and the routing mismatch over response tokens, through drpo's engine."""
-    from drpo_cli import moe
-    from drpo_cli.batching import plan_micro_batches
-    from drpo_cli.logprobs import reused_buffers, token_logprobs
+    from drpo_cli.model import moe
+    from drpo_cli.model.batching import plan_micro_batches
+    from drpo_cli.model.head import reused_buffers
+    from drpo_cli.model.logprobs import token_logprobs
 
     spec = moe.MoeSpec.of(model.config)
     moe.install(model, spec, replay=replay)
@@ -119,9 +120,10 @@ def timed_passes(model, rows, args, device, *, train: bool) -> tuple[dict, float
     """({replay: (seconds over every micro-batch, min over repeats; peak CUDA MiB)}, median of the paired
     replay / plain ratios) of an inference pass (an audit) or a forward + backward pass (a training
     step), the two arms interleaved run by run (a shared machine's load drifts between runs)."""
-    from drpo_cli import moe
-    from drpo_cli.batching import plan_micro_batches
-    from drpo_cli.logprobs import fused_token_loss, reused_buffers, token_logprobs
+    from drpo_cli.model import moe
+    from drpo_cli.model.batching import plan_micro_batches
+    from drpo_cli.model.head import reused_buffers
+    from drpo_cli.model.logprobs import fused_token_loss, token_logprobs
 
     batches = [mb.to(device) for mb in plan_micro_batches(rows, np.arange(rows.num_rows), args.micro_batch_tokens)]
     times: dict[bool, list[float]] = {False: [], True: []}
@@ -170,8 +172,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
-    from drpo_cli.batching import plan_micro_batches
-    from drpo_cli.rollouts import load_rows
+    from drpo_cli.model.batching import plan_micro_batches
+    from drpo_cli.rollouts.rows import load_rows
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

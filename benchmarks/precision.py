@@ -28,10 +28,11 @@ sys.path.insert(0, str(HERE))
 
 from logprobs import build_model, make_rows, pg_is_loss  # benchmarks/logprobs.py
 
-from drpo_cli.batching import plan_micro_batches
-from drpo_cli.checkpoint import load_model
-from drpo_cli.logprobs import fused_token_loss, reused_buffers, token_logprobs
-from drpo_cli.rollouts import load_rows
+from drpo_cli.model.batching import plan_micro_batches
+from drpo_cli.model.checkpoint import load_model
+from drpo_cli.model.head import reused_buffers
+from drpo_cli.model.logprobs import fused_token_loss, token_logprobs
+from drpo_cli.rollouts.rows import load_rows
 
 TOY = HERE.parent / "examples" / "toy"
 ARMS = (("fp32", None, None), ("bf16 autocast", torch.bfloat16, None), ("fp16 autocast", torch.float16, None),

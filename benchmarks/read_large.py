@@ -66,7 +66,7 @@ def peak_rss_mb() -> float:
 
 
 def run_streamed(path: str) -> dict:
-    from drpo_cli.schema import open_rollouts, validate_rollouts
+    from drpo_cli.rollouts.schema import open_rollouts, validate_rollouts
 
     source = open_rollouts(path)
     problems = validate_rollouts(source, limit=10)
@@ -78,7 +78,7 @@ def run_streamed(path: str) -> dict:
 
 
 def run_naive(path: str) -> dict:
-    from drpo_cli import schema
+    from drpo_cli.rollouts import schema
 
     start = time.perf_counter()
     with pa.OSFile(path) as fh:

@@ -30,11 +30,11 @@ import time
 import numpy as np
 import torch
 
-from drpo_cli.batching import plan_micro_batches
 from drpo_cli.config import TrainConfig
-from drpo_cli.losses import aggregate, aggregation_denominator, token_loss
-from drpo_cli.rollouts import RolloutRows
-from drpo_cli.train import accumulate_gradients
+from drpo_cli.model.batching import plan_micro_batches
+from drpo_cli.objectives.losses import aggregate, aggregation_denominator, token_loss
+from drpo_cli.rollouts.rows import RolloutRows
+from drpo_cli.training.train import accumulate_gradients
 
 GB = 1e9
 

@@ -36,9 +36,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from logprobs import _one, make_rows  # (wall, cpu, peak extra bytes) of one call; random rows
 from trl_paths import naive_logps, trl_batch, trl_logps
 
-from drpo_cli.batching import plan_micro_batches
-from drpo_cli.logprobs import fused_token_loss, reused_buffers, token_logprobs
-from drpo_cli.rollouts import RolloutRows
+from drpo_cli.model.batching import plan_micro_batches
+from drpo_cli.model.head import reused_buffers
+from drpo_cli.model.logprobs import fused_token_loss, token_logprobs
+from drpo_cli.rollouts.rows import RolloutRows
 
 GB = 1024**3
 

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # `from drpo_cli import RolloutWriter` without importing pyarrow for `drpo --help`.
     if name == "RolloutWriter":
-        from drpo_cli.writer import RolloutWriter
+        from drpo_cli.rollouts.writer import RolloutWriter
 
         return RolloutWriter
     raise AttributeError(f"module 'drpo_cli' has no attribute {name!r}")

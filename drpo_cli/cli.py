@@ -19,6 +19,8 @@ from typing import TypeVar
 import typer
 
 from drpo_cli import __version__
+from drpo_cli.base.errors import EXIT_ABORTED, EXIT_RUNTIME, DrpoError
+from drpo_cli.base.launch import launched, launched_rank, leads, rank_exit
 from drpo_cli.config import (
     InspectConfig,
     TrainConfig,
@@ -27,8 +29,6 @@ from drpo_cli.config import (
     option_flags,
     option_help,
 )
-from drpo_cli.errors import EXIT_ABORTED, EXIT_RUNTIME, DrpoError
-from drpo_cli.launch import launched, launched_rank, leads, rank_exit
 
 app = typer.Typer(
     name="drpo",
@@ -98,7 +98,7 @@ def _rank_tag() -> str:
 
 def _leave_process_group(ok: bool) -> None:
     """Under torchrun: leave the process group before exiting (best effort; see distributed.shutdown)."""
-    distributed = sys.modules.get("drpo_cli.distributed")
+    distributed = sys.modules.get("drpo_cli.model.distributed")
     if distributed is not None:
         with contextlib.suppress(Exception):  # the command's own outcome is what gets reported
             distributed.shutdown(ok=ok)
@@ -160,7 +160,7 @@ def schema_command(
     """Show the rollout schema v1: columns, canonical types, what is required."""
 
     def body() -> None:
-        from drpo_cli import schema
+        from drpo_cli.rollouts import schema
 
         if as_json:
             typer.echo(schema.schema_json(), nl=False)
@@ -197,8 +197,8 @@ def validate_command(
     """Check rollout files against schema v1 and list every problem (exit 0 valid, 2 invalid)."""
 
     def body() -> None:
-        from drpo_cli.errors import InputError
-        from drpo_cli.schema import open_rollouts, parse_column_map, validate_rollouts
+        from drpo_cli.base.errors import InputError
+        from drpo_cli.rollouts.schema import open_rollouts, parse_column_map, validate_rollouts
 
         source = open_rollouts(files, parse_column_map(column), strict=False)
         problems = validate_rollouts(source, limit=max_problems)
@@ -251,7 +251,7 @@ def convert_command(
     --stream their streamed events) into a rollout file."""
 
     def body() -> None:
-        from drpo_cli.convert import ConvertConfig, convert
+        from drpo_cli.rollouts.convert import ConvertConfig, convert
 
         cfg = ConvertConfig(inputs=tuple(inputs), out=out, format=fmt, columns=tuple(column),
                             temperature=temperature, top_p=top_p, top_k=top_k, logprobs=logprobs,
@@ -274,13 +274,13 @@ def inspect_command(**options) -> None:
     quiet, json_out = options["quiet"], options["json_out"]
 
     def body() -> None:
-        from drpo_cli.errors import GateError
+        from drpo_cli.base.errors import GateError
 
         cfg = InspectConfig(**config_values(InspectConfig, options)).check()
         from rich.console import Console
 
-        from drpo_cli.inspect_data import inspect_and_write, run_inspect
-        from drpo_cli.report_format import render_inspect
+        from drpo_cli.audit.inspect_data import inspect_and_write, run_inspect
+        from drpo_cli.reports.report_format import render_inspect
 
         lead = leads()  # under torchrun every rank audits, rank 0 alone writes
         err = Console(stderr=True)
@@ -339,10 +339,10 @@ def train_command(ctx: typer.Context, config: str | None, nproc: int | None, **g
 
             cfg = train_config(config, _given(ctx, options)).check()
         if nproc is not None and not launched():  # not yet under a launcher: start one
-            from drpo_cli.distributed import run_torchrun
+            from drpo_cli.model.distributed import run_torchrun
 
             raise typer.Exit(run_torchrun(nproc, without_nproc(sys.argv[1:])))
-        from drpo_cli.train import train
+        from drpo_cli.training.train import train
 
         result = train(cfg)
         if leads():
@@ -360,8 +360,8 @@ def report_command(
     """Draw the metrics of many runs (a pipeline's rounds) on one self-contained HTML page."""
 
     def body() -> None:
-        from drpo_cli import outputs
-        from drpo_cli.html_pages import read_run, runs_page
+        from drpo_cli.base import outputs
+        from drpo_cli.reports.html_pages import read_run, runs_page
 
         inputs, page = [("RUNS", r) for r in runs], [outputs.Output("--out", out, "html")]
         with outputs.claimed(inputs, page):
@@ -401,7 +401,7 @@ def main() -> None:
         return
     # FSDP ranks gather and free layer-sized tensors all through the work: hand them back to the system
     # (allocator.py). One process keeps glibc's default, which is faster there (fewer page faults).
-    from drpo_cli.allocator import return_freed_memory
+    from drpo_cli.base.allocator import return_freed_memory
 
     return_freed_memory()
     # Under torchrun the process group has been left by now, but gloo's and autograd's C++ threads

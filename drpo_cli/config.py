@@ -12,8 +12,9 @@ import os
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
-from drpo_cli.errors import ConfigError
-from drpo_cli.loss_options import (
+from drpo_cli.base.errors import ConfigError
+from drpo_cli.base.outputs import Output, output_problems, state_dir
+from drpo_cli.objectives.loss_options import (
     AGG_MODES,
     DEFAULT_HORIZON,
     HPARAM_NAMES,
@@ -28,7 +29,6 @@ from drpo_cli.loss_options import (
     defaults_of,
     number,
 )
-from drpo_cli.outputs import Output, output_problems, state_dir
 
 DEFAULT_KL_COEF = 0.001  # verl's kl_loss_coef default
 OPSM_WHAT_IF = 0.5  # inspect's OPSM δ when none is given (TRL's example value of off_policy_mask_threshold)
@@ -133,7 +133,7 @@ def parse_names(spec: str | None) -> tuple[str, ...]:
 
 def parse_columns(specs: tuple[str, ...] | list[str]) -> tuple[dict[str, str], list[str]]:
     """`("logged=drpo_name", ...)` -> ({logged: drpo_name}, problems)."""
-    from drpo_cli.schema import column_map_problems  # pyarrow, no torch
+    from drpo_cli.rollouts.schema import column_map_problems  # pyarrow, no torch
 
     return column_map_problems(specs)
 
@@ -491,7 +491,7 @@ class TrainConfig:
 
     def check(self) -> TrainConfig:
         """Raise ConfigError listing every problem; return self when there is none."""
-        _raise_problems(self.validate())
+        raise_problems(self.validate())
         return self
 
 
@@ -619,7 +619,7 @@ class InspectConfig:
         return self._parse_gates()[0]
 
     def _parse_gates(self) -> tuple[list[tuple[str, float]], list[str]]:
-        from drpo_cli.report_format import (
+        from drpo_cli.reports.report_format import (
             resolve_metric,  # no torch there; keeps this module's imports minimal
         )
 
@@ -701,11 +701,11 @@ class InspectConfig:
 
     def check(self) -> InspectConfig:
         """Raise ConfigError listing every problem; return self when there is none."""
-        _raise_problems(self.validate())
+        raise_problems(self.validate())
         return self
 
 
-def _raise_problems(problems: list[str]) -> None:
+def raise_problems(problems: list[str]) -> None:
     """One ConfigError for all problems: the only one as its message, or a count with each as a detail line."""
     if problems:
         summary = problems[0] if len(problems) == 1 else f"{len(problems)} problems with the options"

@@ -19,8 +19,8 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from drpo_cli.config import TrainConfig, _raise_problems
-from drpo_cli.loss_options import HPARAM_NAMES, LOSS_HPARAMS
+from drpo_cli.config import TrainConfig, raise_problems
+from drpo_cli.objectives.loss_options import HPARAM_NAMES, LOSS_HPARAMS
 
 DERIVED_KEYS = ("loss_hparams",)  # written by TrainConfig.to_dict, recomputed from the fields
 
@@ -28,7 +28,7 @@ DERIVED_KEYS = ("loss_hparams",)  # written by TrainConfig.to_dict, recomputed f
 def load_document(path: str) -> tuple[dict[str, Any], bool]:
     """(the file's options, whether it is a run drpo recorded): TOML for *.toml, else JSON; a JSON
     document's `training` object when it has one (ConfigError naming the file and line)."""
-    from drpo_cli.errors import ConfigError
+    from drpo_cli.base.errors import ConfigError
 
     try:
         with open(path, "rb") as f:
@@ -80,7 +80,7 @@ def train_config(path: str, overrides: dict[str, Any]) -> TrainConfig:
             problems.append(f"--config {path}: key {key!r}: expected {problem}, found {value!r}")
         else:
             values[key] = converted
-    _raise_problems(problems)
+    raise_problems(problems)
     if "loss" in overrides and overrides["loss"] != values.get("loss"):
         # Another loss on the command line: the file's hyper-parameters of its own loss no longer apply.
         valid = LOSS_HPARAMS.get(overrides["loss"], {})

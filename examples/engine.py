@@ -4,7 +4,7 @@
 (examples/real/to_gguf.py) unless already there; `load(path, kind)` opens it with llama-cpp-python
 (F32: float32 KV cache too, so the engine computes what the trainer does; other types: llama.cpp's
 default float16 KV cache, as a deployed engine runs); `sample_rollouts` draws a group of responses per
-one-digit-addition problem with drpo_cli.llamacpp.llamacpp_sample (processed log-probs, the
+one-digit-addition problem with drpo_cli.rollouts.llamacpp.llamacpp_sample (processed log-probs, the
 end-of-turn token included) into a schema-v1 table (examples/realtask.py's prompts and rewards).
 """
 
@@ -52,7 +52,7 @@ def sample_rollouts(llm, tokenizer, problems: Sequence[tuple[int, int]], samples
                     temperature: float, policy_version: int, seed: int, max_new_tokens: int,
                     rule=realtask.score):
     """`samples_per_prompt` responses per problem from llama.cpp as a schema-v1 table (toytask.to_table)."""
-    from drpo_cli.llamacpp import llamacpp_sample
+    from drpo_cli.rollouts.llamacpp import llamacpp_sample
 
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompts = [realtask.prompt_ids(tokenizer, a, b) for a, b in problems]

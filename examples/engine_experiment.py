@@ -76,7 +76,7 @@ class Sampler:
 
 def measure(s: rx.RealSettings, model_dir: Path, out: Path, tokenizer, sampler: Sampler) -> dict:
     """Start reward and each sampler's lag-0 mismatch (drpo inspect --model), cached in OUT/start.json."""
-    from drpo_cli.checkpoint import load_model
+    from drpo_cli.model.checkpoint import load_model
 
     cached = rx._read_json(out / "start.json") or {"levels": {}}
     if "start_reward" not in cached:

@@ -9,7 +9,7 @@ Each round k, every step a command a user could type and each skipped when its o
 1. `python examples/real/to_gguf.py CKPT --type TYPE --out round-k/model.TYPE.gguf` (CKPT: the start
    checkpoint, then round k-1's `drpo train` output)
 2. llama.cpp samples `--prompts` one-digit additions × `--samples` answers from that GGUF
-   (drpo_cli.llamacpp.llamacpp_sample: processed log-probs, the end-of-turn token included),
+   (drpo_cli.rollouts.llamacpp.llamacpp_sample: processed log-probs, the end-of-turn token included),
    written with RolloutWriter to round-k/rollouts.arrow (policy_version k)
 3. `drpo inspect round-k/rollouts.arrow --model CKPT --json round-k/inspect.json`: the engine's
    mismatch at lag 0 (kl/k3_mean, delta/abs_mean, tr/outside_frac)

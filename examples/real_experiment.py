@@ -47,8 +47,8 @@ import realtask
 import staleness_experiment as se
 import toytask
 
-from drpo_cli.checkpoint import load_model, read_policy_version
-from drpo_cli.train import train
+from drpo_cli.model.checkpoint import load_model, read_policy_version
+from drpo_cli.training.train import train
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "real" / "model"

@@ -9,11 +9,11 @@ Each run starts from the bundled toy checkpoint (examples/toy/model, policy vers
 a round: sample rollouts with the checkpoint K policy versions older than the current one (the
 start checkpoint while the history is shorter than K), run through the sampler precision of the
 mismatch level (examples/mismatch.py: fp32, bf16, fp8 weights / activations, int4) -> `drpo train`
-on them in fp32 (the library entry point drpo_cli.train.train, in-process; Dr.GRPO advantages, the
+on them in fp32 (the library entry point drpo_cli.training.train.train, in-process; Dr.GRPO advantages, the
 behavior anchor, one pass of 4 mini-batches) -> the next checkpoint, whose mean reward is measured
 by sampling from it in fp32 (toytask.evaluate). Runs cover every (loss arm, staleness K, mismatch
 level, seed); a run's rounds share one temporary directory of checkpoints and rollout files.
-Before the runs, each mismatch level's size is measured with `drpo inspect` (drpo_cli.inspect_data) on
+Before the runs, each mismatch level's size is measured with `drpo inspect` (drpo_cli.audit.inspect_data) on
 lag-0 rollouts of the start checkpoint: mean |log r|, k3 and |Δ|.
 
 `--real` runs the same loop on a real chat model (examples/real_experiment.py).
@@ -47,9 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mismatch
 import toytask
 
-from drpo_cli.checkpoint import load_model, read_policy_version
 from drpo_cli.config import InspectConfig, TrainConfig
-from drpo_cli.train import train
+from drpo_cli.model.checkpoint import load_model, read_policy_version
+from drpo_cli.training.train import train
 
 HERE = Path(__file__).resolve().parent
 START = HERE / "toy" / "model"
@@ -589,13 +589,13 @@ def _value(run: dict, rd: dict | None, metric: str) -> float | None:
 
 def measure_level(model, model_dir: str | Path, level: str, sample, tmp: Path, precision: str | None = None) -> dict:
     """`level`'s mismatch on lag-0 rollouts: `sample(sampler)` -> a table, audited by drpo inspect
-    (drpo_cli.inspect_data.run_inspect, `drpo inspect ROLLOUTS --model MODEL_DIR --per-token T`) against
+    (drpo_cli.audit.inspect_data.run_inspect, `drpo inspect ROLLOUTS --model MODEL_DIR --per-token T`) against
     the fp32 model. Mean |log r| comes from the per-token file, the rest from the report.
     `precision`: the sampler's description when it is not a mismatch.LEVELS copy (then sample(None))."""
     import numpy as np
     import pyarrow as pa
 
-    from drpo_cli.inspect_data import run_inspect
+    from drpo_cli.audit.inspect_data import run_inspect
 
     rollouts, per_token = tmp / f"lag0-{level}.arrow", tmp / f"lag0-{level}.tokens.arrow"
     toytask.write_arrow(sample(None if precision else mismatch.sampler_copy(model, level)), rollouts)

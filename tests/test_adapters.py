@@ -13,11 +13,11 @@ from conftest import TOY_MODEL
 from transformers import AutoModelForCausalLM
 
 from drpo_cli import RolloutWriter
-from drpo_cli.adapters import hf_rows, openai_rows, sglang_rows, vllm_rows
-from drpo_cli.batching import plan_micro_batches
-from drpo_cli.errors import InputError
-from drpo_cli.logprobs import token_logprobs
-from drpo_cli.rollouts import load_rows
+from drpo_cli.base.errors import InputError
+from drpo_cli.model.batching import plan_micro_batches
+from drpo_cli.model.logprobs import token_logprobs
+from drpo_cli.rollouts.adapters import hf_rows, openai_rows, sglang_rows, vllm_rows
+from drpo_cli.rollouts.rows import load_rows
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOY = TOY_MODEL

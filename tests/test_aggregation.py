@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import EPS64, assert_reordered
 
-from drpo_cli import losses as L
-from drpo_cli.errors import ConfigError
+from drpo_cli.base.errors import ConfigError
+from drpo_cli.objectives import losses as L
 
 # Two sequences: seq 0 losses [1, 2, 3] with the last token masked, seq 1 losses [4, 5, 6] all trained.
 LOSSES = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64)

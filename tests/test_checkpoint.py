@@ -16,8 +16,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from drpo_cli import checkpoint
-from drpo_cli.checkpoint import (
+from drpo_cli.base.errors import CheckpointError, ConfigError, DrpoError
+from drpo_cli.model import checkpoint
+from drpo_cli.model.checkpoint import (
     CheckpointWriter,
     default_out_dir,
     load_model,
@@ -25,7 +26,6 @@ from drpo_cli.checkpoint import (
     read_policy_version,
     save_checkpoint,
 )
-from drpo_cli.errors import CheckpointError, ConfigError, DrpoError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -236,7 +236,7 @@ def test_killed_writer_leaves_no_out_dir(source, tmp_path):
     """SIGKILL in the middle of writing shards: `out` never appears (only a hidden temp sibling)."""
     script = textwrap.dedent(f"""
         import time, torch
-        from drpo_cli.checkpoint import CheckpointWriter, load_model, save_checkpoint
+        from drpo_cli.model.checkpoint import CheckpointWriter, load_model, save_checkpoint
         real = CheckpointWriter._flush
         def slow(self):
             real(self)

@@ -22,9 +22,11 @@ from conftest import FAST_TRAIN, TOY
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from drpo_cli import checkpoint, inspect_data, train
+from drpo_cli.audit import inspect_data
+from drpo_cli.base.errors import CheckpointError
 from drpo_cli.cli import app
-from drpo_cli.errors import CheckpointError
+from drpo_cli.model import checkpoint
+from drpo_cli.training import train
 
 FAST = [*FAST_TRAIN, "--device", "cpu"]
 

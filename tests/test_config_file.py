@@ -9,10 +9,10 @@ from conftest import FAST_TRAIN
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from drpo_cli.base.errors import ConfigError
 from drpo_cli.cli import app
 from drpo_cli.config import TrainConfig
 from drpo_cli.config_file import train_config
-from drpo_cli.errors import ConfigError
 
 FAST = [*FAST_TRAIN, "--minibatches", "2"]
 

@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from drpo_cli.report_format import TRAIN_METRICS, fmt_cell, number_table, print_train_summary
+from drpo_cli.reports.report_format import TRAIN_METRICS, fmt_cell, number_table, print_train_summary
 
 
 def _render(fn, width=80) -> str:

@@ -18,11 +18,11 @@ import torch
 from conftest import FAST_TRAIN, TOY, require_toy
 from typer.testing import CliRunner
 
-from drpo_cli import checkpoint
+from drpo_cli.base.errors import InputError
 from drpo_cli.cli import app
 from drpo_cli.config import InspectConfig
-from drpo_cli.errors import InputError
-from drpo_cli.rollouts import Context, fit_context, load_rows
+from drpo_cli.model import checkpoint
+from drpo_cli.rollouts.rows import Context, fit_context, load_rows
 
 ROWS = 8
 
@@ -65,7 +65,7 @@ def no_weights(*args, **kwargs):
 
 def test_rows_longer_than_a_gpt2_context_are_refused_before_the_weights_are_loaded(gpt2, tmp_path, monkeypatch):
     # Before: an IndexError in the position table (exit 1) after the data pass and the load.
-    from drpo_cli import train
+    from drpo_cli.training import train
 
     monkeypatch.setattr(train, "load_model", no_weights)
     monkeypatch.setattr(checkpoint, "load_model", no_weights)  # inspect's

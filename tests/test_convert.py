@@ -9,7 +9,7 @@ import pyarrow as pa
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
-from drpo_cli.schema import open_rollouts, validate_rollouts
+from drpo_cli.rollouts.schema import open_rollouts, validate_rollouts
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 runner = CliRunner()

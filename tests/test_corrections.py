@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from drpo_cli.cli import app
 from drpo_cli.config import SEQ_MASK_TIS_BAND, TrainConfig, expand_correction
-from drpo_cli.losses import (
+from drpo_cli.objectives.losses import (
     LOSS_NAMES,
     aggregate,
     aggregation_denominator,
@@ -262,9 +262,9 @@ def test_veto_with_the_behavior_anchor_and_reject_fractions_per_step(toy, tmp_pa
 
 
 def test_batch_normalised_weights_have_mean_one_over_the_step_for_any_micro_batch_size(toy):
-    from drpo_cli.losses import behavior_weight as bw
-    from drpo_cli.rollouts import load_rows
-    from drpo_cli.train import _step_corrections
+    from drpo_cli.objectives.losses import behavior_weight as bw
+    from drpo_cli.rollouts.rows import load_rows
+    from drpo_cli.training.train import _step_corrections
 
     rows = load_rows(str(toy / "rollouts.arrow"))
     t = torch.from_numpy

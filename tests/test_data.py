@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from drpo_cli.batching import padding_fraction, plan_micro_batches
-from drpo_cli.errors import ConfigError, InputError
-from drpo_cli.rollouts import RolloutRows
+from drpo_cli.base.errors import ConfigError, InputError
+from drpo_cli.model.batching import padding_fraction, plan_micro_batches
+from drpo_cli.rollouts.rows import RolloutRows
 
 
 def make_rows(prompts, responses, temperatures=None) -> RolloutRows:

@@ -35,8 +35,9 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 from typer.testing import CliRunner
 
-from drpo_cli import distributed, hooks
+from drpo_cli.base import hooks
 from drpo_cli.cli import app, without_nproc
+from drpo_cli.model import distributed
 
 ROWS = 64  # a slice of the example keeps the runs short; process start-up dominates anyway
 TRAIN_ARGS = ["--quiet", "--device", "cpu", "--lr", "1e-3", "--minibatches", "2", "--micro-batch-tokens", "256",
@@ -65,7 +66,7 @@ def toy(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def untied(toy, tmp_path_factory) -> Path:
     """The toy model with its own output head (the embedding plus noise), next to the same rows."""
-    from drpo_cli.checkpoint import load_model
+    from drpo_cli.model.checkpoint import load_model
 
     root = tmp_path_factory.mktemp("untied")
     tied, _ = load_model(toy / "model")
@@ -204,10 +205,10 @@ def one_rank_group(monkeypatch):
 def test_sharded_engine_gives_the_plain_models_loss_and_gradients(which, request, one_rank_group):
     from torch.distributed.fsdp import FSDPModule
 
-    from drpo_cli.batching import plan_micro_batches
-    from drpo_cli.checkpoint import load_model
-    from drpo_cli.logprobs import fused_token_loss, token_logprobs
-    from drpo_cli.rollouts import load_rows
+    from drpo_cli.model.batching import plan_micro_batches
+    from drpo_cli.model.checkpoint import load_model
+    from drpo_cli.model.logprobs import fused_token_loss, token_logprobs
+    from drpo_cli.rollouts.rows import load_rows
 
     root = request.getfixturevalue(which)
     rows = load_rows([str(root / "rollouts.arrow")])
@@ -254,7 +255,7 @@ def test_sharded_engine_gives_the_plain_models_loss_and_gradients(which, request
 
 
 def test_meta_device_sharded_load_equals_the_plain_load(toy, one_rank_group):
-    from drpo_cli.checkpoint import load_model
+    from drpo_cli.model.checkpoint import load_model
 
     plain, plain_info = load_model(toy / "model")
     sharded, info = distributed.load_sharded_model(toy / "model", torch.device("cpu"))
@@ -275,7 +276,7 @@ def test_meta_device_sharded_load_equals_the_plain_load(toy, one_rank_group):
 def test_sharded_load_names_a_missing_weight(toy, one_rank_group, tmp_path):
     from safetensors.torch import save_file
 
-    from drpo_cli.errors import CheckpointError
+    from drpo_cli.base.errors import CheckpointError
 
     shutil.copytree(toy / "model", tmp_path / "m")
     tensors = load_file(str(toy / "model" / "model.safetensors"))
@@ -297,7 +298,7 @@ def poisoned(toy: Path, tmp_path: Path, row: int) -> Path:
 
 
 def test_sharded_load_refuses_a_non_finite_weight_naming_it(toy, one_rank_group, tmp_path):
-    from drpo_cli.errors import CheckpointError
+    from drpo_cli.base.errors import CheckpointError
 
     model = poisoned(toy, tmp_path, 100)
     with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight holds "
@@ -306,7 +307,7 @@ def test_sharded_load_refuses_a_non_finite_weight_naming_it(toy, one_rank_group,
 
 
 def test_streamed_save_of_a_sharded_model_equals_the_plain_save(toy, one_rank_group, tmp_path):
-    from drpo_cli.checkpoint import load_model, save_checkpoint
+    from drpo_cli.model.checkpoint import load_model, save_checkpoint
 
     plain, _ = load_model(toy / "model")
     sharded, _ = load_model(toy / "model")
@@ -403,7 +404,7 @@ def test_two_ranks_train_clip_cov_with_m2po_and_opsm_like_one(toy, tmp_path):
 
 @pytest.mark.multiproc
 def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy, tmp_path):
-    from drpo_cli.hooks import INTERRUPT_AFTER_STEP as INTERRUPT_HOOK
+    from drpo_cli.base.hooks import INTERRUPT_AFTER_STEP as INTERRUPT_HOOK
 
     common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--epochs", "2"]  # 4 steps
     one_process("train", *common, "--out", str(tmp_path / "straight"))
@@ -444,7 +445,7 @@ def test_two_ranks_interrupted_then_resumed_reach_the_uninterrupted_weights(toy,
 def test_two_ranks_stop_inside_a_step_before_the_same_pass_and_resume_to_the_uninterrupted_weights(toy, tmp_path):
     # A signal inside step 1's first forward: every rank checks before each pass (one collective), so all
     # stop before the same one, drop the step's gradients and save the state at its start.
-    from drpo_cli.hooks import INTERRUPT_IN_STEP
+    from drpo_cli.base.hooks import INTERRUPT_IN_STEP
 
     common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--epochs", "2",
               "--micro-batch-tokens", "32"]  # 4 steps of several passes per rank
@@ -510,7 +511,7 @@ def test_two_ranks_inspect_breakdowns_and_peer_metrics_like_one(toy, tmp_path):
 def without_per_batch_whatifs(doc: dict) -> dict:
     """An inspect report without the clip-cov / kl-cov / M2PO what-ifs, which select over each audited batch
     (SPEC.md §1): the only metrics allowed to differ when the batches differ. They must be there."""
-    from drpo_cli.divergence import PER_UPDATE_METRICS
+    from drpo_cli.objectives.divergence import PER_UPDATE_METRICS
 
     assert all(doc["metrics"].pop(m) is not None for m in PER_UPDATE_METRICS)
     doc["metrics"].pop("m2po/dropped_pos_adv_frac")  # of what M2PO drops over each audited batch
@@ -521,7 +522,7 @@ def without_per_batch_whatifs(doc: dict) -> dict:
 
 
 def test_launched_means_started_by_torchrun_with_any_number_of_processes(monkeypatch):
-    from drpo_cli import launch
+    from drpo_cli.base import launch
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("RANK", "0")
@@ -545,7 +546,7 @@ def test_one_process_under_torchrun_inspects_like_a_plain_process(toy, tmp_path)
 
 
 def test_the_launchers_exit_code_is_130_when_the_ranks_saved_their_state_and_4_when_not(tmp_path):
-    from drpo_cli.launch import launcher_exit_code
+    from drpo_cli.base.launch import launcher_exit_code
 
     def code(torchrun_code: int, ranks: list[int]) -> int:
         where = tmp_path / f"{torchrun_code}-{'-'.join(map(str, ranks))}"
@@ -647,7 +648,7 @@ def test_two_ranks_agree_on_skipping_non_finite_steps(toy, tmp_path):
 
 
 def test_a_non_finite_weight_after_an_update_is_found_in_any_ranks_shard(toy, one_rank_group):
-    from drpo_cli.train import _non_finite_weight
+    from drpo_cli.training.train import _non_finite_weight
 
     model, _ = distributed.load_sharded_model(toy / "model", torch.device("cpu"))
     assert _non_finite_weight(model) is None

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import EPS64, assert_reordered
 
-from drpo_cli import divergence as D
-from drpo_cli.errors import ConfigError
+from drpo_cli.base.errors import ConfigError
+from drpo_cli.objectives import divergence as D
 
 LN = math.log
 
@@ -243,7 +243,7 @@ def test_tokens_with_a_non_finite_log_prob_are_counted_and_left_out():
     # A diverged model's NaN / inf log-probs: no statistic, no histogram bin; a note counts them.
     import numpy as np
 
-    from drpo_cli.histograms import MuPiHistogram
+    from drpo_cli.model.histograms import MuPiHistogram
 
     lp = t(LN(0.5), math.nan, LN(0.25), -math.inf, math.inf)
     mu, adv, mask = t(LN(0.4), LN(0.5), LN(0.5), LN(0.5), LN(0.5)), t(1, 1, -1, 1, 1), torch.ones(5, dtype=torch.bool)
@@ -354,7 +354,7 @@ RANK_SCRIPT = textwrap.dedent(
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[3])
     from test_divergence import audit_data
-    from drpo_cli.divergence import Diagnostics
+    from drpo_cli.objectives.divergence import Diagnostics
     rank = int(sys.argv[1])
     dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
     logp, mu_lp, adv, mask, lag, position, entropy = audit_data()

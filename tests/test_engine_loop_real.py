@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from drpo_cli.audit.inspect_data import run_inspect
 from drpo_cli.config import InspectConfig
-from drpo_cli.inspect_data import run_inspect
 
 pytestmark = pytest.mark.llamacpp
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import EPS32, LOGP_ULPS, assert_reordered, assert_trained_alike
 
-from drpo_cli.checkpoint import load_model
+from drpo_cli.model.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "examples" / "toy"
@@ -150,7 +150,7 @@ def test_tokenizer_roundtrip():
 
 
 def test_example_validates():
-    from drpo_cli import schema
+    from drpo_cli.rollouts import schema
 
     source = schema.open_rollouts([TOY / "rollouts.arrow"])
     assert schema.validate_rollouts(source) == []

@@ -14,8 +14,8 @@ import torch
 from conftest import FAST_TRAIN
 from typer.testing import CliRunner
 
+from drpo_cli.base.hooks import INTERRUPT_AFTER_STEP
 from drpo_cli.cli import app
-from drpo_cli.hooks import INTERRUPT_AFTER_STEP
 
 ARGS = ["--epochs", "2", "--minibatches", "2", *FAST_TRAIN]
 
@@ -68,7 +68,7 @@ def test_a_pickle_payload_among_the_optimizer_values_is_refused_unrun(toy, inter
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from drpo_cli.checkpoint import load_model
+    from drpo_cli.model.checkpoint import load_model
 
     out, state = interrupted
     flag = tmp_path / "ran"
@@ -87,7 +87,7 @@ def test_a_pickle_payload_among_the_optimizer_values_is_refused_unrun(toy, inter
 
 
 def test_metadata_naming_a_file_outside_the_state_is_refused(toy, interrupted, tmp_path):
-    from drpo_cli.resume import _MetadataUnpickler
+    from drpo_cli.training.resume import _MetadataUnpickler
 
     out, state = interrupted
     path = state / "dcp" / ".metadata"
@@ -209,7 +209,7 @@ def test_a_private_model_gives_a_private_checkpoint_and_state(toy, tmp_path):
 
 
 def test_withheld_bits_follow_the_least_readable_input(tmp_path):
-    from drpo_cli.outputs import withheld_bits
+    from drpo_cli.base.outputs import withheld_bits
 
     a, d = tmp_path / "a", tmp_path / "d"
     a.write_text("x")
@@ -234,7 +234,7 @@ def _holder(path: Path, kind: str):
     import subprocess
     import sys
 
-    code = ("import sys\nfrom drpo_cli import outputs\n"
+    code = ("import sys\nfrom drpo_cli.base import outputs\n"
             f"with outputs.locked(outputs.Output('--out', {str(path)!r}, {kind!r})):\n"
             "    print('held', flush=True)\n    sys.stdin.read()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -375,7 +375,7 @@ def test_a_resumed_run_interrupted_twice_keeps_its_earlier_state_and_exits_130(t
 
 
 def test_inspect_interrupted_exits_4(toy, tmp_path, monkeypatch):
-    from drpo_cli import inspect_data
+    from drpo_cli.audit import inspect_data
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -411,7 +411,7 @@ def test_a_full_disk_while_saving_the_state_exits_4_in_one_line_and_leaves_nothi
 def test_the_free_space_check_counts_the_shard_being_assembled_and_the_report(toy, tmp_path, monkeypatch):
     import collections
 
-    from drpo_cli import checkpoint
+    from drpo_cli.model import checkpoint
 
     weights = checkpoint.weights_nbytes(toy / "model", "float32")
     need = checkpoint.output_nbytes(toy / "model", "float32", steps=4)
@@ -428,7 +428,7 @@ def test_the_free_space_check_counts_the_shard_being_assembled_and_the_report(to
 def test_a_full_disk_under_inspect_writes_no_output_and_names_the_file(toy, tmp_path, monkeypatch):
     import builtins
 
-    from drpo_cli import outputs
+    from drpo_cli.base import outputs
 
     real_open = builtins.open
     page = tmp_path / "audit.html"

@@ -12,11 +12,11 @@ import pytest
 from conftest import valid_rollout_table, write_rollout_table
 from typer.testing import CliRunner
 
+from drpo_cli.audit.inspect_data import run_inspect
+from drpo_cli.base.errors import ConfigError, InputError
 from drpo_cli.cli import app
 from drpo_cli.config import InspectConfig
-from drpo_cli.errors import ConfigError, InputError
-from drpo_cli.inspect_data import run_inspect
-from drpo_cli.report_format import (
+from drpo_cli.reports.report_format import (
     INSPECT_DATA_METRICS,
     INSPECT_REPORT_SCHEMA,
     resolve_metric,
@@ -240,8 +240,8 @@ def test_column_rename(tmp_path):
 
 
 def test_data_audit_merge_equals_one_pass(tmp_path):
-    from drpo_cli.inspect_data import DataAudit
-    from drpo_cli.schema import open_rollouts
+    from drpo_cli.audit.inspect_data import DataAudit
+    from drpo_cli.rollouts.schema import open_rollouts
 
     big = pa.concat_tables([valid_rollout_table()] * 5)
     path = write_rollout_table(big, tmp_path / "r.arrow", fmt="stream", max_chunksize=3)  # 7 batches
@@ -281,7 +281,7 @@ def combine_as_all_reduce(a, b) -> None:
 def test_every_data_audit_field_is_a_declared_statistic_or_exchanged_rows():
     from dataclasses import fields as dc_fields
 
-    from drpo_cli.inspect_data import DataAudit
+    from drpo_cli.audit.inspect_data import DataAudit
 
     declared = {f.name for f in dc_fields(DataAudit) if "merge" in f.metadata}
     per_row = {"sample_ids", "group_ids", "group_rewards", "group_tokens", "group_codes", "adv_sources",

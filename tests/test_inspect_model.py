@@ -13,11 +13,11 @@ from conftest import LOGP_ULPS, METRIC_ULPS, TOY, assert_reordered
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from drpo_cli.audit.inspect_data import inspect_and_write
+from drpo_cli.audit.inspect_model import FIT_TOKENS
 from drpo_cli.cli import app
 from drpo_cli.config import InspectConfig
-from drpo_cli.inspect_data import inspect_and_write
-from drpo_cli.inspect_model import FIT_TOKENS
-from drpo_cli.report_format import (
+from drpo_cli.reports.report_format import (
     INSPECT_DATA_METRICS,
     INSPECT_MODEL_METRICS,
     INSPECT_REPORT_SCHEMA,
@@ -277,7 +277,7 @@ def test_console_at_80_columns_elides_no_number_and_notes_once(run):
 
     from rich.console import Console
 
-    from drpo_cli.report_format import render_inspect
+    from drpo_cli.reports.report_format import render_inspect
 
     report, _ = run
     assert sum("12.5 >= 1" in n for n in report["notes"]) == 1  # the δ ≥ 1 note once in the JSON

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from drpo_cli import RolloutWriter
 from drpo_cli.cli import app
-from drpo_cli.llamacpp import llamacpp_sample
+from drpo_cli.rollouts.llamacpp import llamacpp_sample
 
 pytestmark = pytest.mark.llamacpp
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -133,7 +133,7 @@ def test_logits_all_reads_the_same_logits():
 def test_cache_reuse_equals_a_fresh_evaluation():
     """Samples drawn after the cache was cut back to the prompt (and a prompt sharing a cached prefix)
     log what a fresh context evaluating the same tokens one by one gives: log-softmax(logits / T)."""
-    from drpo_cli.llamacpp import _last_logits
+    from drpo_cli.rollouts.llamacpp import _last_logits
 
     llm = load()
     rows = list(llamacpp_sample(llm, chat_prompts(llm), n=2, temperature=T, max_tokens=12, seed=1))

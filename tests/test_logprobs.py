@@ -11,9 +11,15 @@ from conftest import ENTROPY_ULPS, GRAD_ULPS, LOGP_ULPS, assert_reordered
 from test_data import make_rows  # tests/ is on sys.path under pytest
 from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig, LlamaConfig, Qwen2Config
 
-from drpo_cli.batching import plan_micro_batches
-from drpo_cli.errors import CheckpointError, ConfigError
-from drpo_cli.logprobs import fused_token_loss, output_head, pick_device, token_logprobs, token_logprobs_at
+from drpo_cli.base.errors import CheckpointError, ConfigError
+from drpo_cli.model.batching import plan_micro_batches
+from drpo_cli.model.head import output_head
+from drpo_cli.model.logprobs import (
+    fused_token_loss,
+    pick_device,
+    token_logprobs,
+    token_logprobs_at,
+)
 
 VOCAB = 97
 SMALL = {
@@ -286,7 +292,7 @@ def test_bf16_autocast_body_runs_on_cpu_and_keeps_float32_outputs():
 def test_fused_whole_sequence_loss_matches_autograd(chunk):
     # GSPO's per-token loss depends on every token of its sequence: the fused path gets each token's
     # upstream gradient (per-sequence factor / |seq|) from the whole micro-batch.
-    from drpo_cli.losses import token_loss
+    from drpo_cli.objectives.losses import token_loss
 
     model, rows = build(Qwen2Config, seed=8), random_rows(seed=9, n=6)
     (mb,) = plan_micro_batches(rows, np.arange(rows.num_rows), 10_000)
@@ -365,17 +371,17 @@ def test_entropy_at_a_real_vocabulary_size_is_float32_accurate():
 def test_calls_sharing_buffers_give_the_same_results_and_free_them_after():
     # Inside reused_buffers() later calls write their logits into the first call's buffers (made
     # at the chunk size); outside, each call has its own. Same numbers either way.
-    from drpo_cli import logprobs
+    from drpo_cli.model import head
 
     model = build(Qwen2Config, seed=12)
     small, large = random_rows(seed=13, n=2), random_rows(seed=14, n=6)
     batches = [plan_micro_batches(r, np.arange(r.num_rows), 10_000)[0] for r in (small, large, small)]
     with torch.inference_mode():
         alone = [token_logprobs(model, mb, chunk_tokens=64, with_entropy=True) for mb in batches]
-        with logprobs.reused_buffers():
+        with head.reused_buffers():
             shared = [token_logprobs(model, mb, chunk_tokens=64, with_entropy=True) for mb in batches]
-            held = dict(logprobs._POOLS.buffers)
-        assert logprobs._POOLS.buffers is None  # freed on leaving the block
+            held = dict(head._POOLS.buffers)
+        assert head._POOLS.buffers is None  # freed on leaving the block
     assert {key[0] for key in held} >= {"logits", "block", "block_e"}
     for (lp_a, ent_a), (lp_s, ent_s) in zip(alone, shared):
         assert torch.equal(lp_a, lp_s) and torch.equal(ent_a, ent_s)

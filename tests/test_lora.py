@@ -16,11 +16,11 @@ from conftest import assert_reordered, assert_trained_alike
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from drpo_cli import lora
-from drpo_cli.checkpoint import load_model
+from drpo_cli.base.errors import ConfigError
 from drpo_cli.cli import app
 from drpo_cli.config import TrainConfig
-from drpo_cli.errors import ConfigError
+from drpo_cli.model import lora
+from drpo_cli.model.checkpoint import load_model
 
 TRAIN = ["--quiet", "--device", "cpu", "--lr", "1e-2", "--micro-batch-tokens", "512", "--minibatches", "2"]
 # Targets given explicitly: the attention and MLP projections of the example's Llama layers.
@@ -143,9 +143,9 @@ def test_merge_of_a_stream_is_w_plus_scaled_ba():
 
 
 def test_frozen_head_skips_its_gradient_and_leaves_the_others_unchanged(toy):
-    from drpo_cli.batching import plan_micro_batches
-    from drpo_cli.logprobs import fused_token_loss
-    from drpo_cli.rollouts import load_rows
+    from drpo_cli.model.batching import plan_micro_batches
+    from drpo_cli.model.logprobs import fused_token_loss
+    from drpo_cli.rollouts.rows import load_rows
 
     rows = load_rows([str(toy / "rollouts.arrow")])
     mb = plan_micro_batches(rows, np.arange(6), 4096)[0]

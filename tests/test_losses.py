@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from drpo_cli import losses as L
-from drpo_cli.errors import ConfigError
+from drpo_cli.base.errors import ConfigError
+from drpo_cli.objectives import losses as L
 
 LN = math.log
 

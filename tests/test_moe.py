@@ -20,15 +20,15 @@ from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2
 from transformers.models.qwen3_5_moe import Qwen3_5MoeTextConfig
 from typer.testing import CliRunner
 
-from drpo_cli import moe
-from drpo_cli.batching import plan_micro_batches
+from drpo_cli.base.errors import ConfigError, InputError
 from drpo_cli.cli import app
-from drpo_cli.errors import ConfigError, InputError
-from drpo_cli.logprobs import token_logprobs
-from drpo_cli.rollouts import load_rows
-from drpo_cli.routing import routed_experts_from_vllm
-from drpo_cli.schema import open_rollouts, validate_rollouts
-from drpo_cli.writer import RolloutWriter
+from drpo_cli.model import checkpoint, moe
+from drpo_cli.model.batching import plan_micro_batches
+from drpo_cli.model.logprobs import token_logprobs
+from drpo_cli.rollouts.routing import routed_experts_from_vllm
+from drpo_cli.rollouts.rows import load_rows
+from drpo_cli.rollouts.schema import open_rollouts, validate_rollouts
+from drpo_cli.rollouts.writer import RolloutWriter
 
 V = 64
 _COMMON = dict(vocab_size=V, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,  # noqa: C408
@@ -481,7 +481,7 @@ def test_two_ranks_audit_routing_as_one_process(tmp_path):
 
 def test_sharded_loading_reads_each_ranks_rows_of_weights_converted_on_load(kind, tmp_path):
     # torchrun: each rank reads its experts' rows of gate_up_proj / down_proj from the per-expert tensors on disk
-    from drpo_cli.checkpoint import empty_model, weight_entries
+    from drpo_cli.model.checkpoint import empty_model, weight_entries
 
     model = tiny(kind)
     model.save_pretrained(tmp_path)
@@ -493,9 +493,9 @@ def test_sharded_loading_reads_each_ranks_rows_of_weights_converted_on_load(kind
         full = dict(model.named_parameters())[name]
         for start, stop in ((0, 3), (3, full.shape[0])):
             out = torch.empty(stop - start, *full.shape[1:])
-            assert moe.read_converted_rows(meta, name, tuple(full.shape), entries, start, stop, out)
+            assert checkpoint.read_converted_rows(meta, name, tuple(full.shape), entries, start, stop, out)
             assert torch.equal(out, full[start:stop].detach()), name
-    assert not moe.read_converted_rows(meta, "model.embed_tokens.weight", (V, 32), entries, 0, V, torch.empty(V, 32))
+    assert not checkpoint.read_converted_rows(meta, "model.embed_tokens.weight", (V, 32), entries, 0, V, torch.empty(V, 32))
 
 
 def test_lora_training_replaying_the_models_own_routing_equals_no_replay(tmp_path):

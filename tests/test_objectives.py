@@ -1,4 +1,4 @@
-"""The later objectives and filters of SPEC.md §1 (drpo_cli/losses_extra.py): hand-computed values,
+"""The later objectives and filters of SPEC.md §1 (drpo_cli/objectives/losses_extra.py): hand-computed values,
 autograd against the analytic gradient contract, and parity with a plain transliteration of each
 reference implementation (verl, TRL, ROLL, prime-rl, AReaL) on padded (B, T) batches."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import GRAD_ULPS, assert_reordered
 
-from drpo_cli import losses as L
-from drpo_cli import losses_extra as X
-from drpo_cli.divergence import Diagnostics
+from drpo_cli.objectives import losses as L
+from drpo_cli.objectives import losses_extra as X
+from drpo_cli.objectives.divergence import Diagnostics
 
 LN = math.log
 NEW = ("sapo", "gmpo", "topr", "kimi15", "dppo-tv-sq", "vespo", "clip-cov", "kl-cov")
@@ -470,7 +470,7 @@ STEP_CASES = [
 def _naive_step_grads(model, rows, idx, cfg, old_logp, seed):
     """One pad-to-longest forward with full logits; the step-wide selection / masks over the step's tokens in
     row-then-position order, computed directly; the same aggregation."""
-    from drpo_cli.batching import plan_micro_batches
+    from drpo_cli.model.batching import plan_micro_batches
 
     mb = plan_micro_batches(rows, idx, 10**9)[0]
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids).logits
@@ -501,10 +501,10 @@ def _naive_step_grads(model, rows, idx, cfg, old_logp, seed):
 def test_step_gradient_does_not_depend_on_micro_batch_tokens(toy, loss, agg, extra):
     import numpy as np
 
-    from drpo_cli.checkpoint import load_model
     from drpo_cli.config import TrainConfig
-    from drpo_cli.rollouts import load_rows
-    from drpo_cli.train import accumulate_gradients
+    from drpo_cli.model.checkpoint import load_model
+    from drpo_cli.rollouts.rows import load_rows
+    from drpo_cli.training.train import accumulate_gradients
 
     rows = load_rows(str(toy / "rollouts.arrow"))
     idx = np.arange(0, rows.num_rows, 3)
@@ -557,7 +557,7 @@ def test_train_cli_runs_and_reports_the_fraction(toy, tmp_path, args, metric):
     from typer.testing import CliRunner
 
     from drpo_cli.cli import app
-    from drpo_cli.report_format import TRAIN_REPORT_SCHEMA
+    from drpo_cli.reports.report_format import TRAIN_REPORT_SCHEMA
 
     out = tmp_path / "out"
     argv = ["train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), "--out", str(out), *args,

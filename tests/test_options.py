@@ -14,7 +14,6 @@ import pytest
 import typer
 from typer.main import get_command
 
-from drpo_cli import losses
 from drpo_cli.cli import app, config_parameters, config_values
 from drpo_cli.config import (
     InspectConfig,
@@ -26,8 +25,9 @@ from drpo_cli.config import (
     option_help,
 )
 from drpo_cli.config_file import train_config
-from drpo_cli.loss_options import HPARAM_NAMES, LOSS_HPARAMS, LOSS_NAMES, number
-from drpo_cli.options_doc import render
+from drpo_cli.objectives import losses
+from drpo_cli.objectives.loss_options import HPARAM_NAMES, LOSS_HPARAMS, LOSS_NAMES, number
+from drpo_cli.reports.options_doc import render
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"train": (TrainLaunch, TrainConfig), "inspect": (InspectConfig,)}
@@ -182,7 +182,7 @@ def test_loss_registry_and_options_share_one_table():
 
 def test_docs_option_page_is_current():
     page = (ROOT / "docs" / "options.md").read_text(encoding="utf-8")
-    assert page == render(), "docs/options.md is out of date: python -m drpo_cli.options_doc docs/options.md"
+    assert page == render(), "docs/options.md is out of date: python -m drpo_cli.reports.options_doc docs/options.md"
     for f in command_line_fields(TrainLaunch, TrainConfig, InspectConfig):
         assert option_help(f).replace("|", "\\|") in page
 

@@ -1,4 +1,4 @@
-"""The one output rule (drpo_cli/outputs.py) through the real CLI: inputs are never touched, --overwrite
+"""The one output rule (drpo_cli/base/outputs.py) through the real CLI: inputs are never touched, --overwrite
 replaces only what drpo wrote, replacements leave nothing behind, files honour the umask."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 from conftest import FAST_TRAIN, TOY, valid_rollout_table, write_rollout_table
 from typer.testing import CliRunner
 
-from drpo_cli import outputs
+from drpo_cli.base import outputs
+from drpo_cli.base.errors import ConfigError
 from drpo_cli.cli import app
-from drpo_cli.errors import ConfigError
 
 FAST = FAST_TRAIN
 

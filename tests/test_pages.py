@@ -17,8 +17,8 @@ from conftest import TOY, write_rollout_table
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
-from drpo_cli.html_pages import decode_tokens
-from drpo_cli.report_format import fmt_cell
+from drpo_cli.reports.html_pages import decode_tokens
+from drpo_cli.reports.report_format import fmt_cell
 
 VOID = {"meta", "br", "img", "input", "link", "hr", "line", "rect", "circle", "polyline"}
 

@@ -22,12 +22,12 @@ import torch
 from conftest import TOY, write_rollout_table
 from typer.testing import CliRunner
 
+from drpo_cli.audit.inspect_data import run_inspect
+from drpo_cli.audit.inspect_model import WORST_BY_SCORES
 from drpo_cli.cli import app
 from drpo_cli.config import WORST_BY, InspectConfig
-from drpo_cli.divergence import Diagnostics
-from drpo_cli.inspect_data import run_inspect
-from drpo_cli.inspect_model import WORST_BY_SCORES
-from drpo_cli.report_format import INSPECT_MODEL_METRICS
+from drpo_cli.objectives.divergence import Diagnostics
+from drpo_cli.reports.report_format import INSPECT_MODEL_METRICS
 
 runner = CliRunner()
 LN2 = math.log(2.0)
@@ -195,7 +195,7 @@ RANK_SCRIPT = textwrap.dedent(
     import json, sys, numpy as np, pyarrow as pa, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[3])
     from test_peer_metrics import random_rows
-    from drpo_cli.divergence import Diagnostics
+    from drpo_cli.objectives.divergence import Diagnostics
     rank = int(sys.argv[1])
     dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
     logp, mu, adv, mask, row, entropy = random_rows()
@@ -262,7 +262,7 @@ def audited(tmp_path_factory):
     cfg = InspectConfig(rollouts=(str(path),), model=str(TOY / "model"), device="cpu", micro_batch_tokens=64,
                         per_token=str(d / "tokens.arrow"), by=("env", "group_id"), worst_by="chi2/seq", top=4,
                         is_veto=0.05, reject=("seq_max_k1>0.5",), quiet=True).check()
-    from drpo_cli.inspect_data import inspect_and_write
+    from drpo_cli.audit.inspect_data import inspect_and_write
 
     report = inspect_and_write(cfg)
     return report, pa.ipc.open_file(str(d / "tokens.arrow")).read_all(), table
@@ -346,9 +346,9 @@ def worst_by_reference(lp, mu, adv, catastrophic: float, tr_delta: float = 0.2) 
 def test_each_worst_by_score_per_row_equals_a_numpy_reference():
     # The toy rows with a random loss mask (NaN μ under it) and a random π, fed micro-batch by micro-batch as
     # inspect --model does: every --worst-by metric's per-row score against the NumPy reference of its row.
-    from drpo_cli.batching import plan_micro_batches
-    from drpo_cli.inspect_model import _Chunk
-    from drpo_cli.rollouts import load_rows
+    from drpo_cli.audit.inspect_model import _Chunk
+    from drpo_cli.model.batching import plan_micro_batches
+    from drpo_cli.rollouts.rows import load_rows
 
     rows = load_rows(str(TOY / "rollouts.arrow"))
     g = np.random.default_rng(7)
@@ -399,7 +399,7 @@ def test_bad_by_column_and_worst_by_are_refused_before_any_work(tmp_path, valid_
 
 
 def test_by_values_come_in_natural_order():
-    from drpo_cli.value_table import ValueTable
+    from drpo_cli.base.value_table import ValueTable
 
     table = ValueTable(1)
     table.codes(pa.array(["g10", None, "g2", "b", "10", "2", "g2a"]))

@@ -19,13 +19,18 @@ from conftest import FAST_TRAIN, LOGP_ULPS, assert_reordered
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from drpo_cli.batching import plan_micro_batches
-from drpo_cli.checkpoint import load_model
 from drpo_cli.cli import app
 from drpo_cli.config import TrainConfig
-from drpo_cli.logprobs import fused_token_loss, in_dtype, output_head, response_hidden_states, token_logprobs
-from drpo_cli.rollouts import load_rows
-from drpo_cli.train import accumulate_gradients
+from drpo_cli.model.batching import plan_micro_batches
+from drpo_cli.model.checkpoint import load_model
+from drpo_cli.model.head import in_dtype, output_head
+from drpo_cli.model.logprobs import (
+    fused_token_loss,
+    response_hidden_states,
+    token_logprobs,
+)
+from drpo_cli.rollouts.rows import load_rows
+from drpo_cli.training.train import accumulate_gradients
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FAST = [*FAST_TRAIN, "--device", "cpu"]
@@ -174,7 +179,7 @@ def test_train_and_inspect_run_in_every_dtype_on_cpu(toy, tmp_path, dtype):
 
 
 def test_fp16_resume_keeps_the_loss_scale(toy, tmp_path):
-    from drpo_cli.hooks import INTERRUPT_AFTER_STEP as INTERRUPT_HOOK
+    from drpo_cli.base.hooks import INTERRUPT_AFTER_STEP as INTERRUPT_HOOK
 
     args = ["--dtype", "fp16", "--minibatches", "3", *FAST]
     runner = CliRunner()

@@ -258,14 +258,14 @@ def test_an_untrained_nan_among_the_worst_tokens_is_null_and_train_keeps_its_run
 
 @pytest.mark.parametrize("fails", ["drpo_report.json", "report.html"])
 def test_a_report_that_cannot_be_made_never_costs_the_weights(tmp_path, monkeypatch, fails):
-    import drpo_cli.html_pages
-    import drpo_cli.train
+    import drpo_cli.reports.html_pages
+    import drpo_cli.training.train
 
     def broken(report):
         raise ValueError("cannot make this\nsecond line")
 
-    monkeypatch.setattr(*((drpo_cli.train, "train_report_json", broken) if fails == "drpo_report.json"
-                          else (drpo_cli.html_pages, "train_page", broken)))
+    monkeypatch.setattr(*((drpo_cli.training.train, "train_report_json", broken) if fails == "drpo_report.json"
+                          else (drpo_cli.reports.html_pages, "train_page", broken)))
     path = write_rollout_table(table_of(named()), tmp_path / "r.arrow")
     out = tmp_path / "next"
     res = runner.invoke(app, ["train", "-r", str(path), "-m", str(MODEL), "--out", str(out), "-q", "--device", "cpu"])
@@ -284,7 +284,7 @@ def test_a_report_that_cannot_be_made_never_costs_the_weights(tmp_path, monkeypa
 
 
 def test_finite_or_null_replaces_every_non_finite_float_and_names_it():
-    from drpo_cli.report_format import NonFiniteReportValue, finite_or_null, report_json
+    from drpo_cli.reports.report_format import NonFiniteReportValue, finite_or_null, report_json
 
     report = {"a": [1.0, math.nan, {"b": math.inf}], "c": (-math.inf, 2), "d": "nan", "e": None, "f": True}
     with pytest.warns(NonFiniteReportValue, match=r"/a/1 = nan, /a/2/b = inf, /c/0 = -inf"):
@@ -298,9 +298,9 @@ def test_finite_or_null_replaces_every_non_finite_float_and_names_it():
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> dict:
     """A real inspect report (model mode) and train report of the NaN-under-mask case, as returned."""
+    from drpo_cli.audit.inspect_data import inspect_and_write
     from drpo_cli.config import InspectConfig, TrainConfig
-    from drpo_cli.inspect_data import inspect_and_write
-    from drpo_cli.train import train
+    from drpo_cli.training.train import train
 
     root = tmp_path_factory.mktemp("reports")
     path = write_rollout_table(table_of(MASKED_NAN), root / "r.arrow")
@@ -324,7 +324,7 @@ def test_the_written_reports_are_what_train_and_inspect_return(reports):
 def test_every_report_writer_writes_a_planted_nan_as_null(reports, tmp_path, capsys, where):
     import copy
 
-    from drpo_cli.report_format import NonFiniteReportValue, train_report_json, write_report
+    from drpo_cli.reports.report_format import NonFiniteReportValue, train_report_json, write_report
 
     report = copy.deepcopy(reports["train" if where == "train" else "inspect"])
     metrics = report["final"]["metrics"] if where == "train" else report["metrics"]

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 from conftest import valid_rollout_table, write_rollout_table
 
-from drpo_cli import schema
-from drpo_cli.errors import ConfigError, InputError
-from drpo_cli.rollouts import group_advantage_table, load_rows
+from drpo_cli.base.errors import ConfigError, InputError
+from drpo_cli.rollouts import schema
+from drpo_cli.rollouts.rows import group_advantage_table, load_rows
 
 F32 = pa.list_(pa.float32())
 

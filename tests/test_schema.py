@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 from conftest import VALID_ROLLOUT_COLUMNS, valid_rollout_table, write_rollout_table
 
-from drpo_cli import schema
-from drpo_cli.errors import ConfigError, InputError
-from drpo_cli.schema import (
+from drpo_cli.base.errors import ConfigError, InputError
+from drpo_cli.rollouts import schema
+from drpo_cli.rollouts.schema import (
     COLUMNS,
     METADATA_KEYS,
     Problem,

@@ -24,9 +24,9 @@ from test_distributed import (  # noqa: F401
     without_per_batch_whatifs,
 )
 
-from drpo_cli import schema
-from drpo_cli.rollouts import load_rows
-from drpo_cli.schema import Shard, open_rollouts, validate_rollouts
+from drpo_cli.rollouts import schema
+from drpo_cli.rollouts.rows import load_rows
+from drpo_cli.rollouts.schema import Shard, open_rollouts, validate_rollouts
 
 
 class Group:

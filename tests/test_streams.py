@@ -20,11 +20,11 @@ import openai
 import pytest
 from test_engines import ENGINES, SGLANG, VLLM, build, convert, first, jsonl, ok, refused
 
-from drpo_cli.adapters import openai_compat, openai_rows, sglang, sglang_rows, vllm, vllm_rows
-from drpo_cli.adapters.streams import WHOLE_STREAM
-from drpo_cli.errors import InputError
-from drpo_cli.llamacpp import assemble_stream as llamacpp_stream
-from drpo_cli.llamacpp import llamacpp_server_rows
+from drpo_cli.base.errors import InputError
+from drpo_cli.rollouts.adapters import openai_compat, openai_rows, sglang, sglang_rows, vllm, vllm_rows
+from drpo_cli.rollouts.adapters.streams import WHOLE_STREAM
+from drpo_cli.rollouts.llamacpp import assemble_stream as llamacpp_stream
+from drpo_cli.rollouts.llamacpp import llamacpp_server_rows
 
 LLAMA = ENGINES / "llama.cpp-0c1e570"
 PROMPT = [1, 9690, 198, 2683, 314, 260]  # llama.cpp-0c1e570/build.py PROMPT

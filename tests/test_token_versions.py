@@ -14,11 +14,11 @@ from conftest import TOY, assert_trained_alike, require_toy, write_rollout_table
 from test_inspect_model import naive, table  # noqa: F401 - the toy's naive recompute
 from typer.testing import CliRunner
 
+from drpo_cli.audit.inspect_data import run_inspect
+from drpo_cli.base.errors import InputError
 from drpo_cli.cli import app
 from drpo_cli.config import InspectConfig
-from drpo_cli.errors import InputError
-from drpo_cli.inspect_data import run_inspect
-from drpo_cli.rollouts import load_rows, staleness_filter, version_range
+from drpo_cli.rollouts.rows import load_rows, staleness_filter, version_range
 
 I64, F32, BOOL = pa.list_(pa.int64()), pa.list_(pa.float32()), pa.list_(pa.bool_())
 
@@ -208,7 +208,7 @@ def strip(x, skip=RUN_DETAILS):
 
 
 def test_model_inspect_lags_are_per_token(toy_files, tmp_path, table, naive):  # noqa: F811
-    from drpo_cli.inspect_data import inspect_and_write
+    from drpo_cli.audit.inspect_data import inspect_and_write
 
     cfg = InspectConfig(rollouts=(str(toy_files["versions"]),), model=str(TOY / "model"), device="cpu", quiet=True,
                         micro_batch_tokens=64, per_token=str(tmp_path / "t.arrow")).check()
@@ -237,7 +237,7 @@ def test_model_inspect_lags_are_per_token(toy_files, tmp_path, table, naive):  #
 
 
 def test_model_inspect_with_max_lag_equals_the_file_with_those_tokens_masked(toy_files, tmp_path, table):  # noqa: F811
-    from drpo_cli.inspect_data import inspect_and_write
+    from drpo_cli.audit.inspect_data import inspect_and_write
 
     def run(name: str, **kw) -> tuple[dict, pa.Table]:
         cfg = InspectConfig(rollouts=(str(toy_files[name]),), model=str(TOY / "model"), device="cpu", quiet=True,
@@ -291,7 +291,7 @@ def test_train_with_max_lag_equals_the_file_with_those_tokens_masked(toy_files, 
 def test_sharded_load_and_filter_equal_one_process(tmp_path):
     from test_shards import Group
 
-    from drpo_cli.schema import Shard, open_rollouts
+    from drpo_cli.rollouts.schema import Shard, open_rollouts
 
     rollouts = toy_table(rows=40)
     path = write_rollout_table(rollouts, tmp_path / "r.arrow", max_chunksize=16)

@@ -21,16 +21,16 @@ from conftest import EPS32, FAST_TRAIN, GRAD_ULPS, LOGP_ULPS, METRIC_ULPS, asser
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from drpo_cli.batching import plan_micro_batches
-from drpo_cli.checkpoint import load_model
+from drpo_cli.base.hooks import INTERRUPT_AFTER_STEP as INTERRUPT_HOOK
+from drpo_cli.base.hooks import INTERRUPT_IN_STEP
 from drpo_cli.cli import app
 from drpo_cli.config import AGG_MODES, TrainConfig
-from drpo_cli.hooks import INTERRUPT_AFTER_STEP as INTERRUPT_HOOK
-from drpo_cli.hooks import INTERRUPT_IN_STEP
-from drpo_cli.losses import aggregate, aggregation_denominator, reference_kl, token_loss
-from drpo_cli.report_format import TRAIN_REPORT_SCHEMA
-from drpo_cli.rollouts import load_rows
-from drpo_cli.train import accumulate_gradients
+from drpo_cli.model.batching import plan_micro_batches
+from drpo_cli.model.checkpoint import load_model
+from drpo_cli.objectives.losses import aggregate, aggregation_denominator, reference_kl, token_loss
+from drpo_cli.reports.report_format import TRAIN_REPORT_SCHEMA
+from drpo_cli.rollouts.rows import load_rows
+from drpo_cli.training.train import accumulate_gradients
 
 FAST = FAST_TRAIN
 
@@ -324,7 +324,7 @@ def test_an_update_that_makes_weights_non_finite_stops_the_run_which_still_write
     # stops after that step, the closing audit leaves the NaN log-probs out of its statistics and its
     # μ-π histogram (once an IndexError that lost the run), the checkpoint and report are written, and
     # the exit code (1) and one line say what happened. The next round refuses the weights at load.
-    import drpo_cli.train as train_module
+    import drpo_cli.training.train as train_module
 
     adamw = train_module._adamw
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from drpo_cli.cli import app
 from drpo_cli.config import LOSS_HPARAMS, TrainConfig
-from drpo_cli.report_format import TRAIN_REPORT_SCHEMA
+from drpo_cli.reports.report_format import TRAIN_REPORT_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,7 +216,7 @@ def test_ref_model_is_an_input_of_the_output_rule(paths):
 
 
 def test_filter_lines_for_the_console():
-    from drpo_cli.report_format import filter_lines
+    from drpo_cli.reports.report_format import filter_lines
 
     staleness = {"max_lag": 2, "min_version": None, "current_version": 8, "rows_dropped": 72, "tokens_dropped": 656,
                  "tokens_masked": 0, "rows_kept": 120, "rows_without_version": 0}

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from drpo_cli.base.errors import InputError
 from drpo_cli.cli import app
-from drpo_cli.errors import InputError
-from drpo_cli.rollouts import load_rows
-from drpo_cli.schema import COLUMNS, schema_document
+from drpo_cli.rollouts.rows import load_rows
+from drpo_cli.rollouts.schema import COLUMNS, schema_document
 
 runner = CliRunner()
 F32, I64 = pa.list_(pa.float32()), pa.list_(pa.int64())
@@ -216,7 +216,7 @@ def test_one_huge_record_batch_validates_in_memory_bounded_by_tokens(tmp_path):
     # record batch) was read whole and cast whole: 0.95 GB above an empty run, 24 GB at the issue's size.
     # Memory-mapped and cast in slices of at most BATCH_VALUES list values, the peak above the empty run
     # stays within a few 8-byte copies of one slice, whatever the batch.
-    from drpo_cli.schema import BATCH_VALUES
+    from drpo_cli.rollouts.schema import BATCH_VALUES
 
     rows, tokens = 512, 65_536
     offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * tokens)
@@ -373,8 +373,8 @@ def test_the_audit_applies_the_same_rule_with_the_same_message(tmp_path, case):
     same column and row, and the same expectation (schema.ROW_RULES), for every row rule."""
     import re
 
-    from drpo_cli.inspect_data import DataAudit
-    from drpo_cli.schema import open_rollouts
+    from drpo_cli.audit.inspect_data import DataAudit
+    from drpo_cli.rollouts.schema import open_rollouts
 
     replace, column, row, _ = ROW_CASES[case]
     path = write_rollout_table(valid_rollout_table(**replace), tmp_path / "bad.arrow")

@@ -1,4 +1,4 @@
-"""Vocabulary-parallel embedding and head (drpo_cli/vocab_parallel.py) at 2 and 4 gloo ranks against one
+"""Vocabulary-parallel embedding and head (drpo_cli/model/vocab_parallel.py) at 2 and 4 gloo ranks against one
 unsharded copy of the same model on each rank: log-probs, entropy, extra-temperature log-probs and the
 embeddings, with an untied head that has a bias, a soft-cap and a vocabulary no rank count divides."""
 
@@ -16,9 +16,9 @@ SCRIPT = textwrap.dedent(
     """
     import copy, sys, torch, torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
-    from drpo_cli import distributed, vocab_parallel
-    from drpo_cli.batching import MicroBatch
-    from drpo_cli.logprobs import token_logprobs_at
+    from drpo_cli.model import distributed, vocab_parallel
+    from drpo_cli.model.batching import MicroBatch
+    from drpo_cli.model.logprobs import token_logprobs_at
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

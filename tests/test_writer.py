@@ -11,9 +11,9 @@ import pytest
 from conftest import valid_rollout_table, write_rollout_table
 
 from drpo_cli import RolloutWriter
-from drpo_cli.errors import ConfigError, InputError
-from drpo_cli.schema import open_rollouts, validate_rollouts
-from drpo_cli.writer import check_logprobs_kind
+from drpo_cli.base.errors import ConfigError, InputError
+from drpo_cli.rollouts.schema import open_rollouts, validate_rollouts
+from drpo_cli.rollouts.writer import check_logprobs_kind
 
 ROWS = valid_rollout_table().to_pylist()
 
@@ -162,7 +162,7 @@ def _umask() -> int:
 
 
 def test_writer_adapters_and_convert_import_without_torch():
-    code = ("import sys\nimport drpo_cli.writer, drpo_cli.adapters, drpo_cli.convert\n"
+    code = ("import sys\nimport drpo_cli.rollouts.writer, drpo_cli.rollouts.adapters, drpo_cli.rollouts.convert\n"
             "from drpo_cli import RolloutWriter\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -170,8 +170,8 @@ def test_writer_adapters_and_convert_import_without_torch():
 
 
 def test_validate_and_inspect_read_the_logprobs_kind(tmp_path):
+    from drpo_cli.audit.inspect_data import run_inspect
     from drpo_cli.config import InspectConfig
-    from drpo_cli.inspect_data import run_inspect
 
     bad = write_rollout_table(valid_rollout_table(), tmp_path / "bad.arrow", metadata={"drpo.logprobs": "logits"})
     (problem,) = validate_rollouts(open_rollouts(bad))

@@ -7,7 +7,7 @@
 Task: "What is A + B? Answer with just the number." with A, B in 1..12; reward 1 when the first number in the answer other than
 A and B is A + B ("12 + 7 = 19" and "The answer is 19." are right, "12 + 7 = 18" is not).
 Each round samples `--prompts` training prompts x `--samples` answers with Hugging Face generate
-at `--temperature`, logs them through `drpo_cli.adapters.hf_rows` and `RolloutWriter` (processed
+at `--temperature`, logs them through `drpo_cli.rollouts.adapters.hf_rows` and `RolloutWriter` (processed
 log-probs, policy_version = round), audits them with `drpo inspect --model` (round 0, or every round with
 --inspect-all; lag 0: the current model sampled them, so the mean log r should be ~0), and runs `drpo train` on them to make the next
 checkpoint. The reward on held-out prompts is measured before the first round and after the last.
@@ -82,7 +82,7 @@ def sample(model, tok, pairs, n: int, args, seed: int):
     """generate -> hf_rows: yields (row, reward, text) for n answers to each (A, B)."""
     import torch
 
-    from drpo_cli.adapters import hf_rows
+    from drpo_cli.rollouts.adapters import hf_rows
 
     sampling = {"temperature": args.temperature, "top_k": 0, "top_p": 1.0}  # top_k=0: no transformers default 50
     chats = [[{"role": "user", "content": QUESTION.format(a=a, b=b)}] for a, b in pairs]

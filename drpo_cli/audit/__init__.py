@@ -1,0 +1,1 @@
+"""`drpo inspect`: the data audit, the model audit and the two-sampler comparison."""

@@ -1,0 +1,1 @@
+"""Objectives: every loss and its gradient weight, corrections, and the mergeable diagnostics."""

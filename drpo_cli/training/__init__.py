@@ -1,0 +1,1 @@
+"""`drpo train`: the update passes, resume state and the training report."""
