@@ -6,7 +6,7 @@
 ours:  train.accumulate_gradients (token-budget micro-batches, decoder body, chunked head over
        response positions only, fused head gradients: 3 head GEMMs, no T×V logits) + clip + AdamW.
 naive: the HF forward with full logits for every position, float32 log_softmax / temperature,
-       gather, the same loss (losses.token_loss) and aggregation (losses.aggregate), backward,
+       gather, the same loss (losses.token_loss) and aggregation (aggregation.aggregate), backward,
        clip + AdamW.
 Both start from the same weights; the script first checks that their gradients agree.
 
@@ -32,7 +32,8 @@ import torch
 
 from drpo_cli.config import TrainConfig
 from drpo_cli.model.batching import plan_micro_batches
-from drpo_cli.objectives.losses import aggregate, aggregation_denominator, token_loss
+from drpo_cli.objectives.aggregation import aggregate, aggregation_denominator
+from drpo_cli.objectives.losses import token_loss
 from drpo_cli.rollouts.rows import RolloutRows
 from drpo_cli.training.train import accumulate_gradients
 

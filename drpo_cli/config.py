@@ -9,43 +9,34 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, make_dataclass
 from typing import Any
 
 from drpo_cli.base.errors import ConfigError
 from drpo_cli.base.outputs import Output, output_problems, state_dir
-from drpo_cli.objectives.loss_options import (
-    AGG_MODES,
-    DEFAULT_HORIZON,
-    HPARAM_NAMES,
+from drpo_cli.objectives.aggregation import AGG_MODES, DEFAULT_HORIZON
+from drpo_cli.objectives.catalog import HPARAM_NAMES, LOSS_HPARAMS, LOSS_NAMES, SETTINGS, setting_help
+from drpo_cli.objectives.corrections import (
+    ANCHORS,
+    CORRECTIONS,
     IS_BAND,
     IS_CAP,
     IS_CORRECTIONS,
     IS_LEVELS,
     KL_ESTIMATORS,
-    LOSS_HPARAMS,
-    LOSS_NAMES,
     REJECT_LEVELS,
-    defaults_of,
-    number,
+    REJECT_MODES,
+    SEQ_MASK_TIS_BAND,
 )
+from drpo_cli.objectives.metrics import WORST_BY, resolve_metric
+from drpo_cli.objectives.registry import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, Bound, number
 
 DEFAULT_KL_COEF = 0.001  # verl's kl_loss_coef default
 OPSM_WHAT_IF = 0.5  # inspect's OPSM δ when none is given (TRL's example value of off_policy_mask_threshold)
 M2PO_WHAT_IF = 0.04  # inspect's M2PO τ when none is given (AReaL's examples/math/gsm8k_m2po.yaml)
-ANCHORS = ("behavior", "proximal")
 REJECT_EXAMPLE = "seq_mean_k3>0.01"
 ADV_NORMS = ("none", "std")
-CORRECTIONS = ("none", "seq-mask-tis")  # named compositions of --is-* and --reject (expand_correction)
-SEQ_MASK_TIS_BAND = (0.999, 1.002)  # NeMo-RL's recommended bounds (examples/configs/prorlv2_1_moe.v2.yaml)
-REJECT_MODES = ("mask", "zero")
 DEVICES = ("auto", "cpu", "cuda")
-# What `inspect --worst-by` may rank the worst sequences by: each metric's value over one sequence
-# (inspect_model.WORST_BY_SCORES; chi2/seq, ppl/* and logr/abs_max by the sequence's own R, gap or extreme).
-WORST_BY = ("tr/harmful_frac", "tr/outside_frac", "delta/abs_mean", "delta/abs_max", "kl/k1_mean", "kl/k3_mean",
-            "kl/reverse_mean", "kl/reverse_k3_mean", "kl/js_mean", "chi2/token", "chi2/seq", "prob/mult_error_mean",
-            "ppl/log_diff_mean", "ppl/log_abs_diff_mean", "ppl/ratio_mean", "logr/abs_mean", "logr/abs_max",
-            "is/catastrophic_token_frac")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -54,14 +45,11 @@ def _flag(name: str) -> str:
 
 
 # ---- options: each declared once, as a config field; the command line and the docs are derived -------
-# Bounds an option's value must satisfy: (test, what the problem line says it must be).
-POSITIVE = (lambda v: v > 0, "> 0")  # `>` also refuses NaN
+# Bounds an option's value must satisfy (registry.Bound: test, what the problem line says it must be):
+# POSITIVE, NON_NEGATIVE, AT_LEAST_ONE, UNIT, the loss settings' own, and:
 # AdamW's first update moves each weight by lr / (1 − β1) = 10·lr: it must be a float32 (3.4e38), or the update
 # overflows (the fused kernel writes ±inf weights, the per-tensor one raises).
-LEARNING_RATE = (lambda v: 0 < v <= 3.4e37, "> 0 and <= 3.4e37 (AdamW's first update, 10·lr, is a float32)")
-NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, ">= 0")
-AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
-UNIT = (lambda v: 0 < v <= 1, "in (0, 1]")
+LEARNING_RATE = Bound(lambda v: 0 < v <= 3.4e37, "> 0 and <= 3.4e37 (AdamW's first update, 10·lr, is a float32)")
 # Panels group `drpo train --help` / `drpo inspect --help`, in this order.
 PANELS = INPUTS, OUTPUTS, LOSS, CORRECTIONS_PANEL, PENALTIES, DATA, OPTIMIZER, HARDWARE, LORA = (
     "Inputs", "Outputs", "Loss", "Off-policy corrections", "Penalties", "Data", "Optimizer", "Hardware", "LoRA")
@@ -75,7 +63,7 @@ def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (
     """A config field that is also a command-line option (drpo_cli.cli derives the Typer parameter).
 
     help: the flag's one-line help and its docs/options.md row; in a loss hyper-parameter's (`hparam`),
-      `{}` becomes the losses that take it with their defaults (loss_options.LOSS_HPARAMS).
+      `{}` becomes the losses that take it with their defaults (catalog.LOSS_HPARAMS).
     flags: the option's names (default --field-name). panel: its group in --help (PANELS).
     choices / bound: what validate() accepts: a tuple of values, or a (test, "what it must be") pair
       such as POSITIVE (None, unset, always passes).
@@ -91,15 +79,15 @@ def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (
     return field(default=default, repr=repr, metadata=meta)
 
 
-def hparam(help: str, bound: tuple[Any, str] | None = None) -> Any:
-    """A loss hyper-parameter: None (the loss's default), help text with `{}` for its losses and defaults."""
-    return option(None, help, bound=bound, panel=LOSS, hparam=True)
+def setting_field(name: str) -> Any:
+    """The config field of loss setting `name` (catalog.SETTINGS): None (the loss's default), its help and bound."""
+    setting = SETTINGS[name]
+    return option(None, setting.help, bound=setting.bound, panel=LOSS, hparam=True)
 
 
 def option_help(f: Field) -> str:
     """The help text of a config field, with a hyper-parameter's losses and defaults filled in."""
-    text = f.metadata.get("help", "")
-    return text.format(defaults_of(f.name)) if f.metadata.get("hparam") else text
+    return setting_help(f.name) if f.metadata.get("hparam") else f.metadata.get("help", "")
 
 
 def option_flags(f: Field) -> tuple[str, ...]:
@@ -207,8 +195,7 @@ def expand_correction(cfg):
 def objective_problems(cfg) -> list[str]:
     """Problems with the later objectives' options and the OPSM / M2PO filters of `cfg` (those it has)."""
     p: list[str] = []
-    _bounds(p, cfg, "tau_pos", "tau_neg", "delta_low", "delta_high", "lambda_pos", "lambda_neg", "m2po_threshold",
-            "tau", "k_pos", "k_neg", "cov_kl_coef", "opsm_delta", "cov_ratio")
+    _bounds(p, cfg, "m2po_threshold", "opsm_delta")
     defaults = LOSS_HPARAMS["clip-cov"]
     lb = defaults["cov_lb"] if getattr(cfg, "cov_lb", None) is None else cfg.cov_lb
     ub = defaults["cov_ub"] if getattr(cfg, "cov_ub", None) is None else cfg.cov_ub
@@ -218,12 +205,8 @@ def objective_problems(cfg) -> list[str]:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything `drpo train` does is decided by these fields (SPEC.md §1, §4).
-
-    Each field is one option: its `help` is the flag's help and its row in docs/options.md; the same
-    names are the keys of a `--config` file.
-    """
+class TrainInputs:
+    """The first fields of TrainConfig: what it reads, where it writes, which loss."""
 
     rollouts: tuple[str, ...] = option((), "Rollout file or directory (repeatable).", flags=("--rollouts", "-r"),
                                        panel=INPUTS)
@@ -231,26 +214,22 @@ class TrainConfig:
     out: str | None = option(None, "Output directory (default: a sibling MODEL-v<N+1>).", flags=("--out", "-o"),
                              panel=OUTPUTS)
     loss: str = option("drpo", one_of(LOSS_NAMES) + ".", choices=LOSS_NAMES, panel=LOSS)
-    delta: float | None = hparam("δ of {}.", POSITIVE)
-    eps: float | None = hparam("ε of {}.", POSITIVE)
-    eps_low: float | None = hparam("ε_low of {}.", (lambda v: 0 < v <= 1, "in (0, 1] (1: no lower clip)"))
-    eps_high: float | None = hparam("ε_high of {}.", POSITIVE)
-    dual_clip: float | None = hparam("Dual-clip c > 1 of {}.", (lambda v: v > 1, "> 1 (e.g. 3)"))
-    ratio_cap: float | None = hparam("Ratio cap C of {}.", AT_LEAST_ONE)
-    tau_pos: float | None = hparam("Gate temperature where A > 0 of {}.", POSITIVE)
-    tau_neg: float | None = hparam("Gate temperature where A ≤ 0 of {}.", POSITIVE)
-    tau: float | None = hparam("Squared-log-ratio coefficient of {}.", NON_NEGATIVE)
-    delta_low: float | None = hparam("Binary-TV threshold for A < 0 of {}.", POSITIVE)
-    delta_high: float | None = hparam("Binary-TV threshold for A > 0 of {}.", POSITIVE)
-    k_pos: float | None = hparam("Power k where A ≥ 0 of {}.", NON_NEGATIVE)
-    lambda_pos: float | None = hparam("Decay λ where A ≥ 0 of {}.", POSITIVE)
-    k_neg: float | None = hparam("Power k where A < 0 of {}.", NON_NEGATIVE)
-    lambda_neg: float | None = hparam("Decay λ where A < 0 of {}.", POSITIVE)
-    cov_ratio: float | None = hparam("Share of the step's tokens selected by {}.", UNIT)
-    cov_lb: float | None = hparam("Lower covariance bound of a selected candidate of {}.")
-    cov_ub: float | None = hparam("Upper covariance bound of a selected candidate of {}.")
-    cov_kl_coef: float | None = hparam(
-        "|log r| penalty coefficient on the selected tokens of {}.", NON_NEGATIVE)
+
+
+# Each loss setting of the registry (catalog.SETTINGS) as a field, in option order, after TrainInputs' fields.
+TrainLossSettings = make_dataclass(
+    "TrainLossSettings", [(name, SETTINGS[name].kind | None, setting_field(name)) for name in HPARAM_NAMES],
+    bases=(TrainInputs,), frozen=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig(TrainLossSettings):
+    """Everything `drpo train` does is decided by these fields (SPEC.md §1, §4).
+
+    Each field is one option: its `help` is the flag's help and its row in docs/options.md; the same
+    names are the keys of a `--config` file. The loss settings' fields come from the loss registry.
+    """
+
     opsm_delta: float | None = option(
         None, "OPSM filter (any loss): drop A < 0 tokens of sequences whose mean log(μ/π) exceeds δ (off).",
         panel=CORRECTIONS_PANEL, bound=NON_NEGATIVE)
@@ -418,7 +397,7 @@ class TrainConfig:
                 if getattr(self, name) is not None and name not in valid:
                     hint = ", ".join(_flag(v) for v in valid) or "none"
                     p.append(f"{_flag(name)} does not apply to --loss {self.loss} (its options: {hint})")
-        _bounds(p, self, "delta", "eps", "eps_low", "eps_high", "dual_clip", "ratio_cap")  # eps_low 1: no lower clip
+        _bounds(p, self, *HPARAM_NAMES)
         p.extend(objective_problems(self))
         _choice(p, self, "anchor")
         _choice(p, self, "is_correction")
@@ -619,10 +598,6 @@ class InspectConfig:
         return self._parse_gates()[0]
 
     def _parse_gates(self) -> tuple[list[tuple[str, float]], list[str]]:
-        from drpo_cli.reports.report_format import (
-            resolve_metric,  # no torch there; keeps this module's imports minimal
-        )
-
         gates, problems = [], []
         for spec in self.fail_above:
             name, sep, raw = spec.partition("=")

@@ -20,7 +20,7 @@ from dataclasses import fields
 from typing import Any
 
 from drpo_cli.config import TrainConfig, raise_problems
-from drpo_cli.objectives.loss_options import HPARAM_NAMES, LOSS_HPARAMS
+from drpo_cli.objectives.catalog import HPARAM_NAMES, LOSS_HPARAMS
 
 DERIVED_KEYS = ("loss_hparams",)  # written by TrainConfig.to_dict, recomputed from the fields
 

@@ -10,6 +10,7 @@ import torch
 from conftest import EPS64, assert_reordered
 
 from drpo_cli.base.errors import ConfigError
+from drpo_cli.objectives import aggregation
 from drpo_cli.objectives import losses as L
 
 # Two sequences: seq 0 losses [1, 2, 3] with the last token masked, seq 1 losses [4, 5, 6] all trained.
@@ -25,44 +26,44 @@ HAND = {
 }
 
 
-@pytest.mark.parametrize("mode", L.AGG_MODES)
+@pytest.mark.parametrize("mode", aggregation.AGG_MODES)
 def test_hand_computed(mode):
-    denom = L.aggregation_denominator(mode, MASK, SEQ)
+    denom = aggregation.aggregation_denominator(mode, MASK, SEQ)
     assert int(denom) == (5 if mode == "token-mean" else 2)
-    value = L.aggregate(LOSSES, MASK, SEQ, mode, denom, horizon=10)
+    value = aggregation.aggregate(LOSSES, MASK, SEQ, mode, denom, horizon=10)
     assert float(value) == pytest.approx(HAND[mode])
 
 
 def test_default_horizon_is_8192():
-    value = L.aggregate(LOSSES, MASK, SEQ, "seq-mean-token-sum-norm", 2)
+    value = aggregation.aggregate(LOSSES, MASK, SEQ, "seq-mean-token-sum-norm", 2)
     assert float(value) == pytest.approx((3 + 15) / 8192 / 2)
 
 
 def test_sequence_without_trained_tokens_is_not_counted():
     mask = MASK.clone()
     mask[3:] = False  # seq 1 has no trained token: S = 1
-    for mode in L.AGG_MODES[1:]:
-        assert int(L.aggregation_denominator(mode, mask, SEQ)) == 1
-    assert float(L.aggregate(LOSSES, mask, SEQ, "seq-mean-token-mean", 1)) == pytest.approx(1.5)
+    for mode in aggregation.AGG_MODES[1:]:
+        assert int(aggregation.aggregation_denominator(mode, mask, SEQ)) == 1
+    assert float(aggregation.aggregate(LOSSES, mask, SEQ, "seq-mean-token-mean", 1)) == pytest.approx(1.5)
 
 
 def test_masked_nan_is_ignored_and_zero_denominator_gives_zero():
     losses = LOSSES.clone()
     losses[2] = float("nan")
-    assert float(L.aggregate(losses, MASK, SEQ, "token-mean", 5)) == pytest.approx(18 / 5)
+    assert float(aggregation.aggregate(losses, MASK, SEQ, "token-mean", 5)) == pytest.approx(18 / 5)
     none = torch.zeros(6, dtype=torch.bool)
-    for mode in L.AGG_MODES:
-        denom = L.aggregation_denominator(mode, none, SEQ)
+    for mode in aggregation.AGG_MODES:
+        denom = aggregation.aggregation_denominator(mode, none, SEQ)
         assert int(denom) == 0
-        assert float(L.aggregate(losses, none, SEQ, mode, denom)) == 0.0
+        assert float(aggregation.aggregate(losses, none, SEQ, mode, denom)) == 0.0
 
 
 def test_padded_2d_layout_matches_flat():
     # (B, T) padded layout with one sequence per row gives the same coefficients as the flat one.
     mask2d, seq2d = MASK.reshape(2, 3), SEQ.reshape(2, 3)
-    for mode in L.AGG_MODES:
-        flat = L.token_coefficients(mode, MASK, SEQ, 5 if mode == "token-mean" else 2, dtype=torch.float64)
-        grid = L.token_coefficients(
+    for mode in aggregation.AGG_MODES:
+        flat = aggregation.token_coefficients(mode, MASK, SEQ, 5 if mode == "token-mean" else 2, dtype=torch.float64)
+        grid = aggregation.token_coefficients(
             mode, mask2d, seq2d, 5 if mode == "token-mean" else 2, dtype=torch.float64
         )
         assert grid.shape == (2, 3)
@@ -91,7 +92,7 @@ def split_by_sequence(lengths, num_parts, seed):
     return [slice(int(offsets[a]), int(offsets[b])) for a, b in itertools.pairwise(bounds)]
 
 
-@pytest.mark.parametrize("mode", L.AGG_MODES)
+@pytest.mark.parametrize("mode", aggregation.AGG_MODES)
 @pytest.mark.parametrize("num_parts", [1, 2, 5, 13])
 @pytest.mark.parametrize("name", ["drpo", "ppo-clip"])
 def test_micro_batch_split_invariance(mode, num_parts, name):
@@ -99,21 +100,21 @@ def test_micro_batch_split_invariance(mode, num_parts, name):
     parts = split_by_sequence(lengths, num_parts, seed=7)
 
     # Full batch.
-    full_denom = L.aggregation_denominator(mode, mask, seq)
-    full_coef = L.token_coefficients(mode, mask, seq, full_denom, horizon=100, dtype=torch.float64)
+    full_denom = aggregation.aggregation_denominator(mode, mask, seq)
+    full_coef = aggregation.token_coefficients(mode, mask, seq, full_denom, horizon=100, dtype=torch.float64)
     x_full = logp.clone().requires_grad_()
-    full = L.aggregate(L.token_loss(name, x_full, anchor, adv, mask=mask), mask, seq, mode, full_denom, 100)
+    full = aggregation.aggregate(L.token_loss(name, x_full, anchor, adv, mask=mask), mask, seq, mode, full_denom, 100)
     full.backward()
 
     # Micro-batches: denominators first (summed, as an all_reduce would), then each part's share.
-    denom = sum(L.aggregation_denominator(mode, mask[p], seq[p]) for p in parts)
+    denom = sum(aggregation.aggregation_denominator(mode, mask[p], seq[p]) for p in parts)
     assert int(denom) == int(full_denom)
     x = logp.clone().requires_grad_()
     total = torch.zeros((), dtype=torch.float64)
     for p in parts:
-        coef = L.token_coefficients(mode, mask[p], seq[p], denom, horizon=100, dtype=torch.float64)
+        coef = aggregation.token_coefficients(mode, mask[p], seq[p], denom, horizon=100, dtype=torch.float64)
         assert torch.equal(coef, full_coef[p])  # bit-identical per token, whatever the split
-        share = L.aggregate(
+        share = aggregation.aggregate(
             L.token_loss(name, x[p], anchor[p], adv[p], mask=mask[p]), mask[p], seq[p], mode, denom, 100
         )
         share.backward()
@@ -128,15 +129,15 @@ def test_micro_batch_split_invariance(mode, num_parts, name):
 def test_coefficients_sum_to_one_for_mean_modes():
     seq, mask, *_ = random_step(seed=11)
     for mode in ("token-mean", "seq-mean-token-mean"):
-        c = L.token_coefficients(
-            mode, mask, seq, L.aggregation_denominator(mode, mask, seq), dtype=torch.float64
+        c = aggregation.token_coefficients(
+            mode, mask, seq, aggregation.aggregation_denominator(mode, mask, seq), dtype=torch.float64
         )
         assert float(c.sum()) == pytest.approx(1.0) and (c[~mask] == 0).all()
 
 
 def test_aggregation_validation():
     with pytest.raises(ConfigError, match="unknown aggregation 'mean'"):
-        L.aggregate(LOSSES, MASK, SEQ, "mean", 5)
+        aggregation.aggregate(LOSSES, MASK, SEQ, "mean", 5)
     with pytest.raises(ConfigError, match="horizon must be a number > 0, got 0"):
-        L.aggregate(LOSSES, MASK, SEQ, "seq-mean-token-sum-norm", 2, horizon=0)
-    assert L.validate_aggregation("token-mean") == []
+        aggregation.aggregate(LOSSES, MASK, SEQ, "seq-mean-token-sum-norm", 2, horizon=0)
+    assert aggregation.validate_aggregation("token-mean") == []

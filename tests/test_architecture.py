@@ -21,8 +21,11 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("entry points", {"cli", "__main__", "__init__"}),
 ]
 LEVEL = {part: i for i, (_, parts) in enumerate(LAYERS) for part in parts}
-TORCH_FREE = ("base/errors", "base/hooks", "base/launch", "base/outputs", "base/value_table", "rollouts/schema",
-              "rollouts/rows", "rollouts/writer", "rollouts/routing", "objectives/loss_options",
+TORCH_FREE = ("base/errors", "base/hooks", "base/launch", "base/lazy", "base/outputs", "base/value_table",
+              "rollouts/schema", "rollouts/rows", "rollouts/writer", "rollouts/routing", "objectives/registry",
+              "objectives/catalog", "objectives/metrics", "objectives/elementwise", "objectives/counts",
+              "objectives/ratio_clipped", "objectives/probability", "objectives/sequence", "objectives/soft",
+              "objectives/losses", "objectives/aggregation", "objectives/corrections", "objectives/filters",
               "reports/options_doc")
 
 

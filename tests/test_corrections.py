@@ -19,18 +19,17 @@ from typer.testing import CliRunner
 
 from drpo_cli.cli import app
 from drpo_cli.config import SEQ_MASK_TIS_BAND, TrainConfig, expand_correction
-from drpo_cli.objectives.losses import (
-    LOSS_NAMES,
-    aggregate,
-    aggregation_denominator,
+from drpo_cli.objectives.aggregation import aggregate, aggregation_denominator
+from drpo_cli.objectives.catalog import LOSS_NAMES
+from drpo_cli.objectives.corrections import (
     batch_normalize,
     behavior_weight,
     rejection_mask,
-    token_loss,
     veto_mask,
     weight_mean,
     weight_sum_parts,
 )
+from drpo_cli.objectives.losses import token_loss
 
 FAST = FAST_TRAIN
 
@@ -262,7 +261,7 @@ def test_veto_with_the_behavior_anchor_and_reject_fractions_per_step(toy, tmp_pa
 
 
 def test_batch_normalised_weights_have_mean_one_over_the_step_for_any_micro_batch_size(toy):
-    from drpo_cli.objectives.losses import behavior_weight as bw
+    from drpo_cli.objectives.corrections import behavior_weight as bw
     from drpo_cli.rollouts.rows import load_rows
     from drpo_cli.training.train import _step_corrections
 

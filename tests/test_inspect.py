@@ -16,12 +16,8 @@ from drpo_cli.audit.inspect_data import run_inspect
 from drpo_cli.base.errors import ConfigError, InputError
 from drpo_cli.cli import app
 from drpo_cli.config import InspectConfig
-from drpo_cli.reports.report_format import (
-    INSPECT_DATA_METRICS,
-    INSPECT_REPORT_SCHEMA,
-    resolve_metric,
-    validate_report,
-)
+from drpo_cli.objectives.metrics import INSPECT_DATA_METRICS, resolve_metric
+from drpo_cli.reports.report_format import INSPECT_REPORT_SCHEMA, validate_report
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()

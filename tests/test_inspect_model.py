@@ -17,12 +17,8 @@ from drpo_cli.audit.inspect_data import inspect_and_write
 from drpo_cli.audit.inspect_model import FIT_TOKENS
 from drpo_cli.cli import app
 from drpo_cli.config import InspectConfig
-from drpo_cli.reports.report_format import (
-    INSPECT_DATA_METRICS,
-    INSPECT_MODEL_METRICS,
-    INSPECT_REPORT_SCHEMA,
-    validate_report,
-)
+from drpo_cli.objectives.metrics import INSPECT_DATA_METRICS, INSPECT_MODEL_METRICS
+from drpo_cli.reports.report_format import INSPECT_REPORT_SCHEMA, validate_report
 
 MODEL, ROLLOUTS = TOY / "model", TOY / "rollouts.arrow"
 CURRENT_VERSION = 8  # examples/toy/model/drpo_checkpoint.json

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from drpo_cli.base.errors import ConfigError
+from drpo_cli.objectives import catalog, corrections, sequence
 from drpo_cli.objectives import losses as L
 
 LN = math.log
@@ -148,21 +149,21 @@ def random_tokens(shape, seed, spread=1.0, dtype=torch.float64):
 
 
 def test_registry_names_and_defaults():
-    assert L.LOSS_NAMES == ("pg-is", "ppo-clip", "spo", "dppo-tv", "dppo-kl", "drpo", "gspo", "cispo", "sapo",
+    assert catalog.LOSS_NAMES == ("pg-is", "ppo-clip", "spo", "dppo-tv", "dppo-kl", "drpo", "gspo", "cispo", "sapo",
                             "gmpo", "topr", "kimi15", "dppo-tv-sq", "vespo", "clip-cov", "kl-cov")
-    assert L.SEQUENCE_LOSSES == ("gspo", "gmpo", "vespo")
-    assert L.BATCH_LOSSES == ("clip-cov", "kl-cov")
-    assert L.DEFAULTS["gspo"] == {"eps_low": 3e-4, "eps_high": 4e-4}
-    assert L.DEFAULTS["cispo"] == {"eps_low": None, "eps_high": 4.0}
-    assert L.DEFAULTS["ppo-clip"] == {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": None}
-    assert L.DEFAULTS["spo"] == {"eps": 0.2}
-    assert L.DEFAULTS["dppo-tv"] == {"delta": 0.15, "ratio_cap": 20.0}
-    assert L.DEFAULTS["dppo-kl"] == {"delta": 0.05, "ratio_cap": 20.0}
-    assert L.DEFAULTS["drpo"] == {"delta": 12.5}
-    assert all(set(d) <= set(L.HP_NAMES) for d in L.DEFAULTS.values())
+    assert catalog.SEQUENCE_LOSSES == ("gspo", "gmpo", "vespo")
+    assert catalog.BATCH_LOSSES == ("clip-cov", "kl-cov")
+    assert catalog.DEFAULTS["gspo"] == {"eps_low": 3e-4, "eps_high": 4e-4}
+    assert catalog.DEFAULTS["cispo"] == {"eps_low": None, "eps_high": 4.0}
+    assert catalog.DEFAULTS["ppo-clip"] == {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": None}
+    assert catalog.DEFAULTS["spo"] == {"eps": 0.2}
+    assert catalog.DEFAULTS["dppo-tv"] == {"delta": 0.15, "ratio_cap": 20.0}
+    assert catalog.DEFAULTS["dppo-kl"] == {"delta": 0.05, "ratio_cap": 20.0}
+    assert catalog.DEFAULTS["drpo"] == {"delta": 12.5}
+    assert all(set(d) <= set(catalog.HPARAM_NAMES) for d in catalog.DEFAULTS.values())
 
 
-@pytest.mark.parametrize("name", L.LOSS_NAMES)
+@pytest.mark.parametrize("name", catalog.LOSS_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_contract_shape_finite_grad_and_pg_at_pi_equals_mu(name, dtype):
     logp, anchor, adv = random_tokens((3, 7), seed=1, dtype=dtype)
@@ -178,16 +179,16 @@ def test_contract_shape_finite_grad_and_pg_at_pi_equals_mu(name, dtype):
     # is covariance-selected (a clip-cov selection zeroes tokens whatever π).
     adv = adv[:, :1].expand(3, 7).clone()
     same = logp.detach().clone().requires_grad_()
-    none = torch.zeros_like(adv, dtype=torch.bool) if name in L.BATCH_LOSSES else None
+    none = torch.zeros_like(adv, dtype=torch.bool) if name in catalog.BATCH_LOSSES else None
     at_mu = L.token_loss(name, same, same.detach(), adv, seq_index=seq, selected=none)
     at_mu.sum().backward()
-    torch.testing.assert_close(at_mu, -adv * same.detach() if L.LOSSES[name].reinforce else -adv)
+    torch.testing.assert_close(at_mu, -adv * same.detach() if catalog.LOSSES[name].reinforce else -adv)
     torch.testing.assert_close(same.grad, -adv)
     w = L.gradient_weight(name, same, same, adv, seq_index=seq, selected=none)
     torch.testing.assert_close(w[adv != 0], torch.ones_like(adv)[adv != 0])  # gmpo: w = 0 where A = 0
 
 
-@pytest.mark.parametrize("name", L.LOSS_NAMES)
+@pytest.mark.parametrize("name", catalog.LOSS_NAMES)
 def test_anchor_and_advantages_are_detached(name):
     logp, anchor, adv = random_tokens((20,), seed=2)
     anchor.requires_grad_()
@@ -196,7 +197,7 @@ def test_anchor_and_advantages_are_detached(name):
     assert anchor.grad is None and adv.grad is None
 
 
-@pytest.mark.parametrize("name,hp", [c for c in HP_CASES if c[0] not in L.SEQUENCE_LOSSES])
+@pytest.mark.parametrize("name,hp", [c for c in HP_CASES if c[0] not in catalog.SEQUENCE_LOSSES])
 @pytest.mark.parametrize("spread", [0.05, 1.0, 4.0])
 def test_autograd_equals_minus_a_r_w(name, hp, spread):
     logp, anchor, adv = random_tokens((400,), seed=3, spread=spread)
@@ -237,14 +238,14 @@ def test_gspo_autograd_equals_naive_reference_and_gradient_weight(hp, spread):
     x = logp.clone().requires_grad_()
     loss = L.token_loss("gspo", x, anchor, adv, mask=valid, seq_index=seq, **hp)
     loss.sum().backward()
-    ref_loss, ref_grad = naive_gspo(logp, anchor, adv, seq, valid, **{**L.DEFAULTS["gspo"], **hp})
+    ref_loss, ref_grad = naive_gspo(logp, anchor, adv, seq, valid, **{**catalog.DEFAULTS["gspo"], **hp})
     torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(x.grad, ref_grad, rtol=1e-9, atol=1e-12)
     # The analytic weights of SPEC.md: d(Σ loss)/d logπ_u = −(s_i/n_i)·Σ_{t∈i} A_t·w_t.
     w = L.gradient_weight("gspo", logp, anchor, adv, mask=valid, seq_index=seq, **hp)
-    s = torch.exp(L.sequence_reduce(logp - anchor, seq, valid, "mean"))
-    n = L.sequence_reduce(torch.ones_like(logp), seq, valid, "sum")
-    expected = -s / n.clamp(min=1) * L.sequence_reduce(adv * w, seq, valid, "sum")
+    s = torch.exp(sequence.sequence_reduce(logp - anchor, seq, valid, "mean"))
+    n = sequence.sequence_reduce(torch.ones_like(logp), seq, valid, "sum")
+    expected = -s / n.clamp(min=1) * sequence.sequence_reduce(adv * w, seq, valid, "sum")
     torch.testing.assert_close(x.grad, torch.where(valid, expected, torch.zeros_like(expected)), rtol=1e-9,
                                atol=1e-12)
     if spread >= 0.3 and not hp:
@@ -279,14 +280,14 @@ def test_cispo_hand_computed():
     torch.testing.assert_close(x.grad, t(-3.0, 5.0))
     # A lower bound when asked: r = 0.5 with ε_low 0.2 → weight 0.8.
     torch.testing.assert_close(L.gradient_weight("cispo", t(LN(0.2)), t(LN(0.4)), t(1.0), eps_low=0.2), t(1.6))
-    assert L.validate_hparams("cispo", {"eps_low": None}) == []
-    assert L.validate_hparams("ppo-clip", {"eps_low": None}) == ["ppo-clip: eps_low must be a finite number, got None"]
+    assert catalog.validate_hparams("cispo", {"eps_low": None}) == []
+    assert catalog.validate_hparams("ppo-clip", {"eps_low": None}) == ["ppo-clip: eps_low must be a finite number, got None"]
 
 
 def test_eps_low_one_is_no_lower_clip():
     # ε_low = 1 puts the lower bound at r = 0, which no ratio reaches: CISPO's default (off), exactly.
     logp, anchor, adv = random_tokens((300,), seed=9)
-    assert L.validate_hparams("cispo", {"eps_low": 1.0}) == []
+    assert catalog.validate_hparams("cispo", {"eps_low": 1.0}) == []
     assert bool((logp < anchor).any())  # some r < 1, where a lower bound would act
     x_off, x_one = logp.clone().requires_grad_(), logp.clone().requires_grad_()
     off = L.token_loss("cispo", x_off, anchor, adv)
@@ -372,7 +373,7 @@ def test_validation_messages():
         L.token_loss("grpo", t(-1.0), t(-1.0), t(1.0))
     with pytest.raises(ConfigError, match=r"ppo-clip: unknown hyper-parameter 'delta' \(accepted: eps_low"):
         L.token_loss("ppo-clip", t(-1.0), t(-1.0), t(1.0), delta=0.1)
-    problems = L.validate_hparams("ppo-clip", {"eps_low": 1.5, "eps_high": -1, "dual_clip": 0.5, "eps": 1})
+    problems = catalog.validate_hparams("ppo-clip", {"eps_low": 1.5, "eps_high": -1, "dual_clip": 0.5, "eps": 1})
     assert problems == [
         "ppo-clip: eps_low must be in (0, 1] (1: lower bound 0, no lower clip), got 1.5",
         "ppo-clip: eps_high must be > 0, got -1",
@@ -380,16 +381,16 @@ def test_validation_messages():
         "ppo-clip: unknown hyper-parameter 'eps' (accepted: eps_low, eps_high, dual_clip)",
     ]
     with pytest.raises(ConfigError) as err:
-        L.resolve_hparams("ppo-clip", {"eps_low": 1.5, "eps_high": -1})
+        catalog.resolve_hparams("ppo-clip", {"eps_low": 1.5, "eps_high": -1})
     assert err.value.details == problems[:2] and "2 problems" in err.value.message
-    assert L.validate_hparams("pg-is", {"eps": 0.1}) == [
+    assert catalog.validate_hparams("pg-is", {"eps": 0.1}) == [
         "pg-is: unknown hyper-parameter 'eps' (accepted: none)"
     ]
-    assert L.validate_hparams("spo", {"eps": True}) == ["spo: eps must be a finite number, got True"]
-    assert L.validate_hparams("spo", {"eps": float("nan")}) == ["spo: eps must be a finite number, got nan"]
-    assert L.validate_hparams("dppo-tv", {"ratio_cap": 0.5}) == ["dppo-tv: ratio_cap must be >= 1, got 0.5"]
-    assert L.validate_hparams("ppo-clip", {"dual_clip": None}) == []
-    assert L.resolve_hparams("drpo", {"delta": 1}) == {"delta": 1.0}
+    assert catalog.validate_hparams("spo", {"eps": True}) == ["spo: eps must be a finite number, got True"]
+    assert catalog.validate_hparams("spo", {"eps": float("nan")}) == ["spo: eps must be a finite number, got nan"]
+    assert catalog.validate_hparams("dppo-tv", {"ratio_cap": 0.5}) == ["dppo-tv: ratio_cap must be >= 1, got 0.5"]
+    assert catalog.validate_hparams("ppo-clip", {"dual_clip": None}) == []
+    assert catalog.resolve_hparams("drpo", {"delta": 1}) == {"delta": 1.0}
 
 
 def test_shape_mismatch_is_rejected():
@@ -418,7 +419,7 @@ def test_extreme_inputs_stay_finite(name, hp, dtype):
             assert (loss == 0).all() and (x.grad == 0).all()
 
 
-@pytest.mark.parametrize("name", L.LOSS_NAMES)
+@pytest.mark.parametrize("name", catalog.LOSS_NAMES)
 def test_masked_nan_contributes_nothing(name):
     logp, anchor, adv = random_tokens((10,), seed=6)
     mask = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
@@ -444,23 +445,23 @@ def test_behavior_weight_values():
     # ρ = π_old/μ: 0.3/0.1 = 3, 0.15/0.1 = 1.5, 0.025/0.1 = 0.25, 0.2/0.1 = 2 (upper band edge)
     prox, beh = t(LN(0.3), LN(0.15), LN(0.025), LN(0.2)), torch.full((4,), LN(0.1), dtype=torch.float64)
     prox.requires_grad_()
-    torch.testing.assert_close(L.behavior_weight("none", prox, beh), torch.ones(4, dtype=torch.float64))
-    torch.testing.assert_close(L.behavior_weight("tis", prox, beh), t(2.0, 1.5, 0.25, 2.0))  # min(ρ, 2)
-    torch.testing.assert_close(L.behavior_weight("tis", prox, beh, cap=1.2), t(1.2, 1.2, 0.25, 1.2))
-    torch.testing.assert_close(L.behavior_weight("mis", prox, beh), t(0.0, 1.5, 0.0, 2.0))  # ρ in [0.5, 2]
-    torch.testing.assert_close(L.behavior_weight("mis", prox, beh, band=(0.2, 1.0)), t(0.0, 0.0, 0.25, 0.0))
-    assert not L.behavior_weight("tis", prox, beh).requires_grad
+    torch.testing.assert_close(corrections.behavior_weight("none", prox, beh), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(corrections.behavior_weight("tis", prox, beh), t(2.0, 1.5, 0.25, 2.0))  # min(ρ, 2)
+    torch.testing.assert_close(corrections.behavior_weight("tis", prox, beh, cap=1.2), t(1.2, 1.2, 0.25, 1.2))
+    torch.testing.assert_close(corrections.behavior_weight("mis", prox, beh), t(0.0, 1.5, 0.0, 2.0))  # ρ in [0.5, 2]
+    torch.testing.assert_close(corrections.behavior_weight("mis", prox, beh, band=(0.2, 1.0)), t(0.0, 0.0, 0.25, 0.0))
+    assert not corrections.behavior_weight("tis", prox, beh).requires_grad
     mask = torch.tensor([True, False, True, True])
     nan_prox = prox.detach().clone()
     nan_prox[1] = float("nan")
-    torch.testing.assert_close(L.behavior_weight("tis", nan_prox, beh, mask=mask), t(2.0, 0.0, 0.25, 2.0))
+    torch.testing.assert_close(corrections.behavior_weight("tis", nan_prox, beh, mask=mask), t(2.0, 0.0, 0.25, 2.0))
 
 
 def test_behavior_weight_validation():
     with pytest.raises(ConfigError, match="unknown behavior correction 'cis'"):
-        L.behavior_weight("cis", t(0.0), t(0.0))
-    assert L.validate_behavior("tis", cap=0.0) == ["behavior correction cap must be a number > 0, got 0.0"]
-    assert L.validate_behavior("mis", band=(2.0, 0.5)) == [
+        corrections.behavior_weight("cis", t(0.0), t(0.0))
+    assert corrections.validate_behavior("tis", cap=0.0) == ["behavior correction cap must be a number > 0, got 0.0"]
+    assert corrections.validate_behavior("mis", band=(2.0, 0.5)) == [
         "behavior correction band must satisfy 0 <= lo < hi, got (2.0, 0.5)"
     ]
 
@@ -470,13 +471,13 @@ def test_behavior_weight_sequence_and_geometric_levels():
     prox = t(LN(0.3), LN(0.05), LN(0.9), LN(0.4))
     beh = t(LN(0.1), LN(0.1), LN(0.1), LN(0.1))
     seq, mask = torch.tensor([0, 0, 0, 1]), torch.tensor([True, True, False, True])
-    seq_w = L.behavior_weight("tis", prox, beh, cap=10.0, mask=mask, level="sequence", seq_index=seq)
+    seq_w = corrections.behavior_weight("tis", prox, beh, cap=10.0, mask=mask, level="sequence", seq_index=seq)
     torch.testing.assert_close(seq_w, t(1.5, 1.5, 0.0, 4.0))
-    geo = L.behavior_weight("tis", prox, beh, cap=2.0, mask=mask, level="geometric", seq_index=seq)
+    geo = corrections.behavior_weight("tis", prox, beh, cap=2.0, mask=mask, level="geometric", seq_index=seq)
     torch.testing.assert_close(geo, t(math.sqrt(1.5), math.sqrt(1.5), 0.0, 2.0))  # 4 capped at 2
-    mis = L.behavior_weight("mis", prox, beh, mask=mask, level="sequence", seq_index=seq)
+    mis = corrections.behavior_weight("mis", prox, beh, mask=mask, level="sequence", seq_index=seq)
     torch.testing.assert_close(mis, t(1.5, 1.5, 0.0, 0.0))  # 4 outside [0.5, 2]: sequence dropped
-    assert L.validate_behavior("tis", level="seq") == [
+    assert corrections.validate_behavior("tis", level="seq") == [
         "unknown IS level 'seq' (choose one of: token, sequence, geometric)"
     ]
 
@@ -487,40 +488,40 @@ def test_rejection_mask_hand_computed():
     beh = t(LN(0.1), LN(0.1), LN(0.1), LN(0.3), LN(0.3))
     seq, mask = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([True, True, True, False, True])
     k3 = [(2 - 1) - LN(2), 0.0, (0.5 - 1) - LN(0.5)]  # 0.3069, 0, 0.1931
-    keep = L.rejection_mask([("token", "k3", ">", 0.25)], prox, beh, mask, seq)
+    keep = corrections.rejection_mask([("token", "k3", ">", 0.25)], prox, beh, mask, seq)
     assert keep.tolist() == [False, True, True, False, True]
-    keep = L.rejection_mask([("seq_mean", "k3", ">", sum(k3) / 3 - 1e-6)], prox, beh, mask, seq)
+    keep = corrections.rejection_mask([("seq_mean", "k3", ">", sum(k3) / 3 - 1e-6)], prox, beh, mask, seq)
     assert keep.tolist() == [False, False, False, False, True]
-    keep = L.rejection_mask([("seq_mean", "k3", ">", sum(k3) / 3 + 1e-6)], prox, beh, mask, seq)
+    keep = corrections.rejection_mask([("seq_mean", "k3", ">", sum(k3) / 3 + 1e-6)], prox, beh, mask, seq)
     assert keep.tolist() == [True, True, True, False, True]
     # k1 = −log ρ: token 0 has k1 = −ln 2 < −0.5; seq_sum k1 of sequence 0 = 0; seq_max k2 = ½ ln²2 = 0.24
-    assert L.rejection_mask([("token", "k1", "<", -0.5)], prox, beh, mask, seq).tolist() == [
+    assert corrections.rejection_mask([("token", "k1", "<", -0.5)], prox, beh, mask, seq).tolist() == [
         False, True, True, False, True]
-    assert L.rejection_mask([("seq_sum", "k1", ">", 1e-9)], prox, beh, mask, seq).tolist() == [
+    assert corrections.rejection_mask([("seq_sum", "k1", ">", 1e-9)], prox, beh, mask, seq).tolist() == [
         True, True, True, False, True]
-    assert L.rejection_mask([("seq_max", "k2", ">", 0.2)], prox, beh, mask, seq).tolist() == [
+    assert corrections.rejection_mask([("seq_max", "k2", ">", 0.2)], prox, beh, mask, seq).tolist() == [
         False, False, False, False, True]
     both = [("seq_max", "k2", ">", 0.3), ("token", "k3", ">", 0.25)]  # any criterion rejects
-    assert L.rejection_mask(both, prox, beh, mask, seq).tolist() == [False, True, True, False, True]
+    assert corrections.rejection_mask(both, prox, beh, mask, seq).tolist() == [False, True, True, False, True]
 
 
 def test_reference_kl_values_and_gradients():
     # π = 0.5, π_ref = 0.25: x = ln 0.5; k1 = ln 2, k2 = ½ ln²2, k3 = 0.5 − ln 0.5 − 1 = ln 2 − 0.5.
     x = t(LN(0.5)).requires_grad_()
     ref = t(LN(0.25))
-    assert float(L.reference_kl("k1", x, ref).detach()) == pytest.approx(LN(2))
-    assert float(L.reference_kl("k2", x, ref).detach()) == pytest.approx(0.5 * LN(2) ** 2)
-    k3 = L.reference_kl("k3", x, ref)
+    assert float(corrections.reference_kl("k1", x, ref).detach()) == pytest.approx(LN(2))
+    assert float(corrections.reference_kl("k2", x, ref).detach()) == pytest.approx(0.5 * LN(2) ** 2)
+    k3 = corrections.reference_kl("k3", x, ref)
     assert float(k3.detach()) == pytest.approx(LN(2) - 0.5)
     k3.backward()
     assert float(x.grad) == pytest.approx(1 - 0.25 / 0.5)  # d k3/d logπ = 1 − π_ref/π
     with pytest.raises(ConfigError, match="unknown KL estimator 'k4'"):
-        L.reference_kl("k4", x, ref)
+        corrections.reference_kl("k4", x, ref)
 
 
 def test_sequence_reduce():
     x = t(1.0, 2.0, 3.0, 4.0, 5.0)
     seq, valid = torch.tensor([7, 7, 7, 2, 2]), torch.tensor([True, False, True, True, True])
-    torch.testing.assert_close(L.sequence_reduce(x, seq, valid, "sum"), t(4.0, 4.0, 4.0, 9.0, 9.0))
-    torch.testing.assert_close(L.sequence_reduce(x, seq, valid, "mean"), t(2.0, 2.0, 2.0, 4.5, 4.5))
-    torch.testing.assert_close(L.sequence_reduce(x, seq, valid, "amax"), t(3.0, 3.0, 3.0, 5.0, 5.0))
+    torch.testing.assert_close(sequence.sequence_reduce(x, seq, valid, "sum"), t(4.0, 4.0, 4.0, 9.0, 9.0))
+    torch.testing.assert_close(sequence.sequence_reduce(x, seq, valid, "mean"), t(2.0, 2.0, 2.0, 4.5, 4.5))
+    torch.testing.assert_close(sequence.sequence_reduce(x, seq, valid, "amax"), t(3.0, 3.0, 3.0, 5.0, 5.0))

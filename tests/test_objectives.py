@@ -1,4 +1,4 @@
-"""The later objectives and filters of SPEC.md §1 (drpo_cli/objectives/losses_extra.py): hand-computed values,
+"""The later objectives and filters of SPEC.md §1 (drpo_cli/objectives/: the family modules, filters.py): hand-computed values,
 autograd against the analytic gradient contract, and parity with a plain transliteration of each
 reference implementation (verl, TRL, ROLL, prime-rl, AReaL) on padded (B, T) batches."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import GRAD_ULPS, assert_reordered
 
+from drpo_cli.objectives import aggregation, catalog, filters, ratio_clipped
 from drpo_cli.objectives import losses as L
-from drpo_cli.objectives import losses_extra as X
 from drpo_cli.objectives.divergence import Diagnostics
 
 LN = math.log
@@ -44,8 +44,8 @@ def grad_of(name, logp, old, adv, mask, agg="token-mean", selected=None, **hp):
     x = logp.clone().requires_grad_()
     seq = seq_of(mask)
     loss = L.token_loss(name, x, old, adv, mask=mask, seq_index=seq, selected=selected, **hp)
-    denom = L.aggregation_denominator(agg, mask, seq)
-    L.aggregate(loss, mask, seq, agg, denom).backward()
+    denom = aggregation.aggregation_denominator(agg, mask, seq)
+    aggregation.aggregate(loss, mask, seq, agg, denom).backward()
     return loss.detach(), x.grad
 
 
@@ -139,12 +139,12 @@ def test_covariance_hand_values():
     # Four tokens, A = (1, 1, −1, −1), logπ = (−1, −2, −1, −2): mean A 0, mean logπ −1.5,
     # cov = (0.5, −0.5, −0.5, 0.5). kl-cov with ratio 0.5 → k = 2: tokens 0 and 3 (ties: first first).
     logp, adv = t(-1.0, -2.0, -1.0, -2.0), t(1.0, 1.0, -1.0, -1.0)
-    sel = X.covariance_selection("kl-cov", logp, logp, adv, torch.ones(4, dtype=torch.bool), cov_ratio=0.5,
+    sel = ratio_clipped.covariance_selection("kl-cov", logp, logp, adv, torch.ones(4, dtype=torch.bool), cov_ratio=0.5,
                                  cov_kl_coef=0.1)
     assert sel.tolist() == [True, False, False, True]
     # clip-cov with bounds (0.1, 1): the same two are candidates; ratio 0.25 → one of them, seeded
     hp = {"eps_low": 0.2, "eps_high": 0.2, "cov_ratio": 0.25, "cov_lb": 0.1, "cov_ub": 1.0}
-    picks = {tuple(X.covariance_selection("clip-cov", logp, logp, adv, torch.ones(4, dtype=torch.bool), seed=s,
+    picks = {tuple(ratio_clipped.covariance_selection("clip-cov", logp, logp, adv, torch.ones(4, dtype=torch.bool), seed=s,
                                           **hp).tolist()) for s in range(20)}
     assert picks == {(True, False, False, False), (False, False, False, True)}
     # kl-cov's penalty on a selected token: c·|log r|; gradient −A·r + c·sign(log r)
@@ -161,15 +161,15 @@ def test_filters_hand_values():
     # OPSM: sequence 0 (A < 0) has mean log(μ/π) = (ln 2 + 0)/2 = 0.347; sequence 1 (A > 0) the same.
     logp, beh = t(LN(0.2), LN(0.5), LN(0.2), LN(0.5)), t(LN(0.4), LN(0.5), LN(0.4), LN(0.5))
     adv, seq, valid = t(-1.0, -1.0, 1.0, 1.0), torch.tensor([0, 0, 1, 1]), torch.ones(4, dtype=torch.bool)
-    assert X.opsm_keep(logp, beh, adv, seq, valid, 0.3).tolist() == [False, False, True, True]
-    assert X.opsm_keep(logp, beh, adv, seq, valid, 0.35).tolist() == [True, True, True, True]
+    assert filters.opsm_keep(logp, beh, adv, seq, valid, 0.3).tolist() == [False, False, True, True]
+    assert filters.opsm_keep(logp, beh, adv, seq, valid, 0.35).tolist() == [True, True, True, True]
     # M2PO: m2 = (0.9², 0.1², 0.5², 0) = (0.81, 0.01, 0.25, 0): means of the rest after masking 0, 1, 2 largest:
     # 0.2675, 0.0867, 0.005 → τ 0.1 masks the largest only; τ 0.05 the two largest; τ 1e-4 all but one.
     old = t(-1.0, -1.0, -1.0, -1.0)
     b = t(-1.9, -1.1, -1.5, -1.0)
-    assert X.m2po_keep(b, old, valid, 0.1).tolist() == [False, True, True, True]
-    assert X.m2po_keep(b, old, valid, 0.05).tolist() == [False, True, False, True]
-    assert X.m2po_keep(b, old, valid, 1e-4).tolist() == [False, False, False, True]
+    assert filters.m2po_keep(b, old, valid, 0.1).tolist() == [False, True, True, True]
+    assert filters.m2po_keep(b, old, valid, 0.05).tolist() == [False, True, False, True]
+    assert filters.m2po_keep(b, old, valid, 1e-4).tolist() == [False, False, False, True]
 
 
 # ---- autograd vs the analytic contract of every new loss --------------------------------------------
@@ -221,15 +221,15 @@ def test_extreme_inputs_stay_finite(name, dtype):
         loss.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
         assert torch.isfinite(L.gradient_weight(name, x, anchor, adv, seq_index=seq)).all()
-        if a == 0.0 and L.LOSSES[name].penalty is None:
+        if a == 0.0 and catalog.LOSSES[name].penalty is None:
             assert (loss == 0).all() and (x.grad == 0).all()
 
 
 def test_validation_of_new_hyper_parameters():
-    assert L.validate_hparams("sapo", {"tau_pos": 0.0}) == ["sapo: tau_pos must be > 0, got 0.0"]
-    assert L.validate_hparams("kl-cov", {"cov_ratio": 2.0}) == ["kl-cov: cov_ratio must be in (0, 1], got 2.0"]
-    assert L.validate_hparams("vespo", {"lambda_neg": -1}) == ["vespo: lambda_neg must be > 0, got -1"]
-    assert L.validate_hparams("topr", {"tau": 1}) == ["topr: unknown hyper-parameter 'tau' (accepted: none)"]
+    assert catalog.validate_hparams("sapo", {"tau_pos": 0.0}) == ["sapo: tau_pos must be > 0, got 0.0"]
+    assert catalog.validate_hparams("kl-cov", {"cov_ratio": 2.0}) == ["kl-cov: cov_ratio must be in (0, 1], got 2.0"]
+    assert catalog.validate_hparams("vespo", {"lambda_neg": -1}) == ["vespo: lambda_neg must be > 0, got -1"]
+    assert catalog.validate_hparams("topr", {"tau": 1}) == ["topr: unknown hyper-parameter 'tau' (accepted: none)"]
     from drpo_cli.config import TrainConfig
 
     problems = TrainConfig(rollouts=(), model="", loss="sapo", tau=0.1, cov_lb=6.0, opsm_delta=-1.0).validate()
@@ -380,7 +380,7 @@ def test_clip_cov_parity_with_verl_including_its_random_choice(seed):
     x = logp.clone().requires_grad_()
     ref_loss, ref_token = verl_clip_cov(x, old, adv, mask, seed=seed, clip_cov_ratio=0.05, lb=0.2)
     ref_loss.backward()
-    sel = X.covariance_selection("clip-cov", logp, old, adv, mask, seed=seed, eps_low=0.2, eps_high=0.2, **hp)
+    sel = ratio_clipped.covariance_selection("clip-cov", logp, old, adv, mask, seed=seed, eps_low=0.2, eps_high=0.2, **hp)
     assert sel.sum() == max(int(0.05 * mask.sum()), 1)  # enough candidates: exactly k tokens chosen
     ours, grad = grad_of("clip-cov", logp, old, adv, mask, selected=sel, **hp)
     torch.testing.assert_close(torch.where(mask, ours, 0.0), torch.where(mask, ref_token.detach(), 0.0))
@@ -417,10 +417,10 @@ def areal_m2po(old_logp, prox_logp, loss_mask, m2_threshold):
 @pytest.mark.parametrize("threshold", [0.01, 0.1, 0.3])
 def test_filters_parity_with_trl_and_areal(seed, threshold):
     logp, old, adv, mask = padded(seed, rows=10, spread=0.5)
-    ours = X.opsm_keep(logp, old, adv, seq_of(mask), mask, threshold)
+    ours = filters.opsm_keep(logp, old, adv, seq_of(mask), mask, threshold)
     ref = trl_off_policy_mask(adv[:, :1], logp, old, mask.double(), threshold).bool().expand_as(mask) & mask
     assert torch.equal(ours, ref)
-    assert torch.equal(X.m2po_keep(old, logp, mask, threshold), areal_m2po(old, logp, mask, threshold))
+    assert torch.equal(filters.m2po_keep(old, logp, mask, threshold), areal_m2po(old, logp, mask, threshold))
 
 
 # ---- diagnostics: the fraction each objective and filter reports --------------------------------------
@@ -443,10 +443,10 @@ def test_diagnostics_fractions_count_what_the_losses_do():
     assert s["kimi15/corrective_frac"] == pytest.approx(float(((a != 0) & (a * (a - 0.1 * (lp - mu)) < 0)).sum()) / n)
     assert s["dppo_tv_sq/mask_frac"] == pytest.approx(float((L.gradient_weight("dppo-tv-sq", lp, mu, a) == 0).sum()) / n)
     assert s["kl_cov/selected_frac"] == pytest.approx(max(int(2e-4 * n), 1) / n)
-    dropped = ~X.opsm_keep(lp, mu, a, sq, torch.ones_like(a, dtype=torch.bool), 0.1)
+    dropped = ~filters.opsm_keep(lp, mu, a, sq, torch.ones_like(a, dtype=torch.bool), 0.1)
     assert s["opsm/token_drop_frac"] == pytest.approx(float(dropped.sum()) / n)
     assert s["opsm/seq_drop_frac"] == pytest.approx(torch.unique(sq[dropped]).numel() / torch.unique(sq).numel())
-    masked = ~X.m2po_keep(mu, lp, torch.ones_like(a, dtype=torch.bool), 0.05)
+    masked = ~filters.m2po_keep(mu, lp, torch.ones_like(a, dtype=torch.bool), 0.05)
     assert s["m2po/masked_frac"] == pytest.approx(float(masked.sum()) / n)
     assert 0 < s["topr/truncated_frac"] < 1 and 0 < s["gmpo/clip_frac"] < 1 and 0 < s["opsm/token_drop_frac"] < 1
 
@@ -483,17 +483,17 @@ def _naive_step_grads(model, rows, idx, cfg, old_logp, seed):
     order = torch.argsort(tok)  # global order: row, then position
     back = torch.argsort(order)
     if cfg.m2po_threshold is not None:
-        mask = mask & X.m2po_keep(mu[order], old_logp[tok][order], mask[order], cfg.m2po_threshold)[back]
+        mask = mask & filters.m2po_keep(mu[order], old_logp[tok][order], mask[order], cfg.m2po_threshold)[back]
     selected = None
-    if cfg.loss in L.BATCH_LOSSES:
-        selected = X.covariance_selection(cfg.loss, logp.detach()[order], mu[order], adv[order], mask[order],
+    if cfg.loss in catalog.BATCH_LOSSES:
+        selected = ratio_clipped.covariance_selection(cfg.loss, logp.detach()[order], mu[order], adv[order], mask[order],
                                           seed=seed, **cfg.loss_hparams())[back]
     loss_t = L.token_loss(cfg.loss, logp, mu, adv, mask=mask, seq_index=mb.seq_index, selected=selected,
                           **cfg.loss_hparams())
     if cfg.opsm_delta is not None:
-        loss_t = loss_t * X.opsm_keep(logp, mu, adv, mb.seq_index, mask, cfg.opsm_delta)
-    denom = L.aggregation_denominator(cfg.agg, mask, mb.seq_index)
-    L.aggregate(loss_t, mask, mb.seq_index, cfg.agg, denom).backward()
+        loss_t = loss_t * filters.opsm_keep(logp, mu, adv, mb.seq_index, mask, cfg.opsm_delta)
+    denom = aggregation.aggregation_denominator(cfg.agg, mask, mb.seq_index)
+    aggregation.aggregate(loss_t, mask, mb.seq_index, cfg.agg, denom).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

@@ -25,8 +25,10 @@ from drpo_cli.config import (
     option_help,
 )
 from drpo_cli.config_file import train_config
-from drpo_cli.objectives import losses
-from drpo_cli.objectives.loss_options import HPARAM_NAMES, LOSS_HPARAMS, LOSS_NAMES, number
+from drpo_cli.objectives import catalog
+from drpo_cli.objectives.catalog import HPARAM_NAMES, LOSS_HPARAMS, LOSS_NAMES
+from drpo_cli.objectives.registry import number
+from drpo_cli.reports import loss_tables
 from drpo_cli.reports.options_doc import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,9 +168,9 @@ def test_each_declared_bound_is_what_validate_checks(cls, tmp_path):
 
 def test_loss_registry_and_options_share_one_table():
     # The registry's losses, in order, are the table's; each loss function takes exactly its table entry.
-    assert tuple(losses.LOSSES) == LOSS_NAMES and losses.DEFAULTS == LOSS_HPARAMS
+    assert tuple(catalog.LOSSES) == LOSS_NAMES and catalog.DEFAULTS == LOSS_HPARAMS
     context = {"seq", "valid", "selected"}  # what sequence- and batch-level losses take besides hyper-parameters
-    for name, spec in losses.LOSSES.items():
+    for name, spec in catalog.LOSSES.items():
         keywords = {p.name for p in inspect.signature(spec.loss).parameters.values() if p.kind == p.KEYWORD_ONLY}
         assert keywords - context == set(LOSS_HPARAMS[name]), name
     # Every hyper-parameter is a train option whose help names each loss that takes it and its default.
@@ -185,6 +187,13 @@ def test_docs_option_page_is_current():
     assert page == render(), "docs/options.md is out of date: python -m drpo_cli.reports.options_doc docs/options.md"
     for f in command_line_fields(TrainLaunch, TrainConfig, InspectConfig):
         assert option_help(f).replace("|", "\\|") in page
+
+
+@pytest.mark.parametrize("page", sorted(loss_tables.PAGES))
+def test_docs_loss_tables_are_current(page):
+    text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    assert text == loss_tables.with_table(text, loss_tables.PAGES[page]()), (
+        f"docs/{page}: the loss table is out of date: {loss_tables.COMMAND}")
 
 
 def test_spec_loss_table_states_each_default():

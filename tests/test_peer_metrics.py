@@ -27,7 +27,7 @@ from drpo_cli.audit.inspect_model import WORST_BY_SCORES
 from drpo_cli.cli import app
 from drpo_cli.config import WORST_BY, InspectConfig
 from drpo_cli.objectives.divergence import Diagnostics
-from drpo_cli.reports.report_format import INSPECT_MODEL_METRICS
+from drpo_cli.objectives.metrics import INSPECT_MODEL_METRICS
 
 runner = CliRunner()
 LN2 = math.log(2.0)

@@ -27,7 +27,9 @@ from drpo_cli.cli import app
 from drpo_cli.config import AGG_MODES, TrainConfig
 from drpo_cli.model.batching import plan_micro_batches
 from drpo_cli.model.checkpoint import load_model
-from drpo_cli.objectives.losses import aggregate, aggregation_denominator, reference_kl, token_loss
+from drpo_cli.objectives.aggregation import aggregate, aggregation_denominator
+from drpo_cli.objectives.corrections import reference_kl
+from drpo_cli.objectives.losses import token_loss
 from drpo_cli.reports.report_format import TRAIN_REPORT_SCHEMA
 from drpo_cli.rollouts.rows import load_rows
 from drpo_cli.training.train import accumulate_gradients

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from drpo_cli.cli import app
 from drpo_cli.config import LOSS_HPARAMS, TrainConfig
+from drpo_cli.objectives.catalog import SETTINGS
 from drpo_cli.reports.report_format import TRAIN_REPORT_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +54,9 @@ def test_every_problem_is_listed_at_once(paths):
 
 @pytest.mark.parametrize("loss", sorted(LOSS_HPARAMS))
 def test_only_the_chosen_losses_hyperparameters_are_accepted(paths, loss):
-    valid = {"delta": 0.1, "eps": 0.1, "eps_low": 0.1, "eps_high": 0.1, "dual_clip": 3.0, "ratio_cap": 5.0,
-             "tau_pos": 1.5, "tau_neg": 2.0, "tau": 0.3, "delta_low": 0.1, "delta_high": 0.3, "k_pos": 1.0,
-             "lambda_pos": 2.0, "k_neg": 1.5, "lambda_neg": 0.5, "cov_ratio": 0.1, "cov_lb": 0.5, "cov_ub": 2.0,
-             "cov_kl_coef": 0.2}
+    # A value within its bound for every setting of the registry: the first declaring loss's default, else 3.
+    valid = {name: next(v for v in (s.default, 3.0) if v is not None and (s.bound is None or s.bound.test(v)))
+             for name, s in SETTINGS.items()}
     c = cfg(paths, loss=loss, **valid)
     wrong = [p for p in c.validate() if "does not apply" in p]
     assert len(wrong) == len(valid) - len(LOSS_HPARAMS[loss])

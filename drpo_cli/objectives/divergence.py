@@ -2,8 +2,8 @@
 accumulator of their statistics.
 
 The elementwise functions (log_ratio, prob_delta, binary_kl, k1..k3) live in elementwise.py,
-shared with losses.py, and are re-exported here; the dependency runs elementwise <- losses <-
-divergence, never back.
+shared with the loss modules, and are re-exported here; divergence imports the losses, never the
+other way.
 
 `Diagnostics` accumulates only sums, counts, maxima and fixed-bin histograms, so any number of
 tokens can be audited in constant memory, and two accumulators merge (micro-batches, ranks,
@@ -22,6 +22,15 @@ from torch import Tensor
 
 from drpo_cli.base.errors import ConfigError
 from drpo_cli.base.value_table import ValueTable
+from drpo_cli.objectives.catalog import LOSS_NAMES, LOSSES, resolve_hparams
+from drpo_cli.objectives.corrections import (
+    behavior_weight,
+    reference_kl,
+    rejection_mask,
+    veto_mask,
+    weight_mean,
+    weight_sum_parts,
+)
 from drpo_cli.objectives.elementwise import (  # noqa: F401  (re-exported: the diagnostics API of docs/losses.md)
     LOGR_CLAMP,
     binary_kl,
@@ -36,24 +45,8 @@ from drpo_cli.objectives.elementwise import (  # noqa: F401  (re-exported: the d
     ratio,
     reverse_k3,
 )
-from drpo_cli.objectives.losses import (
-    LOSS_NAMES,
-    behavior_weight,
-    gradient_weight,
-    reference_kl,
-    rejection_mask,
-    resolve_hparams,
-    veto_mask,
-    weight_mean,
-    weight_sum_parts,
-)
-from drpo_cli.objectives.losses_extra import (
-    EFFECT_METRICS,
-    FILTER_METRICS,
-    dropped_positive,
-    effect_counts,
-    filter_counts,
-)
+from drpo_cli.objectives.filters import FILTER_METRICS, dropped_positive, filter_counts
+from drpo_cli.objectives.losses import effect_counts, gradient_weight
 
 
 def token_diagnostics(
@@ -179,14 +172,9 @@ MU_LABELS = ("<=0.01", "<=0.1", "<=0.5", ">0.5")
 POSITION_EDGES = (16, 64, 256, 1024)
 POSITION_LABELS = ("[0,16)", "[16,64)", "[64,256)", "[256,1024)", "[1024,inf)", "unknown")
 _BREAKDOWN_FEATURES = ("tokens", "outside", "harmful", "delta_abs", "k3", "logr")
-# Losses whose would-be effect is a zeroed gradient (w = 0) and the metric that counts it.
-_ZEROING_METRICS = {
-    "ppo-clip": "ppo_clip/clip_frac",
-    "dppo-tv": "dppo_tv/mask_frac",
-    "dppo-kl": "dppo_kl/mask_frac",
-    "dppo-tv-sq": "dppo_tv_sq/mask_frac",
-}
-_WEIGHTED_LOSSES = ("drpo", "spo", "sapo")  # losses whose weight distribution is reported
+# Losses whose would-be effect is a zeroed gradient (w = 0) and the metric that counts it (the registry's).
+_ZEROING_METRICS = {name: spec.zeroing for name, spec in LOSSES.items() if spec.zeroing is not None}
+_WEIGHTED_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.weight_stats)  # weight distribution reported
 _SEQ_STATE = ("n", "n_zero", "n_seq", "n_seq_zero")
 # Fractions of a selection over all the tokens of one update (a whole optimizer step in train, one
 # audited batch in inspect), not token by token: merging accumulators adds their counts, so they equal
@@ -286,7 +274,7 @@ class Diagnostics:
         if "cispo" in self.losses:
             self._register("cispo/n_clipped", (), "sum")
         # The later objectives' and the OPSM / M2PO filters' fractions: (hits, total) per metric.
-        self._fractions = [m for name in self.losses for m in EFFECT_METRICS.get(name, ())]
+        self._fractions = [m for name in self.losses for m in LOSSES[name].effect_metrics]
         self._fractions += [m for f, on in (("opsm", opsm_delta), ("m2po", m2po_threshold)) if on is not None
                             for m in FILTER_METRICS[f]]
         # What a mask or rejection drops that had A > 0: (dropped with A > 0, dropped) per mask.

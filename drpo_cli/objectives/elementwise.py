@@ -1,6 +1,5 @@
 """Elementwise functions of two log-probabilities of the sampled token: the shared pieces of the
-losses (losses.py) and the diagnostics (divergence.py), which both import this module and nothing
-of each other's in this direction: elementwise <- losses <- divergence.
+losses (the family modules) and the diagnostics (divergence.py), which both import this module.
 
 Every function takes log-probabilities (any shape, values in (−∞, 0]) and returns a tensor of the
 same shape. None produces NaN or ±inf for finite inputs: the log-ratio is clamped to ±LOGR_CLAMP,
@@ -10,9 +9,14 @@ same shape. None produces NaN or ±inf for finite inputs: the log-ratio is clamp
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from drpo_cli.base.lazy import lazy
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy("torch")
 
 LOGR_CLAMP = 20.0  # |log r| cap: r stays in [e^-20, e^20] ≈ [2e-9, 4.9e8], finite in float32
 

@@ -56,22 +56,21 @@ from drpo_cli.model.checkpoint import (
 from drpo_cli.model.head import reused_buffers
 from drpo_cli.model.histograms import MuPiHistogram, worst_tokens
 from drpo_cli.model.logprobs import fused_token_loss, pick_device, token_logprobs
-from drpo_cli.objectives.divergence import Diagnostics, sequence_scores, token_diagnostics
-from drpo_cli.objectives.losses import (
-    BATCH_LOSSES,
-    SEQUENCE_LOSSES,
-    aggregation_denominator,
+from drpo_cli.objectives.aggregation import aggregation_denominator, token_coefficients
+from drpo_cli.objectives.catalog import BATCH_LOSSES, SEQUENCE_LOSSES
+from drpo_cli.objectives.corrections import (
     batch_normalize,
     behavior_weight,
     reference_kl,
     rejection_mask,
-    token_coefficients,
-    token_loss,
     veto_mask,
     weight_mean,
     weight_sum_parts,
 )
-from drpo_cli.objectives.losses_extra import covariance_selection, m2po_keep, opsm_keep
+from drpo_cli.objectives.divergence import Diagnostics, sequence_scores, token_diagnostics
+from drpo_cli.objectives.filters import m2po_keep, opsm_keep
+from drpo_cli.objectives.losses import token_loss
+from drpo_cli.objectives.ratio_clipped import covariance_selection
 from drpo_cli.reports.report_format import (
     TRAIN_REPORT_VERSION,
     clean_number,
