@@ -49,6 +49,7 @@ def _flag(name: str) -> str:
 # POSITIVE, NON_NEGATIVE, AT_LEAST_ONE, UNIT, the loss settings' own, and:
 # AdamW's first update moves each weight by lr / (1 − β1) = 10·lr: it must be a float32 (3.4e38), or the update
 # overflows (the fused kernel writes ±inf weights, the per-tensor one raises).
+VETO = Bound(lambda v: math.isfinite(v) and 0 < v < 1, "in (0, 1) (a ratio π_old/μ below which the sequence is dropped)")
 LEARNING_RATE = Bound(lambda v: 0 < v <= 3.4e37, "> 0 and <= 3.4e37 (AdamW's first update, 10·lr, is a float32)")
 # Panels group `drpo train --help` / `drpo inspect --help`, in this order.
 PANELS = INPUTS, OUTPUTS, LOSS, CORRECTIONS_PANEL, PENALTIES, DATA, OPTIMIZER, HARDWARE, LORA = (
@@ -59,14 +60,15 @@ def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (
            choices: tuple[str, ...] | None = None, cli: Any = None, parse: Any = None,
            bound: tuple[Any, str] | None = None, argument: bool = False, hparam: bool = False,
            command_line: bool = True, minimum: int | None = None, repr: bool = True,
-           file: bool = True) -> Any:
+           file: bool = True, checked_if: Any = None) -> Any:
     """A config field that is also a command-line option (drpo_cli.cli derives the Typer parameter).
 
     help: the flag's one-line help and its docs/options.md row; in a loss hyper-parameter's (`hparam`),
       `{}` becomes the losses that take it with their defaults (catalog.LOSS_HPARAMS).
     flags: the option's names (default --field-name). panel: its group in --help (PANELS).
-    choices / bound: what validate() accepts: a tuple of values, or a (test, "what it must be") pair
-      such as POSITIVE (None, unset, always passes).
+    choices / bound: what validate() accepts: a tuple of values (None passes where it is the default),
+      or a Bound (test, "what it must be") such as POSITIVE (None, unset, always passes); checked for
+      every field in one loop (declared_problems), only when `checked_if(cfg)` holds if it is given.
     cli / parse: the command-line type when it is not the field's (`str | None` for a comma-separated
       list) and the function from that value to the field's; a tuple field is a repeatable option.
     argument: positional. command_line=False: a config-file key only. minimum: the least value the
@@ -75,7 +77,7 @@ def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (
     """
     meta = {"help": help, "flags": flags, "panel": panel, "choices": choices, "bound": bound, "cli": cli,
             "parse": parse, "argument": argument, "hparam": hparam, "command_line": command_line,
-            "minimum": minimum, "file": file}
+            "minimum": minimum, "file": file, "checked_if": checked_if}
     return field(default=default, repr=repr, metadata=meta)
 
 
@@ -153,13 +155,8 @@ def parse_rejects(specs: tuple[str, ...]) -> tuple[list[tuple[str, str, str, flo
 
 
 def correction_problems(cfg) -> list[str]:
-    """Problems with --is-veto, --correction and --reject-mode (train and inspect configs alike)."""
+    """Problems with --correction's combinations (train and inspect configs alike)."""
     p = []
-    if cfg.is_veto is not None and not (math.isfinite(cfg.is_veto) and 0 < cfg.is_veto < 1):
-        p.append(f"--is-veto must be in (0, 1) (a ratio π_old/μ below which the sequence is dropped), got {cfg.is_veto}")
-    _choice(p, cfg, "correction")
-    if cfg.reject_mode is not None:
-        _choice(p, cfg, "reject_mode")
     if cfg.correction == "seq-mask-tis":
         if cfg.is_correction not in ("none", "is") or cfg.is_level != "token" or cfg.is_cap is not None:
             p.append("--correction seq-mask-tis sets --is-correction is at --is-level token; leave those and --is-cap out")
@@ -190,18 +187,6 @@ def expand_correction(cfg):
     band = ((f"seq_mean_k1>{-math.log(lo)!r}",) if lo > 0 else ()) + (f"seq_mean_k1<{-math.log(hi)!r}",)
     return replace(cfg, correction="none", is_correction="is", is_band=None, reject=tuple(cfg.reject) + band,
                    reject_mode="zero")
-
-
-def objective_problems(cfg) -> list[str]:
-    """Problems with the later objectives' options and the OPSM / M2PO filters of `cfg` (those it has)."""
-    p: list[str] = []
-    _bounds(p, cfg, "m2po_threshold", "opsm_delta")
-    defaults = LOSS_HPARAMS["clip-cov"]
-    lb = defaults["cov_lb"] if getattr(cfg, "cov_lb", None) is None else cfg.cov_lb
-    ub = defaults["cov_ub"] if getattr(cfg, "cov_ub", None) is None else cfg.cov_ub
-    if not (math.isfinite(lb) and math.isfinite(ub) and lb < ub):
-        p.append(f"--cov-lb must be below --cov-ub, got {lb} and {ub}")
-    return p
 
 
 @dataclass(frozen=True)
@@ -240,7 +225,8 @@ class TrainConfig(TrainLossSettings):
                          panel=CORRECTIONS_PANEL)
     is_correction: str = option("none", f"Behavior correction with --anchor proximal: {one_of(IS_CORRECTIONS)}.",
                                 choices=IS_CORRECTIONS, panel=CORRECTIONS_PANEL)
-    is_cap: float | None = option(None, f"Cap of tis ({IS_CAP}).", panel=CORRECTIONS_PANEL, bound=POSITIVE)
+    is_cap: float | None = option(None, f"Cap of tis ({IS_CAP}).", panel=CORRECTIONS_PANEL, bound=POSITIVE,
+                                  checked_if=lambda cfg: cfg.is_correction == "tis")
     is_band: tuple[float, float] | None = option(
         None, f"Kept band LO HI of mis ({IS_BAND[0]} {IS_BAND[1]}).", panel=CORRECTIONS_PANEL)
     is_level: str = option("token", "ρ of tis / mis per token | sequence (product) | geometric (mean).",
@@ -249,7 +235,8 @@ class TrainConfig(TrainLossSettings):
         (), f"Reject tokens/sequences by LEVEL_kN>X on π_old vs μ, e.g. {REJECT_EXAMPLE} (repeatable).",
         panel=CORRECTIONS_PANEL)
     is_veto: float | None = option(
-        None, "Drop a sequence when a token has π_old/μ below THRESH (slime: 1e-4).", panel=CORRECTIONS_PANEL)
+        None, "Drop a sequence when a token has π_old/μ below THRESH (slime: 1e-4).", panel=CORRECTIONS_PANEL,
+        bound=VETO)
     is_batch_norm: bool = option(False, "Self-normalise the behavior weights to mean 1 over each step.",
                                  panel=CORRECTIONS_PANEL)
     correction: str = option("none", f"Named correction: {one_of(CORRECTIONS)} (needs --anchor proximal).",
@@ -390,31 +377,27 @@ class TrainConfig(TrainLossSettings):
             p.append(f"--model {self.model}: not a directory (expected a Hugging Face checkpoint directory)")
         if self.out is not None and self.model:
             p.extend(output_problems(*self.paths(self.out), overwrite=self.overwrite))
-        _choice(p, self, "loss")
         if self.loss in LOSS_HPARAMS:
             valid = LOSS_HPARAMS[self.loss]
             for name in HPARAM_NAMES:
                 if getattr(self, name) is not None and name not in valid:
                     hint = ", ".join(_flag(v) for v in valid) or "none"
                     p.append(f"{_flag(name)} does not apply to --loss {self.loss} (its options: {hint})")
-        _bounds(p, self, *HPARAM_NAMES)
-        p.extend(objective_problems(self))
-        _choice(p, self, "anchor")
-        _choice(p, self, "is_correction")
+        defaults = LOSS_HPARAMS["clip-cov"]
+        lb = defaults["cov_lb"] if self.cov_lb is None else self.cov_lb
+        ub = defaults["cov_ub"] if self.cov_ub is None else self.cov_ub
+        if not (math.isfinite(lb) and math.isfinite(ub) and lb < ub):
+            p.append(f"--cov-lb must be below --cov-ub, got {lb} and {ub}")
         if self.is_correction in ("tis", "mis", "is") and self.anchor != "proximal":
             p.append(f"--is-correction {self.is_correction} needs --anchor proximal (with the behavior anchor ρ = 1)")
-        if self.is_cap is not None:
-            if self.is_correction != "tis":
-                p.append("--is-cap applies only to --is-correction tis")
-            else:
-                _bounds(p, self, "is_cap")
+        if self.is_cap is not None and self.is_correction != "tis":
+            p.append("--is-cap applies only to --is-correction tis")
         if self.is_band is not None:
             lo, hi = self.is_band
             if self.is_correction != "mis" and self.correction != "seq-mask-tis":
                 p.append("--is-band applies only to --is-correction mis and --correction seq-mask-tis")
             elif not 0 <= lo < hi:
                 p.append(f"--is-band must satisfy 0 <= lo < hi, got {lo} {hi}")
-        _choice(p, self, "is_level")
         if self.is_level != "token" and self.is_correction == "none":
             p.append(f"--is-level {self.is_level} applies to --is-correction tis or mis")
         p.extend(parse_rejects(self.reject)[1])
@@ -428,17 +411,6 @@ class TrainConfig(TrainLossSettings):
                 p.append(f"--ref-model {self.ref_model}: not a directory (expected a Hugging Face checkpoint directory)")
         elif self.kl_coef is not None:
             p.append("--kl-coef needs --ref-model (the KL penalty is to a reference model)")
-        _bounds(p, self, "kl_coef")
-        _choice(p, self, "kl_estimator")
-        _bounds(p, self, "entropy_coef", "max_lag", "min_version")
-        _choice(p, self, "agg")
-        _bounds(p, self, "horizon")
-        _choice(p, self, "adv_norm")
-        _bounds(p, self, "epochs", "minibatches", "micro_batch_tokens", "chunk_tokens", "lr", "max_grad_norm",
-                "weight_decay", "warmup_steps", "seed")
-        _choice(p, self, "device")
-        _choice(p, self, "dtype")
-        _bounds(p, self, "tr_delta", "temperature")
         p.extend(parse_columns(self.columns)[1])
         if self.tensorboard is not None:
             import importlib.util
@@ -448,11 +420,11 @@ class TrainConfig(TrainLossSettings):
             if os.path.isfile(self.tensorboard):
                 p.append(f"--tensorboard {self.tensorboard}: is a file (expected a directory for event files)")
         p.extend(self._lora_problems())
+        p.extend(declared_problems(self))
         return p
 
     def _lora_problems(self) -> list[str]:
         p: list[str] = []
-        _bounds(p, self, "lora_r", "lora_alpha")
         if self.adapter is not None:
             if not os.path.isdir(self.adapter):
                 p.append(f"--adapter {self.adapter}: not a directory (expected a peft LoRA adapter directory)")
@@ -525,7 +497,7 @@ class InspectConfig:
         (), f"Report what a rejection criterion LEVEL_kN>X would reject, e.g. {REJECT_EXAMPLE} (repeatable).",
         panel=CORRECTIONS_PANEL)
     is_veto: float | None = option(None, "Report what a veto at ρ = π/μ < THRESH would drop.",
-                                   panel=CORRECTIONS_PANEL)
+                                   panel=CORRECTIONS_PANEL, bound=VETO)
     correction: str = option("none", f"Report what a named correction would mask: {one_of(CORRECTIONS)}.",
                              choices=CORRECTIONS, panel=CORRECTIONS_PANEL)
     is_correction: str = option("none", f"Behavior weight for --is-batch-norm: {one_of(IS_CORRECTIONS)}.",
@@ -624,14 +596,10 @@ class InspectConfig:
                 p.append(f"{path}: no such file or directory")
         if self.model is not None and not os.path.isdir(self.model):
             p.append(f"--model {self.model}: not a directory (expected a Hugging Face checkpoint directory)")
-        _bounds(p, self, "current_version")
         for d in self.deltas:
             if not d > 0:
                 p.append(f"--delta values must be > 0, got {d}")
-        _bounds(p, self, "tr_delta", "temperature")
         p.extend(parse_columns(self.columns)[1])
-        _bounds(p, self, "top")
-        _choice(p, self, "worst_by")
         if self.worst_by != "tr/harmful_frac" and self.model is None:
             p.append("--worst-by needs --model (the worst sequences compare the model with the sampler)")
         for name in sorted({c for c in self.by if self.by.count(c) > 1}):
@@ -647,8 +615,6 @@ class InspectConfig:
         if self.reject and self.model is None:
             p.append("--reject needs --model (the criteria compare the model with the sampler)")
         p.extend(correction_problems(self))
-        _choice(p, self, "is_correction")
-        _choice(p, self, "is_level")
         corrected = (self.is_veto is not None or self.correction != "none" or self.is_correction != "none"
                      or self.is_batch_norm)
         if corrected and self.model is None:
@@ -659,19 +625,14 @@ class InspectConfig:
             p.append("--is-band applies only to --is-correction mis and --correction seq-mask-tis")
         if (self.is_correction != "none" or self.is_cap is not None or self.is_level != "token") and not self.is_batch_norm:
             p.append("--is-correction, --is-cap and --is-level shape the weight --is-batch-norm reports: add it")
-        _bounds(p, self, "is_cap")
-        p.extend(objective_problems(self))
         if self.truncate and self.model is None:
             p.append("--truncate needs --model (the model's context decides what is cut)")
         for name in ("opsm_delta", "m2po_threshold"):
             if getattr(self, name) is not None and self.model is None:
                 p.append(f"{_flag(name)} needs --model (the what-if compares the model with the sampler)")
-        _bounds(p, self, "max_lag", "min_version")
         p.extend(output_problems(*self.paths(), overwrite=self.overwrite))
         p.extend(self._parse_gates()[1])
-        _choice(p, self, "device")
-        _choice(p, self, "dtype")
-        _bounds(p, self, "micro_batch_tokens", "chunk_tokens")
+        p.extend(declared_problems(self))
         return p
 
     def check(self) -> InspectConfig:
@@ -687,17 +648,15 @@ def raise_problems(problems: list[str]) -> None:
         raise ConfigError(summary, details=problems if len(problems) > 1 else [])
 
 
-def _choice(problems: list[str], cfg, name: str) -> None:
-    """A problem when field `name` of `cfg` is not one of the choices its option declares."""
-    value, choices = getattr(cfg, name), next(f for f in fields(cfg) if f.name == name).metadata["choices"]
-    if value not in choices:
-        problems.append(f"{_flag(name)} {value!r}: expected one of {', '.join(choices)}")
-
-
-def _bounds(problems: list[str], cfg, *names: str) -> None:
-    """A problem for each named field of `cfg` (that it has and is set) outside the bound its option declares."""
-    declared = {f.name: f.metadata.get("bound") for f in fields(cfg)}
-    for name in names:
-        value, bound = getattr(cfg, name, None), declared.get(name)
-        if value is not None and bound is not None and not bound[0](value):
-            problems.append(f"{_flag(name)} must be {bound[1]}, got {value}")
+def declared_problems(cfg) -> list[str]:
+    """A problem for each field of `cfg` outside the choices or the bound its option declares, in field order."""
+    p: list[str] = []
+    for f in fields(cfg):
+        value, choices, bound = getattr(cfg, f.name), f.metadata.get("choices"), f.metadata.get("bound")
+        if f.metadata.get("checked_if") is not None and not f.metadata["checked_if"](cfg):
+            continue
+        if choices is not None and value not in choices and not (value is None and f.default is None):
+            p.append(f"{_flag(f.name)} {value!r}: expected one of {', '.join(choices)}")
+        if bound is not None and value is not None and not bound.test(value):
+            p.append(f"{_flag(f.name)} must be {bound.text}, got {value}")
+    return p
