@@ -27,9 +27,10 @@ def test_every_entry_is_complete():
 
 def test_every_metric_a_loss_reports_is_a_stable_inspect_metric():
     for name, spec in catalog.LOSSES.items():
-        named = set(spec.metrics) | set(spec.effect_metrics) | ({spec.zeroing} - {None})
+        named = set(spec.metrics.values()) | set(spec.effect_metrics) | ({spec.zeroing} - {None})
         assert named <= set(INSPECT_MODEL_METRICS), (name, named - set(INSPECT_MODEL_METRICS))
-        assert set(spec.effect_metrics) <= set(spec.metrics) and (spec.effects is None) == (not spec.effect_metrics)
+        assert set(spec.effect_metrics) <= set(spec.metrics.values()), name
+        assert (spec.effects is None) == (not spec.effect_metrics), name
         if spec.weight_stats:
             ns = name.replace("-", "_")
             assert {f"weight/{ns}_corrective_frac", f"weight/{ns}_attenuated_frac"} <= set(INSPECT_MODEL_METRICS)

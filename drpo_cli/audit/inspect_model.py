@@ -26,6 +26,7 @@ from drpo_cli.config import LOSS_HPARAMS, InspectConfig, expand_correction
 from drpo_cli.model.batching import filler_batch, plan_micro_batches
 from drpo_cli.model.head import reused_buffers
 from drpo_cli.model.histograms import MuPiHistogram, worst_tokens
+from drpo_cli.objectives.catalog import LOSSES
 from drpo_cli.objectives.divergence import LOGR_CLAMP, Diagnostics, token_diagnostics
 from drpo_cli.rollouts.rows import RolloutRows, check_vocabulary, current_version, fit_context
 
@@ -463,35 +464,11 @@ def _distributions(summary: dict) -> dict:
 
 
 def _loss_effects(summary: dict, losses: dict) -> list[dict]:
-    """What each loss would do to these tokens at the hyper-parameters used (SPEC.md §2)."""
-    effects = {
-        "pg-is": {},
-        "ppo-clip": {"clipped": summary.get("ppo_clip/clip_frac"), **_positive("clipped", summary, "ppo_clip")},
-        "spo": {"corrective (w<0)": summary.get("weight/spo_corrective_frac"),
-                "attenuated (w<0.5)": summary.get("weight/spo_attenuated_frac")},
-        "dppo-tv": {"masked": summary.get("dppo_tv/mask_frac"), **_positive("masked", summary, "dppo_tv")},
-        "dppo-kl": {"masked": summary.get("dppo_kl/mask_frac"), **_positive("masked", summary, "dppo_kl")},
-        "drpo": {"corrective (w<0)": summary.get("weight/drpo_corrective_frac"),
-                 "attenuated (w<0.5)": summary.get("weight/drpo_attenuated_frac")},
-        "gspo": {"clipped": summary.get("gspo/clip_frac"), "clipped sequences": summary.get("gspo/seq_clip_frac"),
-                 **_positive("clipped", summary, "gspo")},
-        "cispo": {"weight clipped": summary.get("cispo/clip_frac")},
-        "sapo": {"attenuated (w<0.5)": summary.get("weight/sapo_attenuated_frac")},
-        "gmpo": {"clipped": summary.get("gmpo/clip_frac"), "clipped sequences": summary.get("gmpo/seq_clip_frac")},
-        "topr": {"truncated": summary.get("topr/truncated_frac")},
-        "kimi15": {"corrective": summary.get("kimi15/corrective_frac")},
-        "dppo-tv-sq": {"masked": summary.get("dppo_tv_sq/mask_frac"), **_positive("masked", summary, "dppo_tv_sq")},
-        "vespo": {"attenuated (φ<0.5)": summary.get("vespo/attenuated_frac"),
-                  "attenuated sequences": summary.get("vespo/seq_attenuated_frac")},
-        "clip-cov": {"selected": summary.get("clip_cov/selected_frac")},
-        "kl-cov": {"selected": summary.get("kl_cov/selected_frac")},
-    }
-    return [{"loss": name, "hparams": dict(hp), "fractions": effects[name]} for name, hp in losses.items()]
-
-
-def _positive(verb: str, summary: dict, ns: str) -> dict:
-    """The share with A > 0 of what a mask drops ({ns}/dropped_pos_adv_frac), as a losses-table fraction."""
-    return {f"A > 0 among {verb}": summary.get(f"{ns}/dropped_pos_adv_frac")}
+    """What each loss would do to these tokens at the hyper-parameters used (SPEC.md §2): its metrics
+    (registry.LossSpec.metrics) under their labels."""
+    return [{"loss": name, "hparams": dict(hp),
+             "fractions": {label: summary.get(metric) for label, metric in LOSSES[name].metrics.items()}}
+            for name, hp in losses.items()]
 
 
 def _filter_effects(summary: dict, cfg: InspectConfig) -> list[dict]:
@@ -501,6 +478,11 @@ def _filter_effects(summary: dict, cfg: InspectConfig) -> list[dict]:
                            "dropped sequences": summary.get("opsm/seq_drop_frac"), **_positive("dropped", summary, "opsm")}},
             {"loss": "m2po (filter)", "hparams": {"m2po_threshold": cfg.resolved_m2po_threshold()},
              "fractions": {"masked": summary.get("m2po/masked_frac"), **_positive("masked", summary, "m2po")}}]
+
+
+def _positive(verb: str, summary: dict, ns: str) -> dict:
+    """The share with A > 0 of what a mask drops ({ns}/dropped_pos_adv_frac), as a losses-table fraction."""
+    return {f"A > 0 among {verb}": summary.get(f"{ns}/dropped_pos_adv_frac")}
 
 
 class _PerTokenWriter:

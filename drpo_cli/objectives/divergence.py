@@ -179,7 +179,8 @@ _SEQ_STATE = ("n", "n_zero", "n_seq", "n_seq_zero")
 # Fractions of a selection over all the tokens of one update (a whole optimizer step in train, one
 # audited batch in inspect), not token by token: merging accumulators adds their counts, so they equal
 # one accumulator's only when the updates were the same batches.
-PER_UPDATE_METRICS = ("clip_cov/selected_frac", "kl_cov/selected_frac", "m2po/masked_frac")  # gspo's would-be clipping (needs seq_index)
+PER_UPDATE_METRICS = (*(m for spec in LOSSES.values() if spec.level == "batch" for m in spec.effect_metrics),
+                      "m2po/masked_frac")
 # A "catastrophic" token has r < CATASTROPHIC_RHO (raw log r < log of it): verl's former rollout_token_veto_threshold
 # and slime's rs_veto_threshold examples; `--is-veto C` sets it to C.
 CATASTROPHIC_RHO = 1e-4

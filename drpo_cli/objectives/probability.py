@@ -63,7 +63,8 @@ def _w_dppo_tv(logp, anchor, adv, *, delta, ratio_cap):
 
 
 @register_loss("dppo-tv", rank=4, weight=_w_dppo_tv, settings={"delta": delta(0.15), "ratio_cap": ratio_cap(20.0)},
-               metrics=("dppo_tv/mask_frac", "dppo_tv/dropped_pos_adv_frac"), zeroing="dppo_tv/mask_frac",
+               metrics={"masked": "dppo_tv/mask_frac", "A > 0 among masked": "dppo_tv/dropped_pos_adv_frac"},
+               zeroing="dppo_tv/mask_frac",
                doc=LossDoc(
     paper='DPPO, Binary-TV region, arXiv 2602.04879',
     loss='`−M·A·r`, gradient `−M·A·min(r, C)·∇logπ`',
@@ -92,7 +93,8 @@ def _w_dppo_kl(logp, anchor, adv, *, delta, ratio_cap):
 
 
 @register_loss("dppo-kl", rank=5, weight=_w_dppo_kl, settings={"delta": delta(0.05), "ratio_cap": ratio_cap(20.0)},
-               metrics=("dppo_kl/mask_frac", "dppo_kl/dropped_pos_adv_frac"), zeroing="dppo_kl/mask_frac",
+               metrics={"masked": "dppo_kl/mask_frac", "A > 0 among masked": "dppo_kl/dropped_pos_adv_frac"},
+               zeroing="dppo_kl/mask_frac",
                doc=LossDoc(
     paper='DPPO, Binary-KL region, arXiv 2602.04879',
     loss='as `dppo-tv`',
@@ -123,6 +125,8 @@ def _w_drpo(logp, anchor, adv, *, delta):
 
 
 @register_loss("drpo", rank=6, weight=_w_drpo, settings={"delta": delta(12.5)}, weight_stats=True,
+               metrics={"corrective (w<0)": "weight/drpo_corrective_frac",
+                        "attenuated (w<0.5)": "weight/drpo_attenuated_frac"},
                doc=LossDoc(
     paper='DRPO, arXiv 2606.09821 Eq. 8',
     loss='`−A·r + abs(A)·μ·(r−1)²/(2δ)` = `−A·r + abs(A)·Δ²/(2δμ)`',
@@ -171,7 +175,8 @@ def _g_dppo_tv_sq(logp, anchor, adv, *, delta_low, delta_high, tau):
     settings={"delta_low": Setting(0.2, POSITIVE, "Binary-TV threshold for A < 0 of {}.", order=10),
               "delta_high": Setting(0.2, POSITIVE, "Binary-TV threshold for A > 0 of {}.", order=11),
               "tau": tau(1e-3)},
-    metrics=("dppo_tv_sq/mask_frac", "dppo_tv_sq/dropped_pos_adv_frac"), zeroing="dppo_tv_sq/mask_frac",
+    metrics={"masked": "dppo_tv_sq/mask_frac", "A > 0 among masked": "dppo_tv_sq/dropped_pos_adv_frac"},
+    zeroing="dppo_tv_sq/mask_frac",
     doc=LossDoc(
     paper="prime-rl's default loss (DPPO Binary-TV + squared log ratio)",
     loss='`−M·A·r + τ·(log r)²`, M = 0 where (A>0 ∧ Δ>δ_high) or (A<0 ∧ Δ<−δ_low)',

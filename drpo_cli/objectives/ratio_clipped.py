@@ -90,7 +90,8 @@ def _w_ppo_clip(logp, anchor, adv, *, eps_low, eps_high, dual_clip):
     settings={"eps_low": eps_low(0.2), "eps_high": eps_high(0.28),
               "dual_clip": Setting(None, Bound(lambda v: v > 1, "> 1 (e.g. 3)"), "Dual-clip c > 1 of {}.", order=5,
                                    library_text="> 1 (or None for off)")},
-    metrics=("ppo_clip/clip_frac", "ppo_clip/dropped_pos_adv_frac"), zeroing="ppo_clip/clip_frac",
+    metrics={"clipped": "ppo_clip/clip_frac", "A > 0 among clipped": "ppo_clip/dropped_pos_adv_frac"},
+    zeroing="ppo_clip/clip_frac",
     doc=LossDoc(
     paper=('PPO, arXiv 1707.06347 Eq. 7; clip-higher from DAPO (arXiv 2503.14476); dual clip from arXiv '
            '1912.09729'),
@@ -131,7 +132,9 @@ def _w_spo(logp, anchor, adv, *, eps):
 
 
 @register_loss("spo", rank=3, weight=_w_spo, settings={"eps": Setting(0.2, POSITIVE, "ε of {}.", order=2)},
-               weight_stats=True, doc=LossDoc(
+               weight_stats=True, metrics={"corrective (w<0)": "weight/spo_corrective_frac",
+                                                   "attenuated (w<0.5)": "weight/spo_attenuated_frac"},
+               doc=LossDoc(
     paper='Simple Policy Optimization, arXiv 2401.16025',
     loss='`−A·r + abs(A)·(r−1)²/(2ε)`',
     weight='`1 − sign(A·(r−1))·abs(r−1)/ε` (unbounded as μ→0)',
@@ -164,7 +167,7 @@ def _w_cispo(logp, anchor, adv, *, eps_low, eps_high):
 
 
 @register_loss("cispo", rank=8, weight=_w_cispo, settings={"eps_low": eps_low(None), "eps_high": eps_high(4.0)},
-               reinforce=True, metrics=("cispo/clip_frac",), doc=LossDoc(
+               reinforce=True, metrics={"weight clipped": "cispo/clip_frac"}, doc=LossDoc(
     paper='CISPO, MiniMax-M1 arXiv 2506.13585 §3.1',
     loss='`−sg(clip(r, 1−ε_low, 1+ε_high))·A·logπ`',
     weight='`clip(r)/r`',
@@ -209,7 +212,7 @@ def _topr_effects(hp, logp, anchor, adv, seq, selected):
     return {"topr/truncated_frac": fraction((adv < 0) & (log_ratio(logp, anchor) > 0), logp.numel())}
 
 
-@register_loss("topr", rank=11, weight=_w_topr, reinforce=True, metrics=("topr/truncated_frac",),
+@register_loss("topr", rank=11, weight=_w_topr, reinforce=True, metrics={"truncated": "topr/truncated_frac"},
                effects=_topr_effects, effect_metrics=("topr/truncated_frac",), doc=LossDoc(
     paper='TOPR, arXiv 2503.14286 Eq. 8',
     loss='A>0: `−A·logπ`; A≤0: `−sg(clip(r, 0, 1))·A·logπ`',
@@ -256,7 +259,7 @@ def _kimi15_effects(hp, logp, anchor, adv, seq, selected):
 
 
 @register_loss("kimi15", rank=12, weight=_w_reinforce, settings={"tau": tau(0.1)}, penalty=_g_kimi15,
-               reinforce=True, metrics=("kimi15/corrective_frac",), effects=_kimi15_effects,
+               reinforce=True, metrics={"corrective": "kimi15/corrective_frac"}, effects=_kimi15_effects,
                effect_metrics=("kimi15/corrective_frac",), doc=LossDoc(
     paper='Kimi k1.5, arXiv 2501.12599 Eq. 3',
     loss='`−A·logπ + (τ/2)·(log r)²`',
@@ -342,7 +345,7 @@ def _w_clip_cov(logp, anchor, adv, *, selected, eps_low, eps_high, cov_ratio, co
     settings={"eps_low": eps_low(0.2), "eps_high": eps_high(0.2), "cov_ratio": cov_ratio(2e-4),
               "cov_lb": Setting(1.0, None, "Lower covariance bound of a selected candidate of {}.", order=17),
               "cov_ub": Setting(5.0, None, "Upper covariance bound of a selected candidate of {}.", order=18)},
-    metrics=("clip_cov/selected_frac",), effects=_selection_effects("clip-cov"),
+    metrics={"selected": "clip_cov/selected_frac"}, effects=_selection_effects("clip-cov"),
     effect_metrics=("clip_cov/selected_frac",), doc=LossDoc(
     paper='Clip-Cov, arXiv 2505.22617 (batch-level)',
     loss=("ppo-clip's loss, 0 on a random `cov_ratio` share of the unclipped tokens with `cov_lb < cov_t "
@@ -384,7 +387,7 @@ def _g_kl_cov(logp, anchor, adv, *, selected, cov_ratio, cov_kl_coef):
     settings={"cov_ratio": cov_ratio(2e-4),
               "cov_kl_coef": Setting(0.1, NON_NEGATIVE, "|log r| penalty coefficient on the selected tokens of {}.",
                                      order=19)},
-    metrics=("kl_cov/selected_frac",), effects=_selection_effects("kl-cov"),
+    metrics={"selected": "kl_cov/selected_frac"}, effects=_selection_effects("kl-cov"),
     effect_metrics=("kl_cov/selected_frac",), doc=LossDoc(
     paper='KL-Cov, arXiv 2505.22617 (batch-level)',
     loss='`−A·r`, plus `c·abs(log r)` on the `cov_ratio` share of tokens with the largest cov_t',

@@ -85,7 +85,8 @@ class LossSpec:
     one), "sequence" −(s_i/n_i)·Σ_{t∈i} A_t·w_t (GSPO), "geometric" −(s_i/n_i)·(Σ_{t∈i} A_t)·w_u (GMPO);
     `seq_ratio` gives s_i. `reinforce`: the value is in REINFORCE form (−c·A·logπ with a detached c,
     e.g. cispo), so at π = μ it is −A·logπ, not −A.
-    Reports: `metrics` are the loss's metric names (every one in metrics.INSPECT_MODEL_METRICS);
+    Reports: `metrics` maps the labels of `drpo inspect`'s loss table to the loss's metric names (every
+    one in metrics.INSPECT_MODEL_METRICS);
     `zeroing` the one counting the tokens whose w is 0; `weight_stats`: its weight distribution is
     reported as weight/<name>_*; `effects(hp, logp, anchor, adv, seq, selected)` -> {metric: (hits,
     total)} for the metrics `effect_metrics`.
@@ -102,11 +103,11 @@ class LossSpec:
     penalty: Callable[..., Any] | None = None
     seq_ratio: Callable[..., Any] | None = None
     reinforce: bool = False
-    metrics: tuple[str, ...] = ()
+    metrics: Mapping[str, str] = field(default_factory=dict)
     zeroing: str | None = None
     weight_stats: bool = False
     effects: Callable[..., dict] | None = None
-    effect_metrics: tuple[str, ...] = field(default=())
+    effect_metrics: tuple[str, ...] = ()
 
     @property
     def defaults(self) -> dict[str, float | None]:

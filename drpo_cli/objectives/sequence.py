@@ -72,7 +72,9 @@ def _gspo_ratio(logp, anchor, adv, seq, valid, **hp):
 @register_loss(
     "gspo", rank=7, weight=_w_gspo, settings={"eps_low": eps_low(3e-4), "eps_high": eps_high(4e-4)},
     level="sequence", contract="sequence", seq_ratio=_gspo_ratio,
-    metrics=("gspo/clip_frac", "gspo/seq_clip_frac", "gspo/dropped_pos_adv_frac"), doc=LossDoc(
+    metrics={"clipped": "gspo/clip_frac", "clipped sequences": "gspo/seq_clip_frac",
+             "A > 0 among clipped": "gspo/dropped_pos_adv_frac"},
+    doc=LossDoc(
     paper='GSPO, arXiv 2507.18071 Eq. 5 (sequence-level)',
     loss=('per sequence i, on each of its trained tokens: `max(−A·s_i, −A·clip(s_i, 1−ε_low, 1+ε_high))`,'
           ' `s_i = exp(mean_{t∈i} log r_t)`'),
@@ -143,7 +145,7 @@ def _gmpo_effects(hp, logp, anchor, adv, seq, selected):
 @register_loss(
     "gmpo", rank=10, weight=_w_gmpo, settings={"eps_low": eps_low(0.4), "eps_high": eps_high(0.4)},
     level="sequence", contract="geometric", seq_ratio=gmpo_ratio,
-    metrics=("gmpo/clip_frac", "gmpo/seq_clip_frac"), effects=_gmpo_effects,
+    metrics={"clipped": "gmpo/clip_frac", "clipped sequences": "gmpo/seq_clip_frac"}, effects=_gmpo_effects,
     effect_metrics=("gmpo/clip_frac", "gmpo/seq_clip_frac"), doc=LossDoc(
     paper='GMPO, arXiv 2507.20673 (sequence-level)',
     loss=('per sequence: `−Ā_i·exp(mean_{t∈i} x_t)`, x_t = log r_t clipped to [−ε_low, ε_high] only in '
@@ -222,7 +224,9 @@ def _vespo_effects(hp, logp, anchor, adv, seq, selected):
               "lambda_pos": Setting(3.0, POSITIVE, "Decay λ where A ≥ 0 of {}.", order=13),
               "k_neg": Setting(3.0, NON_NEGATIVE, "Power k where A < 0 of {}.", order=14),
               "lambda_neg": Setting(2.0, POSITIVE, "Decay λ where A < 0 of {}.", order=15)},
-    metrics=("vespo/attenuated_frac", "vespo/seq_attenuated_frac"), effects=_vespo_effects,
+    metrics={"attenuated (φ<0.5)": "vespo/attenuated_frac",
+             "attenuated sequences": "vespo/seq_attenuated_frac"},
+    effects=_vespo_effects,
     effect_metrics=("vespo/attenuated_frac", "vespo/seq_attenuated_frac"), doc=LossDoc(
     paper='VESPO, arXiv 2602.10693 (sequence-level weight)',
     loss='`−φ(w_i)·A·logπ`, `φ(w) = e^λ·w^k·e^(−λw)`, w_i = Π_{t∈i} r_t (log clamped to [log 1e-8, 20])',

@@ -27,6 +27,7 @@ def _w_sapo(logp, anchor, adv, *, tau_pos, tau_neg):
 
 @register_loss(
     "sapo", rank=9, weight=_w_sapo, weight_stats=True,
+    metrics={"attenuated (w<0.5)": "weight/sapo_attenuated_frac"},
     settings={"tau_pos": Setting(1.0, POSITIVE, "Gate temperature where A > 0 of {}.", order=7),
               "tau_neg": Setting(1.05, POSITIVE, "Gate temperature where A ≤ 0 of {}.", order=8)},
     doc=LossDoc(
