@@ -58,7 +58,7 @@ PANELS = INPUTS, OUTPUTS, LOSS, CORRECTIONS_PANEL, PENALTIES, DATA, OPTIMIZER, H
 
 def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (), panel: str | None = None,
            choices: tuple[str, ...] | None = None, cli: Any = None, parse: Any = None,
-           bound: tuple[Any, str] | None = None, argument: bool = False, hparam: bool = False,
+           bound: Bound | None = None, argument: bool = False, hparam: bool = False,
            command_line: bool = True, minimum: int | None = None, repr: bool = True,
            file: bool = True, checked_if: Any = None) -> Any:
     """A config field that is also a command-line option (drpo_cli.cli derives the Typer parameter).

@@ -166,6 +166,20 @@ def test_each_declared_bound_is_what_validate_checks(cls, tmp_path):
         assert f"{option_flags(f)[0]} must be {text}, got {bad}" in problems, (f.name, bad, problems)
 
 
+def test_options_both_commands_take_agree_but_for_their_wording():
+    # A name in both configs is one option: same type, default, choices, bound and flags; only the help
+    # (what the command does with it) and the panel may differ. rollouts and model differ on purpose.
+    hints = typing.get_type_hints(TrainConfig), typing.get_type_hints(InspectConfig)
+    train = {f.name: f for f in fields(TrainConfig)}
+    shared = [f for f in fields(InspectConfig) if f.name in train and f.name not in ("rollouts", "model")]
+    assert len(shared) >= 25
+    for f in shared:
+        g = train[f.name]
+        assert (hints[0][f.name], g.default) == (hints[1][f.name], f.default), f.name
+        for key in ("choices", "bound", "flags", "cli", "parse", "minimum", "command_line"):
+            assert g.metadata[key] == f.metadata[key], (f.name, key)
+
+
 def test_loss_registry_and_options_share_one_table():
     # The registry's losses, in order, are the table's; each loss function takes exactly its table entry.
     assert tuple(catalog.LOSSES) == LOSS_NAMES and catalog.DEFAULTS == LOSS_HPARAMS

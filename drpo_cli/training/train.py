@@ -561,7 +561,7 @@ def _step_corrections(cfg: TrainConfig, rows: RolloutRows, local: np.ndarray, rh
     Fractions are of the step's trained tokens and sequences before rejection: `reject/*` (--reject),
     `veto/token_frac` (tokens with ρ below the veto threshold), `veto/seq_frac` (sequences vetoed).
     --is-batch-norm: the weights divided by their mean over the step's trained tokens (sequences at a
-    sequence --is-level), summed exactly (losses.weight_sum_parts), so for the same weights the factor
+    sequence --is-level), summed exactly (corrections.weight_sum_parts), so for the same weights the factor
     `is/batch_norm_factor` does not depend on micro-batch size or world size.
     """
     if len(flags) == 1 and not cfg.is_batch_norm:  # no rejection, no veto, no normalisation
