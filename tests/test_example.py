@@ -150,10 +150,10 @@ def test_tokenizer_roundtrip():
 
 
 def test_example_validates():
-    from drpo_cli.rollouts import schema
+    from drpo_cli.rollouts import files, validate
 
-    source = schema.open_rollouts([TOY / "rollouts.arrow"])
-    assert schema.validate_rollouts(source) == []
+    source = files.open_rollouts([TOY / "rollouts.arrow"])
+    assert validate.validate_rollouts(source) == []
 
 
 def digest(path: Path) -> dict[str, str]:

@@ -241,7 +241,7 @@ def test_column_rename(tmp_path):
 
 def test_data_audit_merge_equals_one_pass(tmp_path):
     from drpo_cli.audit.inspect_data import DataAudit
-    from drpo_cli.rollouts.schema import open_rollouts
+    from drpo_cli.rollouts.files import open_rollouts
 
     big = pa.concat_tables([valid_rollout_table()] * 5)
     path = write_rollout_table(big, tmp_path / "r.arrow", fmt="stream", max_chunksize=3)  # 7 batches

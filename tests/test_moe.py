@@ -25,9 +25,10 @@ from drpo_cli.cli import app
 from drpo_cli.model import checkpoint, moe
 from drpo_cli.model.batching import plan_micro_batches
 from drpo_cli.model.logprobs import token_logprobs
+from drpo_cli.rollouts.files import open_rollouts
 from drpo_cli.rollouts.routing import routed_experts_from_vllm
 from drpo_cli.rollouts.rows import load_rows
-from drpo_cli.rollouts.schema import open_rollouts, validate_rollouts
+from drpo_cli.rollouts.validate import validate_rollouts
 from drpo_cli.rollouts.writer import RolloutWriter
 
 V = 64

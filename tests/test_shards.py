@@ -1,4 +1,4 @@
-"""Each rank reads only its share of the rows (schema.Shard), with the merges of one process; model-mode
+"""Each rank reads only its share of the rows (files.Shard), with the merges of one process; model-mode
 inspect streams record batches with the results of holding every row.
 
 Ranks are simulated in one process by threads whose `exchange` is an all-gather through a barrier
@@ -24,9 +24,10 @@ from test_distributed import (  # noqa: F401
     without_per_batch_whatifs,
 )
 
-from drpo_cli.rollouts import schema
+from drpo_cli.rollouts import files
+from drpo_cli.rollouts.files import Shard, open_rollouts
 from drpo_cli.rollouts.rows import load_rows
-from drpo_cli.rollouts.schema import Shard, open_rollouts, validate_rollouts
+from drpo_cli.rollouts.validate import validate_rollouts
 
 
 class Group:
@@ -157,7 +158,7 @@ def test_sharded_load_holds_a_share_with_global_group_advantages(two_files, adv_
 def test_streamed_model_inspect_equals_holding_every_row(toy, tmp_path, monkeypatch):  # noqa: F811
     common = [str(toy / "rollouts.arrow"), "--model", str(toy / "model"), *INSPECT_ARGS]
     one_process("inspect", *common, "--json", str(tmp_path / "whole.json"))
-    monkeypatch.setattr(schema, "BATCH_ROWS", 5)  # 13 streamed batches instead of one
+    monkeypatch.setattr(files, "BATCH_ROWS", 5)  # 13 streamed batches instead of one
     one_process("inspect", *common, "--json", str(tmp_path / "streamed.json"))
     whole, streamed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("whole", "streamed"))
     assert whole["model"]["tokens"] == streamed["model"]["tokens"] > 0

@@ -291,7 +291,7 @@ def test_train_with_max_lag_equals_the_file_with_those_tokens_masked(toy_files, 
 def test_sharded_load_and_filter_equal_one_process(tmp_path):
     from test_shards import Group
 
-    from drpo_cli.rollouts.schema import Shard, open_rollouts
+    from drpo_cli.rollouts.files import Shard, open_rollouts
 
     rollouts = toy_table(rows=40)
     path = write_rollout_table(rollouts, tmp_path / "r.arrow", max_chunksize=16)

@@ -39,6 +39,7 @@ from drpo_cli.reports.report_format import (
     validate_report,
     write_report,
 )
+from drpo_cli.rollouts.files import RolloutSource, SourceBatch, open_rollouts
 from drpo_cli.rollouts.rows import (
     Context,
     context_problem,
@@ -50,18 +51,8 @@ from drpo_cli.rollouts.rows import (
     too_stale,
     version_range,
 )
-from drpo_cli.rollouts.schema import (
-    EMPTY_RESPONSE,
-    NULL_VALUE,
-    REQUIRED,
-    ROW_RULES,
-    Problem,
-    RolloutSource,
-    SourceBatch,
-    file_problems,
-    length_problem,
-    open_rollouts,
-)
+from drpo_cli.rollouts.schema import EMPTY_RESPONSE, NULL_VALUE, REQUIRED, ROW_RULES, Problem, length_problem
+from drpo_cli.rollouts.validate import file_problems
 
 RARE_MU = 0.01  # "rare sampled token": μ ≤ 0.01 (SPEC.md §2)
 LOG_RARE_MU = math.log(RARE_MU)
@@ -75,7 +66,7 @@ Progress = Callable[..., None]  # (phase, advance, total | None), e.g. the CLI's
 def _list_parts(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
     """(offsets (n+1,) from 0, flat values of exactly these rows) of a possibly sliced list array.
 
-    `ListArray.values` ignores a slice's offset (schema.py slices large batches zero-copy), so the
+    `ListArray.values` ignores a slice's offset (files.py slices large batches zero-copy), so the
     values are cut to the offsets' range here; nothing is copied.
     """
     off = arr.offsets.to_numpy().astype(np.int64)  # (n+1,)
@@ -483,7 +474,7 @@ class DataAudit:
     def _duplicates_across(self, exchange, examples: int = 5) -> dict:
         """duplicates() over every rank's ids: 8-byte hashes go to every rank, then only the ids whose
         hash repeats (the candidates) are gathered and counted exactly."""
-        from drpo_cli.rollouts.schema import hash_strings
+        from drpo_cli.rollouts.validate import hash_strings
 
         ids = pa.chunked_array(self.sample_ids, type=pa.string()).combine_chunks()
         mine = hash_strings(ids)  # (n,)
@@ -732,7 +723,7 @@ def advantage_source(columns) -> str | None:
 
 
 def check_source(source: RolloutSource) -> None:
-    """Schema-level checks before streaming (schema.file_problems): InputError listing them all."""
+    """Schema-level checks before streaming (validate.file_problems): InputError listing them all."""
     problems = file_problems(source)
     if problems:
         raise InputError(str(problems[0]), details=[str(p) for p in problems[1:]])
@@ -910,7 +901,7 @@ def run_inspect(cfg: InspectConfig, progress: Progress | None = None, per_token_
 
 def _join_ranks(cfg: InspectConfig, source: RolloutSource):
     """Under torchrun: join the process group (the model's device in model mode, else gloo on the
-    CPU) and return this rank's share of the rows (schema.Shard); None in one process."""
+    CPU) and return this rank's share of the rows (files.Shard); None in one process."""
     from drpo_cli.base.launch import launched
 
     if not launched():

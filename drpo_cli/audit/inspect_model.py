@@ -107,6 +107,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     from drpo_cli.model import distributed, moe
     from drpo_cli.model.checkpoint import load_model
     from drpo_cli.model.logprobs import pick_device
+    from drpo_cli.rollouts.files import RolloutSource, Shard
     from drpo_cli.rollouts.rows import (
         file_temperature,
         group_advantage_table,
@@ -114,7 +115,6 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
         staleness_filter,
         too_stale,
     )
-    from drpo_cli.rollouts.schema import RolloutSource, Shard
 
     start = time.perf_counter()
     spec, routing_note = moe.plan_routing(cfg.model, source.columns(), replay=cfg.replay_routing,
@@ -302,8 +302,8 @@ class _RowPlan:
 
     @classmethod
     def read(cls, source, piece_rows: int, temperature: float | None) -> _RowPlan:
+        from drpo_cli.rollouts.files import Shard
         from drpo_cli.rollouts.rows import file_temperature, version_range
-        from drpo_cli.rollouts.schema import Shard
 
         parts: dict[str, list] = {k: [] for k in ("oldest", "newest", "temperature", "trained", "tokens", "piece",
                                                   "start")}

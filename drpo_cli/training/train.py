@@ -80,6 +80,7 @@ from drpo_cli.reports.report_format import (
     print_train_summary,
     train_report_json,
 )
+from drpo_cli.rollouts.files import open_rollouts
 from drpo_cli.rollouts.rows import (
     Context,
     RolloutRows,
@@ -89,7 +90,6 @@ from drpo_cli.rollouts.rows import (
     load_rows,
     staleness_filter,
 )
-from drpo_cli.rollouts.schema import open_rollouts
 from drpo_cli.training.resume import load_state, save_state
 
 REPORT_NAME = "drpo_report.json"
@@ -180,7 +180,7 @@ def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console:
     torch.manual_seed(cfg.seed)
 
     # ---- rows (minus the too stale ones), reference log-probs, model ----
-    # Under torchrun each rank loads only its share of the rows (schema.Shard); `local_of` maps a
+    # Under torchrun each rank loads only its share of the rows (files.Shard); `local_of` maps a
     # row's index among all kept rows to this rank's copy of it (−1: another rank's).
     rows, staleness, truncation, local_of, totals = _load_share(cfg, in_version, context)
     if totals["rows"] < cfg.minibatches:
@@ -599,7 +599,7 @@ def _load_share(cfg: TrainConfig, in_version: int | None, context: Context | Non
     counts (rollouts.fit_context; None without --truncate), local_of, global totals).
 
     In one process the rows are all of them and local_of is the identity. Under torchrun each rank
-    loads its share (schema.Shard) and local_of (N,) maps each kept row's index among all N kept rows,
+    loads its share (files.Shard) and local_of (N,) maps each kept row's index among all N kept rows,
     in file order, to this rank's copy (−1 where another rank holds it), so every rank draws the
     same mini-batches as one process and trains the rows of them it holds.
     """
