@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, set[str]]] = [
 ]
 LEVEL = {part: i for i, (_, parts) in enumerate(LAYERS) for part in parts}
 TORCH_FREE = ("base/errors", "base/hooks", "base/launch", "base/outputs", "base/value_table", "rollouts/schema",
-              "rollouts/files", "rollouts/validate", "rollouts/rows", "rollouts/writer", "rollouts/routing", "objectives/loss_options",
+              "rollouts/files", "rollouts/validate", "rollouts/rules", "rollouts/rows", "rollouts/writer", "rollouts/routing", "objectives/loss_options",
               "reports/options_doc")
 
 

@@ -370,7 +370,7 @@ def test_malformed_tables_never_give_a_traceback(tmp_path, table_fmt):
                                                                     "proximal length", "positive proximal log-prob")])
 def test_the_audit_applies_the_same_rule_with_the_same_message(tmp_path, case):
     """inspect's streaming audit stops at the first problem; drpo validate lists them all. Both name the
-    same column and row, and the same expectation (schema.ROW_RULES), for every row rule."""
+    same column and row, and the same expectation (rules.ROW_RULES), for every row rule."""
     import re
 
     from drpo_cli.audit.inspect_data import DataAudit

@@ -51,7 +51,15 @@ from drpo_cli.rollouts.rows import (
     too_stale,
     version_range,
 )
-from drpo_cli.rollouts.schema import EMPTY_RESPONSE, NULL_VALUE, REQUIRED, ROW_RULES, Problem, length_problem
+from drpo_cli.rollouts.rules import (
+    EMPTY_RESPONSE,
+    NULL_VALUE,
+    ROW_RULES,
+    RuleBreak,
+    length_problem,
+    rule_breaks,
+)
+from drpo_cli.rollouts.schema import REQUIRED, Problem
 from drpo_cli.rollouts.validate import file_problems
 
 RARE_MU = 0.01  # "rare sampled token": μ ≤ 0.01 (SPEC.md §2)
@@ -212,12 +220,17 @@ class DataAudit:
         b = sb.batch
         if "policy_version" not in b.schema.names and "token_policy_versions" not in b.schema.names:
             return sb
+        off, _ = _list_parts(b.column("response_ids"))  # (n+1,)
         per_token = "token_policy_versions" in b.schema.names
+        if per_token:
+            check_rows(sb, off, VERSION_COLUMNS)
+        else:  # the rows' versions first: a batch with none too stale goes on to update() unchanged
+            raise_first_break(sb, ("policy_version",))
         drop = None if per_token else too_stale(_row_versions(sb), current, max_lag=max_lag, min_version=min_version)
         if drop is not None and not drop.any():
             return sb
-        off, _ = _list_parts(b.column("response_ids"))  # (n+1,)
-        check_batch(sb, off, np.diff(off))
+        if not per_token:
+            check_batch(sb, off, np.diff(off))
         mask = _loss_mask(sb, off)  # (T,)
         if drop is None:
             tv, _, newest = _versions(sb, off, mask)
@@ -280,24 +293,17 @@ class DataAudit:
         n = b.num_rows
         off, ids = _list_parts(b.column("response_ids"))  # (n+1,), (T,)
         lengths = np.diff(off)  # (n,)
-        check_batch(sb, off, lengths)
-        lp_off, lp_vals = _list_parts(b.column("behavior_logprobs"))
-        _check_same_lengths(sb, "behavior_logprobs", lp_off, lengths)
-        logmu = lp_vals.fill_null(math.nan).to_numpy(zero_copy_only=False)  # (T,) float32
-        mask = None
+        source = advantage_source(cols)
+        check_rows(sb, off, audited_columns(source),
+                   {"advantage": math.nan, "reward": math.nan, "temperature": default_temperature})
+        logmu = _list_parts(b.column("behavior_logprobs"))[1].fill_null(math.nan).to_numpy(zero_copy_only=False)
+        mask = None  # (T,) bool
         if "loss_mask" in cols:
-            m_off, m_vals = _list_parts(b.column("loss_mask"))
-            _check_same_lengths(sb, "loss_mask", m_off, lengths)
-            mask = m_vals.fill_null(False).to_numpy(zero_copy_only=False)  # (T,) bool
+            mask = _list_parts(b.column("loss_mask"))[1].fill_null(False).to_numpy(zero_copy_only=False)
         row_masked = lengths if mask is None else _row_sums(mask, off)  # (n,) masked tokens per row
         lm = logmu if mask is None else logmu[mask]  # (M,) masked behavior log-probs
-        _apply_rule(sb, "behavior_logprobs", lm, off, mask)
         ids_np = ids.to_numpy(zero_copy_only=False)  # (T,) int64
-        _apply_rule(sb, "response_ids", ids_np, off, None)
-        p_off, p_vals = _list_parts(b.column("prompt_ids"))
-        p_min = pc.min(p_vals).as_py()
-        if p_min is not None and p_min < 0:  # (the minimum first: no copy of the prompts when none is negative)
-            _apply_rule(sb, "prompt_ids", p_vals.to_numpy(zero_copy_only=False), p_off, None)
+        p_off = _list_parts(b.column("prompt_ids"))[0]
 
         self.rows += n
         self.response_tokens += int(off[-1])
@@ -320,7 +326,7 @@ class DataAudit:
             per_row[:, 4] = _row_sums(trained & (logmu <= LOG_RARE_MU), off)
             for name, table in self.by.items():
                 table.add(codes[name], per_row)
-        self._update_advantage(sb, cols, off, lengths, mask, row_masked, codes)
+        self._update_advantage(sb, source, lengths, mask, row_masked, codes)
         # Lags per token: a row counts at its oldest trained token's version, each trained token at its own.
         if "token_policy_versions" in cols:
             tv, oldest, _ = _versions(sb, off, np.ones(len(logmu), dtype=bool) if mask is None else mask)  # (T,), (n,)
@@ -333,23 +339,18 @@ class DataAudit:
                 inverse, weights=row_masked).astype(np.int64).tolist())))
         temps = (b.column("temperature").fill_null(default_temperature).to_numpy(zero_copy_only=False)
                  if "temperature" in cols else np.full(n, default_temperature, dtype=np.float32))
-        _apply_rule(sb, "temperature", temps)
         t_uniq, t_counts = np.unique(temps, return_counts=True)
         self.temperature_rows.update(dict(zip(t_uniq.tolist(), t_counts.tolist())))
         if "sample_id" in cols:
             self.sample_ids.append(pa.concat_arrays([b.column("sample_id").drop_null()]))  # own copy
         return n, m_total
 
-    def _update_advantage(self, sb, cols, off, lengths, mask, row_masked, codes: dict) -> None:
+    def _update_advantage(self, sb, source, lengths, mask, row_masked, codes: dict) -> None:
         b = sb.batch
-        source = advantage_source(cols)
         self.adv_sources.add(source)
         if source == "advantages":
-            a_off, a_vals = _list_parts(b.column("advantages"))
-            _check_same_lengths(sb, "advantages", a_off, lengths)
-            adv = a_vals.fill_null(math.nan).to_numpy(zero_copy_only=False)  # (T,)
+            adv = _list_parts(b.column("advantages"))[1].fill_null(math.nan).to_numpy(zero_copy_only=False)  # (T,)
             am = adv if mask is None else adv[mask]  # (M,)
-            _apply_rule(sb, "advantages", am, off, mask)
             self.adv.add(am)
             zero = am == 0  # (M,)
             self.zero_adv_tokens += int(np.count_nonzero(zero))
@@ -364,9 +365,6 @@ class DataAudit:
             return
         reward = _scalar(sb, "reward")  # (n,)
         group = b.column("group_id")
-        if group.null_count:
-            _raise_row(sb, "group_id", int(np.flatnonzero(group.is_null().to_numpy(zero_copy_only=False))[0]),
-                       "a group id with every reward", "null")
         self.reward.add(reward)
         self.group_ids.append(pa.concat_arrays([group]))
         self.group_rewards.append(reward)
@@ -589,13 +587,6 @@ def _raise_row(sb: SourceBatch, column: str, r: int, expected: str, found) -> No
                                  _sample_id(sb, r))))
 
 
-def _raise_token(sb, column, off, mask, k: int, expected: str, found) -> None:
-    """Raise for the k-th (masked, when mask is given) token of the batch."""
-    flat = int(np.flatnonzero(mask)[k]) if mask is not None else k
-    r = int(np.searchsorted(off, flat, "right") - 1)
-    _raise_row(sb, column, r, f"{expected} (token {flat - int(off[r])})", found)
-
-
 def check_batch(sb: SourceBatch, off: np.ndarray, lengths: np.ndarray) -> None:
     b = sb.batch
     for name in REQUIRED:
@@ -609,6 +600,56 @@ def check_batch(sb: SourceBatch, off: np.ndarray, lengths: np.ndarray) -> None:
         flat = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
         _raise_row(sb, "response_ids", int(np.searchsorted(off, flat, "right") - 1), "no null entries",
                    "a null entry")
+
+
+def audited_columns(source: str) -> list[str]:
+    """The columns whose row rules the audit holds a batch to: all but the advantage columns the file's
+    advantage source leaves unread (advantage_source)."""
+    unread = {"advantages", "advantage", "reward"} - set(source.split("+"))
+    return [c for c in ROW_RULES if c not in unread]
+
+
+def check_rows(sb: SourceBatch, off: np.ndarray, columns, nulls: dict[str, float] | None = None) -> None:
+    """The audit's checks of `columns` in one batch, raising the first problem as one line: nulls and empty
+    responses (check_batch), then column by column in ROW_RULES' order its length (a per-token column's)
+    and its rule (rules.rule_breaks, the walk drpo validate lists every break of); loss_mask's length
+    right after behavior_logprobs', which its rule reads it with."""
+    b = sb.batch
+    names = set(b.schema.names)
+    lengths = np.diff(off)  # (n,)
+    check_batch(sb, off, lengths)
+    for name in ("behavior_logprobs", "loss_mask"):
+        if name in names and (name in columns or name == "loss_mask"):
+            _check_same_lengths(sb, name, _list_parts(b.column(name))[0], lengths)
+    breaks = {br.column: br for br in rule_breaks(b, nulls=nulls, columns=columns)}
+    for name in ROW_RULES:
+        if name not in columns:
+            continue
+        if name in ("advantages", "token_policy_versions", "proximal_logprobs") and name in names:
+            _check_same_lengths(sb, name, _list_parts(b.column(name))[0], lengths)
+        if name in breaks:
+            _raise_break(sb, breaks[name])
+        if name == "reward" and b.column("group_id").null_count:
+            group = b.column("group_id")
+            _raise_row(sb, "group_id", int(np.flatnonzero(group.is_null().to_numpy(zero_copy_only=False))[0]),
+                       "a group id with every reward", "null")
+
+
+def raise_first_break(sb: SourceBatch, columns) -> None:
+    """Raise for the first value of `columns` that breaks its rule (rules.rule_breaks), if any."""
+    br = next(rule_breaks(sb.batch, columns=columns), None)
+    if br is not None:
+        _raise_break(sb, br)
+
+
+def _raise_break(sb: SourceBatch, br: RuleBreak) -> None:
+    """Raise for the first row of a rule break: its first offending token, or its value (a null, named so)."""
+    r = int(br.rows[0])
+    if br.tokens is not None:
+        _raise_row(sb, br.column, r, f"{br.rule.expected} (token {int(br.tokens[0])})", br.values[0])
+    if sb.batch.column(br.column)[r].as_py() is None:
+        _raise_row(sb, br.column, r, *NULL_VALUE)
+    _raise_row(sb, br.column, r, br.rule.expected, br.values[0])
 
 
 def _loss_mask(sb: SourceBatch, off: np.ndarray) -> np.ndarray:
@@ -639,22 +680,19 @@ def _row_versions(sb: SourceBatch) -> np.ndarray:
     b = sb.batch
     pv = (b.column("policy_version").fill_null(-1).to_numpy() if "policy_version" in b.schema.names
           else np.full(b.num_rows, -1, dtype=np.int64))  # (n,)
-    _apply_rule(sb, "policy_version", pv)
     return pv
 
 
 def _versions(sb: SourceBatch, off: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(token versions (T,), oldest (n,), newest (n,) trained token's version) of the batch (rollouts.version_range):
-    token_policy_versions where the file has it, else each row's policy_version; checked as validate does."""
+    token_policy_versions where the file has it, else each row's policy_version (check_rows checks them first)."""
     b = sb.batch
     pv = _row_versions(sb)  # (n,)
     if "token_policy_versions" not in b.schema.names:
         tv = np.repeat(pv, np.diff(off))
     else:
-        v_off, v_vals = _list_parts(b.column("token_policy_versions"))
-        _check_same_lengths(sb, "token_policy_versions", v_off, np.diff(off))
+        v_vals = _list_parts(b.column("token_policy_versions"))[1]
         tv = v_vals.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)  # (T,)
-        _apply_rule(sb, "token_policy_versions", tv[mask], off, mask)
     oldest, newest = version_range(tv, mask, off, pv)
     return tv, oldest, newest
 
@@ -670,28 +708,7 @@ def _check_same_lengths(sb: SourceBatch, column: str, other_off: np.ndarray, len
 
 
 def _scalar(sb: SourceBatch, column: str) -> np.ndarray:
-    values = sb.batch.column(column).fill_null(math.nan).to_numpy(zero_copy_only=False)  # (n,)
-    bad = ROW_RULES[column].bad(values)
-    if bad.any():
-        r = int(np.flatnonzero(bad)[0])
-        if sb.batch.column(column)[r].as_py() is None:
-            _raise_row(sb, column, r, *NULL_VALUE)
-        _raise_row(sb, column, r, ROW_RULES[column].expected, values[r])
-    return values
-
-
-def _apply_rule(sb: SourceBatch, column: str, values: np.ndarray, off: np.ndarray | None = None,
-                mask: np.ndarray | None = None) -> None:
-    """Raise for the first value breaking the column's rule (schema.ROW_RULES): per row without `off`,
-    else per token (`values` are the masked tokens when `mask` is given)."""
-    rule = ROW_RULES[column]
-    bad = rule.bad(values)
-    if not bad.any():
-        return
-    k = int(np.flatnonzero(bad)[0])
-    if off is None:
-        _raise_row(sb, column, k, rule.expected, values[k])
-    _raise_token(sb, column, off, mask, k, rule.expected, values[k])
+    return sb.batch.column(column).fill_null(math.nan).to_numpy(zero_copy_only=False)  # (n,) (check_rows: finite)
 
 
 def _all_reduce_counter(counts: dict) -> dict:
@@ -774,6 +791,7 @@ def filter_version(source: RolloutSource, cfg: InspectConfig) -> int | None:
         if "token_policy_versions" in names:  # the newest trained token (the audit's checks come later)
             off, _ = _list_parts(sb.batch.column("token_policy_versions"))
             try:
+                raise_first_break(sb, VERSION_COLUMNS)
                 _, _, top = _versions(sb, off, _loss_mask(sb, off))
             except InputError:
                 continue  # the audit names the problem

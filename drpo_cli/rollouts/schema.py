@@ -1,18 +1,17 @@
-"""Rollout schema v1 (SPEC.md §3), defined once here: the columns and their types, the row rules and their
-messages, the `Problem` every check reports. No torch.
+"""Rollout schema v1 (SPEC.md §3), defined once here: the columns and their types, the metadata keys, the
+`Problem` every check reports. No torch.
 
 `COLUMNS` is the single source of truth; `schemas/rollout-v1.json` is `schema_document()` written
-out, and a test keeps the two equal. files.py opens and streams rollout files in these types and
-validate.py reports every problem at once.
+out, and a test keeps the two equal. rules.py holds the rules on the values, files.py opens and streams
+rollout files in these types and validate.py reports every problem at once.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 
 from drpo_cli.base.errors import ConfigError
@@ -83,54 +82,6 @@ REQUIRED = tuple(c.name for c in COLUMNS if c.required == "yes")
 TOKEN_COLUMNS = ("behavior_logprobs", "advantages", "loss_mask", "proximal_logprobs", "token_policy_versions")
 
 
-@dataclass(frozen=True)
-class RowRule:
-    """One rule on rollout values, the single definition `drpo validate` (every problem) and the audits of
-    inspect and train (the first problem, as they stream) both apply: which values break it, and the message."""
-
-    kind: str  # the problem kind drpo validate counts under
-    expected: str
-    bad: Callable[[np.ndarray], np.ndarray]  # values -> bool mask of the values that break the rule
-    masked: bool = False  # per-token values held to it only where loss_mask is 1
-
-
-def _not_logprob(v: np.ndarray) -> np.ndarray:
-    return ~(np.isfinite(v) & (v <= 0))
-
-
-def _not_finite(v: np.ndarray) -> np.ndarray:
-    return ~np.isfinite(v)
-
-
-def _negative(v: np.ndarray) -> np.ndarray:
-    return v < 0
-
-
-def _not_temperature(v: np.ndarray) -> np.ndarray:
-    return ~(np.isfinite(v) & (v > 0))
-
-
-ROW_RULES: dict[str, RowRule] = {
-    "behavior_logprobs": RowRule("logprob", "finite log-probs <= 0 where loss_mask is 1", _not_logprob, True),
-    "proximal_logprobs": RowRule("logprob", "finite log-probs <= 0 where loss_mask is 1", _not_logprob, True),
-    "advantages": RowRule("non-finite", "finite advantages where loss_mask is 1", _not_finite, True),
-    "token_policy_versions": RowRule("negative-version", "policy versions >= 0 where loss_mask is 1", _negative,
-                                     True),
-    "policy_version": RowRule("negative-version", "policy versions >= 0 (or null/-1 for unknown)",
-                              lambda v: v < -1),
-    "advantage": RowRule("non-finite", "a finite number", _not_finite),
-    "reward": RowRule("non-finite", "a finite number", _not_finite),
-    "temperature": RowRule("temperature", "a finite temperature > 0", _not_temperature),
-    "prompt_ids": RowRule("negative-id", "token ids >= 0", _negative),
-    "response_ids": RowRule("negative-id", "token ids >= 0", _negative),
-}
-NULL_VALUE = ("a value", "null")  # (expected, found) of a null where a value is required
-EMPTY_RESPONSE = ("at least one response token", "an empty list")
-
-
-def length_problem(reference: str, want: int, found: int) -> tuple[str, str]:
-    """(expected, found) of a per-token column whose length is not its reference column's."""
-    return f"length {want} (as {reference})", f"length {found}"
 METADATA_KEYS = {
     "drpo.schema_version": 'schema version of the file, "1"',
     "drpo.temperature": "sampling temperature of every row without a temperature column",

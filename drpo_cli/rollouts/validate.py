@@ -14,16 +14,13 @@ import pyarrow as pa
 
 from drpo_cli.base.errors import InputError
 from drpo_cli.rollouts.files import RolloutFile, RolloutSource, Shard, read_canonical
+from drpo_cli.rollouts.rules import EMPTY_RESPONSE, NULL_VALUE, ROW_RULES, length_problem, rule_breaks
 from drpo_cli.rollouts.schema import (
     COLUMN_BY_NAME,
-    EMPTY_RESPONSE,
-    NULL_VALUE,
     REQUIRED,
-    ROW_RULES,
     SCHEMA_VERSION,
     TOKEN_COLUMNS,
     Problem,
-    length_problem,
     type_name,
 )
 
@@ -179,7 +176,11 @@ _LIST_COLUMNS = ("prompt_ids", "response_ids") + TOKEN_COLUMNS
 
 
 def check_batch(path: str, offset: int, b: pa.RecordBatch, out: Problems, ids: IdHashes) -> None:
-    """Row- and token-level checks of one canonical batch."""
+    """Row- and token-level checks of one canonical batch.
+
+    The row rules come from one walk (rules.rule_breaks) and are listed where they always were: a per-token
+    rule without loss_mask (token ids) with its column's nulls, the per-row rules after the list lengths,
+    the masked per-token rules (on the rows whose tokens line up) last."""
     n = b.num_rows
     names = set(b.schema.names)
     sids = b.column("sample_id") if "sample_id" in names else None
@@ -188,92 +189,73 @@ def check_batch(path: str, offset: int, b: pa.RecordBatch, out: Problems, ids: I
         if len(rows):
             out.add_rows(kind, path, column, rows, offset, sids, expected, found)
 
-    # Nulls and list lengths. `bad` rows are left out of the token-value checks below, which
-    # need every per-token column aligned with the response.
+    # Nulls and list lengths. `bad` rows are left out of the masked rules, which need every per-token
+    # column aligned with the response.
     bad = np.zeros(n, dtype=bool)  # (n,)
     lengths: dict[str, np.ndarray] = {}
     null_rows: dict[str, np.ndarray] = {}
+    null_entries: dict[str, np.ndarray] = {}
     for name in b.schema.names:
         arr = b.column(name)
         null_rows[name] = _np(arr.is_null()) if arr.null_count else np.zeros(n, dtype=bool)
-        report("null", name, np.flatnonzero(null_rows[name]), *NULL_VALUE)
         if name not in _LIST_COLUMNS:
             continue
         bad |= null_rows[name]
         lengths[name] = _np(arr.value_lengths().fill_null(0)).astype(np.int64)  # (n,)
         flat = arr.flatten()
         if flat.null_count:
-            rows = _row_of(np.flatnonzero(_np(flat.is_null())), _offsets(lengths[name]))
-            report("null", name, np.unique(rows), "no null entries", "a null entry")
-            bad[rows] = True
-        if name in ("prompt_ids", "response_ids"):
-            neg = np.flatnonzero(ROW_RULES[name].bad(_np(flat.fill_null(0))))
-            if len(neg):
-                offs = _offsets(lengths[name])
-                rows, first = np.unique(_row_of(neg, offs), return_index=True)
-                at = dict(zip(rows.tolist(), neg[first].tolist()))
-                report(ROW_RULES[name].kind, name, rows, ROW_RULES[name].expected,
-                       lambda i, f=flat, o=offs, at=at: f"{f[at[i]].as_py()} at token {at[i] - o[i]}")
-
+            null_entries[name] = np.unique(_row_of(np.flatnonzero(_np(flat.is_null())), _offsets(lengths[name])))
+            bad[null_entries[name]] = True
     ref = next((c for c in ("response_ids",) + TOKEN_COLUMNS if c in lengths), None)
+    mismatched: dict[str, np.ndarray] = {}
+    if ref is not None:
+        for name in TOKEN_COLUMNS:
+            if name != ref and name in lengths:
+                mismatched[name] = (lengths[name] != lengths[ref]) & ~null_rows[name] & ~null_rows[ref]
+                bad |= mismatched[name]
+    breaks = {br.column: br for br in rule_breaks(b, aligned=~bad)}
+
+    def report_break(name):
+        br = breaks.get(name)
+        if br is None:
+            return
+        if br.tokens is None:
+            found = (lambda i: str(br.values[br.at(i)])) if name == "policy_version" else \
+                (lambda i: f"{br.values[br.at(i)]:.6g}")
+        elif br.rule.masked:
+            found = lambda i: f"{br.values[br.at(i)]:.6g} at token {br.tokens[br.at(i)]}"
+        else:
+            found = lambda i: f"{br.values[br.at(i)]} at token {br.tokens[br.at(i)]}"
+        report(br.rule.kind, name, br.rows, br.rule.expected, found)
+
+    for name in b.schema.names:
+        report("null", name, np.flatnonzero(null_rows[name]), *NULL_VALUE)
+        if name in null_entries:
+            report("null", name, null_entries[name], "no null entries", "a null entry")
+        if name in _LIST_COLUMNS and name in ROW_RULES and not ROW_RULES[name].masked:
+            report_break(name)
+
     if ref is not None:
         ref_len = lengths[ref]
         if ref == "response_ids":
             out.tokens += int(ref_len.sum())
             report("empty-response", ref, np.flatnonzero((ref_len == 0) & ~null_rows[ref]), *EMPTY_RESPONSE)
-        for name in TOKEN_COLUMNS:
-            if name == ref or name not in lengths:
-                continue
-            mismatch = (lengths[name] != ref_len) & ~null_rows[name] & ~null_rows[ref]
-            rows = np.flatnonzero(mismatch)
-            report("length-mismatch", name, rows, lambda i, r=ref: length_problem(r, ref_len[i], 0)[0],
+        for name, mismatch in mismatched.items():
+            report("length-mismatch", name, np.flatnonzero(mismatch),
+                   lambda i, r=ref: length_problem(r, ref_len[i], 0)[0],
                    lambda i, c=name: length_problem(ref, 0, lengths[c][i])[1])
-            bad |= mismatch
 
-    for name in ("advantage", "reward"):
-        if name in names:
-            v = _np(b.column(name).fill_null(0.0))
-            rule = ROW_RULES[name]
-            report(rule.kind, name, np.flatnonzero(rule.bad(v)), rule.expected, lambda i, v=v: f"{v[i]:.6g}")
-    if "policy_version" in names:
-        v = _np(b.column("policy_version").fill_null(-1))
-        rule = ROW_RULES["policy_version"]
-        report(rule.kind, "policy_version", np.flatnonzero(rule.bad(v)), rule.expected, lambda i, v=v: str(v[i]))
-    if "temperature" in names:
-        t = _np(b.column("temperature").fill_null(1.0))
-        rule = ROW_RULES["temperature"]
-        report(rule.kind, "temperature", np.flatnonzero(rule.bad(t)), rule.expected, lambda i: f"{t[i]:.6g}")
+    for name in ROW_RULES:
+        if name not in _LIST_COLUMNS:
+            report_break(name)
     if sids is not None:
         ids.add(sids)
     if "routed_experts" in names and {"prompt_ids", "response_ids"} <= set(lengths):
         _check_routing(b.column("routed_experts"), lengths["prompt_ids"] + lengths["response_ids"] - 1,
                        null_rows["prompt_ids"] | null_rows["response_ids"] | null_rows["routed_experts"], report)
-
-    good = np.flatnonzero(~bad)
-    if len(good) == 0:
-        return
-    g = b if len(good) == n else b.take(pa.array(good))  # aligned rows only
-    gnames = [c for c in _LIST_COLUMNS if c in names]
-    parts = {c: (_np(g.column(c).flatten()), _offsets(_np(g.column(c).value_lengths()).astype(np.int64)))
-             for c in gnames}
-
-    def report_tokens(kind, column, bad_tok, expected):
-        if not bad_tok.any():
-            return
-        values, offs = parts[column]
-        tok = np.flatnonzero(bad_tok)
-        rows, first = np.unique(_row_of(tok, offs), return_index=True)
-        first_tok = tok[first]
-        at = dict(zip(rows.tolist(), first_tok.tolist()))
-        report(kind, column, good[rows], expected,
-               lambda i: f"{values[at[_local(good, i)]]:.6g} at token {at[_local(good, i)] - offs[_local(good, i)]}")
-
-    mask = parts["loss_mask"][0] if "loss_mask" in parts else None  # (T,) bool
-    for name in ("behavior_logprobs", "proximal_logprobs", "advantages", "token_policy_versions"):
-        if name in parts:
-            rule = ROW_RULES[name]
-            bad_tok = rule.bad(parts[name][0])
-            report_tokens(rule.kind, name, bad_tok if mask is None else bad_tok & mask, rule.expected)
+    for name, rule in ROW_RULES.items():
+        if rule.masked:
+            report_break(name)
 
 
 def _check_routing(arr: pa.Array, positions: np.ndarray, skip: np.ndarray, report) -> None:
@@ -316,10 +298,6 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
 def _row_of(token_index: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Row of each flat token index, given CSR offsets."""
     return np.searchsorted(offsets, token_index, side="right") - 1
-
-
-def _local(good: np.ndarray, batch_row: int) -> int:
-    return int(np.searchsorted(good, batch_row))
 
 
 # ---- duplicate sample ids ----------------------------------------------------------------------
