@@ -240,7 +240,7 @@ def test_column_rename(tmp_path):
 
 
 def test_data_audit_merge_equals_one_pass(tmp_path):
-    from drpo_cli.audit.inspect_data import DataAudit
+    from drpo_cli.audit.data_audit import DataAudit
     from drpo_cli.rollouts.files import open_rollouts
 
     big = pa.concat_tables([valid_rollout_table()] * 5)
@@ -281,7 +281,7 @@ def combine_as_all_reduce(a, b) -> None:
 def test_every_data_audit_field_is_a_declared_statistic_or_exchanged_rows():
     from dataclasses import fields as dc_fields
 
-    from drpo_cli.audit.inspect_data import DataAudit
+    from drpo_cli.audit.data_audit import DataAudit
 
     declared = {f.name for f in dc_fields(DataAudit) if "merge" in f.metadata}
     per_row = {"sample_ids", "group_ids", "group_rewards", "group_tokens", "group_codes", "adv_sources",

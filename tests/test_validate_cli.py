@@ -373,7 +373,7 @@ def test_the_audit_applies_the_same_rule_with_the_same_message(tmp_path, case):
     same column and row, and the same expectation (rules.ROW_RULES), for every row rule."""
     import re
 
-    from drpo_cli.audit.inspect_data import DataAudit
+    from drpo_cli.audit.data_audit import DataAudit
     from drpo_cli.rollouts.files import open_rollouts
 
     replace, column, row, _ = ROW_CASES[case]
