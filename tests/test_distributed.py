@@ -648,7 +648,7 @@ def test_two_ranks_agree_on_skipping_non_finite_steps(toy, tmp_path):
 
 
 def test_a_non_finite_weight_after_an_update_is_found_in_any_ranks_shard(toy, one_rank_group):
-    from drpo_cli.training.train import _non_finite_weight
+    from drpo_cli.training.loop import _non_finite_weight
 
     model, _ = distributed.load_sharded_model(toy / "model", torch.device("cpu"))
     assert _non_finite_weight(model) is None
