@@ -82,7 +82,7 @@ def test_to_moves_tensors_and_keeps_counts():
     assert moved.num_tokens == 1 and torch.equal(moved.target_ids, torch.tensor([13]))
 
 
-def test_errors():
+def test_bad_budget_padding_side_row_index_or_empty_prompt_is_refused():
     with pytest.raises(ConfigError, match="micro_batch_tokens"):
         plan_micro_batches(ROWS, [0], 0)
     with pytest.raises(ConfigError, match="padding_side"):

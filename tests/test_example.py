@@ -118,7 +118,7 @@ def test_behavior_logprobs_match_rebuilt_older_versions(table, model):
             assert max(drift) > 0.1
 
 
-def test_reward():
+def test_toy_reward_is_the_share_of_tokens_matching_the_key():
     a, b = toytask.VOCAB["a"], toytask.VOCAB["b"]
     prompt = [toytask.BOS, toytask.KEY_MARK, a]
     assert toytask.reward(prompt, [a, a, b, a]) == 3 / 4

@@ -227,7 +227,7 @@ def test_config_lists_every_problem():
         InspectConfig(rollouts=(), tr_delta=2.0, top=-1, fail_above=("x",), device="tpu").check()
 
 
-def test_column_rename(tmp_path):
+def test_inspect_reads_a_renamed_column_through_the_column_map(tmp_path):
     table = valid_rollout_table().rename_columns(
         ["prompt_ids", "response_ids", "logprobs", "loss_mask", "reward", "group_id", "sample_id", "policy_version"])
     path = write_rollout_table(table, tmp_path / "renamed.arrow")

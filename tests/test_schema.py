@@ -106,7 +106,7 @@ def test_directory_of_files_reads_in_sorted_order(tmp_path):
     assert offsets == [("00.arrow", 0, 0), ("01.feather", 0, 2), ("02.parquet", 0, 3)]
 
 
-def test_column_remap(tmp_path):
+def test_remapped_columns_read_as_the_canonical_table(tmp_path):
     table = valid_rollout_table().rename_columns(
         ["prompt", "completion", "logprobs", "loss_mask", "reward", "uid", "sample_id", "policy_version"])
     path = write_rollout_table(table, tmp_path / "other.arrow")
@@ -131,7 +131,7 @@ def test_parse_column_map_rejects_bad_items():
         parse_column_map(["logprobs=logits"])
 
 
-def test_metadata_exposed(tmp_path):
+def test_source_metadata_is_the_drpo_keys_every_file_agrees_on(tmp_path):
     a = write_rollout_table(valid_rollout_table(), tmp_path / "a.arrow",
                             metadata={"drpo.temperature": "0.7", "drpo.top_p": "0.9", "other": "x"})
     b = write_rollout_table(valid_rollout_table(), tmp_path / "b.arrow",
