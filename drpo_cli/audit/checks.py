@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from drpo_cli.audit.columns import DATA_COLUMNS
 from drpo_cli.base.errors import InputError
 from drpo_cli.rollouts.files import SourceBatch
 from drpo_cli.rollouts.rows import version_range
@@ -21,7 +22,7 @@ from drpo_cli.rollouts.rules import (
     length_problem,
     rule_breaks,
 )
-from drpo_cli.rollouts.schema import REQUIRED, Problem
+from drpo_cli.rollouts.schema import REQUIRED, TOKEN_COLUMNS, Problem
 
 
 def list_parts(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
@@ -63,10 +64,10 @@ def check_batch(sb: SourceBatch, off: np.ndarray, lengths: np.ndarray) -> None:
 
 
 def audited_columns(source: str) -> list[str]:
-    """The columns whose row rules the audit holds a batch to: all but the advantage columns the file's
-    advantage source leaves unread (advantage_source)."""
+    """The columns whose row rules the data audit holds a batch to: those it reads (columns.DATA_COLUMNS),
+    less the advantage columns the file's advantage source leaves unread (advantage_source)."""
     unread = {"advantages", "advantage", "reward"} - set(source.split("+"))
-    return [c for c in ROW_RULES if c not in unread]
+    return [c for c in ROW_RULES if c in DATA_COLUMNS and c not in unread]
 
 
 def check_rows(sb: SourceBatch, off: np.ndarray, columns, nulls: dict[str, float] | None = None) -> None:
@@ -85,7 +86,7 @@ def check_rows(sb: SourceBatch, off: np.ndarray, columns, nulls: dict[str, float
     for name in ROW_RULES:
         if name not in columns:
             continue
-        if name in ("advantages", "token_policy_versions", "proximal_logprobs") and name in names:
+        if name in TOKEN_COLUMNS and name != "behavior_logprobs" and name in names:
             _check_same_lengths(sb, name, list_parts(b.column(name))[0], lengths)
         if name in breaks:
             _raise_break(sb, breaks[name])
