@@ -3,7 +3,7 @@
     python benchmarks/lora_step.py --threads 2
     python benchmarks/lora_step.py --device cuda --hidden 1024 --layers 8
 
-Rows 1-2: one optimizer step (train.accumulate_gradients + clip + AdamW) with every weight trained
+Rows 1-2: one optimizer step (loop.accumulate_gradients + clip + AdamW) with every weight trained
 and with a rank-r LoRA adapter (lora.add_adapter: attention and MLP projections, head frozen):
 trainable parameters, AdamW state bytes (exp_avg + exp_avg_sq) and the median step time.
 Rows 3-4: the fused head path alone (logprobs.fused_token_loss forward + backward on the final hidden
@@ -25,7 +25,7 @@ from drpo_cli.config import TrainConfig
 from drpo_cli.model import lora
 from drpo_cli.model.batching import plan_micro_batches
 from drpo_cli.model.logprobs import fused_token_loss
-from drpo_cli.training.train import accumulate_gradients
+from drpo_cli.training.loop import accumulate_gradients
 
 
 def step_stats(model, rows, cfg: TrainConfig, device, repeat: int) -> tuple[int, int, float]:

@@ -66,7 +66,8 @@ def peak_rss_mb() -> float:
 
 
 def run_streamed(path: str) -> dict:
-    from drpo_cli.rollouts.schema import open_rollouts, validate_rollouts
+    from drpo_cli.rollouts.files import open_rollouts
+    from drpo_cli.rollouts.validate import validate_rollouts
 
     source = open_rollouts(path)
     problems = validate_rollouts(source, limit=10)
@@ -78,22 +79,22 @@ def run_streamed(path: str) -> dict:
 
 
 def run_naive(path: str) -> dict:
-    from drpo_cli.rollouts import schema
+    from drpo_cli.rollouts import files, validate
 
     start = time.perf_counter()
     with pa.OSFile(path) as fh:
         table = pa.ipc.open_stream(fh).read_all()  # the whole file in memory
     read_seconds = time.perf_counter() - start
-    source = schema.open_rollouts(path)
+    source = files.open_rollouts(path)
     rf = source.files[0]
-    out = schema.Problems(10)
-    ids = schema._IdHashes()
+    out = validate.Problems(10)
+    ids = validate.IdHashes()
     names = sorted(rf.fields, key=rf.fields.get)
     table = table.select([rf.fields[n] for n in names])
     rows = tokens = 0
     for raw in table.to_batches():
-        batch, _ = schema._canonical(path, names, raw, rows)
-        schema._check_batch(path, rows, batch, out, ids)
+        batch, _ = files.canonical_batch(path, names, raw, rows)
+        validate.check_batch(path, rows, batch, out, ids)
         rows += batch.num_rows
         tokens += len(batch.column("response_ids").flatten())
     return {"rows": rows, "tokens": tokens, "problems": out.total, "read_all_seconds": read_seconds}

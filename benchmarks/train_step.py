@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --threads 2
     python benchmarks/train_step.py --device cuda --rows 16 --response 512
 
-ours:  train.accumulate_gradients (token-budget micro-batches, decoder body, chunked head over
+ours:  loop.accumulate_gradients (token-budget micro-batches, decoder body, chunked head over
        response positions only, fused head gradients: 3 head GEMMs, no T×V logits) + clip + AdamW.
 naive: the HF forward with full logits for every position, float32 log_softmax / temperature,
        gather, the same loss (losses.token_loss) and aggregation (aggregation.aggregate), backward,
@@ -35,7 +35,7 @@ from drpo_cli.model.batching import plan_micro_batches
 from drpo_cli.objectives.aggregation import aggregate, aggregation_denominator
 from drpo_cli.objectives.losses import token_loss
 from drpo_cli.rollouts.rows import RolloutRows
-from drpo_cli.training.train import accumulate_gradients
+from drpo_cli.training.loop import accumulate_gradients
 
 GB = 1e9
 

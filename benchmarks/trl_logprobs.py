@@ -54,7 +54,7 @@ def drpo_logps(model, rows: RolloutRows, budget: int, chunk: int) -> torch.Tenso
 
 
 def drpo_backward(model, rows: RolloutRows, budget: int, chunk: int) -> None:
-    """The training path (train.accumulate_gradients): backward of Σ logp with the head gradients fused in forward."""
+    """The training path (loop.accumulate_gradients): backward of Σ logp with the head gradients fused in forward."""
     with reused_buffers():
         for mb in plan_micro_batches(rows, np.arange(rows.num_rows), budget):
             fused_token_loss(model, mb, lambda logp, sl: logp.sum(), chunk_tokens=chunk)[0].backward()

@@ -198,7 +198,9 @@ def validate_command(
 
     def body() -> None:
         from drpo_cli.base.errors import InputError
-        from drpo_cli.rollouts.schema import open_rollouts, parse_column_map, validate_rollouts
+        from drpo_cli.rollouts.files import open_rollouts
+        from drpo_cli.rollouts.schema import parse_column_map
+        from drpo_cli.rollouts.validate import validate_rollouts
 
         source = open_rollouts(files, parse_column_map(column), strict=False)
         problems = validate_rollouts(source, limit=max_problems)

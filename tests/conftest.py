@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from toy import TOY, TOY_MODEL, TOY_ROLLOUTS, TOY_VERSION, copy_toy, require_toy  # noqa: F401 - imported from here too
 
-TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"  # the bundled example, committed
-TOY_MODEL, TOY_ROLLOUTS = TOY / "model", TOY / "rollouts.arrow"
-TOY_VERSION = 8  # examples/toy/model/drpo_checkpoint.json
 # `drpo train` options that keep a test run short: the settings every train test starts from.
 FAST_TRAIN = ["--quiet", "--lr", "1e-3", "--micro-batch-tokens", "512"]
 
@@ -70,20 +67,10 @@ def valid_rollout_path(tmp_path: Path) -> Path:
     return write_rollout_table(valid_rollout_table(), tmp_path / "rollouts.arrow")
 
 
-def require_toy() -> None:
-    """The bundled example is committed: a checkout without it fails (never skips)."""
-    if not TOY_MODEL.is_dir():
-        pytest.fail("examples/toy/model is missing: it is committed (git checkout examples/toy), "
-                    "or rebuild it with python examples/make_example.py")
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
-    """A private copy of the bundled example: model/ (policy version 8) and rollouts.arrow."""
-    require_toy()
-    root = tmp_path_factory.mktemp("toy")
-    shutil.copytree(TOY, root, dirs_exist_ok=True)
-    return root
+    """A private copy of the bundled example: model/ (policy version 8) and rollouts.arrow (toy.copy_toy)."""
+    return copy_toy(tmp_path_factory.mktemp("toy"))
 
 
 # ---- float comparisons -------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ HAND = {
 
 
 @pytest.mark.parametrize("mode", aggregation.AGG_MODES)
-def test_hand_computed(mode):
+def test_each_aggregation_mode_equals_its_hand_computed_value(mode):
     denom = aggregation.aggregation_denominator(mode, MASK, SEQ)
     assert int(denom) == (5 if mode == "token-mean" else 2)
     value = aggregation.aggregate(LOSSES, MASK, SEQ, mode, denom, horizon=10)

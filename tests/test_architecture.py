@@ -22,8 +22,8 @@ LAYERS: list[tuple[str, set[str]]] = [
 ]
 LEVEL = {part: i for i, (_, parts) in enumerate(LAYERS) for part in parts}
 TORCH_FREE = ("base/errors", "base/hooks", "base/launch", "base/lazy", "base/outputs", "base/value_table",
-              "rollouts/schema", "rollouts/rows", "rollouts/writer", "rollouts/routing", "objectives/registry",
-              "objectives/catalog", "objectives/metrics", "objectives/elementwise", "objectives/counts",
+              "rollouts/schema", "rollouts/files", "rollouts/validate", "rollouts/rules", "rollouts/rows",
+              "rollouts/writer", "rollouts/routing", "objectives/registry", "objectives/catalog", "objectives/metrics", "objectives/elementwise", "objectives/counts",
               "objectives/ratio_clipped", "objectives/probability", "objectives/sequence", "objectives/soft",
               "objectives/losses", "objectives/aggregation", "objectives/corrections", "objectives/filters",
               "reports/options_doc")

@@ -350,7 +350,7 @@ def edit_config(path: Path, **changes) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
-def test_load_error_paths(source, tmp_path):
+def test_each_unloadable_model_directory_is_named_in_one_line(source, tmp_path):
     cases = {}
     cases["not found"] = (tmp_path / "missing", {})
     (tmp_path / "file").write_text("x")

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_TRAIN, TOY
+from conftest import FAST_TRAIN
 from safetensors.torch import load_file, save_file
+from toy import copy_toy
 from typer.testing import CliRunner
 
 from drpo_cli.audit import inspect_data
@@ -33,11 +34,8 @@ FAST = [*FAST_TRAIN, "--device", "cpu"]
 
 @pytest.fixture
 def toy(tmp_path) -> Path:
-    if not (TOY / "model").is_dir():
-        pytest.fail("examples/toy/model is missing: it is committed (git checkout examples/toy), "
-                    "or rebuild it with python examples/make_example.py")
-    shutil.copytree(TOY, tmp_path / "toy")
-    return tmp_path / "toy"
+    """A private copy of the bundled example for each test: they damage it."""
+    return copy_toy(tmp_path / "toy")
 
 
 def drpo(*args: str) -> subprocess.CompletedProcess:

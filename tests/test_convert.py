@@ -9,7 +9,8 @@ import pyarrow as pa
 from typer.testing import CliRunner
 
 from drpo_cli.cli import app
-from drpo_cli.rollouts.schema import open_rollouts, validate_rollouts
+from drpo_cli.rollouts.files import open_rollouts
+from drpo_cli.rollouts.validate import validate_rollouts
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 runner = CliRunner()

@@ -263,7 +263,7 @@ def test_veto_with_the_behavior_anchor_and_reject_fractions_per_step(toy, tmp_pa
 def test_batch_normalised_weights_have_mean_one_over_the_step_for_any_micro_batch_size(toy):
     from drpo_cli.objectives.corrections import behavior_weight as bw
     from drpo_cli.rollouts.rows import load_rows
-    from drpo_cli.training.train import _step_corrections
+    from drpo_cli.training.loop import _step_corrections
 
     rows = load_rows(str(toy / "rollouts.arrow"))
     t = torch.from_numpy

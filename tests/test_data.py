@@ -2,37 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from toy import make_rows
 
 from drpo_cli.base.errors import ConfigError, InputError
 from drpo_cli.model.batching import padding_fraction, plan_micro_batches
-from drpo_cli.rollouts.rows import RolloutRows
-
-
-def make_rows(prompts, responses, temperatures=None) -> RolloutRows:
-    """RolloutRows from lists of token lists (behavior log-probs / advantages are placeholders)."""
-    n = len(prompts)
-    p_off = np.concatenate([[0], np.cumsum([len(p) for p in prompts])]).astype(np.int64)
-    r_off = np.concatenate([[0], np.cumsum([len(r) for r in responses])]).astype(np.int64)
-    t = int(r_off[-1])
-    return RolloutRows(
-        prompt_ids=np.array([x for p in prompts for x in p], dtype=np.int64),
-        prompt_offsets=p_off,
-        response_ids=np.array([x for r in responses for x in r], dtype=np.int64),
-        response_offsets=r_off,
-        behavior_logprobs=np.full(t, -1.0, dtype=np.float32),
-        advantages=np.zeros(t, dtype=np.float32),
-        loss_mask=np.ones(t, dtype=bool),
-        proximal_logprobs=None,
-        sample_ids=[f"s{i}" for i in range(n)],
-        policy_version=np.full(n, -1, dtype=np.int64),
-        temperature=np.asarray(temperatures if temperatures is not None else [1.0] * n, dtype=np.float32),
-        source_file=["mem.arrow"] * n,
-        source_row=np.arange(n, dtype=np.int64),
-    )
-
 
 # Input lengths (prompt + response − 1): row0 2+3−1=4, row1 1+1−1=1, row2 3+5−1=7, row3 2+2−1=3.
 ROWS = make_rows(
@@ -107,7 +82,7 @@ def test_to_moves_tensors_and_keeps_counts():
     assert moved.num_tokens == 1 and torch.equal(moved.target_ids, torch.tensor([13]))
 
 
-def test_errors():
+def test_bad_budget_padding_side_row_index_or_empty_prompt_is_refused():
     with pytest.raises(ConfigError, match="micro_batch_tokens"):
         plan_micro_batches(ROWS, [0], 0)
     with pytest.raises(ConfigError, match="padding_side"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,16 +22,23 @@ import torch
 import torch.distributed as dist
 from conftest import (
     ENTROPY_ULPS,
-    EPS32,
     GRAD_ULPS,
     LOGP_ULPS,
     METRIC_ULPS,
-    TOY,
     assert_reordered,
     assert_trained_alike,
 )
+from ranks import (
+    assert_same_json,
+    free_port,
+    one_process,
+    ranks_like_one,
+    torchrun,
+    without_per_batch_whatifs,
+)
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
+from toy import copy_toy
 from typer.testing import CliRunner
 
 from drpo_cli.base import hooks
@@ -45,22 +51,12 @@ TRAIN_ARGS = ["--quiet", "--device", "cpu", "--lr", "1e-3", "--minibatches", "2"
               # so a mean instead of a sum over ranks would show in the weights, not only in grad_norm
               "--max-grad-norm", "0.05"]
 INSPECT_ARGS = ["--quiet", "--device", "cpu", "--micro-batch-tokens", "256"]
-# Execution details that legitimately depend on how rows were grouped into passes.
-RUN_DETAILS = {"seconds", "micro_batches", "padding_frac", "device"}
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
     """model/ and the first ROWS rows of rollouts.arrow (metadata kept), in a private directory."""
-    if not (TOY / "model").is_dir():
-        pytest.fail("examples/toy/model is missing: it is committed (git checkout examples/toy), "
-                    "or rebuild it with python examples/make_example.py")
-    root = tmp_path_factory.mktemp("toy")
-    shutil.copytree(TOY / "model", root / "model")
-    table = pa.ipc.open_file(str(TOY / "rollouts.arrow")).read_all().slice(0, ROWS)
-    with pa.OSFile(str(root / "rollouts.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    return root
+    return copy_toy(tmp_path_factory.mktemp("toy"), rows=ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -81,79 +77,6 @@ def untied(toy, tmp_path_factory) -> Path:
     shutil.copy(toy / "model" / "drpo_checkpoint.json", root / "model")
     shutil.copy(toy / "rollouts.arrow", root / "rollouts.arrow")
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args: str, nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={free_port()}", "-m", "drpo_cli", *args]
-    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def one_process(*args: str):
-    """The same command in this process (no process group): the reference."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = CliRunner().invoke(app, list(args))
-    finally:
-        torch.set_num_threads(before)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def assert_same_json(a, b, path: str = "") -> None:
-    """Equal structure; floats within METRIC_ULPS (conftest) of max(1, |value|); RUN_DETAILS keys skipped.
-
-    The reports' floats come from log-probs that the ranks (or the streamed batches) compute on other
-    micro-batches: equal to float32 rounding, not bit for bit. After an optimizer step the weights differ
-    too (ADAM_DRIFT), which on these runs moves the metrics by no more (measured: 25 after 2 steps).
-    """
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        ranked = next((k for k in RANKED if k in a), None)
-        for k in a:
-            if k == ranked:
-                assert_same_ranking(a, b, ranked, path)
-            elif k not in RUN_DETAILS and not (ranked and k == "worst_tokens"):
-                assert_same_json(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_json(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) or isinstance(b, float):
-        # worst_tokens' Δ (|Δ| ≤ 1) are rounded to 5 decimals (histograms.py): noise can move them one step
-        step = 1e-5 / EPS32 if ".worst_tokens" in path else 0.0
-        assert_reordered(a, b, METRIC_ULPS + step, scale=max(1.0, abs(a), abs(b)), msg=path)
-    else:
-        assert a == b, f"{path}: {a!r} vs {b!r}"
-
-
-# Lists of sequences ranked by these keys (worst first), each with its entry of "worst_tokens" beside it.
-RANKED = {"worst_sequences": ("harmful_frac", "delta_abs_max"),  # inspect
-          "worst_samples": ("harmful_frac", "outside_frac", "delta_abs_max")}  # train's closing audit
-
-
-def assert_same_ranking(a: dict, b: dict, ranked: str, path: str) -> None:
-    """Position by position the ranking keys agree (assert_same_json's bound), and so does the entry, unless
-    it is another sequence: two sequences that tie in exact arithmetic (a shared prompt and first tokens give
-    the same max |Δ|) are ordered by the rounding of their keys, which other batches change."""
-    keys = RANKED[ranked]
-    assert len(a[ranked]) == len(b[ranked]) == len(a.get("worst_tokens", a[ranked])), f"{path}.{ranked}"
-    for i, (x, y) in enumerate(zip(a[ranked], b[ranked])):
-        where = f"{path}.{ranked}[{i}]"
-        for key in keys:
-            assert_same_json(x[key], y[key], f"{where}.{key}")
-        if x["sample_id"] == y["sample_id"]:
-            assert_same_json(x, y, where)
-            if "worst_tokens" in a:
-                assert_same_json(a["worst_tokens"][i], b["worst_tokens"][i], f"{path}.worst_tokens[{i}]")
 
 
 # ---- the command line, without processes --------------------------------------------------------
@@ -335,19 +258,17 @@ def test_two_ranks_train_the_same_weights_and_report_as_one(which, request, tmp_
     toy = request.getfixturevalue(which)
     common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS,
               "--anchor", "proximal", "--is-correction", "tis", "--grad-checkpointing"]
-    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = ranks_like_one(tmp_path, "train", *common)
     assert run.stdout.count("wrote ") == 1  # rank 0 alone reports
-    one_process("train", *common, "--out", str(tmp_path / "one"))
 
     source = load_file(str(toy / "model" / "model.safetensors"))
-    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "ranks" / "model.safetensors"))
     assert one.keys() == two.keys() == source.keys()
     assert max((one[k] - source[k]).abs().max().item() for k in one) > 1e-4  # the weights did move
     assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
 
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
-    r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
+    r2 = json.loads((tmp_path / "ranks" / "drpo_report.json").read_text())
     assert [s["tokens"] for s in r1["steps"]] == [s["tokens"] for s in r2["steps"]]
     for s1, s2 in zip(r1["steps"], r2["steps"]):
         assert not s1["skipped"] and not s2["skipped"]
@@ -357,7 +278,7 @@ def test_two_ranks_train_the_same_weights_and_report_as_one(which, request, tmp_
         assert_same_json(r1[section], r2[section], section)
     r1["config"].pop("out"), r2["config"].pop("out")
     assert r1["config"] == r2["config"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # other ranks wrote nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "ranks"]  # other ranks wrote nothing
 
 
 @pytest.mark.multiproc
@@ -369,13 +290,11 @@ def test_two_ranks_train_gspo_with_reference_kl_entropy_rejection_and_filters_li
               "--eps-low", "0.05", "--eps-high", "0.05", "--agg", "seq-mean-token-mean", "--anchor", "proximal",
               "--is-correction", "tis", "--is-level", "geometric", "--ref-model", str(toy / "model"),
               "--kl-coef", "0.1", "--entropy-coef", "0.01", "--reject", "seq_max_k3>0.5", "--max-lag", "2"]
-    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process("train", *common, "--out", str(tmp_path / "one"))
-    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    ranks_like_one(tmp_path, "train", *common)
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "ranks" / "model.safetensors"))
     assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
-    r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
+    r2 = json.loads((tmp_path / "ranks" / "drpo_report.json").read_text())
     assert r1["filters"]["staleness"]["rows_dropped"] > 0
     for section in ("steps", "final", "input", "loss", "filters"):
         assert_same_json(r1[section], r2[section], section)
@@ -389,13 +308,11 @@ def test_two_ranks_train_clip_cov_with_m2po_and_opsm_like_one(toy, tmp_path):
     # select exactly the tokens one process selects; OPSM is per sequence.
     common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--loss", "clip-cov",
               "--cov-ratio", "0.05", "--cov-lb", "-1", "--m2po-threshold", "0.01", "--opsm-delta", "0.05"]
-    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process("train", *common, "--out", str(tmp_path / "one"))
-    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    ranks_like_one(tmp_path, "train", *common)
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "ranks" / "model.safetensors"))
     assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
-    r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
+    r2 = json.loads((tmp_path / "ranks" / "drpo_report.json").read_text())
     assert all(0 < s["metrics"][m] < 1 for s in r1["steps"]
                for m in ("clip_cov/selected_frac", "m2po/masked_frac", "opsm/token_drop_frac"))
     for section in ("steps", "final"):
@@ -467,16 +384,14 @@ def test_two_ranks_stop_inside_a_step_before_the_same_pass_and_resume_to_the_uni
 def test_two_ranks_inspect_like_one(which, request, tmp_path):
     toy = request.getfixturevalue(which)
     common = [str(toy / "rollouts.arrow"), "--model", str(toy / "model"), *INSPECT_ARGS]
-    run = torchrun("inspect", *common, "--json", str(tmp_path / "two.json"), "--per-token", str(tmp_path / "two.arrow"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process("inspect", *common, "--json", str(tmp_path / "one.json"), "--per-token", str(tmp_path / "one.arrow"))
+    ranks_like_one(tmp_path, "inspect", *common, per_token=True)
 
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "ranks"))
     assert one["model"]["tokens"] == two["model"]["tokens"] > 0
     assert_same_json(without_per_batch_whatifs(one), without_per_batch_whatifs(two))  # two ranks audit other batches
 
     order = [("sample_id", "ascending"), ("position", "ascending")]
-    t1, t2 = (pa.ipc.open_file(str(tmp_path / f"{n}.arrow")).read_all().sort_by(order) for n in ("one", "two"))
+    t1, t2 = (pa.ipc.open_file(str(tmp_path / f"{n}.arrow")).read_all().sort_by(order) for n in ("one", "ranks"))
     assert t1.num_rows == t2.num_rows > 0  # every response token once, whichever rank computed it
     # The ranks compute log π on other micro-batches (LOGP_ULPS); each other float column is a function of it
     # (and of the logged μ, A), so its bound scales by that function's derivative, plus its own rounding.
@@ -500,25 +415,10 @@ def test_two_ranks_inspect_breakdowns_and_peer_metrics_like_one(toy, tmp_path):
     # --by tables merge by value, sequence-level sums by row, the worst sequences by --worst-by across ranks.
     common = [str(toy / "rollouts.arrow"), "--model", str(toy / "model"), *INSPECT_ARGS, "--by", "group_id",
               "--by", "policy_version", "--worst-by", "chi2/seq", "--is-veto", "0.05", "--reject", "seq_max_k1>0.5"]
-    run = torchrun("inspect", *common, "--json", str(tmp_path / "two.json"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process("inspect", *common, "--json", str(tmp_path / "one.json"))
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    ranks_like_one(tmp_path, "inspect", *common)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "ranks"))
     assert one["model"]["by"]["group_id"] and one["data"]["by"]["policy_version"]
     assert_same_json(without_per_batch_whatifs(one), without_per_batch_whatifs(two))
-
-
-def without_per_batch_whatifs(doc: dict) -> dict:
-    """An inspect report without the clip-cov / kl-cov / M2PO what-ifs, which select over each audited batch
-    (SPEC.md §1): the only metrics allowed to differ when the batches differ. They must be there."""
-    from drpo_cli.objectives.divergence import PER_UPDATE_METRICS
-
-    assert all(doc["metrics"].pop(m) is not None for m in PER_UPDATE_METRICS)
-    doc["metrics"].pop("m2po/dropped_pos_adv_frac")  # of what M2PO drops over each audited batch
-    for entry in doc["model"]["losses"]:
-        if entry["loss"] in ("clip-cov", "kl-cov", "m2po (filter)"):
-            entry.pop("fractions")
-    return doc
 
 
 def test_launched_means_started_by_torchrun_with_any_number_of_processes(monkeypatch):
@@ -539,10 +439,8 @@ def test_one_process_under_torchrun_inspects_like_a_plain_process(toy, tmp_path)
     # torchrun with one process: inspect joins a process group and splits the rows (one share) as train
     # does; the report is the plain process's.
     common = [str(toy / "rollouts.arrow"), "--model", str(toy / "model"), *INSPECT_ARGS]
-    run = torchrun("inspect", *common, "--json", str(tmp_path / "rank.json"), nproc=1)
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process("inspect", *common, "--json", str(tmp_path / "one.json"))
-    assert_same_json(*(json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "rank")))
+    ranks_like_one(tmp_path, "inspect", *common, nproc=1)
+    assert_same_json(*(json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "ranks")))
 
 
 def test_the_launchers_exit_code_is_130_when_the_ranks_saved_their_state_and_4_when_not(tmp_path):
@@ -648,7 +546,7 @@ def test_two_ranks_agree_on_skipping_non_finite_steps(toy, tmp_path):
 
 
 def test_a_non_finite_weight_after_an_update_is_found_in_any_ranks_shard(toy, one_rank_group):
-    from drpo_cli.training.train import _non_finite_weight
+    from drpo_cli.training.loop import _non_finite_weight
 
     model, _ = distributed.load_sharded_model(toy / "model", torch.device("cpu"))
     assert _non_finite_weight(model) is None
@@ -702,13 +600,11 @@ def test_two_ranks_batch_norm_veto_and_seq_mask_tis_like_one(toy, tmp_path):
     # weights come from, on its own micro-batches: the factor agrees to the weights' rounding (METRIC_ULPS).
     common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--anchor", "proximal",
               "--correction", "seq-mask-tis", "--is-band", "0.9", "1.1", "--is-veto", "0.3", "--is-batch-norm"]
-    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process("train", *common, "--out", str(tmp_path / "one"))
-    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    ranks_like_one(tmp_path, "train", *common)
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "ranks" / "model.safetensors"))
     assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
-    r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
+    r2 = json.loads((tmp_path / "ranks" / "drpo_report.json").read_text())
     factors = [s["metrics"]["is/batch_norm_factor"] for s in r1["steps"]]
     assert 1.0 not in factors
     assert_reordered([s["metrics"]["is/batch_norm_factor"] for s in r2["steps"]], factors, METRIC_ULPS,
@@ -727,17 +623,15 @@ def test_two_ranks_bf16_fsdp_mixed_precision_on_gloo_like_one_bf16_process(toy, 
     # and embeddings' parameters, so they agree to a few ε, not bit for bit. Compared at the first step
     # (the same starting weights); the sharded master weights stay float32.
     common = ["-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), *TRAIN_ARGS, "--dtype", "bf16"]
-    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process("train", *common, "--out", str(tmp_path / "one"))
+    ranks_like_one(tmp_path, "train", *common)
     eps = torch.finfo(torch.bfloat16).eps
     r1 = json.loads((tmp_path / "one" / "drpo_report.json").read_text())
-    r2 = json.loads((tmp_path / "two" / "drpo_report.json").read_text())
+    r2 = json.loads((tmp_path / "ranks" / "drpo_report.json").read_text())
     s1, s2 = r1["steps"][0], r2["steps"][0]
     assert s1["tokens"] == s2["tokens"]
     assert s2["loss"] == pytest.approx(s1["loss"], rel=4 * eps)
     assert s2["grad_norm"] == pytest.approx(s1["grad_norm"], rel=4 * eps)
     for key in ("kl/k3_mean", "delta/abs_mean", "ratio/mean"):
         assert s2["metrics"][key] == pytest.approx(s1["metrics"][key], rel=4 * eps)
-    two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    two = load_file(str(tmp_path / "ranks" / "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in two.values())

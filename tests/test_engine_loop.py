@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from toy import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -45,12 +46,9 @@ def test_gguf_names():
 
 
 def tiny_llama(tmp_path: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg)
+    model = tiny_model(LlamaConfig, vocab_size=64, tie_word_embeddings=True)
     model.save_pretrained(tmp_path / "model", safe_serialization=True)
     return tmp_path / "model"
 

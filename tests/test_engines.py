@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from drpo_cli.base.errors import InputError
 from drpo_cli.cli import app
 from drpo_cli.rollouts.adapters import openai_rows, sglang_rows, vllm_rows
-from drpo_cli.rollouts.schema import open_rollouts, validate_rollouts
+from drpo_cli.rollouts.files import open_rollouts
+from drpo_cli.rollouts.validate import validate_rollouts
 
 ENGINES = Path(__file__).resolve().parent / "fixtures" / "engines"
 VLLM, SGLANG = ENGINES / "vllm-0.33.0", ENGINES / "sglang-0.5.23"

@@ -118,7 +118,7 @@ def test_behavior_logprobs_match_rebuilt_older_versions(table, model):
             assert max(drift) > 0.1
 
 
-def test_reward():
+def test_toy_reward_is_the_share_of_tokens_matching_the_key():
     a, b = toytask.VOCAB["a"], toytask.VOCAB["b"]
     prompt = [toytask.BOS, toytask.KEY_MARK, a]
     assert toytask.reward(prompt, [a, a, b, a]) == 3 / 4
@@ -150,10 +150,10 @@ def test_tokenizer_roundtrip():
 
 
 def test_example_validates():
-    from drpo_cli.rollouts import schema
+    from drpo_cli.rollouts import files, validate
 
-    source = schema.open_rollouts([TOY / "rollouts.arrow"])
-    assert schema.validate_rollouts(source) == []
+    source = files.open_rollouts([TOY / "rollouts.arrow"])
+    assert validate.validate_rollouts(source) == []
 
 
 def digest(path: Path) -> dict[str, str]:

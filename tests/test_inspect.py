@@ -223,7 +223,7 @@ def test_config_lists_every_problem():
         InspectConfig(rollouts=(), tr_delta=2.0, top=-1, fail_above=("x",), device="tpu").check()
 
 
-def test_column_rename(tmp_path):
+def test_inspect_reads_a_renamed_column_through_the_column_map(tmp_path):
     table = valid_rollout_table().rename_columns(
         ["prompt_ids", "response_ids", "logprobs", "loss_mask", "reward", "group_id", "sample_id", "policy_version"])
     path = write_rollout_table(table, tmp_path / "renamed.arrow")
@@ -236,8 +236,8 @@ def test_column_rename(tmp_path):
 
 
 def test_data_audit_merge_equals_one_pass(tmp_path):
-    from drpo_cli.audit.inspect_data import DataAudit
-    from drpo_cli.rollouts.schema import open_rollouts
+    from drpo_cli.audit.data_audit import DataAudit
+    from drpo_cli.rollouts.files import open_rollouts
 
     big = pa.concat_tables([valid_rollout_table()] * 5)
     path = write_rollout_table(big, tmp_path / "r.arrow", fmt="stream", max_chunksize=3)  # 7 batches
@@ -277,7 +277,7 @@ def combine_as_all_reduce(a, b) -> None:
 def test_every_data_audit_field_is_a_declared_statistic_or_exchanged_rows():
     from dataclasses import fields as dc_fields
 
-    from drpo_cli.audit.inspect_data import DataAudit
+    from drpo_cli.audit.data_audit import DataAudit
 
     declared = {f.name for f in dc_fields(DataAudit) if "merge" in f.metadata}
     per_row = {"sample_ids", "group_ids", "group_rewards", "group_tokens", "group_codes", "adv_sources",

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from drpo_cli.base.errors import ConfigError, InputError
 from drpo_cli.cli import app
+from drpo_cli.rollouts.files import open_rollouts
 from drpo_cli.rollouts.llamacpp import llamacpp_sample, llamacpp_server_rows, processed_logprobs
-from drpo_cli.rollouts.schema import open_rollouts, validate_rollouts
+from drpo_cli.rollouts.validate import validate_rollouts
 
 HERE = Path(__file__).resolve().parent / "fixtures" / "engines" / "llama.cpp-0c1e570"
 PROMPT, PROMPT_2 = [1, 9690, 198, 2683, 314, 260], [1, 9690, 198, 504, 30]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import ENTROPY_ULPS, GRAD_ULPS, LOGP_ULPS, assert_reordered
-from test_data import make_rows  # tests/ is on sys.path under pytest
-from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig, LlamaConfig, Qwen2Config
+from toy import TINY, make_rows, random_rows, tiny_model  # tests/ is on sys.path under pytest
+from transformers import Gemma2Config, GraniteConfig, LlamaConfig, Qwen2Config
 
 from drpo_cli.base.errors import CheckpointError, ConfigError
 from drpo_cli.model.batching import plan_micro_batches
@@ -21,38 +21,18 @@ from drpo_cli.model.logprobs import (
     token_logprobs_at,
 )
 
-VOCAB = 97
-SMALL = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": VOCAB,
-    "max_position_embeddings": 128,
-}
-
-
+VOCAB = 97  # toy.random_rows' default vocabulary
 def build(config_cls=Qwen2Config, *, tied=True, bias=False, seed=0, attn="sdpa", **extra) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    cfg = config_cls(**SMALL, tie_word_embeddings=tied, **extra)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).float().eval()
+    model = tiny_model(config_cls, vocab_size=VOCAB, seed=seed, attn=attn, max_position_embeddings=128,
+                       tie_word_embeddings=tied, **extra)
     with torch.no_grad():  # larger logits than the default init, so the distributions are far from uniform
         model.get_output_embeddings().weight.mul_(4.0)
         if bias:
-            head = torch.nn.Linear(SMALL["hidden_size"], VOCAB, bias=True)
-            head.weight.copy_(0.5 * torch.randn(VOCAB, SMALL["hidden_size"]))
+            head = torch.nn.Linear(TINY["hidden_size"], VOCAB, bias=True)
+            head.weight.copy_(0.5 * torch.randn(VOCAB, TINY["hidden_size"]))
             head.bias.copy_(torch.randn(VOCAB))
             model.lm_head = head
     return model
-
-
-def random_rows(seed=0, n=5):
-    g = np.random.default_rng(seed)
-    prompts = [g.integers(0, VOCAB, g.integers(1, 6)).tolist() for _ in range(n)]
-    responses = [g.integers(0, VOCAB, g.integers(1, 9)).tolist() for _ in range(n)]
-    temps = [0.7, 1.0, 1.3, 1.0, 0.7, 1.3][:n]
-    return make_rows(prompts, responses, temps)
 
 
 def naive(model, rows):
@@ -344,9 +324,7 @@ def test_entropy_at_a_real_vocabulary_size_is_float32_accurate():
     # V = 151,936: the entropy of both the forward-only path (audits) and the gradient path (an
     # entropy bonus) within ENTROPY_ULPS·ε32·(1 + H) of float64 (≤ 2e-5 nats here); a float32 dot product over
     # the whole row drifts ~1e-3.
-    big = dict(SMALL, vocab_size=151_936)
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**big, tie_word_embeddings=False)).float().eval()
+    model = tiny_model(Qwen2Config, vocab_size=151_936, seed=3, max_position_embeddings=128, tie_word_embeddings=False)
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)  # logits of a few nats' spread, like a trained model's
     g = np.random.default_rng(5)

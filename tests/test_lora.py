@@ -193,7 +193,7 @@ def test_missing_peft_is_one_clear_line(monkeypatch):
 
 @pytest.mark.multiproc
 def test_two_ranks_train_the_same_adapter_as_one(toy, adapter_run, tmp_path):
-    from test_distributed import torchrun
+    from ranks import torchrun
 
     run = torchrun("train", "-r", str(toy / "rollouts.arrow"), "-m", str(toy / "model"), "--out", str(tmp_path / "two"),
                    *TRAIN, "--lora-r", "4", "--lora-alpha", "8")

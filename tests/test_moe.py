@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import GRAD_ULPS, LOGP_ULPS, assert_reordered, assert_trained_alike
+from toy import TINY
 from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 from transformers.models.qwen3_5_moe import Qwen3_5MoeTextConfig
 from typer.testing import CliRunner
@@ -25,14 +26,14 @@ from drpo_cli.cli import app
 from drpo_cli.model import checkpoint, moe
 from drpo_cli.model.batching import plan_micro_batches
 from drpo_cli.model.logprobs import token_logprobs
+from drpo_cli.rollouts.files import open_rollouts
 from drpo_cli.rollouts.routing import routed_experts_from_vllm
 from drpo_cli.rollouts.rows import load_rows
-from drpo_cli.rollouts.schema import open_rollouts, validate_rollouts
+from drpo_cli.rollouts.validate import validate_rollouts
 from drpo_cli.rollouts.writer import RolloutWriter
 
 V = 64
-_COMMON = dict(vocab_size=V, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,  # noqa: C408
-               eos_token_id=None, bos_token_id=None, pad_token_id=None)
+_COMMON = dict(vocab_size=V, **TINY, eos_token_id=None, bos_token_id=None, pad_token_id=None)
 CONFIGS = {
     "qwen3_moe": lambda: Qwen3MoeConfig(**_COMMON, intermediate_size=64, moe_intermediate_size=16, head_dim=8,
                                         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
@@ -441,8 +442,8 @@ def test_convert_vllm_dump_fills_routed_experts(tmp_path):
 
 @pytest.mark.multiproc
 def test_two_ranks_train_with_replay_as_one_process(tmp_path):
+    from ranks import ranks_like_one
     from safetensors.torch import load_file
-    from test_distributed import one_process, torchrun
 
     model = tiny("qwen3_moe")
     model.save_pretrained(tmp_path / "model")
@@ -450,10 +451,8 @@ def test_two_ranks_train_with_replay_as_one_process(tmp_path):
     common = ["-r", str(tmp_path / "r.arrow"), "-m", str(tmp_path / "model"), "--quiet", "--device", "cpu",
               "--lr", "1e-2", "--minibatches", "2", "--micro-batch-tokens", "20", "--replay-routing",
               "--grad-checkpointing"]
-    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process("train", *common, "--out", str(tmp_path / "one"))
-    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    ranks_like_one(tmp_path, "train", *common)
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "ranks" / "model.safetensors"))
     assert_trained_alike(one, two, lr=1e-2, steps=2)
     gate = "model.layers.1.mlp.gate.weight"
     assert (one[gate] - model.state_dict()[gate]).abs().max() > 1e-4
@@ -463,17 +462,15 @@ def test_two_ranks_train_with_replay_as_one_process(tmp_path):
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_two_ranks_audit_routing_as_one_process(tmp_path):
-    from test_distributed import assert_same_json, one_process, torchrun, without_per_batch_whatifs
+    from ranks import assert_same_json, ranks_like_one, without_per_batch_whatifs
 
     model = tiny("qwen2_moe")
     model.save_pretrained(tmp_path / "model")
     write_rows(tmp_path / "r.arrow", rollout_rows(perturbed(model, 0.7), n=8, seed=4))
     audit = ["inspect", str(tmp_path / "r.arrow"), "--model", str(tmp_path / "model"), "--quiet", "--device", "cpu",
              "--micro-batch-tokens", "20", "--replay-routing"]
-    run = torchrun(*audit, "--json", str(tmp_path / "two.json"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process(*audit, "--json", str(tmp_path / "one.json"))
-    r1, r2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    ranks_like_one(tmp_path, *audit)
+    r1, r2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "ranks"))
     assert r1["model"]["routing"]["positions"] > 0 and r1["model"]["routing"]["mismatch_frac"] > 0
     assert_same_json(r1["model"]["routing"], r2["model"]["routing"])
     assert_same_json(without_per_batch_whatifs(r1)["metrics"], without_per_batch_whatifs(r2)["metrics"])  # batches differ

@@ -30,7 +30,7 @@ from drpo_cli.model.logprobs import (
     token_logprobs,
 )
 from drpo_cli.rollouts.rows import load_rows
-from drpo_cli.training.train import accumulate_gradients
+from drpo_cli.training.loop import accumulate_gradients
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FAST = [*FAST_TRAIN, "--device", "cpu"]

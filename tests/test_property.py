@@ -259,12 +259,12 @@ def test_an_untrained_nan_among_the_worst_tokens_is_null_and_train_keeps_its_run
 @pytest.mark.parametrize("fails", ["drpo_report.json", "report.html"])
 def test_a_report_that_cannot_be_made_never_costs_the_weights(tmp_path, monkeypatch, fails):
     import drpo_cli.reports.html_pages
-    import drpo_cli.training.train
+    import drpo_cli.training.report
 
     def broken(report):
         raise ValueError("cannot make this\nsecond line")
 
-    monkeypatch.setattr(*((drpo_cli.training.train, "train_report_json", broken) if fails == "drpo_report.json"
+    monkeypatch.setattr(*((drpo_cli.training.report, "train_report_json", broken) if fails == "drpo_report.json"
                           else (drpo_cli.reports.html_pages, "train_page", broken)))
     path = write_rollout_table(table_of(named()), tmp_path / "r.arrow")
     out = tmp_path / "next"

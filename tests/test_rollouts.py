@@ -9,7 +9,7 @@ import pytest
 from conftest import valid_rollout_table, write_rollout_table
 
 from drpo_cli.base.errors import ConfigError, InputError
-from drpo_cli.rollouts import schema
+from drpo_cli.rollouts import files
 from drpo_cli.rollouts.rows import group_advantage_table, load_rows
 
 F32 = pa.list_(pa.float32())
@@ -136,7 +136,7 @@ def test_select_after_load_matches_rows(valid_rollout_path):
 
 
 def test_group_advantage_table_matches_naive_reference(tmp_path, monkeypatch):
-    monkeypatch.setattr(schema, "BATCH_ROWS", 3)  # groups straddle batches and files
+    monkeypatch.setattr(files, "BATCH_ROWS", 3)  # groups straddle batches and files
     rng = np.random.default_rng(0)
     paths, rewards, groups = [], [], []
     for f in range(3):

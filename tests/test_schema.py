@@ -12,16 +12,10 @@ import pytest
 from conftest import VALID_ROLLOUT_COLUMNS, valid_rollout_table, write_rollout_table
 
 from drpo_cli.base.errors import ConfigError, InputError
-from drpo_cli.rollouts import schema
-from drpo_cli.rollouts.schema import (
-    COLUMNS,
-    METADATA_KEYS,
-    Problem,
-    open_rollouts,
-    parse_column_map,
-    schema_document,
-    validate_rollouts,
-)
+from drpo_cli.rollouts import files, schema
+from drpo_cli.rollouts.files import open_rollouts
+from drpo_cli.rollouts.schema import COLUMNS, METADATA_KEYS, Problem, parse_column_map, schema_document
+from drpo_cli.rollouts.validate import hash_strings, validate_rollouts
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
@@ -112,7 +106,7 @@ def test_directory_of_files_reads_in_sorted_order(tmp_path):
     assert offsets == [("00.arrow", 0, 0), ("01.feather", 0, 2), ("02.parquet", 0, 3)]
 
 
-def test_column_remap(tmp_path):
+def test_remapped_columns_read_as_the_canonical_table(tmp_path):
     table = valid_rollout_table().rename_columns(
         ["prompt", "completion", "logprobs", "loss_mask", "reward", "uid", "sample_id", "policy_version"])
     path = write_rollout_table(table, tmp_path / "other.arrow")
@@ -137,7 +131,7 @@ def test_parse_column_map_rejects_bad_items():
         parse_column_map(["logprobs=logits"])
 
 
-def test_metadata_exposed(tmp_path):
+def test_source_metadata_is_the_drpo_keys_every_file_agrees_on(tmp_path):
     a = write_rollout_table(valid_rollout_table(), tmp_path / "a.arrow",
                             metadata={"drpo.temperature": "0.7", "drpo.top_p": "0.9", "other": "x"})
     b = write_rollout_table(valid_rollout_table(), tmp_path / "b.arrow",
@@ -148,7 +142,7 @@ def test_metadata_exposed(tmp_path):
 
 
 def test_large_batches_are_sliced_and_rows_numbered_across_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(schema, "BATCH_ROWS", 3)
+    monkeypatch.setattr(files, "BATCH_ROWS", 3)
     table = pa.concat_tables([valid_rollout_table()] * 3)  # 12 rows, written as one record batch
     lp = table.column("behavior_logprobs").to_pylist()
     lp[10] = [-3.0, 0.25]  # row 10 sits in the 4th slice
@@ -164,7 +158,7 @@ def test_large_batches_are_sliced_and_rows_numbered_across_batches(tmp_path, mon
 
 def test_batches_are_sliced_by_list_values_too_and_a_long_row_is_a_slice_of_its_own(tmp_path, monkeypatch):
     # Issue 32, point 13: the memory of a slice is bounded by its tokens, not its rows.
-    monkeypatch.setattr(schema, "BATCH_VALUES", 10)
+    monkeypatch.setattr(files, "BATCH_VALUES", 10)
     lengths = [1, 2, 3, 12, 1, 1, 2]  # response tokens per row; 3 per-token columns hold 3 values per token
     rows = [{"prompt_ids": [1], "response_ids": [5] * n, "behavior_logprobs": [-0.5] * n,
              "loss_mask": [True] * n, "advantage": 1.0, "sample_id": f"s{i}"} for i, n in enumerate(lengths)]
@@ -181,11 +175,11 @@ def test_batches_are_sliced_by_list_values_too_and_a_long_row_is_a_slice_of_its_
 
 def test_list_values_counts_the_innermost_values_of_each_row_from_offsets():
     nested = pa.array([[[1, 2], [3]], [], None, [[4, 5, 6]]], pa.list_(pa.list_(pa.int16())))
-    assert schema.list_values(nested).tolist() == [3, 0, 0, 3]
-    assert schema.list_values(nested.slice(1, 3)).tolist() == [0, 0, 3]
+    assert files.list_values(nested).tolist() == [3, 0, 0, 3]
+    assert files.list_values(nested.slice(1, 3)).tolist() == [0, 0, 3]
     fixed = pa.array([[1, 2], [3, 4], [5, 6]], pa.list_(pa.int8(), 2))
-    assert schema.list_values(fixed.slice(1)).tolist() == [2, 2]
-    assert schema.list_values(pa.array([1.0, 2.0])).tolist() == [0, 0]
+    assert files.list_values(fixed.slice(1)).tolist() == [2, 2]
+    assert files.list_values(pa.array([1.0, 2.0])).tolist() == [0, 0]
 
 
 def test_casting_a_slice_of_a_huge_batch_casts_only_its_rows():
@@ -195,7 +189,7 @@ def test_casting_a_slice_of_a_huge_batch_casts_only_its_rows():
     nested = pa.array([[[1], [2, 3]], None, [[4, 5]], [[6]]], pa.list_(pa.list_(pa.int32())))
     for column, target in ((arr, pa.list_(pa.int64())), (nested, pa.list_(pa.list_(pa.int16())))):
         part = column.slice(2, 2)
-        own = schema._own_values(part)
+        own = files._own_values(part)
         assert own.equals(part) and own.offsets[0].as_py() == 0
         cast = own.cast(target)
         assert cast.equals(part.cast(target)) and len(cast.flatten()) == len(part.flatten())
@@ -237,10 +231,10 @@ def test_problem_renders_as_one_line():
 
 def test_string_hash_is_a_function_of_the_string_only():
     arr = pa.array(["a", "b", "a", "", "ab", "ba", "x" * 300, "é"])
-    h = schema._hash_strings(arr)
+    h = hash_strings(arr)
     assert h[0] == h[2] and len(set(h.tolist())) == 7
     # Same strings inside a sliced, differently-offset array hash the same.
-    assert schema._hash_strings(pa.array(["zz", "ab", "é"]).slice(1)).tolist() == [h[4], h[7]]
+    assert hash_strings(pa.array(["zz", "ab", "é"]).slice(1)).tolist() == [h[4], h[7]]
     rng = np.random.default_rng(0)
     ids = pa.array([f"sample-{i}" for i in rng.permutation(20000)])
-    assert len(np.unique(schema._hash_strings(ids))) == 20000
+    assert len(np.unique(hash_strings(ids))) == 20000

@@ -1,4 +1,4 @@
-"""Each rank reads only its share of the rows (schema.Shard), with the merges of one process; model-mode
+"""Each rank reads only its share of the rows (files.Shard), with the merges of one process; model-mode
 inspect streams record batches with the results of holding every row.
 
 Ranks are simulated in one process by threads whose `exchange` is an all-gather through a barrier
@@ -15,18 +15,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import assert_reordered, assert_trained_alike, write_rollout_table
-from test_distributed import (  # noqa: F401
-    INSPECT_ARGS,
-    assert_same_json,
-    one_process,
-    torchrun,
-    toy,
-    without_per_batch_whatifs,
-)
+from ranks import assert_same_json, one_process, ranks_like_one, torchrun, without_per_batch_whatifs
+from test_distributed import INSPECT_ARGS, toy  # noqa: F401 - toy: the fixture, the example's first rows
 
-from drpo_cli.rollouts import schema
+from drpo_cli.rollouts import files
+from drpo_cli.rollouts.files import Shard, open_rollouts
 from drpo_cli.rollouts.rows import load_rows
-from drpo_cli.rollouts.schema import Shard, open_rollouts, validate_rollouts
+from drpo_cli.rollouts.validate import validate_rollouts
 
 
 class Group:
@@ -157,7 +152,7 @@ def test_sharded_load_holds_a_share_with_global_group_advantages(two_files, adv_
 def test_streamed_model_inspect_equals_holding_every_row(toy, tmp_path, monkeypatch):  # noqa: F811
     common = [str(toy / "rollouts.arrow"), "--model", str(toy / "model"), *INSPECT_ARGS]
     one_process("inspect", *common, "--json", str(tmp_path / "whole.json"))
-    monkeypatch.setattr(schema, "BATCH_ROWS", 5)  # 13 streamed batches instead of one
+    monkeypatch.setattr(files, "BATCH_ROWS", 5)  # 13 streamed batches instead of one
     one_process("inspect", *common, "--json", str(tmp_path / "streamed.json"))
     whole, streamed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("whole", "streamed"))
     assert whole["model"]["tokens"] == streamed["model"]["tokens"] > 0
@@ -170,10 +165,8 @@ def test_streamed_model_inspect_equals_holding_every_row(toy, tmp_path, monkeypa
 def test_two_ranks_data_only_inspect_like_one_with_groups_and_duplicates_across_ranks(tmp_path):
     path = write_rollout_table(pa.table(rows_of(40, dup={33: "s1", 35: "s1", 38: "s4"})), tmp_path / "r.arrow")
     common = [str(path), "--quiet"]
-    run = torchrun("inspect", *common, "--json", str(tmp_path / "two.json"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process("inspect", *common, "--json", str(tmp_path / "one.json"))
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    ranks_like_one(tmp_path, "inspect", *common)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "ranks"))
     assert one["data"]["duplicate_sample_ids"] == {"rows": 3, "ids": 2, "examples": ["s1", "s4"]}
     assert one["data"]["advantage"]["stats"]["abs_mean"] > 0
     assert_same_json(one, two)
@@ -200,20 +193,16 @@ def test_fewer_rows_than_ranks_a_rank_holding_nothing_trains_and_inspects_like_o
     table = pa.ipc.open_file(str(toy / "rollouts.arrow")).read_all().slice(0, 1)
     path = write_rollout_table(table, tmp_path / "one.arrow")
     common = ["-r", str(path), "-m", str(toy / "model"), "--quiet", "--device", "cpu", "--lr", "1e-3"]
-    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process("train", *common, "--out", str(tmp_path / "one"))
-    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
+    ranks_like_one(tmp_path, "train", *common)
+    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "ranks"))
     assert one.keys() == two.keys()
     assert_trained_alike(one, two, lr=1e-3, steps=1)
-    reports = [json.loads((tmp_path / n / "drpo_report.json").read_text()) for n in ("one", "two")]
+    reports = [json.loads((tmp_path / n / "drpo_report.json").read_text()) for n in ("one", "ranks")]
     assert reports[0]["input"]["rows"] == reports[1]["input"]["rows"] == 1
     assert_same_json(reports[0]["final"], reports[1]["final"])
 
     inspect = [str(path), "--model", str(toy / "model"), *INSPECT_ARGS]
-    run = torchrun("inspect", *inspect, "--json", str(tmp_path / "two.json"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process("inspect", *inspect, "--json", str(tmp_path / "one.json"))
-    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    ranks_like_one(tmp_path, "inspect", *inspect)
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "ranks"))
     assert a["model"]["tokens"] == b["model"]["tokens"] > 0
     assert_same_json(a, b)

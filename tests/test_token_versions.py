@@ -291,7 +291,7 @@ def test_train_with_max_lag_equals_the_file_with_those_tokens_masked(toy_files, 
 def test_sharded_load_and_filter_equal_one_process(tmp_path):
     from test_shards import Group
 
-    from drpo_cli.rollouts.schema import Shard, open_rollouts
+    from drpo_cli.rollouts.files import Shard, open_rollouts
 
     rollouts = toy_table(rows=40)
     path = write_rollout_table(rollouts, tmp_path / "r.arrow", max_chunksize=16)
@@ -313,36 +313,26 @@ def test_sharded_load_and_filter_equal_one_process(tmp_path):
 
 @pytest.mark.multiproc
 def test_two_ranks_train_and_inspect_with_token_versions_like_one(tmp_path):
+    from ranks import assert_same_json, ranks_like_one, without_per_batch_whatifs
     from safetensors.torch import load_file
-    from test_distributed import (
-        INSPECT_ARGS,
-        TRAIN_ARGS,
-        assert_same_json,
-        one_process,
-        torchrun,
-        without_per_batch_whatifs,
-    )
+    from test_distributed import INSPECT_ARGS, TRAIN_ARGS
 
     require_toy()
     path = write_rollout_table(toy_table(rows=64), tmp_path / "r.arrow")
     common = ["-r", str(path), "-m", str(TOY / "model"), *TRAIN_ARGS, "--max-lag", "3"]
-    run = torchrun("train", *common, "--out", str(tmp_path / "two"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process("train", *common, "--out", str(tmp_path / "one"))
-    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
+    ranks_like_one(tmp_path, "train", *common)
+    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "ranks"))
     assert_trained_alike(one, two, lr=1e-3, steps=2)  # TRAIN_ARGS: --lr 1e-3, --minibatches 2
-    r1, r2 = (json.loads((tmp_path / n / "drpo_report.json").read_text()) for n in ("one", "two"))
+    r1, r2 = (json.loads((tmp_path / n / "drpo_report.json").read_text()) for n in ("one", "ranks"))
     assert r1["filters"]["staleness"]["tokens_masked"] > 0 and r1["filters"]["staleness"]["rows_dropped"] > 0
     for section in ("steps", "final", "input", "filters"):
         assert_same_json(r1[section], r2[section], section)
 
     inspect = [str(path), "--model", str(TOY / "model"), *INSPECT_ARGS, "--max-lag", "3"]
-    run = torchrun("inspect", *inspect, "--json", str(tmp_path / "two.json"), "--per-token", str(tmp_path / "two.arrow"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    one_process("inspect", *inspect, "--json", str(tmp_path / "one.json"), "--per-token", str(tmp_path / "one.arrow"))
-    j1, j2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    ranks_like_one(tmp_path, "inspect", *inspect, per_token=True)
+    j1, j2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "ranks"))
     assert j1["data"]["staleness_filter"]["tokens_masked"] > 0
     assert_same_json(without_per_batch_whatifs(j1), without_per_batch_whatifs(j2))  # two ranks audit other batches
     order = [("sample_id", "ascending"), ("position", "ascending")]
-    t1, t2 = (pa.ipc.open_file(str(tmp_path / f"{n}.arrow")).read_all().sort_by(order) for n in ("one", "two"))
+    t1, t2 = (pa.ipc.open_file(str(tmp_path / f"{n}.arrow")).read_all().sort_by(order) for n in ("one", "ranks"))
     assert t1.column("lag").equals(t2.column("lag")) and t1.column("loss_mask").equals(t2.column("loss_mask"))

@@ -32,7 +32,7 @@ from drpo_cli.objectives.corrections import reference_kl
 from drpo_cli.objectives.losses import token_loss
 from drpo_cli.reports.report_format import TRAIN_REPORT_SCHEMA
 from drpo_cli.rollouts.rows import load_rows
-from drpo_cli.training.train import accumulate_gradients
+from drpo_cli.training.loop import accumulate_gradients
 
 FAST = FAST_TRAIN
 

@@ -216,7 +216,7 @@ def test_one_huge_record_batch_validates_in_memory_bounded_by_tokens(tmp_path):
     # record batch) was read whole and cast whole: 0.95 GB above an empty run, 24 GB at the issue's size.
     # Memory-mapped and cast in slices of at most BATCH_VALUES list values, the peak above the empty run
     # stays within a few 8-byte copies of one slice, whatever the batch.
-    from drpo_cli.rollouts.schema import BATCH_VALUES
+    from drpo_cli.rollouts.files import BATCH_VALUES
 
     rows, tokens = 512, 65_536
     offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * tokens)
@@ -370,11 +370,11 @@ def test_malformed_tables_never_give_a_traceback(tmp_path, table_fmt):
                                                                     "proximal length", "positive proximal log-prob")])
 def test_the_audit_applies_the_same_rule_with_the_same_message(tmp_path, case):
     """inspect's streaming audit stops at the first problem; drpo validate lists them all. Both name the
-    same column and row, and the same expectation (schema.ROW_RULES), for every row rule."""
+    same column and row, and the same expectation (rules.ROW_RULES), for every row rule."""
     import re
 
-    from drpo_cli.audit.inspect_data import DataAudit
-    from drpo_cli.rollouts.schema import open_rollouts
+    from drpo_cli.audit.data_audit import DataAudit
+    from drpo_cli.rollouts.files import open_rollouts
 
     replace, column, row, _ = ROW_CASES[case]
     path = write_rollout_table(valid_rollout_table(**replace), tmp_path / "bad.arrow")

@@ -4,9 +4,6 @@ embeddings, with an untied head that has a bias, a soft-cap and a vocabulary no 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,18 +12,18 @@ import pytest
 SCRIPT = textwrap.dedent(
     """
     import copy, sys, torch, torch.distributed as dist
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
     from drpo_cli.model import distributed, vocab_parallel
     from drpo_cli.model.batching import MicroBatch
     from drpo_cli.model.logprobs import token_logprobs_at
 
+    sys.path.insert(0, sys.argv[2])  # tests/: conftest's bounds, toy's model
+    from conftest import ENTROPY_ULPS, LOGP_ULPS, assert_reordered
+    from toy import tiny_model
+
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                         final_logit_softcapping=None)
-    ref = LlamaForCausalLM(config).eval()
+    ref = tiny_model(LlamaConfig, vocab_size=37, tie_word_embeddings=False, final_logit_softcapping=None)
     ref.lm_head.bias = torch.nn.Parameter(torch.randn(37) * 0.5)  # a biased head, as some models have
     model = distributed.shard_model(copy.deepcopy(ref), torch.device("cpu"))
     assert vocab_parallel.sharded_head(model) is not None and vocab_parallel.sharded_embedding(model) is not None
@@ -49,8 +46,6 @@ SCRIPT = textwrap.dedent(
         emb_got = vocab_parallel.embed(model.get_input_embeddings(), ids)
     torch.testing.assert_close(emb_got, emb_want, rtol=0, atol=0)  # one nonzero addend per row: exact
     # The sharded head merges per-rank log-sum-exps: the same formulas in another order (conftest's bounds).
-    sys.path.insert(0, sys.argv[2])
-    from conftest import ENTROPY_ULPS, LOGP_ULPS, assert_reordered
     for name, a, b in zip(("logp", "entropy", "extra"), got, want):
         ulps = ENTROPY_ULPS if name == "entropy" else LOGP_ULPS
         assert_reordered(a, b, ulps, scale=1 + b.abs().nan_to_num(), msg=name)
@@ -64,15 +59,10 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.multiproc
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_vocab_parallel_equals_one_unsharded_model(tmp_path, nproc):
-    from test_distributed import free_port
+    from ranks import torchrun
 
     script = tmp_path / "vp.py"
     script.write_text(SCRIPT)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                          f"--master-port={free_port()}", str(script), str(tmp_path / "done"),
-                          str(Path(__file__).parent)],
-                         check=False, capture_output=True, text=True,
-                         timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun(str(tmp_path / "done"), str(Path(__file__).parent), nproc=nproc, script=script)
     assert run.returncode == 0, run.stderr[-4000:]
     assert all((tmp_path / f"done.rank{r}").read_text() == "ok" for r in range(nproc))

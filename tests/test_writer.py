@@ -12,7 +12,8 @@ from conftest import valid_rollout_table, write_rollout_table
 
 from drpo_cli import RolloutWriter
 from drpo_cli.base.errors import ConfigError, InputError
-from drpo_cli.rollouts.schema import open_rollouts, validate_rollouts
+from drpo_cli.rollouts.files import open_rollouts
+from drpo_cli.rollouts.validate import validate_rollouts
 from drpo_cli.rollouts.writer import check_logprobs_kind
 
 ROWS = valid_rollout_table().to_pylist()

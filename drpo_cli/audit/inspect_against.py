@@ -19,8 +19,8 @@ import torch
 from drpo_cli.base.errors import InputError
 from drpo_cli.config import LOSS_HPARAMS, InspectConfig
 from drpo_cli.objectives.divergence import Diagnostics
+from drpo_cli.rollouts.files import RolloutSource, open_rollouts
 from drpo_cli.rollouts.rows import RolloutRows, file_temperature
-from drpo_cli.rollouts.schema import RolloutSource, open_rollouts
 
 _HASH_COLUMNS = ("sample_id", "prompt_ids", "response_ids")
 _B_COLUMNS = ("response_ids", "behavior_logprobs", "loss_mask", "temperature")

@@ -27,7 +27,8 @@ from drpo_cli.model.batching import filler_batch, plan_micro_batches
 from drpo_cli.model.head import reused_buffers
 from drpo_cli.model.histograms import MuPiHistogram, worst_tokens
 from drpo_cli.objectives.catalog import LOSSES
-from drpo_cli.objectives.divergence import LOGR_CLAMP, Diagnostics, token_diagnostics
+from drpo_cli.objectives.divergence import Diagnostics, token_diagnostics
+from drpo_cli.objectives.elementwise import LOGR_CLAMP
 from drpo_cli.rollouts.rows import RolloutRows, check_vocabulary, current_version, fit_context
 
 WHAT_IF_DELTAS = (0.1, 0.2, 0.5, 12.5)  # DRPO δ sweep shown when --delta is not given (SPEC.md §1)
@@ -108,6 +109,7 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
     from drpo_cli.model import distributed, moe
     from drpo_cli.model.checkpoint import load_model
     from drpo_cli.model.logprobs import pick_device
+    from drpo_cli.rollouts.files import RolloutSource, Shard
     from drpo_cli.rollouts.rows import (
         file_temperature,
         group_advantage_table,
@@ -115,7 +117,6 @@ def audit_model(cfg: InspectConfig, source, progress=None, per_token_path: str |
         staleness_filter,
         too_stale,
     )
-    from drpo_cli.rollouts.schema import RolloutSource, Shard
 
     start = time.perf_counter()
     spec, routing_note = moe.plan_routing(cfg.model, source.columns(), replay=cfg.replay_routing,
@@ -303,8 +304,8 @@ class _RowPlan:
 
     @classmethod
     def read(cls, source, piece_rows: int, temperature: float | None) -> _RowPlan:
+        from drpo_cli.rollouts.files import Shard
         from drpo_cli.rollouts.rows import file_temperature, version_range
-        from drpo_cli.rollouts.schema import Shard
 
         parts: dict[str, list] = {k: [] for k in ("oldest", "newest", "temperature", "trained", "tokens", "piece",
                                                   "start")}

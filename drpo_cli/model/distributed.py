@@ -144,10 +144,10 @@ def exchange(obj) -> list:
 
 
 def data_shard(source):
-    """This rank's share of `source`'s rows (schema.Shard), or None in one process."""
+    """This rank's share of `source`'s rows (files.Shard), or None in one process."""
     if not is_distributed():
         return None
-    from drpo_cli.rollouts.schema import Shard
+    from drpo_cli.rollouts.files import Shard
 
     return Shard.of(rank(), world_size(), source.count_rows())
 

@@ -17,14 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drpo_cli.base.errors import ConfigError, InputError
-from drpo_cli.rollouts.schema import (
-    Problem,
-    RolloutSource,
-    Shard,
-    SourceBatch,
-    open_rollouts,
-    validate_rollouts,
-)
+from drpo_cli.rollouts.files import RolloutSource, Shard, SourceBatch, open_rollouts
+from drpo_cli.rollouts.schema import Problem
+from drpo_cli.rollouts.validate import validate_rollouts
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
         w.write(prompt_ids=p, response_ids=r, behavior_logprobs=lp, reward=1.0, group_id="q17")
 
 Rows are buffered `batch_rows` at a time; each full buffer is checked with the same checks and
-messages as `drpo validate` (schema._check_batch) and appended to the file as one Arrow record
+messages as `drpo validate` (validate.check_batch) and appended to the file as one Arrow record
 batch, so memory is bounded by the batch, not the file. The file is written under a temporary name
 next to the output and renamed into place by a clean close: an exception inside the `with`, or a
 bad row, leaves no output behind.
@@ -28,18 +28,9 @@ import pyarrow as pa
 
 from drpo_cli.base.errors import ConfigError, InputError
 from drpo_cli.base.outputs import ARROW_MARKER_KEY, Output, atomic_file, check_paths
-from drpo_cli.rollouts.schema import (
-    COLUMN_BY_NAME,
-    COLUMNS,
-    REQUIRED,
-    SCHEMA_VERSION,
-    IdHashes,
-    Problem,
-    Problems,
-    RolloutFile,
-    check_batch,
-    check_file,
-)
+from drpo_cli.rollouts.files import RolloutFile
+from drpo_cli.rollouts.schema import COLUMN_BY_NAME, COLUMNS, REQUIRED, SCHEMA_VERSION, Problem
+from drpo_cli.rollouts.validate import IdHashes, Problems, check_batch, check_file
 
 LOGPROB_KINDS = ("processed", "raw")
 # How to make each sampler log the distribution it sampled from (quoted by the refusals).

@@ -1,42 +1,27 @@
-"""`drpo train`: off-policy update passes over logged rollouts (SPEC.md §1, §4).
+"""`drpo train`: off-policy update passes over logged rollouts (SPEC.md §1, §4), the command's orchestration.
 
-Read top to bottom: resolve the output, load rows and model, fix the anchor log-probs, then for
-each pass a seeded shuffle into `--minibatches` mini-batches, one optimizer step each. A step
-plans token-budget micro-batches, computes the aggregation denominators over the WHOLE mini-batch
-(all micro-batches, all ranks) before the first forward, and accumulates gradients, so the
-gradient does not depend on the micro-batch size. A closing audit measures the final weights
-against μ; the checkpoint and OUT/drpo_report.json are written in one atomic rename.
-
-Interrupts. SIGINT/SIGTERM set a flag; the current optimizer step stops within seconds (checked
-before every forward pass, and in one process before every decoder layer), its gradients dropped,
-then the resumable state goes to `OUT.partial-state/` (model + optimizer + step counter + report
-so far + RNG) and the run exits 130. `--resume` reloads it and reaches the same final weights as
-an uninterrupted run: the shuffle of pass e is a pure function of (seed, e) and the learning rate
-of step s is a pure function of s, so the step counter is all the "scheduler" there is. A second
-signal aborts at once. Its test hooks (DRPO_INTERRUPT_AFTER_STEP, DRPO_INTERRUPT_IN_STEP) are
-documented in hooks.py.
+Read top to bottom: resolve the output, load rows and model, fix the anchor log-probs and the rejection
+criteria, run the update loop (loop.py: one optimizer step per mini-batch; signals.py: SIGINT/SIGTERM
+save a resumable state that `--resume` (resume.py) continues to the same final weights), then a closing
+audit measures the final weights against μ; the checkpoint, OUT/drpo_report.json and its page
+(report.py) are written in one atomic rename.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from drpo_cli import __version__
 from drpo_cli.base import hooks, launch, outputs
-from drpo_cli.base.errors import Aborted, ConfigError, DrpoError, InputError, Interrupted, ReportError
+from drpo_cli.base.errors import ConfigError, DrpoError, InputError, Interrupted, ReportError
 from drpo_cli.config import TrainConfig, expand_correction
 from drpo_cli.model import distributed, moe
 from drpo_cli.model.batching import plan_micro_batches
@@ -55,30 +40,15 @@ from drpo_cli.model.checkpoint import (
 )
 from drpo_cli.model.head import reused_buffers
 from drpo_cli.model.histograms import MuPiHistogram, worst_tokens
-from drpo_cli.model.logprobs import fused_token_loss, pick_device, token_logprobs
-from drpo_cli.objectives.aggregation import aggregation_denominator, token_coefficients
-from drpo_cli.objectives.catalog import BATCH_LOSSES, SEQUENCE_LOSSES
-from drpo_cli.objectives.corrections import (
-    batch_normalize,
-    behavior_weight,
-    reference_kl,
-    rejection_mask,
-    veto_mask,
-    weight_mean,
-    weight_sum_parts,
-)
+from drpo_cli.model.logprobs import pick_device, token_logprobs
+from drpo_cli.objectives.catalog import BATCH_LOSSES
+from drpo_cli.objectives.corrections import behavior_weight, rejection_mask, veto_mask
 from drpo_cli.objectives.divergence import Diagnostics, sequence_scores, token_diagnostics
-from drpo_cli.objectives.filters import m2po_keep, opsm_keep
-from drpo_cli.objectives.losses import token_loss
 from drpo_cli.objectives.ratio_clipped import covariance_selection
 from drpo_cli.reports.report_format import (
-    TRAIN_REPORT_VERSION,
-    clean_number,
-    finite_or_null,
-    fmt,
     print_train_summary,
-    train_report_json,
 )
+from drpo_cli.rollouts.files import open_rollouts
 from drpo_cli.rollouts.rows import (
     Context,
     RolloutRows,
@@ -88,11 +58,16 @@ from drpo_cli.rollouts.rows import (
     load_rows,
     staleness_filter,
 )
-from drpo_cli.rollouts.schema import open_rollouts
-from drpo_cli.training.resume import load_state, save_state
+from drpo_cli.training.loop import (
+    StepTokens,
+    accumulate_gradients,  # noqa: F401 - tests/test_objectives.py imports it from here
+    run_steps,
+    step_wide,
+)
+from drpo_cli.training.report import flat_metrics, report_files, tensorboard, train_report
+from drpo_cli.training.resume import load_state
+from drpo_cli.training.signals import signals_request_stop
 
-REPORT_NAME = "drpo_report.json"
-PAGE_NAME = "report.html"
 WORST_SAMPLES = 10
 LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -109,7 +84,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> TrainResult:
     out_dir = outputs.real(cfg.out or default_out_dir(cfg.model, read_policy_version(cfg.model)))
     # The outputs locked for the whole run, files no more readable than the inputs; then, caught up to
     # the final rename, a signal after the last step lets the run finish.
-    with outputs.claimed(*cfg.paths(out_dir), lock=launch.leads()), _signals_request_stop() as stop:
+    with outputs.claimed(*cfg.paths(out_dir), lock=launch.leads()), signals_request_stop() as stop:
         outputs.check_paths(*cfg.paths(out_dir), overwrite=cfg.overwrite)  # validate() saw only an explicit --out
         # The checkpoint's temporary directory, made now: an --out that cannot be written fails before any work.
         tmp = _output_temp_dir(out_dir) if launch.leads() else None
@@ -137,7 +112,6 @@ def _output_temp_dir(out_dir: Path) -> Path:
 def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console: Console) -> TrainResult:
     t0 = time.perf_counter()
     preset, cfg = cfg.correction, expand_correction(cfg)  # --correction spelled out as the options it stands for
-    hp = cfg.loss_hparams()
 
     # ---- output location: refused before anything is loaded ----
     in_version = read_policy_version(cfg.model)
@@ -179,7 +153,7 @@ def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console:
     torch.manual_seed(cfg.seed)
 
     # ---- rows (minus the too stale ones), reference log-probs, model ----
-    # Under torchrun each rank loads only its share of the rows (schema.Shard); `local_of` maps a
+    # Under torchrun each rank loads only its share of the rows (files.Shard); `local_of` maps a
     # row's index among all kept rows to this rank's copy of it (−1: another rank's).
     rows, staleness, truncation, local_of, totals = _load_share(cfg, in_version, context)
     if totals["rows"] < cfg.minibatches:
@@ -258,109 +232,28 @@ def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console:
     if cfg.resume:
         start, steps = load_state(state_dir, cfg, model, optimizer, scaler)
 
+    # ---- the update loop (loop.py); a signal from here on saves a resumable state (signals.py) ----
     total_steps = cfg.epochs * cfg.minibatches
-    diverged = None  # the parameter an update made non-finite (the run stops after that step)
-    progress = _progress(cfg, total_steps, start)
     # Rounds of a pipeline (policy version v -> v + 1) continue one TensorBoard curve.
-    board = _tensorboard(cfg, base_step=(in_version or 0) * total_steps)
-    # From here on a signal stops the current step within seconds (_interruptible: between passes, and in
-    # one process between decoder layers), drops its gradients and saves a resumable state at its start.
-    # Under torchrun the ranks agree before every pass and after every step (the flag is max-reduced).
-    stop.defer = True
-    with progress, _interruptible(model, stop, sharded) as check_stop:
-        task = progress.add_task("train", total=total_steps, completed=start, loss="–", tps="–", outside="–")
-        for step in range(start, total_steps):
-            epoch, k = divmod(step, cfg.minibatches)
-            perm = np.random.default_rng([cfg.seed, epoch]).permutation(totals["rows"])
-            mini = local_of[np.array_split(perm, cfg.minibatches)[k]]
-            local = mini[mini >= 0]  # the mini-batch's rows this rank holds
-            lr = cfg.lr * _warmup(step, cfg.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t_step = time.perf_counter()
-
-            step_rho, corrections = _step_corrections(cfg, rows, local, rho, mask, flags, device)
-            scale = _loss_scale(scaler, device)
-            if scaler is not None:
-                corrections["amp/loss_scale"] = scale
-            stop.step = step
-            try:
-                loss, diag, tokens = accumulate_gradients(model, rows, local, cfg, anchor=anchor, rho=step_rho,
-                                                          behavior=behavior, advantages=advantages, mask=mask,
-                                                          autocast=autocast, ref_logp=ref_logp, scale=scale,
-                                                          old_logp=old, step=step, interrupt=check_stop)
-            except StepInterrupted:
-                optimizer.zero_grad(set_to_none=True)  # the step's partial gradients: it reruns on --resume
-                raise _interrupted(state_dir, cfg, model, optimizer, step, steps, scaler, total_steps,
-                                   f"during step {step + 1}") from None
-            finally:
-                stop.step = None
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # the gradients back to their true size before the norm and clip
-            # The global norm: FSDP2 gradients are DTensors, whose norm is reduced over ranks.
-            grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
-            if not skipped:  # a non-finite step is counted, never applied
-                optimizer.step()
-                # An update can overflow finite weights (an absurd --lr): every later step would be NaN.
-                diverged = _non_finite_weight(model)
-            if scaler is not None:
-                scaler.update()  # halved after an overflow (a skipped step), doubled after 2,000 clean ones
-            optimizer.zero_grad(set_to_none=True)
-
-            seconds = time.perf_counter() - t_step
-            metrics = {**_flat_metrics(diag.summary()), **corrections, **moe.step_metrics(model)}
-            steps.append({"step": step, "epoch": epoch, "minibatch": k, "loss": clean_number(loss.item()),
-                          "grad_norm": clean_number(grad_norm.item()), "lr": lr, "tokens": tokens,
-                          "skipped": skipped, "seconds": seconds, "metrics": metrics})
-            progress.update(task, advance=1, loss=fmt(loss.item()), tps=f"{tokens / max(seconds, 1e-9):,.0f}",
-                            outside=fmt(metrics.get("tr/outside_frac")))
-            if board is not None:
-                board.step(steps[-1])
-            if diverged is not None:
-                break  # the checkpoint and report are still written; the run then exits 1
-            for _ in range(hooks.interrupt_signals(step)):
-                signal.raise_signal(signal.SIGTERM)
-            stop.requested = distributed.any_rank(stop.requested)
-            if stop.requested and step + 1 < total_steps:
-                raise _interrupted(state_dir, cfg, model, optimizer, step + 1, steps, scaler, total_steps,
-                                   f"after step {step + 1}")
+    board = tensorboard(cfg, base_step=(in_version or 0) * total_steps)
+    tok = StepTokens(anchor=anchor, rho=rho, behavior=behavior, advantages=advantages, mask=mask, flags=flags,
+                     old=old, ref_logp=ref_logp)
+    step, diverged = run_steps(model, optimizer, rows, cfg, tok, local_of=local_of, n_rows=totals["rows"],
+                               start=start, steps=steps, scaler=scaler, autocast=autocast, device=device, stop=stop,
+                               sharded=sharded, state_dir=state_dir, board=board)
 
     # ---- closing audit: the final weights against μ on the trained rollouts ----
     optimizer = None  # its moments (two weight copies) are not needed past the last step
     model.eval()
     final, notes = _closing_audit(model, rows, cfg, autocast, behavior, advantages, mask, ref_logp)
-    first = steps[0]["metrics"] if steps else {}
-    final["change_from_first_step"] = {
-        k: (None if v is None or first.get(k) is None else v - first[k])
-        for k, v in final["metrics"].items() if not k.startswith("data/")  # data/* describe the rows, not π
-    }
-
-    report = {
-        "report": "drpo-train", "report_version": TRAIN_REPORT_VERSION, "drpo_version": __version__,
-        "config": cfg.to_dict(),
-        "input": {"model": os.path.abspath(cfg.model), "policy_version": in_version,
-                  "rollouts": [os.path.abspath(p) for p in cfg.rollouts], "rows": totals["rows"],
-                  "tokens": totals["tokens"], "trained_tokens": totals["trained_tokens"],
-                  "vocab_size": info.vocab_size, "adapter": cfg.adapter and os.path.abspath(cfg.adapter),
-                  "trainable_parameters": trainable},
-        "output": {"dir": str(out_dir), "policy_version": out_version},
-        "loss": {"name": cfg.loss, "hparams": hp, "anchor": cfg.anchor, "is_correction": cfg.is_correction,
-                 "is_level": cfg.is_level, "agg": cfg.agg,
-                 "reference_kl": ({"model": os.path.abspath(cfg.ref_model), "coef": cfg.resolved_kl_coef(),
-                                   "estimator": cfg.kl_estimator} if cfg.ref_model else None),
-                 "entropy_coef": cfg.entropy_coef, "correction": preset, "reject_mode": cfg.reject_mode,
-                 "is_veto": cfg.is_veto, "is_batch_norm": cfg.is_batch_norm},
-        "filters": {"staleness": staleness, "rejection": rejection, "veto": veto, "truncation": truncation},
-        "notes": notes,
-        "steps": steps,
-        "skipped_steps": sum(s["skipped"] for s in steps),
-        "diverged": None if diverged is None else {"step": step, "parameter": diverged},
-        "final": final,
-        "seconds": time.perf_counter() - t0,
-    }
-    report = finite_or_null(report)
-    files, unwritten = _report_files(report)
+    report = train_report(cfg, preset=preset, in_version=in_version, totals=totals, vocab_size=info.vocab_size,
+                          trainable=trainable, out_dir=out_dir, out_version=out_version,
+                          filters={"staleness": staleness, "rejection": rejection, "veto": veto,
+                                   "truncation": truncation},
+                          notes=notes, steps=steps,
+                          diverged=None if diverged is None else {"step": step, "parameter": diverged}, final=final,
+                          seconds=time.perf_counter() - t0)
+    files, unwritten = report_files(report)
     _save_output(model, cfg, out_dir, out_tmp, out_version, files, out_bytes, lora_config)  # the weights, whatever else fails
     if distributed.rank() == 0:  # one remover: every rank's shards are in it
         outputs.remove_output(state_dir, "state")  # only drpo's own state; anything else stays
@@ -379,152 +272,6 @@ def _train(cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, stop, console:
     if not cfg.quiet and distributed.rank() == 0:
         print_train_summary(report, console)
     return TrainResult(out_dir=out_dir, policy_version=out_version, report=report)
-
-
-def _report_files(report: dict) -> tuple[dict[str, str], list[str]]:
-    """({name: text}, [what could not be made]) of the report and its page for the checkpoint directory.
-
-    Each is made on its own; one that fails is left out and named, so that it never costs the weights.
-    """
-    from drpo_cli.reports.html_pages import train_page
-
-    files, unwritten = {}, []
-    for name, make in ((REPORT_NAME, train_report_json), (PAGE_NAME, train_page)):
-        try:
-            files[name] = make(report)
-        except Exception as err:  # noqa: BLE001 - reported once the checkpoint is written
-            unwritten.append(f"{name} ({distributed.one_line(err)})")
-    return files, unwritten
-
-
-def accumulate_gradients(model, rows: RolloutRows, row_idx: np.ndarray, cfg: TrainConfig, *, anchor, rho, behavior,
-                         advantages, mask, autocast=None, ref_logp=None, old_logp=None,
-                         step: int = 0, scale: float = 1.0, interrupt=None) -> tuple[torch.Tensor, Diagnostics, int]:
-    """Backward of one optimizer step's loss over rows `row_idx`, micro-batch by micro-batch.
-
-    The aggregation denominator is summed over every micro-batch (and rank) first, so the
-    accumulated gradient equals that of the whole mini-batch in one piece, for any
-    micro_batch_tokens. Each token's loss is c_t·(ρ_t·loss_t + β·KL_t − c_ent·H_t): the reference
-    KL and the entropy bonus share the aggregation coefficients c_t, not the behavior weight ρ.
-    Step-wide statistics (SPEC.md §1): the M2PO mask (--m2po-threshold, on μ and π_old) and the
-    clip-cov / kl-cov selection (on π at this step's weights, from a first inference sweep) are
-    computed over the step's tokens of every rank in global order before any gradient pass; OPSM
-    (--opsm-delta) is per sequence, inside the loss. `scale` (fp16's loss scale)
-    multiplies every c_t, so the gradients, formed in the head's forward from the per-token upstream
-    gradient, are scaled before any cast to fp16; the loss is returned unscaled. `interrupt()` runs
-    before every pass (under torchrun a collective: every rank runs as many passes) and raises
-    StepInterrupted when a signal asks to stop. Returns (global loss, global diagnostics, global trained tokens).
-    """
-    device = distributed.model_device(model)
-    hp = cfg.loss_hparams()
-    # OPSM and sequence-level losses need the micro-batch's whole sequences at once.
-    whole = cfg.loss in SEQUENCE_LOSSES or cfg.opsm_delta is not None
-    beta = cfg.resolved_kl_coef()
-    micro = plan_micro_batches(rows, row_idx, cfg.micro_batch_tokens)
-    diag = Diagnostics(cfg.tr_delta, {cfg.loss: hp}, opsm_delta=cfg.opsm_delta, m2po_threshold=cfg.m2po_threshold)
-    step_idx = torch.cat([mb.token_index for mb in micro]) if micro else torch.zeros(0, dtype=torch.int64)  # (S,)
-    if cfg.m2po_threshold is not None:  # the step's largest (log μ − log π_old)² leave the loss mask
-        kept = _step_wide(lambda b, o, v: m2po_keep(b, o, v, cfg.m2po_threshold), rows, step_idx,
-                          behavior[step_idx], old_logp[step_idx], mask[step_idx])
-        before = mask[step_idx]
-        dropped = before & ~kept
-        diag.add_counts({"m2po/masked_frac": (float(dropped.sum()), float(before.sum())),
-                         "m2po/dropped_pos_adv_frac": (float((dropped & (advantages[step_idx] > 0)).sum()),
-                                                       float(dropped.sum()))})
-        mask = mask.clone()
-        mask[step_idx] = before & kept
-    selected = None  # (T,) bool: the step's clip-cov / kl-cov tokens
-    if cfg.loss in BATCH_LOSSES:
-        logp_now = _sweep_logprobs(model, micro, cfg, device, autocast, interrupt)  # (S,) π at this step's weights
-        sel = _step_wide(lambda lp, mu, a, v: covariance_selection(cfg.loss, lp, mu, a, v, seed=cfg.seed * 1_000_003 + step,
-                                                                   **hp),
-                         rows, step_idx, logp_now, anchor[step_idx], advantages[step_idx], mask[step_idx])
-        selected = torch.zeros_like(mask)
-        selected[step_idx] = sel
-    denom = torch.zeros((), dtype=torch.float64)
-    for mb in micro:
-        denom += aggregation_denominator(cfg.agg, mask[mb.token_index], mb.seq_index)
-    denom = distributed.all_reduce_sum(denom.to(device))
-
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    tokens = torch.zeros((), dtype=torch.int64, device=device)
-    # A rank with fewer micro-batches runs zero-weight passes (exact zero gradients) so that every
-    # FSDP rank runs the same number; counted before any pass, so that every rank makes that
-    # collective at the same point (a rank with no rows would otherwise meet another's first pass).
-    fillers = distributed.filler_passes(len(micro))
-    with reused_buffers():  # the step's micro-batches share chunk buffers, freed before the optimizer step
-        for mb in micro:
-            if interrupt is not None:
-                interrupt()
-            idx = mb.token_index  # (M,) on the CPU, like the per-token arrays it indexes
-            mb = mb.to(device)
-            m, a, mu = mask[idx].to(device), advantages[idx].to(device), anchor[idx].to(device)  # (M,)
-            # Per-token weight of the step loss: mask × global 1/denominator (aggregation) [× ρ (correction)].
-            agg = token_coefficients(cfg.agg, m, mb.seq_index, denom, horizon=cfg.horizon) * scale  # (M,)
-            coef = agg * rho[idx].to(device)
-            ref = ref_logp[idx].to(device) if ref_logp is not None else None  # (M,)
-            sel = selected[idx].to(device) if selected is not None else None  # (M,)
-            beh = behavior[idx].to(device)  # (M,)
-
-            def loss_fn(logp, sl, coef=coef, agg=agg, mu=mu, a=a, m=m, seq=mb.seq_index, ref=ref, sel=sel, beh=beh):
-                # A scalar sum over the tokens `sl` (all of them for a sequence-level loss or OPSM).
-                per_token = token_loss(cfg.loss, logp, mu[sl], a[sl], mask=m[sl], seq_index=seq[sl],
-                                       selected=None if sel is None else sel[sl], **hp)
-                if cfg.opsm_delta is not None:  # A < 0 tokens of sequences too far from μ (π now) drop out
-                    per_token = per_token * opsm_keep(logp, beh[sl], a[sl], seq[sl], m[sl], cfg.opsm_delta)
-                loss = (coef[sl] * per_token).sum()
-                if ref is not None and beta > 0:
-                    safe = torch.where(m[sl], logp, ref[sl])  # masked tokens: KL 0, gradient 0
-                    loss = loss + beta * (agg[sl] * reference_kl(cfg.kl_estimator, safe, ref[sl])).sum()
-                return loss
-
-            ent_weight = -cfg.entropy_coef * agg if cfg.entropy_coef > 0 else None  # (M,) bonus: −c·H_t
-            loss, logp, ent = fused_token_loss(model, mb, loss_fn, chunk_tokens=cfg.chunk_tokens, dtype=autocast,
-                                               entropy_weight=ent_weight, whole=whole)
-            loss.backward()
-            total += loss.detach()
-            tokens += m.sum()
-            diag.update(logp, beh, a, m, entropy=ent, seq_index=mb.seq_index, ref_logp=ref, selected=sel)
-            moe.count_trained(model, mb, m)  # with --replay-routing: the router's own top-k ≠ the logged one
-        for filler in fillers:
-            if interrupt is not None:
-                interrupt()
-            zero, _, _ = fused_token_loss(model, filler.to(device), lambda logp, sl: logp.sum() * 0.0,
-                                          chunk_tokens=cfg.chunk_tokens, dtype=autocast)
-            zero.backward()
-    distributed.all_reduce_sum(total)
-    distributed.all_reduce_sum(tokens)
-    diag.all_reduce_()
-    return total / scale, diag, int(tokens.item())
-
-
-def _sweep_logprobs(model, micro, cfg: TrainConfig, device, autocast, interrupt=None) -> torch.Tensor:
-    """π of the step's tokens (S,) at the current weights, no gradient, micro-batch by micro-batch (with FSDP's fillers)."""
-    out = [torch.zeros(0)]
-    with torch.no_grad():  # not inference_mode: FSDP2's gathered buffers must serve the gradient passes next
-        for i, mb in enumerate(micro + distributed.filler_passes(len(micro))):
-            if interrupt is not None:
-                interrupt()
-            lp, _ = token_logprobs(model, mb.to(device), chunk_tokens=cfg.chunk_tokens, dtype=autocast)
-            if i < len(micro):
-                out.append(lp.float().cpu())
-    return torch.cat(out)
-
-
-def _step_wide(select, rows: RolloutRows, token_idx: torch.Tensor, *columns: torch.Tensor) -> torch.Tensor:
-    """`select(*columns)` over the step's tokens of every rank in global order; this rank's share of its bool result.
-
-    Global order is (row in the files, position in the response), so the result depends neither on
-    how the step is cut into micro-batches nor on how its rows are spread over ranks.
-    """
-    idx = token_idx.numpy()
-    key = rows.global_row[rows.token_row()[idx]].astype(np.int64) * (1 << 32) + rows.token_position()[idx]
-    shares = distributed.exchange((key, *(c.detach().cpu().numpy() for c in columns)))
-    all_keys = np.concatenate([share[0] for share in shares])
-    order = np.argsort(all_keys, kind="stable")
-    merged = [torch.from_numpy(np.concatenate([share[j] for share in shares])[order]) for j in range(1, len(columns) + 1)]
-    result = select(*merged).numpy()  # (N_global,) in global order
-    return torch.from_numpy(result[np.searchsorted(all_keys[order], key)])
 
 
 def _reference_logprobs(cfg: TrainConfig, rows: RolloutRows, device, sharded: bool, autocast) -> torch.Tensor:
@@ -554,51 +301,13 @@ def _rejection_counts(criteria, rows: RolloutRows, mask: torch.Tensor, kept: tor
             "sequences_rejected": seq_rejected, "seq_frac": seq_rejected / n_seq if n_seq else None}
 
 
-def _step_corrections(cfg: TrainConfig, rows: RolloutRows, local: np.ndarray, rho: torch.Tensor, mask: torch.Tensor,
-                      flags: dict, device) -> tuple[torch.Tensor, dict]:
-    """(behavior weights for this step, its correction metrics), over the step's rows on every rank.
-
-    Fractions are of the step's trained tokens and sequences before rejection: `reject/*` (--reject),
-    `veto/token_frac` (tokens with ρ below the veto threshold), `veto/seq_frac` (sequences vetoed).
-    --is-batch-norm: the weights divided by their mean over the step's trained tokens (sequences at a
-    sequence --is-level), summed exactly (corrections.weight_sum_parts), so for the same weights the factor
-    `is/batch_norm_factor` does not depend on micro-batch size or world size.
-    """
-    if len(flags) == 1 and not cfg.is_batch_norm:  # no rejection, no veto, no normalisation
-        return rho, {}
-    token_row = rows.token_row()  # (T,)
-    here = np.isin(token_row, local)  # (T,) this step's tokens on this rank
-    trained = flags["trained"].numpy() & here
-    counts = [trained.sum(), np.unique(token_row[trained]).size]
-    for name in ("reject", "veto"):
-        if name in flags:
-            removed = trained & ~flags[name].numpy()
-            cause = flags["catastrophic"].numpy() & here if name == "veto" else removed
-            counts += [cause.sum(), np.unique(token_row[removed]).size]
-    totals = distributed.all_reduce_sum(torch.tensor(np.array(counts, dtype=np.float64), device=device)).cpu().tolist()
-    metrics, (n_tok, n_seq), rest = {}, totals[:2], totals[2:]
-    for name in ("reject", "veto"):
-        if name in flags:
-            metrics[f"{name}/token_frac"] = rest[0] / n_tok if n_tok else None
-            metrics[f"{name}/seq_frac"] = rest[1] / n_seq if n_seq else None
-            rest = rest[2:]
-    if not cfg.is_batch_norm:
-        return rho, metrics
-    sel = torch.from_numpy(here)
-    level = "token" if cfg.is_level == "token" else "sequence"
-    parts = weight_sum_parts(rho[sel], mask[sel], torch.from_numpy(token_row)[sel], level)
-    normalized, metrics["is/batch_norm_factor"] = batch_normalize(
-        rho, weight_mean(distributed.all_reduce_sum(parts.to(device)).cpu()))
-    return normalized, metrics
-
-
 def _load_share(cfg: TrainConfig, in_version: int | None, context: Context | None
                 ) -> tuple[RolloutRows, dict, dict | None, np.ndarray, dict]:
     """(this rank's rows minus the too stale ones, within the model's context, staleness counts, truncation
     counts (rollouts.fit_context; None without --truncate), local_of, global totals).
 
     In one process the rows are all of them and local_of is the identity. Under torchrun each rank
-    loads its share (schema.Shard) and local_of (N,) maps each kept row's index among all N kept rows,
+    loads its share (files.Shard) and local_of (N,) maps each kept row's index among all N kept rows,
     in file order, to this rank's copy (−1 where another rank holds it), so every rank draws the
     same mini-batches as one process and trains the rows of them it holds.
     """
@@ -654,35 +363,6 @@ def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Ad
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
-def _non_finite_weight(model) -> str | None:
-    """The name of a parameter holding NaN or ±inf after an update (any rank's shard), else None.
-
-    One max-norm per parameter (no full-size temporary); under torchrun a collective.
-    """
-    from torch.distributed.tensor import DTensor
-
-    named = [(n, t) for n, p in model.named_parameters() if p.requires_grad
-             for t in [p.to_local() if isinstance(p, DTensor) else p] if t.numel()]
-    norms = torch.stack([torch.linalg.vector_norm(p.detach(), ord=float("inf")).float() for _, p in named]) \
-        if named else torch.zeros(0)
-    bad = [n for (n, _), ok in zip(named, torch.isfinite(norms).tolist()) if not ok]
-    if not distributed.any_rank(bool(bad)):
-        return None
-    return next(name for names in distributed.exchange(bad[:1]) for name in names)
-
-
-def _loss_scale(scaler, device) -> float:
-    """The GradScaler's current scale (1 without one); its first call sets the initial 2^16."""
-    if scaler is None:
-        return 1.0
-    return float(scaler.scale(torch.ones((), device=device)).item())
-
-
-def _warmup(step: int, warmup_steps: int) -> float:
-    """Linear warmup: step s (0-based) runs at (s + 1) / W of the learning rate for s < W."""
-    return 1.0 if step >= warmup_steps else (step + 1) / warmup_steps
-
-
 def _logprobs_of(model, rows: RolloutRows, cfg: TrainConfig, autocast, *, with_entropy: bool):
     """(logp (T,), entropy (T,) | None) of every response token of `rows` under `model`, inference mode.
 
@@ -713,7 +393,7 @@ def _closing_audit(model, rows: RolloutRows, cfg: TrainConfig, autocast, behavio
     selected = None  # clip-cov / kl-cov: the selection over every rank's tokens, as in a step
     if cfg.loss in BATCH_LOSSES:
         every = torch.arange(rows.num_tokens)
-        selected = _step_wide(lambda lp, mu, a, v: covariance_selection(cfg.loss, lp, mu, a, v, seed=cfg.seed,
+        selected = step_wide(lambda lp, mu, a, v: covariance_selection(cfg.loss, lp, mu, a, v, seed=cfg.seed,
                                                                         **cfg.loss_hparams()),
                               rows, every, logp, behavior, advantages, mask)
     diag.update(logp, behavior, advantages, mask, entropy=ent, seq_index=torch.from_numpy(rows.token_row()),
@@ -739,51 +419,8 @@ def _closing_audit(model, rows: RolloutRows, cfg: TrainConfig, autocast, behavio
     picture = MuPiHistogram()
     picture.update(logp.numpy(), behavior.numpy(), advantages.numpy(), mask.numpy())
     picture.all_reduce_()
-    return {"metrics": _flat_metrics(summary), "worst_samples": [c[1] for c in best],
+    return {"metrics": flat_metrics(summary), "worst_samples": [c[1] for c in best],
             "mu_pi_histogram": picture.to_dict(), "worst_tokens": [c[2] for c in best]}, summary["notes"]
-
-
-def _flat_metrics(summary: dict) -> dict[str, float | int | None]:
-    """The namespaced scalar metrics of a Diagnostics summary (breakdowns and histograms left out)."""
-    return {k: clean_number(v) for k, v in summary.items() if "/" in k and (v is None or isinstance(v, (int, float)))}
-
-
-# ---- output -----------------------------------------------------------------------------------
-
-
-class _Board:
-    """TensorBoard scalars of every step at global step `base_step + step` (rank 0 only)."""
-
-    def __init__(self, log_dir: str, base_step: int):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer, self.base = SummaryWriter(log_dir=log_dir), base_step
-
-    def step(self, record: dict) -> None:
-        at = self.base + record["step"]
-        for name in ("loss", "grad_norm", "lr", "tokens"):
-            if record[name] is not None:
-                self.writer.add_scalar(f"train/{name}", record[name], at)
-        for name, value in record["metrics"].items():
-            if value is not None:
-                self.writer.add_scalar(name, value, at)
-        self.writer.flush()  # watchable while the run goes on
-
-    def close(self, final_metrics: dict, last_step: int) -> None:
-        """The closing audit's metrics (final weights vs μ) under `final/`, at the last step."""
-        for name, value in final_metrics.items():
-            if value is not None:
-                self.writer.add_scalar(f"final/{name}", value, self.base + last_step)
-        self.writer.close()
-
-
-def _tensorboard(cfg: TrainConfig, *, base_step: int) -> _Board | None:
-    if cfg.tensorboard is None or distributed.rank() != 0:
-        return None
-    try:
-        return _Board(cfg.tensorboard, base_step)
-    except ImportError as err:
-        raise ConfigError(f"--tensorboard needs the tensorboard package ({err}): pip install 'drpo[tensorboard]'") from None
 
 
 def _save_output(model, cfg: TrainConfig, out_dir: Path, out_tmp: Path | None, version: int, files: dict[str, str],
@@ -848,92 +485,3 @@ def _source_dtype(model_dir: str) -> str | None:
     return dtype if dtype in ("float32", "bfloat16", "float16") else None
 
 
-# ---- interrupts ----------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _signals_request_stop():
-    """Yields a flag that SIGINT/SIGTERM set once `stop.defer` is on (checked at step boundaries).
-
-    Before that (loading: nothing to save) and on a second signal, the signal aborts at once.
-    """
-    stop = SimpleNamespace(requested=False, defer=False, step=None)  # step: the optimizer step in progress
-
-    def handle(signum, frame):
-        if stop.requested or not stop.defer:
-            raise KeyboardInterrupt
-        stop.requested = True
-
-    saved = {}
-    if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            saved[sig] = signal.signal(sig, handle)
-    try:
-        yield stop
-    finally:
-        for sig, previous in saved.items():
-            signal.signal(sig, previous)
-
-
-class StepInterrupted(Exception):
-    """A signal stopped an optimizer step in its middle (its gradients are dropped; it reruns on --resume)."""
-
-
-@contextlib.contextmanager
-def _interruptible(model, stop, sharded: bool):
-    """Yields the check accumulate_gradients runs before every pass: StepInterrupted once a signal set
-    `stop.requested`, so that a long step stops in seconds (the pass at work, not the whole step).
-
-    Under torchrun the check is a collective (any rank's flag), so every rank stops before the same
-    pass; in one process each decoder layer also checks before its forward (a pre-hook), so a long
-    forward stops between layers. The hook also serves DRPO_INTERRUPT_IN_STEP (hooks.py).
-    """
-    def check() -> None:
-        if distributed.any_rank(stop.requested) if sharded else stop.requested:
-            raise StepInterrupted
-
-    def before_layer(module, args) -> None:
-        if stop.step is None:
-            return  # the π_old, reference and closing passes: a signal there acts as before
-        if hooks.interrupt_in_step(stop.step) and not stop.requested:
-            signal.raise_signal(signal.SIGTERM)  # the test hook: a signal inside the step's forward
-        if stop.requested and not sharded:  # under FSDP every rank must stop before the same pass: check()
-            raise StepInterrupted
-
-    try:
-        layers = distributed.decoder_layers(model)
-    except ConfigError:  # an architecture without declared blocks: the checks between passes remain
-        layers = []
-    handles = [layer.register_forward_pre_hook(before_layer) for layer in layers]
-    try:
-        yield check
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _interrupted(state_dir: Path, cfg: TrainConfig, model, optimizer, next_step: int, steps: list[dict], scaler,
-                 total_steps: int, when: str) -> DrpoError:
-    """Save the resumable state (the next step to run: `next_step`) and return the error that says so:
-    Interrupted (exit 130), or Aborted (exit 4) when the state could not be saved (e.g. a full disk)."""
-    try:
-        save_state(state_dir, cfg, model, optimizer, next_step, steps, scaler)
-    except Exception as err:  # noqa: BLE001 - said in one line, nothing half-written (save_state cleans up)
-        return Aborted(f"interrupted {when} of {total_steps}, but the resumable state could not be saved to "
-                       f"{state_dir} ({distributed.one_line(err)}): nothing was kept; rerun the command")
-    return Interrupted(f"interrupted {when} of {total_steps}; state saved to {state_dir}; rerun the same command "
-                       "with --resume to continue")
-
-
-# ---- progress ---------------------------------------------------------------------------------
-
-
-def _progress(cfg: TrainConfig, total: int, start: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  tok/s {task.fields[tps]}  outside {task.fields[outside]}"),
-        TimeRemainingColumn(), console=Console(stderr=True),
-        disable=cfg.quiet or not sys.stderr.isatty() or distributed.rank() != 0, transient=False,
-    )
