@@ -189,6 +189,65 @@ def expand_correction(cfg):
                    reject_mode="zero")
 
 
+# ---- the options both commands take: each declared once here (type of value, default, choices, bound,
+# flags); a command's field takes it with `shared(name)`, saying in its own words (help, panel) what the
+# option does there: inspect reports what a correction would do where train applies it. `--rollouts` and
+# `--model` are not shared: inspect takes the files as arguments and the model as optional.
+_KEEP = object()
+SHARED_OPTIONS: dict[str, Field] = {
+    "tr_delta": option(0.2, "Trust-region yardstick of the diagnostics: |π − μ| > tr_delta.", panel=DATA, bound=UNIT),
+    "temperature": option(None, "Sampling temperature when the rollouts give none.", panel=DATA, bound=POSITIVE),
+    "columns": option((), "Rename a rollout column: LOGGED=DRPO (repeatable).", flags=("--column",), panel=INPUTS),
+    "overwrite": option(False, "Replace an existing --out that drpo wrote.", panel=OUTPUTS, file=False),
+    "reject": option((), f"Reject tokens/sequences by LEVEL_kN>X on π_old vs μ, e.g. {REJECT_EXAMPLE} (repeatable).",
+                     panel=CORRECTIONS_PANEL),
+    "is_veto": option(None, "Drop a sequence when a token has π_old/μ below THRESH (slime: 1e-4).",
+                      panel=CORRECTIONS_PANEL, bound=VETO),
+    "correction": option("none", f"Named correction: {one_of(CORRECTIONS)} (needs --anchor proximal).",
+                         choices=CORRECTIONS, panel=CORRECTIONS_PANEL),
+    "is_correction": option("none", f"Behavior correction with --anchor proximal: {one_of(IS_CORRECTIONS)}.",
+                            choices=IS_CORRECTIONS, panel=CORRECTIONS_PANEL),
+    "is_cap": option(None, f"Cap of tis ({IS_CAP}).", panel=CORRECTIONS_PANEL, bound=POSITIVE),
+    "is_band": option(None, f"Kept band LO HI of mis ({IS_BAND[0]} {IS_BAND[1]}).", panel=CORRECTIONS_PANEL),
+    "is_level": option("token", "ρ of tis / mis per token | sequence (product) | geometric (mean).",
+                       choices=IS_LEVELS, panel=CORRECTIONS_PANEL),
+    "is_batch_norm": option(False, "Self-normalise the behavior weights to mean 1 over each step.",
+                            panel=CORRECTIONS_PANEL),
+    "reject_mode": option(None, "Rejected/vetoed tokens: mask (leave the denominators; default) | zero (weight 0).",
+                          choices=REJECT_MODES, panel=CORRECTIONS_PANEL),
+    "opsm_delta": option(
+        None, "OPSM filter (any loss): drop A < 0 tokens of sequences whose mean log(μ/π) exceeds δ (off).",
+        panel=CORRECTIONS_PANEL, bound=NON_NEGATIVE),
+    "m2po_threshold": option(
+        None, "M2PO filter (any loss): mask the step's largest (log μ − log π_old)² until their mean < τ (off).",
+        panel=CORRECTIONS_PANEL, bound=POSITIVE),
+    "max_lag": option(None, "Drop rows (or mask tokens) whose staleness lag exceeds N.", panel=DATA,
+                      bound=NON_NEGATIVE),
+    "min_version": option(None, "Drop rows (or mask tokens) whose policy version is below V.", panel=DATA,
+                          bound=NON_NEGATIVE),
+    "truncate": option(False, "Train a row longer than the model's context on its first tokens (else refused).",
+                       panel=DATA),
+    "micro_batch_tokens": option(4096, "Token budget per forward/backward.", panel=OPTIMIZER, bound=AT_LEAST_ONE),
+    "device": option("auto", f"{one_of(DEVICES)}.", choices=DEVICES, panel=HARDWARE),
+    "dtype": option("auto", "auto | bf16 | fp16 (autocast, fp32 master weights; fp16 loss-scaled) | fp32.",
+                    choices=DTYPES, panel=HARDWARE),
+    "replay_routing": option(
+        False, "MoE: route through the experts the sampler logged (routed_experts column).", panel=HARDWARE),
+    "quiet": option(False, "No progress bar or summary tables.", flags=("--quiet", "-q"), panel=OUTPUTS),
+    "allow_unsafe_weights": option(False, "Allow pickle weights.", panel=INPUTS, file=False),
+    "chunk_tokens": option(1024, "Tokens per output-head chunk (memory O(chunk × V)).", command_line=False,
+                           repr=False, bound=AT_LEAST_ONE),
+}
+
+
+def shared(name: str, help: str | None = None, *, panel: Any = _KEEP, **meta: Any) -> Any:
+    """A command's field of the shared option `name` (SHARED_OPTIONS): its declaration, with this command's
+    own `help` and `panel` where given (and further metadata, e.g. `checked_if`)."""
+    base = SHARED_OPTIONS[name]
+    changed = {**({"help": help} if help is not None else {}), **({"panel": panel} if panel is not _KEEP else {}), **meta}
+    return field(default=base.default, repr=base.repr, metadata={**base.metadata, **changed, "shared": name})
+
+
 @dataclass(frozen=True)
 class TrainInputs:
     """The first fields of TrainConfig: what it reads, where it writes, which loss."""
@@ -215,35 +274,19 @@ class TrainConfig(TrainLossSettings):
     names are the keys of a `--config` file. The loss settings' fields come from the loss registry.
     """
 
-    opsm_delta: float | None = option(
-        None, "OPSM filter (any loss): drop A < 0 tokens of sequences whose mean log(μ/π) exceeds δ (off).",
-        panel=CORRECTIONS_PANEL, bound=NON_NEGATIVE)
-    m2po_threshold: float | None = option(
-        None, "M2PO filter (any loss): mask the step's largest (log μ − log π_old)² until their mean < τ (off).",
-        panel=CORRECTIONS_PANEL, bound=POSITIVE)
+    opsm_delta: float | None = shared("opsm_delta")
+    m2po_threshold: float | None = shared("m2po_threshold")
     anchor: str = option("behavior", f"Anchor log-probs: {one_of(ANCHORS)}.", choices=ANCHORS,
                          panel=CORRECTIONS_PANEL)
-    is_correction: str = option("none", f"Behavior correction with --anchor proximal: {one_of(IS_CORRECTIONS)}.",
-                                choices=IS_CORRECTIONS, panel=CORRECTIONS_PANEL)
-    is_cap: float | None = option(None, f"Cap of tis ({IS_CAP}).", panel=CORRECTIONS_PANEL, bound=POSITIVE,
-                                  checked_if=lambda cfg: cfg.is_correction == "tis")
-    is_band: tuple[float, float] | None = option(
-        None, f"Kept band LO HI of mis ({IS_BAND[0]} {IS_BAND[1]}).", panel=CORRECTIONS_PANEL)
-    is_level: str = option("token", "ρ of tis / mis per token | sequence (product) | geometric (mean).",
-                           choices=IS_LEVELS, panel=CORRECTIONS_PANEL)
-    reject: tuple[str, ...] = option(
-        (), f"Reject tokens/sequences by LEVEL_kN>X on π_old vs μ, e.g. {REJECT_EXAMPLE} (repeatable).",
-        panel=CORRECTIONS_PANEL)
-    is_veto: float | None = option(
-        None, "Drop a sequence when a token has π_old/μ below THRESH (slime: 1e-4).", panel=CORRECTIONS_PANEL,
-        bound=VETO)
-    is_batch_norm: bool = option(False, "Self-normalise the behavior weights to mean 1 over each step.",
-                                 panel=CORRECTIONS_PANEL)
-    correction: str = option("none", f"Named correction: {one_of(CORRECTIONS)} (needs --anchor proximal).",
-                             choices=CORRECTIONS, panel=CORRECTIONS_PANEL)
-    reject_mode: str | None = option(
-        None, "Rejected/vetoed tokens: mask (leave the denominators; default) | zero (weight 0).",
-        choices=REJECT_MODES, panel=CORRECTIONS_PANEL)
+    is_correction: str = shared("is_correction")
+    is_cap: float | None = shared("is_cap", checked_if=lambda cfg: cfg.is_correction == "tis")
+    is_band: tuple[float, float] | None = shared("is_band")
+    is_level: str = shared("is_level")
+    reject: tuple[str, ...] = shared("reject")
+    is_veto: float | None = shared("is_veto", bound=VETO)
+    is_batch_norm: bool = shared("is_batch_norm")
+    correction: str = shared("correction")
+    reject_mode: str | None = shared("reject_mode")
     ref_model: str | None = option(None, "Reference checkpoint for a KL(π‖π_ref) penalty.", panel=PENALTIES)
     kl_coef: float | None = option(
         None, f"β of the reference KL penalty ({number(DEFAULT_KL_COEF)} with --ref-model).", panel=PENALTIES,
@@ -252,31 +295,25 @@ class TrainConfig(TrainLossSettings):
                                panel=PENALTIES)
     entropy_coef: float = option(
         0.0, "Entropy bonus c: each token's loss gets −c·H(π).", panel=PENALTIES, bound=NON_NEGATIVE)
-    max_lag: int | None = option(
-        None, "Drop rows (or mask tokens) whose staleness lag exceeds N.", panel=DATA, bound=NON_NEGATIVE)
-    min_version: int | None = option(None, "Drop rows (or mask tokens) whose policy version is below V.",
-                                     panel=DATA, bound=NON_NEGATIVE)
-    truncate: bool = option(False, "Train a row longer than the model's context on its first tokens (else refused).",
-                            panel=DATA)
+    max_lag: int | None = shared("max_lag")
+    min_version: int | None = shared("min_version")
+    truncate: bool = shared("truncate")
     agg: str = option("token-mean", one_of(AGG_MODES) + ".", choices=AGG_MODES, panel=LOSS)
     horizon: int = option(DEFAULT_HORIZON, "Horizon of seq-mean-token-sum-norm.", panel=LOSS, bound=POSITIVE)
     adv_norm: str = option("none", f"Group advantages from reward: {one_of(ADV_NORMS)}.", choices=ADV_NORMS,
                            panel=LOSS)
     epochs: int = option(1, "Passes over the rollouts.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
     minibatches: int = option(1, "Optimizer steps per pass.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
-    micro_batch_tokens: int = option(
-        4096, "Token budget per forward/backward.", panel=OPTIMIZER, bound=AT_LEAST_ONE)
+    micro_batch_tokens: int = shared("micro_batch_tokens")
     lr: float = option(1e-6, "AdamW learning rate.", panel=OPTIMIZER, bound=LEARNING_RATE)
     weight_decay: float = option(0.0, "AdamW weight decay.", panel=OPTIMIZER, bound=NON_NEGATIVE)
     max_grad_norm: float = option(1.0, "Gradient-norm clip.", panel=OPTIMIZER, bound=POSITIVE)
     warmup_steps: int = option(0, "Linear warmup steps.", panel=OPTIMIZER, bound=NON_NEGATIVE)
     seed: int = option(0, "Shuffle seed.", panel=OPTIMIZER, bound=NON_NEGATIVE)
-    device: str = option("auto", f"{one_of(DEVICES)}.", choices=DEVICES, panel=HARDWARE)
-    dtype: str = option("auto", "auto | bf16 | fp16 (autocast, fp32 master weights; fp16 loss-scaled) | fp32.",
-                        choices=DTYPES, panel=HARDWARE)
+    device: str = shared("device")
+    dtype: str = shared("dtype")
     grad_checkpointing: bool = option(False, "Recompute activations.", panel=HARDWARE)
-    replay_routing: bool = option(
-        False, "MoE: route through the experts the sampler logged (routed_experts column).", panel=HARDWARE)
+    replay_routing: bool = shared("replay_routing")
     cpu_offload: bool = option(
         False, "Under torchrun on CUDA: keep sharded weights, grads and optimizer state in CPU memory.",
         panel=HARDWARE)
@@ -289,20 +326,16 @@ class TrainConfig(TrainLossSettings):
         parse=parse_names, panel=LORA)
     adapter: str | None = option(None, "Continue training this peft LoRA adapter directory.", panel=LORA)
     merge: bool = option(False, "With LoRA: write merged full weights instead of the adapter.", panel=LORA)
-    tr_delta: float = option(
-        0.2, "Trust-region yardstick of the diagnostics: |π − μ| > tr_delta.", panel=DATA, bound=UNIT)
-    temperature: float | None = option(
-        None, "Sampling temperature when the rollouts give none.", panel=DATA, bound=POSITIVE)
-    columns: tuple[str, ...] = option((), "Rename a rollout column: LOGGED=DRPO (repeatable).", flags=("--column",),
-                                      panel=INPUTS)
-    overwrite: bool = option(False, "Replace an existing --out that drpo wrote.", panel=OUTPUTS, file=False)
+    tr_delta: float = shared("tr_delta")
+    temperature: float | None = shared("temperature")
+    columns: tuple[str, ...] = shared("columns")
+    overwrite: bool = shared("overwrite")
     resume: bool = option(False, "Continue an interrupted run (OUT.partial-state/).", panel=OUTPUTS)
-    quiet: bool = option(False, "No progress bar or summary tables.", flags=("--quiet", "-q"), panel=OUTPUTS)
+    quiet: bool = shared("quiet")
     tensorboard: str | None = option(
         None, "Write every step's metrics as TensorBoard events to DIR (rounds form one curve).", panel=OUTPUTS)
-    allow_unsafe_weights: bool = option(False, "Allow pickle weights.", panel=INPUTS, file=False)
-    chunk_tokens: int = option(1024, "Tokens per output-head chunk (memory O(chunk × V)).", command_line=False,
-                               repr=False, bound=AT_LEAST_ONE)
+    allow_unsafe_weights: bool = shared("allow_unsafe_weights")
+    chunk_tokens: int = shared("chunk_tokens")
 
     def loss_hparams(self) -> dict[str, float | None]:
         """The chosen loss's hyper-parameters: given values over SPEC.md defaults."""
@@ -471,12 +504,10 @@ class InspectConfig:
     deltas: tuple[float, ...] = option(
         (), "DRPO δ values for a what-if table, e.g. 0.1,0.2,12.5.", flags=("--delta",), cli=list[str],
         parse=parse_deltas)
-    tr_delta: float = option(
-        0.2, "Trust-region yardstick: a token is outside when |π − μ| > tr_delta.", bound=UNIT)
-    temperature: float | None = option(
-        None, "Sampling temperature when the rollouts give none.", bound=POSITIVE)
-    columns: tuple[str, ...] = option(
-        (), "Rename a rollout column: LOGGED=DRPO (repeatable).", flags=("--column",))
+    tr_delta: float = shared(
+        "tr_delta", "Trust-region yardstick: a token is outside when |π − μ| > tr_delta.", panel=None)
+    temperature: float | None = shared("temperature", panel=None)
+    columns: tuple[str, ...] = shared("columns", panel=None)
     top: int = option(10, "Worst sequences to list by sample_id.", bound=NON_NEGATIVE)
     worst_by: str = option("tr/harmful_frac", "Rank the worst sequences by this metric over each sequence.",
                            choices=WORST_BY)
@@ -491,48 +522,39 @@ class InspectConfig:
     html: str | None = option(None, "Write a self-contained HTML page of the report to PAGE.", panel=OUTPUTS)
     fail_above: tuple[str, ...] = option(
         (), "Gate METRIC=VALUE: exit 3 when the metric exceeds VALUE (repeatable).", panel=OUTPUTS)
-    overwrite: bool = option(False, "Replace an existing --json/--per-token/--html file drpo wrote.",
-                             panel=OUTPUTS)
-    reject: tuple[str, ...] = option(
-        (), f"Report what a rejection criterion LEVEL_kN>X would reject, e.g. {REJECT_EXAMPLE} (repeatable).",
-        panel=CORRECTIONS_PANEL)
-    is_veto: float | None = option(None, "Report what a veto at ρ = π/μ < THRESH would drop.",
-                                   panel=CORRECTIONS_PANEL, bound=VETO)
-    correction: str = option("none", f"Report what a named correction would mask: {one_of(CORRECTIONS)}.",
-                             choices=CORRECTIONS, panel=CORRECTIONS_PANEL)
-    is_correction: str = option("none", f"Behavior weight for --is-batch-norm: {one_of(IS_CORRECTIONS)}.",
-                                choices=IS_CORRECTIONS, panel=CORRECTIONS_PANEL)
-    is_cap: float | None = option(None, f"Cap of tis ({IS_CAP}).", panel=CORRECTIONS_PANEL, bound=POSITIVE)
-    is_band: tuple[float, float] | None = option(
-        None, f"Band LO HI of mis ({IS_BAND[0]} {IS_BAND[1]}) / seq-mask-tis.",
-        panel=CORRECTIONS_PANEL)
-    is_level: str = option("token", f"ρ of the behavior weight: {one_of(IS_LEVELS)}.", choices=IS_LEVELS,
-                           panel=CORRECTIONS_PANEL)
-    is_batch_norm: bool = option(
-        False, "Report the weights' batch mean (normaliser).", panel=CORRECTIONS_PANEL)
-    reject_mode: str | None = option(None, "mask (rejected tokens leave the mean) | zero (weight 0).",
-                                     choices=REJECT_MODES, panel=CORRECTIONS_PANEL)
-    opsm_delta: float | None = option(None, f"δ of the OPSM what-if ({number(OPSM_WHAT_IF)}; needs --model).",
-                                      panel=CORRECTIONS_PANEL, bound=NON_NEGATIVE)
-    m2po_threshold: float | None = option(
-        None, f"τ of the M2PO what-if, π_old = the model ({number(M2PO_WHAT_IF)}; needs --model).",
-        panel=CORRECTIONS_PANEL, bound=POSITIVE)
-    max_lag: int | None = option(
-        None, "Leave out rows (or tokens) whose staleness lag exceeds N.", bound=NON_NEGATIVE)
-    min_version: int | None = option(
-        None, "Leave out rows (or tokens) whose policy version is below V.", bound=NON_NEGATIVE)
-    truncate: bool = option(False, "Audit a row longer than the model's context on its first tokens (else refused).")
-    device: str = option("auto", f"{one_of(DEVICES)}.", choices=DEVICES, panel=HARDWARE)
-    dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 weights.", choices=DTYPES,
-                        panel=HARDWARE)
-    micro_batch_tokens: int = option(
-        4096, "Token budget per forward pass.", panel=HARDWARE, bound=AT_LEAST_ONE)
-    replay_routing: bool = option(
-        False, "MoE: route through the experts the sampler logged (routed_experts column).", panel=HARDWARE)
-    quiet: bool = option(False, "No progress bar and no tables.", flags=("--quiet", "-q"), panel=OUTPUTS)
-    allow_unsafe_weights: bool = option(False, "Allow pickle weights.")
-    chunk_tokens: int = option(1024, "Tokens per output-head chunk (memory O(chunk × V)).", command_line=False,
-                               repr=False, bound=AT_LEAST_ONE)
+    overwrite: bool = shared("overwrite", "Replace an existing --json/--per-token/--html file drpo wrote.")
+    reject: tuple[str, ...] = shared(
+        "reject", f"Report what a rejection criterion LEVEL_kN>X would reject, e.g. {REJECT_EXAMPLE} (repeatable).")
+    is_veto: float | None = shared(
+        "is_veto", "Report what a veto at ρ = π/μ < THRESH would drop.", bound=VETO)
+    correction: str = shared(
+        "correction", f"Report what a named correction would mask: {one_of(CORRECTIONS)}.")
+    is_correction: str = shared(
+        "is_correction", f"Behavior weight for --is-batch-norm: {one_of(IS_CORRECTIONS)}.")
+    is_cap: float | None = shared("is_cap")
+    is_band: tuple[float, float] | None = shared(
+        "is_band", f"Band LO HI of mis ({IS_BAND[0]} {IS_BAND[1]}) / seq-mask-tis.")
+    is_level: str = shared("is_level", f"ρ of the behavior weight: {one_of(IS_LEVELS)}.")
+    is_batch_norm: bool = shared("is_batch_norm", "Report the weights' batch mean (normaliser).")
+    reject_mode: str | None = shared(
+        "reject_mode", "mask (rejected tokens leave the mean) | zero (weight 0).")
+    opsm_delta: float | None = shared(
+        "opsm_delta", f"δ of the OPSM what-if ({number(OPSM_WHAT_IF)}; needs --model).")
+    m2po_threshold: float | None = shared(
+        "m2po_threshold", f"τ of the M2PO what-if, π_old = the model ({number(M2PO_WHAT_IF)}; needs --model).")
+    max_lag: int | None = shared(
+        "max_lag", "Leave out rows (or tokens) whose staleness lag exceeds N.", panel=None)
+    min_version: int | None = shared(
+        "min_version", "Leave out rows (or tokens) whose policy version is below V.", panel=None)
+    truncate: bool = shared(
+        "truncate", "Audit a row longer than the model's context on its first tokens (else refused).", panel=None)
+    device: str = shared("device")
+    dtype: str = shared("dtype", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 weights.")
+    micro_batch_tokens: int = shared("micro_batch_tokens", "Token budget per forward pass.", panel=HARDWARE)
+    replay_routing: bool = shared("replay_routing")
+    quiet: bool = shared("quiet", "No progress bar and no tables.")
+    allow_unsafe_weights: bool = shared("allow_unsafe_weights", panel=None)
+    chunk_tokens: int = shared("chunk_tokens")
 
     def column_map(self) -> dict[str, str]:
         return parse_columns(self.columns)[0]

@@ -16,6 +16,7 @@ from typer.main import get_command
 
 from drpo_cli.cli import app, config_parameters, config_values
 from drpo_cli.config import (
+    SHARED_OPTIONS,
     InspectConfig,
     TrainConfig,
     TrainLaunch,
@@ -178,6 +179,22 @@ def test_options_both_commands_take_agree_but_for_their_wording():
         assert (hints[0][f.name], g.default) == (hints[1][f.name], f.default), f.name
         for key in ("choices", "bound", "flags", "cli", "parse", "minimum", "command_line"):
             assert g.metadata[key] == f.metadata[key], (f.name, key)
+
+
+def test_every_option_both_commands_take_is_declared_once():
+    # The fields both configs have (but rollouts and model, which differ on purpose) come from one
+    # declaration each, config.SHARED_OPTIONS, through config.shared(); none is declared twice.
+    train = {f.name: f for f in fields(TrainConfig)}
+    both = {f.name for f in fields(InspectConfig) if f.name in train} - {"rollouts", "model"}
+    assert both == set(SHARED_OPTIONS)
+    for cls in (TrainConfig, InspectConfig):
+        assert {f.name for f in fields(cls) if f.metadata.get("shared") == f.name} == both, cls.__name__
+    declared = {f.name: f for f in fields(InspectConfig) if f.name in both}
+    for name, base in SHARED_OPTIONS.items():
+        for f in (train[name], declared[name]):
+            assert (f.default, f.repr) == (base.default, base.repr), name
+            for key in ("choices", "bound", "flags", "cli", "parse", "minimum", "command_line"):
+                assert f.metadata[key] is base.metadata[key] or f.metadata[key] == base.metadata[key], (name, key)
 
 
 def test_loss_registry_and_options_share_one_table():
