@@ -226,10 +226,12 @@ def main(argv: list[str] | None = None) -> dict:
         print("\n".join(se.verdicts(doc["runs"])))
         return doc
     # K first: the K = 0 comparison of both samplers comes before the stale settings. Part i takes every
-    # n-th run, so each part gets its share of the slower F32 sampler. K = 0 runs advance round by round
-    # together (one checkpoint each); a K > 0 run keeps K + 1 checkpoints, so those runs go one at a time.
+    # n-th run, so each part gets its share of the slower F32 sampler. Runs go seed by seed (every arm's
+    # seed 0, then seed 1, ...), so a grid stopped early holds every arm on the same seeds. K = 0 runs
+    # advance round by round together (one checkpoint each); a K > 0 run keeps K + 1 checkpoints, so
+    # those runs go one at a time.
     for k in s.staleness:
-        runs = [(kind, arm, seed) for kind in s.mismatch for arm in s.arms for seed in range(s.seeds)][i::n]
+        runs = [(kind, arm, seed) for kind in s.mismatch for seed in range(s.seeds) for arm in s.arms][i::n]
         schedule = ([(upto, run) for upto in range(1, s.rounds + 1) for run in runs] if k == 0
                     else [(s.rounds, run) for run in runs])
         for upto, (kind, arm, seed) in schedule:
