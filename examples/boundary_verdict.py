@@ -6,7 +6,8 @@ Welch's t on the late reward, Holm's correction over the named comparisons, 95 %
 Reads examples/results/engine-boundary/rounds/ (the main setting, K = 4) and, when present,
 examples/results/engine-boundary-k8/rounds/ (the stress setting), and writes verdict.md and
 verdict.json beside the main results. Runs nothing; a comparison whose runs are not all finished is
-listed as incomplete, never tested on part of its seeds.
+listed as incomplete, never tested on part of its seeds (its late rewards on the seeds both arms finished
+are described below the table, without a test).
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def runs(out: Path, arm: str, k: int) -> list[list[dict]]:
     return [r for r in found if len(r) == ROUNDS]
 
 
+def _seeds(out: Path, arm: str, k: int) -> list[int]:
+    """The seeds of `arm` at staleness k whose run finished all ROUNDS rounds."""
+    return [s for s in range(SEEDS) if len(rx.finished_rounds(out, rx.run_name(arm, LEVEL, k, s))) >= ROUNDS]
+
+
 def welch(a: list[float], b: list[float], level: float = 0.95) -> dict:
     """Welch's two-sample t-test of mean(a) − mean(b): t, Welch–Satterthwaite df, two-sided p and the
     difference's `level` confidence interval (scipy.stats.ttest_ind with equal_var=False)."""
@@ -102,6 +108,13 @@ def compare(settings: dict[int, Path]) -> list[dict]:
             continue
         a, b = (runs(settings[c.k], arm, c.k) for arm in (c.a, c.b))
         row = {"a": c.a, "b": c.b, "k": c.k, "why": c.why, "n": [len(a), len(b)]}
+        shared = sorted(set(_seeds(settings[c.k], c.a, c.k)) & set(_seeds(settings[c.k], c.b, c.k)))
+        if shared and not len(a) == len(b) == SEEDS:  # described on the seeds both arms finished, not tested
+            la, lb = ([late_reward(rx.finished_rounds(settings[c.k], rx.run_name(arm, LEVEL, c.k, s))[:ROUNDS])
+                       for s in shared] for arm in (c.a, c.b))
+            row["untested"] = {"seeds": shared, "mean": [statistics.fmean(la), statistics.fmean(lb)],
+                               "sd": [statistics.stdev(x) if len(x) > 1 else None for x in (la, lb)],
+                               "late": [la, lb]}
         if len(a) == len(b) == SEEDS:
             la, lb = [late_reward(r) for r in a], [late_reward(r) for r in b]
             row.update(mean=[statistics.fmean(la), statistics.fmean(lb)], sd=[statistics.stdev(la), statistics.stdev(lb)],
@@ -139,7 +152,7 @@ def _pct(ms) -> str:
 def markdown(rows: list[dict], weights: dict) -> str:
     lines = ["# The boundary experiment: named comparisons", "",
              (f"Late reward = the mean of the evaluations after rounds {', '.join(map(str, LATE))}; mean ± sample "
-             f"SD over seeds; Welch's t (two-sided), Holm's correction over the {len(rows)} comparisons run "
+             f"SD over seeds; Welch's t (two-sided), Holm's correction over the {sum('p' in r for r in rows)} comparisons tested "
              f"(family-wise α = {ALPHA}), the difference's 95 % Welch interval (unadjusted); `detectable`: the "
              "smallest true difference found with 80 % power at these SDs."), "",
              ("| comparison | K | seeds | late reward a | late reward b | a − b | 95 % interval | t (df) | p | "
@@ -153,6 +166,15 @@ def markdown(rows: list[dict], weights: dict) -> str:
                      f"{r['mean'][1]:.3f} ± {r['sd'][1]:.3f} | {r['diff']:+.3f} | [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
                      f"{r['t']:.2f} ({r['df']:.1f}) | {r['p']:.3f} | {r['p_holm']:.3f} | "
                      f"{'yes' if r['rejected'] else 'no'} | {r['detectable']:.3f} |")
+    for r in rows:
+        u = r.get("untested")
+        if u is None:
+            continue
+        sd = ["–" if x is None else f"{x:.3f}" for x in u["sd"]]
+        lines += ["", (f"{r['a']} vs {r['b']} at K = {r['k']} is incomplete ({r['n'][0]} and {r['n'][1]} of {SEEDS} "
+                  f"runs finished), so it is not tested. Described only, on the seeds both arms finished "
+                  f"({', '.join(map(str, u['seeds']))}): late reward {u['mean'][0]:.3f} ± {sd[0]} vs "
+                  f"{u['mean'][1]:.3f} ± {sd[1]} (difference {u['mean'][0] - u['mean'][1]:+.3f}).")]
     for (arm, k), table in weights.items():
         if not any(t["corrective"] for t in table):
             continue

@@ -278,6 +278,10 @@ def test_named_comparisons_test_only_complete_runs(tmp_path, monkeypatch):
     assert weights[0]["corrective"] == pytest.approx([0.02, statistics.stdev([0.0, 0.01, 0.02, 0.03, 0.04])])
     assert weights[0]["min"] == -5.0
     assert "| drpo-d0.2 vs pg-is | 4 | 5 + 4 of 5 | incomplete |" in bv.markdown(rows, {})
+    # Described on the 4 seeds both arms finished, without a test: 0.5 + 0.01·s against 0.3.
+    untested = rows[1]["untested"]
+    assert untested["seeds"] == [0, 1, 2, 3] and untested["mean"] == pytest.approx([0.515, 0.3])
+    assert "difference +0.215" in bv.markdown(rows, {}) and "p" not in rows[1]
 
 
 def test_verify_compares_a_rerun_round_with_the_committed_one_and_the_seeds_spread():
