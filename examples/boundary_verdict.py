@@ -56,15 +56,15 @@ def late_reward(rounds: list[dict]) -> float:
     return statistics.fmean(rd["reward"] for rd in rounds if rd["round"] in LATE)
 
 
+def finished(out: Path, arm: str, k: int) -> dict[int, list[dict]]:
+    """{seed: its rounds} of the runs of `arm` at staleness k that finished all ROUNDS rounds, in seed order."""
+    found = {seed: rx.finished_rounds(out, rx.run_name(arm, LEVEL, k, seed))[:ROUNDS] for seed in range(SEEDS)}
+    return {seed: r for seed, r in found.items() if len(r) == ROUNDS}
+
+
 def runs(out: Path, arm: str, k: int) -> list[list[dict]]:
     """The finished runs (all ROUNDS rounds) of `arm` at staleness k, one per seed, in seed order."""
-    found = [rx.finished_rounds(out, rx.run_name(arm, LEVEL, k, seed))[:ROUNDS] for seed in range(SEEDS)]
-    return [r for r in found if len(r) == ROUNDS]
-
-
-def _seeds(out: Path, arm: str, k: int) -> list[int]:
-    """The seeds of `arm` at staleness k whose run finished all ROUNDS rounds."""
-    return [s for s in range(SEEDS) if len(rx.finished_rounds(out, rx.run_name(arm, LEVEL, k, s))) >= ROUNDS]
+    return list(finished(out, arm, k).values())
 
 
 def welch(a: list[float], b: list[float], level: float = 0.95) -> dict:
@@ -106,12 +106,12 @@ def compare(settings: dict[int, Path]) -> list[dict]:
     for c in COMPARISONS:
         if c.k not in settings:
             continue
-        a, b = (runs(settings[c.k], arm, c.k) for arm in (c.a, c.b))
+        fa, fb = (finished(settings[c.k], arm, c.k) for arm in (c.a, c.b))
+        a, b = list(fa.values()), list(fb.values())
         row = {"a": c.a, "b": c.b, "k": c.k, "why": c.why, "n": [len(a), len(b)]}
-        shared = sorted(set(_seeds(settings[c.k], c.a, c.k)) & set(_seeds(settings[c.k], c.b, c.k)))
+        shared = sorted(fa.keys() & fb.keys())
         if shared and not len(a) == len(b) == SEEDS:  # described on the seeds both arms finished, not tested
-            la, lb = ([late_reward(rx.finished_rounds(settings[c.k], rx.run_name(arm, LEVEL, c.k, s))[:ROUNDS])
-                       for s in shared] for arm in (c.a, c.b))
+            la, lb = ([late_reward(runs_[s]) for s in shared] for runs_ in (fa, fb))
             row["untested"] = {"seeds": shared, "mean": [statistics.fmean(la), statistics.fmean(lb)],
                                "sd": [statistics.stdev(x) if len(x) > 1 else None for x in (la, lb)],
                                "late": [la, lb]}

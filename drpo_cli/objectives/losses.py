@@ -173,7 +173,6 @@ def loss_gradient(
     return grad
 
 
-
 def effect_counts(name: str, hp: dict, logp: Tensor, anchor: Tensor, adv: Tensor, seq: Tensor | None,
                   selected: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """{metric: (hits, total)} of loss `name` on flat valid tokens (detached); {} for losses without effects.

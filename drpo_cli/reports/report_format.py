@@ -213,6 +213,16 @@ TRUNCATION_SCHEMA: dict[str, Any] = {"oneOf": [{"type": "null"}, {
         "tokens_dropped": {"type": "integer", "minimum": 0, "description": "response tokens left out"},
         "trained_tokens_dropped": {"type": "integer", "minimum": 0, "description": "of them, with loss_mask 1"},
     }}]}
+
+def _removed_rows_schema(description: str) -> dict:
+    """A train report's `filters.rejection` / `filters.veto`: what --reject or --is-veto removed (null: off)."""
+    return {"oneOf": [{"type": "null"}, {
+        "type": "object", "description": description,
+        "required": ["criteria", "tokens_rejected", "token_frac", "sequences_rejected", "seq_frac"],
+        "additionalProperties": False,
+        "properties": {"criteria": {"type": "array", "items": _STR}, "tokens_rejected": _INT,
+                       "token_frac": _NUM, "sequences_rejected": _INT, "seq_frac": _NUM}}]}
+
 TRAIN_REPORT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "https://github.com/drpo/drpo/schemas/train-report.schema.json",
@@ -277,20 +287,10 @@ TRAIN_REPORT_SCHEMA: dict[str, Any] = {
             "required": ["staleness", "rejection"],
             "additionalProperties": False,
             "properties": {"staleness": STALENESS_FILTER_SCHEMA, "truncation": TRUNCATION_SCHEMA,
-                           "rejection": {"oneOf": [{"type": "null"}, {
-                "type": "object",
-                "description": "Tokens and sequences --reject removed from training (decided once, from π_old).",
-                "required": ["criteria", "tokens_rejected", "token_frac", "sequences_rejected", "seq_frac"],
-                "additionalProperties": False,
-                "properties": {"criteria": {"type": "array", "items": _STR}, "tokens_rejected": _INT,
-                               "token_frac": _NUM, "sequences_rejected": _INT, "seq_frac": _NUM}}]},
-                "veto": {"oneOf": [{"type": "null"}, {
-                    "type": "object",
-                    "description": "Sequences --is-veto dropped (a trained token with π_old/μ below it), as rejection.",
-                    "required": ["criteria", "tokens_rejected", "token_frac", "sequences_rejected", "seq_frac"],
-                    "additionalProperties": False,
-                    "properties": {"criteria": {"type": "array", "items": _STR}, "tokens_rejected": _INT,
-                                   "token_frac": _NUM, "sequences_rejected": _INT, "seq_frac": _NUM}}]}},
+                           "rejection": _removed_rows_schema(
+                               "Tokens and sequences --reject removed from training (decided once, from π_old)."),
+                           "veto": _removed_rows_schema(
+                               "Sequences --is-veto dropped (a trained token with π_old/μ below it), as rejection.")},
         },
         "notes": {"type": "array", "items": _STR, "description": "Warnings worth reading."},
         "steps": {
